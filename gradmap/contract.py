@@ -1,0 +1,197 @@
+"""The interface between gradmap's exporter and its runtime.
+
+An exported gradmap model is an ONNX file. This module names its inputs and outputs and the
+metadata keys it carries, and (de)serializes that metadata. It imports nothing but the standard
+library so that both halves, torch-side and torch-free, can share it.
+
+Graph interface (format version 1):
+
+    inputs   image     float32 [N, 3, H, W]  normalized tensor, exactly what the torch model receives
+             target    int64   [N]           class per sample; -1 means that sample's top-1 class
+    outputs  logits    float32 [N, K]
+             target_index int64 [N]          the resolved target
+             gradient  float32 [N, 3, H, W]  d score[n, target_index[n]] / d image[n]
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+__all__ = [
+    "FORMAT_VERSION",
+    "INPUT_IMAGE",
+    "INPUT_TARGET",
+    "OUTPUT_LOGITS",
+    "OUTPUT_TARGET_INDEX",
+    "OUTPUT_GRADIENT",
+    "SCORE_KINDS",
+    "INTERPOLATIONS",
+    "ContractError",
+    "Preprocessing",
+    "ModelMetadata",
+    "METADATA_PREFIX",
+]
+
+FORMAT_VERSION = 1
+
+INPUT_IMAGE = "image"
+INPUT_TARGET = "target"
+OUTPUT_LOGITS = "logits"
+OUTPUT_TARGET_INDEX = "target_index"
+OUTPUT_GRADIENT = "gradient"
+
+#: What the gradient differentiates: the raw logit, the softmax probability or its log.
+SCORE_KINDS = ("logit", "probability", "log_probability")
+
+#: Resampling filters understood by the runtime's preprocessing (PIL names, lower case).
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+METADATA_PREFIX = "gradmap."
+_KEY_FORMAT = METADATA_PREFIX + "format_version"
+_KEY_SOURCE = METADATA_PREFIX + "source_model"
+_KEY_WEIGHTS = METADATA_PREFIX + "weights"
+_KEY_PREPROCESSING = METADATA_PREFIX + "preprocessing"
+_KEY_LABELS = METADATA_PREFIX + "labels"
+_KEY_SCORE = METADATA_PREFIX + "score"
+_KEY_BACKPROP = METADATA_PREFIX + "backprop"
+_KEY_EXTRA = METADATA_PREFIX + "extra"
+
+
+class ContractError(ValueError):
+    """A model file or metadata does not follow gradmap's model contract."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a picture becomes the ``image`` tensor, as torchvision's classification presets do.
+
+    ``resize`` is the length of the shorter side after resizing (torchvision ``Resize(int)``), or
+    ``None`` to skip resizing; ``crop`` is the (height, width) of the center crop, which is also the
+    model's input size. ``mean``/``std`` are per-channel, applied after scaling pixels to [0, 1].
+    """
+
+    crop: tuple[int, int] = (224, 224)
+    resize: int | None = 256
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        crop = tuple(int(c) for c in self.crop)
+        if len(crop) != 2 or min(crop) <= 0:
+            raise ContractError(f"preprocessing crop must be two positive sizes, got {self.crop!r}")
+        if self.resize is not None and int(self.resize) <= 0:
+            raise ContractError(f"preprocessing resize must be positive or None, got {self.resize!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ContractError(
+                f"preprocessing interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}"
+            )
+        mean = tuple(float(m) for m in self.mean)
+        std = tuple(float(s) for s in self.std)
+        if len(mean) != 3 or len(std) != 3:
+            raise ContractError("preprocessing mean and std need three values each (RGB)")
+        if min(std) <= 0:
+            raise ContractError(f"preprocessing std must be positive, got {std}")
+        object.__setattr__(self, "crop", crop)
+        object.__setattr__(self, "resize", None if self.resize is None else int(self.resize))
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["crop"] = list(self.crop)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Preprocessing":
+        try:
+            return cls(
+                crop=tuple(d["crop"]),
+                resize=d.get("resize"),
+                interpolation=d.get("interpolation", "bilinear"),
+                mean=tuple(d["mean"]),
+                std=tuple(d["std"]),
+            )
+        except (KeyError, TypeError) as e:
+            raise ContractError(f"preprocessing metadata is incomplete or malformed: {e}") from e
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """Everything the runtime needs to know about an exported model, stored as ONNX metadata_props."""
+
+    source_model: str
+    weights: str
+    preprocessing: Preprocessing
+    labels: tuple[str, ...]
+    score: str = "logit"
+    backprop: str = "gradient"
+    format_version: int = FORMAT_VERSION
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORE_KINDS:
+            raise ContractError(f"score kind {self.score!r} is not one of {', '.join(SCORE_KINDS)}")
+        if not self.labels:
+            raise ContractError("a gradmap model needs at least one class label")
+        object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def to_props(self) -> dict[str, str]:
+        """Serialize to the string key/value pairs of ONNX ``metadata_props``."""
+        return {
+            _KEY_FORMAT: str(self.format_version),
+            _KEY_SOURCE: self.source_model,
+            _KEY_WEIGHTS: self.weights,
+            _KEY_PREPROCESSING: json.dumps(self.preprocessing.to_dict()),
+            _KEY_LABELS: json.dumps(list(self.labels)),
+            _KEY_SCORE: self.score,
+            _KEY_BACKPROP: self.backprop,
+            _KEY_EXTRA: json.dumps(dict(self.extra)),
+        }
+
+    @classmethod
+    def from_props(cls, props: Mapping[str, str]) -> "ModelMetadata":
+        """Parse ``metadata_props``; raise :class:`ContractError` saying what is missing or wrong."""
+        if _KEY_FORMAT not in props:
+            raise ContractError(
+                "no gradmap metadata (key 'gradmap.format_version' is missing): "
+                "this ONNX file was not written by 'gradmap export'"
+            )
+        try:
+            version = int(props[_KEY_FORMAT])
+        except ValueError as e:
+            raise ContractError(f"gradmap.format_version is not an integer: {props[_KEY_FORMAT]!r}") from e
+        if version > FORMAT_VERSION:
+            raise ContractError(
+                f"model uses gradmap format version {version}; this gradmap reads up to "
+                f"{FORMAT_VERSION}: upgrade gradmap"
+            )
+        missing = [k for k in (_KEY_SOURCE, _KEY_PREPROCESSING, _KEY_LABELS, _KEY_SCORE) if k not in props]
+        if missing:
+            raise ContractError(f"gradmap metadata is incomplete, missing: {', '.join(missing)}")
+        try:
+            preprocessing = Preprocessing.from_dict(json.loads(props[_KEY_PREPROCESSING]))
+            labels = json.loads(props[_KEY_LABELS])
+            extra = json.loads(props.get(_KEY_EXTRA, "{}"))
+        except json.JSONDecodeError as e:
+            raise ContractError(f"gradmap metadata is not valid JSON: {e}") from e
+        if not isinstance(labels, list):
+            raise ContractError("gradmap.labels must be a JSON list of class names")
+        return cls(
+            source_model=props[_KEY_SOURCE],
+            weights=props.get(_KEY_WEIGHTS, ""),
+            preprocessing=preprocessing,
+            labels=tuple(labels),
+            score=props[_KEY_SCORE],
+            backprop=props.get(_KEY_BACKPROP, "gradient"),
+            format_version=version,
+            extra=extra if isinstance(extra, dict) else {},
+        )
