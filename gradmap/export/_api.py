@@ -1,0 +1,252 @@
+"""Export a classifier to a gradmap ONNX model: trace, append the gradient, check, verify, save."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import torch
+
+from gradmap import __version__, contract
+from gradmap.contract import ModelMetadata, Preprocessing
+
+from ._errors import ExportError, ParityError
+from ._torchvision import labels_of, load_torchvision, preprocessing_of
+from ._trace import trace_to_onnx
+from .gradient import append_gradient
+
+__all__ = ["ExportReport", "export_module", "export_torchvision", "build_gradient_model", "verify_parity"]
+
+logger = logging.getLogger(__name__)
+
+#: Largest accepted max|ORT - torch| / max|torch|, for logits and for the gradient.
+DEFAULT_TOLERANCE = 1e-4
+MIN_OPSET = 18
+
+
+@dataclass
+class ExportReport:
+    """What an export did and how closely the model matches torch."""
+
+    path: Path | None
+    source_model: str
+    weights: str
+    score: str
+    forward_nodes: int
+    backward_nodes: int
+    logits_error: float | None = None
+    gradient_error: float | None = None
+    seconds: float = 0.0
+    op_types: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [
+            f"wrote {self.path}" if self.path else "model built (not written)",
+            f"  model {self.source_model}, weights {self.weights}, score {self.score}",
+            f"  {self.forward_nodes} forward nodes + {self.backward_nodes} gradient nodes, "
+            f"{len(self.op_types)} op types, all in the default ONNX domain",
+        ]
+        if self.gradient_error is not None:
+            lines.append(
+                f"  parity with torch: logits {self.logits_error:.2e}, gradient {self.gradient_error:.2e} "
+                "(max|Δ| / max|torch|)"
+            )
+        else:
+            lines.append("  parity with torch: not verified (--no-verify)")
+        lines.append(f"  {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    scale = float(np.max(np.abs(expected)))
+    diff = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64))))
+    if not np.all(np.isfinite(actual)):
+        return float("inf")
+    return diff / scale if scale > 0 else diff
+
+
+def build_gradient_model(module: torch.nn.Module, input_size: tuple[int, int], *, score: str = "logit",
+                         opset: int = MIN_OPSET) -> tuple[ir.Model, int]:
+    """Trace ``module`` and append its input gradient. Returns the model and its forward node count."""
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} is too old: gradmap exports with opset {MIN_OPSET} or newer")
+    model = trace_to_onnx(module, input_size, opset=opset)
+    forward_nodes = sum(1 for _ in model.graph.all_nodes())
+    append_gradient(model, score=score)
+    foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.all_nodes() if n.domain not in ("", "ai.onnx")})
+    if foreign or model.functions:
+        raise ExportError(f"the exported model uses ops outside the default ONNX domain: {', '.join(foreign)}")
+    return model, forward_nodes
+
+
+def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _torch_reference(module: torch.nn.Module, image: np.ndarray, target: np.ndarray, score: str):
+    x = torch.from_numpy(image).requires_grad_(True)
+    logits = module(x)
+    resolved = torch.where(torch.from_numpy(target) < 0, logits.argmax(dim=1), torch.from_numpy(target))
+    if score == "logit":
+        values = logits
+    elif score == "probability":
+        values = torch.softmax(logits, dim=1)
+    else:
+        values = torch.log_softmax(logits, dim=1)
+    selected = values.gather(1, resolved[:, None]).sum()
+    (grad,) = torch.autograd.grad(selected, x)
+    return logits.detach().numpy(), resolved.numpy(), grad.numpy()
+
+
+def verify_parity(module: torch.nn.Module, proto: onnx.ModelProto, input_size: tuple[int, int], *,
+                  score: str = "logit", batch: int = 2, seed: int = 0,
+                  tolerance: float = DEFAULT_TOLERANCE) -> tuple[float, float]:
+    """Compare the ONNX model with torch on a random batch: logits, resolved targets and the gradient.
+
+    The first sample uses target -1 (its top-1 class), the others explicit classes that are not
+    their top-1. Raises :class:`ParityError` with the largest deviation on mismatch.
+    Returns (logits error, gradient error) as max|Δ| / max|torch|.
+    """
+    rng = np.random.default_rng(seed)
+    image = rng.standard_normal((batch, 3, *input_size), dtype=np.float32)
+    session = _session(proto)
+    with torch.no_grad():
+        plain = module(torch.from_numpy(image)).numpy()
+    num_classes = plain.shape[1]
+    target = np.full(batch, -1, dtype=np.int64)
+    for i in range(1, batch):  # an explicit class different from the top-1 class
+        target[i] = (int(plain[i].argmax()) + 1 + 7 * i) % num_classes
+    ref_logits, ref_target, ref_grad = _torch_reference(module, image, target, score)
+    logits, target_index, gradient = session.run(
+        [contract.OUTPUT_LOGITS, contract.OUTPUT_TARGET_INDEX, contract.OUTPUT_GRADIENT],
+        {contract.INPUT_IMAGE: image, contract.INPUT_TARGET: target},
+    )
+    logits_error = _relative_error(logits, ref_logits)
+    gradient_error = _relative_error(gradient, ref_grad)
+    problems = []
+    if logits_error > tolerance:
+        problems.append(f"logits differ from torch by {logits_error:.3g} (max|Δ| / max|torch|)")
+    if not np.array_equal(target_index, ref_target):
+        problems.append(f"resolved targets {target_index.tolist()} differ from torch's {ref_target.tolist()}")
+    if gradient_error > tolerance:
+        problems.append(f"gradient differs from torch autograd by {gradient_error:.3g} (max|Δ| / max|torch|)")
+    if problems:
+        raise ParityError(f"parity check failed (tolerance {tolerance:g}): " + "; ".join(problems)
+                          + ". The model was not written.")
+    return logits_error, gradient_error
+
+
+def _write_atomic(proto: onnx.ModelProto, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(proto.SerializeToString())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_module(
+    module: torch.nn.Module,
+    output: str | os.PathLike | None,
+    *,
+    preprocessing: Preprocessing,
+    labels: Sequence[str] | None = None,
+    source_model: str = "custom",
+    weights: str = "custom",
+    score: str = "logit",
+    opset: int = MIN_OPSET,
+    verify: bool = True,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> ExportReport:
+    """Export any ``torch.nn.Module`` image classifier to a gradmap ONNX model.
+
+    Args:
+        module: maps a float32 [N, 3, H, W] normalized image to logits [N, K]; put in eval mode.
+        output: file to write, or ``None`` to build and verify only.
+        preprocessing: how pictures become the model's input; ``preprocessing.crop`` is (H, W).
+        labels: K class names; class indices when ``None``.
+        score: ``logit``, ``probability`` or ``log_probability``: what the gradient differentiates.
+        verify: compare logits and gradient with torch autograd before writing (recommended).
+
+    Returns:
+        An :class:`ExportReport`.
+
+    Example:
+        >>> report = export_module(my_model, "model.onnx",
+        ...                        preprocessing=Preprocessing(crop=(224, 224), resize=256))
+    """
+    start = time.perf_counter()
+    module = module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    input_size = preprocessing.crop
+    model, forward_nodes = build_gradient_model(module, input_size, score=score, opset=opset)
+    num_classes = model.graph.outputs[0].shape[1]
+    if labels is None:
+        labels = [str(i) for i in range(num_classes)]
+    if len(labels) != num_classes:
+        raise ExportError(f"{len(labels)} labels given for a model with {num_classes} outputs")
+    metadata = ModelMetadata(source_model=source_model, weights=weights, preprocessing=preprocessing,
+                             labels=tuple(labels), score=score)
+    model.metadata_props.update(metadata.to_props())
+    model.producer_name = "gradmap"
+    model.producer_version = __version__
+    proto = ir.serde.serialize_model(model)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"the exported model fails onnx.checker: {e}") from e
+    report = ExportReport(
+        path=None, source_model=source_model, weights=weights, score=score, forward_nodes=forward_nodes,
+        backward_nodes=len(proto.graph.node) - forward_nodes,
+        op_types=dict(sorted(_histogram(proto).items())),
+    )
+    if verify:
+        report.logits_error, report.gradient_error = verify_parity(
+            module, proto, input_size, score=score, tolerance=tolerance)
+    if output is not None:
+        report.path = Path(output)
+        _write_atomic(proto, report.path)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _histogram(proto: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def export_torchvision(
+    model_name: str,
+    output: str | os.PathLike | None,
+    *,
+    weights: str = "DEFAULT",
+    score: str = "logit",
+    seed: int = 0,
+    opset: int = MIN_OPSET,
+    verify: bool = True,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> ExportReport:
+    """Export a torchvision classifier by name (see ``gradmap export --help``)."""
+    module, weights_desc = load_torchvision(model_name, weights, seed=seed)
+    return export_module(
+        module, output, preprocessing=preprocessing_of(model_name),
+        labels=labels_of(model_name) or None, source_model=f"torchvision.models.{model_name}",
+        weights=weights_desc, score=score, opset=opset, verify=verify, tolerance=tolerance,
+    )

@@ -1,0 +1,56 @@
+"""torch.nn.Module -> ONNX forward graph (onnx-ir) with gradmap's input and output names."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+
+import onnx_ir as ir
+import torch
+
+from gradmap import contract
+
+from ._errors import ExportError
+
+__all__ = ["trace_to_onnx"]
+
+logger = logging.getLogger(__name__)
+
+
+def trace_to_onnx(module: torch.nn.Module, input_size: tuple[int, int], *, opset: int = 18) -> ir.Model:
+    """Export ``module`` (in eval mode) with ``torch.onnx.export(dynamo=True)`` and a dynamic batch.
+
+    The single input is renamed ``image`` and the single output ``logits``.
+    """
+    height, width = input_size
+    example = torch.randn(2, 3, height, width)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    module = module.eval()
+    # torch.onnx prints progress lines and warns about things gradmap checks itself (parity below).
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module, (example,), dynamo=True, dynamic_shapes=({0: batch},),
+                opset_version=opset, optimize=True, verbose=False, external_data=False,
+            )
+    except Exception as e:  # noqa: BLE001 - torch.export raises many types
+        raise ExportError(f"torch.onnx.export failed for {type(module).__name__}: {type(e).__name__}: {e}") from e
+    model = program.model
+    graph = model.graph
+    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+        raise ExportError(
+            f"expected a classifier with one input and one output, got {len(graph.inputs)} inputs and "
+            f"{len(graph.outputs)} outputs"
+        )
+    graph.inputs[0].name = contract.INPUT_IMAGE
+    out = graph.outputs[0]
+    if out.shape is None or len(out.shape) != 2:
+        raise ExportError(f"the model's output should be logits [N, K], got shape {out.shape}")
+    if out.producer() is None or out in graph.inputs:
+        raise ExportError("the model's output is not computed from its input")
+    out.name = contract.OUTPUT_LOGITS
+    return model

@@ -1,0 +1,136 @@
+"""The gradient pass: append d score / d image to a forward classifier graph.
+
+    target_index = Where(target < 0, ArgMax(logits, axis=1), target)
+    onehot       = Cast(Equal(Unsqueeze(target_index, 1), Range(0, K)))
+    seed         = onehot                              score = logit
+                 = p_t * (onehot - Softmax(logits))    score = probability
+                 = onehot - Softmax(logits)            score = log_probability
+    gradient     = reverse walk from logits (seed) to image, one VJP rule per node
+
+Samples are independent in an eval-mode classifier, so the gradient of the sum of the selected
+scores over the batch is, per sample, the gradient of that sample's score.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import numpy as np
+import onnx_ir as ir
+
+from gradmap import contract
+
+from .._errors import ExportError, UnsupportedOpsError
+from . import _rules  # noqa: F401 - registers the rules
+from ._context import GradContext
+from ._registry import NON_DIFFERENTIABLE, RULES
+
+__all__ = ["append_gradient", "differentiable_nodes"]
+
+logger = logging.getLogger(__name__)
+
+_FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
+
+
+def _is_float(value: ir.Value) -> bool:
+    return value.dtype in _FLOAT_TYPES
+
+
+def differentiable_nodes(graph: ir.Graph, source: ir.Value, sink: ir.Value) -> tuple[list[ir.Node], set[ir.Value]]:
+    """Nodes on a path from ``source`` to ``sink`` through which a gradient flows, in graph order,
+    and the set of values that need a gradient."""
+    depends: set[ir.Value] = {source}
+    nodes = list(graph)
+    for node in nodes:
+        if node.op_type in NON_DIFFERENTIABLE and node.domain in ("", "ai.onnx"):
+            continue
+        if any(v is not None and v in depends for v in node.inputs):
+            depends.update(o for o in node.outputs if _is_float(o))
+    if sink not in depends:
+        raise ExportError(f"the output {sink.name!r} does not depend on the input {source.name!r}")
+    needed: set[ir.Value] = {sink}
+    on_path: list[ir.Node] = []
+    for node in reversed(nodes):
+        if not any(o in needed for o in node.outputs):
+            continue
+        if node.op_type in NON_DIFFERENTIABLE and node.domain in ("", "ai.onnx"):
+            continue
+        dep_inputs = [v for v in node.inputs if v is not None and v in depends]
+        if dep_inputs:
+            on_path.append(node)
+            needed.update(dep_inputs)
+    on_path.reverse()
+    return on_path, needed & depends
+
+
+def append_gradient(model: ir.Model, score: str = "logit") -> ir.Model:
+    """Add the ``target`` input and the ``target_index`` and ``gradient`` outputs to ``model``.
+
+    ``model`` has one input ``image`` and one output ``logits`` (see :mod:`gradmap.contract`).
+    The model is modified in place and returned.
+    """
+    if score not in contract.SCORE_KINDS:
+        raise ExportError(f"unknown score kind {score!r}; choose one of {', '.join(contract.SCORE_KINDS)}")
+    graph = model.graph
+    image, logits = graph.inputs[0], graph.outputs[0]
+    nodes, needs_grad = differentiable_nodes(graph, image, logits)
+
+    missing: dict[str, list[str]] = defaultdict(list)
+    for node in nodes:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in RULES:
+            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+            missing[key].append(node.name or "<unnamed>")
+    if missing:
+        raise UnsupportedOpsError(dict(missing))
+
+    ctx = GradContext(graph, needs_grad)
+    target = ir.Value(name=contract.INPUT_TARGET, shape=ir.Shape([logits.shape[0]]),
+                      type=ir.TensorType(ir.DataType.INT64))
+    graph.inputs.append(target)
+    seed, target_index = _seed(ctx, logits, target, score)
+
+    grads: dict[ir.Value, ir.Value] = {logits: seed}
+    for node in reversed(nodes):
+        grad_outputs = [grads.pop(o, None) for o in node.outputs]
+        if all(g is None for g in grad_outputs):
+            continue
+        ctx.node = node
+        grad_inputs = RULES[node.op_type](ctx, node, grad_outputs)
+        for value, grad in zip(node.inputs, grad_inputs):
+            if grad is None or not ctx.needs_grad(value):
+                continue
+            grads[value] = grad if value not in grads else ctx.op("Add", grads[value], grad)
+    ctx.node = None
+    if image not in grads:
+        raise ExportError("no gradient reached the image input")
+
+    gradient = ctx.op("Identity", grads[image])
+    gradient.name = contract.OUTPUT_GRADIENT
+    gradient.shape = ir.Shape(image.shape)
+    gradient.type = ir.TensorType(ir.DataType.FLOAT)
+    target_index.name = contract.OUTPUT_TARGET_INDEX
+    target_index.shape = ir.Shape([logits.shape[0]])
+    target_index.type = ir.TensorType(ir.DataType.INT64)
+    graph.extend(ctx.tape.nodes)
+    graph.outputs.extend([target_index, gradient])
+    return model
+
+
+def _seed(ctx: GradContext, logits: ir.Value, target: ir.Value, score: str) -> tuple[ir.Value, ir.Value]:
+    num_classes = ctx.dims(logits)[1]
+    if not isinstance(num_classes, int):
+        raise ExportError(f"the number of classes must be static, got {num_classes!r}")
+    top1 = ctx.op("ArgMax", logits, axis=1, keepdims=0)
+    target_index = ctx.op("Where", ctx.op("Less", target, ctx.const(np.int64(0))), top1, target)
+    classes = ctx.const(np.arange(num_classes, dtype=np.int64)[None, :])
+    onehot = ctx.op("Cast", ctx.op("Equal", ctx.op("Unsqueeze", target_index, ctx.ints([1])), classes),
+                    to=ir.DataType.FLOAT)
+    if score == "logit":
+        return onehot, target_index
+    prob = ctx.op("Softmax", logits, axis=1)
+    residual = ctx.op("Sub", onehot, prob)
+    if score == "log_probability":
+        return residual, target_index
+    p_target = ctx.op("ReduceSum", ctx.op("Mul", prob, onehot), ctx.ints([1]), keepdims=1)
+    return ctx.op("Mul", p_target, residual), target_index

@@ -1,0 +1,54 @@
+"""The registry of vector-Jacobian rules: one function per ONNX op type.
+
+A rule receives the forward node and the gradients of its outputs (``None`` where an output
+carries none) and returns the gradients of its inputs (``None`` where an input needs none). It
+emits nodes through ``ctx`` only, so a rule reads like its formula. Ops that carry no gradient
+(shape arithmetic, comparisons, index computations) are listed in :data:`NON_DIFFERENTIABLE`;
+an op in neither table stops the export.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import onnx_ir as ir
+
+if TYPE_CHECKING:
+    from ._context import GradContext
+
+__all__ = ["Rule", "RULES", "NON_DIFFERENTIABLE", "register", "is_supported"]
+
+Grads = Sequence["ir.Value | None"]
+Rule = Callable[["GradContext", ir.Node, Grads], Sequence["ir.Value | None"]]
+
+RULES: dict[str, Rule] = {}
+
+#: Ops whose outputs are piecewise constant in their inputs or are not real-valued: no gradient
+#: flows through them, and a value computed by one of them never depends on ``image`` for
+#: differentiation purposes.
+NON_DIFFERENTIABLE: frozenset[str] = frozenset(
+    {
+        "ArgMax", "ArgMin", "Shape", "Size", "ConstantOfShape", "Constant", "Range", "EyeLike",
+        "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or", "Xor",
+        "IsNaN", "IsInf", "Sign", "Floor", "Ceil", "Round", "NonZero", "TopK_indices", "OneHot",
+        "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
+        "BitShift", "Mod",
+    }
+)
+
+
+def register(*op_types: str) -> Callable[[Rule], Rule]:
+    """Decorator: register ``fn`` as the gradient rule of ``op_types``."""
+
+    def decorate(fn: Rule) -> Rule:
+        for op_type in op_types:
+            if op_type in RULES:
+                raise ValueError(f"duplicate gradient rule for {op_type}")
+            RULES[op_type] = fn
+        return fn
+
+    return decorate
+
+
+def is_supported(op_type: str) -> bool:
+    return op_type in RULES or op_type in NON_DIFFERENTIABLE

@@ -1,0 +1,272 @@
+"""Elementwise ops. dY is the gradient of the output; broadcast inputs get it summed back.
+
+    Identity, Dropout: dX = dY
+    Add:          dA = dY,            dB = dY
+    Sub:          dA = dY,            dB = -dY
+    Mul:          dA = dY * B,        dB = dY * A
+    Div:          dA = dY / B,        dB = -dY * Y / B
+    Neg:          dX = -dY
+    Pow (B const): dA = dY * B * A^(B-1)
+    Sqrt:         dX = dY / (2 Y)
+    Reciprocal:   dX = -dY * Y^2
+    Exp:          dX = dY * Y
+    Log:          dX = dY / X
+    Abs:          dX = dY * Sign(X)
+    Relu:         dX = Where(X > 0, dY, 0)
+    LeakyRelu:    dX = Where(X > 0, dY, alpha dY)
+    Sigmoid:      dX = dY * Y * (1 - Y)
+    Tanh:         dX = dY * (1 - Y^2)
+    Erf:          dX = dY * 2/sqrt(pi) * exp(-X^2)
+    Gelu:         dX = dY * (Phi(X) + X phi(X))         (approximate='none')
+    HardSigmoid:  dX = Where(0 < alpha X + beta < 1, alpha dY, 0)
+    HardSwish:    dX = dY * Where(X < -3, 0, Where(X <= 3, X/3 + 1/2, 1))
+    Clip:         dX = Where(min < X < max, dY, 0)
+    Max, Min:     the gradient goes to the selected input (ties: the first)
+    Where:        dA = Where(C, dY, 0), dB = Where(C, 0, dY)
+    Cast:         dX = Cast(dY) between float types
+    Sum:          dX_i = dY
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from .._registry import register
+
+_FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
+
+
+@register("Identity", "Dropout")
+def identity(ctx, node, dy):
+    return [dy[0]]
+
+
+@register("Add")
+def add(ctx, node, dy):
+    a, b = node.inputs
+    y = node.outputs[0]
+    return [
+        ctx.sum_to(dy[0], y, a) if ctx.needs_grad(a) else None,
+        ctx.sum_to(dy[0], y, b) if ctx.needs_grad(b) else None,
+    ]
+
+
+@register("Sum")
+def sum_(ctx, node, dy):
+    y = node.outputs[0]
+    return [ctx.sum_to(dy[0], y, x) if ctx.needs_grad(x) else None for x in node.inputs]
+
+
+@register("Sub")
+def sub(ctx, node, dy):
+    a, b = node.inputs
+    y = node.outputs[0]
+    return [
+        ctx.sum_to(dy[0], y, a) if ctx.needs_grad(a) else None,
+        ctx.sum_to(ctx.op("Neg", dy[0]), y, b) if ctx.needs_grad(b) else None,
+    ]
+
+
+@register("Mul")
+def mul(ctx, node, dy):
+    a, b = node.inputs
+    y = node.outputs[0]
+    return [
+        ctx.sum_to(ctx.op("Mul", dy[0], b), y, a) if ctx.needs_grad(a) else None,
+        ctx.sum_to(ctx.op("Mul", dy[0], a), y, b) if ctx.needs_grad(b) else None,
+    ]
+
+
+@register("Div")
+def div(ctx, node, dy):
+    a, b = node.inputs
+    y = node.outputs[0]
+    da = db = None
+    if ctx.needs_grad(a):
+        da = ctx.sum_to(ctx.op("Div", dy[0], b), y, a)
+    if ctx.needs_grad(b):
+        db = ctx.sum_to(ctx.op("Neg", ctx.op("Div", ctx.op("Mul", dy[0], y), b)), y, b)
+    return [da, db]
+
+
+@register("Neg")
+def neg(ctx, node, dy):
+    return [ctx.op("Neg", dy[0])]
+
+
+@register("Pow")
+def pow_(ctx, node, dy):
+    a, b = node.inputs
+    y = node.outputs[0]
+    if ctx.needs_grad(b):
+        # d a^b / d b = a^b ln a; only meaningful for a > 0
+        db = ctx.sum_to(ctx.op("Mul", ctx.op("Mul", dy[0], y), ctx.op("Log", a)), y, b)
+    else:
+        db = None
+    da = None
+    if ctx.needs_grad(a):
+        exponent = ctx.constant_of(b)
+        if exponent is not None and exponent.size == 1 and float(exponent.reshape(())) == 2.0:
+            local = ctx.op("Mul", a, ctx.scalar(2.0))
+        else:
+            bf = b if b.dtype in _FLOATS else ctx.op("Cast", b, to=ir.DataType.FLOAT)
+            local = ctx.op("Mul", bf, ctx.op("Pow", a, ctx.op("Sub", bf, ctx.scalar(1.0))))
+        da = ctx.sum_to(ctx.op("Mul", dy[0], local), y, a)
+    return [da, db]
+
+
+@register("Sqrt")
+def sqrt(ctx, node, dy):
+    return [ctx.op("Div", dy[0], ctx.op("Mul", node.outputs[0], ctx.scalar(2.0)))]
+
+
+@register("Reciprocal")
+def reciprocal(ctx, node, dy):
+    y = node.outputs[0]
+    return [ctx.op("Neg", ctx.op("Mul", dy[0], ctx.op("Mul", y, y)))]
+
+
+@register("Exp")
+def exp(ctx, node, dy):
+    return [ctx.op("Mul", dy[0], node.outputs[0])]
+
+
+@register("Log")
+def log(ctx, node, dy):
+    return [ctx.op("Div", dy[0], node.inputs[0])]
+
+
+@register("Abs")
+def abs_(ctx, node, dy):
+    return [ctx.op("Mul", dy[0], ctx.op("Sign", node.inputs[0]))]
+
+
+def _zero(ctx):
+    return ctx.scalar(0.0)
+
+
+@register("Relu")
+def relu(ctx, node, dy):
+    x = node.inputs[0]
+    return [ctx.op("Where", ctx.op("Greater", x, _zero(ctx)), dy[0], _zero(ctx))]
+
+
+@register("LeakyRelu")
+def leaky_relu(ctx, node, dy):
+    x = node.inputs[0]
+    alpha = ctx.attr(node, "alpha", 0.01)
+    return [ctx.op("Where", ctx.op("Greater", x, _zero(ctx)), dy[0], ctx.op("Mul", dy[0], ctx.scalar(alpha)))]
+
+
+@register("Sigmoid")
+def sigmoid(ctx, node, dy):
+    y = node.outputs[0]
+    return [ctx.op("Mul", dy[0], ctx.op("Mul", y, ctx.op("Sub", ctx.scalar(1.0), y)))]
+
+
+@register("Tanh")
+def tanh(ctx, node, dy):
+    y = node.outputs[0]
+    return [ctx.op("Mul", dy[0], ctx.op("Sub", ctx.scalar(1.0), ctx.op("Mul", y, y)))]
+
+
+@register("Erf")
+def erf(ctx, node, dy):
+    x = node.inputs[0]
+    local = ctx.op("Mul", ctx.scalar(2.0 / math.sqrt(math.pi)), ctx.op("Exp", ctx.op("Neg", ctx.op("Mul", x, x))))
+    return [ctx.op("Mul", dy[0], local)]
+
+
+@register("Gelu")
+def gelu(ctx, node, dy):
+    x = node.inputs[0]
+    if ctx.attr(node, "approximate", "none") == "tanh":
+        # y = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)
+        c = math.sqrt(2.0 / math.pi)
+        x2 = ctx.op("Mul", x, x)
+        u = ctx.op("Mul", ctx.scalar(c), ctx.op("Add", x, ctx.op("Mul", ctx.scalar(0.044715), ctx.op("Mul", x2, x))))
+        t = ctx.op("Tanh", u)
+        du = ctx.op("Mul", ctx.scalar(c), ctx.op("Add", ctx.scalar(1.0), ctx.op("Mul", ctx.scalar(3 * 0.044715), x2)))
+        sech2 = ctx.op("Sub", ctx.scalar(1.0), ctx.op("Mul", t, t))
+        local = ctx.op("Add", ctx.op("Mul", ctx.scalar(0.5), ctx.op("Add", ctx.scalar(1.0), t)),
+                       ctx.op("Mul", ctx.op("Mul", ctx.scalar(0.5), x), ctx.op("Mul", sech2, du)))
+    else:
+        cdf = ctx.op("Mul", ctx.scalar(0.5), ctx.op("Add", ctx.scalar(1.0),
+                                                      ctx.op("Erf", ctx.op("Mul", x, ctx.scalar(1 / math.sqrt(2.0))))))
+        pdf = ctx.op("Mul", ctx.scalar(1 / math.sqrt(2 * math.pi)),
+                     ctx.op("Exp", ctx.op("Mul", ctx.scalar(-0.5), ctx.op("Mul", x, x))))
+        local = ctx.op("Add", cdf, ctx.op("Mul", x, pdf))
+    return [ctx.op("Mul", dy[0], local)]
+
+
+@register("HardSigmoid")
+def hard_sigmoid(ctx, node, dy):
+    x = node.inputs[0]
+    alpha = ctx.attr(node, "alpha", 0.2)
+    beta = ctx.attr(node, "beta", 0.5)
+    z = ctx.op("Add", ctx.op("Mul", x, ctx.scalar(alpha)), ctx.scalar(beta))
+    inside = ctx.op("And", ctx.op("Greater", z, _zero(ctx)), ctx.op("Less", z, ctx.scalar(1.0)))
+    return [ctx.op("Where", inside, ctx.op("Mul", dy[0], ctx.scalar(alpha)), _zero(ctx))]
+
+
+@register("HardSwish")
+def hard_swish(ctx, node, dy):
+    # torch's hardswish_backward: 0 below -3, x/3 + 1/2 up to 3 (inclusive), 1 above
+    x = node.inputs[0]
+    middle = ctx.op("Add", ctx.op("Mul", x, ctx.scalar(1.0 / 3.0)), ctx.scalar(0.5))
+    upper = ctx.op("Where", ctx.op("LessOrEqual", x, ctx.scalar(3.0)), middle, ctx.scalar(1.0))
+    local = ctx.op("Where", ctx.op("Less", x, ctx.scalar(-3.0)), _zero(ctx), upper)
+    return [ctx.op("Mul", dy[0], local)]
+
+
+@register("Clip")
+def clip(ctx, node, dy):
+    x = node.inputs[0]
+    lo = node.inputs[1] if len(node.inputs) > 1 else None
+    hi = node.inputs[2] if len(node.inputs) > 2 else None
+    inside = None
+    if lo is not None:
+        inside = ctx.op("Greater", x, lo)
+    if hi is not None:
+        below = ctx.op("Less", x, hi)
+        inside = below if inside is None else ctx.op("And", inside, below)
+    if inside is None:
+        return [dy[0]]
+    return [ctx.op("Where", inside, dy[0], _zero(ctx)), None, None]
+
+
+@register("Max", "Min")
+def max_min(ctx, node, dy):
+    y = node.outputs[0]
+    taken = None  # first input equal to the result takes the gradient
+    grads = []
+    for x in node.inputs:
+        hit = ctx.op("Equal", x, y)
+        if taken is not None:
+            hit = ctx.op("And", hit, ctx.op("Not", taken))
+        taken = hit if taken is None else ctx.op("Or", taken, hit)
+        grads.append(ctx.sum_to(ctx.op("Where", hit, dy[0], _zero(ctx)), y, x) if ctx.needs_grad(x) else None)
+    return grads
+
+
+@register("Where")
+def where(ctx, node, dy):
+    cond, a, b = node.inputs
+    y = node.outputs[0]
+    return [
+        None,
+        ctx.sum_to(ctx.op("Where", cond, dy[0], _zero(ctx)), y, a) if ctx.needs_grad(a) else None,
+        ctx.sum_to(ctx.op("Where", cond, _zero(ctx), dy[0]), y, b) if ctx.needs_grad(b) else None,
+    ]
+
+
+@register("Cast")
+def cast(ctx, node, dy):
+    x = node.inputs[0]
+    return [ctx.op("Cast", dy[0], to=x.dtype) if x.dtype != node.outputs[0].dtype else dy[0]]
+
+
+del np

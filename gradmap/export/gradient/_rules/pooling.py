@@ -1,0 +1,162 @@
+"""Pooling and reductions.
+
+    MaxPool:           forward node also returns Indices (flat over N*C*H*W);
+                       dX = Reshape(ScatterElements(zeros, Indices, dY, reduction=add), Shape(X))
+    AveragePool:       Y(o) = 1/D(o) * sum of X over window(o) inside X;
+                       dX = ConvTranspose(dY / D, ones, group=C)   (D per torch's count_include_pad rule)
+    GlobalAveragePool: dX = Expand(dY, Shape(X)) / (H W)
+    ReduceMean:        dX = Expand(Unsqueeze(dY, axes), Shape(X)) / count
+    ReduceSum:         dX = Expand(Unsqueeze(dY, axes), Shape(X))
+    ReduceMax:         dX = Where(X == Y, dY, 0) / (number of maxima)   (torch.amax's even split)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from ..._errors import ExportError
+from .._registry import register
+
+
+@register("MaxPool")
+def max_pool(ctx, node, dy):
+    x = node.inputs[0]
+    if ctx.attr(node, "storage_order", 0) != 0:
+        raise ExportError(f"{node.name}: MaxPool with storage_order=1 has no gradient rule")
+    if len(node.outputs) < 2:
+        node.resize_outputs(2)
+        node.outputs[1].name = f"{node.outputs[0].name}_indices"
+        node.outputs[1].type = ir.TensorType(ir.DataType.INT64)
+        node.outputs[1].shape = ir.Shape(node.outputs[0].shape)
+    indices = node.outputs[1]
+    size = ctx.op("Reshape", ctx.op("Size", x), ctx.ints([1]))
+    zeros = ctx.op("ConstantOfShape", size, value=ir.tensor(np.zeros(1, dtype=np.float32)))
+    flat = ctx.op("ScatterElements", zeros, ctx.op("Reshape", indices, ctx.ints([-1])),
+                  ctx.op("Reshape", dy[0], ctx.ints([-1])), axis=0, reduction="add")
+    return [ctx.reshape_like(flat, x)]
+
+
+def _torch_avgpool_divisor(size: int, out: int, k: int, s: int, pad_begin: int, pad_end: int,
+                           include_pad: bool) -> np.ndarray:
+    divisor = np.empty(out, dtype=np.float64)
+    for o in range(out):
+        start = o * s - pad_begin
+        end = min(start + k, size + pad_end)
+        padded = end - start
+        start, end = max(start, 0), min(end, size)
+        divisor[o] = padded if include_pad else end - start
+    return divisor
+
+
+@register("AveragePool")
+def average_pool(ctx, node, dy):
+    x, y = node.inputs[0], node.outputs[0]
+    xdims, ydims = ctx.dims(x), ctx.dims(y)
+    spatial = len(xdims) - 2
+    if ctx.attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise ExportError(f"{node.name}: AveragePool with auto_pad has no gradient rule")
+    if any(d != 1 for d in ctx.attr(node, "dilations", [1] * spatial)):
+        raise ExportError(f"{node.name}: dilated AveragePool has no gradient rule")
+    kernel = list(ctx.attr(node, "kernel_shape"))
+    strides = list(ctx.attr(node, "strides", [1] * spatial))
+    pads = list(ctx.attr(node, "pads", [0] * (2 * spatial)))
+    include_pad = bool(ctx.attr(node, "count_include_pad", 0))
+    channels = xdims[1]
+    if not isinstance(channels, int):
+        raise ExportError(f"{node.name}: AveragePool needs a static channel count")
+    # Windows of ceil_mode may hang past the padded input; trailing input rows not covered by any
+    # window get no gradient, and the transposed convolution needs its output padding for that.
+    inv = np.ones([1] * (2 + spatial))
+    for i in range(spatial):
+        d = _torch_avgpool_divisor(xdims[2 + i], ydims[2 + i], kernel[i], strides[i], pads[i],
+                                   pads[spatial + i], include_pad)
+        shape = [1] * (2 + spatial)
+        shape[2 + i] = ydims[2 + i]
+        inv = inv * (1.0 / d).reshape(shape)
+    end_pads = []
+    output_padding = []
+    for i in range(spatial):
+        full = (ydims[2 + i] - 1) * strides[i] + kernel[i] - pads[i] - pads[spatial + i]
+        extra = xdims[2 + i] - full
+        if extra >= 0:
+            end_pads.append(pads[spatial + i])
+            output_padding.append(extra)
+        else:  # ceil_mode: the last window reaches beyond the end padding
+            end_pads.append(pads[spatial + i] - extra)
+            output_padding.append(0)
+    g = dy[0]
+    if np.all(inv == inv.flat[0]):
+        g = ctx.op("Mul", g, ctx.scalar(float(inv.flat[0])))
+    else:
+        g = ctx.op("Mul", g, ctx.const(inv.astype(np.float32)))
+    ones = np.ones([channels, 1] + kernel, dtype=np.float32)
+    if any(p >= s for p, s in zip(output_padding, strides)):
+        raise ExportError(f"{node.name}: cannot restore input size {xdims} from {ydims}")
+    dx = ctx.op("ConvTranspose", g, ctx.const(ones), group=channels, strides=strides,
+                pads=pads[:spatial] + end_pads, kernel_shape=kernel, output_padding=output_padding)
+    return [dx]
+
+
+@register("GlobalAveragePool")
+def global_average_pool(ctx, node, dy):
+    x = node.inputs[0]
+    count = math.prod(ctx.dims(x)[2:])
+    return [ctx.op("Mul", ctx.op("Expand", dy[0], ctx.shape_of(x)), ctx.scalar(1.0 / count))]
+
+
+def _reduced_axes(ctx, node) -> list[int] | None:
+    x = node.inputs[0]
+    rank = ctx.rank(x)
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        axes = ctx.require_constant(node.inputs[1], "the reduction axes").reshape(-1).tolist()
+    else:
+        axes = ctx.attr(node, "axes", None)
+    if not axes:
+        if ctx.attr(node, "noop_with_empty_axes", 0):
+            return None
+        return list(range(rank))
+    return sorted(a % rank for a in axes)
+
+
+def _expand_back(ctx, node, g, axes):
+    x = node.inputs[0]
+    if not ctx.attr(node, "keepdims", 1):
+        g = ctx.op("Unsqueeze", g, ctx.ints(axes))
+    return ctx.op("Expand", g, ctx.shape_of(x))
+
+
+@register("ReduceSum")
+def reduce_sum(ctx, node, dy):
+    axes = _reduced_axes(ctx, node)
+    if axes is None:
+        return [dy[0]]
+    return [_expand_back(ctx, node, dy[0], axes), None]
+
+
+@register("ReduceMean")
+def reduce_mean(ctx, node, dy):
+    axes = _reduced_axes(ctx, node)
+    if axes is None:
+        return [dy[0]]
+    dims = ctx.dims(node.inputs[0])
+    sizes = [dims[a] for a in axes]
+    if not all(isinstance(s, int) for s in sizes):
+        raise ExportError(f"{node.name}: ReduceMean over a dynamic axis has no gradient rule")
+    g = ctx.op("Mul", dy[0], ctx.scalar(1.0 / math.prod(sizes)))
+    return [_expand_back(ctx, node, g, axes), None]
+
+
+@register("ReduceMax")
+def reduce_max(ctx, node, dy):
+    axes = _reduced_axes(ctx, node)
+    if axes is None:
+        return [dy[0]]
+    x, y = node.inputs[0], node.outputs[0]
+    y_full = _expand_back(ctx, node, y, axes)
+    hit = ctx.op("Cast", ctx.op("Equal", x, y_full), to=ir.DataType.FLOAT)
+    count = ctx.op("ReduceSum", hit, ctx.ints(axes), keepdims=1)
+    g = dy[0] if ctx.attr(node, "keepdims", 1) else ctx.op("Unsqueeze", dy[0], ctx.ints(axes))
+    return [ctx.op("Mul", hit, ctx.op("Div", g, count)), None]

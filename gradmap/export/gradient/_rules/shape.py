@@ -1,0 +1,190 @@
+"""Ops that move values around without arithmetic.
+
+    Reshape, Flatten, Squeeze, Unsqueeze: dX = Reshape(dY, Shape(X))
+    Transpose:  dX = Transpose(dY, inverse(perm))
+    Expand:     dX = sum_to(dY, X)
+    Concat:     dX_i = Split(dY, sizes along axis)[i]
+    Split:      dX = Concat(dY_i or zeros, axis)
+    Slice:      dX = Pad(dY, starts, size - ends)                     (step 1)
+    Gather:     dX = ScatterND(zeros, indices, dY, reduction=add) along axis
+    Pad:        dX = Slice(dY, pads_begin, -pads_end)                 (constant mode, pads >= 0)
+    ScatterND:  dData = ScatterND(dY, indices, 0), dUpdates = GatherND(dY, indices)
+    Tile:       dX = sum over the tiles of dY
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..._errors import ExportError
+from .._registry import register
+
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+@register("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def reshape(ctx, node, dy):
+    return [ctx.reshape_like(dy[0], node.inputs[0]), None]
+
+
+@register("Transpose")
+def transpose(ctx, node, dy):
+    rank = ctx.rank(node.inputs[0])
+    perm = list(ctx.attr(node, "perm", list(reversed(range(rank)))))
+    inverse = [0] * rank
+    for i, p in enumerate(perm):
+        inverse[p] = i
+    return [ctx.op("Transpose", dy[0], perm=inverse)]
+
+
+@register("Expand")
+def expand(ctx, node, dy):
+    return [ctx.sum_to(dy[0], node.outputs[0], node.inputs[0]), None]
+
+
+@register("Concat")
+def concat(ctx, node, dy):
+    rank = ctx.rank(node.outputs[0])
+    axis = ctx.attr(node, "axis") % rank
+    sizes = [ctx.dims(x)[axis] for x in node.inputs]
+    if not all(isinstance(s, int) for s in sizes):
+        raise ExportError(f"{node.name}: Concat along a dynamic axis has no gradient rule")
+    parts = ctx.op_multi("Split", dy[0], ctx.ints(sizes), num_outputs=len(sizes), axis=axis)
+    return [p if ctx.needs_grad(x) else None for p, x in zip(parts, node.inputs)]
+
+
+@register("Split")
+def split(ctx, node, dy):
+    axis = ctx.attr(node, "axis", 0)
+    parts = [g if g is not None else ctx.zeros_like(y) for g, y in zip(dy, node.outputs)]
+    return [ctx.op("Concat", *parts, axis=axis), None]
+
+
+def _normalized_slice(start: int, end: int, step: int, size: int) -> tuple[int, int]:
+    start, end, _ = slice(int(start), int(end) if end < _INT64_MAX else None, int(step)).indices(size)
+    return start, end
+
+
+@register("Slice")
+def slice_(ctx, node, dy):
+    x = node.inputs[0]
+    dims = ctx.dims(x)
+    rank = len(dims)
+    starts = ctx.require_constant(node.inputs[1], "Slice starts").reshape(-1)
+    ends = ctx.require_constant(node.inputs[2], "Slice ends").reshape(-1)
+    axes = (ctx.require_constant(node.inputs[3], "Slice axes").reshape(-1)
+            if len(node.inputs) > 3 and node.inputs[3] is not None else np.arange(len(starts)))
+    steps = (ctx.require_constant(node.inputs[4], "Slice steps").reshape(-1)
+             if len(node.inputs) > 4 and node.inputs[4] is not None else np.ones(len(starts), dtype=np.int64))
+    pads = [0] * (2 * rank)
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        axis = int(axis) % rank
+        size = dims[axis]
+        if step != 1:
+            raise ExportError(f"{node.name}: Slice with step {step} has no gradient rule")
+        if not isinstance(size, int):
+            if start == 0 and end >= _INT64_MAX // 2:
+                continue  # the whole dynamic axis
+            raise ExportError(f"{node.name}: Slice of the dynamic axis {axis} has no gradient rule")
+        begin, stop = _normalized_slice(start, end, step, size)
+        stop = max(stop, begin)
+        pads[axis] = begin
+        pads[rank + axis] = size - stop
+    if not any(pads):
+        return [dy[0]]
+    return [ctx.op("Pad", dy[0], ctx.ints(pads))]
+
+
+@register("Gather")
+def gather(ctx, node, dy):
+    data, indices = node.inputs
+    dims = ctx.dims(data)
+    rank = len(dims)
+    axis = ctx.attr(node, "axis", 0) % rank
+    size = dims[axis]
+    if not isinstance(size, int):
+        raise ExportError(f"{node.name}: Gather along a dynamic axis has no gradient rule")
+    const = ctx.constant_of(indices)
+    if const is not None and const.ndim == 0:
+        # x[..., i, ...]: put the gradient back in row i
+        index = int(const) % size
+        g = ctx.op("Unsqueeze", dy[0], ctx.ints([axis]))
+        pads = [0] * (2 * rank)
+        pads[axis], pads[rank + axis] = index, size - index - 1
+        return [ctx.op("Pad", g, ctx.ints(pads)), None]
+    # General case: bring the gathered axis to the front and scatter-add rows.
+    index_rank = ctx.rank(indices)
+    out_rank = rank - 1 + index_rank
+    # dY dims: data[:axis] + indices + data[axis+1:]; move the index dims to the front
+    perm = list(range(axis, axis + index_rank)) + list(range(axis)) + list(range(axis + index_rank, out_rank))
+    g = ctx.op("Transpose", dy[0], perm=perm) if perm != list(range(out_rank)) else dy[0]
+    rest_perm = [axis] + [i for i in range(rank) if i != axis]
+    rest_shape = ctx.op("Gather", ctx.op("Shape", data), ctx.ints(rest_perm[1:]))
+    g = ctx.op("Reshape", g, ctx.op("Concat", ctx.ints([-1]), rest_shape, axis=0))
+    idx = ctx.op("Reshape", indices, ctx.ints([-1, 1]))
+    if idx.dtype is not None and str(idx.dtype) != "INT64":
+        idx = ctx.op("Cast", idx, to=7)
+    idx = ctx.op("Where", ctx.op("Less", idx, ctx.const(np.int64(0))), ctx.op("Add", idx, ctx.const(np.int64(size))), idx)
+    zeros = ctx.op("ConstantOfShape", ctx.op("Concat", ctx.ints([size]), rest_shape, axis=0),
+                   value=_float_zero())
+    scattered = ctx.op("ScatterND", zeros, idx, g, reduction="add")
+    inverse = [0] * rank
+    for i, p in enumerate(rest_perm):
+        inverse[p] = i
+    if inverse != list(range(rank)):
+        scattered = ctx.op("Transpose", scattered, perm=inverse)
+    return [scattered, None]
+
+
+def _float_zero():
+    import onnx_ir as ir
+
+    return ir.tensor(np.zeros(1, dtype=np.float32))
+
+
+@register("Pad")
+def pad(ctx, node, dy):
+    x = node.inputs[0]
+    if ctx.attr(node, "mode", "constant") != "constant":
+        raise ExportError(f"{node.name}: Pad mode {ctx.attr(node, 'mode')!r} has no gradient rule")
+    rank = ctx.rank(x)
+    pads = ctx.require_constant(node.inputs[1], "Pad pads").reshape(-1).astype(np.int64)
+    if len(node.inputs) > 3 and node.inputs[3] is not None:
+        axes = [int(a) % rank for a in ctx.require_constant(node.inputs[3], "Pad axes").reshape(-1)]
+    else:
+        axes = list(range(rank))
+    n = len(axes)
+    if (pads < 0).any():
+        raise ExportError(f"{node.name}: Pad with negative pads has no gradient rule")
+    starts = [int(p) for p in pads[:n]]
+    ends = [-int(p) if p > 0 else _INT64_MAX for p in pads[n:]]
+    return [ctx.op("Slice", dy[0], ctx.ints(starts), ctx.ints(ends), ctx.ints(axes)), None, None, None]
+
+
+@register("ScatterND")
+def scatter_nd(ctx, node, dy):
+    data, indices, updates = node.inputs
+    if ctx.attr(node, "reduction", "none") != "none":
+        raise ExportError(f"{node.name}: ScatterND with a reduction has no gradient rule")
+    d_data = d_updates = None
+    if ctx.needs_grad(data):
+        d_data = ctx.op("ScatterND", dy[0], indices, ctx.zeros_like(updates))
+    if ctx.needs_grad(updates):
+        d_updates = ctx.op("GatherND", dy[0], indices)
+    return [d_data, None, d_updates]
+
+
+@register("Tile")
+def tile(ctx, node, dy):
+    x = node.inputs[0]
+    dims = ctx.dims(x)
+    repeats = ctx.require_constant(node.inputs[1], "Tile repeats").reshape(-1).tolist()
+    if not all(isinstance(d, int) for d, r in zip(dims, repeats) if r != 1):
+        raise ExportError(f"{node.name}: Tile along a dynamic axis has no gradient rule")
+    # [r0*d0, r1*d1, ...] -> [r0, d0, r1, d1, ...] -> sum over the r axes
+    split_shape = []
+    for d, r in zip(dims, repeats):
+        split_shape += [int(r), d if isinstance(d, int) else -1]
+    g = ctx.op("Reshape", dy[0], ctx.ints(split_shape))
+    g = ctx.op("ReduceSum", g, ctx.ints(list(range(0, 2 * len(dims), 2))), keepdims=0)
+    return [g, None]
