@@ -26,7 +26,7 @@ from . import _rules  # noqa: F401 - registers the rules
 from ._context import GradContext
 from ._registry import NON_DIFFERENTIABLE, RULES
 
-__all__ = ["append_gradient", "differentiable_nodes"]
+__all__ = ["append_gradient", "append_vjp", "differentiable_nodes"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,40 @@ def append_gradient(model: ir.Model, score: str = "logit") -> ir.Model:
     graph = model.graph
     image, logits = graph.inputs[0], graph.outputs[0]
     nodes, needs_grad = differentiable_nodes(graph, image, logits)
+    _check_rules(nodes)
+    ctx = GradContext(graph, needs_grad)
+    target = ir.Value(name=contract.INPUT_TARGET, shape=ir.Shape([logits.shape[0]]),
+                      type=ir.TensorType(ir.DataType.INT64))
+    graph.inputs.append(target)
+    seed, target_index = _seed(ctx, logits, target, score)
+    gradient = _reverse_walk(ctx, nodes, image, logits, seed)
+    gradient.name = contract.OUTPUT_GRADIENT
+    target_index.name = contract.OUTPUT_TARGET_INDEX
+    target_index.shape = ir.Shape([logits.shape[0]])
+    target_index.type = ir.TensorType(ir.DataType.INT64)
+    graph.extend(ctx.tape.nodes)
+    graph.outputs.extend([target_index, gradient])
+    return model
 
+
+def append_vjp(model: ir.Model, source: ir.Value, sink: ir.Value, grad_name: str = "grad_output",
+               result_name: str = "grad_input") -> ir.Model:
+    """Generic vector-Jacobian product: add input ``grad_name`` (shaped like ``sink``) and output
+    ``result_name`` = grad_name^T d sink / d source. Used to test rules one op at a time."""
+    graph = model.graph
+    nodes, needs_grad = differentiable_nodes(graph, source, sink)
+    _check_rules(nodes)
+    ctx = GradContext(graph, needs_grad)
+    seed = ir.Value(name=grad_name, shape=sink.shape, type=sink.type)
+    graph.inputs.append(seed)
+    result = _reverse_walk(ctx, nodes, source, sink, seed)
+    result.name = result_name
+    graph.extend(ctx.tape.nodes)
+    graph.outputs.append(result)
+    return model
+
+
+def _check_rules(nodes: list[ir.Node]) -> None:
     missing: dict[str, list[str]] = defaultdict(list)
     for node in nodes:
         if node.domain not in ("", "ai.onnx") or node.op_type not in RULES:
@@ -84,13 +117,11 @@ def append_gradient(model: ir.Model, score: str = "logit") -> ir.Model:
     if missing:
         raise UnsupportedOpsError(dict(missing))
 
-    ctx = GradContext(graph, needs_grad)
-    target = ir.Value(name=contract.INPUT_TARGET, shape=ir.Shape([logits.shape[0]]),
-                      type=ir.TensorType(ir.DataType.INT64))
-    graph.inputs.append(target)
-    seed, target_index = _seed(ctx, logits, target, score)
 
-    grads: dict[ir.Value, ir.Value] = {logits: seed}
+def _reverse_walk(ctx: GradContext, nodes: list[ir.Node], source: ir.Value, sink: ir.Value,
+                  seed: ir.Value) -> ir.Value:
+    """Emit the backward nodes; return an Identity-named value holding d sink / d source."""
+    grads: dict[ir.Value, ir.Value] = {sink: seed}
     for node in reversed(nodes):
         grad_outputs = [grads.pop(o, None) for o in node.outputs]
         if all(g is None for g in grad_outputs):
@@ -100,21 +131,15 @@ def append_gradient(model: ir.Model, score: str = "logit") -> ir.Model:
         for value, grad in zip(node.inputs, grad_inputs):
             if grad is None or not ctx.needs_grad(value):
                 continue
+            # a value with several consumers: its gradient is the sum of their contributions
             grads[value] = grad if value not in grads else ctx.op("Add", grads[value], grad)
     ctx.node = None
-    if image not in grads:
-        raise ExportError("no gradient reached the image input")
-
-    gradient = ctx.op("Identity", grads[image])
-    gradient.name = contract.OUTPUT_GRADIENT
-    gradient.shape = ir.Shape(image.shape)
-    gradient.type = ir.TensorType(ir.DataType.FLOAT)
-    target_index.name = contract.OUTPUT_TARGET_INDEX
-    target_index.shape = ir.Shape([logits.shape[0]])
-    target_index.type = ir.TensorType(ir.DataType.INT64)
-    graph.extend(ctx.tape.nodes)
-    graph.outputs.extend([target_index, gradient])
-    return model
+    if source not in grads:
+        raise ExportError(f"no gradient reached the input {source.name!r}")
+    result = ctx.op("Identity", grads[source])
+    result.shape = ir.Shape(source.shape) if source.shape is not None else None
+    result.type = source.type
+    return result
 
 
 def _seed(ctx: GradContext, logits: ir.Value, target: ir.Value, score: str) -> tuple[ir.Value, ir.Value]:

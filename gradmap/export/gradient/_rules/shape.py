@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 
 from ..._errors import ExportError
 from .._registry import register
@@ -102,31 +103,32 @@ def gather(ctx, node, dy):
     rank = len(dims)
     axis = ctx.attr(node, "axis", 0) % rank
     size = dims[axis]
-    if not isinstance(size, int):
-        raise ExportError(f"{node.name}: Gather along a dynamic axis has no gradient rule")
     const = ctx.constant_of(indices)
-    if const is not None and const.ndim == 0:
+    if const is not None and const.ndim == 0 and isinstance(size, int):
         # x[..., i, ...]: put the gradient back in row i
         index = int(const) % size
         g = ctx.op("Unsqueeze", dy[0], ctx.ints([axis]))
         pads = [0] * (2 * rank)
         pads[axis], pads[rank + axis] = index, size - index - 1
         return [ctx.op("Pad", g, ctx.ints(pads)), None]
-    # General case: bring the gathered axis to the front and scatter-add rows.
+    # General case, dynamic shapes included: bring the gathered axis to the front, scatter-add
+    # the rows of dY (duplicate indices accumulate), and move the axis back.
     index_rank = ctx.rank(indices)
     out_rank = rank - 1 + index_rank
-    # dY dims: data[:axis] + indices + data[axis+1:]; move the index dims to the front
+    # dY dims are data[:axis] + indices + data[axis+1:]; move the index dims to the front
     perm = list(range(axis, axis + index_rank)) + list(range(axis)) + list(range(axis + index_rank, out_rank))
     g = ctx.op("Transpose", dy[0], perm=perm) if perm != list(range(out_rank)) else dy[0]
     rest_perm = [axis] + [i for i in range(rank) if i != axis]
-    rest_shape = ctx.op("Gather", ctx.op("Shape", data), ctx.ints(rest_perm[1:]))
+    data_shape = ctx.op("Shape", data)
+    axis_size = ctx.op("Gather", data_shape, ctx.ints([axis]))
+    rest_shape = ctx.op("Gather", data_shape, ctx.ints(rest_perm[1:]))
     g = ctx.op("Reshape", g, ctx.op("Concat", ctx.ints([-1]), rest_shape, axis=0))
     idx = ctx.op("Reshape", indices, ctx.ints([-1, 1]))
-    if idx.dtype is not None and str(idx.dtype) != "INT64":
-        idx = ctx.op("Cast", idx, to=7)
-    idx = ctx.op("Where", ctx.op("Less", idx, ctx.const(np.int64(0))), ctx.op("Add", idx, ctx.const(np.int64(size))), idx)
-    zeros = ctx.op("ConstantOfShape", ctx.op("Concat", ctx.ints([size]), rest_shape, axis=0),
-                   value=_float_zero())
+    if indices.dtype != ir.DataType.INT64:
+        idx = ctx.op("Cast", idx, to=ir.DataType.INT64)
+    idx = ctx.op("Where", ctx.op("Less", idx, ctx.const(np.int64(0))), ctx.op("Add", idx, axis_size), idx)
+    zeros = ctx.op("ConstantOfShape", ctx.op("Concat", axis_size, rest_shape, axis=0),
+                   value=ir.tensor(np.zeros(1, dtype=np.float32)))
     scattered = ctx.op("ScatterND", zeros, idx, g, reduction="add")
     inverse = [0] * rank
     for i, p in enumerate(rest_perm):
@@ -134,12 +136,6 @@ def gather(ctx, node, dy):
     if inverse != list(range(rank)):
         scattered = ctx.op("Transpose", scattered, perm=inverse)
     return [scattered, None]
-
-
-def _float_zero():
-    import onnx_ir as ir
-
-    return ir.tensor(np.zeros(1, dtype=np.float32))
 
 
 @register("Pad")

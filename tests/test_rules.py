@@ -1,0 +1,344 @@
+"""Every gradient rule on single-op graphs, with its attribute variants, against torch autograd."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx_ir")
+import torch.nn.functional as F  # noqa: E402
+
+from gradmap.export import UnsupportedOpsError  # noqa: E402
+from gradmap.export.gradient import NON_DIFFERENTIABLE, RULES  # noqa: E402
+
+from _vjp import assert_vjp_matches_torch, onnx_vjp  # noqa: E402
+
+HEADER = '<ir_version: 8, opset_import: ["" : 18]>\n'
+RNG = np.random.default_rng(0)
+
+
+def randn(*shape, positive=False):
+    a = RNG.standard_normal(shape).astype(np.float32)
+    return np.abs(a) + 0.5 if positive else a
+
+
+def t(array):
+    return torch.from_numpy(np.asarray(array))
+
+
+def init(name, array):
+    """ONNX text for an initializer holding ``array``."""
+    a = np.asarray(array)
+    kind = {np.float32: "float", np.int64: "int64"}[a.dtype.type]
+    dims = f"[{','.join(str(d) for d in a.shape)}]" if a.ndim else ""
+    values = ",".join(repr(float(v)) if kind == "float" else str(int(v)) for v in a.reshape(-1))
+    return f"{kind}{dims} {name} = {{{values}}}"
+
+
+def graph(inputs: str, output: str, body: str, inits: list[str] | None = None) -> str:
+    init_text = f"<{', '.join(inits)}>" if inits else ""
+    return HEADER + f"g ({inputs}) => ({output}) {init_text} {{ {body} }}"
+
+
+CASES: list[tuple[str, str, str, object, dict]] = []  # (op, id, text, torch_fn, inputs)
+
+
+def case(op: str, id_: str, text: str, fn, **inputs):
+    if list(inputs) == ["X"]:
+        fn = (lambda f: lambda X: f(X))(fn)  # torch functions take positional tensors
+    CASES.append((op, f"{op}-{id_}", text, fn, inputs))
+
+
+X4 = randn(2, 3, 8, 8)
+X4_SIG = "float[2,3,8,8] X"
+
+# -- elementwise -----------------------------------------------------------------------------------
+B_CH = randn(1, 3, 1, 1)
+B_POS = randn(3, 1, 1, positive=True)
+case("Identity", "plain", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Identity(X)"), lambda X: X * 1, X=X4)
+case("Dropout", "inference", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Dropout(X)"), lambda X: X * 1, X=X4)
+case("Add", "broadcast-rhs", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Add(X, B)", [init("B", B_CH)]),
+     lambda X: X + t(B_CH), X=X4)
+case("Add", "same-input-twice", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Add(X, X)"), lambda X: X + X, X=X4)
+case("Add", "broadcast-lhs-wrt", graph("float[3,1,8] X, float[2,3,4,8] Z", "float[2,3,4,8] Y", "Y = Add(X, Z)"),
+     lambda X, Z: X + Z, X=randn(3, 1, 8), Z=randn(2, 3, 4, 8))
+case("Sum", "three", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Sum(X, B, X)", [init("B", B_CH)]),
+     lambda X: X + t(B_CH) + X, X=X4)
+case("Sub", "rhs", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Sub(B, X)", [init("B", B_CH)]),
+     lambda X: t(B_CH) - X, X=X4)
+case("Sub", "lhs", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Sub(X, B)", [init("B", B_CH)]),
+     lambda X: X - t(B_CH), X=X4)
+case("Mul", "broadcast", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Mul(X, B)", [init("B", B_CH)]),
+     lambda X: X * t(B_CH), X=X4)
+case("Mul", "square", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Mul(X, X)"), lambda X: X * X, X=X4)
+case("Mul", "wrt-broadcast-operand", graph("float[3,1,1] X, float[2,3,8,8] Z", "float[2,3,8,8] Y", "Y = Mul(Z, X)"),
+     lambda X, Z: Z * X, X=randn(3, 1, 1), Z=randn(2, 3, 8, 8))
+case("Div", "numerator", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Div(X, B)", [init("B", B_POS)]),
+     lambda X: X / t(B_POS), X=X4)
+case("Div", "denominator", graph("float[3,1,1] X, float[2,3,8,8] Z", "float[2,3,8,8] Y", "Y = Div(Z, X)"),
+     lambda X, Z: Z / X, X=randn(3, 1, 1, positive=True), Z=randn(2, 3, 8, 8))
+case("Neg", "plain", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Neg(X)"), lambda X: -X, X=X4)
+case("Pow", "square", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Pow(X, P)", [init("P", np.float32([2.0]))]),
+     lambda X: X ** 2, X=X4)
+case("Pow", "fractional", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Pow(X, P)", [init("P", np.float32([1.5]))]),
+     lambda X: X ** 1.5, X=np.abs(X4) + 0.1)
+case("Pow", "exponent", graph("float[2,3] X", "float[2,3] Y", "Y = Pow(B, X)", [init("B", randn(2, 3, positive=True))]),
+     lambda X: torch.pow(t(B_POW), X), X=randn(2, 3))
+B_POW = np.asarray(  # the same base as in the initializer above, read back from the case text
+    [float(v) for v in CASES[-1][2].split("{", 2)[1].split("}")[0].split(",")], dtype=np.float32).reshape(2, 3)
+case("Sqrt", "plain", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Sqrt(X)"), torch.sqrt, X=np.abs(X4) + 0.1)
+case("Reciprocal", "plain", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Reciprocal(X)"), torch.reciprocal,
+     X=np.abs(X4) + 0.5)
+case("Exp", "plain", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Exp(X)"), torch.exp, X=X4)
+case("Log", "plain", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Log(X)"), torch.log, X=np.abs(X4) + 0.1)
+case("Abs", "plain", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Abs(X)"), torch.abs, X=X4)
+case("Relu", "plain", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Relu(X)"), F.relu, X=X4)
+case("Relu", "zeros", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Relu(X)"), F.relu, X=np.where(X4 > 0.5, X4, 0).astype(np.float32))
+case("LeakyRelu", "alpha", graph(X4_SIG, "float[2,3,8,8] Y", "Y = LeakyRelu<alpha=0.2>(X)"),
+     lambda X: F.leaky_relu(X, 0.2), X=X4)
+case("Sigmoid", "plain", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Sigmoid(X)"), torch.sigmoid, X=X4)
+case("Tanh", "plain", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Tanh(X)"), torch.tanh, X=X4)
+case("Erf", "plain", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Erf(X)"), torch.erf, X=X4)
+HEADER20 = HEADER.replace('"" : 18', '"" : 20')
+case("Gelu", "exact", HEADER20 + f"g ({X4_SIG}) => (float[2,3,8,8] Y) {{ Y = Gelu(X) }}", F.gelu, X=X4 * 2)
+case("Gelu", "tanh", HEADER20 + f"g ({X4_SIG}) => (float[2,3,8,8] Y) {{ Y = Gelu<approximate=\"tanh\">(X) }}",
+     lambda X: F.gelu(X, approximate="tanh"), X=X4 * 2)
+case("HardSigmoid", "torch", graph(X4_SIG, "float[2,3,8,8] Y", "Y = HardSigmoid<alpha=0.16666667, beta=0.5>(X)"),
+     F.hardsigmoid, X=X4 * 4)
+case("HardSwish", "plain", graph(X4_SIG, "float[2,3,8,8] Y", "Y = HardSwish(X)"), F.hardswish, X=X4 * 4)
+case("Clip", "relu6", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Clip(X, L, H)",
+                            [init("L", np.float32(0)), init("H", np.float32(6))]),
+     lambda X: F.relu6(X), X=X4 * 5)
+case("Clip", "min-only", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Clip(X, L)", [init("L", np.float32(-0.5))]),
+     lambda X: torch.clamp(X, min=-0.5), X=X4)
+case("Max", "broadcast", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Max(X, B)", [init("B", B_CH)]),
+     lambda X: torch.maximum(X, t(B_CH)), X=X4)
+case("Min", "two-inputs", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Min(X, B)", [init("B", B_CH)]),
+     lambda X: torch.minimum(X, t(B_CH)), X=X4)
+COND = (randn(1, 3, 8, 8) > 0)
+case("Where", "both-branches", graph(X4_SIG + ", bool[1,3,8,8] C", "float[2,3,8,8] Y", "N = Neg(X)\n Y = Where(C, X, N)"),
+     lambda X, C: torch.where(C, X, -X), X=X4, C=COND)
+case("Where", "scalar-branch", graph(X4_SIG + ", bool[1,3,8,8] C", "float[2,3,8,8] Y", "Y = Where(C, Z, X)",
+                                     [init("Z", np.float32(0))]),
+     lambda X, C: torch.where(C, torch.tensor(0.0), X), X=X4, C=COND)
+case("Cast", "float-to-double-and-back", graph(X4_SIG, "float[2,3,8,8] Y", "D = Cast<to=11>(X)\n E = Mul(D, D)\n Y = Cast<to=1>(E)"),
+     lambda X: (X.double() * X.double()).float(), X=X4)
+
+# -- linear ----------------------------------------------------------------------------------------
+W = randn(5, 12)
+case("MatMul", "2d-weight", graph("float[4,12] X", "float[4,5] Y", "Y = MatMul(X, WT)", [init("WT", W.T.copy())]),
+     lambda X: X @ t(W.T.copy()), X=randn(4, 12))
+case("MatMul", "batched-broadcast", graph("float[2,3,4,6] X", "float[2,3,4,5] Y", "Y = MatMul(X, M)",
+                                          [init("M", randn(3, 6, 5))]),
+     lambda X: X @ t(M3), X=randn(2, 3, 4, 6))
+M3 = np.asarray([float(v) for v in CASES[-1][2].split("{", 2)[1].split("}")[0].split(",")], dtype=np.float32).reshape(3, 6, 5)
+case("MatMul", "both-depend", graph("float[2,3,4,6] X", "float[2,3,4,4] Y", "T = Transpose<perm=[0,1,3,2]>(X)\n Y = MatMul(X, T)"),
+     lambda X: X @ X.transpose(-1, -2), X=randn(2, 3, 4, 6))
+case("MatMul", "rhs-broadcast-wrt", graph("float[6,5] X, float[2,3,4,6] Z", "float[2,3,4,5] Y", "Y = MatMul(Z, X)"),
+     lambda X, Z: Z @ X, X=randn(6, 5), Z=randn(2, 3, 4, 6))
+BIAS = randn(5)
+case("Gemm", "transB", graph("float[4,12] X", "float[4,5] Y", "Y = Gemm<transB=1>(X, W, B)", [init("W", W), init("B", BIAS)]),
+     lambda X: F.linear(X, t(W), t(BIAS)), X=randn(4, 12))
+case("Gemm", "alpha-beta", graph("float[4,12] X", "float[4,5] Y", "Y = Gemm<alpha=0.5, beta=2.0>(X, WT, B)",
+                                 [init("WT", W.T.copy()), init("B", BIAS)]),
+     lambda X: 0.5 * X @ t(W.T.copy()) + 2 * t(BIAS), X=randn(4, 12))
+case("Gemm", "transA", graph("float[12,4] X", "float[4,5] Y", "Y = Gemm<transA=1, transB=1>(X, W)", [init("W", W)]),
+     lambda X: X.T @ t(W).T, X=randn(12, 4))
+case("Gemm", "wrt-B", graph("float[12,5] X", "float[4,5] Y", "Y = Gemm(A, X)", [init("A", randn(4, 12))]),
+     lambda X: t(GEMM_A) @ X, X=randn(12, 5))
+GEMM_A = np.asarray([float(v) for v in CASES[-1][2].split("{", 2)[1].split("}")[0].split(",")], dtype=np.float32).reshape(4, 12)
+case("Gemm", "wrt-B-transposed", graph("float[5,12] X", "float[4,5] Y", "Y = Gemm<transB=1>(A, X)", [init("A", GEMM_A)]),
+     lambda X: t(GEMM_A) @ X.T, X=randn(5, 12))
+case("Einsum", "attention-scores", graph("float[2,3,4,8] X", "float[2,3,4,4] Y", "Y = Einsum<equation=\"bhid,bhjd->bhij\">(X, X)"),
+     lambda X: torch.einsum("bhid,bhjd->bhij", X, X), X=randn(2, 3, 4, 8))
+case("Einsum", "weight", graph("float[2,4,8] X", "float[2,4,5] Y", "Y = Einsum<equation=\"bid,de->bie\">(X, E)",
+                               [init("E", randn(8, 5))]),
+     lambda X: torch.einsum("bid,de->bie", X, t(EIN_E)), X=randn(2, 4, 8))
+EIN_E = np.asarray([float(v) for v in CASES[-1][2].split("{", 2)[1].split("}")[0].split(",")], dtype=np.float32).reshape(8, 5)
+
+# -- convolution -----------------------------------------------------------------------------------
+def conv_case(id_, cin, cout, k, stride, pad, dil, groups, size=9):
+    w = randn(cout, cin // groups, k, k)
+    x = randn(2, cin, size, size)
+    out = (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+    text = graph(f"float[2,{cin},{size},{size}] X", f"float[2,{cout},{out},{out}] Y",
+                 f"Y = Conv<strides=[{stride},{stride}], pads=[{pad},{pad},{pad},{pad}], dilations=[{dil},{dil}], group={groups}, kernel_shape=[{k},{k}]>(X, W, B)",
+                 [init("W", w), init("B", randn(cout))])
+    b = np.asarray([float(v) for v in text.split("B = {")[1].split("}")[0].split(",")], dtype=np.float32)
+    case("Conv", id_, text, lambda X: F.conv2d(X, t(w), t(b), stride, pad, dil, groups), X=x)
+
+
+conv_case("plain", 3, 4, 3, 1, 1, 1, 1)
+conv_case("stride2-drops-row", 3, 4, 3, 2, 1, 1, 1, size=10)
+conv_case("stride2-odd", 3, 4, 3, 2, 1, 1, 1, size=9)
+conv_case("7x7-stride2-pad3", 3, 4, 7, 2, 3, 1, 1, size=16)
+conv_case("dilation2", 3, 4, 3, 1, 2, 2, 1)
+conv_case("groups", 4, 6, 3, 1, 1, 1, 2)
+conv_case("depthwise-stride2", 4, 4, 3, 2, 1, 1, 4)
+conv_case("1x1-stride2", 4, 8, 1, 2, 0, 1, 1, size=8)
+conv_case("patchify", 3, 4, 4, 4, 0, 1, 1, size=16)
+
+
+# -- pooling and reductions ------------------------------------------------------------------------
+def pool_size(size, k, s, p, ceil):
+    out = (size + 2 * p - k + ((s - 1) if ceil else 0)) // s + 1
+    if ceil and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+for k, s, p, ceil in [(3, 2, 1, 0), (3, 2, 0, 1), (2, 2, 0, 0), (3, 1, 1, 0), (3, 2, 1, 1)]:
+    o = pool_size(9, k, s, p, ceil)
+    case("MaxPool", f"k{k}s{s}p{p}ceil{ceil}",
+         graph("float[2,3,9,9] X", f"float[2,3,{o},{o}] Y",
+               f"Y = MaxPool<kernel_shape=[{k},{k}], strides=[{s},{s}], pads=[{p},{p},{p},{p}], ceil_mode={ceil}>(X)"),
+         lambda X, k=k, s=s, p=p, ceil=ceil: F.max_pool2d(X, k, s, p, ceil_mode=bool(ceil)), X=randn(2, 3, 9, 9))
+RELU_X = np.maximum(randn(2, 3, 9, 9), 0).astype(np.float32)
+case("MaxPool", "after-relu-ties",
+     graph("float[2,3,9,9] X", "float[2,3,5,5] Y",
+           "R = Relu(X)\n Y = MaxPool<kernel_shape=[3,3], strides=[2,2], pads=[1,1,1,1]>(R)"),
+     lambda X: F.max_pool2d(F.relu(X), 3, 2, 1), X=RELU_X - 0.5)
+for k, s, p, ceil, cip in [(3, 1, 1, 0, 1), (2, 2, 0, 0, 0), (3, 2, 1, 1, 1), (3, 2, 1, 1, 0), (3, 2, 0, 1, 1), (3, 1, 1, 0, 0)]:
+    o = pool_size(9, k, s, p, ceil)
+    case("AveragePool", f"k{k}s{s}p{p}ceil{ceil}pad{cip}",
+         graph("float[2,3,9,9] X", f"float[2,3,{o},{o}] Y",
+               f"Y = AveragePool<kernel_shape=[{k},{k}], strides=[{s},{s}], pads=[{p},{p},{p},{p}], ceil_mode={ceil}, count_include_pad={cip}>(X)"),
+         lambda X, k=k, s=s, p=p, ceil=ceil, cip=cip: F.avg_pool2d(X, k, s, p, ceil_mode=bool(ceil), count_include_pad=bool(cip)),
+         X=randn(2, 3, 9, 9))
+case("GlobalAveragePool", "plain", graph(X4_SIG, "float[2,3,1,1] Y", "Y = GlobalAveragePool(X)"),
+     lambda X: F.adaptive_avg_pool2d(X, 1), X=X4)
+for keep in (0, 1):
+    shape = "2,3,1,1" if keep else "2,3"
+    case("ReduceMean", f"spatial-keepdims{keep}",
+         graph(X4_SIG, f"float[{shape}] Y", f"Y = ReduceMean<keepdims={keep}>(X, A)", [init("A", np.int64([2, 3]))]),
+         lambda X, keep=keep: X.mean(dim=(2, 3), keepdim=bool(keep)), X=X4)
+    case("ReduceSum", f"channels-keepdims{keep}",
+         graph(X4_SIG, f"float[{'2,1,8,8' if keep else '2,8,8'}] Y", f"Y = ReduceSum<keepdims={keep}>(X, A)",
+               [init("A", np.int64([1]))]),
+         lambda X, keep=keep: X.sum(dim=1, keepdim=bool(keep)), X=X4)
+case("ReduceMean", "negative-axis", graph(X4_SIG, "float[2,3,8,1] Y", "Y = ReduceMean(X, A)", [init("A", np.int64([-1]))]),
+     lambda X: X.mean(dim=-1, keepdim=True), X=X4)
+case("ReduceMax", "channels", graph(X4_SIG, "float[2,8,8] Y", "Y = ReduceMax<keepdims=0>(X, A)", [init("A", np.int64([1]))]),
+     lambda X: X.amax(dim=1), X=X4)
+case("ReduceMax", "ties", graph("float[2,4] X", "float[2,1] Y", "Y = ReduceMax(X, A)", [init("A", np.int64([1]))]),
+     lambda X: X.amax(dim=1, keepdim=True), X=np.float32([[1, 3, 3, 0], [2, 2, 2, 2]]))
+
+# -- normalization ---------------------------------------------------------------------------------
+BN = [randn(3), randn(3), randn(3), randn(3, positive=True)]
+case("BatchNormalization", "inference",
+     graph(X4_SIG, "float[2,3,8,8] Y", "Y = BatchNormalization<epsilon=0.001>(X, S, B, M, V)",
+           [init(n, a) for n, a in zip("SBMV", BN)]),
+     lambda X: F.batch_norm(X, t(BN[2]), t(BN[3]), t(BN[0]), t(BN[1]), False, 0.1, 1e-3), X=X4)
+LN_S, LN_B = randn(8), randn(8)
+case("LayerNormalization", "last-axis",
+     graph("float[2,5,8] X", "float[2,5,8] Y", "Y = LayerNormalization<epsilon=1e-6>(X, S, B)", [init("S", LN_S), init("B", LN_B)]),
+     lambda X: F.layer_norm(X, (8,), t(LN_S), t(LN_B), 1e-6), X=randn(2, 5, 8) * 3 + 1)
+LN2_S = randn(4, 8)
+case("LayerNormalization", "two-axes-no-bias",
+     graph("float[2,4,8] X", "float[2,4,8] Y", "Y = LayerNormalization<axis=1>(X, S)", [init("S", LN2_S)]),
+     lambda X: F.layer_norm(X, (4, 8), t(LN2_S), None, 1e-5), X=randn(2, 4, 8))
+for axis in (-1, 1):
+    case("Softmax", f"axis{axis}", graph("float[2,5,7] X", "float[2,5,7] Y", f"Y = Softmax<axis={axis}>(X)"),
+         lambda X, axis=axis: torch.softmax(X, dim=axis), X=randn(2, 5, 7) * 2)
+    case("LogSoftmax", f"axis{axis}", graph("float[2,5,7] X", "float[2,5,7] Y", f"Y = LogSoftmax<axis={axis}>(X)"),
+         lambda X, axis=axis: torch.log_softmax(X, dim=axis), X=randn(2, 5, 7) * 2)
+
+# -- shape -----------------------------------------------------------------------------------------
+case("Reshape", "flatten", graph(X4_SIG, "float[2,192] Y", "Y = Reshape(X, S)", [init("S", np.int64([2, -1]))]),
+     lambda X: X.reshape(2, -1), X=X4)
+case("Flatten", "axis1", graph(X4_SIG, "float[2,192] Y", "Y = Flatten<axis=1>(X)"), lambda X: X.flatten(1), X=X4)
+case("Squeeze", "axis", graph("float[2,3,1,8] X", "float[2,3,8] Y", "Y = Squeeze(X, A)", [init("A", np.int64([2]))]),
+     lambda X: X.squeeze(2), X=randn(2, 3, 1, 8))
+case("Unsqueeze", "axes", graph("float[2,3,8] X", "float[2,1,3,8,1] Y", "Y = Unsqueeze(X, A)", [init("A", np.int64([1, 4]))]),
+     lambda X: X[:, None, :, :, None], X=randn(2, 3, 8))
+case("Transpose", "perm", graph(X4_SIG, "float[2,8,8,3] Y", "Y = Transpose<perm=[0,2,3,1]>(X)"),
+     lambda X: X.permute(0, 2, 3, 1), X=X4)
+case("Transpose", "default-reverse", graph("float[2,3,5] X", "float[5,3,2] Y", "Y = Transpose(X)"),
+     lambda X: X.permute(2, 1, 0), X=randn(2, 3, 5))
+case("Expand", "broadcast", graph("float[3,1,8] X", "float[2,3,4,8] Y", "Y = Expand(X, S)", [init("S", np.int64([2, 3, 4, 8]))]),
+     lambda X: X.expand(2, 3, 4, 8), X=randn(3, 1, 8))
+case("Concat", "channels-with-constant", graph(X4_SIG, "float[2,7,8,8] Y", "R = Relu(X)\n Y = Concat<axis=1>(X, C, R)",
+                                               [init("C", randn(2, 1, 8, 8))]),
+     lambda X: torch.cat([X, t(CONCAT_C), F.relu(X)], 1), X=X4)
+CONCAT_C = np.asarray([float(v) for v in CASES[-1][2].split("{", 2)[1].split("}")[0].split(",")], dtype=np.float32).reshape(2, 1, 8, 8)
+case("Concat", "negative-axis", graph("float[2,3,4] X", "float[2,3,8] Y", "Y = Concat<axis=-1>(X, X)"),
+     lambda X: torch.cat([X, X], -1), X=randn(2, 3, 4))
+case("Split", "sizes-all-used", graph(X4_SIG, "float[2,3,8,8] Y", "A, B = Split<axis=1>(X, S)\n C = Mul(B, B)\n Y = Concat<axis=1>(C, A)",
+                                      [init("S", np.int64([1, 2]))]),
+     lambda X: torch.cat([X[:, 1:] * X[:, 1:], X[:, :1]], 1), X=X4)
+case("Split", "unused-output", graph("float[2,6,4] X", "float[2,2,4] Y", "A, B, C = Split<axis=1, num_outputs=3>(X)\n Y = Mul(A, C)"),
+     lambda X: X[:, 0:2] * X[:, 4:6], X=randn(2, 6, 4))
+case("Slice", "class-token", graph("float[2,5,8] X", "float[2,1,8] Y", "Y = Slice(X, S, E, A)",
+                                   [init("S", np.int64([0])), init("E", np.int64([1])), init("A", np.int64([1]))]),
+     lambda X: X[:, 0:1], X=randn(2, 5, 8))
+case("Slice", "negative-and-open-end", graph("float[2,5,8] X", "float[2,3,6] Y", "Y = Slice(X, S, E, A)",
+                                             [init("S", np.int64([2, 1])), init("E", np.int64([9223372036854775807, -1])),
+                                              init("A", np.int64([1, -1]))]),
+     lambda X: X[:, 2:, 1:-1], X=randn(2, 5, 8))
+case("Gather", "scalar-index", graph("float[2,5,8] X", "float[2,8] Y", "Y = Gather<axis=1>(X, I)", [init("I", np.int64(0))]),
+     lambda X: X[:, 0], X=randn(2, 5, 8))
+case("Gather", "negative-scalar", graph("float[2,5,8] X", "float[2,5] Y", "Y = Gather<axis=2>(X, I)", [init("I", np.int64(-1))]),
+     lambda X: X[:, :, -1], X=randn(2, 5, 8))
+case("Gather", "index-matrix-with-repeats", graph("float[6,4] X", "float[2,3,4] Y", "Y = Gather(X, I)",
+                                                  [init("I", np.int64([[0, 2, 2], [5, -1, 1]]))]),
+     lambda X: X[t(np.int64([[0, 2, 2], [5, 5, 1]]))], X=randn(6, 4))
+case("Gather", "middle-axis-vector", graph("float[2,6,4] X", "float[2,3,4] Y", "Y = Gather<axis=1>(X, I)",
+                                           [init("I", np.int64([4, 0, 4]))]),
+     lambda X: X[:, [4, 0, 4]], X=randn(2, 6, 4))
+case("Pad", "constant", graph(X4_SIG, "float[2,3,11,9] Y", "Y = Pad(X, P, V)",
+                              [init("P", np.int64([0, 0, 1, 0, 0, 0, 2, 1])), init("V", np.float32(0.5))]),
+     lambda X: F.pad(X, (0, 1, 1, 2), value=0.5), X=X4)
+case("Pad", "axes", graph(X4_SIG, "float[2,3,8,11] Y", "Y = Pad(X, P, V, A)",
+                          [init("P", np.int64([2, 1])), init("V", np.float32(0)), init("A", np.int64([-1]))]),
+     lambda X: F.pad(X, (2, 1)), X=X4)
+case("ScatterND", "overwrite-rows", graph("float[4,3] X, float[2,3] U", "float[4,3] Y", "Y = ScatterND(X, I, U)",
+                                          [init("I", np.int64([[1], [3]]))]),
+     lambda X, U: X.index_put((t(np.int64([1, 3])),), U), X=randn(4, 3), U=randn(2, 3))
+case("ScatterND", "updates", graph("float[2,3] X", "float[4,3] Y", "Y = ScatterND(D, I, X)",
+                                   [init("D", np.zeros((4, 3), np.float32)), init("I", np.int64([[1], [3]]))]),
+     lambda X: torch.zeros(4, 3).index_put((t(np.int64([1, 3])),), X), X=randn(2, 3))
+case("Tile", "repeats", graph("float[2,3,4] X", "float[2,6,12] Y", "Y = Tile(X, R)", [init("R", np.int64([1, 2, 3]))]),
+     lambda X: X.repeat(1, 2, 3), X=randn(2, 3, 4))
+
+
+@pytest.mark.parametrize("op,text,fn,inputs", [c[0:1] + c[2:] for c in CASES], ids=[c[1] for c in CASES])
+def test_rule_matches_torch_autograd(op, text, fn, inputs):
+    wrt = "X"
+    assert_vjp_matches_torch(text, fn, inputs, wrt=wrt, rtol=1e-5, atol=1e-5)
+
+
+def test_every_rule_is_tested():
+    tested = {c[0] for c in CASES}
+    untested = sorted(set(RULES) - tested)
+    assert not untested, f"gradient rules without a test against torch: {untested}"
+
+
+def test_rule_and_non_differentiable_tables_are_disjoint():
+    assert not set(RULES) & NON_DIFFERENTIABLE
+
+
+def test_unsupported_op_lists_every_op_type_and_node():
+    text = graph("float[2,3] X", "float[2,3] Y", "A = Acos(X)\n B = Asin(A)\n C = Acos(B)\n Y = Add(C, X)")
+    with pytest.raises(UnsupportedOpsError) as info:
+        onnx_vjp(text, {"X": np.zeros((2, 3), np.float32)}, "X")
+    message = str(info.value)
+    assert "Acos" in message and "Asin" in message and "2 op type(s)" in message, message
+    assert set(info.value.missing) == {"Acos", "Asin"}
+    assert len(info.value.missing["Acos"]) == 2
+
+
+def test_branch_not_depending_on_input_gets_no_backward_nodes():
+    text = graph("float[2,3] X, float[2,3] Z", "float[2,3] Y", "A = Relu(Z)\n B = Exp(A)\n Y = Mul(X, B)")
+    import onnx
+    import onnx_ir as ir
+
+    from gradmap.export.gradient import append_vjp
+
+    model = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(onnx.parser.parse_model(text)))
+    append_vjp(model, model.graph.inputs[0], model.graph.outputs[0])
+    backward = [n.op_type for n in model.graph if n.name and n.name.startswith("grad/")]
+    assert "Relu" not in backward and "Exp" not in backward and "Where" not in backward, backward
+    assert math.isfinite(len(backward))
