@@ -81,6 +81,9 @@ def load_torchvision(name: str, weights: str = "DEFAULT", seed: int = 0) -> tupl
     if weights.lower() == "none":
         torch.manual_seed(seed)
         module = torchvision.models.get_model(name, weights=None)
+        if name in _FIXED_STD_INIT:
+            _he_init(module)
+            return module.eval(), f"none (random, seed {seed}, He init)"
         return module.eval(), f"none (random, seed {seed})"
 
     path = Path(weights).expanduser()
@@ -131,6 +134,22 @@ def load_torchvision(name: str, weights: str = "DEFAULT", seed: int = 0) -> tupl
             "local state-dict file with --weights PATH, or use --weights none for random weights."
         ) from e
     return module.eval(), str(weight)
+
+
+# torchvision draws these models' weights from a truncated normal of fixed std (0.01 / 0.1).
+# With BatchNorm at its initial statistics, activations then vanish (GoogLeNet ends at 1e-11) or
+# explode (Inception v3's logits reach 1e12) and float32 rounding swamps the result: that, not the
+# exporter, is why a random Inception v3 disagrees with torch. He initialization keeps them sane.
+_FIXED_STD_INIT = ("googlenet", "inception_v3")
+
+
+@torch.no_grad()
+def _he_init(module: torch.nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            torch.nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
 
 
 def _build_like_pretrained(name: str) -> torch.nn.Module:
