@@ -1,0 +1,216 @@
+"""End to end: torchvision classifiers exported with their input gradient, checked against torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+torchvision = pytest.importorskip("torchvision")
+onnx = pytest.importorskip("onnx")
+import onnxruntime as ort  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+from gradmap import contract  # noqa: E402
+from gradmap.cli import main  # noqa: E402
+from gradmap.contract import ModelMetadata, Preprocessing  # noqa: E402
+from gradmap.export import ExportError, ParityError, export_module, export_torchvision, load_torchvision  # noqa: E402
+from gradmap.export._api import verify_parity  # noqa: E402
+
+TOLERANCE = 1e-4  # max|Δ| / max|torch autograd|
+
+# One model per torchvision family, the smallest of each.
+FAMILIES = {
+    "alexnet": "alexnet", "convnext": "convnext_tiny", "densenet": "densenet121",
+    "efficientnet": "efficientnet_b0", "efficientnet_v2": "efficientnet_v2_s", "googlenet": "googlenet",
+    "inception_v3": "inception_v3", "maxvit": "maxvit_t", "mnasnet": "mnasnet0_5",
+    "mobilenet_v2": "mobilenet_v2", "mobilenet_v3": "mobilenet_v3_small", "regnet": "regnet_x_400mf",
+    "resnet": "resnet18", "resnext": "resnext50_32x4d", "shufflenet_v2": "shufflenet_v2_x0_5",
+    "squeezenet": "squeezenet1_0", "swin": "swin_t", "swin_v2": "swin_v2_t", "vgg": "vgg11",
+    "vit": "vit_b_16", "wide_resnet": "wide_resnet50_2",
+}
+
+
+def _session(path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FAMILIES.values()), ids=list(FAMILIES))
+def test_family_gradient_matches_torch_autograd(name, tmp_path):
+    path = tmp_path / f"{name}.onnx"
+    report = export_torchvision(name, path, weights="none", verify=False)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    foreign = {(n.domain, n.op_type) for n in proto.graph.node if n.domain not in ("", "ai.onnx")}
+    assert not foreign, f"nodes outside the default ONNX domain: {foreign}"
+    assert [i.name for i in proto.graph.input] == [contract.INPUT_IMAGE, contract.INPUT_TARGET]
+    assert [o.name for o in proto.graph.output] == [
+        contract.OUTPUT_LOGITS, contract.OUTPUT_TARGET_INDEX, contract.OUTPUT_GRADIENT]
+    metadata = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
+    assert metadata.source_model == f"torchvision.models.{name}"
+    assert metadata.num_classes == 1000 and metadata.labels[0] == "tench"
+    module, _ = load_torchvision(name, "none")
+    # an independent batch (other seed) through the saved file; targets -1 and explicit classes
+    logits_error, gradient_error = verify_parity(module, proto, metadata.preprocessing.crop, batch=2, seed=1234,
+                                                 tolerance=TOLERANCE)
+    assert logits_error <= TOLERANCE, f"{name}: logits differ by {logits_error:.3g}"
+    assert gradient_error <= TOLERANCE, f"{name}: gradient differs by {gradient_error:.3g}"
+    assert report.backward_nodes > 0
+
+
+@pytest.fixture(scope="module")
+def resnet18_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("export") / "resnet18.onnx"
+    export_torchvision("resnet18", path, weights="none")
+    return path
+
+
+@pytest.mark.parametrize("batch", [1, 3, 5])
+def test_any_batch_size_matches_autograd(resnet18_file, batch):
+    module, _ = load_torchvision("resnet18", "none")
+    rng = np.random.default_rng(batch)
+    image = rng.standard_normal((batch, 3, 224, 224), dtype=np.float32)
+    target = rng.integers(-1, 1000, batch).astype(np.int64)
+    logits, target_index, gradient = _session(resnet18_file).run(
+        None, {contract.INPUT_IMAGE: image, contract.INPUT_TARGET: target})
+    x = torch.from_numpy(image).double().requires_grad_(True)
+    ref_logits = module.double()(x)
+    resolved = torch.where(torch.from_numpy(target) < 0, ref_logits.argmax(1), torch.from_numpy(target))
+    (ref_grad,) = torch.autograd.grad(ref_logits.gather(1, resolved[:, None]).sum(), x)
+    assert gradient.shape == (batch, 3, 224, 224)
+    np.testing.assert_array_equal(target_index, resolved.numpy())
+    err = np.abs(gradient - ref_grad.numpy()).max() / np.abs(ref_grad.numpy()).max()
+    # resnet18 has one max pool; a near-tie there would show as a few-percent local change
+    assert err <= TOLERANCE, f"batch {batch}: gradient differs from torch autograd by {err:.3g}"
+    assert np.abs(logits - ref_logits.detach().numpy()).max() / np.abs(ref_logits.detach().numpy()).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("score", ["probability", "log_probability"])
+def test_score_kinds_match_autograd(score, tmp_path):
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(8, 5)).eval()
+    path = tmp_path / "m.onnx"
+    export_module(module, path, preprocessing=Preprocessing(crop=(32, 32), resize=36), score=score)
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((3, 3, 32, 32), dtype=np.float32)
+    target = np.array([-1, 2, 4], dtype=np.int64)
+    _, _, gradient = _session(path).run(None, {"image": image, "target": target})
+    x = torch.from_numpy(image).double().requires_grad_(True)
+    logits = module.double()(x)
+    values = torch.softmax(logits, 1) if score == "probability" else torch.log_softmax(logits, 1)
+    resolved = torch.where(torch.from_numpy(target) < 0, logits.argmax(1), torch.from_numpy(target))
+    (ref,) = torch.autograd.grad(values.gather(1, resolved[:, None]).sum(), x)
+    np.testing.assert_allclose(gradient, ref.numpy(), rtol=1e-4, atol=1e-4 * np.abs(ref.numpy()).max())
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert meta["gradmap.score"] == score
+
+
+def test_custom_module_with_labels_and_metadata(tmp_path):
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    module(torch.zeros(1, 3, 20, 24))
+    pre = Preprocessing(crop=(20, 24), resize=None, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+    report = export_module(module, tmp_path / "c.onnx", preprocessing=pre, labels=["cat", "dog", "fox"],
+                           source_model="my.classifier", weights="finetuned-v3")
+    meta = ModelMetadata.from_props({p.key: p.value for p in onnx.load(str(report.path)).metadata_props})
+    assert meta.labels == ("cat", "dog", "fox")
+    assert meta.preprocessing == pre
+    assert (meta.source_model, meta.weights, meta.score) == ("my.classifier", "finetuned-v3", "logit")
+    assert report.gradient_error is not None and report.gradient_error <= TOLERANCE
+
+
+def test_wrong_label_count_is_refused(tmp_path):
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    with pytest.raises(ExportError, match="3 labels given for a model with 4 outputs"):
+        export_module(module, tmp_path / "x.onnx", preprocessing=Preprocessing(crop=(8, 8)), labels=["a", "b", "c"])
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_parity_check_catches_a_wrong_gradient(resnet18_file):
+    """Scale one weight in the backward part only: the check must refuse the model."""
+    proto = onnx.load(str(resnet18_file))
+    backward = next(n for n in proto.graph.node if n.op_type == "ConvTranspose")
+    weight = next(t for t in proto.graph.initializer if t.name == backward.input[1])
+    scaled = onnx.numpy_helper.to_array(weight) * 1.01
+    clone = onnx.numpy_helper.from_array(scaled.astype(np.float32), weight.name + "_scaled")
+    proto.graph.initializer.append(clone)
+    backward.input[1] = clone.name
+    module, _ = load_torchvision("resnet18", "none")
+    with pytest.raises(ParityError, match="gradient differs from torch autograd"):
+        verify_parity(module, proto, (224, 224), attempts=2)
+
+
+def test_cli_export_writes_a_checked_model(tmp_path):
+    out = tmp_path / "squeeze.onnx"
+    result = CliRunner().invoke(main, ["export", "squeezenet1_1", "--weights", "none", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "parity with torch" in result.output and out.exists()
+    assert not list(tmp_path.glob("*.tmp")), "temporary file left behind"
+
+
+def test_cli_unknown_model_suggests_close_names(tmp_path):
+    result = CliRunner().invoke(main, ["export", "resnet5O", "--weights", "none", "-o", str(tmp_path / "x.onnx")])
+    assert result.exit_code == 1
+    assert "unknown model 'resnet5O'" in result.output and "resnet50" in result.output
+
+
+def test_cli_failed_download_says_how_to_proceed(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
+    import torch.hub
+
+    def no_network(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    result = CliRunner().invoke(main, ["export", "resnet18", "-o", str(tmp_path / "x.onnx")])
+    assert result.exit_code == 1
+    assert "--weights none" in result.output and "--weights PATH" in result.output
+    assert "resnet18-f37072fd.pth" in result.output, result.output
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_default_weights_load_from_torchvision_cache(tmp_path, monkeypatch):
+    """The real DEFAULT code path: a state dict placed where torchvision's cache expects it."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    weights = torchvision.models.get_model_weights("squeezenet1_1").DEFAULT
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    cache.parent.mkdir(parents=True)
+    torch.manual_seed(7)
+    source = torchvision.models.squeezenet1_1(weights=None).eval()
+    torch.save(source.state_dict(), cache)
+    out = tmp_path / "sq.onnx"
+    report = export_torchvision("squeezenet1_1", out, weights="DEFAULT")
+    assert report.weights == str(weights)
+    image = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
+    logits = _session(out).run(["logits"], {"image": image, "target": np.array([-1])})[0]
+    with torch.no_grad():
+        expected = source(torch.from_numpy(image)).numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(meta["gradmap.labels"])[:2] == ["tench", "goldfish"]
+
+
+def test_weights_file_and_bad_weights_file(tmp_path):
+    torch.manual_seed(3)
+    state = torchvision.models.squeezenet1_1(weights=None).state_dict()
+    good = tmp_path / "good.pth"
+    torch.save(state, good)
+    report = export_torchvision("squeezenet1_1", tmp_path / "a.onnx", weights=str(good))
+    assert report.weights == "file:good.pth"
+    bad = tmp_path / "bad.pth"
+    torch.save({"not": torch.zeros(1)}, bad)
+    with pytest.raises(ExportError, match="does not fit squeezenet1_1"):
+        export_torchvision("squeezenet1_1", tmp_path / "b.onnx", weights=str(bad))
+    pickled = tmp_path / "code.pth"
+    torch.save({"fn": print}, pickled)  # an object that weights_only=True refuses to unpickle
+    with pytest.raises(ExportError, match="weights_only=True"):
+        export_torchvision("squeezenet1_1", tmp_path / "c.onnx", weights=str(pickled))
+    with pytest.raises(ExportError, match="does not exist"):
+        export_torchvision("squeezenet1_1", tmp_path / "d.onnx", weights=str(tmp_path / "missing.pth"))
+    assert not any((tmp_path / f"{c}.onnx").exists() for c in "bcd")
