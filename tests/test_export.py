@@ -72,21 +72,19 @@ def resnet18_file(tmp_path_factory):
 @pytest.mark.parametrize("batch", [1, 3, 5])
 def test_any_batch_size_matches_autograd(resnet18_file, batch):
     module, _ = load_torchvision("resnet18", "none")
-    rng = np.random.default_rng(batch)
-    image = rng.standard_normal((batch, 3, 224, 224), dtype=np.float32)
-    target = rng.integers(-1, 1000, batch).astype(np.int64)
+    proto = onnx.load(str(resnet18_file))
+    logits_error, gradient_error = verify_parity(module, proto, (224, 224), batch=batch, seed=batch, attempts=2)
+    assert logits_error <= TOLERANCE and gradient_error <= TOLERANCE, (logits_error, gradient_error)
+
+
+def test_target_resolution_in_graph(resnet18_file):
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((4, 3, 224, 224), dtype=np.float32)
+    target = np.array([-1, 0, 999, -1], dtype=np.int64)
     logits, target_index, gradient = _session(resnet18_file).run(
         None, {contract.INPUT_IMAGE: image, contract.INPUT_TARGET: target})
-    x = torch.from_numpy(image).double().requires_grad_(True)
-    ref_logits = module.double()(x)
-    resolved = torch.where(torch.from_numpy(target) < 0, ref_logits.argmax(1), torch.from_numpy(target))
-    (ref_grad,) = torch.autograd.grad(ref_logits.gather(1, resolved[:, None]).sum(), x)
-    assert gradient.shape == (batch, 3, 224, 224)
-    np.testing.assert_array_equal(target_index, resolved.numpy())
-    err = np.abs(gradient - ref_grad.numpy()).max() / np.abs(ref_grad.numpy()).max()
-    # resnet18 has one max pool; a near-tie there would show as a few-percent local change
-    assert err <= TOLERANCE, f"batch {batch}: gradient differs from torch autograd by {err:.3g}"
-    assert np.abs(logits - ref_logits.detach().numpy()).max() / np.abs(ref_logits.detach().numpy()).max() <= TOLERANCE
+    np.testing.assert_array_equal(target_index, [logits[0].argmax(), 0, 999, logits[3].argmax()])
+    assert gradient.shape == image.shape and np.all(np.isfinite(gradient))
 
 
 @pytest.mark.parametrize("score", ["probability", "log_probability"])
