@@ -180,6 +180,14 @@ conv_case("groups", 4, 6, 3, 1, 1, 1, 2)
 conv_case("depthwise-stride2", 4, 4, 3, 2, 1, 1, 4)
 conv_case("1x1-stride2", 4, 8, 1, 2, 0, 1, 1, size=8)
 conv_case("patchify", 3, 4, 4, 4, 0, 1, 1, size=16)
+conv_case("depthwise-stride2-even", 4, 4, 3, 2, 1, 1, 4, size=10)
+conv_case("depthwise-5x5-stride2-pad2", 6, 6, 5, 2, 2, 1, 6, size=9)
+conv_case("depthwise-5x5-stride2-pad2-even", 6, 6, 5, 2, 2, 1, 6, size=10)
+conv_case("depthwise-dilated", 4, 4, 3, 1, 2, 2, 4)
+conv_case("depthwise-stride2-no-pad", 4, 4, 3, 2, 0, 1, 4, size=10)
+conv_case("depthwise-stride3", 4, 4, 3, 3, 1, 1, 4, size=11)
+conv_case("depthwise-multiplier", 3, 6, 3, 1, 1, 1, 3)
+conv_case("large-pad-falls-back", 3, 4, 3, 1, 3, 1, 1)
 
 
 # -- pooling and reductions ------------------------------------------------------------------------

@@ -1,13 +1,30 @@
 """Convolutions.
 
-    Conv:  dX = ConvTranspose(dY, W) with the same group, strides, pads and dilations, and the
-           output_padding that restores X's spatial size (strided convolutions drop trailing rows)
+    Conv, stride 1:  dX = Conv(dY, W'), W' = W with in/out channels swapped per group and the kernel
+                     flipped, pads (k-1)d - p: onnxruntime's Conv kernels (depthwise included) are far
+                     faster than its ConvTranspose, which runs one GEMM + col2im per image and group
+    Conv, depthwise, stride s > 1:
+                     dX = Conv(zero-insert(dY, s), W') with the same flipped kernel
+    Conv, otherwise: dX = ConvTranspose(dY, W) with the same group, strides, pads, dilations and the
+                     output_padding that restores X's spatial size (strided convolutions drop rows)
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..._errors import ExportError
 from .._registry import register
+
+
+def _flipped_transposed(weight: np.ndarray, group: int) -> np.ndarray:
+    """W [Cout, Cin/g, *k] -> W' [Cin, Cout/g, *k]: the kernel of the adjoint convolution."""
+    c_out, c_in_g = weight.shape[:2]
+    kernel = weight.shape[2:]
+    w = weight.reshape(group, c_out // group, c_in_g, *kernel)
+    w = np.swapaxes(w, 1, 2).reshape(group * c_in_g, c_out // group, *kernel)
+    flip = (slice(None), slice(None)) + (slice(None, None, -1),) * len(kernel)
+    return np.ascontiguousarray(w[flip])
 
 
 @register("Conv")
@@ -24,12 +41,60 @@ def conv(ctx, node, dy):
     dilations = list(ctx.attr(node, "dilations", [1] * spatial))
     pads = list(ctx.attr(node, "pads", [0] * (2 * spatial)))
     group = ctx.attr(node, "group", 1)
+    weight = ctx.constant_of(w)
+    span = [(k - 1) * d for k, d in zip(kernel, dilations)]
+    adjoint_pads = [s - p for s, p in zip(span, pads[:spatial])] + [s - p for s, p in zip(span, pads[spatial:])]
+    depthwise = group == xdims[1] == ydims[1]
+    if weight is not None and min(adjoint_pads) >= 0 and all(isinstance(d, int) for d in xdims[2:]):
+        if all(s == 1 for s in strides):
+            return [_adjoint_conv(ctx, dy[0], weight, group, dilations, adjoint_pads, spatial, xdims, ydims), None, None]
+        if depthwise and spatial == 2:
+            g = _zero_insert(ctx, dy[0], ydims, strides)
+            inserted = [ydims[2 + i] * strides[i] for i in range(spatial)]
+            g, inserted = _fit_end(ctx, g, inserted, adjoint_pads, span, xdims, spatial, strides)
+            if g is not None:
+                return [_adjoint_conv(ctx, g, weight, group, dilations, adjoint_pads, spatial, xdims,
+                                      (None, None, *inserted)), None, None]
     output_padding = []
     for i in range(spatial):
-        full = (ydims[2 + i] - 1) * strides[i] - pads[i] - pads[spatial + i] + (kernel[i] - 1) * dilations[i] + 1
+        full = (ydims[2 + i] - 1) * strides[i] - pads[i] - pads[spatial + i] + span[i] + 1
         output_padding.append(xdims[2 + i] - full)
     if any(p < 0 or p >= max(s, d) for p, s, d in zip(output_padding, strides, dilations)):
         raise ExportError(f"{node.name}: cannot restore input size {xdims} from {ydims}")
     dx = ctx.op("ConvTranspose", dy[0], w, group=group, strides=strides, pads=pads, dilations=dilations,
                 kernel_shape=kernel, output_padding=output_padding)
     return [dx, None, None]
+
+
+def _adjoint_conv(ctx, g, weight, group, dilations, pads, spatial, xdims, gdims):
+    """Conv of ``g`` with the flipped, transposed kernel; end pads recomputed so the result has X's size."""
+    kernel = list(weight.shape[2:])
+    span = [(k - 1) * d for k, d in zip(kernel, dilations)]
+    end = [xdims[2 + i] - gdims[2 + i] - pads[i] + span[i] for i in range(spatial)]
+    return ctx.op("Conv", g, ctx.const(_flipped_transposed(weight, group)), group=group, dilations=dilations,
+                  kernel_shape=kernel, pads=list(pads[:spatial]) + end, strides=[1] * spatial)
+
+
+def _zero_insert(ctx, g, ydims, strides):
+    """[N, C, H, W] -> [N, C, H*sh, W*sw] with each value followed by s-1 zeros along each axis."""
+    c, h, w = ydims[1], ydims[2], ydims[3]
+    sh, sw = strides
+    g = ctx.op("Reshape", g, ctx.ints([0, c, h, 1, w, 1]))
+    g = ctx.op("Pad", g, ctx.ints([0, 0, 0, 0, 0, 0, 0, 0, 0, sh - 1, 0, sw - 1]))
+    return ctx.op("Reshape", g, ctx.ints([0, c, h * sh, w * sw]))
+
+
+def _fit_end(ctx, g, inserted, pads, span, xdims, spatial, strides):
+    """Drop trailing inserted zeros the adjoint convolution would not reach (negative end pads);
+    ``None`` when that would drop more than the zeros (then ConvTranspose does the job)."""
+    ends = []
+    for i in range(spatial):
+        end_pad = xdims[2 + i] - inserted[i] - pads[i] + span[i]
+        if end_pad < -(strides[i] - 1):
+            return None, inserted
+        ends.append(inserted[i] + min(end_pad, 0))
+    if any(e <= 0 for e in ends):
+        return None, inserted
+    if ends != inserted:
+        g = ctx.op("Slice", g, ctx.ints([0] * spatial), ctx.ints(ends), ctx.ints(list(range(2, 2 + spatial))))
+    return g, ends

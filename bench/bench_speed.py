@@ -1,0 +1,155 @@
+"""Side-by-side speed of saliency maps: gradmap's ONNX gradient graph against the alternatives.
+
+    python bench/bench_speed.py [--models resnet50 vgg19 ...] [--batches 1 8] [--threads 2]
+
+In one process, per model and batch, medians after warm-up of:
+  (a) onnxruntime forward only, of the plain export (no gradient);
+  (b) gradmap's gradient graph on onnxruntime (logits + gradient);
+  (c) PyTorch eager autograd as in the ResNet-50 recipe (input requires grad, parameters frozen);
+  (d) Captum's Saliency (abs=False) on the same module.
+Random weights, random 224x224 inputs (the models' own input size), a fixed thread count for
+onnxruntime and torch. Writes bench/results/speed.json and the table in README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_MODELS = ["resnet50", "vgg19", "mobilenet_v3_large", "efficientnet_b0", "densenet121", "vit_b_16",
+                  "convnext_tiny"]
+
+
+def _median_ms(fn, *, warmup: int, repeat: int, budget_s: float) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeat and (len(times) < 3 or time.perf_counter() - start < budget_s):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget_s: float) -> list[dict]:
+    import onnx_ir as ir
+    import onnxruntime as ort
+    import torch
+
+    from gradmap.export._api import build_gradient_model
+    from gradmap.export._torchvision import input_size_of, load_torchvision
+    from gradmap.export._trace import trace_to_onnx
+
+    torch.set_num_threads(threads)
+    module, _ = load_torchvision(name, "none")
+    for p in module.parameters():
+        p.requires_grad_(False)
+    size = input_size_of(name)
+    forward = ir.serde.serialize_model(trace_to_onnx(module, size)).SerializeToString()
+    gradient_model, _ = build_gradient_model(module, size)
+    gradient = ir.serde.serialize_model(gradient_model).SerializeToString()
+
+    def session(model_bytes):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+    s_forward, s_gradient = session(forward), session(gradient)
+    try:
+        from captum.attr import Saliency
+    except ImportError:  # captum is optional here
+        Saliency = None
+    rows = []
+    for batch in batches:
+        rng = np.random.default_rng(batch)
+        image = rng.standard_normal((batch, 3, *size), dtype=np.float32)
+        target = np.full(batch, -1, dtype=np.int64)
+        row = {"model": name, "batch": batch, "threads": threads}
+        row["ort_forward_ms"] = _median_ms(lambda: s_forward.run(None, {"image": image}),
+                                           warmup=2, repeat=repeat, budget_s=budget_s)
+        row["gradmap_ms"] = _median_ms(lambda: s_gradient.run(None, {"image": image, "target": target}),
+                                       warmup=2, repeat=repeat, budget_s=budget_s)
+
+        def eager():
+            x = torch.from_numpy(image).requires_grad_(True)
+            out = module(x)
+            score, _ = torch.max(out, 1)
+            score.sum().backward()
+            return x.grad
+
+        row["torch_eager_ms"] = _median_ms(eager, warmup=2, repeat=repeat, budget_s=budget_s)
+        if Saliency is not None:
+            saliency = Saliency(module)
+            x = torch.from_numpy(image)
+            with torch.no_grad():
+                top = module(x).argmax(1)
+            row["captum_ms"] = _median_ms(lambda: saliency.attribute(x, target=top, abs=False),
+                                          warmup=2, repeat=repeat, budget_s=budget_s)
+        row["gradmap_over_forward"] = row["gradmap_ms"] / row["ort_forward_ms"]
+        row["speedup_vs_torch"] = row["torch_eager_ms"] / row["gradmap_ms"]
+        floor = row["ort_forward_ms"]
+        row["target_ms"] = max(2.1 * floor, min(2.5 * floor, row["torch_eager_ms"] / 1.5))
+        row["target_met"] = row["gradmap_ms"] <= row["target_ms"]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def render(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"Medians in ms, {meta['threads']} threads, random weights, {meta['machine']}; "
+        "target: gradmap ≤ max(2.1 × ORT forward, min(2.5 × ORT forward, PyTorch eager ÷ 1.5)).",
+        "",
+        "| model | batch | ORT forward | gradmap | gradmap ÷ forward | PyTorch eager | Captum Saliency | speed-up vs PyTorch | target | met |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        captum = f"{r['captum_ms']:.0f}" if "captum_ms" in r else "–"
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['ort_forward_ms']:.1f} | {r['gradmap_ms']:.1f} | "
+            f"{r['gradmap_over_forward']:.2f} | {r['torch_eager_ms']:.1f} | {captum} | {r['speedup_vs_torch']:.2f}× | "
+            f"{r['target_ms']:.1f} | {'yes' if r['target_met'] else '**no**'} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--budget", type=float, default=30.0, help="seconds per measurement at most")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "speed.json"))
+    parser.add_argument("--no-readme", action="store_true")
+    args = parser.parse_args()
+    rows = []
+    for name in args.models:
+        rows += bench_model(name, args.batches, args.threads, args.repeat, args.budget)
+    meta = {"threads": args.threads, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+            "python": platform.python_version()}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    if not args.no_readme:
+        sys.path.insert(0, str(ROOT / "tools"))
+        from update_readme import README, replace_section
+
+        README.write_text(replace_section(README.read_text(), "speed", render(rows, meta)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
