@@ -18,7 +18,7 @@ from gradmap import contract  # noqa: E402
 from gradmap.cli import main  # noqa: E402
 from gradmap.contract import ModelMetadata, Preprocessing  # noqa: E402
 from gradmap.export import ExportError, ParityError, export_module, export_torchvision, load_torchvision  # noqa: E402
-from gradmap.export._api import verify_parity  # noqa: E402
+from gradmap.export._parity import verify_parity  # noqa: E402
 
 TOLERANCE = 1e-4  # max|Δ| / max|torch autograd|
 
