@@ -234,6 +234,11 @@ case("ReduceMax", "channels", graph(X4_SIG, "float[2,8,8] Y", "Y = ReduceMax<kee
 case("ReduceMax", "ties", graph("float[2,4] X", "float[2,1] Y", "Y = ReduceMax(X, A)", [init("A", np.int64([1]))]),
      lambda X: X.amax(dim=1, keepdim=True), X=np.float32([[1, 3, 3, 0], [2, 2, 2, 2]]))
 
+case("ReduceL2", "last-axis-keepdims", graph("float[2,3,8] X", "float[2,3,1] Y", "Y = ReduceL2(X, A)", [init("A", np.int64([-1]))]),
+     lambda X: torch.linalg.vector_norm(X, dim=-1, keepdim=True), X=randn(2, 3, 8))
+case("ReduceL2", "zero-slice", graph("float[2,4] X", "float[2] Y", "Y = ReduceL2<keepdims=0>(X, A)", [init("A", np.int64([1]))]),
+     lambda X: torch.linalg.vector_norm(X, dim=1), X=np.float32([[0, 0, 0, 0], [1, -2, 3, 0.5]]))
+
 # -- normalization ---------------------------------------------------------------------------------
 BN = [randn(3), randn(3), randn(3), randn(3, positive=True)]
 case("BatchNormalization", "inference",
@@ -286,6 +291,14 @@ case("Slice", "negative-and-open-end", graph("float[2,5,8] X", "float[2,3,6] Y",
                                              [init("S", np.int64([2, 1])), init("E", np.int64([9223372036854775807, -1])),
                                               init("A", np.int64([1, -1]))]),
      lambda X: X[:, 2:, 1:-1], X=randn(2, 5, 8))
+case("Slice", "patch-merging-step2", graph("float[2,8,8,3] X", "float[2,4,4,3] Y", "Y = Slice(X, S, E, A, P)",
+                                           [init("S", np.int64([0, 1])), init("E", np.int64([9223372036854775807, 8])),
+                                            init("A", np.int64([1, 2])), init("P", np.int64([2, 2]))]),
+     lambda X: X[:, 0::2, 1::2], X=randn(2, 8, 8, 3))
+case("Slice", "step3-odd-size", graph("float[2,3,10] X", "float[2,3,3] Y", "Y = Slice(X, S, E, A, P)",
+                                      [init("S", np.int64([1])), init("E", np.int64([9])), init("A", np.int64([2])),
+                                       init("P", np.int64([3]))]),
+     lambda X: X[:, :, 1:9:3], X=randn(2, 3, 10))
 case("Gather", "scalar-index", graph("float[2,5,8] X", "float[2,8] Y", "Y = Gather<axis=1>(X, I)", [init("I", np.int64(0))]),
      lambda X: X[:, 0], X=randn(2, 5, 8))
 case("Gather", "negative-scalar", graph("float[2,5,8] X", "float[2,5] Y", "Y = Gather<axis=2>(X, I)", [init("I", np.int64(-1))]),

@@ -81,10 +81,13 @@ def load_torchvision(name: str, weights: str = "DEFAULT", seed: int = 0) -> tupl
     if weights.lower() == "none":
         torch.manual_seed(seed)
         module = torchvision.models.get_model(name, weights=None)
+        notes = []
         if name in _FIXED_STD_INIT:
             _he_init(module)
-            return module.eval(), f"none (random, seed {seed}, He init)"
-        return module.eval(), f"none (random, seed {seed})"
+            notes.append("He init")
+        if _fill_zero_weights(module):
+            notes.append("zero-initialized layers drawn from N(0, 0.02)")
+        return module.eval(), f"none (random, seed {seed}{''.join(', ' + n for n in notes)})"
 
     path = Path(weights).expanduser()
     if path.suffix in (".pt", ".pth", ".bin", ".ckpt") or path.exists():
@@ -150,6 +153,19 @@ def _he_init(module: torch.nn.Module) -> None:
             torch.nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
             if m.bias is not None:
                 torch.nn.init.zeros_(m.bias)
+
+
+@torch.no_grad()
+def _fill_zero_weights(module: torch.nn.Module) -> bool:
+    """torchvision zero-initializes some layers (the ViT classification head), which makes every
+    logit constant and the input gradient identically zero: nothing to see, nothing to verify.
+    Random weights for export draw such layers from N(0, 0.02^2) instead, like the other heads."""
+    filled = False
+    for m in module.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not torch.any(m.weight):
+            torch.nn.init.trunc_normal_(m.weight, std=0.02)
+            filled = True
+    return filled
 
 
 def _build_like_pretrained(name: str) -> torch.nn.Module:

@@ -8,6 +8,7 @@
     ReduceMean:        dX = Expand(Unsqueeze(dY, axes), Shape(X)) / count
     ReduceSum:         dX = Expand(Unsqueeze(dY, axes), Shape(X))
     ReduceMax:         dX = Where(X == Y, dY, 0) / (number of maxima)   (torch.amax's even split)
+    ReduceL2:          dX = X * Expand(dY / Y), 0 where Y = 0 (as torch's norm backward)
 """
 
 from __future__ import annotations
@@ -160,3 +161,14 @@ def reduce_max(ctx, node, dy):
     count = ctx.op("ReduceSum", hit, ctx.ints(axes), keepdims=1)
     g = dy[0] if ctx.attr(node, "keepdims", 1) else ctx.op("Unsqueeze", dy[0], ctx.ints(axes))
     return [ctx.op("Mul", hit, ctx.op("Div", g, count)), None]
+
+
+@register("ReduceL2")
+def reduce_l2(ctx, node, dy):
+    axes = _reduced_axes(ctx, node)
+    if axes is None:
+        return [dy[0]]
+    x, y = node.inputs[0], node.outputs[0]
+    # Y = 0 only where the whole reduced slice of X is 0, so any finite divisor gives dX = 0 there
+    safe = ctx.op("Where", ctx.op("Equal", y, ctx.scalar(0.0)), ctx.scalar(1.0), y)
+    return [ctx.op("Mul", x, _expand_back(ctx, node, ctx.op("Div", dy[0], safe), axes)), None]

@@ -5,7 +5,7 @@
     Expand:     dX = sum_to(dY, X)
     Concat:     dX_i = Split(dY, sizes along axis)[i]
     Split:      dX = Concat(dY_i or zeros, axis)
-    Slice:      dX = Pad(dY, starts, size - ends)                     (step 1)
+    Slice:      dX = Pad(dY, starts, size - ends); step k > 1: zeros interleaved first
     Gather:     dX = ScatterND(zeros, indices, dY, reduction=add) along axis
     Pad:        dX = Slice(dY, pads_begin, -pads_end)                 (constant mode, pads >= 0)
     ScatterND:  dData = ScatterND(dY, indices, 0), dUpdates = GatherND(dY, indices)
@@ -61,11 +61,6 @@ def split(ctx, node, dy):
     return [ctx.op("Concat", *parts, axis=axis), None]
 
 
-def _normalized_slice(start: int, end: int, step: int, size: int) -> tuple[int, int]:
-    start, end, _ = slice(int(start), int(end) if end < _INT64_MAX else None, int(step)).indices(size)
-    return start, end
-
-
 @register("Slice")
 def slice_(ctx, node, dy):
     x = node.inputs[0]
@@ -77,23 +72,52 @@ def slice_(ctx, node, dy):
             if len(node.inputs) > 3 and node.inputs[3] is not None else np.arange(len(starts)))
     steps = (ctx.require_constant(node.inputs[4], "Slice steps").reshape(-1)
              if len(node.inputs) > 4 and node.inputs[4] is not None else np.ones(len(starts), dtype=np.int64))
+    g = dy[0]
+    out_dims = list(ctx.dims(node.outputs[0]))
     pads = [0] * (2 * rank)
     for start, end, axis, step in zip(starts, ends, axes, steps):
         axis = int(axis) % rank
         size = dims[axis]
-        if step != 1:
-            raise ExportError(f"{node.name}: Slice with step {step} has no gradient rule")
         if not isinstance(size, int):
-            if start == 0 and end >= _INT64_MAX // 2:
+            if start == 0 and end >= _INT64_MAX // 2 and step == 1:
                 continue  # the whole dynamic axis
             raise ExportError(f"{node.name}: Slice of the dynamic axis {axis} has no gradient rule")
-        begin, stop = _normalized_slice(start, end, step, size)
-        stop = max(stop, begin)
+        if step < 1:
+            raise ExportError(f"{node.name}: Slice with step {step} has no gradient rule")
+        begin, stop, _ = slice(int(start), int(end) if end < _INT64_MAX else None, int(step)).indices(size)
+        count = len(range(begin, stop, int(step)))
+        if count == 0:
+            raise ExportError(f"{node.name}: empty Slice has no gradient rule")
+        if step > 1:
+            # x[begin::step]: every gradient value followed by step-1 zeros, then padded into place
+            g, out_dims = _interleave_zeros(ctx, g, out_dims, axis, int(step))
+            taken = count * int(step)
+            if taken > size - begin:  # the last value's trailing zeros reach past the input
+                taken = size - begin
+                g = ctx.op("Slice", g, ctx.ints([0]), ctx.ints([taken]), ctx.ints([axis]))
+                out_dims[axis] = taken
+        else:
+            taken = count
         pads[axis] = begin
-        pads[rank + axis] = size - stop
+        pads[rank + axis] = size - begin - taken
     if not any(pads):
-        return [dy[0]]
-    return [ctx.op("Pad", dy[0], ctx.ints(pads))]
+        return [g]
+    return [ctx.op("Pad", g, ctx.ints(pads))]
+
+
+def _interleave_zeros(ctx, g, dims, axis, step):
+    """Along ``axis`` of size n: [a, b, ...] -> [a, 0 x (step-1), b, 0 x (step-1), ...] (n*step long)."""
+    n = dims[axis]
+    expanded = list(dims[:axis + 1]) + [1] + list(dims[axis + 1:])
+    shape = [0 if not isinstance(d, int) else d for d in expanded]
+    g = ctx.op("Reshape", g, ctx.ints(shape))
+    pads = [0] * (2 * len(expanded))
+    pads[len(expanded) + axis + 1] = step - 1
+    g = ctx.op("Pad", g, ctx.ints(pads))
+    new_dims = list(dims)
+    new_dims[axis] = n * step
+    g = ctx.op("Reshape", g, ctx.ints([0 if not isinstance(d, int) else d for d in new_dims]))
+    return g, new_dims
 
 
 @register("Gather")
