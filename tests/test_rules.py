@@ -188,6 +188,12 @@ conv_case("depthwise-stride2-no-pad", 4, 4, 3, 2, 0, 1, 4, size=10)
 conv_case("depthwise-stride3", 4, 4, 3, 3, 1, 1, 4, size=11)
 conv_case("depthwise-multiplier", 3, 6, 3, 1, 1, 1, 3)
 conv_case("large-pad-falls-back", 3, 4, 3, 1, 3, 1, 1)
+conv_case("3x3-stride2-no-pad", 3, 5, 3, 2, 0, 1, 1, size=11)
+conv_case("5x5-stride3-pad2", 3, 4, 5, 3, 2, 1, 1, size=13)
+conv_case("groups-stride2", 4, 6, 3, 2, 1, 1, 2, size=10)
+conv_case("2x2-stride2-downsample", 3, 4, 2, 2, 0, 1, 1, size=9)
+conv_case("1x1-stride2-odd", 4, 8, 1, 2, 0, 1, 1, size=9)
+conv_case("dilated-stride2-falls-back", 3, 4, 3, 2, 2, 2, 1, size=10)
 
 
 # -- pooling and reductions ------------------------------------------------------------------------
