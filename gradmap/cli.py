@@ -30,9 +30,15 @@ def main() -> None:
               show_default=True, help="What the gradient differentiates.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random weights (--weights none).")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset of the exported model.")
+@click.option("--backprop", "backprops", multiple=True, type=click.Choice(["guided", "deconvnet"]),
+              help="Also emit the gradient under this ReLU rule (repeatable), sharing the forward pass: "
+                   "guided backpropagation or deconvnet (Springenberg et al. 2015).")
+@click.option("--cam-layer", default=None, metavar="NAME|auto",
+              help="Add a feature map and its gradient as outputs for Grad-CAM: 'auto' (the last feature map "
+                   "before global pooling), a torch module name (e.g. layer4) or an ONNX value name.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check against torch autograd (not recommended).")
 def export_command(model_name: str, output: str, weights: str, score: str, seed: int, opset: int,
-                   no_verify: bool) -> None:
+                   backprops: tuple[str, ...], cam_layer: str | None, no_verify: bool) -> None:
     """Export a torchvision classifier MODEL to an ONNX model with an input-gradient output."""
     try:
         from gradmap.export import ExportError, export_torchvision
@@ -42,7 +48,8 @@ def export_command(model_name: str, output: str, weights: str, score: str, seed:
         ) from e
     try:
         report = export_torchvision(model_name, output, weights=weights, score=score, seed=seed,
-                                    opset=opset, verify=not no_verify)
+                                    opset=opset, verify=not no_verify, backprops=("vanilla", *backprops),
+                                    cam_layer=cam_layer)
     except ExportError as e:
         raise click.ClickException(str(e)) from e
     click.echo(report.summary())

@@ -29,6 +29,12 @@ __all__ = [
     "SCORE_KINDS",
     "INTERPOLATIONS",
     "ContractError",
+    "OUTPUT_GRADIENT_GUIDED",
+    "OUTPUT_GRADIENT_DECONVNET",
+    "OUTPUT_CAM_ACTIVATION",
+    "OUTPUT_CAM_GRADIENT",
+    "BACKPROP_OUTPUTS",
+    "methods_for",
     "Preprocessing",
     "ModelMetadata",
     "METADATA_PREFIX",
@@ -41,6 +47,18 @@ INPUT_TARGET = "target"
 OUTPUT_LOGITS = "logits"
 OUTPUT_TARGET_INDEX = "target_index"
 OUTPUT_GRADIENT = "gradient"
+#: Extra outputs of models exported with other backpropagation rules or a Grad-CAM layer.
+OUTPUT_GRADIENT_GUIDED = "gradient_guided"
+OUTPUT_GRADIENT_DECONVNET = "gradient_deconvnet"
+OUTPUT_CAM_ACTIVATION = "cam_activation"
+OUTPUT_CAM_GRADIENT = "cam_gradient"
+
+#: Backpropagation rules through ReLU (Springenberg et al. 2015) and the output each one fills.
+BACKPROP_OUTPUTS = {
+    "vanilla": OUTPUT_GRADIENT,
+    "guided": OUTPUT_GRADIENT_GUIDED,
+    "deconvnet": OUTPUT_GRADIENT_DECONVNET,
+}
 
 #: What the gradient differentiates: the raw logit, the softmax probability or its log.
 SCORE_KINDS = ("logit", "probability", "log_probability")
@@ -56,7 +74,23 @@ _KEY_PREPROCESSING = METADATA_PREFIX + "preprocessing"
 _KEY_LABELS = METADATA_PREFIX + "labels"
 _KEY_SCORE = METADATA_PREFIX + "score"
 _KEY_BACKPROP = METADATA_PREFIX + "backprop"
+_KEY_CAM_LAYER = METADATA_PREFIX + "cam_layer"
+_KEY_METHODS = METADATA_PREFIX + "methods"
 _KEY_EXTRA = METADATA_PREFIX + "extra"
+
+
+def methods_for(backprops: "tuple[str, ...] | list[str]", has_cam: bool) -> tuple[str, ...]:
+    """The attribution methods a model with these gradient outputs supports."""
+    methods = ["vanilla", "smoothgrad", "integrated-gradients", "gradient-x-input"]
+    if "guided" in backprops:
+        methods.append("guided-backprop")
+    if "deconvnet" in backprops:
+        methods.append("deconvnet")
+    if has_cam:
+        methods += ["grad-cam", "grad-cam++"]
+        if "guided" in backprops:
+            methods.append("guided-grad-cam")
+    return tuple(methods)
 
 
 class ContractError(ValueError):
@@ -129,13 +163,19 @@ class ModelMetadata:
     preprocessing: Preprocessing
     labels: tuple[str, ...]
     score: str = "logit"
-    backprop: str = "gradient"
+    backprops: tuple[str, ...] = ("vanilla",)
+    cam_layer: str | None = None
     format_version: int = FORMAT_VERSION
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.score not in SCORE_KINDS:
             raise ContractError(f"score kind {self.score!r} is not one of {', '.join(SCORE_KINDS)}")
+        unknown = [b for b in self.backprops if b not in BACKPROP_OUTPUTS]
+        if unknown or "vanilla" not in self.backprops:
+            raise ContractError(f"backprop rules must include 'vanilla' and be among {', '.join(BACKPROP_OUTPUTS)}; "
+                                f"got {list(self.backprops)}")
+        object.__setattr__(self, "backprops", tuple(self.backprops))
         if not self.labels:
             raise ContractError("a gradmap model needs at least one class label")
         object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
@@ -143,6 +183,11 @@ class ModelMetadata:
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """Attribution methods this model supports (see :func:`methods_for`)."""
+        return methods_for(self.backprops, self.cam_layer is not None)
 
     def to_props(self) -> dict[str, str]:
         """Serialize to the string key/value pairs of ONNX ``metadata_props``."""
@@ -153,7 +198,9 @@ class ModelMetadata:
             _KEY_PREPROCESSING: json.dumps(self.preprocessing.to_dict()),
             _KEY_LABELS: json.dumps(list(self.labels)),
             _KEY_SCORE: self.score,
-            _KEY_BACKPROP: self.backprop,
+            _KEY_BACKPROP: json.dumps(list(self.backprops)),
+            _KEY_CAM_LAYER: self.cam_layer or "",
+            _KEY_METHODS: json.dumps(list(self.methods)),
             _KEY_EXTRA: json.dumps(dict(self.extra)),
         }
 
@@ -181,6 +228,7 @@ class ModelMetadata:
             preprocessing = Preprocessing.from_dict(json.loads(props[_KEY_PREPROCESSING]))
             labels = json.loads(props[_KEY_LABELS])
             extra = json.loads(props.get(_KEY_EXTRA, "{}"))
+            backprops = json.loads(props.get(_KEY_BACKPROP, '["vanilla"]'))
         except json.JSONDecodeError as e:
             raise ContractError(f"gradmap metadata is not valid JSON: {e}") from e
         if not isinstance(labels, list):
@@ -191,7 +239,8 @@ class ModelMetadata:
             preprocessing=preprocessing,
             labels=tuple(labels),
             score=props[_KEY_SCORE],
-            backprop=props.get(_KEY_BACKPROP, "gradient"),
+            backprops=tuple(backprops) if isinstance(backprops, list) else ("vanilla",),
+            cam_layer=props.get(_KEY_CAM_LAYER) or None,
             format_version=version,
             extra=extra if isinstance(extra, dict) else {},
         )

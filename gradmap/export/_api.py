@@ -64,13 +64,15 @@ class ExportReport:
 
 
 def build_gradient_model(module: torch.nn.Module, input_size: tuple[int, int], *, score: str = "logit",
-                         opset: int = MIN_OPSET) -> tuple[ir.Model, int]:
-    """Trace ``module`` and append its input gradient. Returns the model and its forward node count."""
+                         opset: int = MIN_OPSET, backprops: tuple[str, ...] = ("vanilla",),
+                         cam_layer: str | None = None) -> tuple[ir.Model, int]:
+    """Trace ``module`` and append its input gradient(s). Returns the model and its forward node count."""
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old: gradmap exports with opset {MIN_OPSET} or newer")
     model = trace_to_onnx(module, input_size, opset=opset)
     forward_nodes = sum(1 for _ in model.graph.all_nodes())
-    append_gradient(model, score=score)
+    resolved = append_gradient(model, score=score, backprops=backprops, cam_layer=cam_layer)
+    model.metadata_props["gradmap.cam_value"] = resolved or ""
     foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.all_nodes() if n.domain not in ("", "ai.onnx")})
     if foreign or model.functions:
         raise ExportError(f"the exported model uses ops outside the default ONNX domain: {', '.join(foreign)}")
@@ -101,6 +103,8 @@ def export_module(
     opset: int = MIN_OPSET,
     verify: bool = True,
     tolerance: float = DEFAULT_TOLERANCE,
+    backprops: Sequence[str] = ("vanilla",),
+    cam_layer: str | None = None,
 ) -> ExportReport:
     """Export any ``torch.nn.Module`` image classifier to a gradmap ONNX model.
 
@@ -110,6 +114,10 @@ def export_module(
         preprocessing: how pictures become the model's input; ``preprocessing.crop`` is (H, W).
         labels: K class names; class indices when ``None``.
         score: ``logit``, ``probability`` or ``log_probability``: what the gradient differentiates.
+        backprops: ReLU rules to emit, each a gradient output sharing the forward pass: ``vanilla``
+            (always), ``guided`` (guided backpropagation), ``deconvnet``.
+        cam_layer: ``auto``, a torch module name or an ONNX value name: adds that feature map and
+            its gradient as outputs, for Grad-CAM, Grad-CAM++ and Guided Grad-CAM.
         verify: compare logits and gradient with torch autograd before writing (recommended).
 
     Returns:
@@ -124,14 +132,18 @@ def export_module(
     for p in module.parameters():
         p.requires_grad_(False)
     input_size = preprocessing.crop
-    model, forward_nodes = build_gradient_model(module, input_size, score=score, opset=opset)
+    backprops = tuple(dict.fromkeys(["vanilla", *backprops]))
+    model, forward_nodes = build_gradient_model(module, input_size, score=score, opset=opset, backprops=backprops,
+                                                cam_layer=cam_layer)
+    cam_value = model.metadata_props.pop("gradmap.cam_value") or None
     num_classes = model.graph.outputs[0].shape[1]
     if labels is None:
         labels = [str(i) for i in range(num_classes)]
     if len(labels) != num_classes:
         raise ExportError(f"{len(labels)} labels given for a model with {num_classes} outputs")
     metadata = ModelMetadata(source_model=source_model, weights=weights, preprocessing=preprocessing,
-                             labels=tuple(labels), score=score)
+                             labels=tuple(labels), score=score, backprops=backprops,
+                             cam_layer=None if cam_value is None else f"{cam_layer} ({cam_value})")
     model.metadata_props.update(metadata.to_props())
     model.producer_name = "gradmap"
     model.producer_version = __version__
@@ -147,7 +159,7 @@ def export_module(
     )
     if verify:
         report.logits_error, report.gradient_error = verify_parity(
-            module, proto, input_size, score=score, tolerance=tolerance)
+            module, proto, input_size, score=score, tolerance=tolerance, backprops=backprops)
     if output is not None:
         report.path = Path(output)
         _write_atomic(proto, report.path)
@@ -172,6 +184,8 @@ def export_torchvision(
     opset: int = MIN_OPSET,
     verify: bool = True,
     tolerance: float = DEFAULT_TOLERANCE,
+    backprops: Sequence[str] = ("vanilla",),
+    cam_layer: str | None = None,
 ) -> ExportReport:
     """Export a torchvision classifier by name (see ``gradmap export --help``)."""
     module, weights_desc = load_torchvision(model_name, weights, seed=seed)
@@ -179,4 +193,5 @@ def export_torchvision(
         module, output, preprocessing=preprocessing_of(model_name),
         labels=labels_of(model_name) or None, source_model=f"torchvision.models.{model_name}",
         weights=weights_desc, score=score, opset=opset, verify=verify, tolerance=tolerance,
+        backprops=backprops, cam_layer=cam_layer,
     )

@@ -65,11 +65,32 @@ class _ReplayMismatch(Exception):
     pass
 
 
+class _ReLU(torch.autograd.Function):
+    """ReLU with a given pass mask and a backward rule: vanilla, guided or deconvnet
+    (Springenberg et al. 2015, as Captum's GuidedBackprop and Deconvolution apply them)."""
+
+    @staticmethod
+    def forward(ctx, input, passed, mode):
+        ctx.save_for_backward(passed)
+        ctx.mode = mode
+        return torch.where(passed, input, torch.zeros((), dtype=input.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (passed,) = ctx.saved_tensors
+        if ctx.mode == "deconvnet":
+            return grad.clamp(min=0), None, None
+        if ctx.mode == "guided":
+            grad = grad.clamp(min=0)
+        return torch.where(passed, grad, torch.zeros((), dtype=grad.dtype)), None, None
+
+
 @contextlib.contextmanager
-def _replayed(pool_indices: list[np.ndarray] | None, relu_outputs: list[np.ndarray] | None):
+def _replayed(pool_indices: list[np.ndarray] | None, relu_outputs: list[np.ndarray] | None,
+              mode: str = "vanilla"):
     """Make torch's F.max_pool2d and F.relu take onnxruntime's decisions, call by call in order:
-    the pooled element (flat indices over N*C*H*W) and which ReLU inputs pass. Yields a function
-    telling whether every recorded decision was used."""
+    the pooled element (flat indices over N*C*H*W) and which ReLU inputs pass; F.relu also
+    backpropagates by ``mode``. Yields a function telling whether every decision was used."""
     functional = torch.nn.functional
     original_pool, original_relu = functional.max_pool2d, functional.relu
     pools = None if pool_indices is None else list(pool_indices)
@@ -84,14 +105,17 @@ def _replayed(pool_indices: list[np.ndarray] | None, relu_outputs: list[np.ndarr
         return (picked, index) if return_indices else picked
 
     def replay_relu(input, inplace=False):
-        if not relus or tuple(relus[0].shape) != tuple(input.shape):
+        if relus is None:
+            passed = input > 0
+        elif not relus or tuple(relus[0].shape) != tuple(input.shape):
             raise _ReplayMismatch()
-        passed = torch.from_numpy(relus.pop(0) > 0)
-        return torch.where(passed, input, torch.zeros((), dtype=input.dtype))
+        else:
+            passed = torch.from_numpy(relus.pop(0) > 0)
+        return _ReLU.apply(input, passed, mode)
 
     if pools is not None:
         functional.max_pool2d = replay_pool
-    if relus is not None:
+    if relus is not None or mode != "vanilla":
         functional.relu = replay_relu
     try:
         yield lambda: not pools and not relus
@@ -116,32 +140,31 @@ def _torch_reference(module: torch.nn.Module, image: np.ndarray, target: np.ndar
     return logits.detach().numpy(), resolved.numpy(), grad.numpy()
 
 
-def _reference_with_decisions(module, image, target, score, pools, relus):
+def _reference_with_decisions(module, image, target, score, pools, relus, mode="vanilla"):
     """torch autograd replaying max-pooling and ReLU decisions when they match call by call;
-    max pooling alone, or plain autograd, when they do not."""
-    for replay in ((pools, relus), (pools, None)):
-        if not replay[0] and not replay[1]:
-            continue
+    max pooling alone, or no replay, when they do not. ReLUs backpropagate by ``mode``."""
+    for replay in ((pools, relus), (pools, None), (None, None)):
         try:
-            with _replayed(*replay) as all_used:
+            with _replayed(*replay, mode=mode) as all_used:
                 result = _torch_reference(module, image, target, score)
                 if all_used():
                     return result
         except _ReplayMismatch:
             pass
-    logger.info("decisions could not be matched call by call; comparing with plain autograd")
-    return _torch_reference(module, image, target, score)
+    raise AssertionError("unreachable: plain autograd always matches")
 
 
 def verify_parity(module: torch.nn.Module, proto: onnx.ModelProto, input_size: tuple[int, int], *,
-                  score: str = "logit", batch: int = 2, seed: int = 0,
+                  score: str = "logit", batch: int = 2, seed: int = 0, backprops: tuple[str, ...] = ("vanilla",),
                   tolerance: float = DEFAULT_TOLERANCE, attempts: int = 8) -> tuple[float, float]:
     """Compare the ONNX model with float64 torch autograd on random batches (see the module doc).
 
     The first sample of a batch uses target -1 (its top-1 class), the others explicit classes
     that are not their top-1. Logits and resolved targets must match on every batch.
+    Every gradient output of ``backprops`` is compared; guided and deconvnet ReLU rules apply to
+    every F.relu call of the torch module (nn.ReLU included), as to every Relu node of the graph.
     Raises :class:`ParityError` with the deviation when no batch passes.
-    Returns (logits error, gradient error) as max|Δ| / max|torch|.
+    Returns (logits error, largest gradient error) as max|Δ| / max|torch|.
     """
     rng = np.random.default_rng(seed)
     proto, pool_names, relu_names = _expose_decisions(proto)
@@ -157,12 +180,16 @@ def verify_parity(module: torch.nn.Module, proto: onnx.ModelProto, input_size: t
         target = np.full(batch, -1, dtype=np.int64)
         for i in range(1, batch):  # an explicit class different from the top-1 class
             target[i] = (int(plain[i].argmax()) + 1 + 7 * i) % num_classes
-        logits, target_index, gradient, *decisions = session.run(
-            [contract.OUTPUT_LOGITS, contract.OUTPUT_TARGET_INDEX, contract.OUTPUT_GRADIENT, *pool_names, *relu_names],
+        gradient_names = [contract.BACKPROP_OUTPUTS[b] for b in backprops]
+        logits, target_index, *outputs = session.run(
+            [contract.OUTPUT_LOGITS, contract.OUTPUT_TARGET_INDEX, *gradient_names, *pool_names, *relu_names],
             {contract.INPUT_IMAGE: image, contract.INPUT_TARGET: target},
         )
+        gradients, decisions = outputs[:len(backprops)], outputs[len(backprops):]
         pools, relus = decisions[:len(pool_names)], decisions[len(pool_names):]
-        ref_logits, ref_target, ref_grad = _reference_with_decisions(reference, image, target, score, pools, relus)
+        references = [_reference_with_decisions(reference, image, target, score, pools, relus, mode)
+                      for mode in backprops]
+        ref_logits, ref_target, ref_grad = references[0]
         if not np.any(ref_grad):
             raise ParityError("torch autograd gives an identically zero gradient on random inputs, so parity "
                               "cannot be checked (a zero-initialized classifier head?). The model was not written; "
@@ -177,7 +204,7 @@ def verify_parity(module: torch.nn.Module, proto: onnx.ModelProto, input_size: t
         if problems:
             raise ParityError(f"parity check failed (tolerance {tolerance:g}): " + "; ".join(problems)
                               + ". The model was not written.")
-        errors.append(relative_error(gradient, ref_grad))
+        errors.append(max(relative_error(g, r[2]) for g, r in zip(gradients, references)))
         if errors[-1] <= tolerance:
             if attempt:
                 logger.info("gradient parity reached on batch %d (earlier batches: %s)", attempt + 1,

@@ -28,6 +28,7 @@ class GradContext:
         self._constants: dict[tuple, ir.Value] = {}
         self._counter = 0
         self.node: ir.Node | None = None  # the forward node whose rule is running, for error messages
+        self.backprop = "vanilla"  # the ReLU rule: vanilla, guided or deconvnet (Springenberg et al. 2015)
 
     # -- emitting ---------------------------------------------------------------------------
     def op(self, op_type: str, *inputs: ir.Value | None, **attributes) -> ir.Value:

@@ -26,7 +26,7 @@ from . import _rules  # noqa: F401 - registers the rules
 from ._context import GradContext
 from ._registry import NON_DIFFERENTIABLE, RULES
 
-__all__ = ["append_gradient", "append_vjp", "differentiable_nodes"]
+__all__ = ["append_gradient", "append_vjp", "differentiable_nodes", "find_cam_layer"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,31 +64,97 @@ def differentiable_nodes(graph: ir.Graph, source: ir.Value, sink: ir.Value) -> t
     return on_path, needed & depends
 
 
-def append_gradient(model: ir.Model, score: str = "logit") -> ir.Model:
-    """Add the ``target`` input and the ``target_index`` and ``gradient`` outputs to ``model``.
+def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[str, ...] = ("vanilla",),
+                    cam_layer: str | None = None) -> str | None:
+    """Add the ``target`` input and the ``target_index`` and gradient outputs to ``model``.
 
     ``model`` has one input ``image`` and one output ``logits`` (see :mod:`gradmap.contract`).
-    The model is modified in place and returned.
+    ``backprops`` lists the ReLU rules to emit, one gradient output each (``vanilla`` is
+    ``gradient``); all share the forward pass. ``cam_layer`` (``auto``, a torch module name or an
+    ONNX value name) adds that feature map and its vanilla gradient as ``cam_activation`` and
+    ``cam_gradient``. The model is modified in place; returns the resolved CAM value's name.
     """
     if score not in contract.SCORE_KINDS:
         raise ExportError(f"unknown score kind {score!r}; choose one of {', '.join(contract.SCORE_KINDS)}")
+    unknown = [b for b in backprops if b not in contract.BACKPROP_OUTPUTS]
+    if unknown or "vanilla" not in backprops:
+        raise ExportError(f"backprop rules must include 'vanilla' and be among "
+                          f"{', '.join(contract.BACKPROP_OUTPUTS)}; got {list(backprops)}")
     graph = model.graph
     image, logits = graph.inputs[0], graph.outputs[0]
     nodes, needs_grad = differentiable_nodes(graph, image, logits)
     _check_rules(nodes)
+    cam_value = find_cam_layer(graph, nodes, cam_layer) if cam_layer else None
     ctx = GradContext(graph, needs_grad)
     target = ir.Value(name=contract.INPUT_TARGET, shape=ir.Shape([logits.shape[0]]),
                       type=ir.TensorType(ir.DataType.INT64))
     graph.inputs.append(target)
     seed, target_index = _seed(ctx, logits, target, score)
-    gradient = _reverse_walk(ctx, nodes, image, logits, seed)
-    gradient.name = contract.OUTPUT_GRADIENT
     target_index.name = contract.OUTPUT_TARGET_INDEX
     target_index.shape = ir.Shape([logits.shape[0]])
     target_index.type = ir.TensorType(ir.DataType.INT64)
+    outputs = [target_index]
+    for backprop in backprops:
+        ctx.backprop = backprop
+        captured: dict[ir.Value, ir.Value] = {}
+        gradient = _reverse_walk(ctx, nodes, image, logits, seed,
+                                 capture={cam_value} if (cam_value is not None and backprop == "vanilla") else None,
+                                 captured=captured)
+        gradient.name = contract.BACKPROP_OUTPUTS[backprop]
+        outputs.append(gradient)
+        if cam_value is not None and backprop == "vanilla":
+            cam_gradient = ctx.op("Identity", captured[cam_value])
+            cam_gradient.name = contract.OUTPUT_CAM_GRADIENT
+            cam_gradient.shape, cam_gradient.type = ir.Shape(cam_value.shape), cam_value.type
+            cam_activation = ctx.op("Identity", cam_value)
+            cam_activation.name = contract.OUTPUT_CAM_ACTIVATION
+            cam_activation.shape, cam_activation.type = ir.Shape(cam_value.shape), cam_value.type
+            cam_outputs = [cam_activation, cam_gradient]
+    ctx.backprop = "vanilla"
     graph.extend(ctx.tape.nodes)
-    graph.outputs.extend([target_index, gradient])
-    return model
+    graph.outputs.extend(outputs)
+    if cam_value is not None:
+        graph.outputs.extend(cam_outputs)
+        return cam_value.name
+    return None
+
+
+_GLOBAL_POOLS = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax")
+
+
+def find_cam_layer(graph: ir.Graph, nodes: list[ir.Node], name: str) -> ir.Value:
+    """The feature map for Grad-CAM: ``auto`` = the input of the last global spatial pooling on the
+    path to the logits; otherwise a torch module name (its last output, from the exporter's
+    ``pkg.torch.onnx.name_scopes``) or an ONNX value name."""
+    if name == "auto":
+        for node in reversed(nodes):
+            if node.op_type not in _GLOBAL_POOLS:
+                continue
+            x = node.inputs[0]
+            dims = x.shape
+            if dims is None or len(dims) != 4 or not all(isinstance(d, int) and d > 1 for d in list(dims)[2:]):
+                continue
+            if node.op_type.startswith("Reduce"):
+                axes = GradContext.constant_of(node.inputs[1]) if len(node.inputs) > 1 else None
+                if axes is None or sorted(int(a) % 4 for a in axes.reshape(-1)) != [2, 3]:
+                    continue
+            return x
+        raise ExportError("--cam-layer auto: no global spatial pooling of a [N, C, H, W] feature map on the way to "
+                          "the logits (a ViT pools a class token, not a feature map): name a layer instead")
+    for value in (v for n in nodes for v in n.outputs):
+        if value.name == name:
+            return value
+    found = None
+    for node in nodes:
+        scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
+        if f"'{name}'" in scopes:
+            found = node.outputs[0]
+    if found is None:
+        raise ExportError(f"--cam-layer {name!r}: no module or value of that name on the path to the logits")
+    if found.shape is None or len(found.shape) != 4:
+        raise ExportError(f"--cam-layer {name!r}: its output {found.name} has shape {found.shape}, "
+                          "not a [N, C, H, W] feature map")
+    return found
 
 
 def append_vjp(model: ir.Model, source: ir.Value, sink: ir.Value, grad_name: str = "grad_output",
@@ -119,11 +185,17 @@ def _check_rules(nodes: list[ir.Node]) -> None:
 
 
 def _reverse_walk(ctx: GradContext, nodes: list[ir.Node], source: ir.Value, sink: ir.Value,
-                  seed: ir.Value) -> ir.Value:
-    """Emit the backward nodes; return an Identity-named value holding d sink / d source."""
+                  seed: ir.Value, capture: set[ir.Value] | None = None,
+                  captured: dict[ir.Value, ir.Value] | None = None) -> ir.Value:
+    """Emit the backward nodes; return an Identity-named value holding d sink / d source.
+    The complete gradients of the values in ``capture`` are stored in ``captured``."""
     grads: dict[ir.Value, ir.Value] = {sink: seed}
     for node in reversed(nodes):
         grad_outputs = [grads.pop(o, None) for o in node.outputs]
+        if capture:
+            for o, g in zip(node.outputs, grad_outputs):
+                if o in capture and g is not None:
+                    captured[o] = g
         if all(g is None for g in grad_outputs):
             continue
         ctx.node = node

@@ -12,7 +12,7 @@
     Exp:          dX = dY * Y
     Log:          dX = dY / X
     Abs:          dX = dY * Sign(X)
-    Relu:         dX = Where(Y > 0, dY, 0)
+    Relu:         dX = Where(Y > 0, dY, 0);  guided: Where(Y > 0, Relu(dY), 0);  deconvnet: Relu(dY)
     LeakyRelu:    dX = Where(X > 0, dY, alpha dY)
     Sigmoid:      dX = dY * Y * (1 - Y)
     Tanh:         dX = dY * (1 - Y^2)
@@ -159,7 +159,10 @@ def relu(ctx, node, dy):
     # Y > 0 exactly where X > 0; reading Y leaves X to its producer alone, so onnxruntime can
     # still fuse Conv + Relu in the forward part.
     y = node.outputs[0]
-    return [_masked(ctx, dy[0], ctx.op("Greater", y, _zero(ctx)))]
+    if ctx.backprop == "deconvnet":  # the gradient's own sign decides, not the forward input
+        return [ctx.op("Relu", dy[0])]
+    g = ctx.op("Relu", dy[0]) if ctx.backprop == "guided" else dy[0]
+    return [_masked(ctx, g, ctx.op("Greater", y, _zero(ctx)))]
 
 
 @register("LeakyRelu")
