@@ -1,0 +1,66 @@
+"""Class activation maps from a feature map A [N, C, h, w] and its gradient dS/dA (numpy only).
+
+    Grad-CAM    (Selvaraju et al. 2017):   alpha_c = mean_hw dS/dA_c;  cam = ReLU(sum_c alpha_c A_c)
+    Grad-CAM++  (Chattopadhay et al. 2018, as pytorch-grad-cam computes it):
+                a = g^2 / (2 g^2 + sum_hw(A) g^3)  (0 where g = 0);  w_c = sum_hw a ReLU(g);
+                cam = ReLU(sum_c w_c A_c)
+    Guided Grad-CAM: guided backpropagation x the Grad-CAM map upsampled to the input size
+
+The feature map and its gradient come from models exported with ``--cam-layer``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["grad_cam", "grad_cam_plus_plus", "guided_grad_cam", "upsample"]
+
+_EPS = 1e-7  # pytorch-grad-cam's guard in the Grad-CAM++ denominator
+
+
+def _check(activation: np.ndarray, gradient: np.ndarray) -> None:
+    if activation.shape != gradient.shape or activation.ndim != 4:
+        raise ValueError(f"activation {activation.shape} and gradient {gradient.shape} must both be [N, C, h, w]")
+
+
+def grad_cam(activation: np.ndarray, gradient: np.ndarray, *, relu: bool = True) -> np.ndarray:
+    """Grad-CAM maps [N, h, w]. ``relu=False`` keeps negative evidence (Captum's default)."""
+    _check(activation, gradient)
+    weights = gradient.astype(np.float64).mean(axis=(2, 3), keepdims=True)
+    cam = (weights * activation).sum(axis=1)
+    return (np.maximum(cam, 0) if relu else cam).astype(np.float32)
+
+
+def grad_cam_plus_plus(activation: np.ndarray, gradient: np.ndarray) -> np.ndarray:
+    """Grad-CAM++ maps [N, h, w], with pytorch-grad-cam's closed form for the pixel weights."""
+    _check(activation, gradient)
+    g = gradient.astype(np.float64)
+    a = activation.astype(np.float64)
+    g2, g3 = g ** 2, g ** 3
+    sum_a = a.sum(axis=(2, 3), keepdims=True)
+    alpha = g2 / (2 * g2 + sum_a * g3 + _EPS)
+    alpha = np.where(g != 0, alpha, 0.0)
+    weights = (np.maximum(g, 0) * alpha).sum(axis=(2, 3), keepdims=True)
+    return np.maximum((weights * a).sum(axis=1), 0).astype(np.float32)
+
+
+def upsample(maps: np.ndarray, size: tuple[int, int], *, order: int = 0) -> np.ndarray:
+    """[N, h, w] -> [N, H, W]; order 0 repeats cells as Captum's nearest interpolation does when
+    H, W are multiples of h, w; order 1 is bilinear."""
+    n, h, w = maps.shape
+    if (h, w) == tuple(size):
+        return maps.astype(np.float32)
+    if order == 0:
+        rows = np.floor(np.arange(size[0]) * h / size[0]).astype(int)
+        cols = np.floor(np.arange(size[1]) * w / size[1]).astype(int)
+        return maps[:, rows][:, :, cols].astype(np.float32)
+    zoom = (1, size[0] / h, size[1] / w)
+    return ndimage.zoom(maps.astype(np.float32), zoom, order=order, grid_mode=True, mode="nearest")
+
+
+def guided_grad_cam(guided_gradient: np.ndarray, activation: np.ndarray, gradient: np.ndarray) -> np.ndarray:
+    """Guided Grad-CAM [N, 3, H, W]: the guided-backprop gradient times the (ReLU'd) Grad-CAM map
+    upsampled by nearest neighbour to the input size, as Captum's GuidedGradCam does."""
+    cam = upsample(grad_cam(activation, gradient, relu=True), guided_gradient.shape[2:], order=0)
+    return (guided_gradient * cam[:, None]).astype(np.float32)
