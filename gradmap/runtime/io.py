@@ -1,0 +1,217 @@
+"""Finding input pictures, naming output files and writing them atomically.
+
+Output layout: the inputs' directory tree is mirrored under the output directory, relative to the
+deepest directory that holds all inputs, and every output keeps the input's full file name, so
+``a/x.jpg``, ``b/x.jpg`` and ``a/x.png`` never collide::
+
+    out/a/x.jpg.heatmap.png   out/a/x.jpg.overlay.png   out/a/x.jpg.figure.png
+    out/a/x.jpg.gradient.npy  out/a/x.jpg.map.npy       (topK: out/a/x.jpg.top2.heatmap.png ...)
+
+Every file is written to a temporary file in its destination directory and then ``os.replace``d, so a
+reader never sees half a file; an output path that is one of the inputs is refused.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from gradmap.runtime.postprocess import map_to_original
+from gradmap.runtime.render import render_figure, render_heatmap, render_overlay
+from gradmap.runtime.saliency import ImageSaliency, SaliencyMap
+
+__all__ = [
+    "FORMATS",
+    "DEFAULT_FORMATS",
+    "IMAGE_EXTENSIONS",
+    "OutputLayout",
+    "RenderOptions",
+    "atomic_write",
+    "expand_inputs",
+    "save_npy",
+    "save_png",
+    "write_outputs",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                              ".pgm", ".pbm", ".pnm", ".jfif", ".ico"})
+FORMATS = ("heatmap", "overlay", "figure", "npy")
+DEFAULT_FORMATS = ("heatmap", "overlay", "figure")
+_GLOB_CHARS = set("*?[")
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _inside(path: Path, directory: Path | None) -> bool:
+    return directory is not None and (path == directory or directory in path.parents)
+
+
+def expand_inputs(specs: Iterable[str], exclude_dir: str | os.PathLike[str] | None = None
+                  ) -> tuple[list[str], list[tuple[str, str]]]:
+    """Turn command-line inputs into picture paths.
+
+    A file is taken as given (whatever its extension); a directory is searched recursively for files
+    with an image extension (sorted); anything else containing ``* ? [`` is a glob (``**`` allowed).
+    Files under ``exclude_dir`` (the output directory) are skipped when searching directories and
+    globs, so a second run does not explain the first run's heatmaps. Duplicates are dropped.
+
+    Returns:
+        ``(paths, problems)``: the pictures in order, and ``(spec, reason)`` for inputs that matched
+        nothing.
+    """
+    excluded = Path(exclude_dir).resolve() if exclude_dir is not None else None
+    paths: list[str] = []
+    seen: set[Path] = set()
+    problems: list[tuple[str, str]] = []
+
+    def add(path: Path) -> None:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            paths.append(str(path))
+
+    for spec in specs:
+        path = Path(spec)
+        if path.is_file():
+            add(path)
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob("*") if _is_image_file(p) and not _inside(p.resolve(), excluded))
+            if not found:
+                problems.append((spec, "directory holds no image files"))
+            for p in found:
+                add(p)
+        elif _GLOB_CHARS & set(spec):
+            found = sorted(Path(p) for p in glob.glob(spec, recursive=True))
+            found = [p for p in found if _is_image_file(p) and not _inside(p.resolve(), excluded)]
+            if not found:
+                problems.append((spec, "pattern matches no image files"))
+            for p in found:
+                add(p)
+        else:
+            problems.append((spec, "no such file or directory"))
+    return paths, problems
+
+
+class OutputLayout:
+    """Output paths for a set of inputs, mirroring their tree under ``out_dir`` (see module doc)."""
+
+    def __init__(self, out_dir: str | os.PathLike[str], inputs: Sequence[str]) -> None:
+        self.out_dir = Path(out_dir)
+        self.inputs = frozenset(Path(p).resolve() for p in inputs)
+        parents = [str(Path(p).resolve().parent) for p in inputs]
+        self.root = Path(os.path.commonpath(parents)) if parents else Path.cwd()
+
+    def base(self, source: str, rank: int | None = None) -> Path:
+        """Path prefix for one picture's outputs (``<out>/<rel dir>/<name>[.topR]``)."""
+        resolved = Path(source).resolve()
+        relative = resolved.relative_to(self.root) if self.root in resolved.parents else Path(resolved.name)
+        name = relative.name + (f".top{rank}" if rank is not None else "")
+        return self.out_dir / relative.parent / name
+
+    def path(self, source: str, kind: str, suffix: str, rank: int | None = None) -> Path:
+        base = self.base(source, rank)
+        path = base.with_name(f"{base.name}.{kind}{suffix}")
+        if path.resolve() in self.inputs:
+            raise FileExistsError(f"refusing to overwrite input file {path}")
+        return path
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``, then move it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_png(image: Image.Image, path: str | os.PathLike[str]) -> None:
+    """Write a PIL image as PNG, atomically."""
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
+
+
+def save_npy(array: np.ndarray, path: str | os.PathLike[str]) -> None:
+    """Write an array as ``.npy``, atomically."""
+    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """How pictures are drawn: ``equalize`` picks the equalized map for heatmap and overlay (the
+    figure shows both), ``placement`` is ``"crop"`` or ``"stretch"`` (see ``map_to_original``)."""
+
+    equalize: bool = True
+    placement: str = "crop"
+    colormap: str = "hot"
+    alpha: float = 0.5
+
+
+def write_outputs(result: ImageSaliency, saliency: SaliencyMap, layout: OutputLayout, formats: Iterable[str],
+                  options: RenderOptions = RenderOptions(), caption: str = "") -> dict[str, str]:
+    """Render and write the requested ``formats`` for one map of one picture.
+
+    ``npy`` writes two float32 arrays on the model's input grid: ``.gradient.npy`` [3, h, w] and
+    ``.map.npy`` [h, w] (the min-max normalized map, before equalization).
+
+    Returns:
+        ``{kind: path}`` for every file written (kinds heatmap, overlay, figure, gradient, map).
+    """
+    formats = list(dict.fromkeys(formats))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"unknown output format {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+    if result.picture is None or result.geometry is None:
+        raise ValueError(f"{result.source}: nothing to write (the picture failed: {result.error})")
+    rank = saliency.rank if saliency.rank is not None and _rank_in_name(result) else None
+    written: dict[str, str] = {}
+    shown = saliency.equalized_map if options.equalize else saliency.saliency_map
+    shown_values, covered = map_to_original(shown, result.geometry, options.placement)
+    mask = None if options.placement == "stretch" else covered
+    for kind in formats:
+        if kind == "heatmap":
+            path = layout.path(result.source, "heatmap", ".png", rank)
+            save_png(render_heatmap(shown_values, mask, options.colormap), path)
+            written["heatmap"] = str(path)
+        elif kind == "overlay":
+            path = layout.path(result.source, "overlay", ".png", rank)
+            save_png(render_overlay(result.picture, shown_values, mask, options.colormap, options.alpha), path)
+            written["overlay"] = str(path)
+        elif kind == "figure":
+            raw, _ = map_to_original(saliency.saliency_map, result.geometry, options.placement)
+            equalized, _ = map_to_original(saliency.equalized_map, result.geometry, options.placement)
+            figure = render_figure(result.picture, raw, equalized, shown_values, mask, caption=caption,
+                                   colormap=options.colormap, alpha=options.alpha)
+            path = layout.path(result.source, "figure", ".png", rank)
+            save_png(figure, path)
+            written["figure"] = str(path)
+        elif kind == "npy":
+            for name, array in (("gradient", saliency.gradient), ("map", saliency.saliency_map)):
+                path = layout.path(result.source, name, ".npy", rank)
+                save_npy(np.asarray(array, dtype=np.float32), path)
+                written[name] = str(path)
+    return written
+
+
+def _rank_in_name(result: ImageSaliency) -> bool:
+    # Only topK with K > 1 puts the rank in file names; plain top-1 keeps the short names.
+    return len(result.maps) > 1

@@ -1,0 +1,259 @@
+"""Loading an exported gradmap model into onnxruntime and running it.
+
+A gradmap model is an ONNX file following :mod:`gradmap.contract`. :class:`SaliencyModel` checks
+that contract when it loads (metadata and graph interface) so that a wrong file fails at once with a
+:class:`~gradmap.runtime.errors.GradmapModelError` naming the file and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from gradmap.contract import (
+    INPUT_IMAGE,
+    INPUT_TARGET,
+    OUTPUT_GRADIENT,
+    OUTPUT_LOGITS,
+    OUTPUT_TARGET_INDEX,
+    ContractError,
+    ModelMetadata,
+)
+from gradmap.runtime._onnx_header import OnnxHeader, ProtobufError, read_onnx_header
+from gradmap.runtime.errors import GradmapModelError
+
+__all__ = ["ModelOutputs", "SaliencyModel", "TensorInfo", "resolve_providers", "PROVIDER_ALIASES"]
+
+logger = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+#: Short provider names accepted besides onnxruntime's own (e.g. "CPUExecutionProvider").
+PROVIDER_ALIASES = {"cpu": CPU, "cuda": CUDA}
+
+# (name, onnxruntime type, rank) of every tensor the contract requires.
+_INPUTS = ((INPUT_IMAGE, "tensor(float)", 4), (INPUT_TARGET, "tensor(int64)", 1))
+_OUTPUTS = (
+    (OUTPUT_LOGITS, "tensor(float)", 2),
+    (OUTPUT_TARGET_INDEX, "tensor(int64)", 1),
+    (OUTPUT_GRADIENT, "tensor(float)", 4),
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, onnxruntime type (e.g. ``tensor(float)``) and shape (ints, or names of free dims)."""
+
+    name: str
+    type: str
+    shape: tuple[int | str | None, ...]
+
+
+@dataclass(frozen=True)
+class ModelOutputs:
+    """One run of the model on a batch: ``logits`` [N,K], ``target_index`` [N], ``gradient`` [N,3,H,W]."""
+
+    logits: np.ndarray
+    target_index: np.ndarray
+    gradient: np.ndarray
+
+
+def resolve_providers(provider: str | Sequence[str] = "auto") -> list[str]:
+    """Turn a provider choice into onnxruntime's provider list.
+
+    Args:
+        provider: ``"auto"`` (CUDA when onnxruntime has it, then CPU; onnxruntime itself falls back to
+            CPU when no device is usable), ``"cpu"``, ``"cuda"``, a comma-separated list, or a list of
+            onnxruntime provider names (``"CPUExecutionProvider"``) or aliases.
+
+    Raises:
+        ValueError: a requested provider is not available in this onnxruntime build.
+    """
+    available = ort.get_available_providers()
+    if isinstance(provider, str):
+        if provider.strip().lower() == "auto":
+            return [CUDA, CPU] if CUDA in available else [CPU]
+        names = [p for p in (s.strip() for s in provider.split(",")) if p]
+    else:
+        names = list(provider)
+    if not names:
+        raise ValueError("no execution provider given")
+    resolved = [PROVIDER_ALIASES.get(name.lower(), name) for name in names]
+    missing = [name for name in resolved if name not in available]
+    if missing:
+        hint = " (install onnxruntime-gpu for CUDA)" if CUDA in missing else ""
+        raise ValueError(
+            f"execution provider {', '.join(missing)} is not available in this onnxruntime; "
+            f"available: {', '.join(available)}{hint}"
+        )
+    return resolved
+
+
+def _check_interface(session: ort.InferenceSession, metadata: ModelMetadata) -> list[str]:
+    """Return what is wrong with the session's inputs/outputs with respect to the contract."""
+    problems = []
+    inputs = {t.name: t for t in session.get_inputs()}
+    outputs = {t.name: t for t in session.get_outputs()}
+    for kind, have, wanted in (("input", inputs, _INPUTS), ("output", outputs, _OUTPUTS)):
+        for name, type_, rank in wanted:
+            tensor = have.get(name)
+            if tensor is None:
+                problems.append(f"no {kind} named {name!r} (has {', '.join(sorted(have)) or 'none'})")
+            elif tensor.type != type_:
+                problems.append(f"{kind} {name!r} is {tensor.type}, expected {type_}")
+            elif len(tensor.shape) != rank:
+                problems.append(f"{kind} {name!r} has rank {len(tensor.shape)}, expected {rank}")
+    extra_inputs = sorted(set(inputs) - {name for name, _, _ in _INPUTS})
+    if extra_inputs:
+        problems.append(f"unexpected inputs {', '.join(extra_inputs)}")
+    if problems:
+        return problems
+    image_shape = inputs[INPUT_IMAGE].shape
+    expected = (3, *metadata.preprocessing.crop)
+    for axis, size in zip((1, 2, 3), expected):
+        if isinstance(image_shape[axis], int) and image_shape[axis] != size:
+            problems.append(f"input 'image' has shape {list(image_shape)}, metadata crop implies [N, {', '.join(map(str, expected))}]")
+            break
+    classes = outputs[OUTPUT_LOGITS].shape[1]
+    if isinstance(classes, int) and classes != metadata.num_classes:
+        problems.append(f"output 'logits' has {classes} classes but the metadata lists {metadata.num_classes} labels")
+    return problems
+
+
+class SaliencyModel:
+    """An exported gradmap model, loaded into onnxruntime and checked against the contract.
+
+    Args:
+        path: the ``.onnx`` file written by ``gradmap export``.
+        provider: see :func:`resolve_providers`.
+        threads: onnxruntime intra-op threads; ``None`` or 0 lets onnxruntime choose.
+
+    Raises:
+        GradmapModelError: the file is missing, not ONNX, has no gradmap metadata, or its inputs and
+            outputs are not the contract's.
+        ValueError: the provider is not available.
+
+    Example:
+        >>> model = SaliencyModel("resnet50.gradmap.onnx", provider="cpu")
+        >>> out = model.run(batch)            # batch: float32 [N, 3, 224, 224], normalized
+        >>> out.gradient.shape
+        (N, 3, 224, 224)
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, provider: str | Sequence[str] = "auto",
+                 threads: int | None = None) -> None:
+        self.path = os.fspath(path)
+        if not os.path.exists(self.path):
+            raise GradmapModelError(self.path, "no such file")
+        if not os.path.isfile(self.path):
+            raise GradmapModelError(self.path, "not a file")
+        if threads is not None and threads < 0:
+            raise ValueError(f"threads must be >= 0, got {threads}")
+        self.header: OnnxHeader = self._read_header()
+        providers = resolve_providers(provider)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads or 0)
+        options.log_severity_level = 3  # onnxruntime's warnings go to stderr bypassing logging
+        try:
+            self.session = ort.InferenceSession(self.path, sess_options=options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own pybind exception types
+            raise GradmapModelError(self.path, f"onnxruntime cannot load it: {e}") from e
+        if providers[0] == CUDA and CUDA not in self.session.get_providers():
+            if not (isinstance(provider, str) and provider.strip().lower() == "auto"):
+                raise ValueError("CUDA was requested but onnxruntime could not use a CUDA device")
+            logger.info("CUDA provider present but unusable; running on CPU")
+        try:
+            self.metadata = ModelMetadata.from_props(self.session.get_modelmeta().custom_metadata_map)
+        except ContractError as e:
+            raise GradmapModelError(self.path, f"not a gradmap model: {e}") from e
+        problems = _check_interface(self.session, self.metadata)
+        if problems:
+            raise GradmapModelError(self.path, "wrong interface for a gradmap model: " + "; ".join(problems))
+        image_batch = next(t for t in self.session.get_inputs() if t.name == INPUT_IMAGE).shape[0]
+        #: A fixed batch size baked into the graph, or None when the batch dimension is free.
+        self.fixed_batch: int | None = image_batch if isinstance(image_batch, int) and image_batch > 0 else None
+        logger.debug("loaded %s with providers %s", self.path, self.session.get_providers())
+
+    def _read_header(self) -> OnnxHeader:
+        if os.path.getsize(self.path) == 0:
+            raise GradmapModelError(self.path, "not an ONNX model (empty file)")
+        try:
+            header = read_onnx_header(self.path)
+        except ProtobufError as e:
+            raise GradmapModelError(self.path, f"not an ONNX model (unparseable: {e})") from e
+        except OSError as e:
+            raise GradmapModelError(self.path, f"cannot read it: {e.strerror or e}") from e
+        if header.ir_version is None or not header.has_graph:
+            raise GradmapModelError(self.path, "not an ONNX model (no IR version or no graph)")
+        return header
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.metadata.labels
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) of the model's input."""
+        return self.metadata.preprocessing.crop
+
+    @property
+    def providers(self) -> list[str]:
+        """The providers onnxruntime actually uses, in priority order."""
+        return list(self.session.get_providers())
+
+    @property
+    def opsets(self) -> dict[str, int]:
+        return dict(self.header.opsets)
+
+    @property
+    def inputs(self) -> list[TensorInfo]:
+        return [TensorInfo(t.name, t.type, tuple(t.shape)) for t in self.session.get_inputs()]
+
+    @property
+    def outputs(self) -> list[TensorInfo]:
+        return [TensorInfo(t.name, t.type, tuple(t.shape)) for t in self.session.get_outputs()]
+
+    def run(self, images: np.ndarray, targets: Sequence[int] | np.ndarray | None = None) -> ModelOutputs:
+        """Run the model on a batch of preprocessed images.
+
+        Args:
+            images: float32 [N, 3, H, W], already normalized (see :func:`gradmap.runtime.preprocess`).
+            targets: class index per image, -1 (or ``None`` for all) meaning that image's top-1 class.
+
+        Returns:
+            :class:`ModelOutputs` with logits, the resolved target_index and the input gradient.
+        """
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        n = images.shape[0] if images.ndim == 4 else 0
+        if images.ndim != 4 or images.shape[1:] != (3, *self.input_size):
+            raise ValueError(f"images must have shape [N, 3, {self.input_size[0]}, {self.input_size[1]}], "
+                             f"got {list(images.shape)}")
+        targets = np.full(n, -1, dtype=np.int64) if targets is None else np.asarray(targets, dtype=np.int64)
+        if targets.shape != (n,):
+            raise ValueError(f"targets must have shape [{n}], got {list(targets.shape)}")
+        if np.any(targets >= self.metadata.num_classes) or np.any(targets < -1):
+            raise ValueError(f"targets must be -1 or class indices below {self.metadata.num_classes}")
+        if self.fixed_batch is None:
+            return self._run(images, targets)
+        parts = []
+        step = self.fixed_batch
+        for start in range(0, n, step):
+            chunk, chunk_targets = images[start:start + step], targets[start:start + step]
+            real = chunk.shape[0]
+            if real < step:  # the graph only takes full batches: pad, then drop the padding
+                chunk = np.concatenate([chunk, np.zeros((step - real, *chunk.shape[1:]), np.float32)])
+                chunk_targets = np.concatenate([chunk_targets, np.full(step - real, -1, np.int64)])
+            out = self._run(chunk, chunk_targets)
+            parts.append(ModelOutputs(out.logits[:real], out.target_index[:real], out.gradient[:real]))
+        return ModelOutputs(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("logits", "target_index", "gradient")))
+
+    def _run(self, images: np.ndarray, targets: np.ndarray) -> ModelOutputs:
+        logits, target_index, gradient = self.session.run(
+            [OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_GRADIENT], {INPUT_IMAGE: images, INPUT_TARGET: targets}
+        )
+        return ModelOutputs(logits, target_index, gradient)

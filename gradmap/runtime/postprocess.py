@@ -1,0 +1,177 @@
+"""Saliency postprocessing: plain numpy/scipy/skimage functions, one step each.
+
+The recipes' pipeline, ``gradient -> reduce_channels -> [clip_percentile] -> normalize_min_max
+-> [equalize_histogram] -> map_to_original``:
+
+    reduce "max":  max_c |g_c|       Simonyan et al., cs231n, the PyTorch ResNet-50 and VGG-19 recipes
+    reduce "sum":  sum_c g_c         the TensorFlow 2 recipe's normalize_image (signed, no abs)
+    reduce "l2":   sqrt(sum_c g_c^2)
+    normalize:     (m - min) / (max - min), zeros for a flat map
+    equalize:      skimage.exposure.equalize_hist (the ResNet-50 recipe), zeros for a flat map
+    map back:      scipy.ndimage.zoom(order=1) onto the crop window ("crop") or the whole picture
+                   ("stretch", what the ResNet-50 recipe does although its input was center-cropped)
+
+Maps are 2-D float arrays; a NaN or Inf anywhere raises :class:`NonFiniteGradientError` instead of
+rendering black.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from skimage import exposure
+
+from gradmap.runtime.errors import NonFiniteGradientError
+from gradmap.runtime.preprocess import CropGeometry
+
+__all__ = [
+    "REDUCTIONS",
+    "PLACEMENTS",
+    "check_finite",
+    "clip_percentile",
+    "equalize_histogram",
+    "map_to_original",
+    "normalize_min_max",
+    "reduce_channels",
+    "softmax",
+    "top_k",
+]
+
+REDUCTIONS = ("max", "sum", "l2")
+PLACEMENTS = ("crop", "stretch")
+
+
+def check_finite(values: np.ndarray, what: str = "gradient") -> None:
+    """Raise :class:`NonFiniteGradientError` if ``values`` holds NaN or Inf, saying how many."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        nan = int(np.isnan(values).sum())
+        inf = int((~finite).sum()) - nan
+        raise NonFiniteGradientError(f"{what} has {nan} NaN and {inf} infinite values out of {values.size}")
+
+
+def reduce_channels(gradient: np.ndarray, method: str = "max", channel_axis: int = 0) -> np.ndarray:
+    """Collapse the colour channels of a gradient into one saliency value per pixel.
+
+    Args:
+        gradient: e.g. [3, H, W] (``channel_axis=0``) or [N, 3, H, W] (``channel_axis=1``).
+        method: ``"max"`` of absolute values (default), signed ``"sum"`` (TensorFlow recipe), or ``"l2"``.
+
+    Returns:
+        float32 array without the channel axis.
+
+    Example:
+        >>> reduce_channels(np.array([[[1.0]], [[-3.0]], [[2.0]]]), "max")
+        array([[3.]], dtype=float32)
+    """
+    check_finite(gradient)
+    g = np.asarray(gradient, dtype=np.float32)
+    if method == "max":
+        reduced = np.abs(g).max(axis=channel_axis)
+    elif method == "sum":
+        reduced = g.sum(axis=channel_axis, dtype=np.float64)
+    elif method == "l2":
+        reduced = np.sqrt(np.square(g, dtype=np.float64).sum(axis=channel_axis))
+    else:
+        raise ValueError(f"unknown channel reduction {method!r}; choose one of {', '.join(REDUCTIONS)}")
+    return reduced.astype(np.float32)
+
+
+def normalize_min_max(saliency_map: np.ndarray) -> np.ndarray:
+    """Scale linearly to [0, 1]; a flat map (max == min) becomes zeros, never NaN.
+
+    Computed in float64 so that extreme float32 ranges cannot overflow, returned as float32.
+    """
+    check_finite(saliency_map, "saliency map")
+    m = np.asarray(saliency_map, dtype=np.float64)
+    if m.size == 0:
+        return m.astype(np.float32)
+    low, high = m.min(), m.max()
+    if not high > low:
+        return np.zeros(m.shape, dtype=np.float32)
+    return np.clip((m - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def equalize_histogram(saliency_map: np.ndarray, nbins: int = 256) -> np.ndarray:
+    """Histogram equalization (``skimage.exposure.equalize_hist``), as in the ResNet-50 recipe.
+
+    Spreads the few bright gradient pixels and the many dark ones evenly over [0, 1]. skimage returns
+    0.5 everywhere for a flat map; here a flat map gives zeros, like :func:`normalize_min_max`.
+    """
+    check_finite(saliency_map, "saliency map")
+    m = np.asarray(saliency_map)
+    if m.size == 0 or not m.max() > m.min():
+        return np.zeros(m.shape, dtype=np.float32)
+    return np.clip(exposure.equalize_hist(m, nbins=nbins), 0.0, 1.0).astype(np.float32)
+
+
+def clip_percentile(saliency_map: np.ndarray, low: float = 0.0, high: float = 99.0) -> np.ndarray:
+    """Clip to the [low, high] percentiles so that a few extreme pixels do not darken the rest.
+
+    Apply before :func:`normalize_min_max`. ``high=99`` is a common choice for gradients.
+    """
+    if not 0.0 <= low <= high <= 100.0:
+        raise ValueError(f"percentiles must satisfy 0 <= low <= high <= 100, got {low}, {high}")
+    check_finite(saliency_map, "saliency map")
+    m = np.asarray(saliency_map, dtype=np.float32)
+    if m.size == 0:
+        return m.copy()
+    lo, hi = np.percentile(m, [low, high])
+    return np.clip(m, lo, hi).astype(np.float32)
+
+
+def map_to_original(saliency_map: np.ndarray, geometry: CropGeometry, placement: str = "crop",
+                    order: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Put a map computed on the model input back onto the original picture.
+
+    Args:
+        saliency_map: [h, w] map on the model's input.
+        geometry: where the input came from (:func:`gradmap.runtime.preprocess`).
+        placement: ``"crop"`` zooms the map onto the crop window, in original-picture pixels, and
+            leaves the rest of the picture empty; ``"stretch"`` zooms it over the whole picture, as
+            the ResNet-50 recipe does (misplaced when the input was center-cropped).
+        order: spline order of ``scipy.ndimage.zoom`` (1 = bilinear, as in the recipe).
+
+    Returns:
+        ``(values, covered)``: float32 [H, W] map (0 outside the window) and a bool [H, W] mask of the
+        pixels the map covers.
+    """
+    check_finite(saliency_map, "saliency map")
+    m = np.asarray(saliency_map, dtype=np.float32)
+    height, width = geometry.original_size
+    if placement == "stretch":
+        zoomed = ndimage.zoom(m, (height / m.shape[0], width / m.shape[1]), order=order)
+        return _fit(zoomed, (height, width)), np.ones((height, width), dtype=bool)
+    if placement != "crop":
+        raise ValueError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
+    top, left, bottom, right = (int(round(v)) for v in geometry.box_in_original)
+    box_h, box_w = max(bottom - top, 1), max(right - left, 1)
+    zoomed = _fit(ndimage.zoom(m, (box_h / m.shape[0], box_w / m.shape[1]), order=order), (box_h, box_w))
+    values = np.zeros((height, width), dtype=np.float32)
+    covered = np.zeros((height, width), dtype=bool)
+    y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + box_h, height), min(left + box_w, width)
+    if y1 > y0 and x1 > x0:
+        values[y0:y1, x0:x1] = zoomed[y0 - top:y1 - top, x0 - left:x1 - left]
+        covered[y0:y1, x0:x1] = True
+    return values, covered
+
+
+def _fit(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    # ndimage.zoom rounds its output shape; a float zoom factor can land one pixel short or long.
+    out = array[:shape[0], :shape[1]]
+    pad = ((0, shape[0] - out.shape[0]), (0, shape[1] - out.shape[1]))
+    return np.pad(out, pad, mode="edge") if any(p[1] for p in pad) else out
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Probabilities from logits (float64, shifted by the max for stability)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest scores of a 1-D array, largest first; ties go to the lower index."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    return order[:k]

@@ -1,0 +1,197 @@
+"""From a picture file to the model's ``image`` tensor, exactly as torchvision's presets do it.
+
+torchvision's classification presets are ``Resize(resize) -> CenterCrop(crop) -> ToTensor ->
+Normalize(mean, std)`` on a PIL image. This module reproduces them on PIL + numpy (tests compare with
+torchvision to 1e-6) and remembers where the crop came from so a saliency map can be put back onto the
+original picture.
+
+Conversion to RGB (:func:`to_rgb`), for every PIL mode:
+
+- alpha (RGBA, LA, PA, P with transparency, RGBa, La) is composited over a **white** background, as
+  a browser shows a transparent picture on a white page; dropping alpha instead would expose whatever
+  colour the transparent pixels happen to hold (often black).
+- 16-bit grey (``I;16*``) is scaled to 8 bits by ``round(v / 257)`` (65535 -> 255), not clipped.
+- 32-bit integer (``I``) is taken as 8-bit when it lies in [0, 255], as 16-bit when in [0, 65535],
+  otherwise stretched min-max; float (``F``) in [0, 1] is scaled by 255, otherwise stretched min-max.
+- everything else (1, L, P, CMYK, YCbCr, LAB, HSV...) goes through PIL's own ``convert("RGB")``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from gradmap.contract import Preprocessing
+from gradmap.runtime.errors import ImageLoadError
+
+__all__ = [
+    "CropGeometry",
+    "PIL_FILTERS",
+    "center_crop_offsets",
+    "load_picture",
+    "preprocess",
+    "resized_size",
+    "to_rgb",
+]
+
+logger = logging.getLogger(__name__)
+
+PIL_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """Where the model's input came from.
+
+    ``original_size`` is the picture's (height, width) after EXIF orientation, ``resized_size`` its
+    size after ``Resize``, and ``crop_top``/``crop_left``/``crop_size`` the crop window in resized
+    pixels (negative offsets when the crop is larger than the picture and got zero padding).
+    """
+
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    crop_top: int
+    crop_left: int
+    crop_size: tuple[int, int]
+
+    @property
+    def box_in_original(self) -> tuple[float, float, float, float]:
+        """The crop window in original-picture pixels: (top, left, bottom, right), possibly outside."""
+        sy = self.original_size[0] / self.resized_size[0]
+        sx = self.original_size[1] / self.resized_size[1]
+        return (self.crop_top * sy, self.crop_left * sx,
+                (self.crop_top + self.crop_size[0]) * sy, (self.crop_left + self.crop_size[1]) * sx)
+
+
+def to_rgb(picture: Image.Image) -> Image.Image:
+    """Convert a PIL image of any mode to 8-bit RGB (see the module docstring for the rules)."""
+    mode = picture.mode
+    if mode == "RGB":
+        return picture
+    if mode == "P" and "transparency" in picture.info:
+        picture, mode = picture.convert("RGBA"), "RGBA"
+    if mode in _ALPHA_MODES:
+        rgba = picture.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(picture).astype(np.float64)
+        if not np.all(np.isfinite(values)):
+            raise ValueError(f"mode {mode} picture contains NaN or Inf")
+        low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
+        if mode == "F" and low >= 0 and high <= 1:
+            scaled = values * 255.0
+        elif mode != "F" and low >= 0 and high <= 255 and not mode.startswith("I;16"):
+            scaled = values
+        elif mode != "F" and low >= 0 and high <= 65535:
+            scaled = values / 257.0
+        else:
+            scaled = (values - low) / (high - low) * 255.0 if high > low else np.zeros_like(values)
+        grey = Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+        return grey.convert("RGB")
+    return picture.convert("RGB")
+
+
+def load_picture(path: str | os.PathLike[str]) -> Image.Image:
+    """Open a picture, apply its EXIF orientation and convert it to RGB.
+
+    Raises:
+        ImageLoadError: missing, empty, truncated or unreadable file, or a mode that cannot be converted.
+    """
+    path = os.fspath(path)
+    try:
+        if os.path.getsize(path) == 0:
+            raise ImageLoadError(path, "empty file")
+        with Image.open(path) as opened:
+            opened.load()
+            picture = ImageOps.exif_transpose(opened)
+            picture.load()
+            return to_rgb(picture)
+    except ImageLoadError:
+        raise
+    except FileNotFoundError as e:
+        raise ImageLoadError(path, "no such file") from e
+    except Image.UnidentifiedImageError as e:
+        raise ImageLoadError(path, "not an image (PIL cannot identify it)") from e
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageLoadError(path, f"cannot decode image: {e}") from e
+
+
+def resized_size(height: int, width: int, resize: int) -> tuple[int, int]:
+    """Size after torchvision's ``Resize(resize)``: shorter side ``resize``, longer side truncated.
+
+    Mirrors ``torchvision.transforms.functional._compute_resized_output_size``.
+    """
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = resize, int(resize * long / short)
+    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+    return new_h, new_w
+
+
+def center_crop_offsets(height: int, width: int, crop_height: int, crop_width: int) -> tuple[int, int]:
+    """(top, left) of torchvision's ``CenterCrop`` window; negative where the crop pads the picture.
+
+    torchvision pads ``(crop - size) // 2`` before (the extra pixel after) and then crops at
+    ``int(round((size - crop) / 2.0))`` -- Python's round, so halves go to even.
+    """
+    def offset(size: int, crop: int) -> int:
+        return -((crop - size) // 2) if crop > size else int(round((size - crop) / 2.0))
+
+    return offset(height, crop_height), offset(width, crop_width)
+
+
+def preprocess(picture: Image.Image, preprocessing: Preprocessing, *, no_crop: bool = False
+               ) -> tuple[np.ndarray, CropGeometry]:
+    """Turn an RGB picture into the model's normalized input and the crop geometry.
+
+    Args:
+        picture: an RGB PIL image (see :func:`load_picture`).
+        preprocessing: the model's :class:`~gradmap.contract.Preprocessing`.
+        no_crop: resize the whole picture to the input size (``Resize((h, w))``, as the VGG-19 recipe
+            does) instead of resize + center crop, so that the map covers all of the picture.
+
+    Returns:
+        float32 array [3, h, w] equal to torchvision's ``Normalize(ToTensor(CenterCrop(Resize(p))))``,
+        and the :class:`CropGeometry`.
+    """
+    if picture.mode != "RGB":
+        picture = to_rgb(picture)
+    crop_h, crop_w = preprocessing.crop
+    height, width = picture.height, picture.width
+    if no_crop:
+        new_size = (crop_h, crop_w)
+    elif preprocessing.resize is not None:
+        new_size = resized_size(height, width, preprocessing.resize)
+    else:
+        new_size = (height, width)
+    if new_size != (height, width):  # torchvision returns the picture untouched when sizes agree
+        picture = picture.resize((new_size[1], new_size[0]), PIL_FILTERS[preprocessing.interpolation])
+    top, left = (0, 0) if no_crop else center_crop_offsets(new_size[0], new_size[1], crop_h, crop_w)
+
+    pixels = np.asarray(picture, dtype=np.uint8)
+    window = np.zeros((crop_h, crop_w, 3), dtype=np.uint8)  # torchvision pads with 0
+    src_top, src_left = max(top, 0), max(left, 0)
+    src_bottom, src_right = min(top + crop_h, new_size[0]), min(left + crop_w, new_size[1])
+    window[src_top - top:src_bottom - top, src_left - left:src_right - left] = \
+        pixels[src_top:src_bottom, src_left:src_right]
+
+    # Same float32 operations, in the same order, as ToTensor (x / 255) and Normalize ((x - m) / s).
+    tensor = window.transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+    mean = np.asarray(preprocessing.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(preprocessing.std, dtype=np.float32)[:, None, None]
+    tensor = (tensor - mean) / std
+    geometry = CropGeometry((height, width), new_size, top, left, (crop_h, crop_w))
+    return np.ascontiguousarray(tensor, dtype=np.float32), geometry

@@ -1,0 +1,118 @@
+"""Pictures of saliency maps, drawn with numpy and PIL (matplotlib is not a runtime dependency).
+
+- :func:`render_heatmap`: the coloured map, transparent where it does not cover the picture.
+- :func:`render_overlay`: ``alpha * colour + (1 - alpha) * picture`` where the map covers the picture,
+  which is what matplotlib shows for ``imshow(img); imshow(map, cmap, alpha=alpha)``.
+- :func:`render_figure`: the ResNet-50 recipe's four panels (original | raw map | equalized map |
+  overlay) with titles and the predicted label.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from gradmap.runtime.colormaps import apply_colormap
+
+__all__ = ["FIGURE_TITLES", "render_figure", "render_heatmap", "render_overlay"]
+
+FIGURE_TITLES = (
+    "Original Image",
+    "Raw Saliency Map",
+    "Saliency Map with Histogram Equalization",
+    "Overlay of Saliency Map on Image",
+)
+
+
+def _covered(values: np.ndarray, covered: np.ndarray | None) -> np.ndarray:
+    return np.ones(values.shape, dtype=bool) if covered is None else np.asarray(covered, dtype=bool)
+
+
+def render_heatmap(values: np.ndarray, covered: np.ndarray | None = None, colormap: str = "hot") -> Image.Image:
+    """Colour a [H, W] map in [0, 1]; RGBA with alpha 0 where ``covered`` is False, else RGB."""
+    rgb = apply_colormap(values, colormap)
+    if covered is None:
+        return Image.fromarray(rgb, mode="RGB")
+    alpha = np.where(_covered(values, covered), 255, 0).astype(np.uint8)
+    return Image.fromarray(np.dstack([rgb, alpha]), mode="RGBA")
+
+
+def render_overlay(picture: Image.Image, values: np.ndarray, covered: np.ndarray | None = None,
+                   colormap: str = "hot", alpha: float = 0.5) -> Image.Image:
+    """Blend the coloured map over the RGB ``picture`` (same size) with opacity ``alpha``.
+
+    Outside ``covered`` the picture shows unchanged.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    base = np.asarray(picture.convert("RGB"), dtype=np.float64)
+    if base.shape[:2] != values.shape:
+        raise ValueError(f"picture is {base.shape[1]}x{base.shape[0]} but the map is {values.shape[1]}x{values.shape[0]}")
+    colour = apply_colormap(values, colormap).astype(np.float64)
+    blended = alpha * colour + (1.0 - alpha) * base
+    mask = _covered(values, covered)[..., None]
+    out = np.where(mask, np.rint(blended), base)
+    return Image.fromarray(out.astype(np.uint8), mode="RGB")
+
+
+def _panel(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Fit ``image`` into ``size`` (w, h) keeping its aspect ratio, on white."""
+    scale = min(size[0] / image.width, size[1] / image.height)
+    fitted = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                          Image.Resampling.BILINEAR)
+    panel = Image.new("RGB", size, "white")
+    offset = ((size[0] - fitted.width) // 2, (size[1] - fitted.height) // 2)
+    if fitted.mode == "RGBA":
+        panel.paste(fitted, offset, fitted)
+    else:
+        panel.paste(fitted, offset)
+    return panel
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the bitmap font
+        return ImageFont.load_default()
+
+
+def _draw_centered(draw: ImageDraw.ImageDraw, text: str, center_x: int, top: int, width: int,
+                   font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> None:
+    # Shorten titles that do not fit their panel rather than let them run into the next one.
+    while text and draw.textlength(text, font=font) > width:
+        text = text[:-2] + "…" if len(text) > 2 else ""
+    draw.text((center_x - draw.textlength(text, font=font) / 2, top), text, fill="black", font=font)
+
+
+def render_figure(picture: Image.Image, raw: np.ndarray, equalized: np.ndarray, overlay_values: np.ndarray,
+                  covered: np.ndarray | None = None, *, caption: str = "", colormap: str = "hot",
+                  alpha: float = 0.5, panel_size: int = 320) -> Image.Image:
+    """The four-panel figure of the ResNet-50 recipe, as one RGB image.
+
+    Args:
+        picture: the original RGB picture.
+        raw, equalized: the min-max normalized and the equalized map, on the original picture.
+        overlay_values: the map drawn in the overlay panel (the recipe uses the equalized one).
+        covered: where the maps cover the picture (None: everywhere); elsewhere panels stay white.
+        caption: a line above the panels, e.g. the predicted label and its probability.
+        panel_size: width and height of each panel's box, in pixels.
+    """
+    images = [
+        picture.convert("RGB"),
+        render_heatmap(raw, covered, colormap),
+        render_heatmap(equalized, covered, colormap),
+        render_overlay(picture, overlay_values, covered, colormap, alpha),
+    ]
+    title_font, caption_font = _font(14), _font(18)
+    margin, title_h, caption_h = 12, 24, 32 if caption else 0
+    width = margin + len(images) * (panel_size + margin)
+    height = caption_h + title_h + panel_size + margin
+    figure = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(figure)
+    if caption:
+        _draw_centered(draw, caption, width // 2, 8, width - 2 * margin, caption_font)
+    for i, (image, title) in enumerate(zip(images, FIGURE_TITLES)):
+        left = margin + i * (panel_size + margin)
+        _draw_centered(draw, title, left + panel_size // 2, caption_h + 4, panel_size, title_font)
+        figure.paste(_panel(image, (panel_size, panel_size)), (left, caption_h + title_h))
+    return figure

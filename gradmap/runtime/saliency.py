@@ -1,0 +1,283 @@
+"""The high-level API: pictures in, saliency maps out.
+
+    model = SaliencyModel("resnet50.gradmap.onnx")
+    result = compute_saliency(model, "cat.jpg", target="top3")
+    for m in result.maps:
+        print(m.rank, m.target_label, m.saliency_map.shape)
+
+:func:`iter_saliency` streams many pictures in batches and reports a failure per picture instead of
+raising, which is what the CLI uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from gradmap.runtime.errors import ImageLoadError, NonFiniteGradientError, TargetError
+from gradmap.runtime.model import SaliencyModel
+from gradmap.runtime.postprocess import (
+    check_finite,
+    clip_percentile,
+    equalize_histogram,
+    map_to_original,
+    normalize_min_max,
+    reduce_channels,
+    softmax,
+    top_k,
+)
+from gradmap.runtime.preprocess import CropGeometry, load_picture, preprocess
+
+__all__ = [
+    "ImageSaliency",
+    "Prediction",
+    "SaliencyMap",
+    "Target",
+    "compute_saliency",
+    "iter_saliency",
+    "parse_target",
+]
+
+logger = logging.getLogger(__name__)
+
+
+
+@dataclass(frozen=True)
+class Target:
+    """Which class(es) to explain: the ``k`` best (``kind="top"``) or one class (``kind="class"``)."""
+
+    kind: str
+    value: int
+
+    @property
+    def count(self) -> int:
+        """How many maps per picture."""
+        return self.value if self.kind == "top" else 1
+
+
+def parse_target(spec: str | int | Target | None, labels: Sequence[str]) -> Target:
+    """Read a target: ``None``/``"top1"``, ``"topK"``, a class index (int or digits) or a class name.
+
+    Class names match exactly, else case-insensitively when that is unambiguous.
+
+    Raises:
+        TargetError: unknown or ambiguous name, index out of range, or K out of range.
+    """
+    if isinstance(spec, Target):
+        target = spec
+    elif spec is None:
+        target = Target("top", 1)
+    elif isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+        target = Target("class", int(spec))
+    else:
+        text = str(spec).strip()
+        top = re.fullmatch(r"(?i)top(\d+)", text)
+        if top:
+            target = Target("top", int(top.group(1)))
+        elif re.fullmatch(r"\d+", text):
+            target = Target("class", int(text))
+        else:
+            exact = [i for i, label in enumerate(labels) if label == text]
+            folded = [i for i, label in enumerate(labels) if label.casefold() == text.casefold()]
+            matches = exact or folded
+            if not matches:
+                raise TargetError(f"no class named {text!r} among the model's {len(labels)} labels")
+            if len(matches) > 1:
+                raise TargetError(f"class name {text!r} is ambiguous (indices {', '.join(map(str, matches))}); "
+                                  "give the index instead")
+            target = Target("class", matches[0])
+    if target.kind == "top" and not 1 <= target.value <= len(labels):
+        raise TargetError(f"top{target.value}: K must be between 1 and the number of classes ({len(labels)})")
+    if target.kind == "class" and not 0 <= target.value < len(labels):
+        raise TargetError(f"class index {target.value} is out of range (the model has {len(labels)} classes)")
+    if target.kind not in ("top", "class"):
+        raise TargetError(f"unknown target kind {target.kind!r}")
+    return target
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    label: str
+    probability: float
+
+
+@dataclass
+class SaliencyMap:
+    """One explained class of one picture, on the model's input grid.
+
+    ``gradient`` is float32 [3, h, w] as the model returned it; ``saliency_map`` the channel-reduced,
+    min-max normalized map in [0, 1]; ``equalized_map`` its histogram-equalized version.
+    ``rank`` is the class's rank (1 = top-1) when the target was topK, else None.
+    """
+
+    target_index: int
+    target_label: str
+    rank: int | None
+    gradient: np.ndarray
+    saliency_map: np.ndarray
+    equalized_map: np.ndarray
+
+
+@dataclass
+class ImageSaliency:
+    """Everything computed for one picture, or the error that stopped it (``error`` is then set)."""
+
+    source: str
+    picture: Image.Image | None = None
+    geometry: CropGeometry | None = None
+    logits: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
+    maps: list[SaliencyMap] = field(default_factory=list)
+    error: Exception | None = None
+    labels: Sequence[str] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def predictions(self, k: int = 5) -> list[Prediction]:
+        """The ``k`` most probable classes (softmax of the logits), best first."""
+        if self.probabilities is None:
+            return []
+        return [Prediction(int(i), self.labels[i], float(self.probabilities[i]))
+                for i in top_k(self.probabilities, min(k, len(self.probabilities)))]
+
+    def on_original(self, values: np.ndarray, placement: str = "crop") -> tuple[np.ndarray, np.ndarray]:
+        """Map an input-grid map onto the original picture; see :func:`map_to_original`."""
+        if self.geometry is None:
+            raise ValueError(f"{self.source}: no geometry (the picture failed: {self.error})")
+        return map_to_original(values, self.geometry, placement)
+
+
+def _name(source: object) -> str:
+    if isinstance(source, Image.Image):
+        return getattr(source, "filename", "") or "<image>"
+    return os.fspath(source)  # type: ignore[arg-type]
+
+
+def _make_map(gradient: np.ndarray, index: int, labels: Sequence[str], rank: int | None, reduce: str,
+              clip: tuple[float, float] | None) -> SaliencyMap:
+    check_finite(gradient, f"gradient for class {index} ({labels[index]})")
+    reduced = reduce_channels(gradient, reduce)
+    if clip is not None:
+        reduced = clip_percentile(reduced, *clip)
+    return SaliencyMap(index, labels[index], rank, gradient, normalize_min_max(reduced), equalize_histogram(reduced))
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def iter_saliency(model: SaliencyModel, sources: Iterable[str | os.PathLike[str] | Image.Image], *,
+                  target: str | int | Target | None = "top1", reduce: str = "max",
+                  clip: tuple[float, float] | None = None, no_crop: bool = False,
+                  batch_size: int = 8) -> Iterator[ImageSaliency]:
+    """Compute saliency maps for many pictures, ``batch_size`` at a time, in input order.
+
+    Pictures are loaded batch by batch, never all at once. A picture that cannot be read, or whose
+    gradient holds NaN/Inf, yields an :class:`ImageSaliency` with ``error`` set; the others go on.
+
+    Args:
+        model: a loaded :class:`SaliencyModel`.
+        sources: file paths or RGB PIL images.
+        target: see :func:`parse_target`; topK gives K maps per picture (the model runs K times).
+        reduce: channel reduction, see :func:`~gradmap.runtime.postprocess.reduce_channels`.
+        clip: optional (low, high) percentiles applied before normalization.
+        no_crop: resize the whole picture to the input size instead of resize + center crop.
+        batch_size: pictures per model run.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    labels = model.labels
+    wanted = parse_target(target, labels)
+    for batch in _batches(sources, batch_size):
+        results = [ImageSaliency(_name(source), labels=labels) for source in batch]
+        tensors, live = [], []
+        for result, source in zip(results, batch):
+            try:
+                picture = load_picture(source) if not isinstance(source, Image.Image) else source.convert("RGB")
+                tensor, geometry = preprocess(picture, model.metadata.preprocessing, no_crop=no_crop)
+            except ImageLoadError as e:
+                result.error = e
+                continue
+            result.picture, result.geometry = picture, geometry
+            tensors.append(tensor)
+            live.append(result)
+        if live:
+            _explain(model, np.stack(tensors), live, wanted, reduce, clip)
+        yield from results
+
+
+def _explain(model: SaliencyModel, images: np.ndarray, results: list[ImageSaliency], wanted: Target,
+             reduce: str, clip: tuple[float, float] | None) -> None:
+    labels = model.labels
+    n = len(results)
+    first_targets = np.full(n, -1 if wanted.kind == "top" else wanted.value, dtype=np.int64)
+    first = model.run(images, first_targets)
+    # Ranks 2..K: the best classes after the one the graph resolved as top-1, so that rank 1 is
+    # exactly the graph's own tie-breaking.
+    rank_targets = []
+    for i in range(n):
+        order = [int(c) for c in top_k(first.logits[i], len(labels)) if c != first.target_index[i]]
+        rank_targets.append(order[:wanted.count - 1] if wanted.kind == "top" else [])
+    runs = [(first.target_index, first.gradient)]
+    for r in range(1, wanted.count):
+        targets = np.array([t[r - 1] for t in rank_targets], dtype=np.int64)
+        out = model.run(images, targets)
+        runs.append((out.target_index, out.gradient))
+    for i, result in enumerate(results):
+        result.logits = first.logits[i]
+        try:
+            check_finite(first.logits[i], "logits")
+            result.probabilities = softmax(first.logits[i])
+            for r, (target_index, gradient) in enumerate(runs):
+                rank = r + 1 if wanted.kind == "top" else None
+                result.maps.append(_make_map(gradient[i], int(target_index[i]), labels, rank, reduce, clip))
+        except NonFiniteGradientError as e:
+            logger.warning("%s: %s", result.source, e)
+            result.maps = []
+            result.error = e
+
+
+def compute_saliency(model: SaliencyModel | str | os.PathLike[str],
+                     picture: str | os.PathLike[str] | Image.Image, *, target: str | int | None = "top1",
+                     reduce: str = "max", clip: tuple[float, float] | None = None,
+                     no_crop: bool = False) -> ImageSaliency:
+    """Saliency map(s) of one picture.
+
+    Args:
+        model: a :class:`SaliencyModel` or the path of a gradmap ``.onnx`` file.
+        picture: a file path or a PIL image.
+        target, reduce, clip, no_crop: as in :func:`iter_saliency`.
+
+    Returns:
+        :class:`ImageSaliency` with one :class:`SaliencyMap` per explained class.
+
+    Raises:
+        ImageLoadError, NonFiniteGradientError, TargetError, GradmapModelError.
+
+    Example:
+        >>> result = compute_saliency("resnet18.onnx", "cat.jpg")
+        >>> values, covered = result.on_original(result.maps[0].equalized_map)
+    """
+    if not isinstance(model, SaliencyModel):
+        model = SaliencyModel(model)
+    (result,) = iter_saliency(model, [picture], target=target, reduce=reduce, clip=clip, no_crop=no_crop,
+                              batch_size=1)
+    if result.error is not None:
+        raise result.error
+    return result
