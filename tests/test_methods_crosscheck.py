@@ -80,3 +80,100 @@ def test_guided_grad_cam_matches_captum(resnet18_variants):
                            out[contract.OUTPUT_CAM_GRADIENT])
     err = rel(ours, expected.detach().numpy())
     assert err <= TOLERANCE, f"Guided Grad-CAM: {err:.3g}"
+
+
+# -- runtime methods on the vanilla gradient -------------------------------------------------------
+from gradmap.runtime import methods  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    # smooth activations: these tests check the methods' arithmetic, and a ReLU or max-pool input
+    # within float32 rounding of its threshold on one of the ~50 path or noise points would make
+    # the float32 and float64 runs take different branches (test_export covers those ops)
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Sigmoid(), torch.nn.AvgPool2d(2),
+        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Tanh(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(8, 4)).eval()
+    from gradmap.contract import Preprocessing
+    from gradmap.export import export_module
+
+    path = tmp_path_factory.mktemp("small") / "small.onnx"
+    export_module(module, path, preprocessing=Preprocessing(crop=(16, 16), resize=None))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return module.double(), methods.gradient_function(session, batch_size=64)
+
+
+def _inputs(seed=0):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    image = ndimage.gaussian_filter(rng.standard_normal((2, 3, 16, 16)), sigma=(0, 0, 1.5, 1.5)) * 3
+    return image.astype(np.float32), np.array([1, 3], dtype=np.int64)
+
+
+@pytest.mark.parametrize("variant,nt_type", [("plain", "smoothgrad"), ("squared", "smoothgrad_sq"),
+                                             ("vargrad", "vargrad")])
+def test_smoothgrad_matches_captum_noise_tunnel(small_model, variant, nt_type):
+    module, fn = small_model
+    image, target = _inputs()
+    samples, stdev = 8, 0.3
+    torch.manual_seed(11)
+    expected = captum_attr.NoiseTunnel(captum_attr.Saliency(module)).attribute(
+        torch.from_numpy(image).double(), nt_type=nt_type, nt_samples=samples, stdevs=stdev,
+        target=torch.from_numpy(target), abs=False)
+    # the same draws Captum took: torch.normal over the repeat-interleaved batch
+    torch.manual_seed(11)
+    draws = torch.normal(0, torch.tensor(stdev).repeat((2 * samples, 3, 16, 16))).numpy()
+    ours = methods.smoothgrad(fn, image, target, samples=samples, variant=variant,
+                              noise_draws=draws.reshape(2, samples, 3, 16, 16).astype(np.float32))
+    err = rel(ours.values, expected.detach().numpy())
+    assert err <= 1e-4, f"smoothgrad {variant}: {err:.3g}"
+
+
+@pytest.mark.parametrize("rule,captum_rule", [("trapezoid", "riemann_trapezoid"), ("gauss-legendre", "gausslegendre")])
+def test_integrated_gradients_matches_captum(small_model, rule, captum_rule):
+    module, fn = small_model
+    image, target = _inputs(1)
+    baseline = methods.baseline_image(image, "black", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    expected, delta = captum_attr.IntegratedGradients(module).attribute(
+        torch.from_numpy(image).double(), baselines=torch.from_numpy(baseline.copy()).double(),
+        target=torch.from_numpy(target), n_steps=24, method=captum_rule, return_convergence_delta=True)
+    ours = methods.integrated_gradients(fn, image, target, baseline, steps=24, rule=rule)
+    values = ours.values
+    if rule == "trapezoid":
+        # Captum's riemann_trapezoid spaces its 24 points 1/(n-1) apart but weights them 1/n (ends
+        # 1/2n), so its weights sum to (n-1)/n; gradmap integrates with the trapezoid rule proper.
+        values = values * (24 - 1) / 24
+    err = rel(values, expected.detach().numpy())
+    assert err <= 1e-4, f"integrated gradients ({rule}): {err:.3g}"
+    if rule == "gauss-legendre":
+        np.testing.assert_allclose(ours.completeness_gap, np.abs(delta.detach().numpy()), rtol=1e-3, atol=1e-5)
+
+
+def test_gradient_x_input_matches_captum(small_model):
+    module, fn = small_model
+    image, target = _inputs(2)
+    expected = captum_attr.InputXGradient(module).attribute(torch.from_numpy(image).double(),
+                                                            target=torch.from_numpy(target))
+    ours = methods.gradient_x_input(fn, image, target)
+    assert rel(ours.values, expected.detach().numpy()) <= 1e-4
+
+
+def test_completeness_gap_shrinks_with_steps(small_model):
+    _, fn = small_model
+    image, target = _inputs(3)
+    baseline = methods.baseline_image(image, "blurred", (0.5,) * 3, (0.25,) * 3, blur_sigma=4)
+    coarse = methods.integrated_gradients(fn, image, target, baseline, steps=2, rule="trapezoid")
+    fine = methods.integrated_gradients(fn, image, target, baseline, steps=64, rule="gauss-legendre")
+    assert np.all(fine.completeness_gap < coarse.completeness_gap), (fine.completeness_gap, coarse.completeness_gap)
+
+
+def test_modifiers():
+    a = np.array([-2.0, 0.0, 3.0])
+    np.testing.assert_array_equal(methods.modify(a, "absolute"), [2, 0, 3])
+    np.testing.assert_array_equal(methods.modify(a, "positive"), [0, 0, 3])
+    np.testing.assert_array_equal(methods.modify(a, "negative"), [2, 0, 0])
+    with pytest.raises(ValueError, match="modifier 'bogus'"):
+        methods.modify(a, "bogus")
