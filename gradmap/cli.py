@@ -55,5 +55,197 @@ def export_command(model_name: str, output: str, weights: str, score: str, seed:
     click.echo(report.summary())
 
 
+_FORMAT_NAMES = ("heatmap", "overlay", "figure", "npy")
+_PROGRESS_THRESHOLD = 3  # show a progress bar when there are more pictures than this
+
+
+def _split_formats(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    formats = [f.strip().lower() for value in values for f in value.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in _FORMAT_NAMES]
+    if unknown:
+        raise click.BadParameter(f"{', '.join(unknown)}: choose from {', '.join(_FORMAT_NAMES)}")
+    return tuple(dict.fromkeys(formats)) or ("heatmap", "overlay", "figure")
+
+
+def _load_model(path: str, provider: str, threads: int | None):
+    from gradmap.runtime import GradmapModelError, SaliencyModel
+
+    try:
+        return SaliencyModel(path, provider=provider, threads=threads)
+    except GradmapModelError as e:
+        raise click.ClickException(str(e)) from e
+    except ValueError as e:  # provider not available
+        raise click.BadParameter(str(e), param_hint="'--provider'") from e
+
+
+@main.command("run")
+@click.argument("model_path", metavar="MODEL.onnx", type=click.Path(exists=True, dir_okay=False))
+@click.argument("inputs", metavar="INPUT...", nargs=-1, required=True)
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="out", show_default=True,
+              help="Output directory; the inputs' folder tree is mirrored inside it.")
+@click.option("--target", default="top1", show_default=True,
+              help="Class to explain: top1, topK (one map per rank, e.g. top3), a class index or a class name.")
+@click.option("--reduce", type=click.Choice(["max", "sum", "l2"]), default="max", show_default=True,
+              help="Channel reduction: max of |gradient| (PyTorch/cs231n recipes), signed sum (TensorFlow "
+                   "recipe) or L2 norm.")
+@click.option("--equalize/--no-equalize", default=True, show_default=True,
+              help="Histogram-equalize the map shown in heatmap and overlay (the figure shows both).")
+@click.option("--clip-percentile", type=click.FloatRange(0, 100), default=None,
+              help="Clip the map at this upper percentile (e.g. 99) before normalizing.")
+@click.option("--no-crop", is_flag=True,
+              help="Resize the whole picture to the input size instead of resize + center crop.")
+@click.option("--placement", type=click.Choice(["crop", "stretch"]), default="crop", show_default=True,
+              help="Map back onto the crop window (crop) or stretch over the whole picture like the "
+                   "ResNet-50 recipe (stretch).")
+@click.option("--colormap", type=click.Choice(["hot", "jet", "viridis", "gray"]), default="hot", show_default=True)
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Overlay opacity.")
+@click.option("--format", "formats", multiple=True, callback=_split_formats,
+              help="Outputs among heatmap, overlay, figure, npy; repeatable or comma-separated "
+                   "[default: heatmap,overlay,figure].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--provider", default="auto", show_default=True,
+              help="auto, cpu, cuda, or a comma-separated list of onnxruntime providers.")
+@click.option("--threads", type=click.IntRange(min=0), default=None,
+              help="onnxruntime intra-op threads (default: onnxruntime decides).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout instead of text.")
+def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: str, reduce: str, equalize: bool,
+                clip_percentile: float | None, no_crop: bool, placement: str, colormap: str, alpha: float,
+                formats: tuple[str, ...], batch_size: int, provider: str, threads: int | None,
+                as_json: bool) -> None:
+    """Compute gradient saliency maps of INPUT pictures (files, folders, globs) with MODEL.onnx.
+
+    Prints the top-5 classes of every picture and writes the requested pictures and arrays under
+    --out. Exits with 1 when some inputs failed (the others are still written), 2 on usage errors.
+    """
+    import json
+
+    from gradmap.runtime import (OutputLayout, RenderOptions, TargetError, expand_inputs, iter_saliency,
+                                 parse_target, write_outputs)
+
+    model = _load_model(model_path, provider, threads)
+    try:
+        wanted = parse_target(target, model.labels)
+    except TargetError as e:
+        raise click.BadParameter(str(e), param_hint="'--target'") from e
+    paths, problems = expand_inputs(inputs, exclude_dir=out_dir)
+    failures: list[dict] = []
+    for spec, reason in problems:
+        click.echo(f"error: {spec}: {reason}", err=True)
+        failures.append({"path": spec, "error": reason})
+    layout = OutputLayout(out_dir, paths)
+    options = RenderOptions(equalize=equalize, placement=placement, colormap=colormap, alpha=alpha)
+    clip = None if clip_percentile is None else (0.0, clip_percentile)
+    records: list[dict] = []
+    results = iter_saliency(model, paths, target=wanted, reduce=reduce, clip=clip, no_crop=no_crop,
+                            batch_size=batch_size)
+    show_bar = len(paths) > _PROGRESS_THRESHOLD
+    with click.progressbar(length=len(paths), label="saliency", file=sys.stderr) if show_bar else _NoBar() as bar:
+        for result in results:
+            record = {"path": result.source, "predictions": [], "maps": [], "error": None}
+            if result.ok:
+                record["predictions"] = [{"index": p.index, "label": p.label, "probability": p.probability}
+                                         for p in result.predictions(5)]
+                try:
+                    for saliency in result.maps:
+                        probability = float(result.probabilities[saliency.target_index])
+                        caption = f"{saliency.target_label} ({saliency.target_index}): {probability:.1%}"
+                        written = write_outputs(result, saliency, layout, formats, options, caption=caption)
+                        record["maps"].append({"rank": saliency.rank, "target": {
+                            "index": saliency.target_index, "label": saliency.target_label,
+                            "probability": probability}, "files": written})
+                except (OSError, ValueError) as e:
+                    record["error"] = str(e)
+            else:
+                record["error"] = str(result.error.reason if hasattr(result.error, "reason") else result.error)
+            if record["error"] is not None:
+                click.echo(f"error: {result.source}: {record['error']}", err=True)
+                failures.append({"path": result.source, "error": record["error"]})
+            elif not as_json:
+                _print_record(record)
+            records.append(record)
+            bar.update(1)
+    n_failed = len(failures)
+    if as_json:
+        click.echo(json.dumps({"model": model_path, "target": target, "output_dir": out_dir, "images": records,
+                               "input_errors": [f for f in failures if f["path"] not in {r["path"] for r in records}],
+                               "failed": n_failed}, indent=2))
+    if n_failed:
+        click.echo(f"{n_failed} of {len(paths) + len(problems)} inputs failed", err=True)
+        sys.exit(1)
+
+
+class _NoBar:
+    def __enter__(self) -> "_NoBar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int) -> None:
+        pass
+
+
+def _print_record(record: dict) -> None:
+    click.echo(record["path"])
+    for rank, p in enumerate(record["predictions"], 1):
+        click.echo(f"  {rank}. {p['label']:<32} {p['index']:>6}  {p['probability']:.4f}")
+    for m in record["maps"]:
+        rank = f"top{m['rank']} " if m["rank"] is not None else ""
+        click.echo(f"  map {rank}for {m['target']['label']} ({m['target']['index']}): "
+                   + ", ".join(m["files"].values()))
+
+
+@main.command("info")
+@click.argument("model_path", metavar="MODEL.onnx", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the information as one JSON document.")
+def info_command(model_path: str, as_json: bool) -> None:
+    """Show a gradmap model's metadata, inputs and outputs, opset and the available providers."""
+    import json
+
+    import onnxruntime
+
+    model = _load_model(model_path, "cpu", 1)
+    meta = model.metadata
+    info = {
+        "path": model_path,
+        "source_model": meta.source_model,
+        "weights": meta.weights,
+        "format_version": meta.format_version,
+        "score": meta.score,
+        "backprops": list(meta.backprops),
+        "cam_layer": meta.cam_layer,
+        "methods": list(meta.methods),
+        "preprocessing": meta.preprocessing.to_dict(),
+        "num_classes": meta.num_classes,
+        "labels_preview": list(meta.labels[:5]),
+        "extra": dict(meta.extra),
+        "ir_version": model.header.ir_version,
+        "producer": f"{model.header.producer_name} {model.header.producer_version}".strip(),
+        "opsets": model.opsets,
+        "inputs": [{"name": t.name, "type": t.type, "shape": list(t.shape)} for t in model.inputs],
+        "outputs": [{"name": t.name, "type": t.type, "shape": list(t.shape)} for t in model.outputs],
+        "available_providers": onnxruntime.get_available_providers(),
+    }
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    p = meta.preprocessing
+    click.echo(f"model:          {model_path}")
+    click.echo(f"source:         {meta.source_model} (weights: {meta.weights})")
+    click.echo(f"gradmap format: {meta.format_version}; score: {meta.score}; backprop: {', '.join(meta.backprops)}"
+               + (f"; CAM layer: {meta.cam_layer}" if meta.cam_layer else ""))
+    click.echo(f"methods:        {', '.join(meta.methods)}")
+    click.echo(f"preprocessing:  resize {p.resize} ({p.interpolation}), center crop {p.crop[0]}x{p.crop[1]}, "
+               f"mean {list(p.mean)}, std {list(p.std)}")
+    click.echo(f"classes:        {meta.num_classes} ({', '.join(meta.labels[:5])}{', ...' if meta.num_classes > 5 else ''})")
+    click.echo(f"onnx:           IR {info['ir_version']}, opsets "
+               + ", ".join(f"{d} {v}" for d, v in sorted(model.opsets.items())) + f", producer {info['producer'] or '?'}")
+    for kind in ("inputs", "outputs"):
+        click.echo(f"{kind}:")
+        for t in info[kind]:
+            click.echo(f"  {t['name']:<16} {t['type']:<16} {t['shape']}")
+    click.echo("providers:      " + ", ".join(info["available_providers"]))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
