@@ -40,8 +40,8 @@ def _segment_table(rows: tuple[tuple[float, float, float], ...], n: int) -> np.n
     # matplotlib.colors._create_lookup_table, same operations in the same order so that the byte
     # tables (which truncate) agree exactly.
     adata = np.array(rows, dtype=np.float64)
-    x, y0, y1 = adata[:, 0], adata[:, 1], adata[:, 2]
-    xind = np.linspace(0, 1, n)
+    x, y0, y1 = adata[:, 0] * (n - 1), adata[:, 1], adata[:, 2]
+    xind = (n - 1) * np.linspace(0, 1, n)
     ind = np.searchsorted(x, xind)[1:-1]
     distance = (xind[1:-1] - x[ind - 1]) / (x[ind] - x[ind - 1])
     lut = np.concatenate([[y1[0]], distance * (y0[ind] - y1[ind - 1]) + y1[ind - 1], [y0[-1]]])

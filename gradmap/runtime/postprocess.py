@@ -58,7 +58,8 @@ def reduce_channels(gradient: np.ndarray, method: str = "max", channel_axis: int
         method: ``"max"`` of absolute values (default), signed ``"sum"`` (TensorFlow recipe), or ``"l2"``.
 
     Returns:
-        float32 array without the channel axis.
+        the map without the channel axis: float32 for ``"max"`` (exact), float64 for ``"sum"`` and
+        ``"l2"`` so that large float32 gradients cannot overflow to Inf.
 
     Example:
         >>> reduce_channels(np.array([[[1.0]], [[-3.0]], [[2.0]]]), "max")
@@ -67,14 +68,12 @@ def reduce_channels(gradient: np.ndarray, method: str = "max", channel_axis: int
     check_finite(gradient)
     g = np.asarray(gradient, dtype=np.float32)
     if method == "max":
-        reduced = np.abs(g).max(axis=channel_axis)
-    elif method == "sum":
-        reduced = g.sum(axis=channel_axis, dtype=np.float64)
-    elif method == "l2":
-        reduced = np.sqrt(np.square(g, dtype=np.float64).sum(axis=channel_axis))
-    else:
-        raise ValueError(f"unknown channel reduction {method!r}; choose one of {', '.join(REDUCTIONS)}")
-    return reduced.astype(np.float32)
+        return np.abs(g).max(axis=channel_axis)
+    if method == "sum":
+        return g.sum(axis=channel_axis, dtype=np.float64)
+    if method == "l2":
+        return np.sqrt(np.square(g, dtype=np.float64).sum(axis=channel_axis))
+    raise ValueError(f"unknown channel reduction {method!r}; choose one of {', '.join(REDUCTIONS)}")
 
 
 def normalize_min_max(saliency_map: np.ndarray) -> np.ndarray:
@@ -113,11 +112,11 @@ def clip_percentile(saliency_map: np.ndarray, low: float = 0.0, high: float = 99
     if not 0.0 <= low <= high <= 100.0:
         raise ValueError(f"percentiles must satisfy 0 <= low <= high <= 100, got {low}, {high}")
     check_finite(saliency_map, "saliency map")
-    m = np.asarray(saliency_map, dtype=np.float32)
+    m = np.asarray(saliency_map)
     if m.size == 0:
         return m.copy()
     lo, hi = np.percentile(m, [low, high])
-    return np.clip(m, lo, hi).astype(np.float32)
+    return np.clip(m, lo, hi)
 
 
 def map_to_original(saliency_map: np.ndarray, geometry: CropGeometry, placement: str = "crop",
