@@ -212,3 +212,32 @@ def test_weights_file_and_bad_weights_file(tmp_path):
     with pytest.raises(ExportError, match="does not exist"):
         export_torchvision("squeezenet1_1", tmp_path / "d.onnx", weights=str(tmp_path / "missing.pth"))
     assert not any((tmp_path / f"{c}.onnx").exists() for c in "bcd")
+
+
+def test_cam_layer_auto_needs_a_pooled_feature_map(tmp_path):
+    """Like a ViT, this classifier flattens its features instead of pooling a feature map."""
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 4, stride=4), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 3))
+    with pytest.raises(ExportError, match="no global spatial pooling"):
+        export_module(module, tmp_path / "x.onnx", preprocessing=Preprocessing(crop=(16, 16)), cam_layer="auto")
+    with pytest.raises(ExportError, match="no module or value of that name"):
+        export_module(module, tmp_path / "x.onnx", preprocessing=Preprocessing(crop=(16, 16)), cam_layer="layer9")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_variants_share_one_forward_pass_and_list_methods(tmp_path):
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(6, 6, 3, padding=1),
+                                 torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(6, 3))
+    plain = export_module(module, tmp_path / "plain.onnx", preprocessing=Preprocessing(crop=(12, 12)))
+    rich = export_module(module, tmp_path / "rich.onnx", preprocessing=Preprocessing(crop=(12, 12)),
+                         backprops=("guided", "deconvnet"), cam_layer="auto")
+    assert rich.forward_nodes == plain.forward_nodes
+    proto = onnx.load(str(rich.path))
+    assert sum(n.op_type == "Conv" for n in proto.graph.node) == sum(
+        n.op_type == "Conv" for n in onnx.load(str(plain.path)).graph.node) + 2 * 2, "one forward, three backward passes"
+    meta = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
+    assert meta.methods == ("vanilla", "smoothgrad", "integrated-gradients", "gradient-x-input", "guided-backprop",
+                            "deconvnet", "grad-cam", "grad-cam++", "guided-grad-cam")
+    assert meta.cam_layer.startswith("auto (")
+    cli = CliRunner().invoke(main, ["export", "nonexistent", "--backprop", "sideways", "-o", str(tmp_path / "y.onnx")])
+    assert cli.exit_code == 2 and "sideways" in cli.output
