@@ -24,6 +24,12 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, atol: float, what: st
     assert diff.max(initial=0.0) <= atol, f"{what}: max abs difference {diff.max():.3g} > {atol}"
 
 
+def image_info(path) -> tuple[tuple[int, int], str]:
+    """(width, height) and mode of a picture file, closing it."""
+    with Image.open(path) as image:
+        return image.size, image.mode
+
+
 @pytest.fixture(scope="session")
 def linear_weights() -> tuple[np.ndarray, np.ndarray]:
     """W [K, 3*32*32] and b [K] of the linear fixture model."""

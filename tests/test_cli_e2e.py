@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import assert_close
+from conftest import image_info, assert_close
 from gradmap.cli import main
 
 pytestmark = [pytest.mark.export, pytest.mark.slow]
@@ -89,7 +89,8 @@ def test_run_matches_torch_autograd_and_recipe(resnet18_export, photos, tmp_path
     assert doc["failed"] == 0 and len(doc["images"]) == 2
     for record in doc["images"]:
         name = record["path"].rsplit("/", 1)[-1]
-        picture = Image.open(inputs / name).convert("RGB")
+        with Image.open(inputs / name) as opened:
+            picture = opened.convert("RGB")
         expected_map, probabilities, index = _recipe_map(module, picture)
         (saliency,) = record["maps"]
         assert saliency["target"]["index"] == index, f"{name}: top-1 differs from torch"
@@ -106,7 +107,7 @@ def test_run_matches_torch_autograd_and_recipe(resnet18_export, photos, tmp_path
         assert np.median(diff) <= MEDIAN_TOLERANCE, f"{name}: median difference {np.median(diff):.3g}"
         assert np.load(out / f"{name}.gradient.npy").shape == (3, 224, 224)
         width, height = picture.size
-        assert Image.open(out / f"{name}.heatmap.png").size == (width, height)
-        assert Image.open(out / f"{name}.overlay.png").size == (width, height)
-        figure = Image.open(out / f"{name}.figure.png")
-        assert figure.width > 4 * figure.height / 2, "the figure has four panels side by side"
+        assert image_info(out / f"{name}.heatmap.png")[0] == (width, height)
+        assert image_info(out / f"{name}.overlay.png")[0] == (width, height)
+        (figure_width, figure_height), _ = image_info(out / f"{name}.figure.png")
+        assert figure_width > 2 * figure_height, "the figure has four panels side by side"

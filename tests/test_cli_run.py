@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import LINEAR_MODEL, PLAIN_MODEL, WRONG_INTERFACE_MODEL
+from conftest import image_info, LINEAR_MODEL, PLAIN_MODEL, WRONG_INTERFACE_MODEL
 from gradmap.cli import main
 
 
@@ -37,8 +37,8 @@ def test_run_writes_default_formats_and_prints_top5(runner, photo_files, tmp_pat
         for kind in ("heatmap", "overlay", "figure"):
             assert (out / f"{photo.name}.{kind}.png").is_file(), f"{kind} missing for {photo.name}"
         assert not (out / f"{photo.name}.map.npy").exists(), "npy is not a default format"
-        size = Image.open(photo).size
-        assert Image.open(out / f"{photo.name}.overlay.png").size == size
+        size = image_info(photo)[0]
+        assert image_info(out / f"{photo.name}.overlay.png")[0] == size
     assert str(photo_files[0]) in result.stdout
     assert all(label in result.stdout for label in ("cat", "dog", "bird", "fish"))
 
@@ -95,8 +95,8 @@ def test_run_options(runner, photo_files, tmp_path):
                                   "--colormap", "viridis", "--alpha", "0.3", "--clip-percentile", "99",
                                   "--format", "heatmap", "--format", "npy", "--batch-size", "1"])
     assert result.exit_code == 0, result.output
-    heatmap = Image.open(out / "chelsea.jpg.heatmap.png")
-    assert heatmap.mode == "RGB" and heatmap.size == Image.open(photo_files[0]).size  # stretch: no transparency
+    heatmap_size, heatmap_mode = image_info(out / "chelsea.jpg.heatmap.png")
+    assert heatmap_mode == "RGB" and heatmap_size == image_info(photo_files[0])[0]  # stretch: no transparency
     assert np.load(out / "chelsea.jpg.gradient.npy").shape == (3, 32, 32)
     assert "for dog (1)" in result.stdout
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import LINEAR_MODEL, PLAIN_MODEL, WRONG_INTERFACE_MODEL, assert_close
+from conftest import image_info, LINEAR_MODEL, PLAIN_MODEL, WRONG_INTERFACE_MODEL, assert_close
 from gradmap.runtime import (
     GradmapModelError,
     NonFiniteGradientError,
@@ -178,9 +178,9 @@ def test_write_outputs_layout_and_atomicity(linear_model, photos, tmp_path):
     assert written[1]["heatmap"] == str(tmp_path / "out" / "b" / "x.jpg.heatmap.png")
     height, width = photos["rocket"].shape[:2]
     for files in written:
-        assert Image.open(files["heatmap"]).size == (width, height)
-        assert Image.open(files["heatmap"]).mode == "RGBA"
-        assert Image.open(files["overlay"]).size == (width, height)
+        assert image_info(files["heatmap"])[0] == (width, height)
+        assert image_info(files["heatmap"])[1] == "RGBA"
+        assert image_info(files["overlay"])[0] == (width, height)
         assert np.load(files["gradient"]).shape == (3, 32, 32)
         m = np.load(files["map"])
         assert m.shape == (32, 32) and m.dtype == np.float32

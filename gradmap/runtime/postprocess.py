@@ -101,6 +101,10 @@ def equalize_histogram(saliency_map: np.ndarray, nbins: int = 256) -> np.ndarray
     m = np.asarray(saliency_map)
     if m.size == 0 or not m.max() > m.min():
         return np.zeros(m.shape, dtype=np.float32)
+    if m.dtype != np.float64 and np.abs(m).max() > np.finfo(np.float32).max / 4:
+        # skimage's bin arithmetic overflows near the float32 limit; recipe-sized values keep their
+        # own dtype so that bins (and results) are exactly skimage's.
+        m = m.astype(np.float64)
     return np.clip(exposure.equalize_hist(m, nbins=nbins), 0.0, 1.0).astype(np.float32)
 
 
