@@ -78,6 +78,10 @@ def _load_model(path: str, provider: str, threads: int | None):
         raise click.BadParameter(str(e), param_hint="'--provider'") from e
 
 
+_METHODS = ["vanilla", "smoothgrad", "integrated-gradients", "gradient-x-input", "guided-backprop", "deconvnet",
+            "grad-cam", "grad-cam++", "guided-grad-cam"]
+
+
 @main.command("run")
 @click.argument("model_path", metavar="MODEL.onnx", type=click.Path(exists=True, dir_okay=False))
 @click.argument("inputs", metavar="INPUT...", nargs=-1, required=True)
@@ -108,10 +112,29 @@ def _load_model(path: str, provider: str, threads: int | None):
 @click.option("--threads", type=click.IntRange(min=0), default=None,
               help="onnxruntime intra-op threads (default: onnxruntime decides).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout instead of text.")
+@click.option("--method", type=click.Choice(_METHODS), default="vanilla", show_default=True,
+              help="Attribution method; 'gradmap info' lists what a model supports.")
+@click.option("--modifier", type=click.Choice(["auto", "absolute", "positive", "negative", "none"]), default="auto",
+              show_default=True, help="Gradient modifier before the channel reduction: auto leaves the sign to "
+                                      "--reduce (max takes |values|, sum keeps the sign); negative shows "
+                                      "counter-evidence.")
+@click.option("--samples", type=click.IntRange(min=1), default=50, show_default=True, help="smoothgrad: noisy copies.")
+@click.option("--noise", type=click.FloatRange(min=0), default=0.15, show_default=True,
+              help="smoothgrad: noise sigma as a fraction of the input's value range.")
+@click.option("--variant", type=click.Choice(["plain", "squared", "vargrad"]), default="plain", show_default=True,
+              help="smoothgrad: mean gradient, mean squared gradient or variance.")
+@click.option("--steps", type=click.IntRange(min=2), default=32, show_default=True,
+              help="integrated-gradients: points on the path.")
+@click.option("--rule", type=click.Choice(["gauss-legendre", "trapezoid"]), default="gauss-legendre",
+              show_default=True, help="integrated-gradients: integration rule.")
+@click.option("--baseline", type=click.Choice(["black", "blurred", "uniform"]), default="black", show_default=True,
+              help="integrated-gradients: black (pixel 0), blurred picture or uniform noise.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of smoothgrad noise and uniform baselines.")
 def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: str, reduce: str, equalize: bool,
                 clip_percentile: float | None, no_crop: bool, placement: str, colormap: str, alpha: float,
                 formats: tuple[str, ...], batch_size: int, provider: str, threads: int | None,
-                as_json: bool) -> None:
+                as_json: bool, method: str, modifier: str, samples: int, noise: float, variant: str, steps: int,
+                rule: str, baseline: str, seed: int) -> None:
     """Compute gradient saliency maps of INPUT pictures (files, folders, globs) with MODEL.onnx.
 
     Prints the top-5 classes of every picture and writes the requested pictures and arrays under
@@ -122,11 +145,19 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
     from gradmap.runtime import (OutputLayout, RenderOptions, TargetError, expand_inputs, iter_saliency,
                                  parse_target, write_outputs)
 
+    from gradmap.runtime.methods import MethodSpec
+
     model = _load_model(model_path, provider, threads)
     try:
         wanted = parse_target(target, model.labels)
     except TargetError as e:
         raise click.BadParameter(str(e), param_hint="'--target'") from e
+    if method not in model.metadata.methods:
+        raise click.BadParameter(f"{model_path} does not support {method}; it supports "
+                                 f"{', '.join(model.metadata.methods)} (see 'gradmap export --help' for "
+                                 "--backprop and --cam-layer)", param_hint="'--method'")
+    spec = MethodSpec(method, samples=samples, noise=noise, variant=variant, steps=steps, rule=rule,
+                      baseline=baseline, seed=seed, modifier=modifier)
     paths, problems = expand_inputs(inputs, exclude_dir=out_dir)
     failures: list[dict] = []
     for spec, reason in problems:
@@ -137,7 +168,7 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
     clip = None if clip_percentile is None else (0.0, clip_percentile)
     records: list[dict] = []
     results = iter_saliency(model, paths, target=wanted, reduce=reduce, clip=clip, no_crop=no_crop,
-                            batch_size=batch_size)
+                            batch_size=batch_size, method=spec)
     show_bar = len(paths) > _PROGRESS_THRESHOLD
     with click.progressbar(length=len(paths), label="saliency", file=sys.stderr) if show_bar else _NoBar() as bar:
         for result in results:
@@ -150,9 +181,10 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
                         probability = float(result.probabilities[saliency.target_index])
                         caption = f"{saliency.target_label} ({saliency.target_index}): {probability:.1%}"
                         written = write_outputs(result, saliency, layout, formats, options, caption=caption)
-                        record["maps"].append({"rank": saliency.rank, "target": {
+                        record["maps"].append({"rank": saliency.rank, "method": saliency.method, "target": {
                             "index": saliency.target_index, "label": saliency.target_label,
-                            "probability": probability}, "files": written})
+                            "probability": probability}, "files": written,
+                            "completeness_gap": saliency.completeness_gap})
                 except (OSError, ValueError) as e:
                     record["error"] = str(e)
             else:
@@ -191,7 +223,8 @@ def _print_record(record: dict) -> None:
         click.echo(f"  {rank}. {p['label']:<32} {p['index']:>6}  {p['probability']:.4f}")
     for m in record["maps"]:
         rank = f"top{m['rank']} " if m["rank"] is not None else ""
-        click.echo(f"  map {rank}for {m['target']['label']} ({m['target']['index']}): "
+        gap = f" (completeness gap {m['completeness_gap']:.3g})" if m.get("completeness_gap") is not None else ""
+        click.echo(f"  {m.get('method', 'vanilla')} map {rank}for {m['target']['label']} ({m['target']['index']}){gap}: "
                    + ", ".join(m["files"].values()))
 
 

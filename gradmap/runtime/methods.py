@@ -23,7 +23,7 @@ from scipy import ndimage
 from gradmap.contract import OUTPUT_GRADIENT, OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, INPUT_IMAGE, INPUT_TARGET
 
 __all__ = [
-    "GradientFn", "Attribution", "gradient_function", "vanilla", "smoothgrad", "integrated_gradients",
+    "METHODS", "MethodSpec", "attribute", "GradientFn", "Attribution", "gradient_function", "vanilla", "smoothgrad", "integrated_gradients",
     "gradient_x_input", "modify", "baseline_image", "score_of", "SMOOTHGRAD_VARIANTS", "MODIFIERS",
 ]
 
@@ -180,3 +180,84 @@ def modify(values: np.ndarray, modifier: str = "absolute") -> np.ndarray:
     if modifier == "none":
         return values
     raise ValueError(f"modifier {modifier!r} is not one of {', '.join(MODIFIERS)}")
+
+
+# -- choosing a method for a loaded model ----------------------------------------------------------
+METHODS = ("vanilla", "smoothgrad", "integrated-gradients", "gradient-x-input", "guided-backprop", "deconvnet",
+           "grad-cam", "grad-cam++", "guided-grad-cam")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method and its parameters, as ``gradmap run --method`` takes them."""
+
+    name: str = "vanilla"
+    samples: int = 50
+    noise: float = 0.15
+    variant: str = "plain"
+    steps: int = 32
+    rule: str = "gauss-legendre"
+    baseline: str = "black"
+    seed: int = 0
+    modifier: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.name not in METHODS:
+            raise ValueError(f"unknown method {self.name!r}; choose one of {', '.join(METHODS)}")
+        if self.modifier not in MODIFIERS + ("auto",):
+            raise ValueError(f"modifier {self.modifier!r} is not one of auto, {', '.join(MODIFIERS)}")
+
+
+def attribute(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, *, batch_size: int = 16):
+    """Run ``spec`` on a loaded :class:`~gradmap.runtime.model.SaliencyModel`.
+
+    Returns (logits, target_index, values) with values [N, 3, H, W] for pixel attributions, or
+    [N, 1, H, W] for class activation maps upsampled (bilinear) to the input size. Raises
+    ``ValueError`` naming what to export when the model lacks the outputs a method needs.
+    """
+    from gradmap import contract
+
+    supported = model.metadata.methods
+    if spec.name not in supported:
+        hint = {"guided-backprop": "--backprop guided", "deconvnet": "--backprop deconvnet",
+                "grad-cam": "--cam-layer auto", "grad-cam++": "--cam-layer auto",
+                "guided-grad-cam": "--backprop guided --cam-layer auto"}.get(spec.name, "")
+        raise ValueError(f"this model does not support {spec.name} (it supports {', '.join(supported)}); "
+                         f"export it with {hint}")
+    session = model.session
+    fn = gradient_function(session, batch_size=batch_size)
+    if spec.name == "vanilla":
+        result = vanilla(fn, images, targets)
+    elif spec.name == "smoothgrad":
+        result = smoothgrad(fn, images, targets, samples=spec.samples, noise=spec.noise, variant=spec.variant,
+                            seed=spec.seed)
+    elif spec.name == "integrated-gradients":
+        pre = model.metadata.preprocessing
+        baselines = baseline_image(images, spec.baseline, pre.mean, pre.std, seed=spec.seed)
+        result = integrated_gradients(fn, images, targets, baselines, steps=spec.steps, rule=spec.rule,
+                                      score=model.metadata.score)
+    elif spec.name == "gradient-x-input":
+        result = gradient_x_input(fn, images, targets)
+    elif spec.name in ("guided-backprop", "deconvnet"):
+        output = contract.OUTPUT_GRADIENT_GUIDED if spec.name == "guided-backprop" else contract.OUTPUT_GRADIENT_DECONVNET
+        result = vanilla(gradient_function(session, output, batch_size), images, targets)
+    else:
+        from .cam import grad_cam, grad_cam_plus_plus, guided_grad_cam, upsample
+
+        names = [contract.OUTPUT_LOGITS, contract.OUTPUT_TARGET_INDEX, contract.OUTPUT_CAM_ACTIVATION,
+                 contract.OUTPUT_CAM_GRADIENT]
+        if spec.name == "guided-grad-cam":
+            names.append(contract.OUTPUT_GRADIENT_GUIDED)
+        outs = session.run(names, {contract.INPUT_IMAGE: images.astype(np.float32),
+                                   contract.INPUT_TARGET: targets.astype(np.int64)})
+        logits, target_index, activation, cam_gradient = outs[:4]
+        if spec.name == "guided-grad-cam":
+            values = guided_grad_cam(outs[4], activation, cam_gradient)
+        else:
+            cams = (grad_cam if spec.name == "grad-cam" else grad_cam_plus_plus)(activation, cam_gradient)
+            values = upsample(cams, images.shape[2:], order=1)[:, None]
+        result = Attribution(values, target_index, logits)
+    # "auto" leaves the sign to the channel reduction: the default max reduction takes |values| (the
+    # recipes' absolute gradient), the TensorFlow recipe's sum keeps it
+    values = result.values if spec.modifier == "auto" else modify(result.values, spec.modifier)
+    return result.logits, result.target_index, values, result.completeness_gap
