@@ -228,6 +228,57 @@ def _print_record(record: dict) -> None:
                    + ", ".join(m["files"].values()))
 
 
+def demo_assets():
+    """The bundled demo model and pictures: installed package data, or models/demo in a checkout."""
+    from importlib import resources
+    from pathlib import Path
+
+    try:
+        assets = resources.files("gradmap.demo_assets")
+        if assets.joinpath("shapes.onnx").is_file():
+            return assets
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parent.parent / "models" / "demo"
+
+
+@main.command("demo")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="gradmap-demo", show_default=True,
+              help="Where to write the figures.")
+@click.option("--threads", type=click.IntRange(min=0), default=None, help="onnxruntime intra-op threads.")
+def demo_command(out_dir: str, threads: int | None) -> None:
+    """Explain the bundled demo classifier's decisions on its bundled pictures, offline.
+
+    The demo model is a small CNN trained on synthetic pictures of shapes among clutter
+    (models/README.md). For each picture this writes the recipe's four-panel figure and a
+    comparison of every method the model supports.
+    """
+    from pathlib import Path
+
+    from gradmap.runtime import atomic_write
+    from gradmap.runtime.compare import explain_with_methods, render_comparison
+    from gradmap.runtime.methods import MethodSpec
+
+    assets = demo_assets()
+    model_file = assets.joinpath("shapes.onnx")
+    if not model_file.is_file():
+        raise click.ClickException(f"the demo model is missing ({model_file}): reinstall gradmap")
+    model = _load_model(str(model_file), "cpu", threads)
+    pictures = sorted((p for p in assets.joinpath("images").iterdir() if p.name.endswith(".png")),
+                      key=lambda p: p.name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = [MethodSpec(name, samples=25, steps=16) for name in model.metadata.methods]
+    click.echo(f"demo model: {model.metadata.source_model}; methods: {', '.join(m.name for m in methods)}")
+    for picture in pictures:
+        shown, panels, caption = explain_with_methods(model, str(picture), methods)
+        target = out / f"{Path(picture.name).stem}.methods.png"
+        atomic_write(target, lambda f, img=render_comparison(shown, panels, caption=caption, panel_size=160):
+                     img.save(f, format="PNG"))
+        click.echo(f"{picture.name}: {caption} -> {target}")
+    click.echo(f"wrote {len(pictures)} figures to {out.resolve()}")
+
+
 @main.command("info")
 @click.argument("model_path", metavar="MODEL.onnx", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the information as one JSON document.")
