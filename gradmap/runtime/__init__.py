@@ -37,7 +37,15 @@ from gradmap.runtime.postprocess import (
     softmax,
     top_k,
 )
-from gradmap.runtime.preprocess import CropGeometry, center_crop_offsets, load_picture, preprocess, resized_size, to_rgb
+from gradmap.runtime.preprocess import (
+    CropGeometry,
+    center_crop_offsets,
+    load_picture,
+    open_picture,
+    preprocess,
+    resized_size,
+    to_rgb,
+)
 from gradmap.runtime.render import render_figure, render_heatmap, render_overlay
 from gradmap.runtime.saliency import (
     ImageSaliency,
@@ -56,7 +64,7 @@ __all__ = [
     "SaliencyModel", "Target", "TargetError", "TensorInfo",
     "apply_colormap", "atomic_write", "center_crop_offsets", "check_finite", "clip_percentile",
     "colormap_table", "compute_saliency", "equalize_histogram", "expand_inputs", "iter_saliency",
-    "load_picture", "map_to_original", "normalize_min_max", "parse_target", "preprocess",
+    "load_picture", "map_to_original", "normalize_min_max", "open_picture", "parse_target", "preprocess",
     "reduce_channels", "render_figure", "render_heatmap", "render_overlay", "resized_size",
     "resolve_providers", "save_npy", "save_png", "softmax", "to_rgb", "top_k", "write_outputs",
 ]

@@ -17,6 +17,7 @@ from gradmap.runtime.postprocess import check_finite
 __all__ = ["COLORMAPS", "N_COLORS", "apply_colormap", "colormap_table"]
 
 N_COLORS = 256
+_CHUNK = 1 << 20  # pixels per step of apply_colormap
 
 # (x, y0, y1) rows per channel, copied from matplotlib._cm.
 _SEGMENTS = {
@@ -65,5 +66,11 @@ def apply_colormap(values: np.ndarray, name: str = "hot") -> np.ndarray:
     """
     check_finite(values, "saliency map")
     table = (colormap_table(name) * 255).astype(np.uint8)
-    index = (np.asarray(values, dtype=np.float64) * N_COLORS).astype(np.int64)
-    return table[np.clip(index, 0, N_COLORS - 1)]
+    values = np.asarray(values)
+    flat = values.reshape(-1)
+    out = np.empty((flat.size, 3), dtype=np.uint8)
+    # In chunks, so that a large picture's map needs no float64 and int64 copies of itself.
+    for start in range(0, flat.size, _CHUNK):
+        index = (flat[start:start + _CHUNK].astype(np.float64) * N_COLORS).astype(np.int64)
+        out[start:start + _CHUNK] = table[np.clip(index, 0, N_COLORS - 1)]
+    return out.reshape(*values.shape, 3)

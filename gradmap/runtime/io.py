@@ -120,6 +120,20 @@ class OutputLayout:
         name = relative.name + (f".top{rank}" if rank is not None else "")
         return self.out_dir / relative.parent / name
 
+    def planned(self, source: str, formats: Iterable[str], maps: int = 1) -> list[Path]:
+        """Every file :func:`write_outputs` writes for ``source`` with these ``formats`` when the
+        picture gets ``maps`` maps (topK: K). ``--skip-existing`` skips a picture whose planned files
+        all exist: outputs are written atomically, so an existing file is a complete one."""
+        ranks: list[int | None] = list(range(1, maps + 1)) if maps > 1 else [None]
+        kinds = {"heatmap": [("heatmap", ".png")], "overlay": [("overlay", ".png")], "figure": [("figure", ".png")],
+                 "npy": [("gradient", ".npy"), ("map", ".npy")]}
+        return [self.path(source, kind, suffix, rank) for rank in ranks
+                for fmt in dict.fromkeys(formats) for kind, suffix in kinds[fmt]]
+
+    def complete(self, source: str, formats: Iterable[str], maps: int = 1) -> bool:
+        """Whether every planned output of ``source`` exists already (see :meth:`planned`)."""
+        return all(p.is_file() for p in self.planned(source, formats, maps))
+
     def path(self, source: str, kind: str, suffix: str, rank: int | None = None) -> Path:
         base = self.base(source, rank)
         path = base.with_name(f"{base.name}.{kind}{suffix}")
@@ -129,7 +143,11 @@ class OutputLayout:
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, then move it into place."""
+    """Call ``write(file)`` on a temporary file next to ``path``, then move it into place.
+
+    The temporary file is hidden (``.NAME.XXXX.tmp``) and removed on any exception, Ctrl-C included;
+    only a hard kill (SIGKILL, power loss) can leave one behind, never a partial ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -24,10 +25,10 @@ from gradmap.contract import (
     ContractError,
     ModelMetadata,
 )
-from gradmap.runtime._onnx_header import OnnxHeader, ProtobufError, read_onnx_header
+from gradmap.runtime._onnx_header import OnnxHeader, ProtobufError, read_external_data, read_onnx_header
 from gradmap.runtime.errors import GradmapModelError
 
-__all__ = ["ModelOutputs", "SaliencyModel", "TensorInfo", "resolve_providers", "PROVIDER_ALIASES"]
+__all__ = ["ModelOutputs", "SaliencyModel", "TensorInfo", "check_external_data", "resolve_providers", "PROVIDER_ALIASES"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,62 @@ def _check_interface(session: ort.InferenceSession, metadata: ModelMetadata) -> 
     return problems
 
 
+def check_external_data(path: str) -> None:
+    """Refuse a model whose tensors point to external data outside the model's folder.
+
+    ONNX stores large tensors in side files named by a ``location`` relative to the model. An
+    untrusted model could name ``/etc/passwd``, ``../../secret`` or a symlink leading out of its folder,
+    and onnxruntime would read that file into a weight (whose values then show through the logits and
+    gradients). So every location must be relative, free of ``..``, resolve (symlinks followed) inside
+    the model's folder and be a regular file -- checked here, before onnxruntime opens the model.
+
+    Raises:
+        GradmapModelError: naming the tensor, its location and what is wrong.
+    """
+    try:
+        tensors = read_external_data(path)
+    except ProtobufError as e:
+        raise GradmapModelError(path, f"not an ONNX model (unparseable: {e})") from e
+    folder = os.path.dirname(os.path.abspath(path))
+    real_folder = os.path.realpath(folder)
+    for tensor in tensors:
+        location = tensor.location
+        what = f"external data of tensor {tensor.name!r}"
+        if not location or "\0" in location:
+            raise GradmapModelError(path, f"refusing {what}: location {location!r} is empty or holds a NUL byte")
+        # Windows forms too (C:..., \\server\share): refused on every platform, a model travels.
+        if os.path.isabs(location) or location.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", location):
+            raise GradmapModelError(path, f"refusing {what}: location {location!r} is an absolute path; "
+                                          "it must name a file inside the model's folder")
+        if ".." in re.split(r"[\\/]", location):
+            raise GradmapModelError(path, f"refusing {what}: location {location!r} contains '..'; "
+                                          "it must name a file inside the model's folder")
+        target = os.path.realpath(os.path.join(folder, location))
+        if os.path.commonpath([real_folder, target]) != real_folder:
+            raise GradmapModelError(path, f"refusing {what}: location {location!r} resolves to {target}, outside "
+                                          f"the model's folder {real_folder} (a symlink)")
+        if not os.path.isfile(target):
+            raise GradmapModelError(path, f"{what}: file {location!r} is missing from the model's folder"
+                                    if not os.path.exists(target) else
+                                    f"refusing {what}: {location!r} is not a regular file")
+
+
+def _load_failure(message: str, header: OnnxHeader) -> str:
+    """onnxruntime's load error, reworded when the model is simply too new for it."""
+    version = getattr(ort, "__version__", "?")
+    opset = re.search(r"Current official support for domain (\S+) is till opset (\d+)", message)
+    if opset:
+        domain, supported = opset.group(1), int(opset.group(2))
+        have = header.opsets.get(domain) or header.opsets.get("ai.onnx")
+        return (f"opset {have} of domain {domain} is newer than this onnxruntime ({version}) supports "
+                f"(up to opset {supported}); upgrade onnxruntime or export with --opset {supported} or lower")
+    ir = re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)", message)
+    if ir:
+        return (f"ONNX IR version {ir.group(1)} is newer than this onnxruntime ({version}) supports "
+                f"(up to IR version {ir.group(2)}); upgrade onnxruntime")
+    return f"onnxruntime cannot load it: {message}"
+
+
 class SaliencyModel:
     """An exported gradmap model, loaded into onnxruntime and checked against the contract.
 
@@ -134,8 +191,9 @@ class SaliencyModel:
         threads: onnxruntime intra-op threads; ``None`` or 0 lets onnxruntime choose.
 
     Raises:
-        GradmapModelError: the file is missing, not ONNX, has no gradmap metadata, or its inputs and
-            outputs are not the contract's.
+        GradmapModelError: the file is missing, not ONNX, too new for the installed onnxruntime, points
+            to external data outside its folder (see :func:`check_external_data`), has no gradmap
+            metadata, or its inputs and outputs are not the contract's.
         ValueError: the provider is not available.
 
     Example:
@@ -155,6 +213,7 @@ class SaliencyModel:
         if threads is not None and threads < 0:
             raise ValueError(f"threads must be >= 0, got {threads}")
         self.header: OnnxHeader = self._read_header()
+        check_external_data(self.path)
         providers = resolve_providers(provider)
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads or 0)
@@ -162,7 +221,7 @@ class SaliencyModel:
         try:
             self.session = ort.InferenceSession(self.path, sess_options=options, providers=providers)
         except Exception as e:  # onnxruntime raises its own pybind exception types
-            raise GradmapModelError(self.path, f"onnxruntime cannot load it: {e}") from e
+            raise GradmapModelError(self.path, _load_failure(str(e), self.header)) from e
         if providers[0] == CUDA and CUDA not in self.session.get_providers():
             if not (isinstance(provider, str) and provider.strip().lower() == "auto"):
                 raise ValueError("CUDA was requested but onnxruntime could not use a CUDA device")

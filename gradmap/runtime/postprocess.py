@@ -41,6 +41,15 @@ REDUCTIONS = ("max", "sum", "l2")
 PLACEMENTS = ("crop", "stretch")
 
 
+def _as_float(values: np.ndarray) -> np.ndarray:
+    # Integer and bool maps become float64 (exact for every int32, no wrap-around in differences),
+    # float16 becomes float32 (skimage's binning overflows in float16); other floats stay as they are.
+    m = np.asarray(values)
+    if m.dtype.kind in "biu":
+        return m.astype(np.float64)
+    return m.astype(np.float32) if m.dtype == np.float16 else m
+
+
 def check_finite(values: np.ndarray, what: str = "gradient") -> None:
     """Raise :class:`NonFiniteGradientError` if ``values`` holds NaN or Inf, saying how many."""
     finite = np.isfinite(values)
@@ -58,17 +67,25 @@ def reduce_channels(gradient: np.ndarray, method: str = "max", channel_axis: int
         method: ``"max"`` of absolute values (default), signed ``"sum"`` (TensorFlow recipe), or ``"l2"``.
 
     Returns:
-        the map without the channel axis: float32 for ``"max"`` (exact), float64 for ``"sum"`` and
-        ``"l2"`` so that large float32 gradients cannot overflow to Inf.
+        the map without the channel axis: float32 for ``"max"`` (exact; float64 for a float64
+        gradient), float64 for ``"sum"`` and ``"l2"`` so that large float32 gradients cannot overflow
+        to Inf. Integer and bool gradients are taken as float32. A float64 gradient beyond 2**500 is
+        first scaled down by a power of two for "sum" and "l2", so that the map stays finite.
 
     Example:
         >>> reduce_channels(np.array([[[1.0]], [[-3.0]], [[2.0]]]), "max")
         array([[3.]], dtype=float32)
     """
     check_finite(gradient)
-    g = np.asarray(gradient, dtype=np.float32)
+    g = np.asarray(gradient)
+    # float64 stays float64: a cast to float32 would turn values beyond 3.4e38 into Inf.
+    g = g.astype(np.float64 if g.dtype == np.float64 else np.float32, copy=False)
     if method == "max":
         return np.abs(g).max(axis=channel_axis)
+    if method in ("sum", "l2") and g.dtype == np.float64 and g.size and np.abs(g).max() > 2.0 ** 500:
+        # float64 sums and squares overflow near 1e154 and 1e308: divide by an exact power of two.
+        # Only the map's shape matters downstream (it is min-max normalized or equalized).
+        g = np.ldexp(g, -int(np.frexp(np.abs(g).max())[1]))
     if method == "sum":
         return g.sum(axis=channel_axis, dtype=np.float64)
     if method == "l2":
@@ -88,6 +105,10 @@ def normalize_min_max(saliency_map: np.ndarray) -> np.ndarray:
     low, high = m.min(), m.max()
     if not high > low:
         return np.zeros(m.shape, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        overflows = not np.isfinite(high - low)
+    if overflows:  # a range beyond float64's limit: halve everything, exactly
+        m, low, high = m * 0.5, low * 0.5, high * 0.5
     return np.clip((m - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
 
@@ -98,14 +119,22 @@ def equalize_histogram(saliency_map: np.ndarray, nbins: int = 256) -> np.ndarray
     0.5 everywhere for a flat map; here a flat map gives zeros, like :func:`normalize_min_max`.
     """
     check_finite(saliency_map, "saliency map")
-    m = np.asarray(saliency_map)
+    m = _as_float(saliency_map)
     if m.size == 0 or not m.max() > m.min():
         return np.zeros(m.shape, dtype=np.float32)
     if m.dtype != np.float64 and np.abs(m).max() > np.finfo(np.float32).max / 4:
         # skimage's bin arithmetic overflows near the float32 limit; recipe-sized values keep their
         # own dtype so that bins (and results) are exactly skimage's.
         m = m.astype(np.float64)
-    return np.clip(exposure.equalize_hist(m, nbins=nbins), 0.0, 1.0).astype(np.float32)
+    elif m.dtype == np.float64 and np.abs(m).max() > np.finfo(np.float64).max / 4:
+        m = m * 0.25  # the same near float64's limit; a power of two changes no bin
+    try:
+        equalized = exposure.equalize_hist(m, nbins=nbins)
+    except ValueError:
+        # numpy cannot cut a range this narrow for its magnitude (e.g. [1e10, 1e10 + 1e-3] in float64)
+        # into finite bins; equalize the min-max normalized map instead, same ranks.
+        equalized = exposure.equalize_hist(normalize_min_max(m).astype(np.float64), nbins=nbins)
+    return np.clip(equalized, 0.0, 1.0).astype(np.float32)
 
 
 def clip_percentile(saliency_map: np.ndarray, low: float = 0.0, high: float = 99.0) -> np.ndarray:
@@ -116,10 +145,15 @@ def clip_percentile(saliency_map: np.ndarray, low: float = 0.0, high: float = 99
     if not 0.0 <= low <= high <= 100.0:
         raise ValueError(f"percentiles must satisfy 0 <= low <= high <= 100, got {low}, {high}")
     check_finite(saliency_map, "saliency map")
-    m = np.asarray(saliency_map)
+    m = _as_float(saliency_map)
     if m.size == 0:
         return m.copy()
-    lo, hi = np.percentile(m, [low, high])
+    with np.errstate(over="ignore"):
+        fits = np.isfinite(m.max() - m.min())
+    if fits:
+        lo, hi = np.percentile(m, [low, high])
+    else:  # numpy's interpolation overflows on a range beyond the dtype's limit; halving is exact
+        lo, hi = 2 * np.percentile(m * 0.5, [low, high])
     return np.clip(m, lo, hi)
 
 

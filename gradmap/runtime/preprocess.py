@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,7 @@ __all__ = [
     "PIL_FILTERS",
     "center_crop_offsets",
     "load_picture",
+    "open_picture",
     "preprocess",
     "resized_size",
     "to_rgb",
@@ -106,27 +108,54 @@ def to_rgb(picture: Image.Image) -> Image.Image:
 
 
 def load_picture(path: str | os.PathLike[str]) -> Image.Image:
-    """Open a picture, apply its EXIF orientation and convert it to RGB.
+    """Open a picture, apply its EXIF orientation and convert it to RGB (see :func:`open_picture`).
 
     Raises:
-        ImageLoadError: missing, empty, truncated or unreadable file, or a mode that cannot be converted.
+        ImageLoadError: missing, empty, truncated or unreadable file, a decompression bomb, or a mode
+            that cannot be converted.
+    """
+    return open_picture(path)[0]
+
+
+def open_picture(path: str | os.PathLike[str]) -> tuple[Image.Image, list[str]]:
+    """Like :func:`load_picture`, also returning notes about what was done (e.g. the first frame of
+    an animated GIF or multi-page TIFF was used).
+
+    A picture over PIL's ``Image.MAX_IMAGE_PIXELS`` (about 89 megapixels) is refused before it is
+    decoded: PIL only warns up to twice that limit and would decode it, so the warning is turned
+    into an error here.
+
+    Raises:
+        ImageLoadError: as :func:`load_picture`.
     """
     path = os.fspath(path)
+    notes: list[str] = []
     try:
         if os.path.getsize(path) == 0:
             raise ImageLoadError(path, "empty file")
-        with Image.open(path) as opened:
-            opened.load()
-            picture = ImageOps.exif_transpose(opened)
-            picture.load()
-            return to_rgb(picture)
+        # catch_warnings is process-global: a DecompressionBombWarning from another thread's load in
+        # the same instant is also raised, in that thread -- a refusal, never a silent huge decode.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                frames = getattr(opened, "n_frames", 1)
+                if frames > 1:
+                    notes.append(f"{opened.format} with {frames} frames: used the first")
+                    opened.seek(0)
+                opened.load()
+                picture = ImageOps.exif_transpose(opened)
+                picture.load()
+                return to_rgb(picture), notes
     except ImageLoadError:
         raise
     except FileNotFoundError as e:
         raise ImageLoadError(path, "no such file") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(path, f"refused as a possible decompression bomb: {e} "
+                                   f"(PIL's Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS})") from e
     except Image.UnidentifiedImageError as e:
         raise ImageLoadError(path, "not an image (PIL cannot identify it)") from e
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageLoadError(path, f"cannot decode image: {e}") from e
 
 

@@ -24,6 +24,9 @@ FIGURE_TITLES = (
 )
 
 
+_BAND_ROWS = 512
+
+
 def _covered(values: np.ndarray, covered: np.ndarray | None) -> np.ndarray:
     return np.ones(values.shape, dtype=bool) if covered is None else np.asarray(covered, dtype=bool)
 
@@ -45,14 +48,19 @@ def render_overlay(picture: Image.Image, values: np.ndarray, covered: np.ndarray
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    base = np.asarray(picture.convert("RGB"), dtype=np.float64)
-    if base.shape[:2] != values.shape:
-        raise ValueError(f"picture is {base.shape[1]}x{base.shape[0]} but the map is {values.shape[1]}x{values.shape[0]}")
-    colour = apply_colormap(values, colormap).astype(np.float64)
-    blended = alpha * colour + (1.0 - alpha) * base
-    mask = _covered(values, covered)[..., None]
-    out = np.where(mask, np.rint(blended), base)
-    return Image.fromarray(out.astype(np.uint8), mode="RGB")
+    pixels = np.asarray(picture.convert("RGB"))
+    if pixels.shape[:2] != values.shape:
+        raise ValueError(f"picture is {pixels.shape[1]}x{pixels.shape[0]} but the map is {values.shape[1]}x{values.shape[0]}")
+    mask = _covered(values, covered)
+    out = np.empty_like(pixels)
+    # Band by band: the float64 temporaries of a whole 10000x8000 picture would take ~6 GB.
+    for top in range(0, pixels.shape[0], _BAND_ROWS):
+        rows = slice(top, top + _BAND_ROWS)
+        base = pixels[rows].astype(np.float64)
+        colour = apply_colormap(values[rows], colormap).astype(np.float64)
+        blended = alpha * colour + (1.0 - alpha) * base
+        out[rows] = np.where(mask[rows][..., None], np.rint(blended), base).astype(np.uint8)
+    return Image.fromarray(out, mode="RGB")
 
 
 def _panel(image: Image.Image, size: tuple[int, int]) -> Image.Image:

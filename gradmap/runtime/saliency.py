@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from gradmap.runtime.errors import ImageLoadError, NonFiniteGradientError, TargetError
+from gradmap.runtime.methods import MethodSpec, attribute
 from gradmap.runtime.model import SaliencyModel
 from gradmap.runtime.postprocess import (
     check_finite,
@@ -32,7 +33,7 @@ from gradmap.runtime.postprocess import (
     softmax,
     top_k,
 )
-from gradmap.runtime.preprocess import CropGeometry, load_picture, preprocess
+from gradmap.runtime.preprocess import CropGeometry, open_picture, preprocess
 
 __all__ = [
     "ImageSaliency",
@@ -123,6 +124,9 @@ class SaliencyMap:
     gradient: np.ndarray
     saliency_map: np.ndarray
     equalized_map: np.ndarray
+    method: str = "vanilla"
+    #: integrated gradients only: |sum of attributions - (F(x) - F(baseline))|
+    completeness_gap: float | None = None
 
 
 @dataclass
@@ -137,6 +141,8 @@ class ImageSaliency:
     maps: list[SaliencyMap] = field(default_factory=list)
     error: Exception | None = None
     labels: Sequence[str] = ()
+    #: What was done besides the usual, for the user (e.g. "GIF with 12 frames: used the first").
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -163,12 +169,21 @@ def _name(source: object) -> str:
 
 
 def _make_map(gradient: np.ndarray, index: int, labels: Sequence[str], rank: int | None, reduce: str,
-              clip: tuple[float, float] | None) -> SaliencyMap:
+              clip: tuple[float, float] | None, method: str = "vanilla", gap: float | None = None) -> SaliencyMap:
     check_finite(gradient, f"gradient for class {index} ({labels[index]})")
     reduced = reduce_channels(gradient, reduce)
     if clip is not None:
         reduced = clip_percentile(reduced, *clip)
-    return SaliencyMap(index, labels[index], rank, gradient, normalize_min_max(reduced), equalize_histogram(reduced))
+    return SaliencyMap(index, labels[index], rank, gradient, normalize_min_max(reduced), equalize_histogram(reduced),
+                       method, gap)
+
+
+def _run(model: SaliencyModel, method: MethodSpec | None, images: np.ndarray, targets: np.ndarray):
+    """(logits, target_index, attribution [N, C, H, W], completeness gap or None) of one method."""
+    if method is None or method.name == "vanilla" and method.modifier == "auto":
+        out = model.run(images, targets)
+        return out.logits, out.target_index, out.gradient, None
+    return attribute(model, method, images, targets)
 
 
 def _batches(items: Iterable, size: int) -> Iterator[list]:
@@ -185,7 +200,7 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
 def iter_saliency(model: SaliencyModel, sources: Iterable[str | os.PathLike[str] | Image.Image], *,
                   target: str | int | Target | None = "top1", reduce: str = "max",
                   clip: tuple[float, float] | None = None, no_crop: bool = False,
-                  batch_size: int = 8) -> Iterator[ImageSaliency]:
+                  batch_size: int = 8, method: MethodSpec | None = None) -> Iterator[ImageSaliency]:
     """Compute saliency maps for many pictures, ``batch_size`` at a time, in input order.
 
     Pictures are loaded batch by batch, never all at once. A picture that cannot be read, or whose
@@ -199,6 +214,7 @@ def iter_saliency(model: SaliencyModel, sources: Iterable[str | os.PathLike[str]
         clip: optional (low, high) percentiles applied before normalization.
         no_crop: resize the whole picture to the input size instead of resize + center crop.
         batch_size: pictures per model run.
+        method: the attribution method and its parameters (vanilla gradient when ``None``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -209,7 +225,10 @@ def iter_saliency(model: SaliencyModel, sources: Iterable[str | os.PathLike[str]
         tensors, live = [], []
         for result, source in zip(results, batch):
             try:
-                picture = load_picture(source) if not isinstance(source, Image.Image) else source.convert("RGB")
+                if isinstance(source, Image.Image):
+                    picture = source.convert("RGB")
+                else:
+                    picture, result.notes = open_picture(source)
                 tensor, geometry = preprocess(picture, model.metadata.preprocessing, no_crop=no_crop)
             except ImageLoadError as e:
                 result.error = e
@@ -218,35 +237,37 @@ def iter_saliency(model: SaliencyModel, sources: Iterable[str | os.PathLike[str]
             tensors.append(tensor)
             live.append(result)
         if live:
-            _explain(model, np.stack(tensors), live, wanted, reduce, clip)
+            _explain(model, np.stack(tensors), live, wanted, reduce, clip, method)
         yield from results
 
 
 def _explain(model: SaliencyModel, images: np.ndarray, results: list[ImageSaliency], wanted: Target,
-             reduce: str, clip: tuple[float, float] | None) -> None:
+             reduce: str, clip: tuple[float, float] | None, method: MethodSpec | None = None) -> None:
     labels = model.labels
     n = len(results)
+    name = "vanilla" if method is None else method.name
     first_targets = np.full(n, -1 if wanted.kind == "top" else wanted.value, dtype=np.int64)
-    first = model.run(images, first_targets)
+    logits, first_index, first_values, first_gap = _run(model, method, images, first_targets)
     # Ranks 2..K: the best classes after the one the graph resolved as top-1, so that rank 1 is
     # exactly the graph's own tie-breaking.
     rank_targets = []
     for i in range(n):
-        order = [int(c) for c in top_k(first.logits[i], len(labels)) if c != first.target_index[i]]
+        order = [int(c) for c in top_k(logits[i], len(labels)) if c != first_index[i]]
         rank_targets.append(order[:wanted.count - 1] if wanted.kind == "top" else [])
-    runs = [(first.target_index, first.gradient)]
+    runs = [(first_index, first_values, first_gap)]
     for r in range(1, wanted.count):
         targets = np.array([t[r - 1] for t in rank_targets], dtype=np.int64)
-        out = model.run(images, targets)
-        runs.append((out.target_index, out.gradient))
+        _, target_index, values, gap = _run(model, method, images, targets)
+        runs.append((target_index, values, gap))
     for i, result in enumerate(results):
-        result.logits = first.logits[i]
+        result.logits = logits[i]
         try:
-            check_finite(first.logits[i], "logits")
-            result.probabilities = softmax(first.logits[i])
-            for r, (target_index, gradient) in enumerate(runs):
+            check_finite(logits[i], "logits")
+            result.probabilities = softmax(logits[i])
+            for r, (target_index, values, gap) in enumerate(runs):
                 rank = r + 1 if wanted.kind == "top" else None
-                result.maps.append(_make_map(gradient[i], int(target_index[i]), labels, rank, reduce, clip))
+                result.maps.append(_make_map(values[i], int(target_index[i]), labels, rank, reduce, clip, name,
+                                             None if gap is None else float(gap[i])))
         except NonFiniteGradientError as e:
             logger.warning("%s: %s", result.source, e)
             result.maps = []
