@@ -67,10 +67,14 @@ def apply_colormap(values: np.ndarray, name: str = "hot") -> np.ndarray:
     check_finite(values, "saliency map")
     table = (colormap_table(name) * 255).astype(np.uint8)
     values = np.asarray(values)
+    # values * 256 is exact in float32 as in float64 (a power of two), so float32 maps need no
+    # float64 copy; clipping before truncation picks the same colour as truncating then clipping.
+    work = np.float32 if values.dtype == np.float32 else np.float64
     flat = values.reshape(-1)
     out = np.empty((flat.size, 3), dtype=np.uint8)
-    # In chunks, so that a large picture's map needs no float64 and int64 copies of itself.
+    # In chunks, so that a large picture's map needs no full-size temporaries.
     for start in range(0, flat.size, _CHUNK):
-        index = (flat[start:start + _CHUNK].astype(np.float64) * N_COLORS).astype(np.int64)
-        out[start:start + _CHUNK] = table[np.clip(index, 0, N_COLORS - 1)]
+        index = flat[start:start + _CHUNK].astype(work) * work(N_COLORS)
+        np.clip(index, 0, N_COLORS - 1, out=index)
+        out[start:start + _CHUNK] = table[index.astype(np.intp)]
     return out.reshape(*values.shape, 3)

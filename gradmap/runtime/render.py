@@ -52,14 +52,16 @@ def render_overlay(picture: Image.Image, values: np.ndarray, covered: np.ndarray
     if pixels.shape[:2] != values.shape:
         raise ValueError(f"picture is {pixels.shape[1]}x{pixels.shape[0]} but the map is {values.shape[1]}x{values.shape[0]}")
     mask = _covered(values, covered)
+    # Both operands are bytes, so the float64 blend has only 256 x 256 outcomes: tabulate them
+    # (the same arithmetic, element for element) instead of blending a 10000x8000 picture in float64.
+    levels = np.arange(256, dtype=np.float64)
+    blend = np.rint(alpha * levels[:, None] + (1.0 - alpha) * levels[None, :]).astype(np.uint8)  # [colour, base]
     out = np.empty_like(pixels)
-    # Band by band: the float64 temporaries of a whole 10000x8000 picture would take ~6 GB.
-    for top in range(0, pixels.shape[0], _BAND_ROWS):
+    for top in range(0, pixels.shape[0], _BAND_ROWS):  # band by band: no full-size temporaries
         rows = slice(top, top + _BAND_ROWS)
-        base = pixels[rows].astype(np.float64)
-        colour = apply_colormap(values[rows], colormap).astype(np.float64)
-        blended = alpha * colour + (1.0 - alpha) * base
-        out[rows] = np.where(mask[rows][..., None], np.rint(blended), base).astype(np.uint8)
+        base = pixels[rows]
+        blended = blend[apply_colormap(values[rows], colormap), base]
+        out[rows] = np.where(mask[rows][..., None], blended, base)
     return Image.fromarray(out, mode="RGB")
 
 
