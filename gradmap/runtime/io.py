@@ -131,8 +131,12 @@ class OutputLayout:
                 for fmt in dict.fromkeys(formats) for kind, suffix in kinds[fmt]]
 
     def complete(self, source: str, formats: Iterable[str], maps: int = 1) -> bool:
-        """Whether every planned output of ``source`` exists already (see :meth:`planned`)."""
-        return all(p.is_file() for p in self.planned(source, formats, maps))
+        """Whether every planned output of ``source`` exists already (see :meth:`planned`). False when
+        an output would overwrite an input: the picture is then processed and reports that error."""
+        try:
+            return all(p.is_file() for p in self.planned(source, formats, maps))
+        except FileExistsError:
+            return False
 
     def path(self, source: str, kind: str, suffix: str, rank: int | None = None) -> Path:
         base = self.base(source, rank)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -151,8 +152,10 @@ def open_picture(path: str | os.PathLike[str]) -> tuple[Image.Image, list[str]]:
     except FileNotFoundError as e:
         raise ImageLoadError(path, "no such file") from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(path, f"refused as a possible decompression bomb: {e} "
-                                   f"(PIL's Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS})") from e
+        size = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = f"{int(size.group(1)):,} pixels" if size else str(e)
+        raise ImageLoadError(path, f"refused as a possible decompression bomb: {pixels}, over PIL's limit of "
+                                   f"{Image.MAX_IMAGE_PIXELS:,} (Image.MAX_IMAGE_PIXELS)") from e
     except Image.UnidentifiedImageError as e:
         raise ImageLoadError(path, "not an image (PIL cannot identify it)") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
