@@ -461,9 +461,10 @@ def test_external_data_symlink_out_of_the_folder_is_refused(tmp_path, no_session
         SaliencyModel(path, provider="cpu")
 
 
-def test_external_data_in_a_constant_node_is_checked_too(tmp_path, no_session):
+@pytest.mark.parametrize("where", ["constant", "subgraph"])
+def test_external_data_in_a_constant_node_is_checked_too(tmp_path, no_session, where):
     onnx, proto = _fixture_proto()
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     zero = next(t for t in proto.graph.initializer if t.name == "zero")
     proto.graph.initializer.remove(zero)
@@ -473,7 +474,13 @@ def test_external_data_in_a_constant_node_is_checked_too(tmp_path, no_session):
     value.data_location = onnx.TensorProto.EXTERNAL
     entry = value.external_data.add()
     entry.key, entry.value = "location", "/dev/zero"
-    proto.graph.node.insert(0, helper.make_node("Constant", [], ["zero"], value=value))
+    constant = helper.make_node("Constant", [], ["zero"], value=value)
+    if where == "subgraph":  # the Constant inside an If branch: subgraphs are walked too
+        out = helper.make_tensor_value_info("zero", TensorProto.INT64, [])
+        branch = helper.make_graph([constant], "branch", [], [out])
+        proto.graph.initializer.append(numpy_helper.from_array(np.array(True), "always"))
+        constant = helper.make_node("If", ["always"], ["zero"], then_branch=branch, else_branch=branch)
+    proto.graph.node.insert(0, constant)
     path = tmp_path / "constant.onnx"
     path.write_bytes(proto.SerializeToString())
     with pytest.raises(GradmapModelError, match="'zero_value'.*absolute path"):
