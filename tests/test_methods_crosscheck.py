@@ -11,7 +11,7 @@ import onnxruntime as ort  # noqa: E402
 
 from gradmap import contract  # noqa: E402
 from gradmap.export import export_torchvision, load_torchvision  # noqa: E402
-from gradmap.runtime.cam import grad_cam, guided_grad_cam  # noqa: E402
+from gradmap.runtime.cam import grad_cam, grad_cam_plus_plus, guided_grad_cam  # noqa: E402
 
 TOLERANCE = 1e-4  # max|Δ| / max|Captum|
 
@@ -21,12 +21,28 @@ def rel(actual, expected):
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
 
-@pytest.fixture(scope="module")
-def resnet18_variants(tmp_path_factory):
-    path = tmp_path_factory.mktemp("variants") / "r18.onnx"
-    export_torchvision("resnet18", path, weights="none", backprops=("vanilla", "guided", "deconvnet"),
-                       cam_layer="layer4")
-    module, _ = load_torchvision("resnet18", "none")
+# model -> (layer for Grad-CAM or None where the method does not apply, whether Captum's guided /
+# deconvnet hooks see every ReLU). Captum hooks nn.ReLU modules only; gradmap's rule applies to every
+# Relu node. DenseNet ends with a functional F.relu that Captum leaves alone, so guided and deconvnet
+# are compared on the other models. A ViT has no ReLU (GELU) and no spatial feature map to pool:
+# guided = vanilla there, and Grad-CAM does not apply (a token-grid layer would be needed).
+MODELS = {
+    "resnet18": ("layer4", True),
+    "vgg11": ("features", True),
+    "densenet121": ("features", False),
+    "mobilenet_v3_small": ("features", True),
+    "vit_b_16": (None, True),
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def variants(request, tmp_path_factory):
+    name = request.param
+    layer, relu_modules_only = MODELS[name]
+    path = tmp_path_factory.mktemp("variants") / f"{name}.onnx"
+    export_torchvision(name, path, weights="none", backprops=("vanilla", "guided", "deconvnet"),
+                       cam_layer="auto" if layer else None)
+    module, _ = load_torchvision(name, "none")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     # smooth inputs (blurred noise) keep ReLU and max-pool decisions away from float32 near-ties
     rng = np.random.default_rng(5)
@@ -35,51 +51,78 @@ def resnet18_variants(tmp_path_factory):
     image = ndimage.gaussian_filter(rng.standard_normal((2, 3, 224, 224)), sigma=(0, 0, 3, 3)).astype(np.float32) * 4
     target = np.array([-1, 17], dtype=np.int64)
     names = [contract.OUTPUT_LOGITS, contract.OUTPUT_TARGET_INDEX, contract.OUTPUT_GRADIENT,
-             contract.OUTPUT_GRADIENT_GUIDED, contract.OUTPUT_GRADIENT_DECONVNET,
-             contract.OUTPUT_CAM_ACTIVATION, contract.OUTPUT_CAM_GRADIENT]
+             contract.OUTPUT_GRADIENT_GUIDED, contract.OUTPUT_GRADIENT_DECONVNET]
+    if layer:
+        names += [contract.OUTPUT_CAM_ACTIVATION, contract.OUTPUT_CAM_GRADIENT]
     outputs = dict(zip(names, session.run(names, {"image": image, "target": target})))
-    return module.double(), image, outputs
+    module = module.double()
+    return name, module, getattr(module, layer) if layer else None, relu_modules_only, image, outputs
 
 
-def _captum(cls, module, image, targets, **kwargs):
-    x = torch.from_numpy(image).double()
-    return cls(module, **kwargs).attribute(x, target=torch.from_numpy(targets)).detach().numpy()
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("method,output", [
     ("Saliency", contract.OUTPUT_GRADIENT),
     ("GuidedBackprop", contract.OUTPUT_GRADIENT_GUIDED),
     ("Deconvolution", contract.OUTPUT_GRADIENT_DECONVNET),
 ])
-def test_backprop_variants_match_captum(resnet18_variants, method, output):
-    module, image, out = resnet18_variants
+def test_backprop_variants_match_captum(variants, method, output):
+    name, module, _, relu_modules_only, image, out = variants
+    if method != "Saliency" and not relu_modules_only:
+        pytest.skip(f"{name}: Captum's {method} leaves its functional F.relu unmodified")
     targets = out[contract.OUTPUT_TARGET_INDEX]
     kwargs = {"abs": False} if method == "Saliency" else {}
     x = torch.from_numpy(image).double()
     expected = getattr(captum_attr, method)(module).attribute(x, target=torch.from_numpy(targets), **kwargs)
     err = rel(out[output], expected.detach().numpy())
-    assert err <= TOLERANCE, f"{method}: {err:.3g}"
+    assert err <= TOLERANCE, f"{name} {method}: {err:.3g}"
 
 
-def test_grad_cam_matches_captum_layer_grad_cam(resnet18_variants):
-    module, image, out = resnet18_variants
+@pytest.mark.slow
+def test_grad_cam_matches_captum_layer_grad_cam(variants):
+    name, module, layer, _, image, out = variants
+    if layer is None:
+        pytest.skip(f"{name}: no spatial feature map before the classifier")
     targets = torch.from_numpy(out[contract.OUTPUT_TARGET_INDEX])
     x = torch.from_numpy(image).double()
-    expected = captum_attr.LayerGradCam(module, module.layer4).attribute(x, target=targets)[:, 0]
+    expected = captum_attr.LayerGradCam(module, layer).attribute(x, target=targets)[:, 0]
     ours = grad_cam(out[contract.OUTPUT_CAM_ACTIVATION], out[contract.OUTPUT_CAM_GRADIENT], relu=False)
     err = rel(ours, expected.detach().numpy())
-    assert err <= TOLERANCE, f"Grad-CAM: {err:.3g}"
+    assert err <= TOLERANCE, f"{name} Grad-CAM: {err:.3g}"
 
 
-def test_guided_grad_cam_matches_captum(resnet18_variants):
-    module, image, out = resnet18_variants
+@pytest.mark.slow
+def test_guided_grad_cam_matches_captum(variants):
+    name, module, layer, relu_modules_only, image, out = variants
+    if layer is None or not relu_modules_only:
+        pytest.skip(f"{name}: Grad-CAM or Captum's guided backprop does not apply as in gradmap")
     targets = torch.from_numpy(out[contract.OUTPUT_TARGET_INDEX])
     x = torch.from_numpy(image).double()
-    expected = captum_attr.GuidedGradCam(module, module.layer4).attribute(x, target=targets)
+    expected = captum_attr.GuidedGradCam(module, layer).attribute(x, target=targets)
     ours = guided_grad_cam(out[contract.OUTPUT_GRADIENT_GUIDED], out[contract.OUTPUT_CAM_ACTIVATION],
                            out[contract.OUTPUT_CAM_GRADIENT])
     err = rel(ours, expected.detach().numpy())
-    assert err <= TOLERANCE, f"Guided Grad-CAM: {err:.3g}"
+    assert err <= TOLERANCE, f"{name} Guided Grad-CAM: {err:.3g}"
+
+
+@pytest.mark.slow
+def test_grad_cam_plus_plus_matches_pytorch_grad_cam(variants):
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    name, module, layer, _, image, out = variants
+    if layer is None:
+        pytest.skip(f"{name}: no spatial feature map before the classifier")
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    activation = out[contract.OUTPUT_CAM_ACTIVATION]
+    cam = pgc.GradCAMPlusPlus(model=module, target_layers=[layer])
+    # compare on the feature-map grid: pytorch-grad-cam min-max scales, then resizes to this size
+    cam.get_target_width_height = lambda input_tensor: (activation.shape[3], activation.shape[2])
+    targets = [ClassifierOutputTarget(int(t)) for t in out[contract.OUTPUT_TARGET_INDEX]]
+    expected = cam(input_tensor=torch.from_numpy(image).double(), targets=targets)
+    ours = grad_cam_plus_plus(activation, out[contract.OUTPUT_CAM_GRADIENT]).astype(np.float64)
+    low = ours.min(axis=(1, 2), keepdims=True)
+    ours = (ours - low) / (ours.max(axis=(1, 2), keepdims=True) - low + 1e-7)  # pytorch-grad-cam's scale_cam_image
+    err = float(np.abs(ours - expected).max())
+    assert err <= 1e-4, f"{name} Grad-CAM++: {err:.3g} (maps in [0, 1])"
 
 
 # -- runtime methods on the vanilla gradient -------------------------------------------------------

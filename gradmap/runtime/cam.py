@@ -16,7 +16,7 @@ from scipy import ndimage
 
 __all__ = ["grad_cam", "grad_cam_plus_plus", "guided_grad_cam", "upsample"]
 
-_EPS = 1e-7  # pytorch-grad-cam's guard in the Grad-CAM++ denominator
+_EPS = 1e-6  # pytorch-grad-cam 1.5's guard in the Grad-CAM++ denominator (it dominates when |g| < 1e-3)
 
 
 def _check(activation: np.ndarray, gradient: np.ndarray) -> None:
