@@ -327,6 +327,12 @@ case("ScatterND", "overwrite-rows", graph("float[4,3] X, float[2,3] U", "float[4
 case("ScatterND", "updates", graph("float[2,3] X", "float[4,3] Y", "Y = ScatterND(D, I, X)",
                                    [init("D", np.zeros((4, 3), np.float32)), init("I", np.int64([[1], [3]]))]),
      lambda X: torch.zeros(4, 3).index_put((t(np.int64([1, 3])),), X), X=randn(2, 3))
+case("GatherND", "rows-with-repeats", graph("float[4,3] X", "float[3,3] Y", "Y = GatherND(X, I)",
+                                            [init("I", np.int64([[1], [3], [1]]))]),
+     lambda X: X[t(np.int64([1, 3, 1]))], X=randn(4, 3))
+case("GatherND", "elements", graph("float[2,3,4] X", "float[2] Y", "Y = GatherND(X, I)",
+                                   [init("I", np.int64([[0, 2, 1], [1, 0, 3]]))]),
+     lambda X: X[t(np.int64([0, 1])), t(np.int64([2, 0])), t(np.int64([1, 3]))], X=randn(2, 3, 4))
 case("Tile", "repeats", graph("float[2,3,4] X", "float[2,6,12] Y", "Y = Tile(X, R)", [init("R", np.int64([1, 2, 3]))]),
      lambda X: X.repeat(1, 2, 3), X=randn(2, 3, 4))
 

@@ -9,6 +9,7 @@
     Gather:     dX = ScatterND(zeros, indices, dY, reduction=add) along axis
     Pad:        dX = Slice(dY, pads_begin, -pads_end)                 (constant mode, pads >= 0)
     ScatterND:  dData = ScatterND(dY, indices, 0), dUpdates = GatherND(dY, indices)
+    GatherND:   dX = ScatterND(zeros, indices, dY, reduction=add)
     Tile:       dX = sum over the tiles of dY
 """
 
@@ -192,6 +193,15 @@ def scatter_nd(ctx, node, dy):
     if ctx.needs_grad(updates):
         d_updates = ctx.op("GatherND", dy[0], indices)
     return [d_data, None, d_updates]
+
+
+@register("GatherND")
+def gather_nd(ctx, node, dy):
+    data, indices = node.inputs
+    if ctx.attr(node, "batch_dims", 0) != 0:
+        raise ExportError(f"{node.name}: GatherND with batch_dims has no gradient rule")
+    zeros = ctx.op("ConstantOfShape", ctx.op("Shape", data), value=ir.tensor(np.zeros(1, dtype=np.float32)))
+    return [ctx.op("ScatterND", zeros, indices, dy[0], reduction="add"), None]
 
 
 @register("Tile")
