@@ -2,13 +2,14 @@
 
 Usage (from the repository root, after ``python models/make_demo.py``):
 
-    python models/evaluate_demo.py [--demo models/demo] [--random-repeats 3]
+    python models/evaluate_demo.py [--demo models/demo] [--random-repeats 2]
 
 On every image of ``eval_set.npz`` the map is max_c |d logit_y / d image_c|, the vanilla gradient
 (Simonyan et al. 2014) of the ground-truth class y, read from the exported model's ``gradient``
 output. Reported, as means over the eval set:
 
-    pointing game          the map's maximum on the object (chance: the object's area share)
+    pointing game          the map's maximum on the object (chance: the object's area share); also
+                           within 1 px and within 4.3 px of it (Zhang et al.'s 15 px at 224 px)
     energy pointing game   share of the map's mass on the object (chance: the same)
     deletion / insertion   AUC of p(y) as pixels are removed / inserted, most salient first, 64 steps
                            of 64 px; deletion fills with 0.0 in normalized space (the dataset's mean
@@ -45,6 +46,9 @@ from gradmap.runtime.metrics import (
 
 TARGETS = {"pointing_game": 0.8, "randomization_rank_correlation": 0.3}
 STEPS = 64
+# Zhang et al.'s 15 px tolerance at 224 x 224, scaled to 64 x 64 (secondary figure; the target is
+# for the strict mask).
+TOLERANCE_4PX = 15 * 64 / 224
 
 
 def _session(path: Path) -> tuple[ort.InferenceSession, ModelMetadata]:
@@ -74,11 +78,35 @@ def _gradients(session: ort.InferenceSession, x: np.ndarray, target: np.ndarray,
     return np.concatenate(logits), np.concatenate(gradients)
 
 
+def _forward_session(path: Path) -> ort.InferenceSession:
+    """A session that computes the logits only.
+
+    onnxruntime runs the whole graph whatever outputs are asked for, so asking for the logits alone
+    still pays for the gradient (measured: same time per image). With the ``onnx`` package at hand
+    the forward subgraph is cut out, which makes the thousands of perturbed inputs about 3x cheaper;
+    without it the full model is used, with the same results.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        import onnx
+        import onnx.utils
+    except ImportError:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    forward = onnx.utils.Extractor(onnx.load(str(path))).extract_model([contract.INPUT_IMAGE], [contract.OUTPUT_LOGITS])
+    return ort.InferenceSession(forward.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 def _probabilities(session: ort.InferenceSession):
+    needs_target = any(i.name == contract.INPUT_TARGET for i in session.get_inputs())
+
     def predict(batch: np.ndarray) -> np.ndarray:
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        target = np.full(len(batch), -1, dtype=np.int64)
-        (logits,) = session.run([contract.OUTPUT_LOGITS], {contract.INPUT_IMAGE: batch, contract.INPUT_TARGET: target})
+        feeds = {contract.INPUT_IMAGE: np.ascontiguousarray(batch, dtype=np.float32)}
+        if needs_target:
+            feeds[contract.INPUT_TARGET] = np.full(len(batch), -1, dtype=np.int64)
+        (logits,) = session.run([contract.OUTPUT_LOGITS], feeds)
         z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
@@ -107,7 +135,7 @@ def evaluate(demo: Path, random_repeats: int, limit: int | None = None) -> dict:
     maps_randomized = np.abs(gradient_randomized).max(axis=1)
     predicted = logits.argmax(axis=1)
 
-    predict = _probabilities(trained)
+    predict = _probabilities(_forward_session(demo / "shapes.onnx"))
     rng = np.random.default_rng(0)
     rows = []
     for i in range(len(x)):
@@ -115,6 +143,8 @@ def evaluate(demo: Path, random_repeats: int, limit: int | None = None) -> dict:
         blurred = blurred_image(x[i])
         rows.append({
             "pointing_game": pointing_game(maps[i], masks[i]),
+            "pointing_game_tolerance_1px": pointing_game(maps[i], masks[i], tolerance=1.0),
+            "pointing_game_tolerance_4px": pointing_game(maps[i], masks[i], tolerance=TOLERANCE_4PX),
             "pointing_game_randomized_top": pointing_game(maps_randomized[i], masks[i]),
             "energy_pointing_game": energy_pointing_game(maps[i], masks[i]),
             "chance": float(masks[i].mean()),
@@ -134,6 +164,8 @@ def evaluate(demo: Path, random_repeats: int, limit: int | None = None) -> dict:
         "method": "vanilla gradient of the ground-truth class's logit, max over channels of |gradient|",
         "accuracy": float((predicted == labels).mean()),
         "pointing_game": _summary(column["pointing_game"]),
+        "pointing_game_tolerance_1px": _summary(column["pointing_game_tolerance_1px"]),
+        "pointing_game_tolerance_4px": _summary(column["pointing_game_tolerance_4px"]),
         "energy_pointing_game": _summary(column["energy_pointing_game"]),
         "chance_level (mean object area share)": _summary(column["chance"]),
         "pointing_game_randomized_top": _summary(column["pointing_game_randomized_top"]),
@@ -162,7 +194,7 @@ def evaluate(demo: Path, random_repeats: int, limit: int | None = None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", type=Path, default=Path(__file__).parent / "demo")
-    parser.add_argument("--random-repeats", type=int, default=3)
+    parser.add_argument("--random-repeats", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     parser.add_argument("--out", type=Path, default=None, help="default: <demo>/quality.json")
     args = parser.parse_args()
@@ -175,6 +207,8 @@ def main() -> None:
     print(f"{r['images']} images, accuracy {r['accuracy']:.3f}")
     print(f"pointing game          {r['pointing_game']['mean']:.3f}  (randomized top {r['pointing_game_randomized_top']['mean']:.3f}, "
           f"chance {r['chance_level (mean object area share)']['mean']:.3f})")
+    print(f"  within 1 px / 4.3 px {r['pointing_game_tolerance_1px']['mean']:.3f} / "
+          f"{r['pointing_game_tolerance_4px']['mean']:.3f}")
     print(f"energy pointing game   {r['energy_pointing_game']['mean']:.3f}")
     print(f"deletion AUC           {r['deletion_auc']['mean']:.3f}  (random order {r['deletion_auc_random_order']['mean']:.3f}; "
           f"below random on {r['deletion_below_random_share']:.0%} of images)")
