@@ -215,9 +215,20 @@ def test_weights_file_and_bad_weights_file(tmp_path):
 
 
 def test_cam_layer_auto_needs_a_pooled_feature_map(tmp_path):
-    """Like a ViT, this classifier flattens its features instead of pooling a feature map."""
-    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 4, stride=4), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 3))
-    with pytest.raises(ExportError, match="no global spatial pooling"):
+    """Like a ViT, this classifier turns its feature map into tokens instead of pooling or flattening it."""
+    class Tokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patches = torch.nn.Conv2d(3, 4, 4, stride=4)
+            self.mix = torch.nn.Linear(4, 4)
+            self.head = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            tokens = self.patches(x).flatten(2).transpose(1, 2)  # [N, 16, 4]
+            return self.head(self.mix(tokens).mean(dim=1))
+
+    module = Tokens()
+    with pytest.raises(ExportError, match="no .N, C, H, W. feature map is pooled or flattened"):
         export_module(module, tmp_path / "x.onnx", preprocessing=Preprocessing(crop=(16, 16)), cam_layer="auto")
     with pytest.raises(ExportError, match="no module or value of that name"):
         export_module(module, tmp_path / "x.onnx", preprocessing=Preprocessing(crop=(16, 16)), cam_layer="layer9")

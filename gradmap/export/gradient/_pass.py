@@ -124,7 +124,7 @@ _GLOBAL_POOLS = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax"
 
 def find_cam_layer(graph: ir.Graph, nodes: list[ir.Node], name: str) -> ir.Value:
     """The feature map for Grad-CAM: ``auto`` = the input of the last global spatial pooling on the
-    path to the logits; otherwise a torch module name (its last output, from the exporter's
+    path to the logits, or else the last [N, C, H, W] map flattened into the classifier; otherwise a torch module name (its last output, from the exporter's
     ``pkg.torch.onnx.name_scopes``) or an ONNX value name."""
     if name == "auto":
         for node in reversed(nodes):
@@ -139,8 +139,16 @@ def find_cam_layer(graph: ir.Graph, nodes: list[ir.Node], name: str) -> ir.Value
                 if axes is None or sorted(int(a) % 4 for a in axes.reshape(-1)) != [2, 3]:
                     continue
             return x
-        raise ExportError("--cam-layer auto: no global spatial pooling of a [N, C, H, W] feature map on the way to "
-                          "the logits (a ViT pools a class token, not a feature map): name a layer instead")
+        # no global pooling (VGG flattens its last 7x7 map into the classifier): the map that is flattened
+        for node in reversed(nodes):
+            if node.op_type not in ("Reshape", "Flatten"):
+                continue
+            x, y = node.inputs[0], node.outputs[0]
+            if (x.shape is not None and y.shape is not None and len(x.shape) == 4 and len(y.shape) == 2
+                    and all(isinstance(d, int) and d > 1 for d in list(x.shape)[2:])):
+                return x
+        raise ExportError("--cam-layer auto: no [N, C, H, W] feature map is pooled or flattened on the way to the "
+                          "logits (a ViT pools a class token, not a feature map): name a layer instead")
     for value in (v for n in nodes for v in n.outputs):
         if value.name == name:
             return value
