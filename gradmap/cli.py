@@ -144,7 +144,6 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
 
     from gradmap.runtime import (OutputLayout, RenderOptions, TargetError, expand_inputs, iter_saliency,
                                  parse_target, write_outputs)
-
     from gradmap.runtime.methods import MethodSpec
 
     model = _load_model(model_path, provider, threads)
@@ -156,8 +155,8 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
         raise click.BadParameter(f"{model_path} does not support {method}; it supports "
                                  f"{', '.join(model.metadata.methods)} (see 'gradmap export --help' for "
                                  "--backprop and --cam-layer)", param_hint="'--method'")
-    spec = MethodSpec(method, samples=samples, noise=noise, variant=variant, steps=steps, rule=rule,
-                      baseline=baseline, seed=seed, modifier=modifier)
+    method_spec = MethodSpec(method, samples=samples, noise=noise, variant=variant, steps=steps, rule=rule,
+                             baseline=baseline, seed=seed, modifier=modifier)
     paths, problems = expand_inputs(inputs, exclude_dir=out_dir)
     failures: list[dict] = []
     for spec, reason in problems:
@@ -168,7 +167,7 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
     clip = None if clip_percentile is None else (0.0, clip_percentile)
     records: list[dict] = []
     results = iter_saliency(model, paths, target=wanted, reduce=reduce, clip=clip, no_crop=no_crop,
-                            batch_size=batch_size, method=spec)
+                            batch_size=batch_size, method=method_spec)
     show_bar = len(paths) > _PROGRESS_THRESHOLD
     with click.progressbar(length=len(paths), label="saliency", file=sys.stderr) if show_bar else _NoBar() as bar:
         for result in results:
