@@ -130,11 +130,14 @@ _METHODS = ["vanilla", "smoothgrad", "integrated-gradients", "gradient-x-input",
 @click.option("--baseline", type=click.Choice(["black", "blurred", "uniform"]), default="black", show_default=True,
               help="integrated-gradients: black (pixel 0), blurred picture or uniform noise.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of smoothgrad noise and uniform baselines.")
+@click.option("--skip-existing", is_flag=True,
+              help="Skip pictures whose requested outputs all exist (outputs are written atomically, so an "
+                   "existing one is complete): resumes an interrupted run.")
 def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: str, reduce: str, equalize: bool,
                 clip_percentile: float | None, no_crop: bool, placement: str, colormap: str, alpha: float,
                 formats: tuple[str, ...], batch_size: int, provider: str, threads: int | None,
                 as_json: bool, method: str, modifier: str, samples: int, noise: float, variant: str, steps: int,
-                rule: str, baseline: str, seed: int) -> None:
+                rule: str, baseline: str, seed: int, skip_existing: bool) -> None:
     """Compute gradient saliency maps of INPUT pictures (files, folders, globs) with MODEL.onnx.
 
     Prints the top-5 classes of every picture and writes the requested pictures and arrays under
@@ -162,7 +165,12 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
     for spec, reason in problems:
         click.echo(f"error: {spec}: {reason}", err=True)
         failures.append({"path": spec, "error": reason})
-    layout = OutputLayout(out_dir, paths)
+    layout = OutputLayout(out_dir, paths)  # from every input, so that skipping changes no output path
+    n_inputs, skipped = len(paths) + len(problems), 0
+    if skip_existing:
+        remaining = [p for p in paths if not layout.complete(p, formats, wanted.count)]
+        skipped, paths = len(paths) - len(remaining), remaining
+    _unwind_on_sigterm()
     options = RenderOptions(equalize=equalize, placement=placement, colormap=colormap, alpha=alpha)
     clip = None if clip_percentile is None else (0.0, clip_percentile)
     records: list[dict] = []
@@ -171,7 +179,10 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
     show_bar = len(paths) > _PROGRESS_THRESHOLD
     with click.progressbar(length=len(paths), label="saliency", file=sys.stderr) if show_bar else _NoBar() as bar:
         for result in results:
-            record = {"path": result.source, "predictions": [], "maps": [], "error": None}
+            record = {"path": result.source, "predictions": [], "maps": [], "error": None,
+                      "notes": list(result.notes)}
+            for note in result.notes:
+                click.echo(f"note: {result.source}: {note}", err=True)
             if result.ok:
                 record["predictions"] = [{"index": p.index, "label": p.label, "probability": p.probability}
                                          for p in result.predictions(5)]
@@ -199,10 +210,28 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
     if as_json:
         click.echo(json.dumps({"model": model_path, "target": target, "output_dir": out_dir, "images": records,
                                "input_errors": [f for f in failures if f["path"] not in {r["path"] for r in records}],
-                               "failed": n_failed}, indent=2))
+                               "failed": n_failed, "skipped": skipped}, indent=2))
+    if skip_existing:
+        click.echo(f"skipped {skipped} of {n_inputs} inputs whose outputs exist already", err=True)
     if n_failed:
-        click.echo(f"{n_failed} of {len(paths) + len(problems)} inputs failed", err=True)
+        click.echo(f"{n_failed} of {n_inputs} inputs failed", err=True)
         sys.exit(1)
+
+
+def _unwind_on_sigterm() -> None:
+    """For the rest of this command, SIGTERM (kill, a job scheduler's timeout) unwinds like Ctrl-C,
+    so that an output being written removes its temporary file instead of leaving it behind."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def unwind(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    click.get_current_context().call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
 
 
 class _NoBar:
