@@ -40,8 +40,9 @@ def variants(request, tmp_path_factory):
     name = request.param
     layer, relu_modules_only = MODELS[name]
     path = tmp_path_factory.mktemp("variants") / f"{name}.onnx"
-    export_torchvision(name, path, weights="none", backprops=("vanilla", "guided", "deconvnet"),
-                       cam_layer="auto" if layer else None)
+    # the CAM layer by its torch module name, as Captum and pytorch-grad-cam take it ("auto" would pick
+    # DenseNet's F.relu(features), the input of its pooling, which is no module)
+    export_torchvision(name, path, weights="none", backprops=("vanilla", "guided", "deconvnet"), cam_layer=layer)
     module, _ = load_torchvision(name, "none")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     # smooth inputs (blurred noise) keep ReLU and max-pool decisions away from float32 near-ties
@@ -118,6 +119,11 @@ def test_grad_cam_plus_plus_matches_pytorch_grad_cam(variants):
     cam.get_target_width_height = lambda input_tensor: (activation.shape[3], activation.shape[2])
     targets = [ClassifierOutputTarget(int(t)) for t in out[contract.OUTPUT_TARGET_INDEX]]
     expected = cam(input_tensor=torch.from_numpy(image).double(), targets=targets)
+    if name == "densenet121":
+        # DenseNet.forward applies F.relu(features, inplace=True) right after the hooked layer, so the
+        # activations pytorch-grad-cam keeps are overwritten with their ReLU (its hook stores the tensor,
+        # not a copy); compare with what it actually used
+        activation = np.maximum(activation, 0)
     ours = grad_cam_plus_plus(activation, out[contract.OUTPUT_CAM_GRADIENT]).astype(np.float64)
     low = ours.min(axis=(1, 2), keepdims=True)
     ours = (ours - low) / (ours.max(axis=(1, 2), keepdims=True) - low + 1e-7)  # pytorch-grad-cam's scale_cam_image
