@@ -307,6 +307,75 @@ def demo_command(out_dir: str, threads: int | None) -> None:
     click.echo(f"wrote {len(pictures)} figures to {out.resolve()}")
 
 
+@main.command("evaluate")
+@click.argument("model_path", metavar="MODEL.onnx", type=click.Path(exists=True, dir_okay=False))
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True),
+              help="A folder with images/, masks/ and optional labels.csv, or a .npz with images, masks, labels.")
+@click.option("--randomized", "randomized_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The same network with its top layers re-initialized, exported by gradmap: runs the "
+                   "model-parameter randomization sanity check.")
+@click.option("--method", "method_names", multiple=True, type=click.Choice(_METHODS),
+              help="Evaluate only this method (repeatable); default: every method the model supports.")
+@click.option("--samples", type=click.IntRange(min=1), default=50, show_default=True, help="smoothgrad: noisy copies.")
+@click.option("--noise", type=click.FloatRange(min=0), default=0.15, show_default=True,
+              help="smoothgrad: noise sigma as a fraction of the image's value range.")
+@click.option("--steps", type=click.IntRange(min=2), default=32, show_default=True,
+              help="integrated-gradients: integration points.")
+@click.option("--curve-steps", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Deletion/insertion steps.")
+@click.option("--random-repeats", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Random pixel orders averaged for the reference curves.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N images.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=0), default=None, help="onnxruntime intra-op threads.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the full results to this JSON file.")
+@click.option("--strict", is_flag=True, help="Exit with status 1 when a method fails the randomization check.")
+def evaluate_command(model_path: str, data_path: str, randomized_path: str | None, method_names: tuple[str, ...],
+                     samples: int, noise: float, steps: int, curve_steps: int, random_repeats: int,
+                     limit: int | None, seed: int, threads: int | None, json_path: str | None, strict: bool) -> None:
+    """Measure map quality per method on images with object masks: pointing game, energy pointing
+    game, deletion/insertion AUC against random pixel orders, and (with --randomized) the
+    model-parameter randomization sanity check."""
+    import json
+
+    from gradmap.runtime import atomic_write
+    from gradmap.runtime.evaluate import EvaluationDataError, evaluate, format_report, load_evaluation_data
+    from gradmap.runtime.methods import MethodSpec
+
+    model = _load_model(model_path, "cpu", threads)
+    randomized = _load_model(randomized_path, "cpu", threads) if randomized_path else None
+    names = list(dict.fromkeys(method_names)) or list(model.metadata.methods)
+    for name in names:
+        for m, path in ((model, model_path), (randomized, randomized_path)):
+            if m is not None and name not in m.metadata.methods:
+                raise click.BadParameter(f"{path} does not support {name} (it supports "
+                                         f"{', '.join(m.metadata.methods)})", param_hint="'--method'")
+    if randomized is not None and randomized.metadata.labels != model.metadata.labels:
+        raise click.BadParameter(f"{randomized_path} has other classes than {model_path}", param_hint="'--randomized'")
+    try:
+        data = load_evaluation_data(data_path, model.metadata.preprocessing, model.metadata.labels, limit=limit)
+    except EvaluationDataError as e:
+        raise click.ClickException(str(e)) from e
+    for note in data.notes:
+        click.echo(f"note: {note}", err=True)
+    specs = [MethodSpec(name, samples=samples, noise=noise, steps=steps, seed=seed) for name in names]
+    results = evaluate(model, data, specs, randomized=randomized, steps=curve_steps, random_repeats=random_repeats,
+                       seed=seed, progress=lambda message: click.echo(message, err=True))
+    results["model"] = model_path
+    results["randomized_model"] = randomized_path
+    results["data"] = data_path
+    click.echo(format_report(results))
+    if json_path:
+        atomic_write(json_path, lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
+        click.echo(f"wrote {json_path}")
+    failed = [n for n, m in results["methods"].items() if m.get("sanity_check") == "FAILED"]
+    if failed:
+        click.echo(f"randomization sanity check failed: {', '.join(failed)}", err=True)
+        if strict:
+            sys.exit(1)
+
+
 @main.command("info")
 @click.argument("model_path", metavar="MODEL.onnx", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the information as one JSON document.")
