@@ -110,15 +110,20 @@ def _label_index(value, class_names: Sequence[str], where: str) -> int:
     return index
 
 
-def _read_labels_csv(path: Path, class_names: Sequence[str]) -> dict[str, int]:
+def _read_labels_csv(path: Path, class_names: Sequence[str], problems: list[str]) -> dict[str, int]:
+    """``name -> class index``; unusable lines go to ``problems`` (their images are then left out)."""
     labels: dict[str, int] = {}
     with open(path, newline="") as f:
         for line_number, row in enumerate(csv.reader(f), start=1):
             if not row or row[0].startswith("#") or (line_number == 1 and row[0].strip().lower() == "name"):
                 continue
-            if len(row) < 2:
-                raise EvaluationDataError(f"{path}, line {line_number}: expected 'name,label', got {','.join(row)!r}")
-            labels[row[0].strip()] = _label_index(row[1], class_names, f"{path}, line {line_number}")
+            try:
+                if len(row) < 2:
+                    raise EvaluationDataError(f"{path}, line {line_number}: expected 'name,label', got {','.join(row)!r}")
+                labels[row[0].strip()] = _label_index(row[1], class_names, f"{path}, line {line_number}")
+            except EvaluationDataError as e:
+                problems.append(str(e))
+                labels[row[0].strip()] = -2  # known name, unusable label: already reported
     return labels
 
 
@@ -166,7 +171,7 @@ def load_evaluation_data(path: str | os.PathLike[str], preprocessing: contract.P
             files = files[:limit]
         masks_by_stem = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
         labels_file = path / "labels.csv"
-        labels = _read_labels_csv(labels_file, class_names) if labels_file.is_file() else None
+        labels = _read_labels_csv(labels_file, class_names, problems) if labels_file.is_file() else None
         if labels is None:
             notes.append(f"no {labels_file.name} in {path}: maps explain each image's top-1 class")
         for file in files:
@@ -175,6 +180,7 @@ def load_evaluation_data(path: str | os.PathLike[str], preprocessing: contract.P
                 label = labels.get(file.name, labels.get(file.stem))
                 if label is None:
                     problems.append(f"{file}: no label in {labels_file}")
+                if label is None or label == -2:
                     continue
             mask_file = masks_by_stem.get(file.stem)
             if mask_file is None:
