@@ -100,6 +100,13 @@ case("Relu", "zeros", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Relu(X)"), F.relu, 
 case("LeakyRelu", "alpha", graph(X4_SIG, "float[2,3,8,8] Y", "Y = LeakyRelu<alpha=0.2>(X)"),
      lambda X: F.leaky_relu(X, 0.2), X=X4)
 case("Sigmoid", "plain", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Sigmoid(X)"), torch.sigmoid, X=X4)
+# Mul(X, Sigmoid(X)) is SiLU: one rule for both nodes when the Sigmoid feeds only that Mul
+case("Mul", "silu", graph(X4_SIG, "float[2,3,8,8] Y", "S = Sigmoid(X)\n Y = Mul(X, S)"), F.silu, X=X4 * 3)
+case("Mul", "silu-sigmoid-first", graph(X4_SIG, "float[2,3,8,8] Y", "S = Sigmoid(X)\n Y = Mul(S, X)"), F.silu, X=X4 * 3)
+case("Mul", "silu-sigmoid-shared", graph(X4_SIG, "float[2,3,8,8] Y", "S = Sigmoid(X)\n P = Mul(X, S)\n Y = Add(P, S)"),
+     lambda X: F.silu(X) + torch.sigmoid(X), X=X4 * 3)
+case("Mul", "sigmoid-of-other", graph(X4_SIG + ", float[2,3,8,8] B", "float[2,3,8,8] Y", "S = Sigmoid(B)\n Y = Mul(X, S)"),
+     lambda X, B: X * torch.sigmoid(B), X=X4, B=randn(2, 3, 8, 8))
 case("Tanh", "plain", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Tanh(X)"), torch.tanh, X=X4)
 case("Erf", "plain", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Erf(X)"), torch.erf, X=X4)
 HEADER20 = HEADER.replace('"" : 18', '"" : 20')
@@ -235,6 +242,25 @@ for keep in (0, 1):
          lambda X, keep=keep: X.sum(dim=1, keepdim=bool(keep)), X=X4)
 case("ReduceMean", "negative-axis", graph(X4_SIG, "float[2,3,8,1] Y", "Y = ReduceMean(X, A)", [init("A", np.int64([-1]))]),
      lambda X: X.mean(dim=-1, keepdim=True), X=X4)
+# deferred Expand: the reduction's gradient is added to X's other gradient by a broadcasting Add,
+# and expanded when it is X's whole gradient (the single-op cases above)
+case("ReduceMean", "squeeze-excitation",
+     graph(X4_SIG, "float[2,3,8,8] Y", "M = ReduceMean(X, A)\n S = Sigmoid(M)\n Y = Mul(X, S)",
+           [init("A", np.int64([2, 3]))]),
+     lambda X: X * torch.sigmoid(X.mean(dim=(2, 3), keepdim=True)), X=X4)
+case("GlobalAveragePool", "plus-input", graph(X4_SIG, "float[2,3,8,8] Y", "M = GlobalAveragePool(X)\n Y = Add(X, M)"),
+     lambda X: X + F.adaptive_avg_pool2d(X, 1), X=X4)
+case("ReduceSum", "two-reductions-then-input",
+     graph(X4_SIG, "float[2,3,8,8] Y",
+           "C = ReduceSum(X, A1)\n H = ReduceSum<keepdims=1>(X, A2)\n Z = Add(C, H)\n Y = Mul(X, Z)",
+           [init("A1", np.int64([1])), init("A2", np.int64([2, 3]))]),
+     lambda X: X * (X.sum(dim=1, keepdim=True) + X.sum(dim=(2, 3), keepdim=True)), X=X4)
+case("ReduceMean", "two-reductions-only",
+     graph(X4_SIG, "float[2,1,1,1] Y", "M = ReduceMean(X, A1)\n N = ReduceMean(X, A2)\n Z = Mul(M, N)\n"
+           " Y = ReduceMean(Z, A3)",
+           [init("A1", np.int64([1])), init("A2", np.int64([2, 3])), init("A3", np.int64([1, 2, 3]))]),
+     lambda X: (X.mean(dim=1, keepdim=True) * X.mean(dim=(2, 3), keepdim=True)).mean(dim=(1, 2, 3), keepdim=True),
+     X=X4)
 case("ReduceMax", "channels", graph(X4_SIG, "float[2,8,8] Y", "Y = ReduceMax<keepdims=0>(X, A)", [init("A", np.int64([1]))]),
      lambda X: X.amax(dim=1), X=X4)
 case("ReduceMax", "ties", graph("float[2,4] X", "float[2,1] Y", "Y = ReduceMax(X, A)", [init("A", np.int64([1]))]),

@@ -29,6 +29,7 @@ class GradContext:
         self._counter = 0
         self.node: ir.Node | None = None  # the forward node whose rule is running, for error messages
         self.backprop = "vanilla"  # the ReLU rule: vanilla, guided or deconvnet (Springenberg et al. 2015)
+        self._broadcastable: set[ir.Value] = set()
 
     # -- emitting ---------------------------------------------------------------------------
     def op(self, op_type: str, *inputs: ir.Value | None, **attributes) -> ir.Value:
@@ -128,6 +129,26 @@ class GradContext:
         if axes:
             grad = self.op("ReduceSum", grad, self.ints(axes), keepdims=0)
         return grad
+
+    def broadcastable(self, grad: ir.Value) -> ir.Value:
+        """Mark ``grad`` as a gradient that broadcasts to its input's shape (size-1 axes where the
+        input has more) instead of having it.
+
+        The pass then adds it to the input's other gradient contributions with a broadcasting Add
+        and expands it only when it is the whole gradient: a squeeze-excitation block's mean
+        gradient then costs no activation-sized Expand.
+        """
+        self._broadcastable.add(grad)
+        return grad
+
+    def is_broadcastable(self, grad: ir.Value) -> bool:
+        return grad in self._broadcastable
+
+    def materialize(self, grad: ir.Value | None, like: ir.Value) -> ir.Value | None:
+        """``grad`` with the full shape of ``like`` (Expand only for a :meth:`broadcastable` one)."""
+        if grad is None or grad not in self._broadcastable:
+            return grad
+        return self.op("Expand", grad, self.shape_of(like))
 
     def reshape_like(self, grad: ir.Value, like: ir.Value) -> ir.Value:
         return self.op("Reshape", grad, self.shape_of(like))

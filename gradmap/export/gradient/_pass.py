@@ -199,7 +199,7 @@ def _reverse_walk(ctx: GradContext, nodes: list[ir.Node], source: ir.Value, sink
     The complete gradients of the values in ``capture`` are stored in ``captured``."""
     grads: dict[ir.Value, ir.Value] = {sink: seed}
     for node in reversed(nodes):
-        grad_outputs = [grads.pop(o, None) for o in node.outputs]
+        grad_outputs = [ctx.materialize(grads.pop(o, None), o) for o in node.outputs]
         if capture:
             for o, g in zip(node.outputs, grad_outputs):
                 if o in capture and g is not None:
@@ -212,11 +212,17 @@ def _reverse_walk(ctx: GradContext, nodes: list[ir.Node], source: ir.Value, sink
             if grad is None or not ctx.needs_grad(value):
                 continue
             # a value with several consumers: its gradient is the sum of their contributions
-            grads[value] = grad if value not in grads else ctx.op("Add", grads[value], grad)
+            if value not in grads:
+                grads[value] = grad
+            else:
+                both_broadcastable = ctx.is_broadcastable(grads[value]) and ctx.is_broadcastable(grad)
+                grads[value] = ctx.op("Add", grads[value], grad)
+                if both_broadcastable:
+                    ctx.broadcastable(grads[value])
     ctx.node = None
     if source not in grads:
         raise ExportError(f"no gradient reached the input {source.name!r}")
-    result = ctx.op("Identity", grads[source])
+    result = ctx.op("Identity", ctx.materialize(grads[source], source))
     result.shape = ir.Shape(source.shape) if source.shape is not None else None
     result.type = source.type
     return result

@@ -4,6 +4,8 @@
     Add:          dA = dY,            dB = dY
     Sub:          dA = dY,            dB = -dY
     Mul:          dA = dY * B,        dB = dY * A
+    Mul(X, Sigmoid(X)) (SiLU, the Sigmoid used by this Mul alone):
+                  dX = dY * (S (1 - Y) + Y)     = dY * S (1 + X (1 - S)) with S = Sigmoid(X), Y = X S
     Div:          dA = dY / B,        dB = -dY * Y / B
     Neg:          dX = -dY
     Pow (B const): dA = dY * B * A^(B-1)
@@ -70,10 +72,28 @@ def sub(ctx, node, dy):
     ]
 
 
+def _silu_parts(node):
+    """(X, S) when ``node`` is Mul(X, S) or Mul(S, X) with S = Sigmoid(X) used by nothing else."""
+    for x, s in (node.inputs, node.inputs[::-1]):
+        producer = s.producer() if s is not None else None
+        if (producer is not None and producer.op_type == "Sigmoid" and producer.domain in ("", "ai.onnx")
+                and producer.inputs[0] is x and len(s.uses()) == 1 and not s.is_graph_output()):
+            return x, s
+    return None
+
+
 @register("Mul")
 def mul(ctx, node, dy):
     a, b = node.inputs
     y = node.outputs[0]
+    silu = _silu_parts(node)
+    if silu is not None:
+        # One rule for both nodes: the product rule plus the Sigmoid rule took six activation-sized
+        # ops (two products, 1 - S, two more products, the sum); this takes four. S gets no gradient
+        # of its own, so the Sigmoid node is skipped.
+        x, s = silu
+        local = ctx.op("Add", ctx.op("Mul", s, ctx.op("Sub", ctx.scalar(1.0), y)), y)
+        return [ctx.op("Mul", dy[0], local) if v is x else None for v in node.inputs]
     return [
         ctx.sum_to(ctx.op("Mul", dy[0], b), y, a) if ctx.needs_grad(a) else None,
         ctx.sum_to(ctx.op("Mul", dy[0], a), y, b) if ctx.needs_grad(b) else None,

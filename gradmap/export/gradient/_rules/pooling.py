@@ -8,7 +8,10 @@
     ReduceMean:        dX = Expand(Unsqueeze(dY, axes), Shape(X)) / count
     ReduceSum:         dX = Expand(Unsqueeze(dY, axes), Shape(X))
     ReduceMax:         dX = Where(X == Y, dY, 0) / (number of maxima)   (torch.amax's even split)
-    ReduceL2:          dX = X * Expand(dY / Y), 0 where Y = 0 (as torch's norm backward)
+    ReduceL2:          dX = X * Unsqueeze(dY / Y, axes), 0 where Y = 0 (as torch's norm backward)
+
+The Expands are deferred (GradContext.broadcastable): where X has other consumers, as the input of
+a squeeze-excitation block does, the small gradient is added to theirs by a broadcasting Add.
 """
 
 from __future__ import annotations
@@ -105,7 +108,7 @@ def average_pool(ctx, node, dy):
 def global_average_pool(ctx, node, dy):
     x = node.inputs[0]
     count = math.prod(ctx.dims(x)[2:])
-    return [ctx.op("Mul", ctx.op("Expand", dy[0], ctx.shape_of(x)), ctx.scalar(1.0 / count))]
+    return [ctx.broadcastable(ctx.op("Mul", dy[0], ctx.scalar(1.0 / count)))]
 
 
 def _reduced_axes(ctx, node) -> list[int] | None:
@@ -129,12 +132,19 @@ def _expand_back(ctx, node, g, axes):
     return ctx.op("Expand", g, ctx.shape_of(x))
 
 
+def _keepdims(ctx, node, g, axes):
+    """``g`` with the reduced axes kept as size 1: it broadcasts against X."""
+    if not ctx.attr(node, "keepdims", 1):
+        g = ctx.op("Unsqueeze", g, ctx.ints(axes))
+    return g
+
+
 @register("ReduceSum")
 def reduce_sum(ctx, node, dy):
     axes = _reduced_axes(ctx, node)
     if axes is None:
         return [dy[0]]
-    return [_expand_back(ctx, node, dy[0], axes), None]
+    return [ctx.broadcastable(_keepdims(ctx, node, dy[0], axes)), None]
 
 
 @register("ReduceMean")
@@ -147,7 +157,7 @@ def reduce_mean(ctx, node, dy):
     if not all(isinstance(s, int) for s in sizes):
         raise ExportError(f"{node.name}: ReduceMean over a dynamic axis has no gradient rule")
     g = ctx.op("Mul", dy[0], ctx.scalar(1.0 / math.prod(sizes)))
-    return [_expand_back(ctx, node, g, axes), None]
+    return [ctx.broadcastable(_keepdims(ctx, node, g, axes)), None]
 
 
 @register("ReduceMax")
@@ -171,4 +181,4 @@ def reduce_l2(ctx, node, dy):
     x, y = node.inputs[0], node.outputs[0]
     # Y = 0 only where the whole reduced slice of X is 0, so any finite divisor gives dX = 0 there
     safe = ctx.op("Where", ctx.op("Equal", y, ctx.scalar(0.0)), ctx.scalar(1.0), y)
-    return [ctx.op("Mul", x, _expand_back(ctx, node, ctx.op("Div", dy[0], safe), axes)), None]
+    return [ctx.op("Mul", x, _keepdims(ctx, node, ctx.op("Div", dy[0], safe), axes)), None]
