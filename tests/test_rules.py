@@ -116,6 +116,15 @@ case("Gelu", "tanh", HEADER20 + f"g ({X4_SIG}) => (float[2,3,8,8] Y) {{ Y = Gelu
 case("HardSigmoid", "torch", graph(X4_SIG, "float[2,3,8,8] Y", "Y = HardSigmoid<alpha=0.16666667, beta=0.5>(X)"),
      F.hardsigmoid, X=X4 * 4)
 case("HardSwish", "plain", graph(X4_SIG, "float[2,3,8,8] Y", "Y = HardSwish(X)"), F.hardswish, X=X4 * 4)
+# the gradient's steps at -3 and 3 (both sides inclusive in torch), their float neighbours, the
+# kink of the ramp, and values whose 2^100-fold overflows float32 (to an infinite affine part)
+HS_EDGES = np.array([-3.0, 3.0, -1.5, 0.0, 1e30, -1e30], dtype=np.float32)
+HS_EDGES = np.concatenate([HS_EDGES, np.nextafter(HS_EDGES[:2], np.float32(np.inf)),
+                           np.nextafter(HS_EDGES[:2], np.float32(-np.inf))])
+HS_X = (X4 * 4).reshape(-1).copy()
+HS_X[:HS_EDGES.size] = HS_EDGES
+case("HardSwish", "steps-and-overflow", graph(X4_SIG, "float[2,3,8,8] Y", "Y = HardSwish(X)"), F.hardswish,
+     X=HS_X.reshape(X4.shape))
 case("Clip", "relu6", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Clip(X, L, H)",
                             [init("L", np.float32(0)), init("H", np.float32(6))]),
      lambda X: F.relu6(X), X=X4 * 5)
