@@ -87,10 +87,16 @@ class _ReLU(torch.autograd.Function):
 
 @contextlib.contextmanager
 def _replayed(pool_indices: list[np.ndarray] | None, relu_outputs: list[np.ndarray] | None,
-              mode: str = "vanilla"):
+              mode: str = "vanilla", overrides: list[float] | None = None):
     """Make torch's F.max_pool2d and F.relu take onnxruntime's decisions, call by call in order:
     the pooled element (flat indices over N*C*H*W) and which ReLU inputs pass; F.relu also
-    backpropagates by ``mode``. Yields a function telling whether every decision was used."""
+    backpropagates by ``mode``. Yields a function telling whether every decision was used.
+
+    With ``overrides``, each replayed call appends how far torch's own values are from agreeing with
+    the decisions it was given, relative to the call's largest |input|: the largest |input| of a ReLU
+    whose sign disagrees, or the largest gap between the natural maximum and the replayed element of
+    a pooling window. A replay of the run on the same input only settles float32 near-ties (~1e-6);
+    decisions taken on other inputs show as gaps of order 1."""
     functional = torch.nn.functional
     original_pool, original_relu = functional.max_pool2d, functional.relu
     pools = None if pool_indices is None else list(pool_indices)
@@ -102,6 +108,9 @@ def _replayed(pool_indices: list[np.ndarray] | None, relu_outputs: list[np.ndarr
             raise _ReplayMismatch()
         index = torch.from_numpy(pools.pop(0))
         picked = input.reshape(-1)[index.reshape(-1)].reshape(index.shape)
+        if overrides is not None:
+            gap = (natural - picked).detach().abs().max() / input.detach().abs().max().clamp(min=1e-300)
+            overrides.append(float(gap))
         return (picked, index) if return_indices else picked
 
     def replay_relu(input, inplace=False):
@@ -111,6 +120,10 @@ def _replayed(pool_indices: list[np.ndarray] | None, relu_outputs: list[np.ndarr
             raise _ReplayMismatch()
         else:
             passed = torch.from_numpy(relus.pop(0) > 0)
+            if overrides is not None:
+                disagree = input.detach()[passed != (input > 0)]
+                overrides.append(float(disagree.abs().max() / input.detach().abs().max().clamp(min=1e-300))
+                                 if disagree.numel() else 0.0)
         return _ReLU.apply(input, passed, mode)
 
     if pools is not None:
