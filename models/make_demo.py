@@ -63,6 +63,10 @@ MIN_CONTRAST = 0.25
 # steps even without distractors. Clutter comes from the distractors, not from pixel noise.
 BACKGROUND_GRAIN = 0.03
 PIXEL_NOISE = 0.01
+# Largest training-noise std as a fraction of an image's value range. 0: off. Tried at 0.15
+# (SmoothGrad's default): held-out accuracy fell from 0.941 to 0.884 and every pointing game with it
+# (vanilla 0.765 -> 0.690, SmoothGrad 0.505 -> 0.570 only), so the demo trains without noise.
+TRAIN_NOISE = 0.0
 
 logger = logging.getLogger("make_demo")
 
@@ -273,11 +277,14 @@ def make_samples(per_class: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
 # Model and training (torch imported here only: the dataset functions above stay torch-free).
 # --------------------------------------------------------------------------------------------
 
-def build_model(num_classes: int = len(CLASS_NAMES)):
-    """Conv-BN-ReLU blocks with max pooling, global average pooling and a linear classifier.
+def build_model(num_classes: int = len(CLASS_NAMES), head: str = "max"):
+    """Conv-BN-ReLU blocks with max pooling, global max pooling (``head="max"``, the demo's) or
+    global average pooling, and a linear classifier.
 
-    ``features[-1]`` is the last conv block; its output (128 x 8 x 8) is the feature map Grad-CAM
-    would use.
+    ``features`` ends with the last conv block; its output (128 x 8 x 8) is the demo's CAM layer.
+    With average pooling every position of the map adds to the class score, clutter included; the
+    first demo model had it, and its vanilla maps hit the object in 38 % of the images against 76 %
+    with max pooling (same data and training).
     """
     import torch.nn as nn
 
@@ -293,7 +300,10 @@ def build_model(num_classes: int = len(CLASS_NAMES)):
                 block(32, 64), nn.MaxPool2d(2),   # 8 x 8
                 block(64, 128),
             )
-            self.pool = nn.AdaptiveAvgPool2d(1)
+            # Global max pooling (Oquab et al. 2015) over the 8 x 8 map: the class evidence comes from
+            # where the shape detectors peak. A MaxPool2d with the map's size exports as ONNX MaxPool,
+            # whose argmax gradmap's gradient and parity check follow as torch does.
+            self.pool = nn.MaxPool2d(IMAGE_SIZE // 8) if head == "max" else nn.AdaptiveAvgPool2d(1)
             self.classifier = nn.Linear(128, num_classes)
 
         def forward(self, x):
@@ -309,9 +319,21 @@ def _to_tensor(images: np.ndarray, mean: np.ndarray, std: np.ndarray):
     return torch.from_numpy((x - mean[None, :, None, None]) / std[None, :, None, None])
 
 
-def _augment(x, generator):
-    """Random horizontal flips: every upright class is mirror-symmetric."""
-    return x.flip(3) if float(x.new_empty(()).bernoulli_(0.5, generator=generator)) else x
+def _augment(x, generator, noise: float = TRAIN_NOISE):
+    """Random horizontal flips (every upright class is mirror-symmetric) and, when ``noise`` > 0,
+    per-image Gaussian pixel noise with a standard deviation drawn uniformly from [0, noise x the
+    image's value range] (Smilkov et al. 2017, section 4.3, pair training noise with SmoothGrad;
+    off for the demo, see TRAIN_NOISE)."""
+    import torch
+
+    if float(x.new_empty(()).bernoulli_(0.5, generator=generator)):
+        x = x.flip(3)
+    if noise > 0:
+        flat = x.flatten(1)
+        scale = noise * (flat.max(1).values - flat.min(1).values)
+        sigma = torch.rand(len(x), generator=generator) * scale
+        x = x + sigma[:, None, None, None] * torch.randn(x.shape, generator=generator)
+    return x
 
 
 def accuracy(model, x, labels: np.ndarray, batch: int = 500) -> float:
@@ -370,6 +392,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "demo")
     parser.add_argument("--epochs", type=int, default=14)
     parser.add_argument("--train-size", type=int, default=TRAIN_SIZE)
+    parser.add_argument("--head", choices=("max", "avg"), default="max")
+    parser.add_argument("--state", type=Path, default=None,
+                        help="load the trained weights from this state-dict file if it exists, else save them there")
+    parser.add_argument("--cache", type=Path, default=None, help="reuse generated images from this .npz (written if missing)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -383,9 +409,18 @@ def main() -> None:
     out: Path = args.out
     started = time.perf_counter()
 
-    train_images, _, train_labels = make_split("train", args.train_size)
-    test_images, _, test_labels = make_split("test", TEST_SIZE)
-    eval_images, eval_masks, eval_labels = make_split("eval", EVAL_SIZE)
+    if args.cache is not None and args.cache.exists():
+        cached = np.load(args.cache)
+        train_images, train_labels, test_images, test_labels, eval_images, eval_masks, eval_labels = (
+            cached[k] for k in ("train_images", "train_labels", "test_images", "test_labels", "eval_images",
+                                "eval_masks", "eval_labels"))
+    else:
+        train_images, _, train_labels = make_split("train", args.train_size)
+        test_images, _, test_labels = make_split("test", TEST_SIZE)
+        eval_images, eval_masks, eval_labels = make_split("eval", EVAL_SIZE)
+        if args.cache is not None:
+            np.savez(args.cache, train_images=train_images, train_labels=train_labels, test_images=test_images,
+                     test_labels=test_labels, eval_images=eval_images, eval_masks=eval_masks, eval_labels=eval_labels)
     logger.info("generated %d train, %d test, %d eval images (%.0f s)", len(train_images), len(test_images),
                 len(eval_images), time.perf_counter() - started)
 
@@ -396,9 +431,14 @@ def main() -> None:
     x_test = _to_tensor(test_images, mean, std)
     x_eval = _to_tensor(eval_images, mean, std)
 
-    model = build_model()
+    model = build_model(head=args.head)
     settings = dict(epochs=args.epochs, batch_size=64, lr=3e-3, seed=SEED)
-    train(model, x_train, train_labels, **settings, x_test=x_test, y_test=test_labels)
+    if args.state is not None and args.state.exists():
+        model.load_state_dict(torch.load(args.state))
+    else:
+        train(model, x_train, train_labels, **settings, x_test=x_test, y_test=test_labels)
+        if args.state is not None:
+            torch.save(model.state_dict(), args.state)
     model.eval()
     metrics = {
         "train_accuracy": accuracy(model, x_train, train_labels),
@@ -420,7 +460,7 @@ def main() -> None:
         # every method gradmap has: guided and deconvnet gradients and the last feature map for Grad-CAM
         report = export_module(module, out / name, preprocessing=preprocessing, labels=list(CLASS_NAMES),
                                source_model="gradmap demo shapes CNN", weights=weights,
-                               backprops=("vanilla", "guided", "deconvnet"), cam_layer="auto")
+                               backprops=("vanilla", "guided", "deconvnet"), cam_layer="features")
         logger.info("%s", report.summary())
 
     np.savez_compressed(out / "eval_set.npz", images=eval_images, masks=eval_masks, labels=eval_labels,
