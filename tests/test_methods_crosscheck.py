@@ -334,11 +334,10 @@ def replay_model(request, tmp_path_factory):
     # verify=False: the tests below compare the gradient (gradient x input) and more with torch
     export_module(module, path, preprocessing=Preprocessing(crop=(REPLAY_SIZE,) * 2, resize=None), verify=False)
     # vgg11 at 64x64 pools a 2x2 feature map to 7x7 (AdaptiveAvgPool2d), exported as GatherND with repeated
-    # indices; its gradient is ScatterND(reduction=add), which onnxruntime's CPU kernel runs on several
-    # threads without guarding repeated indices (onnxruntime#18048, #23396): lost updates, a gradient that
-    # changes from run to run by ~10% of its maximum. Reported, not hidden: one thread for this model
-    # here, so the comparison is about the methods (at 224x224 the pool is 7x7 -> 7x7 and there is no GatherND).
-    threads = 1 if name.startswith("vgg") else 0
+    # indices. Its gradient was once ScatterND(reduction=add), which onnxruntime's CPU kernel runs on several
+    # threads without guarding repeated indices (onnxruntime#18048, #23396); the GatherND rule now sums
+    # repeated indices with a MatMul, so every model runs on onnxruntime's default threads here.
+    threads = 0
     recorder = _RecordingGradient(onnx.load(str(path)), threads=threads)
     rng = np.random.default_rng(3)
     image = rng.standard_normal((1, 3, REPLAY_SIZE, REPLAY_SIZE)).astype(np.float32)
