@@ -49,7 +49,8 @@ from gradmap.runtime.metrics import (
     random_order_curve,
     rank_correlation,
 )
-from gradmap.runtime.preprocess import CropGeometry, open_picture, preprocess
+from gradmap.runtime.postprocess import check_finite, reduce_channels
+from gradmap.runtime.preprocess import CropGeometry, crop_window, open_picture, preprocess
 
 __all__ = ["EvaluationData", "EvaluationDataError", "load_evaluation_data", "evaluate", "MAX_RANK_CORRELATION",
            "format_report"]
@@ -85,16 +86,7 @@ def _mask_on_input(mask: np.ndarray, geometry: CropGeometry) -> np.ndarray:
     picture = Image.fromarray(mask.astype(np.uint8) * 255)
     if geometry.resized_size != geometry.original_size:
         picture = picture.resize((geometry.resized_size[1], geometry.resized_size[0]), Image.NEAREST)
-    pixels = np.asarray(picture) > 127
-    crop_h, crop_w = geometry.crop_size
-    window = np.zeros((crop_h, crop_w), dtype=bool)
-    top, left = geometry.crop_top, geometry.crop_left
-    src_top, src_left = max(top, 0), max(left, 0)
-    src_bottom = min(top + crop_h, geometry.resized_size[0])
-    src_right = min(left + crop_w, geometry.resized_size[1])
-    window[src_top - top:src_bottom - top, src_left - left:src_right - left] = \
-        pixels[src_top:src_bottom, src_left:src_right]
-    return window
+    return crop_window(np.asarray(picture) > 127, geometry.crop_top, geometry.crop_left, geometry.crop_size)
 
 
 def _label_index(value, class_names: Sequence[str], where: str) -> int:
@@ -257,14 +249,10 @@ def saliency_maps(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarr
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(maps [N, h, w] float64, resolved targets [N]) of one method, as evaluated."""
     _, target_index, values, _ = attribute(model, spec, images, targets, batch_size=batch_size)
-    values = np.asarray(values, dtype=np.float64)
-    if not np.isfinite(values).all():
-        from gradmap.runtime.errors import NonFiniteGradientError
-
-        raise NonFiniteGradientError(f"{spec.name} produced NaN or infinite values")
+    check_finite(values, spec.name)
     if spec.name in CAM_METHODS:
-        return values[:, 0], target_index
-    return np.abs(values).max(axis=1), target_index
+        return np.asarray(values[:, 0], dtype=np.float64), target_index
+    return reduce_channels(values, "max", channel_axis=1).astype(np.float64), target_index
 
 
 def _summary(values: Sequence[float]) -> dict[str, float]:
@@ -304,11 +292,7 @@ def evaluate(model, data: EvaluationData, methods: Sequence[MethodSpec], *, rand
     started = time.perf_counter()
     n = len(data)
     # Resolve targets once: labels where given, else the model's top-1.
-    logits = np.concatenate([model.session.run([contract.OUTPUT_LOGITS], {
-        contract.INPUT_IMAGE: data.images[i:i + batch_size],
-        contract.INPUT_TARGET: np.full(len(data.images[i:i + batch_size]), -1, np.int64)})[0]
-        for i in range(0, n, batch_size)])
-    predicted = logits.argmax(axis=1)
+    predicted = np.concatenate([predict(data.images[i:i + batch_size]).argmax(axis=1) for i in range(0, n, batch_size)])
     targets = np.where(data.labels >= 0, data.labels, predicted)
     rng = np.random.default_rng(seed)
     blurred = [blurred_image(x) for x in data.images]

@@ -185,6 +185,18 @@ def center_crop_offsets(height: int, width: int, crop_height: int, crop_width: i
     return offset(height, crop_height), offset(width, crop_width)
 
 
+def crop_window(pixels: np.ndarray, top: int, left: int, size: tuple[int, int]) -> np.ndarray:
+    """The ``size`` window of ``pixels`` ([H, W, ...]) at (top, left), zero where it reaches past
+    the picture (negative offsets included), as torchvision's CenterCrop pads."""
+    crop_h, crop_w = size
+    window = np.zeros((crop_h, crop_w, *pixels.shape[2:]), dtype=pixels.dtype)
+    src_top, src_left = max(top, 0), max(left, 0)
+    src_bottom, src_right = min(top + crop_h, pixels.shape[0]), min(left + crop_w, pixels.shape[1])
+    window[src_top - top:src_bottom - top, src_left - left:src_right - left] = \
+        pixels[src_top:src_bottom, src_left:src_right]
+    return window
+
+
 def preprocess(picture: Image.Image, preprocessing: Preprocessing, *, no_crop: bool = False
                ) -> tuple[np.ndarray, CropGeometry]:
     """Turn an RGB picture into the model's normalized input and the crop geometry.
@@ -213,12 +225,7 @@ def preprocess(picture: Image.Image, preprocessing: Preprocessing, *, no_crop: b
         picture = picture.resize((new_size[1], new_size[0]), PIL_FILTERS[preprocessing.interpolation])
     top, left = (0, 0) if no_crop else center_crop_offsets(new_size[0], new_size[1], crop_h, crop_w)
 
-    pixels = np.asarray(picture, dtype=np.uint8)
-    window = np.zeros((crop_h, crop_w, 3), dtype=np.uint8)  # torchvision pads with 0
-    src_top, src_left = max(top, 0), max(left, 0)
-    src_bottom, src_right = min(top + crop_h, new_size[0]), min(left + crop_w, new_size[1])
-    window[src_top - top:src_bottom - top, src_left - left:src_right - left] = \
-        pixels[src_top:src_bottom, src_left:src_right]
+    window = crop_window(np.asarray(picture, dtype=np.uint8), top, left, (crop_h, crop_w))
 
     # Same float32 operations, in the same order, as ToTensor (x / 255) and Normalize ((x - m) / s).
     tensor = window.transpose(2, 0, 1).astype(np.float32) / np.float32(255)

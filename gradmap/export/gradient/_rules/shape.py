@@ -224,7 +224,7 @@ def gather_nd(ctx, node, dy):
                 np.add.at(matrix, (positions, np.arange(count)), 1.0)
                 g = ctx.op("Reshape", dy[0], ctx.ints([count, -1]))
                 g = ctx.op("MatMul", ctx.const(matrix), g)
-                return [ctx.op("Reshape", g, ctx.op("Shape", data)), None]
+                return [ctx.reshape_like(g, data), None]
     zeros = ctx.op("ConstantOfShape", ctx.op("Shape", data), value=ir.tensor(np.zeros(1, dtype=np.float32)))
     return [ctx.op("ScatterND", zeros, indices, dy[0], reduction="add"), None]
 
