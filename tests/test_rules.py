@@ -97,6 +97,11 @@ case("Log", "plain", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Log(X)"), torch.log,
 case("Abs", "plain", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Abs(X)"), torch.abs, X=X4)
 case("Relu", "plain", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Relu(X)"), F.relu, X=X4)
 case("Relu", "zeros", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Relu(X)"), F.relu, X=np.where(X4 > 0.5, X4, 0).astype(np.float32))
+# 16 channels: the mask is a depthwise Conv + steep HardSigmoid; exact on zeros, -0, subnormals and overflow
+X16 = randn(2, 16, 4, 4)
+X16.reshape(-1)[:8] = [0.0, -0.0, 1e-45, 1e-40, 1.2e-38, 3e38, -1e-45, 2.0 ** -22]
+case("Relu", "blocked-channels-extremes", graph("float[2,16,4,4] X", "float[2,16,4,4] Y", "Y = Relu(X)"), F.relu,
+     X=X16)
 case("LeakyRelu", "alpha", graph(X4_SIG, "float[2,3,8,8] Y", "Y = LeakyRelu<alpha=0.2>(X)"),
      lambda X: F.leaky_relu(X, 0.2), X=X4)
 case("Sigmoid", "plain", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Sigmoid(X)"), torch.sigmoid, X=X4)

@@ -200,6 +200,8 @@ def _reverse_walk(ctx: GradContext, nodes: list[ir.Node], source: ir.Value, sink
     grads: dict[ir.Value, ir.Value] = {sink: seed}
     for node in reversed(nodes):
         grad_outputs = [ctx.materialize(grads.pop(o, None), o) for o in node.outputs]
+        for o, g in zip(node.outputs, grad_outputs):
+            _annotate(g, o)
         if capture:
             for o, g in zip(node.outputs, grad_outputs):
                 if o in capture and g is not None:
@@ -226,6 +228,17 @@ def _reverse_walk(ctx: GradContext, nodes: list[ir.Node], source: ir.Value, sink
     result.shape = ir.Shape(source.shape) if source.shape is not None else None
     result.type = source.type
     return result
+
+
+def _annotate(grad: ir.Value | None, value: ir.Value) -> None:
+    """Give the complete gradient of ``value`` its shape: onnxruntime keeps an elementwise op in its
+    blocked NCHWc layout only when it can prove its inputs' shapes equal, which the symbolic batch
+    dimension of a Reshape to a computed shape hides."""
+    if grad is None or grad.shape is not None or grad.producer() is None or value.shape is None:
+        return
+    grad.shape = ir.Shape(value.shape)
+    if grad.type is None:
+        grad.type = value.type
 
 
 def _seed(ctx: GradContext, logits: ir.Value, target: ir.Value, score: str) -> tuple[ir.Value, ir.Value]:

@@ -182,7 +182,34 @@ def relu(ctx, node, dy):
     if ctx.backprop == "deconvnet":  # the gradient's own sign decides, not the forward input
         return [ctx.op("Relu", dy[0])]
     g = ctx.op("Relu", dy[0]) if ctx.backprop == "guided" else dy[0]
+    mask = _blocked_step(ctx, y)
+    if mask is not None:
+        return [ctx.op("Mul", g, mask)]
     return [_masked(ctx, g, ctx.op("Greater", y, _zero(ctx)))]
+
+
+_BLOCK = 16  # channel multiple onnxruntime needs to keep a tensor in its blocked NCHWc layout
+_HUGE = 2.0 ** 127  # largest power of two in float32
+
+
+def _blocked_step(ctx, y):
+    """[Y > 0] for Y >= 0 (a ReLU output) as a depthwise 1x1 Conv of weight 2^127 with a HardSigmoid
+    of slope 2^127 (onnxruntime fuses the two), or ``None`` where that does not pay.
+
+    Exact: the Conv gives 2^127 Y (exactly; +inf from Y >= 2), 0 for 0 and at least 2^-22 for
+    the smallest subnormal; the HardSigmoid, clip(2^127 t, 0, 1), is 0 for 0 and 1 for t >= 2^-127.
+    Why: the Conv keeps the mask in onnxruntime's blocked NCHWc layout, like the backward
+    convolutions around it, so the masking Mul runs there too; Greater + Cast need plain NCHW,
+    and each ReLU then cost three layout reorders (its output, the incoming and the outgoing
+    gradient). Only for [N, C, H, W] with C a multiple of 16, where onnxruntime blocks both.
+    """
+    dims = ctx.dims(y)
+    if len(dims) != 4 or not isinstance(dims[1], int) or dims[1] % _BLOCK:
+        return None
+    channels = dims[1]
+    scaled = ctx.op("Conv", y, ctx.const(np.full((channels, 1, 1, 1), _HUGE, dtype=np.float32)),
+                    group=channels, kernel_shape=[1, 1])
+    return ctx.op("HardSigmoid", scaled, alpha=_HUGE, beta=0.0)
 
 
 @register("LeakyRelu")
