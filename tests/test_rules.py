@@ -215,6 +215,9 @@ conv_case("groups-stride2", 4, 6, 3, 2, 1, 1, 2, size=10)
 conv_case("2x2-stride2-downsample", 3, 4, 2, 2, 0, 1, 1, size=9)
 conv_case("1x1-stride2-odd", 4, 8, 1, 2, 0, 1, 1, size=9)
 conv_case("dilated-stride2-falls-back", 3, 4, 3, 2, 2, 2, 1, size=10)
+# 16 input channels: the transposed convolution's result enters the blocked layout by a depthwise identity
+conv_case("blocked-3x3-stride2", 16, 32, 3, 2, 1, 1, 1, size=9)
+conv_case("blocked-1x1-stride2", 16, 32, 1, 2, 0, 1, 1, size=8)
 
 
 # -- pooling and reductions ------------------------------------------------------------------------
@@ -231,6 +234,9 @@ for k, s, p, ceil in [(3, 2, 1, 0), (3, 2, 0, 1), (2, 2, 0, 0), (3, 1, 1, 0), (3
          graph("float[2,3,9,9] X", f"float[2,3,{o},{o}] Y",
                f"Y = MaxPool<kernel_shape=[{k},{k}], strides=[{s},{s}], pads=[{p},{p},{p},{p}], ceil_mode={ceil}>(X)"),
          lambda X, k=k, s=s, p=p, ceil=ceil: F.max_pool2d(X, k, s, p, ceil_mode=bool(ceil)), X=randn(2, 3, 9, 9))
+case("MaxPool", "blocked-channels",
+     graph("float[2,16,9,9] X", "float[2,16,5,5] Y", "Y = MaxPool<kernel_shape=[3,3], strides=[2,2], pads=[1,1,1,1]>(X)"),
+     lambda X: F.max_pool2d(X, 3, 2, 1), X=randn(2, 16, 9, 9))
 RELU_X = np.maximum(randn(2, 3, 9, 9), 0).astype(np.float32)
 case("MaxPool", "after-relu-ties",
      graph("float[2,3,9,9] X", "float[2,3,5,5] Y",
@@ -254,6 +260,17 @@ for keep in (0, 1):
          graph(X4_SIG, f"float[{'2,1,8,8' if keep else '2,8,8'}] Y", f"Y = ReduceSum<keepdims={keep}>(X, A)",
                [init("A", np.int64([1]))]),
          lambda X, keep=keep: X.sum(dim=1, keepdim=bool(keep)), X=X4)
+# 16 channels: a per-channel gradient is spread by a depthwise all-ones Conv instead of an Expand
+X16_RECT = randn(2, 16, 5, 7)
+case("GlobalAveragePool", "blocked-channels", graph("float[2,16,5,7] X", "float[2,16,1,1] Y", "Y = GlobalAveragePool(X)"),
+     lambda X: F.adaptive_avg_pool2d(X, 1), X=X16_RECT)
+case("ReduceMean", "blocked-channels-keepdims0",
+     graph("float[2,16,5,7] X", "float[2,16] Y", "Y = ReduceMean<keepdims=0>(X, A)", [init("A", np.int64([-1, 2]))]),
+     lambda X: X.mean(dim=(2, 3)), X=X16_RECT)
+case("ReduceSum", "blocked-channels-two-consumers",
+     graph("float[2,16,5,7] X", "float[2,16,1,1] Y", "M = ReduceMean(X, A)\n S = ReduceSum(X, A)\n Y = Mul(M, S)",
+           [init("A", np.int64([2, 3]))]),
+     lambda X: X.mean(dim=(2, 3), keepdim=True) * X.sum(dim=(2, 3), keepdim=True), X=X16_RECT)
 case("ReduceMean", "negative-axis", graph(X4_SIG, "float[2,3,8,1] Y", "Y = ReduceMean(X, A)", [init("A", np.int64([-1]))]),
      lambda X: X.mean(dim=-1, keepdim=True), X=X4)
 # deferred Expand: the reduction's gradient is added to X's other gradient by a broadcasting Add,

@@ -30,6 +30,7 @@ class GradContext:
         self.node: ir.Node | None = None  # the forward node whose rule is running, for error messages
         self.backprop = "vanilla"  # the ReLU rule: vanilla, guided or deconvnet (Springenberg et al. 2015)
         self._broadcastable: set[ir.Value] = set()
+        self._per_channel: set[ir.Value] = set()  # broadcastable gradients shaped [N, C, 1, 1]
 
     # -- emitting ---------------------------------------------------------------------------
     def op(self, op_type: str, *inputs: ir.Value | None, **attributes) -> ir.Value:
@@ -130,25 +131,56 @@ class GradContext:
             grad = self.op("ReduceSum", grad, self.ints(axes), keepdims=0)
         return grad
 
-    def broadcastable(self, grad: ir.Value) -> ir.Value:
+    def broadcastable(self, grad: ir.Value, per_channel: bool = False) -> ir.Value:
         """Mark ``grad`` as a gradient that broadcasts to its input's shape (size-1 axes where the
-        input has more) instead of having it.
+        input has more) instead of having it; ``per_channel``: it is [N, C, 1, 1] for an
+        [N, C, H, W] input.
 
         The pass then adds it to the input's other gradient contributions with a broadcasting Add
         and expands it only when it is the whole gradient: a squeeze-excitation block's mean
         gradient then costs no activation-sized Expand.
         """
         self._broadcastable.add(grad)
+        if per_channel:
+            self._per_channel.add(grad)
         return grad
+
+    def is_per_channel(self, grad: ir.Value) -> bool:
+        return grad in self._per_channel
 
     def is_broadcastable(self, grad: ir.Value) -> bool:
         return grad in self._broadcastable
 
     def materialize(self, grad: ir.Value | None, like: ir.Value) -> ir.Value | None:
-        """``grad`` with the full shape of ``like`` (Expand only for a :meth:`broadcastable` one)."""
+        """``grad`` with the full shape of ``like`` (Expand only for a :meth:`broadcastable` one).
+
+        A per-channel gradient of an [N, C, H, W] value with C a multiple of 16 is spread instead by
+        a depthwise Conv with an all-ones H x W kernel and pads H-1, W-1 (each output is the one
+        input value times 1, exact): onnxruntime runs that in its blocked NCHWc layout, so the
+        backward convolutions that follow (a ResNet's whole residual trunk) need no layout reorders.
+        """
         if grad is None or grad not in self._broadcastable:
             return grad
+        dims = self.dims(like)
+        if (grad in self._per_channel and len(dims) == 4 and all(isinstance(d, int) for d in dims[1:])
+                and dims[1] % 16 == 0):
+            channels, height, width = dims[1:]
+            return self.op("Conv", grad, self.const(np.ones((channels, 1, height, width), dtype=np.float32)),
+                           group=channels, kernel_shape=[height, width],
+                           pads=[height - 1, width - 1, height - 1, width - 1])
         return self.op("Expand", grad, self.shape_of(like))
+
+    def blocked(self, grad: ir.Value, like: ir.Value) -> ir.Value:
+        """``grad`` (shaped like ``like``) through a depthwise 1x1 Conv of weight 1, an exact
+        identity, where ``like`` is [N, C, H, W] with C a multiple of 16: onnxruntime computes that
+        Conv in its blocked NCHWc layout, so a gradient made by an op without a blocked kernel
+        (ConvTranspose, ScatterElements) enters the layout once instead of every masking Mul and
+        Add after it falling back to plain NCHW, with a reorder around each."""
+        dims = self.dims(like)
+        if len(dims) != 4 or not isinstance(dims[1], int) or dims[1] % 16:
+            return grad
+        return self.op("Conv", grad, self.const(np.ones((dims[1], 1, 1, 1), dtype=np.float32)), group=dims[1],
+                       kernel_shape=[1, 1])
 
     def reshape_like(self, grad: ir.Value, like: ir.Value) -> ir.Value:
         return self.op("Reshape", grad, self.shape_of(like))

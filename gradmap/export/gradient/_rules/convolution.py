@@ -63,7 +63,7 @@ def conv(ctx, node, dy):
         raise ExportError(f"{node.name}: cannot restore input size {xdims} from {ydims}")
     dx = ctx.op("ConvTranspose", dy[0], w, group=group, strides=strides, pads=pads, dilations=dilations,
                 kernel_shape=kernel, output_padding=output_padding)
-    return [dx, None, None]
+    return [ctx.blocked(dx, x), None, None]
 
 
 def _adjoint_conv(ctx, g, weight, group, dilations, pads, spatial, xdims, gdims):

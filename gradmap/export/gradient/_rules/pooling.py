@@ -40,7 +40,7 @@ def max_pool(ctx, node, dy):
     zeros = ctx.op("ConstantOfShape", size, value=ir.tensor(np.zeros(1, dtype=np.float32)))
     flat = ctx.op("ScatterElements", zeros, ctx.op("Reshape", indices, ctx.ints([-1])),
                   ctx.op("Reshape", dy[0], ctx.ints([-1])), axis=0, reduction="add")
-    return [ctx.reshape_like(flat, x)]
+    return [ctx.blocked(ctx.reshape_like(flat, x), x)]
 
 
 def _torch_avgpool_divisor(size: int, out: int, k: int, s: int, pad_begin: int, pad_end: int,
@@ -108,7 +108,7 @@ def average_pool(ctx, node, dy):
 def global_average_pool(ctx, node, dy):
     x = node.inputs[0]
     count = math.prod(ctx.dims(x)[2:])
-    return [ctx.broadcastable(ctx.op("Mul", dy[0], ctx.scalar(1.0 / count)))]
+    return [ctx.broadcastable(ctx.op("Mul", dy[0], ctx.scalar(1.0 / count)), per_channel=ctx.rank(x) == 4)]
 
 
 def _reduced_axes(ctx, node) -> list[int] | None:
@@ -139,12 +139,17 @@ def _keepdims(ctx, node, g, axes):
     return g
 
 
+def _spatial(ctx, node, axes) -> bool:
+    """The reduction takes an [N, C, H, W] input's spatial axes: its gradient is [N, C, 1, 1]."""
+    return ctx.rank(node.inputs[0]) == 4 and axes == [2, 3]
+
+
 @register("ReduceSum")
 def reduce_sum(ctx, node, dy):
     axes = _reduced_axes(ctx, node)
     if axes is None:
         return [dy[0]]
-    return [ctx.broadcastable(_keepdims(ctx, node, dy[0], axes)), None]
+    return [ctx.broadcastable(_keepdims(ctx, node, dy[0], axes), per_channel=_spatial(ctx, node, axes)), None]
 
 
 @register("ReduceMean")
@@ -157,7 +162,7 @@ def reduce_mean(ctx, node, dy):
     if not all(isinstance(s, int) for s in sizes):
         raise ExportError(f"{node.name}: ReduceMean over a dynamic axis has no gradient rule")
     g = ctx.op("Mul", dy[0], ctx.scalar(1.0 / math.prod(sizes)))
-    return [ctx.broadcastable(_keepdims(ctx, node, g, axes)), None]
+    return [ctx.broadcastable(_keepdims(ctx, node, g, axes), per_channel=_spatial(ctx, node, axes)), None]
 
 
 @register("ReduceMax")
