@@ -326,6 +326,9 @@ def demo_command(out_dir: str, threads: int | None) -> None:
 @click.option("--random-repeats", type=click.IntRange(min=1), default=2, show_default=True,
               help="Random pixel orders averaged for the reference curves.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N images.")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Also report the pointing game counting maxima within this many input pixels of the object "
+                   "(Zhang et al. use 15 px on PASCAL VOC / COCO pictures); 0: the strict form only.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=0), default=None, help="onnxruntime intra-op threads.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
@@ -333,7 +336,8 @@ def demo_command(out_dir: str, threads: int | None) -> None:
 @click.option("--strict", is_flag=True, help="Exit with status 1 when a method fails the randomization check.")
 def evaluate_command(model_path: str, data_path: str, randomized_path: str | None, method_names: tuple[str, ...],
                      samples: int, noise: float, steps: int, curve_steps: int, random_repeats: int,
-                     limit: int | None, seed: int, threads: int | None, json_path: str | None, strict: bool) -> None:
+                     limit: int | None, tolerance: float, seed: int, threads: int | None, json_path: str | None,
+                     strict: bool) -> None:
     """Measure map quality per method on images with object masks: pointing game, energy pointing
     game, deletion/insertion AUC against random pixel orders, and (with --randomized) the
     model-parameter randomization sanity check."""
@@ -361,7 +365,7 @@ def evaluate_command(model_path: str, data_path: str, randomized_path: str | Non
         click.echo(f"note: {note}", err=True)
     specs = [MethodSpec(name, samples=samples, noise=noise, steps=steps, seed=seed) for name in names]
     results = evaluate(model, data, specs, randomized=randomized, steps=curve_steps, random_repeats=random_repeats,
-                       seed=seed, progress=lambda message: click.echo(message, err=True))
+                       seed=seed, tolerance=tolerance, progress=lambda message: click.echo(message, err=True))
     results["model"] = model_path
     results["randomized_model"] = randomized_path
     results["data"] = data_path

@@ -122,8 +122,10 @@ def test_metrics_are_those_of_the_methods_maps():
     model = SaliencyModel(model_file, provider="cpu", threads=1)
     data = load_evaluation_data(npz, model.metadata.preprocessing, model.metadata.labels, limit=6)
     specs = [MethodSpec("vanilla"), MethodSpec("grad-cam")]
-    results = evaluate(model, data, specs, randomized=model, steps=8, random_repeats=1)
+    results = evaluate(model, data, specs, randomized=model, steps=8, random_repeats=1, tolerance=2.0)
     assert results["images"] == 6
+    assert results["settings"]["pointing_tolerance_px"] == 2.0
+    assert results["chance_tolerance"]["mean"] > results["chance"]["mean"], "the dilated object covers more"
     for spec in specs:
         maps, targets = saliency_maps(model, spec, data.images, data.labels)
         np.testing.assert_array_equal(targets, data.labels)
@@ -131,6 +133,8 @@ def test_metrics_are_those_of_the_methods_maps():
         entry = results["methods"][spec.name]
         assert entry["pointing_game"]["mean"] == pytest.approx(
             np.mean([pointing_game(m, k) for m, k in zip(maps, data.masks)]))
+        assert entry["pointing_game_tolerance"]["mean"] == pytest.approx(
+            np.mean([pointing_game(m, k, tolerance=2.0) for m, k in zip(maps, data.masks)]))
         assert entry["energy_pointing_game"]["mean"] == pytest.approx(
             np.mean([energy_pointing_game(m, k) for m, k in zip(maps, data.masks)]))
         # the model against itself: identical maps, rank correlation 1, which fails the sanity check
@@ -152,9 +156,14 @@ def test_cli_evaluate_writes_json_and_flags_failures(tmp_path):
     results = json.loads(out.read_text())
     assert set(results["methods"]) == {"vanilla", "grad-cam"} and results["images"] == 4
 
-    result = runner.invoke(main, [*args, "--randomized", str(randomized_file)])
+    result = runner.invoke(main, [*args, "--randomized", str(randomized_file), "--tolerance", "2"])
     assert result.exit_code == 0, result.output
     assert "pointing" in result.output and "grad-cam" in result.output
+    assert "<=2 px" in result.output
+    assert json.loads(out.read_text())["methods"]["vanilla"]["pointing_game_tolerance"]["n"] == 4
+
+    result = runner.invoke(main, [*args, "--tolerance", "-1"])
+    assert result.exit_code == 2 and "--tolerance" in result.output
 
 
 def test_cli_evaluate_names_a_method_the_model_lacks(tmp_path):
