@@ -115,6 +115,21 @@ case("Mul", "sigmoid-of-other", graph(X4_SIG + ", float[2,3,8,8] B", "float[2,3,
 case("Tanh", "plain", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Tanh(X)"), torch.tanh, X=X4)
 case("Erf", "plain", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Erf(X)"), torch.erf, X=X4)
 HEADER20 = HEADER.replace('"" : 18', '"" : 20')
+# torch's exported exact GELU, matched as one pattern by the Mul rule (operand orders swapped, Mul by
+# 1/sqrt(2)); with an intermediate used elsewhere the five nodes' own rules apply
+GELU_CONSTS = [init("R", np.float32(math.sqrt(2.0))), init("Q", np.float32(1 / math.sqrt(2.0))),
+               init("O", np.float32(1.0)), init("H", np.float32(0.5))]
+case("Mul", "exported-gelu", graph(X4_SIG, "float[2,3,8,8] Y",
+                                   "D = Div(X, R)\n E = Erf(D)\n A = Add(E, O)\n P = Mul(H, A)\n Y = Mul(X, P)", GELU_CONSTS),
+     lambda X: F.gelu(X), X=X4 * 2)
+case("Mul", "exported-gelu-swapped", graph(X4_SIG, "float[2,3,8,8] Y",
+                                           "D = Mul(X, Q)\n E = Erf(D)\n A = Add(O, E)\n P = Mul(A, H)\n Y = Mul(P, X)",
+                                           GELU_CONSTS),
+     lambda X: F.gelu(X), X=X4 * 2)
+case("Mul", "exported-gelu-erf-reused", graph(X4_SIG, "float[2,3,8,8] Y",
+                                              "D = Div(X, R)\n E = Erf(D)\n A = Add(E, O)\n P = Mul(H, A)\n G = Mul(X, P)\n"
+                                              " Y = Add(G, E)", GELU_CONSTS),
+     lambda X: F.gelu(X) + torch.erf(X / math.sqrt(2.0)), X=X4 * 2)
 case("Gelu", "exact", HEADER20 + f"g ({X4_SIG}) => (float[2,3,8,8] Y) {{ Y = Gelu(X) }}", F.gelu, X=X4 * 2)
 case("Gelu", "tanh", HEADER20 + f"g ({X4_SIG}) => (float[2,3,8,8] Y) {{ Y = Gelu<approximate=\"tanh\">(X) }}",
      lambda X: F.gelu(X, approximate="tanh"), X=X4 * 2)

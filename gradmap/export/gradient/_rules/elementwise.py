@@ -20,6 +20,8 @@
     Tanh:         dX = dY * (1 - Y^2)
     Erf:          dX = dY * 2/sqrt(pi) * exp(-X^2)
     Gelu:         dX = dY * (Phi(X) + X phi(X))         (approximate='none')
+    X * (0.5 * (Erf(X / sqrt 2) + 1)) (torch's exported GELU, intermediates used by it alone):
+                  dX = dY * (P + D Exp(-ln sqrt(pi) - D^2)),  P the parenthesis, D = X / sqrt 2
     HardSigmoid:  dX = Where(0 < alpha X + beta < 1, alpha dY, 0)
     HardSwish:    dX = dY * (2 HardSigmoid(X) - ([X > -3] + [X >= 3]) / 2)   (= 0, X/3 + 1/2, 1; steps exact)
     Clip:         dX = Where(min < X < max, dY, 0)
@@ -82,10 +84,64 @@ def _silu_parts(node):
     return None
 
 
+def _single_use(value) -> bool:
+    return value is not None and len(value.uses()) == 1 and not value.is_graph_output()
+
+
+def _producer(value, op_type):
+    producer = value.producer() if value is not None else None
+    if producer is not None and producer.op_type == op_type and producer.domain in ("", "ai.onnx"):
+        return producer
+    return None
+
+
+def _constant_is(ctx, value, expected: float, rtol: float = 0.0) -> bool:
+    c = ctx.constant_of(value)
+    return c is not None and c.size == 1 and abs(float(c.reshape(())) - expected) <= rtol * abs(expected)
+
+
+def _gelu_parts(ctx, node):
+    """(X, D, P) when ``node`` is torch's exact GELU, X * (0.5 * (Erf(D) + 1)) with D = X / sqrt(2)
+    (or X * (1/sqrt(2))) and P the parenthesis, every intermediate used by this pattern alone."""
+    for x, p in (node.inputs, node.inputs[::-1]):
+        half = _producer(p, "Mul")
+        if half is None or not _single_use(p):
+            continue
+        for c, a in (half.inputs, half.inputs[::-1]):
+            add = _producer(a, "Add")
+            if add is None or not _constant_is(ctx, c, 0.5) or not _single_use(a):
+                continue
+            for e, one in (add.inputs, add.inputs[::-1]):
+                erf = _producer(e, "Erf")
+                if erf is None or not _constant_is(ctx, one, 1.0) or not _single_use(e):
+                    continue
+                d = erf.inputs[0]
+                scale = _producer(d, "Div") or _producer(d, "Mul")
+                if scale is None or scale.inputs[0] is not x or not _single_use(d):
+                    continue
+                factor = math.sqrt(2.0) if scale.op_type == "Div" else 1.0 / math.sqrt(2.0)
+                if _constant_is(ctx, scale.inputs[1], factor, rtol=1e-6):
+                    return x, d, p
+    return None
+
+
+_LOG_INV_SQRT_PI = -0.5 * math.log(math.pi)
+
+
 @register("Mul")
 def mul(ctx, node, dy):
     a, b = node.inputs
     y = node.outputs[0]
+    gelu = _gelu_parts(ctx, node)
+    if gelu is not None:
+        # GELU'(x) = Phi(x) + x phi(x). Phi = P is the forward pass's own parenthesis and, with
+        # D = x / sqrt(2), x phi(x) = D exp(-D^2) / sqrt(pi) = D Exp(-ln(sqrt(pi)) - D D): six
+        # activation-sized ops where the rules of the five nodes (and the sum of x's two
+        # gradients) took ten. The other nodes of the pattern get no gradient and are skipped.
+        x, d, p = gelu
+        e = ctx.op("Exp", ctx.op("Sub", ctx.scalar(_LOG_INV_SQRT_PI), ctx.op("Mul", d, d)))
+        local = ctx.op("Add", ctx.op("Mul", d, e), p)
+        return [ctx.op("Mul", dy[0], local) if v is x else None for v in node.inputs]
     silu = _silu_parts(node)
     if silu is not None:
         # One rule for both nodes: the product rule plus the Sigmoid rule took six activation-sized
