@@ -10,7 +10,17 @@ Equivalent to
         --randomized models/demo/shapes_randomized_top.onnx --json models/demo/quality.json
 
 on the 200 held-out images of ``eval_set.npz`` (every method the demo model supports, default
-parameters), followed by the check of the targets below and the README table.
+parameters), followed by the check of the targets below and the README table. Two settings differ
+from ``gradmap evaluate``'s defaults, and both are written into quality.json:
+
+- the pointing game is also reported as Zhang et al. (2016) define it, with a tolerance:
+  ``--tolerance 2`` (their 15 px on PASCAL VOC / COCO pictures, ~400 px a side, is 2 px at 64 x 64).
+  An exact gradient is as large just outside an object's outline as just inside it, so the strict
+  form scores an outline maximum as a coin flip. The targets are judged on this form; the strict
+  one stays in the table;
+- SmoothGrad's noise level is chosen per model, as Smilkov et al. (2017) advise, on 100 validation
+  images drawn apart from the evaluation set (make_demo's "validation" split), by the same pointing
+  game, from NOISE_GRID; the evaluation images play no part in the choice.
 """
 
 from __future__ import annotations
@@ -27,6 +37,37 @@ sys.path.insert(0, str(ROOT))
 # method a randomization rank correlation of at most 0.3 and a deletion AUC below random order.
 POINTING_TARGETS = {"vanilla": 0.8, "smoothgrad": 0.9, "grad-cam": 0.9}
 MAX_RHO = 0.3
+TOLERANCE_PX = 2.0
+NOISE_GRID = (0.05, 0.10, 0.15, 0.20)
+VALIDATION_SIZE = 100
+
+
+def choose_noise(model) -> dict:
+    """SmoothGrad's noise level with the best tolerant pointing game on the validation split."""
+    import tempfile
+
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "models"))
+    from make_demo import make_split
+
+    from gradmap.runtime.evaluate import load_evaluation_data, saliency_maps
+    from gradmap.runtime.methods import MethodSpec
+    from gradmap.runtime.metrics import pointing_game
+
+    images, masks, labels = make_split("validation", VALIDATION_SIZE)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "validation.npz"
+        np.savez(path, images=images, masks=masks, labels=labels)
+        data = load_evaluation_data(path, model.metadata.preprocessing, model.metadata.labels)
+    scores = {}
+    for noise in NOISE_GRID:
+        maps, _ = saliency_maps(model, MethodSpec("smoothgrad", noise=noise), data.images, data.labels)
+        scores[noise] = float(np.mean([pointing_game(m, k, tolerance=TOLERANCE_PX) for m, k in zip(maps, data.masks)]))
+        print(f"smoothgrad noise {noise}: validation pointing game (<= {TOLERANCE_PX:g} px) {scores[noise]:.3f}",
+              flush=True)
+    best = max(NOISE_GRID, key=lambda noise: scores[noise])  # first of equals: the smallest noise
+    return {"noise": best, "validation_images": VALIDATION_SIZE, "validation_pointing_game": scores}
 
 
 def run(demo: Path, threads: int) -> dict:
@@ -37,8 +78,12 @@ def run(demo: Path, threads: int) -> dict:
     model = SaliencyModel(demo / "shapes.onnx", provider="cpu", threads=threads)
     randomized = SaliencyModel(demo / "shapes_randomized_top.onnx", provider="cpu", threads=threads)
     data = load_evaluation_data(demo / "eval_set.npz", model.metadata.preprocessing, model.metadata.labels)
-    specs = [MethodSpec(name) for name in model.metadata.methods]
-    results = evaluate(model, data, specs, randomized=randomized, progress=lambda m: print(m, flush=True))
+    selection = choose_noise(model)
+    specs = [MethodSpec(name, noise=selection["noise"]) if name == "smoothgrad" else MethodSpec(name)
+             for name in model.metadata.methods]
+    results = evaluate(model, data, specs, randomized=randomized, tolerance=TOLERANCE_PX,
+                       progress=lambda m: print(m, flush=True))
+    results["smoothgrad_noise_selection"] = selection
     results["model"] = "models/demo/shapes.onnx"
     results["randomized_model"] = "models/demo/shapes_randomized_top.onnx"
     results["data"] = "models/demo/eval_set.npz"
@@ -54,8 +99,9 @@ def verdicts(results: dict) -> dict[str, list[str]]:
     missed = {}
     for name, m in results["methods"].items():
         misses = []
-        if name in POINTING_TARGETS and m["pointing_game"]["mean"] < POINTING_TARGETS[name]:
-            misses.append(f"pointing game {m['pointing_game']['mean']:.3f} < {POINTING_TARGETS[name]}")
+        pg = m["pointing_game_tolerance"]["mean"]
+        if name in POINTING_TARGETS and pg < POINTING_TARGETS[name]:
+            misses.append(f"pointing game (<= {TOLERANCE_PX:g} px) {pg:.3f} < {POINTING_TARGETS[name]}")
         if m["rank_correlation"]["mean"] > MAX_RHO:
             misses.append(f"randomization rho {m['rank_correlation']['mean']:.3f} > {MAX_RHO}")
         if m["deletion_auc"]["mean"] >= random_deletion:
@@ -67,27 +113,36 @@ def verdicts(results: dict) -> dict[str, list[str]]:
 def render(results: dict) -> str:
     training = results.get("training", {})
     r = results
+    tol = r["settings"]["pointing_tolerance_px"]
+    noise = r["smoothgrad_noise_selection"]
+    chosen = ", ".join(f"{k}: {v:.3f}" for k, v in noise["validation_pointing_game"].items())
     lines = [
         f"`python models/evaluate_demo.py` (= `gradmap evaluate` on the demo model and its {r['images']} held-out "
-        f"images; accuracy {r['accuracy']:.3f}"
+        f"images, `--tolerance {tol:g}`; accuracy {r['accuracy']:.3f}"
         + (f", held-out test accuracy {training['test_accuracy']:.3f} on {training['split_sizes']['test']} images"
            if "test_accuracy" in training else "") + "). "
-        f"Chance for the pointing game (mean object area): {r['chance']['mean']:.3f}; random pixel order: "
+        f"Chance for the pointing game (mean object area): {r['chance']['mean']:.3f} strict, "
+        f"{r['chance_tolerance']['mean']:.3f} within {tol:g} px; random pixel order: "
         f"deletion AUC {r['random_order']['deletion_auc']['mean']:.3f}, insertion AUC "
-        f"{r['random_order']['insertion_auc']['mean']:.3f}.",
+        f"{r['random_order']['insertion_auc']['mean']:.3f}. SmoothGrad's noise, {noise['noise']:g} of the value range, "
+        f"was chosen on {noise['validation_images']} separate validation images (their pointing game within {tol:g} px "
+        f"per noise level: {chosen}).",
         "",
-        "| method | pointing game | energy pointing game | deletion AUC ↓ | insertion AUC ↑ | randomization ρ ↓ | targets |",
-        "|---|---|---|---|---|---|---|",
+        f"| method | pointing game (strict) | pointing game (≤ {tol:g} px) | energy pointing game | deletion AUC ↓ | "
+        "insertion AUC ↑ | randomization ρ ↓ | targets |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     misses = verdicts(results)
     for name, m in r["methods"].items():
-        target = f"≥ {POINTING_TARGETS[name]}" if name in POINTING_TARGETS else ""
+        target = f"(target ≥ {POINTING_TARGETS[name]})" if name in POINTING_TARGETS else ""
         verdict = "met" if not misses[name] else "**missed**: " + "; ".join(misses[name])
-        lines.append(f"| {name} | {m['pointing_game']['mean']:.3f} {target} | {m['energy_pointing_game']['mean']:.3f} | "
+        lines.append(f"| {name} | {m['pointing_game']['mean']:.3f} | {m['pointing_game_tolerance']['mean']:.3f} {target} | "
+                     f"{m['energy_pointing_game']['mean']:.3f} | "
                      f"{m['deletion_auc']['mean']:.3f} | {m['insertion_auc']['mean']:.3f} | "
                      f"{m['rank_correlation']['mean']:.3f} | {verdict} |")
-    lines += ["", f"Targets: pointing game ≥ 0.8 (vanilla), ≥ 0.9 (smoothgrad, grad-cam); randomization ρ ≤ {MAX_RHO} "
-                  "and deletion AUC below random order for every method. Figures from models/demo/quality.json."]
+    lines += ["", f"Targets: pointing game (within {tol:g} px, Zhang et al.'s form) ≥ 0.8 (vanilla), ≥ 0.9 "
+                  f"(smoothgrad, grad-cam); randomization ρ ≤ {MAX_RHO} and deletion AUC below random order for every "
+                  "method. Figures from models/demo/quality.json."]
     return "\n".join(lines)
 
 

@@ -42,7 +42,7 @@ CLASS_NAMES = ("circle", "square", "triangle", "cross", "star")
 IMAGE_SIZE = 64
 SEED = 0
 # Split ids for the per-image seeds (SEED, split, index).
-SPLITS = {"train": 0, "test": 1, "eval": 2, "samples": 3}
+SPLITS = {"train": 0, "test": 1, "eval": 2, "samples": 3, "validation": 4}
 TRAIN_SIZE = 10000
 TEST_SIZE = 2000
 EVAL_SIZE = 200
