@@ -296,8 +296,16 @@ def demo_command(out_dir: str, threads: int | None) -> None:
                       key=lambda p: p.name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    methods = [MethodSpec(name, samples=25, steps=16) for name in model.metadata.methods]
-    click.echo(f"demo model: {model.metadata.source_model}; methods: {', '.join(m.name for m in methods)}")
+    # SmoothGrad at the noise level models/evaluate_demo.py chose for this model on validation images
+    noise = MethodSpec.noise
+    quality = assets.joinpath("quality.json")
+    if quality.is_file():
+        import json
+
+        noise = json.loads(quality.read_text()).get("smoothgrad_noise_selection", {}).get("noise", noise)
+    methods = [MethodSpec(name, samples=25, steps=16, noise=noise) for name in model.metadata.methods]
+    click.echo(f"demo model: {model.metadata.source_model}; methods: {', '.join(m.name for m in methods)} "
+               f"(smoothgrad noise {noise:g})")
     for picture in pictures:
         shown, panels, caption = explain_with_methods(model, str(picture), methods)
         target = out / f"{Path(picture.name).stem}.methods.png"
