@@ -381,6 +381,23 @@ case("Gather", "scalar-index", graph("float[2,5,8] X", "float[2,8] Y", "Y = Gath
      lambda X: X[:, 0], X=randn(2, 5, 8))
 case("Gather", "negative-scalar", graph("float[2,5,8] X", "float[2,5] Y", "Y = Gather<axis=2>(X, I)", [init("I", np.int64(-1))]),
      lambda X: X[:, :, -1], X=randn(2, 5, 8))
+# scalar Gathers of one tensor: their rows are concatenated when they cover the axis (q, k, v of a
+# ViT), padded and summed otherwise; a repeated index is summed
+GATHER_INITS = [init("I0", np.int64(0)), init("I1", np.int64(1)), init("I2", np.int64(-1))]
+case("Gather", "rows-covering-the-axis",
+     graph("float[2,3,4] X", "float[2,4] Y",
+           "A = Gather<axis=1>(X, I0)\n B = Gather<axis=1>(X, I1)\n C = Gather<axis=1>(X, I2)\n M = Mul(B, B)\n"
+           " S = Add(A, M)\n Y = Mul(S, C)", GATHER_INITS),
+     lambda X: (X[:, 0] + X[:, 1] * X[:, 1]) * X[:, 2], X=randn(2, 3, 4))
+case("Gather", "rows-partly-and-repeated",
+     graph("float[2,3,4] X", "float[2,4] Y",
+           "A = Gather<axis=1>(X, I0)\n B = Gather<axis=1>(X, I2)\n C = Gather<axis=1>(X, I0)\n M = Mul(B, C)\n"
+           " Y = Add(A, M)", GATHER_INITS),
+     lambda X: X[:, 0] + X[:, 2] * X[:, 0], X=randn(2, 3, 4))
+case("Gather", "rows-and-whole-tensor",
+     graph("float[2,3,4] X", "float[2,3,4] Y", "A = Gather<axis=1>(X, I1)\n U = Unsqueeze(A, I1)\n Y = Mul(X, U)",
+           GATHER_INITS),
+     lambda X: X * X[:, 1:2], X=randn(2, 3, 4))
 case("Gather", "index-matrix-with-repeats", graph("float[6,4] X", "float[2,3,4] Y", "Y = Gather(X, I)",
                                                   [init("I", np.int64([[0, 2, 2], [5, -1, 1]]))]),
      lambda X: X[t(np.int64([[0, 2, 2], [5, 5, 1]]))], X=randn(6, 4))

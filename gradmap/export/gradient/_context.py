@@ -31,6 +31,8 @@ class GradContext:
         self.backprop = "vanilla"  # the ReLU rule: vanilla, guided or deconvnet (Springenberg et al. 2015)
         self._broadcastable: set[ir.Value] = set()
         self._per_channel: set[ir.Value] = set()  # broadcastable gradients shaped [N, C, 1, 1]
+        # stand-ins for gradients known only at some indices of one axis: (rank, axis, size, {index: part})
+        self._parts: dict[ir.Value, tuple[int, int, int, dict[int, ir.Value]]] = {}
 
     # -- emitting ---------------------------------------------------------------------------
     def op(self, op_type: str, *inputs: ir.Value | None, **attributes) -> ir.Value:
@@ -151,6 +153,49 @@ class GradContext:
     def is_broadcastable(self, grad: ir.Value) -> bool:
         return grad in self._broadcastable
 
+    def part(self, grad: ir.Value, like: ir.Value, axis: int, index: int) -> ir.Value:
+        """A stand-in for the gradient of ``like`` that is ``grad`` (size 1 along ``axis``) at
+        ``index`` and 0 elsewhere. Stand-ins for the same value are merged by :meth:`accumulate`;
+        when every index has its part, :meth:`materialize` concatenates them (a ViT's q, k and v
+        gathered from one tensor: one Concat instead of three Pads to the full size and two Adds).
+        """
+        self._counter += 1
+        stand_in = ir.Value(name=f"grad_part_{self._counter}")
+        self._parts[stand_in] = (self.rank(like), axis, self.dims(like)[axis], {index: grad})
+        return stand_in
+
+    def accumulate(self, a: ir.Value, b: ir.Value) -> ir.Value:
+        """The sum of two gradient contributions to one value."""
+        if a in self._parts and b in self._parts:
+            rank, axis, size, parts_a = self._parts[a]
+            _, axis_b, _, parts_b = self._parts[b]
+            if axis == axis_b and not set(parts_a) & set(parts_b):
+                self._counter += 1
+                stand_in = ir.Value(name=f"grad_part_{self._counter}")
+                self._parts[stand_in] = (rank, axis, size, {**parts_a, **parts_b})
+                return stand_in
+        a, b = self._assemble(a), self._assemble(b)
+        total = self.op("Add", a, b)
+        if self.is_broadcastable(a) and self.is_broadcastable(b):
+            self.broadcastable(total, per_channel=self.is_per_channel(a) and self.is_per_channel(b))
+        return total
+
+    def _assemble(self, grad: ir.Value) -> ir.Value:
+        if grad not in self._parts:
+            return grad
+        rank, axis, size, parts = self._parts[grad]
+        if sorted(parts) == list(range(size)):
+            if size == 1:
+                return parts[0]
+            return self.op("Concat", *[parts[i] for i in range(size)], axis=axis)
+        total = None
+        for index, part in sorted(parts.items()):
+            pads = [0] * (2 * rank)
+            pads[axis], pads[rank + axis] = index, size - index - 1
+            padded = self.op("Pad", part, self.ints(pads))
+            total = padded if total is None else self.op("Add", total, padded)
+        return total
+
     def materialize(self, grad: ir.Value | None, like: ir.Value) -> ir.Value | None:
         """``grad`` with the full shape of ``like`` (Expand only for a :meth:`broadcastable` one).
 
@@ -159,6 +204,8 @@ class GradContext:
         input value times 1, exact): onnxruntime runs that in its blocked NCHWc layout, so the
         backward convolutions that follow (a ResNet's whole residual trunk) need no layout reorders.
         """
+        if grad is not None and grad in self._parts:
+            return self._assemble(grad)
         if grad is None or grad not in self._broadcastable:
             return grad
         dims = self.dims(like)

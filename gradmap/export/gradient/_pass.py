@@ -217,11 +217,7 @@ def _reverse_walk(ctx: GradContext, nodes: list[ir.Node], source: ir.Value, sink
             if value not in grads:
                 grads[value] = grad
             else:
-                both_broadcastable = ctx.is_broadcastable(grads[value]) and ctx.is_broadcastable(grad)
-                both_per_channel = ctx.is_per_channel(grads[value]) and ctx.is_per_channel(grad)
-                grads[value] = ctx.op("Add", grads[value], grad)
-                if both_broadcastable:
-                    ctx.broadcastable(grads[value], per_channel=both_per_channel)
+                grads[value] = ctx.accumulate(grads[value], grad)
     ctx.node = None
     if source not in grads:
         raise ExportError(f"no gradient reached the input {source.name!r}")

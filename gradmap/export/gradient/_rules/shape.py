@@ -6,7 +6,9 @@
     Concat:     dX_i = Split(dY, sizes along axis)[i]
     Split:      dX = Concat(dY_i or zeros, axis)
     Slice:      dX = Pad(dY, starts, size - ends); step k > 1: zeros interleaved first
-    Gather:     dX = ScatterND(zeros, indices, dY, reduction=add) along axis
+    Gather:     dX = ScatterND(zeros, indices, dY, reduction=add) along axis; a scalar index i: dY in
+                row i and 0 elsewhere (Pad), and the rows of several such Gathers of one tensor are
+                concatenated when they cover its axis (GradContext.part)
     Pad:        dX = Slice(dY, pads_begin, -pads_end)                 (constant mode, pads >= 0)
     ScatterND:  dData = ScatterND(dY, indices, 0), dUpdates = GatherND(dY, indices)
     GatherND:   dX = ScatterND(zeros, indices, dY, reduction=add)
@@ -133,9 +135,7 @@ def gather(ctx, node, dy):
         # x[..., i, ...]: put the gradient back in row i
         index = int(const) % size
         g = ctx.op("Unsqueeze", dy[0], ctx.ints([axis]))
-        pads = [0] * (2 * rank)
-        pads[axis], pads[rank + axis] = index, size - index - 1
-        return [ctx.op("Pad", g, ctx.ints(pads)), None]
+        return [ctx.part(g, data, axis, index), None]
     # General case, dynamic shapes included: bring the gathered axis to the front, scatter-add
     # the rows of dY (duplicate indices accumulate), and move the axis back.
     index_rank = ctx.rank(indices)
