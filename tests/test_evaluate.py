@@ -24,7 +24,7 @@ from gradmap.runtime.evaluate import (
     saliency_maps,
 )
 from gradmap.runtime.methods import MethodSpec
-from gradmap.runtime.metrics import energy_pointing_game, pointing_game
+from gradmap.runtime.metrics import energy_pointing_game, pointing_game, rank_correlation
 from gradmap.runtime.preprocess import CropGeometry, preprocess
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "demo"
@@ -140,6 +140,9 @@ def test_metrics_are_those_of_the_methods_maps():
         # the model against itself: identical maps, rank correlation 1, which fails the sanity check
         assert entry["rank_correlation"]["mean"] == pytest.approx(1.0)
         assert entry["sanity_check"] == "FAILED"
+        assert entry["rank_correlation_other_image"]["mean"] == pytest.approx(
+            np.mean([rank_correlation(maps[i], maps[(i + 1) % 6]) for i in range(6)]))
+        assert entry["rank_correlation_other_image"]["mean"] < 0.99, "other images' maps are not the same map"
         assert 0.0 <= entry["deletion_auc"]["mean"] <= 1.0 and 0.0 <= entry["insertion_auc"]["mean"] <= 1.0
 
 

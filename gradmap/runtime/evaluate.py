@@ -16,7 +16,10 @@ given, else of the top-1 class):
                            (Petsiuk et al. 2018), each next to the same curve for random pixel orders
     randomization check    Spearman's rho between the map and the map of the same network with its
                            top layers re-initialized (Adebayo et al. 2018): low means the map depends
-                           on what the model learned; above the threshold (0.3) the method is flagged
+                           on what the model learned; above the threshold (0.3) the method is flagged.
+                           Reported next to it: rho between the trained model's maps of two different
+                           images (each image with the next), the part of rho that an image-independent
+                           layout of the maps (e.g. gradients fading toward the borders) gives by itself
 
 Maps are max over channels of |attribution| for pixel attributions (gradmap run's default reduction)
 and the class activation map itself for Grad-CAM and Grad-CAM++.
@@ -351,6 +354,9 @@ def evaluate(model, data: EvaluationData, methods: Sequence[MethodSpec], *, rand
             if maps_randomized is not None:
                 rows["rank_correlation"].append(_safe_rank_correlation(maps[i], maps_randomized[i]))
         entry = {key: _summary(values) for key, values in rows.items() if key != "rank_correlation"}
+        if maps_randomized is not None and n > 1:
+            entry["rank_correlation_other_image"] = _summary(
+                [_safe_rank_correlation(maps[i], maps[(i + 1) % n]) for i in range(n)])
         entry["parameters"] = {k: v for k, v in vars(spec).items() if k != "name"}
         deletion_ok = entry["deletion_auc"]["mean"] < results["random_order"]["deletion_auc"]["mean"]
         entry["deletion_beats_random"] = bool(deletion_ok)
@@ -390,4 +396,9 @@ def format_report(results: dict) -> str:
                      f"(chance {results['chance_tolerance']['mean']:.3f})")
     lines.append("pointing/energy: higher is better; deletion AUC: lower is better; insertion AUC: higher is better;")
     lines.append(f"rho rand.: Spearman correlation with the top-randomized model's map, <= {MAX_RANK_CORRELATION} passes")
+    other = {name: m["rank_correlation_other_image"]["mean"] for name, m in results["methods"].items()
+             if "rank_correlation_other_image" in m}
+    if other:
+        lines.append("rho between the trained model's maps of different images (layout shared by all maps): "
+                     + ", ".join(f"{name} {value:.3f}" for name, value in other.items()))
     return "\n".join(lines)
