@@ -129,8 +129,8 @@ def render(results: dict) -> str:
         f"per noise level: {chosen}).",
         "",
         f"| method | pointing game (strict) | pointing game (≤ {tol:g} px) | energy pointing game | deletion AUC ↓ | "
-        "insertion AUC ↑ | randomization ρ ↓ | targets |",
-        "|---|---|---|---|---|---|---|---|",
+        "insertion AUC ↑ | randomization ρ ↓ | ρ between two images' maps | targets |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     misses = verdicts(results)
     for name, m in r["methods"].items():
@@ -139,10 +139,13 @@ def render(results: dict) -> str:
         lines.append(f"| {name} | {m['pointing_game']['mean']:.3f} | {m['pointing_game_tolerance']['mean']:.3f} {target} | "
                      f"{m['energy_pointing_game']['mean']:.3f} | "
                      f"{m['deletion_auc']['mean']:.3f} | {m['insertion_auc']['mean']:.3f} | "
-                     f"{m['rank_correlation']['mean']:.3f} | {verdict} |")
+                     f"{m['rank_correlation']['mean']:.3f} | {m['rank_correlation_other_image']['mean']:.3f} | {verdict} |")
     lines += ["", f"Targets: pointing game (within {tol:g} px, Zhang et al.'s form) ≥ 0.8 (vanilla), ≥ 0.9 "
                   f"(smoothgrad, grad-cam); randomization ρ ≤ {MAX_RHO} and deletion AUC below random order for every "
-                  "method. Figures from models/demo/quality.json."]
+                  "method. ρ between two images' maps: the trained model's maps of different eval images (each with the next); "
+                  "what a layout shared by every map gives by itself: a randomized model's map as unrelated to the trained one "
+                  "as another picture's map scores about this. "
+                  "Figures from models/demo/quality.json."]
     return "\n".join(lines)
 
 
