@@ -328,8 +328,9 @@ def evaluate(model, data: EvaluationData, methods: Sequence[MethodSpec], *, rand
                      "max_rank_correlation": MAX_RANK_CORRELATION, "pointing_tolerance_px": tolerance},
         "methods": {},
     }
-    if tolerance > 0:
-        within = [ndimage.distance_transform_edt(~m) <= tolerance for m in data.masks]
+    # the pixels within ``tolerance`` of each object, once for every method
+    within = [ndimage.distance_transform_edt(~m) <= tolerance for m in data.masks] if tolerance > 0 else None
+    if within is not None:
         results["chance_tolerance"] = _summary([float(w.mean()) for w in within])
     for spec in methods:
         t0 = time.perf_counter()
@@ -342,9 +343,8 @@ def evaluate(model, data: EvaluationData, methods: Sequence[MethodSpec], *, rand
         for i in range(n):
             target = int(targets[i])
             rows["pointing_game"].append(pointing_game(maps[i], data.masks[i]))
-            if tolerance > 0:
-                rows.setdefault("pointing_game_tolerance", []).append(
-                    pointing_game(maps[i], data.masks[i], tolerance=tolerance))
+            if within is not None:
+                rows.setdefault("pointing_game_tolerance", []).append(pointing_game(maps[i], within[i]))
             rows["energy_pointing_game"].append(energy_pointing_game(maps[i], data.masks[i]))
             deletion = deletion_curve(data.images[i], maps[i], predict, target, steps=steps, baseline=0.0).auc
             rows["deletion_auc"].append(deletion)

@@ -209,13 +209,20 @@ class GradContext:
         if grad is None or grad not in self._broadcastable:
             return grad
         dims = self.dims(like)
-        if (grad in self._per_channel and len(dims) == 4 and all(isinstance(d, int) for d in dims[1:])
-                and dims[1] % 16 == 0):
+        if grad in self._per_channel and self.blocked_channels(like) and all(isinstance(d, int) for d in dims[2:]):
             channels, height, width = dims[1:]
             return self.op("Conv", grad, self.const(np.ones((channels, 1, height, width), dtype=np.float32)),
                            group=channels, kernel_shape=[height, width],
                            pads=[height - 1, width - 1, height - 1, width - 1])
         return self.op("Expand", grad, self.shape_of(like))
+
+    def blocked_channels(self, value: ir.Value) -> int | None:
+        """C when ``value`` is [N, C, H, W] with C a multiple of 16, the channel multiple onnxruntime
+        needs to keep a tensor in its blocked NCHWc layout; else None."""
+        dims = self.dims(value)
+        if len(dims) != 4 or not isinstance(dims[1], int) or dims[1] % 16:
+            return None
+        return dims[1]
 
     def blocked(self, grad: ir.Value, like: ir.Value) -> ir.Value:
         """``grad`` (shaped like ``like``) through a depthwise 1x1 Conv of weight 1, an exact
@@ -223,10 +230,10 @@ class GradContext:
         Conv in its blocked NCHWc layout, so a gradient made by an op without a blocked kernel
         (ConvTranspose, ScatterElements) enters the layout once instead of every masking Mul and
         Add after it falling back to plain NCHW, with a reorder around each."""
-        dims = self.dims(like)
-        if len(dims) != 4 or not isinstance(dims[1], int) or dims[1] % 16:
+        channels = self.blocked_channels(like)
+        if channels is None:
             return grad
-        return self.op("Conv", grad, self.const(np.ones((dims[1], 1, 1, 1), dtype=np.float32)), group=dims[1],
+        return self.op("Conv", grad, self.const(np.ones((channels, 1, 1, 1), dtype=np.float32)), group=channels,
                        kernel_shape=[1, 1])
 
     def reshape_like(self, grad: ir.Value, like: ir.Value) -> ir.Value:

@@ -244,7 +244,6 @@ def relu(ctx, node, dy):
     return [_masked(ctx, g, ctx.op("Greater", y, _zero(ctx)))]
 
 
-_BLOCK = 16  # channel multiple onnxruntime needs to keep a tensor in its blocked NCHWc layout
 _HUGE = 2.0 ** 127  # largest power of two in float32
 
 
@@ -259,10 +258,9 @@ def _blocked_step(ctx, y):
     and each ReLU then cost three layout reorders (its output, the incoming and the outgoing
     gradient). Only for [N, C, H, W] with C a multiple of 16, where onnxruntime blocks both.
     """
-    dims = ctx.dims(y)
-    if len(dims) != 4 or not isinstance(dims[1], int) or dims[1] % _BLOCK:
+    channels = ctx.blocked_channels(y)
+    if channels is None:
         return None
-    channels = dims[1]
     scaled = ctx.op("Conv", y, ctx.const(np.full((channels, 1, 1, 1), _HUGE, dtype=np.float32)),
                     group=channels, kernel_shape=[1, 1])
     return ctx.op("HardSigmoid", scaled, alpha=_HUGE, beta=0.0)
