@@ -63,6 +63,22 @@ def test_pointing_game_tolerance_is_euclidean_distance_to_the_mask():
     assert pointing_game(m, mask, tolerance=3.0) == 1.0, "3 px away is inside a 3 px tolerance"
 
 
+@pytest.mark.parametrize("tolerance", [1, 2, 3])
+def test_pointing_game_tolerance_matches_skimage_disk_dilation(tolerance):
+    """Within ``tolerance`` px of the object = the mask dilated by skimage's disk of that radius."""
+    from skimage.morphology import dilation, disk
+
+    rng = np.random.default_rng(tolerance)
+    mask = np.zeros((24, 24), dtype=bool)
+    mask[9:14, 8:12] = True
+    mask[14, 10] = True
+    dilated = dilation(mask, disk(tolerance))
+    for _ in range(200):
+        m = rng.random((24, 24))
+        expected = float(dilated.ravel()[m.argmax()])
+        assert pointing_game(m, mask, tolerance=tolerance) == expected
+
+
 def test_pointing_game_uses_signed_values():
     mask = _box_mask()
     m = np.zeros((8, 8))
