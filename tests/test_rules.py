@@ -410,6 +410,18 @@ case("Pad", "constant", graph(X4_SIG, "float[2,3,11,9] Y", "Y = Pad(X, P, V)",
 case("Pad", "axes", graph(X4_SIG, "float[2,3,8,11] Y", "Y = Pad(X, P, V, A)",
                           [init("P", np.int64([2, 1])), init("V", np.float32(0)), init("A", np.int64([-1]))]),
      lambda X: F.pad(X, (2, 1)), X=X4)
+# reflect (torch "reflect"), edge ("replicate") and wrap ("circular", opset 19): borders fold back
+# onto their sources; pads are asymmetric, up to the largest each mode allows (reflect: size - 1)
+for mode, torch_mode in (("reflect", "reflect"), ("edge", "replicate"), ("wrap", "circular")):
+    most = 7 if mode == "reflect" else 8
+    header = HEADER.replace('"" : 18', '"" : 19') if mode == "wrap" else HEADER
+    case("Pad", f"{mode}-two-axes", header + graph(X4_SIG, f"float[2,3,{8 + 1 + most},{8 + 3 + 2}] Y",
+                                                     f'Y = Pad<mode="{mode}">(X, P)',
+                                                     [init("P", np.int64([0, 0, 1, 3, 0, 0, most, 2]))])[len(HEADER):],
+         lambda X, m=torch_mode, most=most: F.pad(X, (3, 2, 1, most), mode=m), X=X4)
+    case("Pad", f"{mode}-axes-input", header + graph(X4_SIG, "float[2,3,8,10] Y", f'Y = Pad<mode="{mode}">(X, P, , A)',
+                                                       [init("P", np.int64([0, 2])), init("A", np.int64([-1]))])[len(HEADER):],
+         lambda X, m=torch_mode: F.pad(X, (0, 2, 0, 0), mode=m), X=X4)
 case("ScatterND", "overwrite-rows", graph("float[4,3] X, float[2,3] U", "float[4,3] Y", "Y = ScatterND(X, I, U)",
                                           [init("I", np.int64([[1], [3]]))]),
      lambda X, U: X.index_put((t(np.int64([1, 3])),), U), X=randn(4, 3), U=randn(2, 3))
@@ -456,6 +468,21 @@ def test_unsupported_op_lists_every_op_type_and_node():
     assert "Acos" in message and "Asin" in message and "2 op type(s)" in message, message
     assert set(info.value.missing) == {"Acos", "Asin"}
     assert len(info.value.missing["Acos"]) == 2
+
+
+def test_pad_beyond_a_single_fold_is_refused_by_name():
+    # reflect copies at most size - 1 values per side (onnxruntime and torch refuse more)
+    import onnx.parser
+    from onnx_ir import serde
+
+    from gradmap.export._errors import ExportError
+    from gradmap.export.gradient import append_vjp
+
+    text = graph("float[1,1,3,3] X", "float[1,1,3,9] Y", 'Y = Pad<mode="reflect">(X, P)',
+                 [init("P", np.int64([0, 0, 0, 3, 0, 0, 0, 3]))])
+    model = serde.deserialize_model(onnx.parser.parse_model(text))
+    with pytest.raises(ExportError, match=r"Pad mode 'reflect' pads axis 3 \(size 3\) by 3, more than 2"):
+        append_vjp(model, model.graph.inputs[0], model.graph.outputs[0])
 
 
 def test_branch_not_depending_on_input_gets_no_backward_nodes():

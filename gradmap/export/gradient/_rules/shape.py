@@ -9,7 +9,8 @@
     Gather:     dX = ScatterND(zeros, indices, dY, reduction=add) along axis; a scalar index i: dY in
                 row i and 0 elsewhere (Pad), and the rows of several such Gathers of one tensor are
                 concatenated when they cover its axis (GradContext.part)
-    Pad:        dX = Slice(dY, pads_begin, -pads_end)                 (constant mode, pads >= 0)
+    Pad:        constant mode: dX = Slice(dY, pads_begin, -pads_end) (pads >= 0); reflect, edge and
+                wrap: per padded axis, the centre of dY plus each border folded back onto its sources
     ScatterND:  dData = ScatterND(dY, indices, 0), dUpdates = GatherND(dY, indices)
     GatherND:   dX = ScatterND(zeros, indices, dY, reduction=add)
     Tile:       dX = sum over the tiles of dY
@@ -166,8 +167,9 @@ def gather(ctx, node, dy):
 @register("Pad")
 def pad(ctx, node, dy):
     x = node.inputs[0]
-    if ctx.attr(node, "mode", "constant") != "constant":
-        raise ExportError(f"{node.name}: Pad mode {ctx.attr(node, 'mode')!r} has no gradient rule")
+    mode = ctx.attr(node, "mode", "constant")
+    if mode not in ("constant", "reflect", "edge", "wrap"):
+        raise ExportError(f"{node.name}: Pad mode {mode!r} has no gradient rule")
     rank = ctx.rank(x)
     pads = ctx.require_constant(node.inputs[1], "Pad pads").reshape(-1).astype(np.int64)
     if len(node.inputs) > 3 and node.inputs[3] is not None:
@@ -177,9 +179,61 @@ def pad(ctx, node, dy):
     n = len(axes)
     if (pads < 0).any():
         raise ExportError(f"{node.name}: Pad with negative pads has no gradient rule")
-    starts = [int(p) for p in pads[:n]]
-    ends = [-int(p) if p > 0 else _INT64_MAX for p in pads[n:]]
-    return [ctx.op("Slice", dy[0], ctx.ints(starts), ctx.ints(ends), ctx.ints(axes)), None, None, None]
+    if mode == "constant":
+        starts = [int(p) for p in pads[:n]]
+        ends = [-int(p) if p > 0 else _INT64_MAX for p in pads[n:]]
+        return [ctx.op("Slice", dy[0], ctx.ints(starts), ctx.ints(ends), ctx.ints(axes)), None, None, None]
+    # reflect, edge and wrap copy input values into the border: padding along several axes is one
+    # gather per axis (they commute), so the gradient folds each border back onto its sources, axis by axis.
+    dims = ctx.dims(x)
+    grad = dy[0]
+    for axis, before, after in zip(axes, (int(p) for p in pads[:n]), (int(p) for p in pads[n:])):
+        if before == after == 0:
+            continue
+        size = dims[axis]
+        if not isinstance(size, int):
+            raise ExportError(f"{node.name}: Pad mode {mode!r} needs a static size on axis {axis}, got {size!r}")
+        limit = {"reflect": size - 1, "wrap": size, "edge": None}[mode]
+        if limit is not None and max(before, after) > limit:
+            raise ExportError(f"{node.name}: Pad mode {mode!r} pads axis {axis} (size {size}) by "
+                              f"{max(before, after)}, more than {limit}: no gradient rule for repeated folding")
+        grad = _fold_border(ctx, grad, mode, rank, axis, size, before, after)
+    return [grad, None, None, None]
+
+
+def _fold_border(ctx, grad, mode: str, rank: int, axis: int, size: int, before: int, after: int):
+    """Gradient of a reflect/edge/wrap Pad along one axis: the centre plus each border slice added
+    where its values came from (reflect: reversed, one in from the edge; edge: summed onto the edge
+    element; wrap: from the opposite end)."""
+    total = before + size + after
+
+    def piece(start: int, end: int, step: int = 1):
+        return ctx.op("Slice", grad, ctx.ints([start]), ctx.ints([end]), ctx.ints([axis]), ctx.ints([step]))
+
+    def placed(part, at: int, length: int):
+        pads = [0] * (2 * rank)
+        pads[axis], pads[rank + axis] = at, size - at - length
+        return ctx.op("Pad", part, ctx.ints(pads))
+
+    result = piece(before, before + size)
+    if before:
+        if mode == "wrap":
+            part, at, length = piece(0, before), size - before, before
+        elif mode == "reflect":  # positions before-1 .. 0 hold x[1 .. before]
+            part, at, length = piece(before - 1, -(total + 1), -1), 1, before
+        else:
+            part, at, length = ctx.op("ReduceSum", piece(0, before), ctx.ints([axis]), keepdims=1), 0, 1
+        result = ctx.op("Add", result, placed(part, at, length))
+    if after:
+        start = before + size
+        if mode == "wrap":
+            part, at, length = piece(start, total), 0, after
+        elif mode == "reflect":  # positions total-1 .. start hold x[size-1-after .. size-2]
+            part, at, length = piece(total - 1, start - 1, -1), size - 1 - after, after
+        else:
+            part, at, length = ctx.op("ReduceSum", piece(start, total), ctx.ints([axis]), keepdims=1), size - 1, 1
+        result = ctx.op("Add", result, placed(part, at, length))
+    return result
 
 
 @register("ScatterND")
