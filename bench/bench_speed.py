@@ -2,7 +2,8 @@
 
     python bench/bench_speed.py [--models resnet50 vgg19 ...] [--batches 1 8] [--threads 2]
 
-In one process, per model and batch, medians after warm-up of:
+In one process, per model and batch, medians after warm-up of (run in turn, round after round, so
+that a shared machine's load drifts hit all four alike):
   (a) onnxruntime forward only, of the plain export (no gradient);
   (b) gradmap's gradient graph on onnxruntime (logits + gradient);
   (c) PyTorch eager autograd as in the ResNet-50 recipe (input requires grad, parameters frozen);
@@ -30,16 +31,25 @@ DEFAULT_MODELS = ["resnet50", "vgg19", "mobilenet_v3_large", "efficientnet_b0", 
                   "convnext_tiny"]
 
 
-def _median_ms(fn, *, warmup: int, repeat: int, budget_s: float) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def _interleaved_medians(variants: dict, *, warmup: int, repeat: int, budget_s: float) -> dict[str, float]:
+    """Median ms per variant, the variants run in turn within each round (A B C D, then D C B A on the
+    next round) so that load drifts on a shared machine hit all of them alike: the ratios between
+    variants are what the table reports. Stops after ``repeat`` rounds, or after the budget once
+    three rounds are in."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
     start = time.perf_counter()
-    while len(times) < repeat and (len(times) < 3 or time.perf_counter() - start < budget_s):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
+    rounds = 0
+    while rounds < repeat and (rounds < 3 or time.perf_counter() - start < budget_s):
+        for name in (names if rounds % 2 == 0 else names[::-1]):
+            t = time.perf_counter()
+            variants[name]()
+            times[name].append((time.perf_counter() - t) * 1000)
+        rounds += 1
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget_s: float) -> list[dict]:
@@ -78,10 +88,6 @@ def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget
         image = rng.standard_normal((batch, 3, *size), dtype=np.float32)
         target = np.full(batch, -1, dtype=np.int64)
         row = {"model": name, "batch": batch, "threads": threads}
-        row["ort_forward_ms"] = _median_ms(lambda: s_forward.run(None, {"image": image}),
-                                           warmup=2, repeat=repeat, budget_s=budget_s)
-        row["gradmap_ms"] = _median_ms(lambda: s_gradient.run(None, {"image": image, "target": target}),
-                                       warmup=2, repeat=repeat, budget_s=budget_s)
 
         def eager():
             x = torch.from_numpy(image).requires_grad_(True)
@@ -90,14 +96,18 @@ def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget
             score.sum().backward()
             return x.grad
 
-        row["torch_eager_ms"] = _median_ms(eager, warmup=2, repeat=repeat, budget_s=budget_s)
+        variants = {
+            "ort_forward_ms": lambda: s_forward.run(None, {"image": image}),
+            "gradmap_ms": lambda: s_gradient.run(None, {"image": image, "target": target}),
+            "torch_eager_ms": eager,
+        }
         if Saliency is not None:
             saliency = Saliency(module)
             x = torch.from_numpy(image)
             with torch.no_grad():
                 top = module(x).argmax(1)
-            row["captum_ms"] = _median_ms(lambda: saliency.attribute(x, target=top, abs=False),
-                                          warmup=2, repeat=repeat, budget_s=budget_s)
+            variants["captum_ms"] = lambda: saliency.attribute(x, target=top, abs=False)
+        row.update(_interleaved_medians(variants, warmup=2, repeat=repeat, budget_s=budget_s))
         row["gradmap_over_forward"] = row["gradmap_ms"] / row["ort_forward_ms"]
         row["speedup_vs_torch"] = row["torch_eager_ms"] / row["gradmap_ms"]
         floor = row["ort_forward_ms"]
@@ -110,7 +120,8 @@ def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget
 
 def render(rows: list[dict], meta: dict) -> str:
     lines = [
-        f"Medians in ms, {meta['threads']} threads, random weights, {meta['machine']}; "
+        f"Medians in ms, the four variants interleaved round by round, {meta['threads']} threads, random weights, "
+        f"{meta['machine']}; "
         "target: gradmap ≤ max(2.1 × ORT forward, min(2.5 × ORT forward, PyTorch eager ÷ 1.5)).",
         "",
         "| model | batch | ORT forward | gradmap | gradmap ÷ forward | PyTorch eager | Captum Saliency | speed-up vs PyTorch | target | met |",
@@ -130,8 +141,8 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=10)
-    parser.add_argument("--budget", type=float, default=30.0, help="seconds per measurement at most")
+    parser.add_argument("--repeat", type=int, default=15, help="rounds (each runs every variant once)")
+    parser.add_argument("--budget", type=float, default=90.0, help="seconds of rounds per model and batch at most")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "speed.json"))
     parser.add_argument("--no-readme", action="store_true")
     args = parser.parse_args()
