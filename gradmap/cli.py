@@ -322,6 +322,10 @@ def demo_command(out_dir: str, threads: int | None) -> None:
 @click.option("--randomized", "randomized_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="The same network with its top layers re-initialized, exported by gradmap: runs the "
                    "model-parameter randomization sanity check.")
+@click.option("--cascade", "cascade_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="The same network with more layers re-initialized (repeatable, shallowest first; Adebayo et "
+                   "al.'s cascading randomization): rho against each is reported beside the check, labelled by "
+                   "file name.")
 @click.option("--method", "method_names", multiple=True, type=click.Choice(_METHODS),
               help="Evaluate only this method (repeatable); default: every method the model supports.")
 @click.option("--samples", type=click.IntRange(min=1), default=50, show_default=True, help="smoothgrad: noisy copies.")
@@ -342,7 +346,8 @@ def demo_command(out_dir: str, threads: int | None) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the full results to this JSON file.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when a method fails the randomization check.")
-def evaluate_command(model_path: str, data_path: str, randomized_path: str | None, method_names: tuple[str, ...],
+def evaluate_command(model_path: str, data_path: str, randomized_path: str | None, cascade_paths: tuple[str, ...],
+                     method_names: tuple[str, ...],
                      samples: int, noise: float, steps: int, curve_steps: int, random_repeats: int,
                      limit: int | None, tolerance: float, seed: int, threads: int | None, json_path: str | None,
                      strict: bool) -> None:
@@ -350,6 +355,7 @@ def evaluate_command(model_path: str, data_path: str, randomized_path: str | Non
     game, deletion/insertion AUC against random pixel orders, and (with --randomized) the
     model-parameter randomization sanity check."""
     import json
+    import os
 
     from gradmap.runtime import atomic_write
     from gradmap.runtime.evaluate import EvaluationDataError, evaluate, format_report, load_evaluation_data
@@ -357,14 +363,21 @@ def evaluate_command(model_path: str, data_path: str, randomized_path: str | Non
 
     model = _load_model(model_path, "cpu", threads)
     randomized = _load_model(randomized_path, "cpu", threads) if randomized_path else None
+    cascade = [(os.path.splitext(os.path.basename(path))[0], _load_model(path, "cpu", threads)) for path in cascade_paths]
+    compared = [(randomized, randomized_path, "'--randomized'"),
+                *((m, path, "'--cascade'") for (_, m), path in zip(cascade, cascade_paths))]
     names = list(dict.fromkeys(method_names)) or list(model.metadata.methods)
     for name in names:
-        for m, path in ((model, model_path), (randomized, randomized_path)):
+        for m, path, _ in ((model, model_path, None), *compared):
             if m is not None and name not in m.metadata.methods:
                 raise click.BadParameter(f"{path} does not support {name} (it supports "
                                          f"{', '.join(m.metadata.methods)})", param_hint="'--method'")
-    if randomized is not None and randomized.metadata.labels != model.metadata.labels:
-        raise click.BadParameter(f"{randomized_path} has other classes than {model_path}", param_hint="'--randomized'")
+    for m, path, hint in compared:
+        if m is not None and m.metadata.labels != model.metadata.labels:
+            raise click.BadParameter(f"{path} has other classes than {model_path}", param_hint=hint)
+    if len({label for label, _ in cascade}) < len(cascade):
+        raise click.BadParameter("two cascade models have the same file name; their columns would be confused",
+                                 param_hint="'--cascade'")
     try:
         data = load_evaluation_data(data_path, model.metadata.preprocessing, model.metadata.labels, limit=limit)
     except EvaluationDataError as e:
@@ -372,10 +385,11 @@ def evaluate_command(model_path: str, data_path: str, randomized_path: str | Non
     for note in data.notes:
         click.echo(f"note: {note}", err=True)
     specs = [MethodSpec(name, samples=samples, noise=noise, steps=steps, seed=seed) for name in names]
-    results = evaluate(model, data, specs, randomized=randomized, steps=curve_steps, random_repeats=random_repeats,
+    results = evaluate(model, data, specs, randomized=randomized, cascade=cascade, steps=curve_steps, random_repeats=random_repeats,
                        seed=seed, tolerance=tolerance, progress=lambda message: click.echo(message, err=True))
     results["model"] = model_path
     results["randomized_model"] = randomized_path
+    results["cascade_models"] = list(cascade_paths)
     results["data"] = data_path
     click.echo(format_report(results))
     if json_path:

@@ -70,6 +70,16 @@ def choose_noise(model) -> dict:
     return {"noise": best, "validation_images": VALIDATION_SIZE, "validation_pointing_game": scores}
 
 
+def cascade_files(demo: Path) -> list[Path]:
+    """make_demo's deeper randomizations, shallowest first: classifier and the last 2, 3, ... blocks."""
+    return sorted((demo / "cascade").glob("shapes_randomized_blocks*.onnx"),
+                  key=lambda path: int(path.stem.removeprefix("shapes_randomized_blocks")))
+
+
+def cascade_label(path: Path) -> str:
+    return f"{path.stem.removeprefix('shapes_randomized_blocks')} blocks"
+
+
 def run(demo: Path, threads: int) -> dict:
     from gradmap.runtime import SaliencyModel
     from gradmap.runtime.evaluate import evaluate, load_evaluation_data
@@ -77,15 +87,19 @@ def run(demo: Path, threads: int) -> dict:
 
     model = SaliencyModel(demo / "shapes.onnx", provider="cpu", threads=threads)
     randomized = SaliencyModel(demo / "shapes_randomized_top.onnx", provider="cpu", threads=threads)
+    cascade = [(cascade_label(path), SaliencyModel(path, provider="cpu", threads=threads))
+               for path in cascade_files(demo)]
     data = load_evaluation_data(demo / "eval_set.npz", model.metadata.preprocessing, model.metadata.labels)
     selection = choose_noise(model)
     specs = [MethodSpec(name, noise=selection["noise"]) if name == "smoothgrad" else MethodSpec(name)
              for name in model.metadata.methods]
-    results = evaluate(model, data, specs, randomized=randomized, tolerance=TOLERANCE_PX,
+    results = evaluate(model, data, specs, randomized=randomized, cascade=cascade, tolerance=TOLERANCE_PX,
                        progress=lambda m: print(m, flush=True))
     results["smoothgrad_noise_selection"] = selection
     results["model"] = "models/demo/shapes.onnx"
     results["randomized_model"] = "models/demo/shapes_randomized_top.onnx"
+    results["cascade_models"] = {label: f"models/demo/cascade/{path.name}"
+                                 for label, path in zip((c[0] for c in cascade), cascade_files(demo))}
     results["data"] = "models/demo/eval_set.npz"
     metrics_file = demo / "metrics.json"
     if metrics_file.exists():
@@ -146,6 +160,21 @@ def render(results: dict) -> str:
                   "what a layout shared by every map gives by itself: a randomized model's map as unrelated to the trained one "
                   "as another picture's map scores about this. "
                   "Figures from models/demo/quality.json."]
+    labels = list(next(iter(r["methods"].values())).get("rank_correlation_cascade", {}))
+    if labels:
+        lines += ["", "Randomization cascade (Adebayo et al.'s cascading form): ρ between the trained model's maps and "
+                      "those of the same network with its classifier and its last 1, 2, ... conv blocks re-initialized, "
+                      "top down, each model keeping the random weights of the one before (`make_demo.randomize_top`). "
+                      "The target above is judged on the first column (`shapes_randomized_top.onnx`); with all "
+                      f"{labels[-1].split()[0]} blocks random, nothing the model learned is left.",
+                  "",
+                  "| method | classifier + last block | " + " | ".join(f"+ last {label}" for label in labels)
+                  + " | ρ between two images' maps |",
+                  "|---|---|" + "---|" * len(labels) + "---|"]
+        for name, m in r["methods"].items():
+            cells = [f"{m['rank_correlation']['mean']:.3f}"]
+            cells += [f"{m['rank_correlation_cascade'][label]['mean']:.3f}" for label in labels]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['rank_correlation_other_image']['mean']:.3f} |")
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ from gradmap.runtime.evaluate import (
     EvaluationDataError,
     _mask_on_input,
     evaluate,
+    format_report,
     load_evaluation_data,
     saliency_maps,
 )
@@ -146,6 +147,29 @@ def test_metrics_are_those_of_the_methods_maps():
         assert 0.0 <= entry["deletion_auc"]["mean"] <= 1.0 and 0.0 <= entry["insertion_auc"]["mean"] <= 1.0
 
 
+def test_cascade_rho_is_the_check_against_each_model():
+    """Each cascade model gets the rho the check would give it; the verdict stays the top model's."""
+    model_file, randomized_file, npz = _demo_files()
+    from gradmap.runtime import SaliencyModel
+
+    model = SaliencyModel(model_file, provider="cpu", threads=1)
+    randomized = SaliencyModel(randomized_file, provider="cpu", threads=1)
+    data = load_evaluation_data(npz, model.metadata.preprocessing, model.metadata.labels, limit=5)
+    results = evaluate(model, data, [MethodSpec("vanilla")], randomized=randomized,
+                       cascade=[("again", randomized), ("itself", model)], steps=4, random_repeats=1)
+    entry = results["methods"]["vanilla"]
+    cascade = entry["rank_correlation_cascade"]
+    assert list(cascade) == ["again", "itself"]
+    assert cascade["again"]["mean"] == pytest.approx(entry["rank_correlation"]["mean"], abs=1e-12)
+    assert cascade["itself"]["mean"] == pytest.approx(1.0) and cascade["itself"]["n"] == 5
+    maps = saliency_maps(model, MethodSpec("vanilla"), data.images, data.labels)[0]
+    other = saliency_maps(randomized, MethodSpec("vanilla"), data.images, data.labels)[0]
+    assert entry["rank_correlation"]["mean"] == pytest.approx(np.mean([rank_correlation(a, b) for a, b in zip(maps, other)]))
+    assert entry["sanity_check"] == ("passed" if entry["rank_correlation"]["mean"] <= 0.3 else "FAILED")
+    report = format_report(results)
+    assert "randomization cascade" in report and "itself" in report
+
+
 def test_cli_evaluate_writes_json_and_flags_failures(tmp_path):
     model_file, randomized_file, npz = _demo_files()
     out = tmp_path / "quality.json"
@@ -167,6 +191,17 @@ def test_cli_evaluate_writes_json_and_flags_failures(tmp_path):
 
     result = runner.invoke(main, [*args, "--tolerance", "-1"])
     assert result.exit_code == 2 and "--tolerance" in result.output
+
+    result = runner.invoke(main, [*args, "--randomized", str(randomized_file), "--cascade", str(model_file)])
+    assert result.exit_code == 0, result.output
+    written = json.loads(out.read_text())
+    assert written["cascade_models"] == [str(model_file)]
+    assert written["methods"]["grad-cam"]["rank_correlation_cascade"][model_file.stem]["mean"] == pytest.approx(1.0)
+    copy = tmp_path / "copy" / model_file.name
+    copy.parent.mkdir()
+    copy.write_bytes(model_file.read_bytes())
+    result = runner.invoke(main, [*args, "--cascade", str(model_file), "--cascade", str(copy)])
+    assert result.exit_code == 2 and "same file name" in result.output
 
 
 def test_cli_evaluate_names_a_method_the_model_lacks(tmp_path):

@@ -19,7 +19,10 @@ given, else of the top-1 class):
                            on what the model learned; above the threshold (0.3) the method is flagged.
                            Reported next to it: rho between the trained model's maps of two different
                            images (each image with the next), the part of rho that an image-independent
-                           layout of the maps (e.g. gradients fading toward the borders) gives by itself
+                           layout of the maps (e.g. gradients fading toward the borders) gives by itself.
+                           With a cascade (``cascade``, ``--cascade``: the same network with more and
+                           more layers re-initialized, top down), rho per depth is reported as well,
+                           as Adebayo et al. plot it; the verdict stays the top-randomized model's
 
 Maps are max over channels of |attribution| for pixel attributions (gradmap run's default reduction)
 and the class activation map itself for Grad-CAM and Grad-CAM++.
@@ -277,8 +280,8 @@ def _safe_rank_correlation(a: np.ndarray, b: np.ndarray) -> float | None:
     return rank_correlation(a, b)
 
 
-def evaluate(model, data: EvaluationData, methods: Sequence[MethodSpec], *, randomized=None, steps: int = 64,
-             random_repeats: int = 2, seed: int = 0, batch_size: int = 16, tolerance: float = 0.0,
+def evaluate(model, data: EvaluationData, methods: Sequence[MethodSpec], *, randomized=None,
+             cascade: Sequence[tuple[str, object]] = (), steps: int = 64, random_repeats: int = 2, seed: int = 0, batch_size: int = 16, tolerance: float = 0.0,
              progress: Callable[[str], None] | None = None) -> dict:
     """Every metric of the module docstring, per method; see :func:`format_report` for a reading.
 
@@ -287,6 +290,9 @@ def evaluate(model, data: EvaluationData, methods: Sequence[MethodSpec], *, rand
         data: from :func:`load_evaluation_data`.
         methods: what to evaluate (each must be supported by ``model`` and ``randomized``).
         randomized: the same network with its top layers re-initialized, for the sanity check.
+        cascade: ``(label, model)`` pairs, the same network with more layers re-initialized (e.g.
+            the cascading randomization of Adebayo et al.); per method, rho against each is
+            reported in ``rank_correlation_cascade[label]``, beside the check, not judged.
         steps: deletion/insertion steps (pixels per step = pixels / steps).
         random_repeats: random pixel orders averaged for the reference curves.
         tolerance: when > 0, also report ``pointing_game_tolerance``: maxima within this many pixels
@@ -337,6 +343,7 @@ def evaluate(model, data: EvaluationData, methods: Sequence[MethodSpec], *, rand
         say(f"{spec.name}: maps")
         maps, _ = saliency_maps(model, spec, data.images, targets, batch_size)
         maps_randomized = saliency_maps(randomized, spec, data.images, targets, batch_size)[0] if randomized else None
+        maps_cascade = {label: saliency_maps(m, spec, data.images, targets, batch_size)[0] for label, m in cascade}
         say(f"{spec.name}: deletion and insertion curves")
         rows = {"pointing_game": [], "energy_pointing_game": [], "deletion_auc": [], "insertion_auc": [],
                 "deletion_below_random": [], "rank_correlation": []}
@@ -357,6 +364,12 @@ def evaluate(model, data: EvaluationData, methods: Sequence[MethodSpec], *, rand
         if maps_randomized is not None and n > 1:
             entry["rank_correlation_other_image"] = _summary(
                 [_safe_rank_correlation(maps[i], maps[(i + 1) % n]) for i in range(n)])
+        if maps_cascade:
+            entry["rank_correlation_cascade"] = {}
+            for label, other in maps_cascade.items():
+                values = [_safe_rank_correlation(maps[i], other[i]) for i in range(n)]
+                entry["rank_correlation_cascade"][label] = {**_summary(values),
+                                                            "constant_maps_skipped": sum(v is None for v in values)}
         entry["parameters"] = {k: v for k, v in vars(spec).items() if k != "name"}
         deletion_ok = entry["deletion_auc"]["mean"] < results["random_order"]["deletion_auc"]["mean"]
         entry["deletion_beats_random"] = bool(deletion_ok)
@@ -396,6 +409,17 @@ def format_report(results: dict) -> str:
                      f"(chance {results['chance_tolerance']['mean']:.3f})")
     lines.append("pointing/energy: higher is better; deletion AUC: lower is better; insertion AUC: higher is better;")
     lines.append(f"rho rand.: Spearman correlation with the top-randomized model's map, <= {MAX_RANK_CORRELATION} passes")
+    labels = list(dict.fromkeys(label for m in results["methods"].values() for label in m.get("rank_correlation_cascade", {})))
+    if labels:
+        lines += ["", "randomization cascade, rho per model (top-randomized first):",
+                  f"{'method':<22}{'top':>9}" + "".join(f"{label:>{max(9, len(label) + 2)}}" for label in labels)]
+        for name, m in results["methods"].items():
+            top = m.get("rank_correlation")
+            row = f"{name:<22}" + (f"{top['mean']:>9.3f}" if top else f"{'-':>9}")
+            for label in labels:
+                value = m.get("rank_correlation_cascade", {}).get(label)
+                row += f"{value['mean'] if value else float('nan'):>{max(9, len(label) + 2)}.3f}"
+            lines.append(row)
     other = {name: m["rank_correlation_other_image"]["mean"] for name, m in results["methods"].items()
              if "rank_correlation_other_image" in m}
     if other:
