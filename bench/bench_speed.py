@@ -3,7 +3,7 @@
     python bench/bench_speed.py [--models resnet50 vgg19 ...] [--batches 1 8] [--threads 2]
 
 In one process, per model and batch, medians after warm-up of (run in turn, round after round, so
-that a shared machine's load drifts hit all four alike):
+that a shared machine's load drifts hit all four alike, each call 0.1 s after the previous one):
   (a) onnxruntime forward only, of the plain export (no gradient);
   (b) gradmap's gradient graph on onnxruntime (logits + gradient);
   (c) PyTorch eager autograd as in the ResNet-50 recipe (input requires grad, parameters frozen);
@@ -31,11 +31,17 @@ DEFAULT_MODELS = ["resnet50", "vgg19", "mobilenet_v3_large", "efficientnet_b0", 
                   "convnext_tiny"]
 
 
-def _interleaved_medians(variants: dict, *, warmup: int, repeat: int, budget_s: float) -> dict[str, float]:
-    """Median ms per variant, the variants run in turn within each round (A B C D, then D C B A on the
+def _interleaved_times(variants: dict, *, warmup: int, repeat: int, budget_s: float,
+                       pause_s: float = 0.1) -> dict[str, list[float]]:
+    """Times in ms per variant, one per round, the variants run in turn within each round (A B C D, then D C B A on the
     next round) so that load drifts on a shared machine hit all of them alike: the ratios between
     variants are what the table reports. Stops after ``repeat`` rounds, or after the budget once
-    three rounds are in."""
+    three rounds are in.
+
+    Each call starts ``pause_s`` after the previous one ended, untimed: onnxruntime's idle pool
+    threads spin for a while after a run, and a torch call started at once shares the cores with
+    them (mobilenet_v3_large, batch 1, 2 threads: PyTorch eager 84 ms right after a gradmap run,
+    43 ms after a 0.2 s pause; gradmap's own time the same)."""
     for fn in variants.values():
         for _ in range(warmup):
             fn()
@@ -45,14 +51,16 @@ def _interleaved_medians(variants: dict, *, warmup: int, repeat: int, budget_s: 
     rounds = 0
     while rounds < repeat and (rounds < 3 or time.perf_counter() - start < budget_s):
         for name in (names if rounds % 2 == 0 else names[::-1]):
+            time.sleep(pause_s)
             t = time.perf_counter()
             variants[name]()
             times[name].append((time.perf_counter() - t) * 1000)
         rounds += 1
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
-def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget_s: float) -> list[dict]:
+def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget_s: float,
+                pause_s: float = 0.1) -> list[dict]:
     import onnx_ir as ir
     import onnxruntime as ort
     import torch
@@ -107,31 +115,43 @@ def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget
             with torch.no_grad():
                 top = module(x).argmax(1)
             variants["captum_ms"] = lambda: saliency.attribute(x, target=top, abs=False)
-        row.update(_interleaved_medians(variants, warmup=2, repeat=repeat, budget_s=budget_s))
+        times = _interleaved_times(variants, warmup=2, repeat=repeat, budget_s=budget_s, pause_s=pause_s)
+        row.update({name: statistics.median(values) for name, values in times.items()})
         row["gradmap_over_forward"] = row["gradmap_ms"] / row["ort_forward_ms"]
+        # the same ratio round by round (the two ran side by side): its quartiles show the noise
+        per_round = np.asarray(times["gradmap_ms"]) / np.asarray(times["ort_forward_ms"])
+        row["gradmap_over_forward_quartiles"] = [float(q) for q in np.percentile(per_round, [25, 50, 75])]
+        row["rounds"] = len(per_round)
+        row["times_ms"] = {name: [round(v, 3) for v in values] for name, values in times.items()}
         row["speedup_vs_torch"] = row["torch_eager_ms"] / row["gradmap_ms"]
         floor = row["ort_forward_ms"]
         row["target_ms"] = max(2.1 * floor, min(2.5 * floor, row["torch_eager_ms"] / 1.5))
         row["target_met"] = row["gradmap_ms"] <= row["target_ms"]
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "times_ms"}), flush=True)
         rows.append(row)
     return rows
 
 
 def render(rows: list[dict], meta: dict) -> str:
     lines = [
-        f"Medians in ms, the four variants interleaved round by round, {meta['threads']} threads, random weights, "
+        f"Medians in ms, the four variants interleaved round by round, {meta['pause_s']:g} s apart, "
+        f"{meta['threads']} threads, random weights, "
         f"{meta['machine']}; "
-        "target: gradmap ≤ max(2.1 × ORT forward, min(2.5 × ORT forward, PyTorch eager ÷ 1.5)).",
+        "target: gradmap ≤ max(2.1 × ORT forward, min(2.5 × ORT forward, PyTorch eager ÷ 1.5)). "
+        "Per round: gradmap ÷ forward of the two runs side by side in each round, quartiles over the rounds "
+        "(how far one round's ratio strays on this machine).",
         "",
-        "| model | batch | ORT forward | gradmap | gradmap ÷ forward | PyTorch eager | Captum Saliency | speed-up vs PyTorch | target | met |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | batch | ORT forward | gradmap | gradmap ÷ forward | per round (quartiles) | PyTorch eager | "
+        "Captum Saliency | speed-up vs PyTorch | target | met |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         captum = f"{r['captum_ms']:.0f}" if "captum_ms" in r else "–"
+        q = r.get("gradmap_over_forward_quartiles")
+        quartiles = f"{q[0]:.2f}–{q[2]:.2f}" if q else "–"
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['ort_forward_ms']:.1f} | {r['gradmap_ms']:.1f} | "
-            f"{r['gradmap_over_forward']:.2f} | {r['torch_eager_ms']:.1f} | {captum} | {r['speedup_vs_torch']:.2f}× | "
+            f"{r['gradmap_over_forward']:.2f} | {quartiles} | {r['torch_eager_ms']:.1f} | {captum} | {r['speedup_vs_torch']:.2f}× | "
             f"{r['target_ms']:.1f} | {'yes' if r['target_met'] else '**no**'} |")
     return "\n".join(lines)
 
@@ -143,14 +163,16 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=15, help="rounds (each runs every variant once)")
     parser.add_argument("--budget", type=float, default=90.0, help="seconds of rounds per model and batch at most")
+    parser.add_argument("--pause", type=float, default=0.1,
+                        help="seconds between two timed calls (onnxruntime's pool threads spin after a run)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "speed.json"))
     parser.add_argument("--no-readme", action="store_true")
     args = parser.parse_args()
     rows = []
     for name in args.models:
-        rows += bench_model(name, args.batches, args.threads, args.repeat, args.budget)
-    meta = {"threads": args.threads, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
-            "python": platform.python_version()}
+        rows += bench_model(name, args.batches, args.threads, args.repeat, args.budget, args.pause)
+    meta = {"threads": args.threads, "pause_s": args.pause,
+            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "python": platform.python_version()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

@@ -40,6 +40,8 @@ def main() -> int:
     rows = []
     for picture in pictures:
         shown, panels, caption = explain_with_methods(model, str(picture), methods)
+        # the sample's file name starts with its true class: say it, the prediction may differ
+        caption = f"{caption} (the picture shows a {picture.stem.rsplit('_', 1)[0]})"
         rows.append(render_comparison(shown, panels, caption=caption, panel_size=150))
     from PIL import Image
 
