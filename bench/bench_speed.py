@@ -1,6 +1,7 @@
 """Side-by-side speed of saliency maps: gradmap's ONNX gradient graph against the alternatives.
 
     python bench/bench_speed.py [--models resnet50 vgg19 ...] [--batches 1 8] [--threads 2]
+    python bench/bench_speed.py --readme-only     # README's table again from bench/results/speed.json
 
 In one process, per model and batch, medians after warm-up of (run in turn, round after round, so
 that a shared machine's load drifts hit all four alike, each call 0.1 s after the previous one):
@@ -134,7 +135,8 @@ def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget
 
 def render(rows: list[dict], meta: dict) -> str:
     lines = [
-        f"Medians in ms, the four variants interleaved round by round, {meta['pause_s']:g} s apart, "
+        f"`python bench/bench_speed.py`: medians in ms, the four variants interleaved round by round, "
+        f"{meta['pause_s']:g} s apart, "
         f"{meta['threads']} threads, random weights, "
         f"{meta['machine']}; "
         "target: gradmap ≤ max(2.1 × ORT forward, min(2.5 × ORT forward, PyTorch eager ÷ 1.5)). "
@@ -167,15 +169,20 @@ def main() -> int:
                         help="seconds between two timed calls (onnxruntime's pool threads spin after a run)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "speed.json"))
     parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument("--readme-only", action="store_true", help="rewrite README's table from --out's file")
     args = parser.parse_args()
-    rows = []
-    for name in args.models:
-        rows += bench_model(name, args.batches, args.threads, args.repeat, args.budget, args.pause)
-    meta = {"threads": args.threads, "pause_s": args.pause,
-            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "python": platform.python_version()}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    if args.readme_only:
+        saved = json.loads(out.read_text())
+        rows, meta = saved["rows"], saved["meta"]
+    else:
+        rows = []
+        for name in args.models:
+            rows += bench_model(name, args.batches, args.threads, args.repeat, args.budget, args.pause)
+        meta = {"threads": args.threads, "pause_s": args.pause,
+                "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "python": platform.python_version()}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     if not args.no_readme:
         sys.path.insert(0, str(ROOT / "tools"))
         from update_readme import README, replace_section

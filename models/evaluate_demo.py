@@ -7,7 +7,8 @@ Usage (from the repository root, after ``python models/make_demo.py``; torch-fre
 Equivalent to
 
     gradmap evaluate models/demo/shapes.onnx --data models/demo/eval_set.npz \\
-        --randomized models/demo/shapes_randomized_top.onnx --json models/demo/quality.json
+        --randomized models/demo/shapes_randomized_top.onnx \\
+        --cascade models/demo/cascade/shapes_randomized_blocks2.onnx ... --json models/demo/quality.json
 
 on the 200 held-out images of ``eval_set.npz`` (every method the demo model supports, default
 parameters), followed by the check of the targets below and the README table. Two settings differ
