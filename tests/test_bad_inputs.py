@@ -270,6 +270,34 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path, failure):
     assert target.read_bytes() == b"old complete output", "a failed write must not touch the existing file"
 
 
+def test_atomic_write_cleans_up_when_interrupted_as_the_file_is_created(tmp_path, monkeypatch):
+    """A signal can land right after the temporary file is created, before the call creating it has
+    returned its name (a SIGTERM did, once, with tempfile.mkstemp): nothing may be left."""
+    import os
+
+    real_open = os.open
+
+    def open_then_interrupted(*args, **kwargs):
+        real_open(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "open", open_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "x.png", lambda f: f.write(b"data"))
+    assert list(tmp_path.iterdir()) == [], "the temporary file was left"
+
+
+def test_atomic_write_gives_outputs_the_usual_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "x.png", lambda f: f.write(b"data"))
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "x.png").stat().st_mode & 0o777 == 0o644, "outputs are readable like any file the user writes"
+
+
 def test_inputs_named_like_outputs_are_never_overwritten(runner, tmp_path, photos):
     _photo(photos).save(tmp_path / "x.jpg")
     decoy = tmp_path / "x.jpg.heatmap.png"

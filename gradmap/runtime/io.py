@@ -16,7 +16,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Sequence
@@ -154,11 +154,17 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The name is chosen before the file exists, so that a signal raising at any point after its
+    # creation (even inside the call that creates it) finds it to remove: mkstemp returns the name
+    # only after creating the file, and a SIGTERM that lands in between left it behind.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
+    except FileExistsError:  # the name was taken (64 random bits): that file is not ours to remove
+        raise
     except BaseException:
         try:
             os.unlink(tmp)
