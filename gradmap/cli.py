@@ -385,7 +385,8 @@ def evaluate_command(model_path: str, data_path: str, randomized_path: str | Non
     for note in data.notes:
         click.echo(f"note: {note}", err=True)
     specs = [MethodSpec(name, samples=samples, noise=noise, steps=steps, seed=seed) for name in names]
-    results = evaluate(model, data, specs, randomized=randomized, cascade=cascade, steps=curve_steps, random_repeats=random_repeats,
+    results = evaluate(model, data, specs, randomized=randomized, cascade=cascade, steps=curve_steps,
+                       random_repeats=random_repeats,
                        seed=seed, tolerance=tolerance, progress=lambda message: click.echo(message, err=True))
     results["model"] = model_path
     results["randomized_model"] = randomized_path

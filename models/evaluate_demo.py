@@ -88,8 +88,8 @@ def run(demo: Path, threads: int) -> dict:
 
     model = SaliencyModel(demo / "shapes.onnx", provider="cpu", threads=threads)
     randomized = SaliencyModel(demo / "shapes_randomized_top.onnx", provider="cpu", threads=threads)
-    cascade = [(cascade_label(path), SaliencyModel(path, provider="cpu", threads=threads))
-               for path in cascade_files(demo)]
+    cascade_paths = {cascade_label(path): path for path in cascade_files(demo)}
+    cascade = [(label, SaliencyModel(path, provider="cpu", threads=threads)) for label, path in cascade_paths.items()]
     data = load_evaluation_data(demo / "eval_set.npz", model.metadata.preprocessing, model.metadata.labels)
     selection = choose_noise(model)
     specs = [MethodSpec(name, noise=selection["noise"]) if name == "smoothgrad" else MethodSpec(name)
@@ -99,8 +99,7 @@ def run(demo: Path, threads: int) -> dict:
     results["smoothgrad_noise_selection"] = selection
     results["model"] = "models/demo/shapes.onnx"
     results["randomized_model"] = "models/demo/shapes_randomized_top.onnx"
-    results["cascade_models"] = {label: f"models/demo/cascade/{path.name}"
-                                 for label, path in zip((c[0] for c in cascade), cascade_files(demo))}
+    results["cascade_models"] = {label: f"models/demo/cascade/{path.name}" for label, path in cascade_paths.items()}
     results["data"] = "models/demo/eval_set.npz"
     metrics_file = demo / "metrics.json"
     if metrics_file.exists():

@@ -280,9 +280,14 @@ def _safe_rank_correlation(a: np.ndarray, b: np.ndarray) -> float | None:
     return rank_correlation(a, b)
 
 
+def _rho_summary(values: Sequence[float | None]) -> dict:
+    """:func:`_summary` of rank correlations, with the count of images skipped for a constant map."""
+    return {**_summary(values), "constant_maps_skipped": sum(v is None for v in values)}
+
+
 def evaluate(model, data: EvaluationData, methods: Sequence[MethodSpec], *, randomized=None,
-             cascade: Sequence[tuple[str, object]] = (), steps: int = 64, random_repeats: int = 2, seed: int = 0, batch_size: int = 16, tolerance: float = 0.0,
-             progress: Callable[[str], None] | None = None) -> dict:
+             cascade: Sequence[tuple[str, object]] = (), steps: int = 64, random_repeats: int = 2, seed: int = 0,
+             batch_size: int = 16, tolerance: float = 0.0, progress: Callable[[str], None] | None = None) -> dict:
     """Every metric of the module docstring, per method; see :func:`format_report` for a reading.
 
     Args:
@@ -365,17 +370,14 @@ def evaluate(model, data: EvaluationData, methods: Sequence[MethodSpec], *, rand
             entry["rank_correlation_other_image"] = _summary(
                 [_safe_rank_correlation(maps[i], maps[(i + 1) % n]) for i in range(n)])
         if maps_cascade:
-            entry["rank_correlation_cascade"] = {}
-            for label, other in maps_cascade.items():
-                values = [_safe_rank_correlation(maps[i], other[i]) for i in range(n)]
-                entry["rank_correlation_cascade"][label] = {**_summary(values),
-                                                            "constant_maps_skipped": sum(v is None for v in values)}
+            entry["rank_correlation_cascade"] = {
+                label: _rho_summary([_safe_rank_correlation(maps[i], other[i]) for i in range(n)])
+                for label, other in maps_cascade.items()}
         entry["parameters"] = {k: v for k, v in vars(spec).items() if k != "name"}
         deletion_ok = entry["deletion_auc"]["mean"] < results["random_order"]["deletion_auc"]["mean"]
         entry["deletion_beats_random"] = bool(deletion_ok)
         if maps_randomized is not None:
-            rho = _summary(rows["rank_correlation"])
-            rho["constant_maps_skipped"] = sum(v is None for v in rows["rank_correlation"])
+            rho = _rho_summary(rows["rank_correlation"])
             entry["rank_correlation"] = rho
             entry["sanity_check"] = "passed" if rho["mean"] <= MAX_RANK_CORRELATION else "FAILED"
         entry["seconds"] = round(time.perf_counter() - t0, 1)
@@ -411,14 +413,15 @@ def format_report(results: dict) -> str:
     lines.append(f"rho rand.: Spearman correlation with the top-randomized model's map, <= {MAX_RANK_CORRELATION} passes")
     labels = list(dict.fromkeys(label for m in results["methods"].values() for label in m.get("rank_correlation_cascade", {})))
     if labels:
+        widths = [max(9, len(label) + 2) for label in labels]
         lines += ["", "randomization cascade, rho per model (top-randomized first):",
-                  f"{'method':<22}{'top':>9}" + "".join(f"{label:>{max(9, len(label) + 2)}}" for label in labels)]
+                  f"{'method':<22}{'top':>9}" + "".join(f"{label:>{w}}" for label, w in zip(labels, widths))]
         for name, m in results["methods"].items():
             top = m.get("rank_correlation")
             row = f"{name:<22}" + (f"{top['mean']:>9.3f}" if top else f"{'-':>9}")
-            for label in labels:
+            for label, w in zip(labels, widths):
                 value = m.get("rank_correlation_cascade", {}).get(label)
-                row += f"{value['mean'] if value else float('nan'):>{max(9, len(label) + 2)}.3f}"
+                row += f"{value['mean'] if value else float('nan'):>{w}.3f}"
             lines.append(row)
     other = {name: m["rank_correlation_other_image"]["mean"] for name, m in results["methods"].items()
              if "rank_correlation_other_image" in m}
