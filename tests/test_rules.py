@@ -108,6 +108,9 @@ case("Sigmoid", "plain", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Sigmoid(X)"), to
 # Mul(X, Sigmoid(X)) is SiLU: one rule for both nodes when the Sigmoid feeds only that Mul
 case("Mul", "silu", graph(X4_SIG, "float[2,3,8,8] Y", "S = Sigmoid(X)\n Y = Mul(X, S)"), F.silu, X=X4 * 3)
 case("Mul", "silu-sigmoid-first", graph(X4_SIG, "float[2,3,8,8] Y", "S = Sigmoid(X)\n Y = Mul(S, X)"), F.silu, X=X4 * 3)
+# 16 channels: 1 - Y is a depthwise 1x1 Conv (the blocked-layout form)
+case("Mul", "silu-blocked-channels", graph("float[2,16,4,4] X", "float[2,16,4,4] Y", "S = Sigmoid(X)\n Y = Mul(X, S)"),
+     F.silu, X=randn(2, 16, 4, 4) * 3)
 case("Mul", "silu-sigmoid-shared", graph(X4_SIG, "float[2,3,8,8] Y", "S = Sigmoid(X)\n P = Mul(X, S)\n Y = Add(P, S)"),
      lambda X: F.silu(X) + torch.sigmoid(X), X=X4 * 3)
 case("Mul", "sigmoid-of-other", graph(X4_SIG + ", float[2,3,8,8] B", "float[2,3,8,8] Y", "S = Sigmoid(B)\n Y = Mul(X, S)"),
@@ -145,6 +148,11 @@ HS_X = (X4 * 4).reshape(-1).copy()
 HS_X[:HS_EDGES.size] = HS_EDGES
 case("HardSwish", "steps-and-overflow", graph(X4_SIG, "float[2,3,8,8] Y", "Y = HardSwish(X)"), F.hardswish,
      X=HS_X.reshape(X4.shape))
+# 16 channels: the half steps are a depthwise 1x1 Conv (the blocked-layout form); same edges
+HS_X16 = (randn(2, 16, 4, 4) * 4).reshape(-1)
+HS_X16[:HS_EDGES.size] = HS_EDGES
+case("HardSwish", "blocked-channels-steps", graph("float[2,16,4,4] X", "float[2,16,4,4] Y", "Y = HardSwish(X)"),
+     F.hardswish, X=HS_X16.reshape(2, 16, 4, 4))
 case("Clip", "relu6", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Clip(X, L, H)",
                             [init("L", np.float32(0)), init("H", np.float32(6))]),
      lambda X: F.relu6(X), X=X4 * 5)

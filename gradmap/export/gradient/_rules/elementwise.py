@@ -148,7 +148,16 @@ def mul(ctx, node, dy):
         # ops (two products, 1 - S, two more products, the sum); this takes four. S gets no gradient
         # of its own, so the Sigmoid node is skipped.
         x, s = silu
-        local = ctx.op("Add", ctx.op("Mul", s, ctx.op("Sub", ctx.scalar(1.0), y)), y)
+        channels = ctx.blocked_channels(y)
+        if channels is not None:
+            # 1 - Y as a depthwise 1x1 Conv (weight -1, bias 1; the same single rounding), which
+            # onnxruntime runs in its blocked NCHWc layout with the Muls and the Add around it; the
+            # Sub of a scalar has no blocked kernel and cost two reorders per activation
+            one_minus_y = ctx.op("Conv", y, ctx.const(np.full((channels, 1, 1, 1), -1.0, dtype=np.float32)),
+                                 ctx.const(np.ones(channels, dtype=np.float32)), group=channels, kernel_shape=[1, 1])
+        else:
+            one_minus_y = ctx.op("Sub", ctx.scalar(1.0), y)
+        local = ctx.op("Add", ctx.op("Mul", s, one_minus_y), y)
         return [ctx.op("Mul", dy[0], local) if v is x else None for v in node.inputs]
     return [
         ctx.sum_to(ctx.op("Mul", dy[0], b), y, a) if ctx.needs_grad(a) else None,
@@ -336,7 +345,18 @@ def hard_swish(ctx, node, dy):
     h = ctx.op("HardSigmoid", x, alpha=_ONE_SIXTH, beta=0.5)
     above_minus3 = ctx.op("HardSigmoid", x, alpha=_STEEP, beta=3.0 * _STEEP)
     from3 = ctx.op("HardSigmoid", x, alpha=_STEEP, beta=-_STEEP * _BELOW_3)
-    half_steps = ctx.op("Mul", ctx.op("Add", above_minus3, from3), ctx.scalar(0.5))
+    steps = ctx.op("Add", above_minus3, from3)
+    channels = ctx.blocked_channels(x)
+    if channels is not None:
+        # In onnxruntime's blocked NCHWc layout, where the convolutions around it run: its
+        # HardSigmoid, Add and same-shape Mul have blocked kernels, a Mul by a scalar and Sub do not
+        # (each cost a reorder out of the layout). -steps / 2 as a depthwise 1x1 Conv of weight -1/2
+        # instead, exact as the scalar Mul (a power of two), and onnxruntime folds the Add after it
+        # into the Conv.
+        half_steps = ctx.op("Conv", steps, ctx.const(np.full((channels, 1, 1, 1), -0.5, dtype=np.float32)),
+                            group=channels, kernel_shape=[1, 1])
+        return [ctx.op("Mul", dy[0], ctx.op("Add", half_steps, ctx.op("Add", h, h)))]
+    half_steps = ctx.op("Mul", steps, ctx.scalar(0.5))
     return [ctx.op("Mul", dy[0], ctx.op("Sub", ctx.op("Add", h, h), half_steps))]
 
 
