@@ -6,6 +6,7 @@
     Mul:          dA = dY * B,        dB = dY * A
     Mul(X, Sigmoid(X)) (SiLU, the Sigmoid used by this Mul alone):
                   dX = dY * (S (1 - Y) + Y)     = dY * S (1 + X (1 - S)) with S = Sigmoid(X), Y = X S
+                  (1 - Y as a depthwise 1x1 Conv where C is a multiple of 16, see HardSwish)
     Div:          dA = dY / B,        dB = -dY * Y / B
     Neg:          dX = -dY
     Pow (B const): dA = dY * B * A^(B-1)
@@ -24,6 +25,8 @@
                   dX = dY * (P + D Exp(-ln sqrt(pi) - D^2)),  P the parenthesis, D = X / sqrt 2
     HardSigmoid:  dX = Where(0 < alpha X + beta < 1, alpha dY, 0)
     HardSwish:    dX = dY * (2 HardSigmoid(X) - ([X > -3] + [X >= 3]) / 2)   (= 0, X/3 + 1/2, 1; steps exact)
+                  where C is a multiple of 16 the scalar Mul is a depthwise 1x1 Conv of weight -1/2:
+                  onnxruntime keeps the whole rule in its blocked NCHWc layout, next to the convolutions
     Clip:         dX = Where(min < X < max, dY, 0)
     Max, Min:     the gradient goes to the selected input (ties: the first)
     Where:        dA = Where(C, dY, 0), dB = Where(C, 0, dY)
