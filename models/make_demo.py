@@ -276,10 +276,13 @@ def make_split(split: str, size: int, jobs: int = 1) -> tuple[np.ndarray, np.nda
     ``jobs`` processes. Every image comes from its own seed, so the result does not depend on ``jobs``."""
     if jobs <= 1 or size < 2 * jobs:
         return _render_range(split, 0, size)
+    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     bounds = np.linspace(0, size, 4 * jobs + 1).astype(int)  # a few chunks per process evens out the load
-    with ProcessPoolExecutor(jobs) as pool:
+    # Fresh interpreters, not forks: a fork of a process whose torch (OpenMP) threads have run can
+    # hang in the child, as it did in a pytest worker that had exported models before.
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         parts = list(pool.map(_render_range, [split] * (len(bounds) - 1), bounds[:-1], bounds[1:]))
     return tuple(np.concatenate([part[k] for part in parts]) for k in range(3))
 
