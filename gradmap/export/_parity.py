@@ -54,7 +54,13 @@ def _expose_decisions(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str
     every Relu, in graph order: the discrete choices a float32 run made."""
     proto = copy.deepcopy(proto)
     known = {o.name for o in proto.graph.output}
-    pools = [n.output[1] for n in proto.graph.node if n.op_type == "MaxPool" and len(n.output) > 1 and n.output[1]]
+    # Pools in the order of their inputs' producers, the forward order: the gradient pass adds the
+    # MaxPool that returns the indices beside each forward MaxPool, at the end of the graph, in
+    # backward order.
+    produced_at = {o: i for i, n in enumerate(proto.graph.node) for o in n.output}
+    pooling = [(produced_at.get(n.input[0], -1), i, n.output[1]) for i, n in enumerate(proto.graph.node)
+               if n.op_type == "MaxPool" and len(n.output) > 1 and n.output[1]]
+    pools = [name for _, _, name in sorted(pooling)]
     relus = [n.output[0] for n in proto.graph.node if n.op_type == "Relu" and n.output[0] not in known]
     proto.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None) for name in pools)
     proto.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in relus)
