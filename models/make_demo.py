@@ -446,8 +446,7 @@ def main() -> None:
                         help="load the trained weights from this state-dict file if it exists, else save them there")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads for training and processes for rendering the data (default 2). The "
-                             "rendered data do not depend on it; the trained weights do (runs with the same "
-                             "thread count repeat bit for bit)")
+                             "rendered data do not depend on it; the trained weights do)")
     parser.add_argument("--cache", type=Path, default=None, help="reuse generated images from this .npz (written if missing)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

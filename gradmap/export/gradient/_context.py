@@ -233,8 +233,18 @@ class GradContext:
         channels = self.blocked_channels(like)
         if channels is None:
             return grad
-        return self.op("Conv", grad, self.const(np.ones((channels, 1, 1, 1), dtype=np.float32)), group=channels,
-                       kernel_shape=[1, 1])
+        return self.channel_affine(grad, channels, 1.0)
+
+    def channel_affine(self, value: ir.Value, channels: int, scale: float, bias: float | None = None) -> ir.Value:
+        """``scale * value + bias`` as a depthwise 1x1 Conv over ``channels`` channels: one
+        multiply-add, so as exact as the Mul and Add it stands for, and a Conv is what onnxruntime
+        keeps in its blocked NCHWc layout (C a multiple of 16), where a Mul or Sub with a scalar
+        would fall back to plain NCHW with a reorder on each side."""
+        weight = self.const(np.full((channels, 1, 1, 1), scale, dtype=np.float32))
+        inputs = [value, weight]
+        if bias is not None:
+            inputs.append(self.const(np.full(channels, bias, dtype=np.float32)))
+        return self.op("Conv", *inputs, group=channels, kernel_shape=[1, 1])
 
     def reshape_like(self, grad: ir.Value, like: ir.Value) -> ir.Value:
         return self.op("Reshape", grad, self.shape_of(like))

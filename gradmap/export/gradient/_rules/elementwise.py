@@ -156,8 +156,7 @@ def mul(ctx, node, dy):
             # 1 - Y as a depthwise 1x1 Conv (weight -1, bias 1; the same single rounding), which
             # onnxruntime runs in its blocked NCHWc layout with the Muls and the Add around it; the
             # Sub of a scalar has no blocked kernel and cost two reorders per activation
-            one_minus_y = ctx.op("Conv", y, ctx.const(np.full((channels, 1, 1, 1), -1.0, dtype=np.float32)),
-                                 ctx.const(np.ones(channels, dtype=np.float32)), group=channels, kernel_shape=[1, 1])
+            one_minus_y = ctx.channel_affine(y, channels, -1.0, 1.0)
         else:
             one_minus_y = ctx.op("Sub", ctx.scalar(1.0), y)
         local = ctx.op("Add", ctx.op("Mul", s, one_minus_y), y)
@@ -273,9 +272,7 @@ def _blocked_step(ctx, y):
     channels = ctx.blocked_channels(y)
     if channels is None:
         return None
-    scaled = ctx.op("Conv", y, ctx.const(np.full((channels, 1, 1, 1), _HUGE, dtype=np.float32)),
-                    group=channels, kernel_shape=[1, 1])
-    return ctx.op("HardSigmoid", scaled, alpha=_HUGE, beta=0.0)
+    return ctx.op("HardSigmoid", ctx.channel_affine(y, channels, _HUGE), alpha=_HUGE, beta=0.0)
 
 
 @register("LeakyRelu")
@@ -356,8 +353,7 @@ def hard_swish(ctx, node, dy):
         # (each cost a reorder out of the layout). -steps / 2 as a depthwise 1x1 Conv of weight -1/2
         # instead, exact as the scalar Mul (a power of two), and onnxruntime folds the Add after it
         # into the Conv.
-        half_steps = ctx.op("Conv", steps, ctx.const(np.full((channels, 1, 1, 1), -0.5, dtype=np.float32)),
-                            group=channels, kernel_shape=[1, 1])
+        half_steps = ctx.channel_affine(steps, channels, -0.5)
         return [ctx.op("Mul", dy[0], ctx.op("Add", half_steps, ctx.op("Add", h, h)))]
     half_steps = ctx.op("Mul", steps, ctx.scalar(0.5))
     return [ctx.op("Mul", dy[0], ctx.op("Sub", ctx.op("Add", h, h), half_steps))]

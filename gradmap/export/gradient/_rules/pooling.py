@@ -38,10 +38,8 @@ def max_pool(ctx, node, dy):
     if len(node.outputs) >= 2:
         indices = node.outputs[1]
     else:
-        attributes = {name: ctx.attr(node, name, None) for name in
-                      ("auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", "strides")}
         _, indices = ctx.op_multi("MaxPool", x, num_outputs=2,
-                                  **{k: v for k, v in attributes.items() if v is not None})
+                                  **{name: attr.value for name, attr in node.attributes.items()})
         indices.type = ir.TensorType(ir.DataType.INT64)
         indices.shape = ir.Shape(node.outputs[0].shape)
     size = ctx.op("Reshape", ctx.op("Size", x), ctx.ints([1]))
