@@ -110,9 +110,9 @@ def _replayed(pool_indices: list[np.ndarray] | None, relu_outputs: list[np.ndarr
 
     def replay_pool(input, *args, return_indices=False, **kwargs):
         natural = original_pool(input, *args, **kwargs)
-        if not pools or tuple(pools[0].shape) != tuple(natural.shape):
+        if not pools or tuple(_unpadded(pools[0], natural.shape).shape) != tuple(natural.shape):
             raise _ReplayMismatch()
-        index = torch.from_numpy(pools.pop(0))
+        index = torch.from_numpy(_unpadded(pools.pop(0), natural.shape, tuple(input.shape)))
         picked = input.reshape(-1)[index.reshape(-1)].reshape(index.shape)
         if overrides is not None:
             gap = (natural - picked).detach().abs().max() / input.detach().abs().max().clamp(min=1e-300)
@@ -122,10 +122,10 @@ def _replayed(pool_indices: list[np.ndarray] | None, relu_outputs: list[np.ndarr
     def replay_relu(input, inplace=False):
         if relus is None:
             passed = input > 0
-        elif not relus or tuple(relus[0].shape) != tuple(input.shape):
+        elif not relus or tuple(_unpadded(relus[0], input.shape).shape) != tuple(input.shape):
             raise _ReplayMismatch()
         else:
-            passed = torch.from_numpy(relus.pop(0) > 0)
+            passed = torch.from_numpy(_unpadded(relus.pop(0), input.shape) > 0)
             if overrides is not None:
                 disagree = input.detach()[passed != (input > 0)]
                 overrides.append(float(disagree.abs().max() / input.detach().abs().max().clamp(min=1e-300))
@@ -140,6 +140,23 @@ def _replayed(pool_indices: list[np.ndarray] | None, relu_outputs: list[np.ndarr
         yield lambda: not pools and not relus
     finally:
         functional.max_pool2d, functional.relu = original_pool, original_relu
+
+
+def _unpadded(array: np.ndarray, shape, indexed_shape=None) -> np.ndarray:
+    """``array`` with the channels gradmap's export padded on (see gradient/_pad.py) dropped, when it
+    has ``shape`` but for more channels; else as it is. With ``indexed_shape`` the array holds
+    MaxPool's flat indices into a tensor of that shape (but for the padded channels), renumbered."""
+    shape = tuple(shape)
+    if array.ndim != len(shape) or array.ndim < 2 or array.shape[1] <= shape[1] \
+            or array.shape[:1] + array.shape[2:] != shape[:1] + shape[2:]:
+        return array
+    padded_channels, channels = array.shape[1], shape[1]
+    array = array[:, :channels]
+    if indexed_shape is None:
+        return np.ascontiguousarray(array)
+    plane = int(np.prod(indexed_shape[2:]))
+    batch, channel = np.divmod(array // plane, padded_channels)
+    return (batch * channels + channel) * plane + array % plane
 
 
 def _torch_reference(module: torch.nn.Module, image: np.ndarray, target: np.ndarray, score: str):

@@ -24,6 +24,7 @@ from gradmap import contract
 from .._errors import ExportError, UnsupportedOpsError
 from . import _rules  # noqa: F401 - registers the rules
 from ._context import GradContext
+from ._pad import pad_channels
 from ._registry import NON_DIFFERENTIABLE, RULES
 
 __all__ = ["append_gradient", "append_vjp", "differentiable_nodes", "find_cam_layer"]
@@ -85,6 +86,7 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
     nodes, needs_grad = differentiable_nodes(graph, image, logits)
     _check_rules(nodes)
     cam_value = find_cam_layer(graph, nodes, cam_layer) if cam_layer else None
+    pad_channels(graph, keep={cam_value} if cam_value is not None else set())
     ctx = GradContext(graph, needs_grad)
     target = ir.Value(name=contract.INPUT_TARGET, shape=ir.Shape([logits.shape[0]]),
                       type=ir.TensorType(ir.DataType.INT64))
