@@ -137,3 +137,24 @@ def test_parity_replay_renumbers_pool_indices_of_padded_maps():
     relu = np.maximum(padded, 0)
     np.testing.assert_array_equal(_unpadded(relu, x.shape), np.maximum(x, 0))
     assert _unpadded(x, x.shape) is x
+
+
+@pytest.mark.parametrize("multiple, stem_rows", [(0, 24), (8, 24), (16, 32), (32, 32)])
+def test_channel_multiple_chooses_the_block(module, multiple, stem_rows):
+    """0 turns padding off; 24 channels are already a multiple of 8."""
+    from gradmap.export import build_gradient_model
+
+    model, _ = build_gradient_model(module, (32, 32), channel_multiple=multiple)
+    stem = next(node for node in model.graph if node.op_type == "Conv")
+    assert stem.inputs[1].shape[0] == stem_rows
+
+
+def test_cli_refuses_a_negative_channel_multiple(tmp_path):
+    from click.testing import CliRunner
+
+    from gradmap.cli import main
+
+    result = CliRunner().invoke(main, ["export", "mobilenet_v3_small", "--channel-multiple", "-1",
+                                       "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2 and "--channel-multiple" in result.output
+    assert not (tmp_path / "m.onnx").exists()

@@ -24,7 +24,7 @@ from gradmap import contract
 from .._errors import ExportError, UnsupportedOpsError
 from . import _rules  # noqa: F401 - registers the rules
 from ._context import GradContext
-from ._pad import pad_channels
+from ._pad import BLOCK, pad_channels
 from ._registry import NON_DIFFERENTIABLE, RULES
 
 __all__ = ["append_gradient", "append_vjp", "differentiable_nodes", "find_cam_layer"]
@@ -66,14 +66,15 @@ def differentiable_nodes(graph: ir.Graph, source: ir.Value, sink: ir.Value) -> t
 
 
 def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[str, ...] = ("vanilla",),
-                    cam_layer: str | None = None) -> str | None:
+                    cam_layer: str | None = None, channel_multiple: int = BLOCK) -> str | None:
     """Add the ``target`` input and the ``target_index`` and gradient outputs to ``model``.
 
     ``model`` has one input ``image`` and one output ``logits`` (see :mod:`gradmap.contract`).
     ``backprops`` lists the ReLU rules to emit, one gradient output each (``vanilla`` is
     ``gradient``); all share the forward pass. ``cam_layer`` (``auto``, a torch module name or an
     ONNX value name) adds that feature map and its vanilla gradient as ``cam_activation`` and
-    ``cam_gradient``. The model is modified in place; returns the resolved CAM value's name.
+    ``cam_gradient``. ``channel_multiple`` pads feature maps to that many channels first (see
+    :mod:`._pad`; 0: no padding). The model is modified in place; returns the resolved CAM value's name.
     """
     if score not in contract.SCORE_KINDS:
         raise ExportError(f"unknown score kind {score!r}; choose one of {', '.join(contract.SCORE_KINDS)}")
@@ -86,7 +87,8 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
     nodes, needs_grad = differentiable_nodes(graph, image, logits)
     _check_rules(nodes)
     cam_value = find_cam_layer(graph, nodes, cam_layer) if cam_layer else None
-    pad_channels(graph, keep={cam_value} if cam_value is not None else set())
+    if channel_multiple:
+        pad_channels(graph, keep={cam_value} if cam_value is not None else set(), block=channel_multiple)
     ctx = GradContext(graph, needs_grad)
     target = ir.Value(name=contract.INPUT_TARGET, shape=ir.Shape([logits.shape[0]]),
                       type=ir.TensorType(ir.DataType.INT64))
