@@ -294,6 +294,25 @@ case("ReduceSum", "blocked-channels-two-consumers",
      graph("float[2,16,5,7] X", "float[2,16,1,1] Y", "M = ReduceMean(X, A)\n S = ReduceSum(X, A)\n Y = Mul(M, S)",
            [init("A", np.int64([2, 3]))]),
      lambda X: X.mean(dim=(2, 3), keepdim=True) * X.sum(dim=(2, 3), keepdim=True), X=X16_RECT)
+# nearest Resize with integer scales (gradmap's own spread of squeeze-and-excitation scales)
+case("Resize", "nearest-from-1x1-blocked",
+     graph("float[2,16,1,1] X", "float[2,16,5,7] Y",
+           'Y = Resize<mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor">(X, , S)',
+           [init("S", np.float32([1, 1, 5, 7]))]),
+     lambda X: F.interpolate(X, size=(5, 7), mode="nearest"), X=randn(2, 16, 1, 1))
+case("Resize", "nearest-x2x3-default-coordinates",
+     graph("float[2,3,3,4] X", "float[2,3,6,12] Y", 'Y = Resize<mode="nearest">(X, , S)',
+           [init("S", np.float32([1, 1, 2, 3]))]),
+     lambda X: F.interpolate(X, scale_factor=(2, 3), mode="nearest"), X=randn(2, 3, 3, 4))
+case("Resize", "nearest-x2-blocked",
+     graph("float[2,16,3,4] X", "float[2,16,6,8] Y",
+           'Y = Resize<mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor">(X, , S)',
+           [init("S", np.float32([1, 1, 2, 2]))]),
+     lambda X: F.interpolate(X, scale_factor=2, mode="nearest"), X=randn(2, 16, 3, 4))
+# a per-channel gradient added to a full one of a 16-channel map: spread by a Resize, then a same-shape Add
+case("GlobalAveragePool", "blocked-plus-input",
+     graph("float[2,16,5,7] X", "float[2,16,5,7] Y", "M = GlobalAveragePool(X)\n Y = Mul(X, M)"),
+     lambda X: X * F.adaptive_avg_pool2d(X, 1), X=X16_RECT)
 case("ReduceMean", "negative-axis", graph(X4_SIG, "float[2,3,8,1] Y", "Y = ReduceMean(X, A)", [init("A", np.int64([-1]))]),
      lambda X: X.mean(dim=-1, keepdim=True), X=X4)
 # deferred Expand: the reduction's gradient is added to X's other gradient by a broadcasting Add,

@@ -143,7 +143,7 @@ def _replayed(pool_indices: list[np.ndarray] | None, relu_outputs: list[np.ndarr
 
 
 def _unpadded(array: np.ndarray, shape, indexed_shape=None) -> np.ndarray:
-    """``array`` with the channels gradmap's export padded on (see gradient/_pad.py) dropped, when it
+    """``array`` with the channels gradmap's export padded on (see gradient/_layout.py) dropped, when it
     has ``shape`` but for more channels; else as it is. With ``indexed_shape`` the array holds
     MaxPool's flat indices into a tensor of that shape (but for the padded channels), renumbered."""
     shape = tuple(shape)

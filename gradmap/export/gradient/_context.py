@@ -164,8 +164,14 @@ class GradContext:
         self._parts[stand_in] = (self.rank(like), axis, self.dims(like)[axis], {index: grad})
         return stand_in
 
-    def accumulate(self, a: ir.Value, b: ir.Value) -> ir.Value:
-        """The sum of two gradient contributions to one value."""
+    def accumulate(self, a: ir.Value, b: ir.Value, like: ir.Value | None = None) -> ir.Value:
+        """The sum of two gradient contributions to ``like``.
+
+        A per-channel contribution (a squeeze-and-excitation mean's) added to a full one of an
+        [N, C, H, W] value with C a multiple of 16 is first spread by a nearest Resize: onnxruntime
+        keeps that and a same-shape Add in its blocked NCHWc layout, where a broadcasting Add would
+        take the full gradient out of it and back.
+        """
         if a in self._parts and b in self._parts:
             rank, axis, size, parts_a = self._parts[a]
             _, axis_b, _, parts_b = self._parts[b]
@@ -175,10 +181,23 @@ class GradContext:
                 self._parts[stand_in] = (rank, axis, size, {**parts_a, **parts_b})
                 return stand_in
         a, b = self._assemble(a), self._assemble(b)
+        if like is not None and self.is_per_channel(a) != self.is_per_channel(b):
+            a, b = self._spread(a, like), self._spread(b, like)
         total = self.op("Add", a, b)
         if self.is_broadcastable(a) and self.is_broadcastable(b):
             self.broadcastable(total, per_channel=self.is_per_channel(a) and self.is_per_channel(b))
         return total
+
+    def _spread(self, grad: ir.Value, like: ir.Value) -> ir.Value:
+        """A per-channel ``grad`` of a blocked [N, C, H, W] ``like`` as a full [N, C, H, W] tensor."""
+        dims = self.dims(like)
+        if grad not in self._per_channel or not self.blocked_channels(like) \
+                or not all(isinstance(d, int) for d in dims[2:]):
+            return grad
+        spread = self.op("Resize", grad, None, self.const(np.asarray([1, 1, *dims[2:]], dtype=np.float32)),
+                         mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+        spread.shape, spread.type = ir.Shape(like.shape), like.type
+        return spread
 
     def _assemble(self, grad: ir.Value) -> ir.Value:
         if grad not in self._parts:

@@ -24,7 +24,7 @@ from gradmap import contract
 from .._errors import ExportError, UnsupportedOpsError
 from . import _rules  # noqa: F401 - registers the rules
 from ._context import GradContext
-from ._pad import BLOCK, pad_channels
+from ._layout import BLOCK, pad_channels, spread_channel_scales
 from ._registry import NON_DIFFERENTIABLE, RULES
 
 __all__ = ["append_gradient", "append_vjp", "differentiable_nodes", "find_cam_layer"]
@@ -74,7 +74,7 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
     ``gradient``); all share the forward pass. ``cam_layer`` (``auto``, a torch module name or an
     ONNX value name) adds that feature map and its vanilla gradient as ``cam_activation`` and
     ``cam_gradient``. ``channel_multiple`` pads feature maps to that many channels first (see
-    :mod:`._pad`; 0: no padding). The model is modified in place; returns the resolved CAM value's name.
+    :mod:`._layout`; 0: no padding). The model is modified in place; returns the resolved CAM value's name.
     """
     if score not in contract.SCORE_KINDS:
         raise ExportError(f"unknown score kind {score!r}; choose one of {', '.join(contract.SCORE_KINDS)}")
@@ -89,6 +89,8 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
     cam_value = find_cam_layer(graph, nodes, cam_layer) if cam_layer else None
     if channel_multiple:
         pad_channels(graph, keep={cam_value} if cam_value is not None else set(), block=channel_multiple)
+        if spread_channel_scales(graph, block=channel_multiple):
+            nodes, needs_grad = differentiable_nodes(graph, image, logits)
     ctx = GradContext(graph, needs_grad)
     target = ir.Value(name=contract.INPUT_TARGET, shape=ir.Shape([logits.shape[0]]),
                       type=ir.TensorType(ir.DataType.INT64))
@@ -221,7 +223,7 @@ def _reverse_walk(ctx: GradContext, nodes: list[ir.Node], source: ir.Value, sink
             if value not in grads:
                 grads[value] = grad
             else:
-                grads[value] = ctx.accumulate(grads[value], grad)
+                grads[value] = ctx.accumulate(grads[value], grad, like=value)
     ctx.node = None
     if source not in grads:
         raise ExportError(f"no gradient reached the input {source.name!r}")

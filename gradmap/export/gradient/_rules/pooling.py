@@ -14,6 +14,10 @@
     ReduceSum:         dX = Expand(Unsqueeze(dY, axes), Shape(X))
     ReduceMax:         dX = Where(X == Y, dY, 0) / (number of maxima)   (torch.amax's even split)
     ReduceL2:          dX = X * Unsqueeze(dY / Y, axes), 0 where Y = 0 (as torch's norm backward)
+    Resize (nearest, integer scales, each output a copy of input floor(i / s)):
+                       dX = sum of dY over each s_h x s_w block = AveragePool(dY, s, stride s) * s_h s_w
+                       (GlobalAveragePool from a 1 x 1 input: a squeeze-and-excitation scale spread
+                       by gradient/_layout.py; both pools have blocked NCHWc kernels, ReduceSum not)
 
 The Expands are deferred (GradContext.broadcastable): where X has other consumers, as the input of
 a squeeze-excitation block does, the small gradient is added to theirs by a broadcasting Add.
@@ -193,3 +197,34 @@ def reduce_l2(ctx, node, dy):
     # Y = 0 only where the whole reduced slice of X is 0, so any finite divisor gives dX = 0 there
     safe = ctx.op("Where", ctx.op("Equal", y, ctx.scalar(0.0)), ctx.scalar(1.0), y)
     return [ctx.op("Mul", x, _keepdims(ctx, node, ctx.op("Div", dy[0], safe), axes)), None]
+
+
+@register("Resize")
+def resize(ctx, node, dy):
+    x = node.inputs[0]
+    where = f"{node.name}: Resize"
+    if ctx.attr(node, "mode", "nearest") != "nearest":
+        raise ExportError(f"{where} with mode={ctx.attr(node, 'mode')} has no gradient rule (nearest only)")
+    coordinates = ctx.attr(node, "coordinate_transformation_mode", "half_pixel")
+    rounding = ctx.attr(node, "nearest_mode", "round_prefer_floor")
+    # with an integer scale, both of these pick input floor(i / s) for output i
+    if (coordinates, rounding) not in (("asymmetric", "floor"), ("half_pixel", "round_prefer_floor")):
+        raise ExportError(f"{where} with coordinate_transformation_mode={coordinates}, nearest_mode={rounding} "
+                          "has no gradient rule")
+    xdims, ydims = ctx.dims(x), ctx.dims(node.outputs[0])
+    if len(xdims) != 4 or ctx.attr(node, "axes", None) is not None:
+        raise ExportError(f"{where} of a rank {len(xdims)} tensor or with axes has no gradient rule")
+    if not all(isinstance(d, int) for d in xdims[1:] + ydims[1:]) or xdims[1] != ydims[1] \
+            or any(y % x for x, y in zip(xdims[2:], ydims[2:])):
+        raise ExportError(f"{where} from {xdims} to {ydims}: only integer spatial scales have a gradient rule")
+    sh, sw = ydims[2] // xdims[2], ydims[3] // xdims[3]
+    if xdims[2:] == (1, 1):
+        pooled = ctx.op("GlobalAveragePool", dy[0])
+    else:
+        pooled = ctx.op("AveragePool", dy[0], kernel_shape=[sh, sw], strides=[sh, sw])
+    channels = ctx.blocked_channels(x)
+    if channels is not None:
+        dx = ctx.channel_affine(pooled, channels, float(sh * sw))
+    else:
+        dx = ctx.op("Mul", pooled, ctx.scalar(float(sh * sw)))
+    return [dx] + [None] * (len(node.inputs) - 1)

@@ -1,22 +1,23 @@
-"""Channel padding of the forward graph before the gradient pass: feature maps whose channel count
-is not a multiple of 16 get zero channels up to the next multiple.
+"""Forward-graph rewrites before the gradient pass that keep onnxruntime's CPU provider in its
+blocked NCHWc layout: it computes convolutions and the elementwise ops between them in blocks of 16
+channels (AVX-512; 8 with AVX2), but only for tensors whose channel count is a multiple of the
+block and for same-shape elementwise inputs; everything else runs in plain NCHW with a layout
+reorder on each side of every op, and in a gradient graph the backward's masks and products follow
+the forward out of the blocked layout.
+
+Channel padding: feature maps whose channel count is not a multiple of 16 get zero channels up to
+the next multiple (mobilenet_v3_large has 24, 40, 72, 120, 184 and 200 channel layers).
 
     Conv(X, W, B) -> Y[C]:     W, B get zero output rows:  Y[C'] = [Y, 0]
     Conv(X[C], W):             W gets zero input columns:  the zero channels add exact zeros
     depthwise Conv(X[C]):      W, B zero rows, group C':   Y[C'] = [Y, 0]
     channelwise ops (Relu, HardSwish, Sigmoid, Add, Mul, pools, ...): unchanged, on C' channels
 
-Why: onnxruntime's CPU provider computes convolutions and the elementwise ops between them in a
-blocked NCHWc layout of 16 channels (AVX-512; 8 with AVX2), but only for tensors whose channel
-count is a multiple of the block; the others run in plain NCHW with a layout reorder on each side
-of every op, and in a gradient graph the backward's masks and products follow them out of the
-blocked layout (mobilenet_v3_large has 24, 40, 72, 120, 184 and 200 channel layers). The extra
-channels cost their share of arithmetic (24 -> 32 is a third more) and remove the reorders.
-
 Exact: every padded channel holds finite values (zero weights and bias make exact zeros, and the
 channelwise ops map 0 to a finite number), and it reaches a real channel only through zero
 weights, so it adds +0 to each sum; in the backward, its gradient is a sum of products with those
 zero weights and flows back the same way. The logits and the input gradient have the same values.
+The extra channels cost their share of arithmetic (24 -> 32 is a third more) and remove the reorders.
 
 A group of tensors linked by channelwise ops is padded together or not at all: not when any of
 them is a graph input or output, a value to keep (the Grad-CAM layer, whose channels users see),
@@ -24,6 +25,17 @@ or meets an op outside the list (Concat, Reshape, Gemm, grouped convolutions, pe
 constants...); not when none of them is larger than 1x1 (squeeze-and-excitation bottlenecks:
 nothing to gain); and not when padding adds more than a third of the channels (6 -> 16): the
 gains measured were for 24 -> 32 and less.
+
+Squeeze-and-excitation, where C is a multiple of the block:
+
+    ReduceMean(X [N, C, H, W], axes H, W, keepdims) -> GlobalAveragePool(X)
+    Mul(S [N, C, 1, 1], X [N, C, H, W])             -> Mul(Resize(S, nearest, x H, x W), X)
+
+onnxruntime has blocked GlobalAveragePool and nearest Resize kernels but no blocked ReduceMean or
+broadcasting Mul; each block's scale then costs one spread instead of a reorder of X out of and
+back into the blocked layout, in the forward and again in the backward (the Resize rule sums with
+a blocked GlobalAveragePool). The Resize copies values; the mean may round differently (the sum's
+order), well within float32 parity.
 """
 
 from __future__ import annotations
@@ -227,3 +239,47 @@ def _initializer(graph: ir.Graph, old: ir.Value, array: np.ndarray) -> ir.Value:
     if len(old.uses()) == 1 and old.is_initializer():
         graph.initializers.pop(old.name)
     return value
+
+
+def spread_channel_scales(graph: ir.Graph, block: int = BLOCK) -> int:
+    """The squeeze-and-excitation rewrites above, in place; returns how many ops were rewritten."""
+    rewritten = 0
+    for node in list(graph):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "ReduceMean" and _blocked_map(node.inputs[0], block) and _reduces_spatial_only(node) \
+                and not node.outputs[0].is_graph_output():
+            mean = node.outputs[0]
+            pool = ir.node("GlobalAveragePool", [node.inputs[0]], name=f"{node.name}_global_pool")
+            graph.insert_before(node, pool)
+            pool.outputs[0].shape, pool.outputs[0].type = mean.shape, mean.type
+            pool.outputs[0].name = f"{mean.name}_global_pool"
+            mean.replace_all_uses_with(pool.outputs[0])
+            axes = node.inputs[1] if len(node.inputs) > 1 else None
+            graph.remove(node, safe=True)
+            if axes is not None and axes.is_initializer() and not axes.uses():
+                graph.initializers.pop(axes.name)
+            rewritten += 1
+        elif node.op_type == "Mul" and len(node.inputs) == 2:
+            for index, (scale, x) in enumerate([node.inputs, node.inputs[::-1]]):
+                if _blocked_map(x, block) and _feature_map(scale) and list(scale.shape)[1:] == [x.shape[1], 1, 1] \
+                        and all(isinstance(d, int) for d in list(x.shape)[2:]) and x.shape[2] * x.shape[3] > 1:
+                    height, width = x.shape[2], x.shape[3]
+                    scales = ir.Value(name=f"{node.name}_spread_scales", shape=ir.Shape([4]),
+                                      type=ir.TensorType(ir.DataType.FLOAT),
+                                      const_value=ir.tensor(np.asarray([1, 1, height, width], dtype=np.float32)))
+                    graph.register_initializer(scales)
+                    spread = ir.node("Resize", [scale, None, scales], name=f"{node.name}_spread",
+                                     attributes={"mode": "nearest", "coordinate_transformation_mode": "asymmetric",
+                                                 "nearest_mode": "floor"})
+                    graph.insert_before(node, spread)
+                    spread.outputs[0].name = f"{scale.name}_spread_{rewritten}"
+                    spread.outputs[0].shape, spread.outputs[0].type = ir.Shape(list(x.shape)), x.type
+                    node.replace_input_with(index, spread.outputs[0])
+                    rewritten += 1
+                    break
+    return rewritten
+
+
+def _blocked_map(value: ir.Value | None, block: int) -> bool:
+    return _feature_map(value) and value.shape[1] % block == 0

@@ -1,5 +1,6 @@
-"""Channel padding before the gradient pass (gradmap/export/gradient/_pad.py): which channel groups
-are padded, and that the padded model still gives torch autograd's logits and input gradient."""
+"""Forward-graph rewrites before the gradient pass (gradmap/export/gradient/_layout.py): which channel
+groups are padded, the squeeze-and-excitation spread, and that the rewritten model still gives torch
+autograd's logits and input gradient."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from gradmap.contract import Preprocessing  # noqa: E402
 from gradmap.export import export_module  # noqa: E402
 from gradmap.export._parity import _unpadded  # noqa: E402
 from gradmap.export._trace import trace_to_onnx  # noqa: E402
-from gradmap.export.gradient._pad import pad_channels  # noqa: E402
+from gradmap.export.gradient._layout import pad_channels, spread_channel_scales  # noqa: E402
 
 TOLERANCE = 1e-4  # max|Δ| / max|torch autograd|, as in test_export
 
@@ -82,6 +83,11 @@ def test_pads_the_groups_that_gain_and_keeps_the_rest(module):
     concat = next(node.outputs[0].name for node in model.graph if node.op_type == "Concat")
     assert {after[name] for name in before if before[name] == 40 and name != concat} == {48}
     assert after[concat] == 40
+    # then the squeeze-and-excitation block: its mean and its scaling Mul, now on 32 channels
+    assert spread_channel_scales(model.graph) == 2
+    ops = [node.op_type for node in model.graph]
+    assert ops.count("GlobalAveragePool") == 1 and ops.count("Resize") == 1
+    assert ops.count("ReduceMean") == 1, "the head's mean without keepdims stays as it is"
     proto = ir.serde.serialize_model(model)
     onnx.checker.check_model(proto, full_check=True)
     padded = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -96,6 +102,8 @@ def test_padded_gradient_model_matches_torch_autograd(module, tmp_path):
     proto = onnx.load(str(report.path))
     convs = {tuple(i.dims) for i in proto.graph.initializer if len(i.dims) == 4}
     assert (32, 3, 3, 3) in convs and (32, 1, 3, 3) in convs, "stem and depthwise weights padded to 32 rows"
+    forward_ops = [node.op_type for node in proto.graph.node if not node.name.startswith("grad/")]
+    assert forward_ops.count("GlobalAveragePool") == forward_ops.count("Resize") == forward_ops.count("ReduceMean") == 1
     image = np.random.default_rng(7).standard_normal((2, 3, 32, 32), dtype=np.float32)
     session = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
     target = np.array([1, 4], dtype=np.int64)
