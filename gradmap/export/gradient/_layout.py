@@ -262,7 +262,7 @@ def spread_channel_scales(graph: ir.Graph, block: int = BLOCK) -> int:
             rewritten += 1
         elif node.op_type == "Mul" and len(node.inputs) == 2:
             for index, (scale, x) in enumerate([node.inputs, node.inputs[::-1]]):
-                if _blocked_map(x, block) and _feature_map(scale) and list(scale.shape)[1:] == [x.shape[1], 1, 1] \
+                if _blocked_map(x, block) and _feature_map(scale) and list(scale.shape) == [x.shape[0], x.shape[1], 1, 1] \
                         and all(isinstance(d, int) for d in list(x.shape)[2:]) and x.shape[2] * x.shape[3] > 1:
                     height, width = x.shape[2], x.shape[3]
                     scales = ir.Value(name=f"{node.name}_spread_scales", shape=ir.Shape([4]),
