@@ -157,10 +157,6 @@ def mul(ctx, node, dy):
             # onnxruntime runs in its blocked NCHWc layout with the Muls and the Add around it; the
             # Sub of a scalar has no blocked kernel and cost two reorders per activation
             one_minus_y = ctx.channel_affine(y, channels, -1.0, 1.0)
-            # S again, from an exact identity Conv of X: onnxruntime fuses that Sigmoid into the
-            # Conv, and the forward's Sigmoid, now used by its Mul alone, fuses with it into one
-            # SiLU kernel (QuickGelu), as in the plain forward pass
-            s = ctx.op("Sigmoid", ctx.channel_affine(x, channels, 1.0))
         else:
             one_minus_y = ctx.op("Sub", ctx.scalar(1.0), y)
         local = ctx.op("Add", ctx.op("Mul", s, one_minus_y), y)
