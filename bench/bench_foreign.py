@@ -270,20 +270,11 @@ def worker(spec_path: Path) -> int:
 
 def _export(name: str, directory: Path):
     """Forward and gradmap's gradient model exactly as bench_speed.py makes them; returns their sizes and bytes."""
-    import onnx_ir as ir
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    from bench_speed import export_pair
 
-    sys.path.insert(0, str(ROOT))
-    from gradmap.export._api import build_gradient_model
-    from gradmap.export._torchvision import input_size_of, load_torchvision
-    from gradmap.export._trace import trace_to_onnx
-
-    module, _ = load_torchvision(name, "none")
-    for p in module.parameters():
-        p.requires_grad_(False)
-    size = input_size_of(name)
-    forward = ir.serde.serialize_model(trace_to_onnx(module, size)).SerializeToString()
-    gradient_model, _ = build_gradient_model(module, size)
-    gradient = ir.serde.serialize_model(gradient_model).SerializeToString()
+    _, size, forward, gradient = export_pair(name)
     (directory / "forward.onnx").write_bytes(forward)
     (directory / "gradmap.onnx").write_bytes(gradient)
     return size, forward, gradient

@@ -60,17 +60,15 @@ def _interleaved_times(variants: dict, *, warmup: int, repeat: int, budget_s: fl
     return times
 
 
-def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget_s: float,
-                pause_s: float = 0.1) -> list[dict]:
+def export_pair(name: str):
+    """A torchvision model with random weights, frozen; its input size; the serialized plain forward
+    export and gradmap's gradient model."""
     import onnx_ir as ir
-    import onnxruntime as ort
-    import torch
 
     from gradmap.export._api import build_gradient_model
     from gradmap.export._torchvision import input_size_of, load_torchvision
     from gradmap.export._trace import trace_to_onnx
 
-    torch.set_num_threads(threads)
     module, _ = load_torchvision(name, "none")
     for p in module.parameters():
         p.requires_grad_(False)
@@ -78,6 +76,16 @@ def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget
     forward = ir.serde.serialize_model(trace_to_onnx(module, size)).SerializeToString()
     gradient_model, _ = build_gradient_model(module, size)
     gradient = ir.serde.serialize_model(gradient_model).SerializeToString()
+    return module, size, forward, gradient
+
+
+def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget_s: float,
+                pause_s: float = 0.1) -> list[dict]:
+    import onnxruntime as ort
+    import torch
+
+    torch.set_num_threads(threads)
+    module, size, forward, gradient = export_pair(name)
 
     def session(model_bytes):
         options = ort.SessionOptions()
