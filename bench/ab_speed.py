@@ -2,6 +2,7 @@
 on a noisy, shared machine.
 
     python bench/ab_speed.py --batch 1 --rounds 40 --threads 1 fwd=plain.onnx old=a.onnx new=b.onnx
+    python bench/ab_speed.py --batch 8 --rounds 8 --block 5 fwd=plain.onnx old=a.onnx new=b.onnx
 
 The first model is the reference (usually the plain forward export). Runs alternate A, B, C, ...
 and C, B, A on successive rounds so that load drifts hit every model alike; the report gives
@@ -29,6 +30,9 @@ def main() -> int:
     parser.add_argument("--pause", type=float, default=0.1,
                         help="seconds between runs: onnxruntime's pool threads spin a while after a run and "
                              "slow the next session's run (mobilenet_v3_large's 4.6 ms forward measured 2x slower without one)")
+    parser.add_argument("--block", type=int, default=1,
+                        help="runs of one session in a row per round (after the pause); the round's time is "
+                             "their median, as a user's repeated runs of one session would see")
     args = parser.parse_args()
     import onnxruntime as ort
 
@@ -56,9 +60,12 @@ def main() -> int:
         for label, session in (sessions if r % 2 == 0 else sessions[::-1]):
             f = feeds(session)
             time.sleep(args.pause)
-            start = time.perf_counter()
-            session.run(None, f)
-            times[label].append((time.perf_counter() - start) * 1000)
+            block = []
+            for _ in range(args.block):
+                start = time.perf_counter()
+                session.run(None, f)
+                block.append((time.perf_counter() - start) * 1000)
+            times[label].append(statistics.median(block))
     ref = sessions[0][0]
     ref_median, ref_p10 = statistics.median(times[ref]), float(np.percentile(times[ref], 10))
     for label, _ in sessions:
