@@ -22,6 +22,7 @@ from ._parity import DEFAULT_TOLERANCE, verify_parity
 from ._torchvision import labels_of, load_torchvision, preprocessing_of
 from ._trace import trace_to_onnx
 from .gradient import append_gradient
+from .gradient._layout import BLOCK as CHANNEL_BLOCK
 
 __all__ = ["ExportReport", "export_module", "export_torchvision", "build_gradient_model", "verify_parity"]
 
@@ -65,7 +66,7 @@ class ExportReport:
 
 def build_gradient_model(module: torch.nn.Module, input_size: tuple[int, int], *, score: str = "logit",
                          opset: int = MIN_OPSET, backprops: tuple[str, ...] = ("vanilla",),
-                         cam_layer: str | None = None, channel_multiple: int = 16) -> tuple[ir.Model, int]:
+                         cam_layer: str | None = None, channel_multiple: int = CHANNEL_BLOCK) -> tuple[ir.Model, int]:
     """Trace ``module`` and append its input gradient(s). Returns the model and its forward node count."""
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old: gradmap exports with opset {MIN_OPSET} or newer")
@@ -109,7 +110,7 @@ def export_module(
     tolerance: float = DEFAULT_TOLERANCE,
     backprops: Sequence[str] = ("vanilla",),
     cam_layer: str | None = None,
-    channel_multiple: int = 16,
+    channel_multiple: int = CHANNEL_BLOCK,
 ) -> ExportReport:
     """Export any ``torch.nn.Module`` image classifier to a gradmap ONNX model.
 
@@ -195,7 +196,7 @@ def export_torchvision(
     tolerance: float = DEFAULT_TOLERANCE,
     backprops: Sequence[str] = ("vanilla",),
     cam_layer: str | None = None,
-    channel_multiple: int = 16,
+    channel_multiple: int = CHANNEL_BLOCK,
 ) -> ExportReport:
     """Export a torchvision classifier by name (see ``gradmap export --help``)."""
     module, weights_desc = load_torchvision(model_name, weights, seed=seed)

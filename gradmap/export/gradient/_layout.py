@@ -98,9 +98,10 @@ def _spatial(value: ir.Value) -> int:
 
 def _feature_map(value: ir.Value | None) -> bool:
     """[N, C, H, W] float with a static C, computed (not a constant)."""
-    if value is None or value.const_value is not None or value.is_initializer() or value.shape is None or value.dtype != ir.DataType.FLOAT or len(value.shape) != 4:
+    if value is None or value.const_value is not None or value.is_initializer():
         return False
-    return isinstance(value.shape[1], int)
+    return value.dtype == ir.DataType.FLOAT and value.shape is not None and len(value.shape) == 4 \
+        and isinstance(value.shape[1], int)
 
 
 class _Groups:
@@ -143,11 +144,8 @@ class _Groups:
 
 
 def _constant(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    return None
+    """An initializer's array (torch.onnx exports weights as initializers)."""
+    return value.const_value.numpy() if value is not None and value.const_value is not None else None
 
 
 def _link(node: ir.Node, groups: _Groups) -> None:
@@ -189,7 +187,7 @@ def _link(node: ir.Node, groups: _Groups) -> None:
     if op in _BINARY and len(maps_out) == 1:
         ok = True
         for v in node.inputs:
-            if _feature_map(v) and v.shape[1] == maps_out[0].shape[1] and v.const_value is None:
+            if _feature_map(v) and v.shape[1] == maps_out[0].shape[1]:
                 continue
             array = _constant(v)
             if array is not None and (array.ndim < 3 or array.shape[-3] == 1):
@@ -262,8 +260,7 @@ def spread_channel_scales(graph: ir.Graph, block: int = BLOCK) -> int:
             rewritten += 1
         elif node.op_type == "Mul" and len(node.inputs) == 2:
             for index, (scale, x) in enumerate([node.inputs, node.inputs[::-1]]):
-                if _blocked_map(x, block) and _feature_map(scale) and list(scale.shape) == [x.shape[0], x.shape[1], 1, 1] \
-                        and all(isinstance(d, int) for d in list(x.shape)[2:]) and x.shape[2] * x.shape[3] > 1:
+                if _scales_channels_of(scale, x, block):
                     height, width = x.shape[2], x.shape[3]
                     scales = ir.Value(name=f"{node.name}_spread_scales", shape=ir.Shape([4]),
                                       type=ir.TensorType(ir.DataType.FLOAT),
@@ -283,3 +280,11 @@ def spread_channel_scales(graph: ir.Graph, block: int = BLOCK) -> int:
 
 def _blocked_map(value: ir.Value | None, block: int) -> bool:
     return _feature_map(value) and value.shape[1] % block == 0
+
+
+def _scales_channels_of(scale: ir.Value, x: ir.Value, block: int) -> bool:
+    """``scale`` is [N, C, 1, 1] for a blocked [N, C, H, W] ``x`` larger than 1 x 1."""
+    if not (_blocked_map(x, block) and _feature_map(scale)) or list(scale.shape) != [*list(x.shape)[:2], 1, 1]:
+        return False
+    height, width = x.shape[2], x.shape[3]
+    return isinstance(height, int) and isinstance(width, int) and height * width > 1

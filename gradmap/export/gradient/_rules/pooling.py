@@ -5,8 +5,8 @@
                        The forward node keeps its single output: onnxruntime has no blocked (NCHWc)
                        MaxPool with Indices, and a forward MaxPool in plain layout took the ops after
                        it out of the blocked layout too (densenet121's whole first dense block:
-                       Concat, BatchNormalization, Relu). A/B at batch 1, 2 threads: densenet121
-                       119 -> 105 ms, resnet50 117 -> 105 ms, vgg19 311 -> 304 ms.
+                       Concat, BatchNormalization, Relu). In wall time a wash: densenet121 at batch
+                       1, 2 threads, 99.5 -> 99.2 ms (bench/ab_speed.py --block 5).
     AveragePool:       Y(o) = 1/D(o) * sum of X over window(o) inside X;
                        dX = ConvTranspose(dY / D, ones, group=C)   (D per torch's count_include_pad rule)
     GlobalAveragePool: dX = Expand(dY, Shape(X)) / (H W)
@@ -20,7 +20,8 @@
                        by gradient/_layout.py; both pools have blocked NCHWc kernels, ReduceSum not)
 
 The Expands are deferred (GradContext.broadcastable): where X has other consumers, as the input of
-a squeeze-excitation block does, the small gradient is added to theirs by a broadcasting Add.
+a squeeze-excitation block does, the small gradient is added to theirs by a broadcasting Add, or,
+for a blocked [N, C, H, W] X, spread by a nearest Resize and added by a same-shape Add.
 """
 
 from __future__ import annotations
