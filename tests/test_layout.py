@@ -1,6 +1,6 @@
 """Forward-graph rewrites before the gradient pass (gradmap/export/gradient/_layout.py): which channel
-groups are padded, the squeeze-and-excitation spread, and that the rewritten model still gives torch
-autograd's logits and input gradient."""
+groups are padded, the squeeze-and-excitation spread, the HardSwish split (_pass.py), and that the
+rewritten model still gives torch autograd's logits and input gradient."""
 
 from __future__ import annotations
 
@@ -104,6 +104,7 @@ def test_padded_gradient_model_matches_torch_autograd(module, tmp_path):
     assert (32, 3, 3, 3) in convs and (32, 1, 3, 3) in convs, "stem and depthwise weights padded to 32 rows"
     forward_ops = [node.op_type for node in proto.graph.node if not node.name.startswith("grad/")]
     assert forward_ops.count("GlobalAveragePool") == forward_ops.count("Resize") == forward_ops.count("ReduceMean") == 1
+    _assert_hard_swish_split(proto)
     image = np.random.default_rng(7).standard_normal((2, 3, 32, 32), dtype=np.float32)
     session = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
     target = np.array([1, 4], dtype=np.int64)
@@ -114,6 +115,32 @@ def test_padded_gradient_model_matches_torch_autograd(module, tmp_path):
     scale = np.abs(expected_gradient.numpy()).max()
     assert np.abs(gradient - expected_gradient.numpy()).max() <= TOLERANCE * scale
     assert np.abs(logits - expected.detach().numpy()).max() <= TOLERANCE * np.abs(expected.detach().numpy()).max()
+
+
+def _assert_hard_swish_split(proto):
+    """The stem's HardSwish runs as Mul(X, HardSigmoid(X)) and the Mul rule's HardSwish pattern takes
+    the gradient: the forward HardSigmoid gets none of its own (no backward node of its rule), and
+    the backward computes no HardSigmoid(X, 1/6, 1/2) of the stem's convolution output again (its
+    steps are HardSigmoids of slope 2^100 in the plain layout)."""
+    assert not any(node.op_type == "HardSwish" for node in proto.graph.node)
+    gate = next(node for node in proto.graph.node if node.op_type == "HardSigmoid" and node.name.endswith("_gate"))
+    assert not any(node.name.startswith(f"grad/{gate.name}/") for node in proto.graph.node)
+    stem = gate.input[0]
+    backward_gates = [node for node in proto.graph.node
+                      if node.name.startswith("grad/") and node.op_type == "HardSigmoid" and stem in node.input
+                      and abs({a.name: a.f for a in node.attribute}.get("alpha", 0.2) - 1 / 6) < 1e-6]
+    assert backward_gates == []
+
+
+def test_hard_swish_split_without_padding(module, tmp_path):
+    """With --channel-multiple 0 the stem has 24 channels, and the split HardSwish takes the rule's
+    plain-layout form."""
+    report = export_module(module, tmp_path / "plain.onnx", preprocessing=Preprocessing(crop=(32, 32)),
+                           channel_multiple=0)
+    assert report.logits_error <= TOLERANCE and report.gradient_error <= TOLERANCE
+    proto = onnx.load(str(report.path))
+    assert (24, 3, 3, 3) in {tuple(i.dims) for i in proto.graph.initializer}
+    _assert_hard_swish_split(proto)
 
 
 def test_the_grad_cam_layer_keeps_its_channels(module, tmp_path):

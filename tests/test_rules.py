@@ -153,6 +153,15 @@ HS_X16 = (randn(2, 16, 4, 4) * 4).reshape(-1)
 HS_X16[:HS_EDGES.size] = HS_EDGES
 case("HardSwish", "blocked-channels-steps", graph("float[2,16,4,4] X", "float[2,16,4,4] Y", "Y = HardSwish(X)"),
      F.hardswish, X=HS_X16.reshape(2, 16, 4, 4))
+# X also read by another node (as in a gradient graph, which reads it); plain NCHW and blocked. The
+# Mul rule's pattern for the split form append_gradient makes of it (test_layout.py) by hand:
+for name, shape, x in [("shared-input", "2,3,8,8", HS_X.reshape(X4.shape)),
+                       ("shared-input-blocked", "2,16,4,4", HS_X16.reshape(2, 16, 4, 4))]:
+    case("HardSwish", name, graph(f"float[{shape}] X", f"float[{shape}] Y", "H = HardSwish(X)\n Y = Mul(H, X)"),
+         lambda X: F.hardswish(X) * X, X=x)
+case("Mul", "hardswish-by-hand", graph("float[2,16,4,4] X", "float[2,16,4,4] Y",
+                                       "H = HardSigmoid<alpha=0.16666667, beta=0.5>(X)\n Y = Mul(X, H)"),
+     F.hardswish, X=HS_X16.reshape(2, 16, 4, 4))
 case("Clip", "relu6", graph(X4_SIG, "float[2,3,8,8] Y", "Y = Clip(X, L, H)",
                             [init("L", np.float32(0)), init("H", np.float32(6))]),
      lambda X: F.relu6(X), X=X4 * 5)

@@ -25,6 +25,7 @@
                   dX = dY * (P + D Exp(-ln sqrt(pi) - D^2)),  P the parenthesis, D = X / sqrt 2
     HardSigmoid:  dX = Where(0 < alpha X + beta < 1, alpha dY, 0)
     HardSwish:    dX = dY * (2 HardSigmoid(X) - ([X > -3] + [X >= 3]) / 2)   (= 0, X/3 + 1/2, 1; steps exact)
+                  also for Mul(X, HardSigmoid(X, 1/6, 1/2)), as the gradient pass splits HardSwish
                   where C is a multiple of 16 the scalar Mul is a depthwise 1x1 Conv of weight -1/2:
                   onnxruntime keeps the whole rule in its blocked NCHWc layout, next to the convolutions
     Clip:         dX = Where(min < X < max, dY, 0)
@@ -82,13 +83,17 @@ def _silu_parts(node):
     for x, s in (node.inputs, node.inputs[::-1]):
         producer = s.producer() if s is not None else None
         if (producer is not None and producer.op_type == "Sigmoid" and producer.domain in ("", "ai.onnx")
-                and producer.inputs[0] is x and len(s.uses()) == 1 and not s.is_graph_output()):
+                and producer.inputs[0] is x and _single_use(s)):
             return x, s
     return None
 
 
 def _single_use(value) -> bool:
-    return value is not None and len(value.uses()) == 1 and not value.is_graph_output()
+    """Read by one node of the forward graph. Backward nodes are not in the graph while the rules
+    run (they join it at the end) but count as uses, and with several backprop rules the first
+    walk's nodes already read the forward values the second walk's patterns look at."""
+    return (value is not None and not value.is_graph_output()
+            and sum(1 for use in value.uses() if use.node.graph is not None) == 1)
 
 
 def _producer(value, op_type):
@@ -145,6 +150,12 @@ def mul(ctx, node, dy):
         e = ctx.op("Exp", ctx.op("Sub", ctx.scalar(_LOG_INV_SQRT_PI), ctx.op("Mul", d, d)))
         local = ctx.op("Add", ctx.op("Mul", d, e), p)
         return [ctx.op("Mul", dy[0], local) if v is x else None for v in node.inputs]
+    hard_swish = _hard_swish_parts(node)
+    if hard_swish is not None:
+        # A split HardSwish: its rule, with the forward's own HardSigmoid; that node gets no
+        # gradient of its own and is skipped.
+        x, h = hard_swish
+        return [_hard_swish_grad(ctx, x, h, dy[0]) if v is x else None for v in node.inputs]
     silu = _silu_parts(node)
     if silu is not None:
         # One rule for both nodes: the product rule plus the Sigmoid rule took six activation-sized
@@ -335,14 +346,32 @@ def hard_sigmoid(ctx, node, dy):
 
 @register("HardSwish")
 def hard_swish(ctx, node, dy):
-    # torch's hardswish_backward: 0 up to -3, x/3 + 1/2 strictly between -3 and 3, 1 from 3 on.
-    # That is a ramp minus two half steps: 2 h(x) - ([x > -3] + [x >= 3]) / 2 with
-    # h = HardSigmoid(x, 1/6, 1/2) = clip(x/6 + 1/2, 0, 1). A HardSigmoid of slope 2^100 is an exact
-    # step: 2^100 x is exact and 2^100 x + beta has the sign of x - step, at least 2^100 ulp away
-    # from 0 unless x is the step itself. Five cheap elementwise ops instead of two Wheres (each
-    # 2.4x a Mul on onnxruntime's CPU provider), two compares, a product and a sum.
     x = node.inputs[0]
-    h = ctx.op("HardSigmoid", x, alpha=_ONE_SIXTH, beta=0.5)
+    return [_hard_swish_grad(ctx, x, ctx.op("HardSigmoid", x, alpha=HARD_SWISH_ALPHA, beta=0.5), dy[0])]
+
+
+def _hard_swish_parts(node):
+    """(X, H) when ``node`` is Mul(X, H) or Mul(H, X) with H = HardSigmoid(X, 1/6, 1/2) used by
+    nothing else: a HardSwish, as the gradient pass splits it (gradient/_pass.py)."""
+    for x, h in (node.inputs, node.inputs[::-1]):
+        gate = _producer(h, "HardSigmoid")
+        if (gate is not None and gate.inputs[0] is x and _single_use(h)
+                and gate.attributes.get_float("alpha", 0.2) == HARD_SWISH_ALPHA
+                and gate.attributes.get_float("beta", 0.5) == 0.5):
+            return x, h
+    return None
+
+
+def _hard_swish_grad(ctx, x, h, g):
+    """g times HardSwish'(x), given h = HardSigmoid(x, 1/6, 1/2).
+
+    torch's hardswish_backward: 0 up to -3, x/3 + 1/2 strictly between -3 and 3, 1 from 3 on.
+    That is a ramp minus two half steps: 2 h(x) - ([x > -3] + [x >= 3]) / 2 with
+    h = clip(x/6 + 1/2, 0, 1). A HardSigmoid of slope 2^100 is an exact step: 2^100 x is exact and
+    2^100 x + beta has the sign of x - step, at least 2^100 ulp away from 0 unless x is the step
+    itself. Cheap elementwise ops instead of two Wheres (each 2.4x a Mul on onnxruntime's CPU
+    provider), two compares, a product and a sum.
+    """
     channels = ctx.blocked_channels(x)
     if channels is not None:
         # In onnxruntime's blocked NCHWc layout, where the convolutions around it run. Each half
@@ -355,15 +384,15 @@ def hard_swish(ctx, node, dy):
         low = ctx.op("Clip", ctx.channel_affine(x, channels, -_STEEP, -3.0 * _STEEP), ctx.scalar(-0.5), _zero(ctx))
         high = ctx.op("Clip", ctx.channel_affine(x, channels, -_STEEP, _STEEP * _BELOW_3), ctx.scalar(-0.5), _zero(ctx))
         local = ctx.op("Add", ctx.channel_affine(h, channels, 2.0), ctx.op("Add", low, high))
-        return [ctx.op("Mul", dy[0], local)]
+        return ctx.op("Mul", g, local)
     above_minus3 = ctx.op("HardSigmoid", x, alpha=_STEEP, beta=3.0 * _STEEP)
     from3 = ctx.op("HardSigmoid", x, alpha=_STEEP, beta=-_STEEP * _BELOW_3)
     steps = ctx.op("Add", above_minus3, from3)
     half_steps = ctx.op("Mul", steps, ctx.scalar(0.5))
-    return [ctx.op("Mul", dy[0], ctx.op("Sub", ctx.op("Add", h, h), half_steps))]
+    return ctx.op("Mul", g, ctx.op("Sub", ctx.op("Add", h, h), half_steps))
 
 
-_ONE_SIXTH = float(np.float32(1.0 / 6.0))
+HARD_SWISH_ALPHA = float(np.float32(1.0 / 6.0))
 _STEEP = 2.0 ** 100  # a power of two: alpha x is exact
 _BELOW_3 = float(np.nextafter(np.float32(3.0), np.float32(0.0)))  # [x >= 3] = [x > this]
 
