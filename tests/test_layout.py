@@ -1,5 +1,5 @@
 """Forward-graph rewrites before the gradient pass (gradmap/export/gradient/_layout.py): which channel
-groups are padded, the squeeze-and-excitation spread, the HardSwish split (_pass.py), and that the
+groups are padded, the squeeze-and-excitation spread, the HardSwish split, and that the
 rewritten model still gives torch autograd's logits and input gradient."""
 
 from __future__ import annotations

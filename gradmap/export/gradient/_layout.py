@@ -36,12 +36,22 @@ broadcasting Mul; each block's scale then costs one spread instead of a reorder 
 back into the blocked layout, in the forward and again in the backward (the Resize rule sums with
 a blocked GlobalAveragePool). The Resize copies values; the mean may round differently (the sum's
 order), well within float32 parity.
+
+HardSwish, where its input needs a gradient:
+
+    HardSwish(X) -> Mul(X, HardSigmoid(X, 1/6, 1/2))      (the op's own definition)
+
+Not a layout change: onnxruntime runs HardSwish as exactly these two ops once X is read elsewhere
+(the gradient reads it), so the forward costs the same, and the Mul rule's HardSwish pattern reuses
+the forward's HardSigmoid instead of computing it again: one activation-sized op less each.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+
+from ._rules.elementwise import HARD_SWISH_ALPHA
 
 BLOCK = 16
 
@@ -249,12 +259,9 @@ def spread_channel_scales(graph: ir.Graph, block: int = BLOCK) -> int:
                 and not node.outputs[0].is_graph_output():
             mean = node.outputs[0]
             pool = ir.node("GlobalAveragePool", [node.inputs[0]], name=f"{node.name}_global_pool")
-            graph.insert_before(node, pool)
-            pool.outputs[0].shape, pool.outputs[0].type = mean.shape, mean.type
-            pool.outputs[0].name = f"{mean.name}_global_pool"
-            mean.replace_all_uses_with(pool.outputs[0])
             axes = node.inputs[1] if len(node.inputs) > 1 else None
-            graph.remove(node, safe=True)
+            _typed_like(pool.outputs[0], f"{mean.name}_global_pool", mean)
+            _replace(graph, node, [pool], pool.outputs[0])
             if axes is not None and axes.is_initializer() and not axes.uses():
                 graph.initializers.pop(axes.name)
             rewritten += 1
@@ -270,12 +277,44 @@ def spread_channel_scales(graph: ir.Graph, block: int = BLOCK) -> int:
                                      attributes={"mode": "nearest", "coordinate_transformation_mode": "asymmetric",
                                                  "nearest_mode": "floor"})
                     graph.insert_before(node, spread)
-                    spread.outputs[0].name = f"{scale.name}_spread_{rewritten}"
-                    spread.outputs[0].shape, spread.outputs[0].type = ir.Shape(list(x.shape)), x.type
+                    _typed_like(spread.outputs[0], f"{scale.name}_spread_{rewritten}", x)
                     node.replace_input_with(index, spread.outputs[0])
                     rewritten += 1
                     break
     return rewritten
+
+
+def split_hard_swish(graph: ir.Graph, needs_grad: set[ir.Value], keep: set[ir.Value] = frozenset()) -> int:
+    """The HardSwish split above, in place, where X needs a gradient and Y is neither kept nor a graph
+    output; returns how many were split."""
+    split = 0
+    for node in list(graph):
+        if (node.op_type != "HardSwish" or node.domain not in ("", "ai.onnx") or node.inputs[0] not in needs_grad
+                or node.outputs[0] in keep or node.outputs[0].is_graph_output()):
+            continue
+        x, y = node.inputs[0], node.outputs[0]
+        gate = ir.node("HardSigmoid", [x], attributes={"alpha": HARD_SWISH_ALPHA, "beta": 0.5},
+                       name=f"{node.name}_gate")
+        product = ir.node("Mul", [x, gate.outputs[0]], name=f"{node.name}_product")
+        _typed_like(gate.outputs[0], f"{y.name}_gate", y)
+        _typed_like(product.outputs[0], f"{y.name}_product", y)
+        _replace(graph, node, [gate, product], product.outputs[0])
+        split += 1
+    return split
+
+
+def _typed_like(value: ir.Value, name: str, like: ir.Value) -> None:
+    """Name a new node's output and give it ``like``'s shape and type."""
+    value.name = name
+    value.shape = ir.Shape(list(like.shape)) if like.shape is not None else None
+    value.type = like.type
+
+
+def _replace(graph: ir.Graph, node: ir.Node, new_nodes: list[ir.Node], result: ir.Value) -> None:
+    """``new_nodes`` in place of ``node``, ``result`` taking over the uses of its single output."""
+    graph.insert_before(node, new_nodes)
+    node.outputs[0].replace_all_uses_with(result)
+    graph.remove(node, safe=True)
 
 
 def _blocked_map(value: ir.Value | None, block: int) -> bool:

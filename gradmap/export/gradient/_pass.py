@@ -24,9 +24,8 @@ from gradmap import contract
 from .._errors import ExportError, UnsupportedOpsError
 from . import _rules  # noqa: F401 - registers the rules
 from ._context import GradContext
-from ._layout import BLOCK, pad_channels, spread_channel_scales
+from ._layout import BLOCK, pad_channels, split_hard_swish, spread_channel_scales
 from ._registry import NON_DIFFERENTIABLE, RULES
-from ._rules.elementwise import HARD_SWISH_ALPHA
 
 __all__ = ["append_gradient", "append_vjp", "differentiable_nodes", "find_cam_layer"]
 
@@ -88,9 +87,10 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
     nodes, needs_grad = differentiable_nodes(graph, image, logits)
     _check_rules(nodes)
     cam_value = find_cam_layer(graph, nodes, cam_layer) if cam_layer else None
-    rewritten = _split_hard_swish(graph, needs_grad, keep={cam_value})
+    keep = {cam_value} if cam_value is not None else set()
+    rewritten = split_hard_swish(graph, needs_grad, keep=keep)
     if channel_multiple:
-        pad_channels(graph, keep={cam_value} if cam_value is not None else set(), block=channel_multiple)
+        pad_channels(graph, keep=keep, block=channel_multiple)
         rewritten += spread_channel_scales(graph, block=channel_multiple)
     if rewritten:
         nodes, needs_grad = differentiable_nodes(graph, image, logits)
@@ -129,32 +129,6 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
 
 
 _GLOBAL_POOLS = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax")
-
-
-def _split_hard_swish(graph: ir.Graph, needs_grad: set[ir.Value], keep: set) -> int:
-    """HardSwish(X) -> Mul(X, HardSigmoid(X, 1/6, 1/2)), the op's own definition, where X needs a
-    gradient; returns how many were split. onnxruntime runs HardSwish as exactly these two ops once
-    its input is needed elsewhere (the gradient reads it), so the forward costs the same, and the
-    gradient rule (the Mul rule's HardSwish pattern) reuses the forward's HardSigmoid instead of
-    computing it again: one activation-sized op less per HardSwish."""
-    split = 0
-    for node in list(graph):
-        if (node.op_type != "HardSwish" or node.domain not in ("", "ai.onnx") or node.inputs[0] not in needs_grad
-                or node.outputs[0] in keep or node.outputs[0].is_graph_output()):
-            continue
-        x, y = node.inputs[0], node.outputs[0]
-        gate = ir.node("HardSigmoid", [x], attributes={"alpha": HARD_SWISH_ALPHA, "beta": 0.5},
-                       name=f"{node.name}_gate")
-        product = ir.node("Mul", [x, gate.outputs[0]], name=f"{node.name}_product")
-        graph.insert_before(node, [gate, product])
-        gate.outputs[0].name = f"{y.name}_gate"
-        gate.outputs[0].shape, gate.outputs[0].type = y.shape, y.type
-        product.outputs[0].name = f"{y.name}_product"
-        product.outputs[0].shape, product.outputs[0].type = y.shape, y.type
-        y.replace_all_uses_with(product.outputs[0])
-        graph.remove(node, safe=True)
-        split += 1
-    return split
 
 
 def find_cam_layer(graph: ir.Graph, nodes: list[ir.Node], name: str) -> ir.Value:

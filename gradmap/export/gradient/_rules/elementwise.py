@@ -25,9 +25,10 @@
                   dX = dY * (P + D Exp(-ln sqrt(pi) - D^2)),  P the parenthesis, D = X / sqrt 2
     HardSigmoid:  dX = Where(0 < alpha X + beta < 1, alpha dY, 0)
     HardSwish:    dX = dY * (2 HardSigmoid(X) - ([X > -3] + [X >= 3]) / 2)   (= 0, X/3 + 1/2, 1; steps exact)
-                  also for Mul(X, HardSigmoid(X, 1/6, 1/2)), as the gradient pass splits HardSwish
-                  where C is a multiple of 16 the scalar Mul is a depthwise 1x1 Conv of weight -1/2:
-                  onnxruntime keeps the whole rule in its blocked NCHWc layout, next to the convolutions
+                  also for Mul(X, HardSigmoid(X, 1/6, 1/2)), as the gradient pass splits HardSwish;
+                  where C is a multiple of 16 each half step is a depthwise 1x1 Conv with a fused Clip
+                  and 2 HardSigmoid(X) a Conv: onnxruntime keeps the whole rule in its blocked NCHWc
+                  layout, next to the convolutions
     Clip:         dX = Where(min < X < max, dY, 0)
     Max, Min:     the gradient goes to the selected input (ties: the first)
     Where:        dA = Where(C, dY, 0), dB = Where(C, 0, dY)
@@ -352,7 +353,7 @@ def hard_swish(ctx, node, dy):
 
 def _hard_swish_parts(node):
     """(X, H) when ``node`` is Mul(X, H) or Mul(H, X) with H = HardSigmoid(X, 1/6, 1/2) used by
-    nothing else: a HardSwish, as the gradient pass splits it (gradient/_pass.py)."""
+    nothing else: a HardSwish, as the gradient pass splits it (gradient/_layout.py)."""
     for x, h in (node.inputs, node.inputs[::-1]):
         gate = _producer(h, "HardSigmoid")
         if (gate is not None and gate.inputs[0] is x and _single_use(h)

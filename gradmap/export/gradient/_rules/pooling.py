@@ -51,9 +51,10 @@ def max_pool(ctx, node, dy):
         indices.type = ir.TensorType(ir.DataType.INT64)
         indices.shape = ir.Shape(node.outputs[0].shape)
     if _disjoint_windows(ctx, node):
+        spatial = ctx.rank(x) - 2
         dx = ctx.op("MaxUnpool", dy[0], indices, ctx.shape_of(x), kernel_shape=list(ctx.attr(node, "kernel_shape")),
-                    strides=list(ctx.attr(node, "strides", [1] * (ctx.rank(x) - 2))),
-                    pads=list(ctx.attr(node, "pads", [0] * (2 * (ctx.rank(x) - 2)))))
+                    strides=list(ctx.attr(node, "strides", [1] * spatial)),
+                    pads=list(ctx.attr(node, "pads", [0] * (2 * spatial))))
         return [ctx.blocked(dx, x)]
     size = ctx.op("Reshape", ctx.op("Size", x), ctx.ints([1]))
     zeros = ctx.op("ConstantOfShape", size, value=ir.tensor(np.zeros(1, dtype=np.float32)))
