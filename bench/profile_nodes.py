@@ -1,12 +1,15 @@
 """Where a gradmap model's time goes on onnxruntime's CPU provider: per-node kernel times from
 onnxruntime's profiler, grouped by the forward op whose gradient rule emitted the node.
 
-    python bench/profile_nodes.py model.onnx [--batch 1] [--runs 20] [--threads 2]
+    python bench/profile_nodes.py model.onnx [--batch 1] [--runs 20] [--warmup 3] [--threads 2]
 
 Backward nodes are named ``grad/<forward node>/<op>_<n>``; onnxruntime renames the convolutions it
 moves to its blocked NCHWc layout to ``<output>_nchwc``, so those are matched by output name.
 ReorderInput/ReorderOutput are the layout conversions onnxruntime inserts around ops that have no
-NCHWc kernel. Shares are of the summed kernel time, which leaves out scheduling overhead.
+NCHWc kernel. Shares are of the summed kernel time, which leaves out scheduling overhead. The first
+``--warmup`` runs are profiled too but left out of the figures: a session's first runs are several
+times slower (resnet50 at batch 8: 980 and 890 ms, then 460-520), and with them in, a few
+nodes look several times slower than they are.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ def main() -> int:
     parser.add_argument("model")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3, help="runs left out of the figures")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--top", type=int, default=30)
@@ -47,6 +51,8 @@ def main() -> int:
     feeds = {"image": image}
     if "target" in {i.name for i in session.get_inputs()}:
         feeds["target"] = np.full(args.batch, -1, dtype=np.int64)
+    if args.runs <= args.warmup:
+        parser.error("--runs must exceed --warmup")
     for _ in range(args.runs):
         session.run(None, feeds)
     path = session.end_profiling()
@@ -54,8 +60,12 @@ def main() -> int:
         events = json.load(f)
     os.remove(path)
     shares: collections.Counter = collections.Counter()
+    seen: collections.Counter = collections.Counter()
     for event in events:
         if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        seen[event["name"]] += 1
+        if seen[event["name"]] <= args.warmup:
             continue
         name, op = event["name"][: -len("_kernel_time")], event["args"]["op_name"]
         origin = producer.get(name[: -len("_nchwc")] if name.endswith("_nchwc") else name)
@@ -68,11 +78,12 @@ def main() -> int:
         else:
             key = f"forward   {op}"
         shares[key] += event["dur"]
+    timed = args.runs - args.warmup
     total = sum(shares.values())
     print(f"{args.model}: batch {args.batch}, {args.threads} threads, "
-          f"{total / args.runs / 1000:.2f} ms kernel time per run")
+          f"{total / timed / 1000:.2f} ms kernel time per run ({timed} runs after {args.warmup} warm-up)")
     for key, dur in shares.most_common(args.top):
-        print(f"  {key:50s} {dur / args.runs / 1000:8.2f} ms {100 * dur / total:5.1f}%")
+        print(f"  {key:50s} {dur / timed / 1000:8.2f} ms {100 * dur / total:5.1f}%")
     return 0
 
 
