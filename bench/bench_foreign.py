@@ -122,6 +122,15 @@ def _session(ort, model, threads: int):
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
+def _gradmap_session(ort, model, threads: int):
+    """gradmap's graph with the options gradmap's runtime loads it with (main venv only)."""
+    from gradmap.runtime.model import session_options
+
+    options = session_options(threads)
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
 def _too_slow(single_ms: dict[int, float], batch: int, slow_s: float) -> str | None:
     """Why a method's run at ``batch`` would take too long, from its single-run time at a smaller batch."""
     smaller = [b for b in single_ms if b < batch]
@@ -308,7 +317,7 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
         start = time.perf_counter()
         size, forward, gradient = _export(name, directory)
         export_s = time.perf_counter() - start
-        s_forward, s_gradmap = _session(ort, forward, args.threads), _session(ort, gradient, args.threads)
+        s_forward, s_gradmap = _session(ort, forward, args.threads), _gradmap_session(ort, gradient, args.threads)
         inputs = {}
         for batch in args.batches:
             rng = np.random.default_rng(batch)

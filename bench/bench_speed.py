@@ -5,8 +5,9 @@
 
 In one process, per model and batch, medians after warm-up of (run in turn, round after round, so
 that a shared machine's load drifts hit all four alike, each call 0.1 s after the previous one):
-  (a) onnxruntime forward only, of the plain export (no gradient);
-  (b) gradmap's gradient graph on onnxruntime (logits + gradient);
+  (a) onnxruntime forward only, of the plain export (no gradient), onnxruntime's default options;
+  (b) gradmap's gradient graph on onnxruntime (logits + gradient), with the session options of
+      gradmap's runtime (``gradmap.runtime.model.session_options``: no memory pattern);
   (c) PyTorch eager autograd as in the ResNet-50 recipe (input requires grad, parameters frozen);
   (d) Captum's Saliency (abs=False) on the same module.
 Random weights, random 224x224 inputs (the models' own input size), a fixed thread count for
@@ -87,14 +88,16 @@ def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget
     torch.set_num_threads(threads)
     module, size, forward, gradient = export_pair(name)
 
-    def session(model_bytes):
-        options = ort.SessionOptions()
+    from gradmap.runtime.model import session_options
+
+    def session(model_bytes, options):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
-    s_forward, s_gradient = session(forward), session(gradient)
+    # the plain forward with onnxruntime's default options; gradmap's graph as gradmap's runtime loads it
+    s_forward, s_gradient = session(forward, ort.SessionOptions()), session(gradient, session_options(threads))
     try:
         from captum.attr import Saliency
     except ImportError:  # captum is optional here
@@ -147,6 +150,8 @@ def render(rows: list[dict], meta: dict) -> str:
         f"{meta['pause_s']:g} s apart, "
         f"{meta['threads']} threads, random weights, "
         f"{meta['machine']}; "
+        + ("the plain forward with onnxruntime's default session options, gradmap with its runtime's (no memory "
+           "pattern); " if meta.get("gradmap_session_options") == "runtime" else "") +
         "target: gradmap ≤ max(2.1 × ORT forward, min(2.5 × ORT forward, PyTorch eager ÷ 1.5)). "
         "Per round: gradmap ÷ forward of the two runs side by side in each round, quartiles over the rounds "
         "(how far one round's ratio strays on this machine).",
@@ -187,7 +192,7 @@ def main() -> int:
         rows = []
         for name in args.models:
             rows += bench_model(name, args.batches, args.threads, args.repeat, args.budget, args.pause)
-        meta = {"threads": args.threads, "pause_s": args.pause,
+        meta = {"threads": args.threads, "pause_s": args.pause, "gradmap_session_options": "runtime",
                 "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "python": platform.python_version()}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

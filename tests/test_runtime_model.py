@@ -34,6 +34,14 @@ def test_loads_fixture(linear_model):
     assert [t.name for t in linear_model.inputs] == ["image", "target"]
 
 
+def test_session_options():
+    """Threads pass through; no memory pattern, which holds a second copy of a gradient graph's
+    activations (see ``session_options``)."""
+    options = SaliencyModel(LINEAR_MODEL, threads=3).session.get_session_options()
+    assert options.intra_op_num_threads == 3
+    assert options.enable_mem_pattern is False
+
+
 def test_header_matches_onnx_package():
     onnx = pytest.importorskip("onnx")
     proto = onnx.load(str(LINEAR_MODEL))

@@ -60,6 +60,7 @@ from gradmap.runtime.metrics import (
     random_order_curve,
     rank_correlation,
 )
+from gradmap.runtime.model import session_options
 from gradmap.runtime.postprocess import check_finite, reduce_channels
 from gradmap.runtime.preprocess import CropGeometry, crop_window, open_picture, preprocess
 
@@ -236,9 +237,7 @@ def _forward_only(model):
 
         forward = onnx.utils.Extractor(onnx.load(model.path)).extract_model([contract.INPUT_IMAGE],
                                                                             [contract.OUTPUT_LOGITS])
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = model.session.get_session_options().intra_op_num_threads
-        options.log_severity_level = 3
+        options = session_options(model.session.get_session_options().intra_op_num_threads)
         session = ort.InferenceSession(forward.SerializeToString(), options, providers=model.session.get_providers())
     except Exception as e:  # onnx missing, or a model the extractor cannot cut: the full model is exact too
         logger.debug("running the full model for perturbation curves (%s)", e)

@@ -95,6 +95,24 @@ def resolve_providers(provider: str | Sequence[str] = "auto") -> list[str]:
     return resolved
 
 
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """onnxruntime session options for a gradmap model: ``threads`` intra-op threads (None or 0:
+    onnxruntime decides), warnings off (they bypass logging), and no memory pattern.
+
+    onnxruntime's memory pattern plans one block for all of a run's tensors from the first run of
+    each input shape and allocates it on the second, while the arena still holds the first run's
+    tensors. A gradient graph keeps every activation the backward reads alive, so that block is
+    large: peak RSS of resnet50 at batch 8 is 1089 MB with the pattern against 719 MB without, and
+    the second run takes twice as long as later ones (1086 against 496 ms; densenet121 1955 against
+    428 ms), again for every new batch size, such as a folder's last, partial batch. Later runs are
+    as fast either way (``bench/ab_speed.py``-style interleaved medians, resnet50 batch 1 and 8)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(threads or 0)
+    options.log_severity_level = 3
+    options.enable_mem_pattern = False
+    return options
+
+
 def _check_interface(session: ort.InferenceSession, metadata: ModelMetadata) -> list[str]:
     """Return what is wrong with the session's inputs/outputs with respect to the contract."""
     problems = []
@@ -215,11 +233,9 @@ class SaliencyModel:
         self.header: OnnxHeader = self._read_header()
         check_external_data(self.path)
         providers = resolve_providers(provider)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(threads or 0)
-        options.log_severity_level = 3  # onnxruntime's warnings go to stderr bypassing logging
         try:
-            self.session = ort.InferenceSession(self.path, sess_options=options, providers=providers)
+            self.session = ort.InferenceSession(self.path, sess_options=session_options(threads),
+                                                providers=providers)
         except Exception as e:  # onnxruntime raises its own pybind exception types
             raise GradmapModelError(self.path, _load_failure(str(e), self.header)) from e
         if providers[0] == CUDA and CUDA not in self.session.get_providers():
