@@ -102,10 +102,12 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     onnxruntime's memory pattern plans one block for all of a run's tensors from the first run of
     each input shape and allocates it on the second, while the arena still holds the first run's
     tensors. A gradient graph keeps every activation the backward reads alive, so that block is
-    large: peak RSS of resnet50 at batch 8 is 1089 MB with the pattern against 719 MB without, and
-    the second run takes twice as long as later ones (1086 against 496 ms; densenet121 1955 against
-    428 ms), again for every new batch size, such as a folder's last, partial batch. Later runs are
-    as fast either way (``bench/ab_speed.py``-style interleaved medians, resnet50 batch 1 and 8)."""
+    large (``bench/first_runs.py``, batch 8): peak RSS of resnet50 is 1103 MB with the pattern and
+    748 MB without, of densenet121 2011 and 1118 MB, and the second run pays about 86,000 (resnet50)
+    and 228,000 (densenet121) page faults again, for every new batch size, such as a folder's last,
+    partial batch. Later runs take about the same time: interleaved medians equal for resnet50 at
+    batch 1 and 8, up to 4 % slower without the pattern for densenet121 and mobilenet_v3_large,
+    inside this machine's run-to-run spread."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(threads or 0)
     options.log_severity_level = 3
