@@ -114,20 +114,12 @@ def _summary(times: dict[str, list[float]], method: str, reference: str) -> dict
     }
 
 
-def _session(ort, model, threads: int):
-    options = ort.SessionOptions()
+def _session(ort, model, threads: int, options=None):
+    """A CPU session with ``threads`` intra-op threads; onnxruntime's default options unless ``options`` are given."""
+    options = options or ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-
-
-def _gradmap_session(ort, model, threads: int):
-    """gradmap's graph with the options gradmap's runtime loads it with (main venv only)."""
-    from gradmap.runtime.model import session_options
-
-    options = session_options(threads)
-    options.inter_op_num_threads = 1
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
@@ -317,7 +309,10 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
         start = time.perf_counter()
         size, forward, gradient = _export(name, directory)
         export_s = time.perf_counter() - start
-        s_forward, s_gradmap = _session(ort, forward, args.threads), _gradmap_session(ort, gradient, args.threads)
+        from gradmap.runtime.model import session_options  # gradmap's graph as gradmap's runtime loads it
+
+        s_forward = _session(ort, forward, args.threads)
+        s_gradmap = _session(ort, gradient, args.threads, session_options(args.threads))
         inputs = {}
         for batch in args.batches:
             rng = np.random.default_rng(batch)

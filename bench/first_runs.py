@@ -21,9 +21,9 @@ import numpy as np
 def runs(path: str, batch: int, count: int, threads: int, mem_pattern: bool) -> None:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    from gradmap.runtime.model import session_options
+
+    options = session_options(threads)
     options.enable_mem_pattern = mem_pattern
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     size = session.get_inputs()[0].shape[2:]

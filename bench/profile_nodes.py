@@ -34,6 +34,8 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args()
+    if args.runs <= args.warmup:
+        parser.error("--runs must exceed --warmup")
     import onnx
     import onnxruntime as ort
 
@@ -51,8 +53,6 @@ def main() -> int:
     feeds = {"image": image}
     if "target" in {i.name for i in session.get_inputs()}:
         feeds["target"] = np.full(args.batch, -1, dtype=np.int64)
-    if args.runs <= args.warmup:
-        parser.error("--runs must exceed --warmup")
     for _ in range(args.runs):
         session.run(None, feeds)
     path = session.end_profiling()
