@@ -1,0 +1,198 @@
+"""How close gradmap's gradient graphs are to the cheapest graph of the same shape: the floor.
+
+    python bench/floor.py [--models mobilenet_v3_large ...] [--batches 1 8] [--threads 2]
+    python bench/floor.py --readme-only     # README's table again from bench/results/floor.json
+
+The floor graph is gradmap's own gradient graph with every elementwise nonlinearity's rule and every
+max-pool routing replaced by the cheapest op that still touches the same tensors:
+
+    Relu, HardSigmoid, Sigmoid, Tanh, Clip, LeakyRelu, Gelu, and the Mul patterns the pass treats as
+    one activation (SiLU, the split HardSwish, torch's exact GELU):   dX = dY * (a forward tensor)
+    MaxPool:                                                          dX = nearest Resize of dY
+
+Everything else stays as gradmap emits it: the forward part, the adjoint convolutions and matrix
+products, squeeze-and-excitation products, concatenations, normalizations, softmax. The floor's
+gradient is wrong (no masks, no routing), but any exact graph of standard ONNX ops must do at least
+this much on onnxruntime's CPU provider: one activation-sized product per nonlinearity (it has no
+fused "gradient times mask" kernel; a Conv fuses activations and additions only) and one write of
+each pool input's gradient. What gradmap spends above the floor is what a better formulation of the
+nonlinearities and pools could still win; the floor's own ratio to the forward is what no
+formulation of them can go below.
+
+Per model and batch, in one process, interleaved rounds (bench_speed's timing: medians, each call
+0.1 s after the previous one): (a) onnxruntime forward of the plain export with default options,
+(b) gradmap's gradient graph and (c) the floor graph, both with gradmap's runtime session options.
+Random weights and inputs. Writes bench/results/floor.json and the table in README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+DEFAULT_MODELS = ["resnet50", "vgg19", "mobilenet_v3_large", "efficientnet_b0", "densenet121", "vit_b_16",
+                  "convnext_tiny"]
+RESULTS = ROOT / "bench" / "results" / "floor.json"
+BEGIN, END = "<!-- BEGIN floor -->", "<!-- END floor -->"
+_ACTIVATIONS = ("Relu", "HardSigmoid", "Sigmoid", "Tanh", "Clip", "LeakyRelu", "Gelu", "HardSwish")
+
+
+@contextlib.contextmanager
+def floor_rules():
+    """gradmap's rule table with the floor's stand-ins for activations and max pools."""
+    from gradmap.export.gradient._registry import RULES
+    from gradmap.export.gradient._rules import elementwise
+
+    saved = dict(RULES)
+
+    def activation(ctx, node, dy):
+        return [ctx.op("Mul", dy[0], node.outputs[0])] + [None] * (len(node.inputs) - 1)
+
+    def mul(ctx, node, dy):
+        pattern = (elementwise._gelu_parts(ctx, node) or elementwise._hard_swish_parts(node)
+                   or elementwise._silu_parts(node))
+        if pattern is None:
+            return saved["Mul"](ctx, node, dy)
+        x = pattern[0]
+        return [ctx.op("Mul", dy[0], x) if v is x else None for v in node.inputs]
+
+    def max_pool(ctx, node, dy):
+        x, y = node.inputs[0], node.outputs[0]
+        xdims, ydims = ctx.dims(x), ctx.dims(y)
+        scales = [1.0, 1.0] + [xd / yd for xd, yd in zip(xdims[2:], ydims[2:])]
+        up = ctx.op("Resize", dy[0], None, ctx.const(np.asarray(scales, dtype=np.float32)), mode="nearest",
+                    coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+        return [up]
+
+    try:
+        for op in _ACTIVATIONS:
+            RULES[op] = activation
+        RULES["Mul"] = mul
+        RULES["MaxPool"] = max_pool
+        yield
+    finally:
+        RULES.clear()
+        RULES.update(saved)
+
+
+def export_three(name: str):
+    """The plain forward export, gradmap's gradient model and the floor model, serialized."""
+    import onnx_ir as ir
+
+    from bench_speed import export_pair
+    from gradmap.export._api import build_gradient_model
+
+    module, size, forward, gradient = export_pair(name)
+    with floor_rules():
+        floor_model, _ = build_gradient_model(module, size)
+    return size, forward, gradient, ir.serde.serialize_model(floor_model).SerializeToString()
+
+
+def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget_s: float) -> list[dict]:
+    import onnxruntime as ort
+
+    from bench_speed import _interleaved_times
+    from gradmap.runtime.model import session_options
+
+    size, forward, gradient, floor = export_three(name)
+
+    def session(model_bytes, options):
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+    s_forward = session(forward, ort.SessionOptions())
+    s_gradient = session(gradient, session_options(threads))
+    s_floor = session(floor, session_options(threads))
+    rows = []
+    for batch in batches:
+        image = np.random.default_rng(batch).standard_normal((batch, 3, *size), dtype=np.float32)
+        target = np.full(batch, -1, dtype=np.int64)
+        times = _interleaved_times({
+            "ort_forward_ms": lambda: s_forward.run(None, {"image": image}),
+            "gradmap_ms": lambda: s_gradient.run(None, {"image": image, "target": target}),
+            "floor_ms": lambda: s_floor.run(None, {"image": image, "target": target}),
+        }, warmup=2, repeat=repeat, budget_s=budget_s)
+        row = {"model": name, "batch": batch, "threads": threads, "rounds": len(times["gradmap_ms"])}
+        row.update({k: statistics.median(v) for k, v in times.items()})
+        row["gradmap_over_forward"] = row["gradmap_ms"] / row["ort_forward_ms"]
+        row["floor_over_forward"] = row["floor_ms"] / row["ort_forward_ms"]
+        row["gradmap_over_floor"] = row["gradmap_ms"] / row["floor_ms"]
+        row["times_ms"] = {k: [round(t, 3) for t in v] for k, v in times.items()}
+        print(json.dumps({k: v for k, v in row.items() if k != "times_ms"}), flush=True)
+        rows.append(row)
+    return rows
+
+
+def render(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"Measured by `python bench/floor.py` ({meta['date']}, {meta['machine']}, {rows[0]['threads']} threads, "
+        "medians of interleaved rounds). The floor graph is gradmap's graph with every activation's rule cut "
+        "to one product and every max pool's routing to one nearest Resize (wrong gradients, the least "
+        "any exact graph of standard ops must do there; see the script's docstring).",
+        "",
+        "| model | batch | forward ms | gradmap ms | floor ms | gradmap ÷ forward | floor ÷ forward | gradmap ÷ floor |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['ort_forward_ms']:.1f} | {r['gradmap_ms']:.1f} | "
+                     f"{r['floor_ms']:.1f} | {r['gradmap_over_forward']:.2f} | {r['floor_over_forward']:.2f} | "
+                     f"{r['gradmap_over_floor']:.2f} |")
+    return "\n".join(lines)
+
+
+def write_readme(rows: list[dict], meta: dict) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{readme}: no {BEGIN} ... {END} markers for the floor table")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{BEGIN}\n{render(rows, meta)}\n{END}{tail}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=30, help="rounds per model and batch")
+    parser.add_argument("--budget", type=float, default=40.0, help="seconds per model and batch, after 3 rounds")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument("--readme-only", action="store_true")
+    args = parser.parse_args()
+    if args.readme_only:
+        data = json.loads(args.out.read_text())
+        write_readme(data["rows"], data["meta"])
+        return 0
+    import datetime
+
+    import onnxruntime
+
+    rows = []
+    for name in args.models:
+        rows += bench_model(name, args.batches, args.threads, args.repeat, args.budget)
+    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    if not args.no_readme:
+        write_readme(rows, meta)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
