@@ -33,6 +33,10 @@ class GradContext:
         self._per_channel: set[ir.Value] = set()  # broadcastable gradients shaped [N, C, 1, 1]
         # stand-ins for gradients known only at some indices of one axis: (rank, axis, size, {index: part})
         self._parts: dict[ir.Value, tuple[int, int, int, dict[int, ir.Value]]] = {}
+        # (backprop, BatchNormalization node) whose per-channel factor a later Conv's adjoint already
+        # applied (BN -> ReLU -> Conv, see the Conv rule): the BN rule passes the gradient through
+        self.absorbed: set[tuple[str, ir.Node]] = set()
+        self.captured_values: set[ir.Value] = set()  # values whose own gradient is an output (Grad-CAM's map)
 
     # -- emitting ---------------------------------------------------------------------------
     def op(self, op_type: str, *inputs: ir.Value | None, **attributes) -> ir.Value:

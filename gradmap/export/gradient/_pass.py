@@ -103,6 +103,8 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
     target_index.shape = ir.Shape([logits.shape[0]])
     target_index.type = ir.TensorType(ir.DataType.INT64)
     outputs = [target_index]
+    if cam_value is not None:
+        ctx.captured_values.add(cam_value)
     for backprop in backprops:
         ctx.backprop = backprop
         captured: dict[ir.Value, ir.Value] = {}

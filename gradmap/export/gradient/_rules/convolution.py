@@ -7,6 +7,12 @@
                      dX = Conv(zero-insert(dY, s), W') with the same flipped kernel
     Conv, otherwise: dX = ConvTranspose(dY, W) with the same group, strides, pads, dilations and the
                      output_padding that restores X's spatial size (strided convolutions drop rows)
+    X = Relu(BatchNormalization(Z)), each used once (a DenseNet's pre-activation layers):
+                     W's input channels are scaled by the BN's factor s at export time, so this rule
+                     returns s * dX; the ReLU mask commutes with it and the BN rule passes it on. One
+                     activation-sized broadcasting Mul fewer per layer, which onnxruntime ran outside
+                     its blocked layout. (Guided and deconvnet backprop apply Relu to the gradient, so
+                     there only when every s > 0.)
 """
 
 from __future__ import annotations
@@ -42,6 +48,11 @@ def conv(ctx, node, dy):
     pads = list(ctx.attr(node, "pads", [0] * (2 * spatial)))
     group = ctx.attr(node, "group", 1)
     weight = ctx.constant_of(w)
+    if weight is not None:
+        factor = _absorbable_batch_norm(ctx, x)
+        if factor is not None:
+            weight = _scale_input_channels(weight, factor, group)
+            w = ctx.const(weight)
     span = [(k - 1) * d for k, d in zip(kernel, dilations)]
     adjoint_pads = [s - p for s, p in zip(span, pads[:spatial])] + [s - p for s, p in zip(span, pads[spatial:])]
     depthwise = group == xdims[1] == ydims[1]
@@ -64,6 +75,37 @@ def conv(ctx, node, dy):
     dx = ctx.op("ConvTranspose", dy[0], w, group=group, strides=strides, pads=pads, dilations=dilations,
                 kernel_shape=kernel, output_padding=output_padding)
     return [ctx.blocked(dx, x), None, None]
+
+
+def _absorbable_batch_norm(ctx, x) -> np.ndarray | None:
+    """The BatchNormalization factor this Conv's adjoint can apply, when X = Relu(BN(Z)) with X and
+    BN's output each read by one forward node and BN's factor constant; registers the BN node as
+    absorbed for the current backprop rule."""
+    from .elementwise import _producer, _single_use
+    from .normalization import batch_norm_factor
+
+    relu = _producer(x, "Relu")
+    if relu is None or not _single_use(x) or x in ctx.captured_values:
+        return None
+    bn = _producer(relu.inputs[0], "BatchNormalization")
+    if bn is None or not _single_use(relu.inputs[0]) or relu.inputs[0] in ctx.captured_values:
+        return None
+    if not ctx.needs_grad(bn.inputs[0]) or any(ctx.needs_grad(v) for v in bn.inputs[1:]):
+        return None
+    factor = batch_norm_factor(ctx, bn)
+    if factor is None or factor.size != ctx.dims(x)[1] or (ctx.backprop != "vanilla" and not np.all(factor > 0)):
+        return None
+    ctx.absorbed.add((ctx.backprop, bn))
+    return factor
+
+
+def _scale_input_channels(weight: np.ndarray, factor: np.ndarray, group: int) -> np.ndarray:
+    """W [Cout, Cin/g, *k] with input channel c (global index) scaled by factor[c]."""
+    c_out, c_in_g = weight.shape[:2]
+    per_output = factor.reshape(group, 1, c_in_g)  # group of each output row, then its input channels
+    per_output = np.broadcast_to(per_output, (group, c_out // group, c_in_g)).reshape(c_out, c_in_g)
+    shape = (c_out, c_in_g) + (1,) * (weight.ndim - 2)
+    return (weight.astype(np.float64) * per_output.reshape(shape)).astype(np.float32)
 
 
 def _adjoint_conv(ctx, g, weight, group, dilations, pads, spatial, xdims, gdims):

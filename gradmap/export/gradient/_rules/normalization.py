@@ -1,6 +1,8 @@
 """Normalizations and softmax.
 
     BatchNormalization (inference): dX = dY * scale / sqrt(var + eps)              (per channel)
+                        BN -> Relu -> Conv (a DenseNet's pre-activation layers): the factor is
+                        folded into the Conv's adjoint weights (convolution.py) and dX = dY here
     LayerNormalization: g = dY * scale, xh = (X - mean) * r,
                         dX = r * (g - mean(g) - xh * mean(g * xh))      (means over the normalized axes)
     Softmax:            dX = Y * (dY - ReduceSum(dY * Y, axis))
@@ -16,6 +18,17 @@ from ..._errors import ExportError
 from .._registry import register
 
 
+def batch_norm_factor(ctx, node) -> np.ndarray | None:
+    """scale / sqrt(var + eps) of an inference BatchNormalization with constant parameters, else None."""
+    if ctx.attr(node, "training_mode", 0) or len(node.inputs) < 5:
+        return None
+    scale_np, var_np = ctx.constant_of(node.inputs[1]), ctx.constant_of(node.inputs[4])
+    if scale_np is None or var_np is None:
+        return None
+    eps = ctx.attr(node, "epsilon", 1e-5)
+    return scale_np.astype(np.float64) / np.sqrt(var_np.astype(np.float64) + eps)
+
+
 @register("BatchNormalization")
 def batch_normalization(ctx, node, dy):
     x, scale, _bias, _mean, var = node.inputs[:5]
@@ -23,13 +36,14 @@ def batch_normalization(ctx, node, dy):
         raise ExportError(f"{node.name}: BatchNormalization in training mode has no gradient rule (use eval mode)")
     if any(ctx.needs_grad(v) for v in node.inputs[1:]):
         raise ExportError(f"{node.name}: BatchNormalization parameters that depend on the input have no rule")
+    if (ctx.backprop, node) in ctx.absorbed:
+        return [dy[0]]
     eps = ctx.attr(node, "epsilon", 1e-5)
     rank = ctx.rank(x)
-    scale_np, var_np = ctx.constant_of(scale), ctx.constant_of(var)
     shape = [1, -1] + [1] * (rank - 2)
-    if scale_np is not None and var_np is not None:
-        factor = (scale_np.astype(np.float64) / np.sqrt(var_np.astype(np.float64) + eps)).astype(np.float32)
-        factor_value = ctx.const(factor.reshape([1, -1] + [1] * (rank - 2)))
+    factor = batch_norm_factor(ctx, node)
+    if factor is not None:
+        factor_value = ctx.const(factor.astype(np.float32).reshape(shape))
     else:
         factor_value = ctx.op("Reshape", ctx.op("Div", scale, ctx.op("Sqrt", ctx.op("Add", var, ctx.scalar(eps)))),
                               ctx.ints(shape))
