@@ -48,11 +48,9 @@ def conv(ctx, node, dy):
     pads = list(ctx.attr(node, "pads", [0] * (2 * spatial)))
     group = ctx.attr(node, "group", 1)
     weight = ctx.constant_of(w)
-    if weight is not None:
-        factor = _absorbable_batch_norm(ctx, x)
-        if factor is not None:
-            weight = _scale_input_channels(weight, factor, group)
-            w = ctx.const(weight)
+    factor = _absorbable_batch_norm(ctx, x) if weight is not None else None
+    if factor is not None:
+        weight = _scale_input_channels(weight, factor, group)
     span = [(k - 1) * d for k, d in zip(kernel, dilations)]
     adjoint_pads = [s - p for s, p in zip(span, pads[:spatial])] + [s - p for s, p in zip(span, pads[spatial:])]
     depthwise = group == xdims[1] == ydims[1]
@@ -72,7 +70,7 @@ def conv(ctx, node, dy):
         output_padding.append(xdims[2 + i] - full)
     if any(p < 0 or p >= max(s, d) for p, s, d in zip(output_padding, strides, dilations)):
         raise ExportError(f"{node.name}: cannot restore input size {xdims} from {ydims}")
-    dx = ctx.op("ConvTranspose", dy[0], w, group=group, strides=strides, pads=pads, dilations=dilations,
+    dx = ctx.op("ConvTranspose", dy[0], w if factor is None else ctx.const(weight), group=group, strides=strides, pads=pads, dilations=dilations,
                 kernel_shape=kernel, output_padding=output_padding)
     return [ctx.blocked(dx, x), None, None]
 
