@@ -110,3 +110,27 @@ def test_preactivation_gradients_match_torch(negative, tmp_path):
         assert error <= TOLERANCE, f"{kind}: gradient differs by {error:.3g}"
     if negative:  # the guided gradient really differs from a folded (sign-flipped) one
         assert np.abs(expected["guided"] - expected["vanilla"]).max() > 0.1 * np.abs(expected["vanilla"]).max()
+
+
+def test_grad_cam_layer_inside_a_folded_chain_keeps_its_own_gradient(tmp_path):
+    """A Grad-CAM layer that is a folded ReLU's output must get its true gradient, not the one
+    scaled by the BN factor: the fold is skipped there."""
+    module = PreActivation(negative=True).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    relu = module.layers[1][1]  # the second layer's first ReLU, between its BN and its 1x1 Conv
+    report = export_module(module, tmp_path / "m.onnx", preprocessing=Preprocessing(crop=(16, 16)),
+                           cam_layer="layers.1.1")
+    image = np.random.default_rng(6).standard_normal((2, 3, 16, 16), dtype=np.float32)
+    target = np.array([0, 2], dtype=np.int64)
+    session = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+    activation, gradient = session.run([contract.OUTPUT_CAM_ACTIVATION, contract.OUTPUT_CAM_GRADIENT],
+                                       {"image": image, "target": target})
+    kept = {}
+    handle = relu.register_forward_hook(lambda mod, args, out: kept.setdefault("y", out))
+    out = module(torch.from_numpy(image).requires_grad_(True))
+    handle.remove()
+    (expected,) = torch.autograd.grad(out.gather(1, torch.from_numpy(target)[:, None]).sum(), kept["y"])
+    np.testing.assert_allclose(activation, kept["y"].detach().numpy(), rtol=1e-5, atol=1e-5)
+    scale = np.abs(expected.numpy()).max()
+    assert np.abs(gradient - expected.numpy()).max() <= TOLERANCE * scale
