@@ -80,6 +80,16 @@ def export_pair(name: str):
     return module, size, forward, gradient
 
 
+def cpu_session(model_bytes: bytes, options, threads: int):
+    """An onnxruntime CPU session with ``threads`` intra-op threads, one inter-op thread."""
+    import onnxruntime as ort
+
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
 def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget_s: float,
                 pause_s: float = 0.1) -> list[dict]:
     import onnxruntime as ort
@@ -90,14 +100,9 @@ def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget
 
     from gradmap.runtime.model import session_options
 
-    def session(model_bytes, options):
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-
     # the plain forward with onnxruntime's default options; gradmap's graph as gradmap's runtime loads it
-    s_forward, s_gradient = session(forward, ort.SessionOptions()), session(gradient, session_options(threads))
+    s_forward = cpu_session(forward, ort.SessionOptions(), threads)
+    s_gradient = cpu_session(gradient, session_options(threads), threads)
     try:
         from captum.attr import Saliency
     except ImportError:  # captum is optional here

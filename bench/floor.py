@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
 import sys
@@ -44,7 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 DEFAULT_MODELS = ["resnet50", "vgg19", "mobilenet_v3_large", "efficientnet_b0", "densenet121", "vit_b_16",
                   "convnext_tiny"]
 RESULTS = ROOT / "bench" / "results" / "floor.json"
-BEGIN, END = "<!-- BEGIN floor -->", "<!-- END floor -->"
 _ACTIVATIONS = ("Relu", "HardSigmoid", "Sigmoid", "Tanh", "Clip", "LeakyRelu", "Gelu", "HardSwish")
 
 
@@ -102,20 +102,13 @@ def export_three(name: str):
 def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget_s: float) -> list[dict]:
     import onnxruntime as ort
 
-    from bench_speed import _interleaved_times
+    from bench_speed import _interleaved_times, cpu_session
     from gradmap.runtime.model import session_options
 
     size, forward, gradient, floor = export_three(name)
-
-    def session(model_bytes, options):
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-
-    s_forward = session(forward, ort.SessionOptions())
-    s_gradient = session(gradient, session_options(threads))
-    s_floor = session(floor, session_options(threads))
+    s_forward = cpu_session(forward, ort.SessionOptions(), threads)
+    s_gradient = cpu_session(gradient, session_options(threads), threads)
+    s_floor = cpu_session(floor, session_options(threads), threads)
     rows = []
     for batch in batches:
         image = np.random.default_rng(batch).standard_normal((batch, 3, *size), dtype=np.float32)
@@ -125,14 +118,14 @@ def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget
             "gradmap_ms": lambda: s_gradient.run(None, {"image": image, "target": target}),
             "floor_ms": lambda: s_floor.run(None, {"image": image, "target": target}),
         }, warmup=2, repeat=repeat, budget_s=budget_s)
-        row = {"model": name, "batch": batch, "threads": threads, "rounds": len(times["gradmap_ms"])}
-        row.update({k: statistics.median(v) for k, v in times.items()})
-        row["gradmap_over_forward"] = row["gradmap_ms"] / row["ort_forward_ms"]
-        row["floor_over_forward"] = row["floor_ms"] / row["ort_forward_ms"]
-        row["gradmap_over_floor"] = row["gradmap_ms"] / row["floor_ms"]
-        row["times_ms"] = {k: [round(t, 3) for t in v] for k, v in times.items()}
-        print(json.dumps({k: v for k, v in row.items() if k != "times_ms"}), flush=True)
-        rows.append(row)
+        medians = {k: statistics.median(v) for k, v in times.items()}
+        rows.append({"model": name, "batch": batch, "threads": threads, "rounds": len(times["gradmap_ms"]),
+                     **medians,
+                     "gradmap_over_forward": medians["gradmap_ms"] / medians["ort_forward_ms"],
+                     "floor_over_forward": medians["floor_ms"] / medians["ort_forward_ms"],
+                     "gradmap_over_floor": medians["gradmap_ms"] / medians["floor_ms"],
+                     "times_ms": {k: [round(t, 3) for t in v] for k, v in times.items()}})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "times_ms"}), flush=True)
     return rows
 
 
@@ -154,13 +147,10 @@ def render(rows: list[dict], meta: dict) -> str:
 
 
 def write_readme(rows: list[dict], meta: dict) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{readme}: no {BEGIN} ... {END} markers for the floor table")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{render(rows, meta)}\n{END}{tail}")
+    sys.path.insert(0, str(ROOT / "tools"))
+    from update_readme import README, replace_section
+
+    README.write_text(replace_section(README.read_text(), "floor", render(rows, meta)))
 
 
 def main() -> int:
@@ -185,7 +175,7 @@ def main() -> int:
     rows = []
     for name in args.models:
         rows += bench_model(name, args.batches, args.threads, args.repeat, args.budget)
-    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
