@@ -334,6 +334,10 @@ def _check_complete(paths: list[Path]) -> None:
                 image.load()  # raises on a truncated PNG
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
 def test_interrupted_run_leaves_no_partial_output_and_skip_existing_resumes(tmp_path, photos, sig):
     # 100 pictures: with 40, a test process starved by a loaded machine saw the whole run written
@@ -342,11 +346,11 @@ def test_interrupted_run_leaves_no_partial_output_and_skip_existing_resumes(tmp_
     out = tmp_path / "out"
     command = [sys.executable, "-m", "gradmap.cli", "run", str(LINEAR_MODEL), str(tmp_path / "in"), "-o", str(out),
                "--format", "heatmap,overlay,figure,npy", "--batch-size", "2", "--provider", "cpu", "--threads", "1"]
-    # The run at the lowest CPU priority: on a machine loaded by other tests this process, not the
-    # run, gets the cores, so it sees the first outputs and signals in time (at equal priority a
-    # starved test process once found the whole run written, 500 files, when it got to signal).
+    # SIGINT at its default in the run: a shell that starts a job in the background without job
+    # control (as CI scripts under nohup do) ignores SIGINT for it, the ignore is inherited, and
+    # Python then installs no KeyboardInterrupt handler, so the run would never see the signal.
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
-                               preexec_fn=lambda: os.nice(19))
+                               preexec_fn=_default_sigint)
     deadline = time.monotonic() + 120
     while len(list(out.rglob("*.png"))) < 12 and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.01)
