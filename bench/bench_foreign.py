@@ -62,13 +62,14 @@ DEFAULT_MODELS = ["resnet50", "vgg19", "mobilenet_v3_large", "efficientnet_b0", 
 DEFAULT_PYTHON = "/work/venv-foreign/bin/python"
 
 
-def _timer():
-    """bench_speed.py's interleaved timer (that module imports numpy and the standard library only)."""
+def _bench_speed():
+    """bench_speed.py, for its interleaved timer and CPU session helper (that module imports numpy
+    and the standard library only, so the foreign venv's worker can import it too)."""
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))
-    from bench_speed import _interleaved_times
+    import bench_speed
 
-    return _interleaved_times
+    return bench_speed
 
 
 def _one_line(error: BaseException) -> str:
@@ -112,15 +113,6 @@ def _summary(times: dict[str, list[float]], method: str, reference: str) -> dict
         f"{method}_over_forward_quartiles": [float(q) for q in np.percentile(per_round, [25, 50, 75])],
         f"{method}_rounds": len(per_round),
     }
-
-
-def _session(ort, model, threads: int, options=None):
-    """A CPU session with ``threads`` intra-op threads; onnxruntime's default options unless ``options`` are given."""
-    options = options or ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def _too_slow(single_ms: dict[int, float], batch: int, slow_s: float) -> str | None:
@@ -196,7 +188,6 @@ def _build_onnx_ad(model, batches: list[int], directory: Path) -> dict:
 
 
 def _time_ort_training(model, spec: dict, directory: Path) -> dict:
-    import onnxruntime as ort
     from onnxruntime.capi._pybind_state import GradientGraphBuilder
 
     result: dict = {"batches": {}}
@@ -210,8 +201,8 @@ def _time_ort_training(model, spec: dict, directory: Path) -> dict:
         return result
     result["build_s"] = time.perf_counter() - start
     threads = spec["threads"]
-    s_forward = _session(ort, str(directory / "forward.onnx"), threads)
-    s_gradient = _session(ort, gradient_model, threads)
+    s_forward = _bench_speed().cpu_session(str(directory / "forward.onnx"), threads)
+    s_gradient = _bench_speed().cpu_session(gradient_model, threads)
     grad_index = [o.name for o in s_gradient.get_outputs()].index("image_grad")
     single_ms: dict[int, float] = {}
     for batch in spec["batches"]:
@@ -240,7 +231,7 @@ def _time_ort_training(model, spec: dict, directory: Path) -> dict:
         if batch != min(spec["batches"]) and single_ms[batch] > spec["slow_s"] * 1000:
             row["error"] = f"not timed: a single run took {single_ms[batch] / 1000:.1f} s (over {spec['slow_s']:g} s)"
             continue
-        times = _timer()({
+        times = _bench_speed()._interleaved_times({
             "ort_training_forward": lambda: s_forward.run(None, {"image": image}),
             "ort_training": lambda: s_gradient.run(None, feeds),
         }, warmup=spec["warmup"], repeat=spec["repeat"], budget_s=spec["budget_s"], pause_s=spec["pause_s"])
@@ -311,8 +302,8 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
         export_s = time.perf_counter() - start
         from gradmap.runtime.model import session_options  # gradmap's graph as gradmap's runtime loads it
 
-        s_forward = _session(ort, forward, args.threads)
-        s_gradmap = _session(ort, gradient, args.threads, session_options(args.threads))
+        s_forward = _bench_speed().cpu_session(forward, args.threads)
+        s_gradmap = _bench_speed().cpu_session(gradient, args.threads, session_options(args.threads))
         inputs = {}
         for batch in args.batches:
             rng = np.random.default_rng(batch)
@@ -361,8 +352,8 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
             else:
                 s_onnx_ad, seed = row.pop("_session")
                 variants["onnx_ad"] = lambda: s_onnx_ad.run(None, {"image": image, "adj_logits": seed})
-            times = _timer()(variants, warmup=args.warmup, repeat=args.repeat, budget_s=args.budget,
-                             pause_s=args.pause)
+            times = _bench_speed()._interleaved_times(variants, warmup=args.warmup, repeat=args.repeat,
+                                                      budget_s=args.budget, pause_s=args.pause)
             row.update(_summary(times, "gradmap", "ort_forward"))
             if "onnx_ad" in times:
                 row.update({k: v for k, v in _summary(times, "onnx_ad", "ort_forward").items()
@@ -377,7 +368,7 @@ def bench_model(name: str, args) -> tuple[list[dict], dict]:
 def _check_onnx_ad(ort, built: dict, image, target, reference, row: dict, single_ms: dict, args) -> str | None:
     """Load onnx-ad's graph, run it once and check its gradient; on success leave the session in ``row``."""
     try:
-        session = _session(ort, built["path"], args.threads)
+        session = _bench_speed().cpu_session(built["path"], args.threads)
         classes = session.get_inputs()[1].shape[1]
         seed = np.zeros((len(image), classes, 1), dtype=np.float32)
         seed[np.arange(len(image)), target, 0] = 1

@@ -80,19 +80,20 @@ def export_pair(name: str):
     return module, size, forward, gradient
 
 
-def cpu_session(model_bytes: bytes, options, threads: int):
-    """An onnxruntime CPU session with ``threads`` intra-op threads, one inter-op thread."""
+def cpu_session(model, threads: int, options=None):
+    """An onnxruntime CPU session (``model``: bytes or a path) with ``threads`` intra-op threads and
+    one inter-op thread; onnxruntime's default options unless ``options`` are given."""
     import onnxruntime as ort
 
+    options = options or ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget_s: float,
                 pause_s: float = 0.1) -> list[dict]:
-    import onnxruntime as ort
     import torch
 
     torch.set_num_threads(threads)
@@ -101,8 +102,8 @@ def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget
     from gradmap.runtime.model import session_options
 
     # the plain forward with onnxruntime's default options; gradmap's graph as gradmap's runtime loads it
-    s_forward = cpu_session(forward, ort.SessionOptions(), threads)
-    s_gradient = cpu_session(gradient, session_options(threads), threads)
+    s_forward = cpu_session(forward, threads)
+    s_gradient = cpu_session(gradient, threads, session_options(threads))
     try:
         from captum.attr import Saliency
     except ImportError:  # captum is optional here

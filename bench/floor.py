@@ -100,15 +100,13 @@ def export_three(name: str):
 
 
 def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget_s: float) -> list[dict]:
-    import onnxruntime as ort
-
     from bench_speed import _interleaved_times, cpu_session
     from gradmap.runtime.model import session_options
 
     size, forward, gradient, floor = export_three(name)
-    s_forward = cpu_session(forward, ort.SessionOptions(), threads)
-    s_gradient = cpu_session(gradient, session_options(threads), threads)
-    s_floor = cpu_session(floor, session_options(threads), threads)
+    s_forward = cpu_session(forward, threads)
+    s_gradient = cpu_session(gradient, threads, session_options(threads))
+    s_floor = cpu_session(floor, threads, session_options(threads))
     rows = []
     for batch in batches:
         image = np.random.default_rng(batch).standard_normal((batch, 3, *size), dtype=np.float32)

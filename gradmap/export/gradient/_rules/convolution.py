@@ -21,6 +21,8 @@ import numpy as np
 
 from ..._errors import ExportError
 from .._registry import register
+from .elementwise import _producer, _single_use
+from .normalization import batch_norm_factor
 
 
 def _flipped_transposed(weight: np.ndarray, group: int) -> np.ndarray:
@@ -70,7 +72,8 @@ def conv(ctx, node, dy):
         output_padding.append(xdims[2 + i] - full)
     if any(p < 0 or p >= max(s, d) for p, s, d in zip(output_padding, strides, dilations)):
         raise ExportError(f"{node.name}: cannot restore input size {xdims} from {ydims}")
-    dx = ctx.op("ConvTranspose", dy[0], w if factor is None else ctx.const(weight), group=group, strides=strides, pads=pads, dilations=dilations,
+    kernel_value = w if factor is None else ctx.const(weight)
+    dx = ctx.op("ConvTranspose", dy[0], kernel_value, group=group, strides=strides, pads=pads, dilations=dilations,
                 kernel_shape=kernel, output_padding=output_padding)
     return [ctx.blocked(dx, x), None, None]
 
@@ -79,9 +82,6 @@ def _absorbable_batch_norm(ctx, x) -> np.ndarray | None:
     """The BatchNormalization factor this Conv's adjoint can apply, when X = Relu(BN(Z)) with X and
     BN's output each read by one forward node and BN's factor constant; registers the BN node as
     absorbed for the current backprop rule."""
-    from .elementwise import _producer, _single_use
-    from .normalization import batch_norm_factor
-
     relu = _producer(x, "Relu")
     if relu is None or not _single_use(x) or x in ctx.captured_values:
         return None
