@@ -154,6 +154,8 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
     from gradmap.runtime.methods import MethodSpec
 
     model = _load_model(model_path, provider, threads)
+    if model.target_notice:
+        click.echo(f"note: {model.target_notice}", err=True)
     try:
         wanted = parse_target(target, model.labels)
     except TargetError as e:
@@ -424,6 +426,7 @@ def info_command(model_path: str, as_json: bool) -> None:
         "weights": meta.weights,
         "format_version": meta.format_version,
         "score": meta.score,
+        "target": meta.target,
         "backprops": list(meta.backprops),
         "cam_layer": meta.cam_layer,
         "methods": list(meta.methods),
@@ -444,7 +447,8 @@ def info_command(model_path: str, as_json: bool) -> None:
     p = meta.preprocessing
     click.echo(f"model:          {model_path}")
     click.echo(f"source:         {meta.source_model} (weights: {meta.weights})")
-    click.echo(f"gradmap format: {meta.format_version}; score: {meta.score}; backprop: {', '.join(meta.backprops)}"
+    click.echo(f"gradmap format: {meta.format_version}; target: {meta.target}; score: {meta.score}; "
+               f"backprop: {', '.join(meta.backprops)}"
                + (f"; CAM layer: {meta.cam_layer}" if meta.cam_layer else ""))
     click.echo(f"methods:        {', '.join(meta.methods)}")
     click.echo(f"preprocessing:  resize {p.resize} ({p.interpolation}), center crop {p.crop[0]}x{p.crop[1]}, "

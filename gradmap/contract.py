@@ -27,6 +27,7 @@ __all__ = [
     "OUTPUT_TARGET_INDEX",
     "OUTPUT_GRADIENT",
     "SCORE_KINDS",
+    "TARGETS",
     "INTERPOLATIONS",
     "ContractError",
     "OUTPUT_GRADIENT_GUIDED",
@@ -63,6 +64,13 @@ BACKPROP_OUTPUTS = {
 #: What the gradient differentiates: the raw logit, the softmax probability or its log.
 SCORE_KINDS = ("logit", "probability", "log_probability")
 
+#: What an exported graph is written for. ``portable``: the gradient pass's plain vector-Jacobian
+#: products in standard ONNX ops every engine agrees on (onnxruntime CPU, web/WebAssembly, WebGPU,
+#: OpenVINO). ``cpu``: the same graph lowered for onnxruntime's CPU provider (blocked layout, fused
+#: masks, MaxPool indices); exact, but other engines may compute it wrongly or slowly. Models written
+#: before this key existed are ``cpu`` models.
+TARGETS = ("cpu", "portable")
+
 #: Resampling filters understood by the runtime's preprocessing (PIL names, lower case).
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
@@ -77,6 +85,7 @@ _KEY_BACKPROP = METADATA_PREFIX + "backprop"
 _KEY_CAM_LAYER = METADATA_PREFIX + "cam_layer"
 _KEY_METHODS = METADATA_PREFIX + "methods"
 _KEY_EXTRA = METADATA_PREFIX + "extra"
+_KEY_TARGET = METADATA_PREFIX + "target"
 
 
 def methods_for(backprops: "tuple[str, ...] | list[str]", has_cam: bool) -> tuple[str, ...]:
@@ -165,6 +174,7 @@ class ModelMetadata:
     score: str = "logit"
     backprops: tuple[str, ...] = ("vanilla",)
     cam_layer: str | None = None
+    target: str = "cpu"
     format_version: int = FORMAT_VERSION
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -176,6 +186,8 @@ class ModelMetadata:
             raise ContractError(f"backprop rules must include 'vanilla' and be among {', '.join(BACKPROP_OUTPUTS)}; "
                                 f"got {list(self.backprops)}")
         object.__setattr__(self, "backprops", tuple(self.backprops))
+        if self.target not in TARGETS:
+            raise ContractError(f"target {self.target!r} is not one of {', '.join(TARGETS)}")
         if not self.labels:
             raise ContractError("a gradmap model needs at least one class label")
         object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
@@ -201,6 +213,7 @@ class ModelMetadata:
             _KEY_BACKPROP: json.dumps(list(self.backprops)),
             _KEY_CAM_LAYER: self.cam_layer or "",
             _KEY_METHODS: json.dumps(list(self.methods)),
+            _KEY_TARGET: self.target,
             _KEY_EXTRA: json.dumps(dict(self.extra)),
         }
 
@@ -241,6 +254,7 @@ class ModelMetadata:
             score=props[_KEY_SCORE],
             backprops=tuple(backprops) if isinstance(backprops, list) else ("vanilla",),
             cam_layer=props.get(_KEY_CAM_LAYER) or None,
+            target=props.get(_KEY_TARGET) or "cpu",
             format_version=version,
             extra=extra if isinstance(extra, dict) else {},
         )

@@ -284,6 +284,21 @@ class SaliencyModel:
         return list(self.session.get_providers())
 
     @property
+    def target_notice(self) -> str | None:
+        """Why this model may be a poor fit for the provider running it, or None.
+
+        A ``cpu``-target export is lowered for onnxruntime's CPU provider (blocked channel layout,
+        fused masks, MaxPool indices); it is exact there, but another provider may run it slowly or,
+        for engines that disagree on those forms, wrongly. ``gradmap export --target portable``
+        writes the graph every engine agrees on.
+        """
+        running = self.providers[0] if self.providers else "?"
+        if self.metadata.target == "cpu" and running != "CPUExecutionProvider":
+            return (f"{os.path.basename(self.path)} was exported for onnxruntime's CPU provider (--target cpu) and runs on "
+                    f"{running}; export with --target portable for other providers and engines")
+        return None
+
+    @property
     def opsets(self) -> dict[str, int]:
         return dict(self.header.opsets)
 
