@@ -149,8 +149,8 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
     """
     import json
 
-    from gradmap.runtime import (OutputLayout, RenderOptions, TargetError, expand_inputs, iter_saliency,
-                                 parse_target, write_outputs)
+    from gradmap.runtime import (JobSettings, OutputLayout, RenderOptions, TargetError, expand_inputs,
+                                 explain_and_write, parse_target)
     from gradmap.runtime.methods import MethodSpec
 
     model = _load_model(model_path, provider, threads)
@@ -179,35 +179,18 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
     _unwind_on_sigterm()
     options = RenderOptions(equalize=equalize, placement=placement, colormap=colormap, alpha=alpha)
     clip = None if clip_percentile is None else (0.0, clip_percentile)
+    settings = JobSettings(target=wanted, method=method_spec, reduce=reduce, clip=clip, no_crop=no_crop,
+                           formats=formats, render=options, batch_size=batch_size)
     records: list[dict] = []
-    results = iter_saliency(model, paths, target=wanted, reduce=reduce, clip=clip, no_crop=no_crop,
-                            batch_size=batch_size, method=method_spec)
+    done = (d.record for d in explain_and_write(model, paths, layout, settings))
     show_bar = len(paths) > _PROGRESS_THRESHOLD
     with click.progressbar(length=len(paths), label="saliency", file=sys.stderr) if show_bar else _NoBar() as bar:
-        for result in results:
-            record = {"path": result.source, "predictions": [], "maps": [], "error": None,
-                      "notes": list(result.notes)}
-            for note in result.notes:
-                click.echo(f"note: {result.source}: {note}", err=True)
-            if result.ok:
-                record["predictions"] = [{"index": p.index, "label": p.label, "probability": p.probability}
-                                         for p in result.predictions(5)]
-                try:
-                    for saliency in result.maps:
-                        probability = float(result.probabilities[saliency.target_index])
-                        caption = f"{saliency.target_label} ({saliency.target_index}): {probability:.1%}"
-                        written = write_outputs(result, saliency, layout, formats, options, caption=caption)
-                        record["maps"].append({"rank": saliency.rank, "method": saliency.method, "target": {
-                            "index": saliency.target_index, "label": saliency.target_label,
-                            "probability": probability}, "files": written,
-                            "completeness_gap": saliency.completeness_gap})
-                except (OSError, ValueError) as e:
-                    record["error"] = str(e)
-            else:
-                record["error"] = str(result.error.reason if hasattr(result.error, "reason") else result.error)
+        for record in done:
+            for note in record["notes"]:
+                click.echo(f"note: {record['path']}: {note}", err=True)
             if record["error"] is not None:
-                click.echo(f"error: {result.source}: {record['error']}", err=True)
-                failures.append({"path": result.source, "error": record["error"]})
+                click.echo(f"error: {record['path']}: {record['error']}", err=True)
+                failures.append({"path": record["path"], "error": record["error"]})
             elif not as_json:
                 _print_record(record)
             records.append(record)

@@ -37,8 +37,10 @@ from gradmap.runtime.postprocess import (
     softmax,
     top_k,
 )
+from gradmap.runtime.jobs import ExplainedPicture, JobSettings, explain_and_write, failed_record
 from gradmap.runtime.preprocess import (
     CropGeometry,
+    EncodedPicture,
     center_crop_offsets,
     load_picture,
     open_picture,
@@ -59,11 +61,13 @@ from gradmap.runtime.saliency import (
 
 __all__ = [
     "COLORMAPS", "DEFAULT_FORMATS", "FORMATS", "IMAGE_EXTENSIONS", "PLACEMENTS", "REDUCTIONS",
-    "CropGeometry", "GradmapModelError", "ImageLoadError", "ImageSaliency", "ModelOutputs",
+    "CropGeometry", "EncodedPicture", "ExplainedPicture", "GradmapModelError", "ImageLoadError", "ImageSaliency",
+    "JobSettings", "ModelOutputs",
     "NonFiniteGradientError", "OutputLayout", "Prediction", "RenderOptions", "SaliencyMap",
     "SaliencyModel", "Target", "TargetError", "TensorInfo",
     "apply_colormap", "atomic_write", "center_crop_offsets", "check_finite", "clip_percentile",
-    "colormap_table", "compute_saliency", "equalize_histogram", "expand_inputs", "iter_saliency",
+    "colormap_table", "compute_saliency", "equalize_histogram", "expand_inputs", "explain_and_write",
+    "failed_record", "iter_saliency",
     "load_picture", "map_to_original", "normalize_min_max", "open_picture", "parse_target", "preprocess",
     "reduce_channels", "render_figure", "render_heatmap", "render_overlay", "resized_size",
     "resolve_providers", "save_npy", "save_png", "softmax", "to_rgb", "top_k", "write_outputs",

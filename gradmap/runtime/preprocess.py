@@ -18,6 +18,7 @@ Conversion to RGB (:func:`to_rgb`), for every PIL mode:
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -32,6 +33,7 @@ from gradmap.runtime.errors import ImageLoadError
 
 __all__ = [
     "CropGeometry",
+    "EncodedPicture",
     "PIL_FILTERS",
     "center_crop_offsets",
     "load_picture",
@@ -79,6 +81,16 @@ class CropGeometry:
                 (self.crop_top + self.crop_size[0]) * sy, (self.crop_left + self.crop_size[1]) * sx)
 
 
+@dataclass(frozen=True)
+class EncodedPicture:
+    """A picture file's bytes, read elsewhere (e.g. by a Ray read task), and the path they came from:
+    decoded exactly as the file at ``path`` would be, and named ``path`` in results and errors.
+    ``data=None`` reads the file at ``path`` instead."""
+
+    path: str
+    data: bytes | None = None
+
+
 def to_rgb(picture: Image.Image) -> Image.Image:
     """Convert a PIL image of any mode to 8-bit RGB (see the module docstring for the rules)."""
     mode = picture.mode
@@ -118,7 +130,7 @@ def load_picture(path: str | os.PathLike[str]) -> Image.Image:
     return open_picture(path)[0]
 
 
-def open_picture(path: str | os.PathLike[str]) -> tuple[Image.Image, list[str]]:
+def open_picture(path: str | os.PathLike[str], data: bytes | None = None) -> tuple[Image.Image, list[str]]:
     """Like :func:`load_picture`, also returning notes about what was done (e.g. the first frame of
     an animated GIF or multi-page TIFF was used).
 
@@ -126,19 +138,23 @@ def open_picture(path: str | os.PathLike[str]) -> tuple[Image.Image, list[str]]:
     decoded: PIL only warns up to twice that limit and would decode it, so the warning is turned
     into an error here.
 
+    Args:
+        path: the picture file, or the name of ``data``.
+        data: the file's bytes, when they were read already; ``path`` is then only its name.
+
     Raises:
         ImageLoadError: as :func:`load_picture`.
     """
     path = os.fspath(path)
     notes: list[str] = []
     try:
-        if os.path.getsize(path) == 0:
+        if (os.path.getsize(path) if data is None else len(data)) == 0:
             raise ImageLoadError(path, "empty file")
         # catch_warnings is process-global: a DecompressionBombWarning from another thread's load in
         # the same instant is also raised, in that thread -- a refusal, never a silent huge decode.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+            with Image.open(path if data is None else io.BytesIO(data)) as opened:
                 frames = getattr(opened, "n_frames", 1)
                 if frames > 1:
                     notes.append(f"{opened.format} with {frames} frames: used the first")

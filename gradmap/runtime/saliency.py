@@ -33,7 +33,7 @@ from gradmap.runtime.postprocess import (
     softmax,
     top_k,
 )
-from gradmap.runtime.preprocess import CropGeometry, open_picture, preprocess
+from gradmap.runtime.preprocess import CropGeometry, EncodedPicture, open_picture, preprocess
 
 __all__ = [
     "ImageSaliency",
@@ -165,6 +165,8 @@ class ImageSaliency:
 def _name(source: object) -> str:
     if isinstance(source, Image.Image):
         return getattr(source, "filename", "") or "<image>"
+    if isinstance(source, EncodedPicture):
+        return source.path
     return os.fspath(source)  # type: ignore[arg-type]
 
 
@@ -197,7 +199,7 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def iter_saliency(model: SaliencyModel, sources: Iterable[str | os.PathLike[str] | Image.Image], *,
+def iter_saliency(model: SaliencyModel, sources: Iterable[str | os.PathLike[str] | EncodedPicture | Image.Image], *,
                   target: str | int | Target | None = "top1", reduce: str = "max",
                   clip: tuple[float, float] | None = None, no_crop: bool = False,
                   batch_size: int = 8, method: MethodSpec | None = None) -> Iterator[ImageSaliency]:
@@ -208,7 +210,8 @@ def iter_saliency(model: SaliencyModel, sources: Iterable[str | os.PathLike[str]
 
     Args:
         model: a loaded :class:`SaliencyModel`.
-        sources: file paths or RGB PIL images.
+        sources: file paths, :class:`~gradmap.runtime.preprocess.EncodedPicture` (a file's bytes and
+            its path) or RGB PIL images.
         target: see :func:`parse_target`; topK gives K maps per picture (the model runs K times).
         reduce: channel reduction, see :func:`~gradmap.runtime.postprocess.reduce_channels`.
         clip: optional (low, high) percentiles applied before normalization.
@@ -227,6 +230,8 @@ def iter_saliency(model: SaliencyModel, sources: Iterable[str | os.PathLike[str]
             try:
                 if isinstance(source, Image.Image):
                     picture = source.convert("RGB")
+                elif isinstance(source, EncodedPicture):
+                    picture, result.notes = open_picture(source.path, source.data)
                 else:
                     picture, result.notes = open_picture(source)
                 tensor, geometry = preprocess(picture, model.metadata.preprocessing, no_crop=no_crop)
