@@ -30,9 +30,9 @@ NON_DIFFERENTIABLE: frozenset[str] = frozenset(
     {
         "ArgMax", "ArgMin", "Shape", "Size", "ConstantOfShape", "Constant", "Range", "EyeLike",
         "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or", "Xor",
-        "IsNaN", "IsInf", "Sign", "Floor", "Ceil", "Round", "NonZero", "TopK_indices", "OneHot",
+        "IsNaN", "IsInf", "Sign", "Floor", "Ceil", "Round", "NonZero", "OneHot",
         "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
-        "BitShift", "Mod",
+        "BitShift",
     }
 )
 

@@ -34,6 +34,7 @@
     Where:        dA = Where(C, dY, 0), dB = Where(C, 0, dY)
     Cast:         dX = Cast(dY) between float types
     Sum:          dX_i = dY
+    Mod (float, fmod=1): dA = dY, dB = -dY * trunc(A / B)        (integer Mod: no gradient)
 """
 
 from __future__ import annotations
@@ -445,3 +446,21 @@ def cast(ctx, node, dy):
     return [ctx.op("Cast", dy[0], to=x.dtype) if x.dtype != node.outputs[0].dtype else dy[0]]
 
 
+@register("Mod")
+def mod(ctx, node, dy):
+    """Mod (float, fmod=1; Y = A - B trunc(A / B)): dA = dY, dB = -dY * trunc(A / B).
+    Integer Mod carries no gradient (integers never need one)."""
+    a, b = node.inputs
+    y = node.outputs[0]
+    if y.dtype not in _FLOATS:
+        return [None, None]
+    if not ctx.attr(node, "fmod", 0):
+        from ..._errors import ExportError
+
+        raise ExportError(f"{node.name}: float Mod with fmod=0 is invalid ONNX (float Mod needs fmod=1)")
+    grad_b = None
+    if ctx.needs_grad(b):
+        quotient = ctx.op("Div", a, b)
+        truncated = ctx.op("Mul", ctx.op("Sign", quotient), ctx.op("Floor", ctx.op("Abs", quotient)))
+        grad_b = ctx.sum_to(ctx.op("Neg", ctx.op("Mul", dy[0], truncated)), y, b)
+    return [ctx.sum_to(dy[0], y, a) if ctx.needs_grad(a) else None, grad_b]

@@ -7,6 +7,9 @@
                         dX = r * (g - mean(g) - xh * mean(g * xh))      (means over the normalized axes)
     Softmax:            dX = Y * (dY - ReduceSum(dY * Y, axis))
     LogSoftmax:         dX = dY - Exp(Y) * ReduceSum(dY, axis)
+    InstanceNormalization: g = dY * scale, LayerNormalization's dX over the spatial axes
+    GroupNormalization: (opset 21) g = dY * scale, LayerNormalization's dX over
+                        Reshape(X, [N, G, -1])'s last axis, reshaped back
 """
 
 from __future__ import annotations
@@ -90,3 +93,54 @@ def log_softmax(ctx, node, dy):
     axis = ctx.attr(node, "axis", -1)
     total = ctx.op("ReduceSum", dy[0], ctx.ints([axis]), keepdims=1)
     return [ctx.op("Sub", dy[0], ctx.op("Mul", ctx.op("Exp", y), total))]
+
+
+def _normalized_input_grad(ctx, x, g, axes, eps):
+    """dX of (X - mean) / sqrt(var + eps) over ``axes``, given g = dY * scale (broadcast to X):
+    r (g - mean(g) - xh mean(g xh)) with xh = (X - mean) r, r = 1 / sqrt(var + eps)."""
+    centered = ctx.op("Sub", x, ctx.op("ReduceMean", x, axes, keepdims=1))
+    variance = ctx.op("ReduceMean", ctx.op("Mul", centered, centered), axes, keepdims=1)
+    inv_std = ctx.op("Reciprocal", ctx.op("Sqrt", ctx.op("Add", variance, ctx.scalar(eps))))
+    xh = ctx.op("Mul", centered, inv_std)
+    g_mean = ctx.op("ReduceMean", g, axes, keepdims=1)
+    gx_mean = ctx.op("ReduceMean", ctx.op("Mul", g, xh), axes, keepdims=1)
+    return ctx.op("Mul", inv_std, ctx.op("Sub", ctx.op("Sub", g, g_mean), ctx.op("Mul", xh, gx_mean)))
+
+
+@register("InstanceNormalization")
+def instance_normalization(ctx, node, dy):
+    """InstanceNormalization: g = dY * scale_c, dX = LayerNormalization's formula over the spatial axes."""
+    x, scale = node.inputs[:2]
+    if any(ctx.needs_grad(v) for v in node.inputs[1:]):
+        raise ExportError(f"{node.name}: InstanceNormalization parameters that depend on the input have no rule")
+    rank = ctx.rank(x)
+    if rank < 3:
+        raise ExportError(f"{node.name}: InstanceNormalization of a rank {rank} tensor (needs N, C, spatial...)")
+    eps = ctx.attr(node, "epsilon", 1e-5)
+    g = ctx.op("Mul", dy[0], ctx.op("Reshape", scale, ctx.ints([1, -1] + [1] * (rank - 2))))
+    return [_normalized_input_grad(ctx, x, g, ctx.ints(list(range(2, rank))), eps), None, None]
+
+
+@register("GroupNormalization")
+def group_normalization(ctx, node, dy):
+    """GroupNormalization (opset 21: scale per channel): g = dY * scale, and over
+    Reshape(X, [N, G, -1]): dX = LayerNormalization's formula over the last axis."""
+    x, scale = node.inputs[:2]
+    if any(ctx.needs_grad(v) for v in node.inputs[1:]):
+        raise ExportError(f"{node.name}: GroupNormalization parameters that depend on the input have no rule")
+    dims = ctx.dims(x)
+    groups = int(ctx.attr(node, "num_groups"))
+    channels = dims[1]
+    if len(dims) < 3 or not isinstance(channels, int) or channels % groups:
+        raise ExportError(f"{node.name}: GroupNormalization of shape {dims} into {groups} groups has no rule")
+    eps = ctx.attr(node, "epsilon", 1e-5)
+    opset = ctx.graph.opset_imports.get("", ctx.graph.opset_imports.get("ai.onnx", 18))
+    if opset < 21:
+        raise ExportError(f"{node.name}: GroupNormalization before opset 21 (one scale per group, deprecated by "
+                          "ONNX and refused by onnx.checker) has no gradient rule: export with --opset 21")
+    scale_b = ctx.op("Reshape", scale, ctx.ints([1, channels] + [1] * (len(dims) - 2)))
+    g = ctx.op("Mul", dy[0], scale_b)
+    grouped = ctx.ints([0, groups, -1])
+    dx = _normalized_input_grad(ctx, ctx.op("Reshape", x, grouped), ctx.op("Reshape", g, grouped),
+                                ctx.ints([2]), eps)
+    return [ctx.reshape_like(dx, x), None, None]

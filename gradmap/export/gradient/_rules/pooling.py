@@ -21,6 +21,7 @@
                        dX = sum of dY over each s_h x s_w block = AveragePool(dY, s, stride s) * s_h s_w
                        (GlobalAveragePool from a 1 x 1 input: a squeeze-and-excitation scale spread
                        by gradient/_layout.py; both pools have blocked NCHWc kernels, ReduceSum not)
+    TopK:              dX = ScatterElements(zeros, Indices, dValues, axis)   (distinct indices)
 
 The Expands are deferred (GradContext.broadcastable): where X has other consumers, as the input of
 a squeeze-excitation block does, the small gradient is added to theirs by a broadcasting Add, or,
@@ -248,3 +249,15 @@ def resize(ctx, node, dy):
     else:
         dx = ctx.op("Mul", pooled, ctx.scalar(float(sh * sw)))
     return [dx] + [None] * (len(node.inputs) - 1)
+
+
+@register("TopK")
+def top_k(ctx, node, dy):
+    """TopK: dX = ScatterElements(zeros, Indices, dValues, axis); the k indices along the axis are
+    distinct, so each position receives at most one value (no summing). Indices carry no gradient."""
+    x = node.inputs[0]
+    values, indices = node.outputs[:2]
+    axis = ctx.attr(node, "axis", -1) % ctx.rank(x)
+    if dy[0] is None:
+        return [None, None]
+    return [ctx.op("ScatterElements", ctx.zeros_like(x), indices, dy[0], axis=axis), None]
