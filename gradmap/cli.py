@@ -36,13 +36,18 @@ def main() -> None:
 @click.option("--cam-layer", default=None, metavar="NAME|auto",
               help="Add a feature map and its gradient as outputs for Grad-CAM: 'auto' (the last feature map "
                    "before global pooling), a torch module name (e.g. layer4) or an ONNX value name.")
-@click.option("--channel-multiple", type=click.IntRange(min=0), default=16, show_default=True,
-              help="Pad feature maps with zero channels to a multiple of this: exact, and onnxruntime's CPU "
-                   "provider keeps them in its blocked layout (blocks of 16 with AVX-512, 8 with AVX2). "
-                   "0: no padding.")
+@click.option("--target", "engine_target", type=click.Choice(["cpu", "portable"]), default="cpu", show_default=True,
+              help="The engine the graph is written for: 'cpu' is lowered for onnxruntime's CPU provider "
+                   "(fastest there); 'portable' is the plain gradient graph every engine computes alike "
+                   "(onnxruntime-web WebAssembly and WebGPU, OpenVINO, GPU providers).")
+@click.option("--channel-multiple", type=click.IntRange(min=0), default=None,
+              help="--target cpu: pad feature maps with zero channels to a multiple of this: exact, and "
+                   "onnxruntime's CPU provider keeps them in its blocked layout (blocks of 16 with AVX-512, "
+                   "the default; 8 with AVX2). 0: no padding.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check against torch autograd (not recommended).")
 def export_command(model_name: str, output: str, weights: str, score: str, seed: int, opset: int,
-                   backprops: tuple[str, ...], cam_layer: str | None, channel_multiple: int, no_verify: bool) -> None:
+                   backprops: tuple[str, ...], cam_layer: str | None, engine_target: str,
+                   channel_multiple: int | None, no_verify: bool) -> None:
     """Export a torchvision classifier MODEL to an ONNX model with an input-gradient output."""
     try:
         from gradmap.export import ExportError, export_torchvision
@@ -53,7 +58,7 @@ def export_command(model_name: str, output: str, weights: str, score: str, seed:
     try:
         report = export_torchvision(model_name, output, weights=weights, score=score, seed=seed,
                                     opset=opset, verify=not no_verify, backprops=("vanilla", *backprops),
-                                    cam_layer=cam_layer, channel_multiple=channel_multiple)
+                                    cam_layer=cam_layer, target=engine_target, channel_multiple=channel_multiple)
     except ExportError as e:
         raise click.ClickException(str(e)) from e
     click.echo(report.summary())
@@ -137,11 +142,23 @@ _METHODS = ["vanilla", "smoothgrad", "integrated-gradients", "gradient-x-input",
 @click.option("--skip-existing", is_flag=True,
               help="Skip pictures whose requested outputs all exist (outputs are written atomically, so an "
                    "existing one is complete): resumes an interrupted run.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process; ray: Ray Data actors, one model loaded per actor, which read, explain "
+                   "and write the pictures (pip install 'gradmap[ray]').")
+@click.option("--address", default=None, metavar="auto|ray://HOST:PORT",
+              help="--engine ray: the Ray cluster to use (default: start a local Ray with this machine's cores). "
+                   "Workers need the model, inputs and --out at the same paths.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="--engine ray: actors (default: the cluster's CPUs divided by --threads, 1 thread each).")
+@click.option("--to-parquet", "parquet_dir", type=click.Path(file_okay=False), default=None,
+              help="--engine ray: instead of picture files, write one Parquet dataset to this new folder: path, "
+                   "error, top-5, targets and the maps as an array column.")
 def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: str, reduce: str, equalize: bool,
                 clip_percentile: float | None, no_crop: bool, placement: str, colormap: str, alpha: float,
                 formats: tuple[str, ...], batch_size: int, provider: str, threads: int | None,
                 as_json: bool, method: str, modifier: str, samples: int, noise: float, variant: str, steps: int,
-                rule: str, baseline: str, seed: int, skip_existing: bool) -> None:
+                rule: str, baseline: str, seed: int, skip_existing: bool, engine: str, address: str | None,
+                workers: int | None, parquet_dir: str | None) -> None:
     """Compute gradient saliency maps of INPUT pictures (files, folders, globs) with MODEL.onnx.
 
     Prints the top-5 classes of every picture and writes the requested pictures and arrays under
@@ -153,6 +170,10 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
                                  explain_and_write, parse_target)
     from gradmap.runtime.methods import MethodSpec
 
+    if engine == "ray":
+        _check_ray_options(skip_existing, parquet_dir)
+    elif address or workers or parquet_dir:
+        raise click.UsageError("--address, --workers and --to-parquet need --engine ray")
     model = _load_model(model_path, provider, threads)
     if model.target_notice:
         click.echo(f"note: {model.target_notice}", err=True)
@@ -180,9 +201,15 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
     options = RenderOptions(equalize=equalize, placement=placement, colormap=colormap, alpha=alpha)
     clip = None if clip_percentile is None else (0.0, clip_percentile)
     settings = JobSettings(target=wanted, method=method_spec, reduce=reduce, clip=clip, no_crop=no_crop,
-                           formats=formats, render=options, batch_size=batch_size)
+                           formats=() if parquet_dir else formats, render=options, batch_size=batch_size)
     records: list[dict] = []
-    done = (d.record for d in explain_and_write(model, paths, layout, settings))
+    if engine == "ray":
+        from gradmap.distributed import run_records
+
+        done = run_records(paths, model_path, settings, layout, address=address, workers=workers, threads=threads,
+                           provider=provider, parquet_dir=parquet_dir)
+    else:
+        done = (d.record for d in explain_and_write(model, paths, layout, settings))
     show_bar = len(paths) > _PROGRESS_THRESHOLD
     with click.progressbar(length=len(paths), label="saliency", file=sys.stderr) if show_bar else _NoBar() as bar:
         for record in done:
@@ -195,6 +222,9 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
                 _print_record(record)
             records.append(record)
             bar.update(1)
+    if engine == "ray":  # records arrive as pictures finish; --json lists them in input order
+        order = {path: i for i, path in enumerate(paths)}
+        records.sort(key=lambda r: order[r["path"]])
     n_failed = len(failures)
     if as_json:
         click.echo(json.dumps({"model": model_path, "target": target, "output_dir": out_dir, "images": records,
@@ -205,6 +235,27 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
     if n_failed:
         click.echo(f"{n_failed} of {n_inputs} inputs failed", err=True)
         sys.exit(1)
+
+
+def _check_ray_options(skip_existing: bool, parquet_dir: str | None) -> None:
+    """Usage errors of --engine ray, raised before anything starts; Ray itself must be installed."""
+    from pathlib import Path
+
+    try:
+        from gradmap.distributed import import_ray
+
+        import_ray()
+    except ImportError as e:
+        raise click.ClickException(str(e)) from e
+    if parquet_dir is None:
+        return
+    source = click.get_current_context().get_parameter_source("formats")
+    if source is not None and source.name == "COMMANDLINE":
+        raise click.UsageError("--to-parquet writes the maps to Parquet instead of --format files; give one of them")
+    if skip_existing:
+        raise click.UsageError("--skip-existing resumes picture files, not a Parquet dataset")
+    if Path(parquet_dir).exists() and any(Path(parquet_dir).iterdir()):
+        raise click.UsageError(f"--to-parquet {parquet_dir}: the folder is not empty; give a new one")
 
 
 def _unwind_on_sigterm() -> None:
@@ -444,6 +495,57 @@ def info_command(model_path: str, as_json: bool) -> None:
         for t in info[kind]:
             click.echo(f"  {t['name']:<16} {t['type']:<16} {t['shape']}")
     click.echo("providers:      " + ", ".join(info["available_providers"]))
+
+
+@main.command("web")
+@click.argument("model_path", metavar="[MODEL.onnx]", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="gradmap-site", show_default=True,
+              help="Where to write the site; its own files there are replaced.")
+@click.option("--ort-dist", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A local copy of onnxruntime-web's dist/ folder (npm install onnxruntime-web), copied into the "
+                   "site so that it works offline; default: the page loads the pinned version from a public CDN.")
+@click.option("--example", "examples", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="A picture to offer on the page (repeatable); the demo model brings its own.")
+@click.option("--serve", is_flag=True, help="Then serve the site on 127.0.0.1 (with the headers threaded "
+                                            "WebAssembly needs) until Ctrl-C.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port for --serve.")
+def web_command(model_path: str | None, out_dir: str, ort_dist: str | None, examples: tuple[str, ...], serve: bool,
+                port: int) -> None:
+    """Write a static site that explains pictures in the browser with MODEL.onnx (default: the bundled
+    demo model), computing maps with onnxruntime-web: no server-side code, no Python in the browser."""
+    import json
+
+    from gradmap.runtime import GradmapModelError
+    from gradmap.web import SiteError, build_site, make_server
+
+    noise = 0.15
+    if model_path is None:
+        assets = demo_assets()
+        model_path = str(assets.joinpath("shapes.onnx"))
+        if not examples:
+            examples = tuple(str(p) for p in sorted(assets.joinpath("images").iterdir(), key=lambda p: p.name)
+                             if p.name.endswith(".png"))
+        quality = assets.joinpath("quality.json")
+        if quality.is_file():
+            noise = json.loads(quality.read_text()).get("smoothgrad_noise_selection", {}).get("noise", noise)
+    try:
+        config = build_site(model_path, out_dir, ort_dist=ort_dist, examples=examples, smoothgrad_noise=noise)
+    except (SiteError, GradmapModelError) as e:
+        raise click.ClickException(str(e)) from e
+    source = "ort/ (local copy)" if ort_dist else config["ort"]["base"]
+    click.echo(f"wrote {out_dir}: {config['source_model']}, methods {', '.join(config['methods'])}; "
+               f"onnxruntime-web {config['ort']['version']} from {source}")
+    if not serve:
+        click.echo("serve it over HTTP (browsers do not run it from file://): add --serve")
+        return
+    server = make_server(out_dir, port)
+    click.echo(f"serving on http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 if __name__ == "__main__":  # pragma: no cover

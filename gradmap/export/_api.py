@@ -22,7 +22,6 @@ from ._parity import DEFAULT_TOLERANCE, verify_parity
 from ._torchvision import labels_of, load_torchvision, preprocessing_of
 from ._trace import trace_to_onnx
 from .gradient import append_gradient
-from .gradient._layout import BLOCK as CHANNEL_BLOCK
 
 __all__ = ["ExportReport", "export_module", "export_torchvision", "build_gradient_model", "verify_parity"]
 
@@ -41,6 +40,7 @@ class ExportReport:
     score: str
     forward_nodes: int
     backward_nodes: int
+    target: str = "cpu"
     logits_error: float | None = None
     gradient_error: float | None = None
     seconds: float = 0.0
@@ -49,7 +49,7 @@ class ExportReport:
     def summary(self) -> str:
         lines = [
             f"wrote {self.path}" if self.path else "model built (not written)",
-            f"  model {self.source_model}, weights {self.weights}, score {self.score}",
+            f"  model {self.source_model}, weights {self.weights}, score {self.score}, target {self.target}",
             f"  {self.forward_nodes} forward nodes + {self.backward_nodes} gradient nodes, "
             f"{len(self.op_types)} op types, all in the default ONNX domain",
         ]
@@ -66,13 +66,14 @@ class ExportReport:
 
 def build_gradient_model(module: torch.nn.Module, input_size: tuple[int, int], *, score: str = "logit",
                          opset: int = MIN_OPSET, backprops: tuple[str, ...] = ("vanilla",),
-                         cam_layer: str | None = None, channel_multiple: int = CHANNEL_BLOCK) -> tuple[ir.Model, int]:
+                         cam_layer: str | None = None, target: str = "cpu",
+                         channel_multiple: int | None = None) -> tuple[ir.Model, int]:
     """Trace ``module`` and append its input gradient(s). Returns the model and its forward node count."""
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old: gradmap exports with opset {MIN_OPSET} or newer")
     model = trace_to_onnx(module, input_size, opset=opset)
     forward_nodes = sum(1 for _ in model.graph.all_nodes())
-    resolved = append_gradient(model, score=score, backprops=backprops, cam_layer=cam_layer,
+    resolved = append_gradient(model, score=score, backprops=backprops, cam_layer=cam_layer, target=target,
                                channel_multiple=channel_multiple)
     model.metadata_props["gradmap.cam_value"] = resolved or ""
     foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.all_nodes() if n.domain not in ("", "ai.onnx")})
@@ -110,7 +111,8 @@ def export_module(
     tolerance: float = DEFAULT_TOLERANCE,
     backprops: Sequence[str] = ("vanilla",),
     cam_layer: str | None = None,
-    channel_multiple: int = CHANNEL_BLOCK,
+    target: str = "cpu",
+    channel_multiple: int | None = None,
 ) -> ExportReport:
     """Export any ``torch.nn.Module`` image classifier to a gradmap ONNX model.
 
@@ -124,8 +126,11 @@ def export_module(
             (always), ``guided`` (guided backpropagation), ``deconvnet``.
         cam_layer: ``auto``, a torch module name or an ONNX value name: adds that feature map and
             its gradient as outputs, for Grad-CAM, Grad-CAM++ and Guided Grad-CAM.
-        channel_multiple: pad feature maps with zero channels to a multiple of this (exact; the
-            block of onnxruntime's CPU layout: 16 with AVX-512, 8 with AVX2), 0 for none.
+        target: ``cpu`` (default): lowered for onnxruntime's CPU provider; ``portable``: the plain
+            gradient graph every engine computes alike (onnxruntime web and WebGPU, OpenVINO, GPUs).
+        channel_multiple: ``cpu`` only: pad feature maps with zero channels to a multiple of this
+            (exact; the block of onnxruntime's CPU layout: 16 with AVX-512, the default, 8 with
+            AVX2), 0 for none.
         verify: compare logits and gradient with torch autograd before writing (recommended).
 
     Returns:
@@ -141,10 +146,9 @@ def export_module(
         p.requires_grad_(False)
     input_size = preprocessing.crop
     backprops = tuple(dict.fromkeys(["vanilla", *backprops]))
-    if channel_multiple < 0:
-        raise ExportError(f"channel_multiple must be 0 (no padding) or positive, not {channel_multiple}")
     model, forward_nodes = build_gradient_model(module, input_size, score=score, opset=opset, backprops=backprops,
-                                                cam_layer=cam_layer, channel_multiple=channel_multiple)
+                                                cam_layer=cam_layer, target=target,
+                                                channel_multiple=channel_multiple)
     cam_value = model.metadata_props.pop("gradmap.cam_value") or None
     num_classes = model.graph.outputs[0].shape[1]
     if labels is None:
@@ -152,7 +156,7 @@ def export_module(
     if len(labels) != num_classes:
         raise ExportError(f"{len(labels)} labels given for a model with {num_classes} outputs")
     metadata = ModelMetadata(source_model=source_model, weights=weights, preprocessing=preprocessing,
-                             labels=tuple(labels), score=score, backprops=backprops,
+                             labels=tuple(labels), score=score, backprops=backprops, target=target,
                              cam_layer=None if cam_value is None else f"{cam_layer} ({cam_value})")
     model.metadata_props.update(metadata.to_props())
     model.producer_name = "gradmap"
@@ -163,7 +167,7 @@ def export_module(
     except onnx.checker.ValidationError as e:
         raise ExportError(f"the exported model fails onnx.checker: {e}") from e
     report = ExportReport(
-        path=None, source_model=source_model, weights=weights, score=score, forward_nodes=forward_nodes,
+        path=None, source_model=source_model, weights=weights, score=score, forward_nodes=forward_nodes, target=target,
         backward_nodes=len(proto.graph.node) - forward_nodes,
         op_types=dict(sorted(_histogram(proto).items())),
     )
@@ -196,7 +200,8 @@ def export_torchvision(
     tolerance: float = DEFAULT_TOLERANCE,
     backprops: Sequence[str] = ("vanilla",),
     cam_layer: str | None = None,
-    channel_multiple: int = CHANNEL_BLOCK,
+    target: str = "cpu",
+    channel_multiple: int | None = None,
 ) -> ExportReport:
     """Export a torchvision classifier by name (see ``gradmap export --help``)."""
     module, weights_desc = load_torchvision(model_name, weights, seed=seed)
@@ -204,5 +209,5 @@ def export_torchvision(
         module, output, preprocessing=preprocessing_of(model_name),
         labels=labels_of(model_name) or None, source_model=f"torchvision.models.{model_name}",
         weights=weights_desc, score=score, opset=opset, verify=verify, tolerance=tolerance,
-        backprops=backprops, cam_layer=cam_layer, channel_multiple=channel_multiple,
+        backprops=backprops, cam_layer=cam_layer, target=target, channel_multiple=channel_multiple,
     )

@@ -24,8 +24,7 @@ from gradmap import contract
 from .._errors import ExportError, UnsupportedOpsError
 from . import _rules  # noqa: F401 - registers the rules
 from ._context import GradContext
-from ._layout import BLOCK, pad_channels, split_hard_swish, spread_channel_scales
-from ._registry import NON_DIFFERENTIABLE, RULES
+from ._registry import COMPOSITES, NON_DIFFERENTIABLE, RULES
 
 __all__ = ["append_gradient", "append_vjp", "differentiable_nodes", "find_cam_layer"]
 
@@ -66,39 +65,42 @@ def differentiable_nodes(graph: ir.Graph, source: ir.Value, sink: ir.Value) -> t
 
 
 def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[str, ...] = ("vanilla",),
-                    cam_layer: str | None = None, channel_multiple: int = BLOCK) -> str | None:
+                    cam_layer: str | None = None, target: str = "cpu", channel_multiple: int | None = None) -> str | None:
     """Add the ``target`` input and the ``target_index`` and gradient outputs to ``model``.
 
     ``model`` has one input ``image`` and one output ``logits`` (see :mod:`gradmap.contract`).
     ``backprops`` lists the ReLU rules to emit, one gradient output each (``vanilla`` is
     ``gradient``); all share the forward pass. ``cam_layer`` (``auto``, a torch module name or an
     ONNX value name) adds that feature map and its vanilla gradient as ``cam_activation`` and
-    ``cam_gradient``. ``channel_multiple`` pads feature maps to that many channels first (see
-    :mod:`._layout`; 0: no padding). The model is modified in place; returns the resolved CAM value's name.
+    ``cam_gradient``. ``target`` is the engine the graph is written for (:data:`contract.TARGETS`):
+    ``portable`` keeps the rules' plain vector-Jacobian products, ``cpu`` lowers the graph for
+    onnxruntime's CPU provider (:mod:`gradmap.export.lowering`) with feature maps padded to
+    ``channel_multiple`` channels (default: its block size; 0: no padding). The model is modified in
+    place; returns the resolved CAM value's name.
     """
+    from gradmap.export import lowering  # the lowering passes build on this module
+
     if score not in contract.SCORE_KINDS:
         raise ExportError(f"unknown score kind {score!r}; choose one of {', '.join(contract.SCORE_KINDS)}")
     unknown = [b for b in backprops if b not in contract.BACKPROP_OUTPUTS]
     if unknown or "vanilla" not in backprops:
         raise ExportError(f"backprop rules must include 'vanilla' and be among "
                           f"{', '.join(contract.BACKPROP_OUTPUTS)}; got {list(backprops)}")
+    plan = lowering.plan(target, channel_multiple)
     graph = model.graph
     image, logits = graph.inputs[0], graph.outputs[0]
     nodes, needs_grad = differentiable_nodes(graph, image, logits)
     _check_rules(nodes)
     cam_value = find_cam_layer(graph, nodes, cam_layer) if cam_layer else None
     keep = {cam_value} if cam_value is not None else set()
-    rewritten = split_hard_swish(graph, needs_grad, keep=keep)
-    if channel_multiple:
-        pad_channels(graph, keep=keep, block=channel_multiple)
-        rewritten += spread_channel_scales(graph, block=channel_multiple)
-    if rewritten:
+    if plan.lower_forward(graph, needs_grad, keep):
         nodes, needs_grad = differentiable_nodes(graph, image, logits)
+    forward_nodes = set(graph)
     ctx = GradContext(graph, needs_grad)
-    target = ir.Value(name=contract.INPUT_TARGET, shape=ir.Shape([logits.shape[0]]),
-                      type=ir.TensorType(ir.DataType.INT64))
-    graph.inputs.append(target)
-    seed, target_index = _seed(ctx, logits, target, score)
+    target_input = ir.Value(name=contract.INPUT_TARGET, shape=ir.Shape([logits.shape[0]]),
+                            type=ir.TensorType(ir.DataType.INT64))
+    graph.inputs.append(target_input)
+    seed, target_index = _seed(ctx, logits, target_input, score)
     target_index.name = contract.OUTPUT_TARGET_INDEX
     target_index.shape = ir.Shape([logits.shape[0]])
     target_index.type = ir.TensorType(ir.DataType.INT64)
@@ -126,8 +128,8 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
     graph.outputs.extend(outputs)
     if cam_value is not None:
         graph.outputs.extend(cam_outputs)
-        return cam_value.name
-    return None
+    plan.lower_backward(graph, ctx.regions, forward_nodes=forward_nodes, keep=keep)
+    return cam_value.name if cam_value is not None else None
 
 
 _GLOBAL_POOLS = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax")
@@ -220,7 +222,17 @@ def _reverse_walk(ctx: GradContext, nodes: list[ir.Node], source: ir.Value, sink
         if all(g is None for g in grad_outputs):
             continue
         ctx.node = node
-        grad_inputs = RULES[node.op_type](ctx, node, grad_outputs)
+        kind, rule, parts = node.op_type, RULES[node.op_type], None
+        for name, match, composite_rule in COMPOSITES.get(node.op_type, ()):
+            parts = match(node)
+            if parts is not None:
+                kind, rule = name, composite_rule
+                break
+        with ctx.region(kind, node, grad_outputs) as region:
+            grad_inputs = list(rule(ctx, node, grad_outputs) if parts is None
+                               else rule(ctx, node, grad_outputs, parts))
+        region.parts = parts or {}
+        region.grad_inputs = grad_inputs
         for value, grad in zip(node.inputs, grad_inputs):
             if grad is None or not ctx.needs_grad(value):
                 continue
@@ -239,9 +251,10 @@ def _reverse_walk(ctx: GradContext, nodes: list[ir.Node], source: ir.Value, sink
 
 
 def _annotate(grad: ir.Value | None, value: ir.Value) -> None:
-    """Give the complete gradient of ``value`` its shape: onnxruntime keeps an elementwise op in its
-    blocked NCHWc layout only when it can prove its inputs' shapes equal, which the symbolic batch
-    dimension of a Reshape to a computed shape hides."""
+    """Give the complete gradient of ``value`` its shape (the forward value's): engines plan
+    layouts and fusions from known shapes (onnxruntime keeps an elementwise op in its blocked
+    layout only when it can prove its inputs' shapes equal, which the symbolic batch dimension of
+    a Reshape to a computed shape hides)."""
     if grad is None or grad.shape is not None or grad.producer() is None or value.shape is None:
         return
     grad.shape = ir.Shape(value.shape)

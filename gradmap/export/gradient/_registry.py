@@ -16,12 +16,18 @@ import onnx_ir as ir
 if TYPE_CHECKING:
     from ._context import GradContext
 
-__all__ = ["Rule", "RULES", "NON_DIFFERENTIABLE", "register", "is_supported"]
+__all__ = ["Rule", "RULES", "COMPOSITES", "NON_DIFFERENTIABLE", "register", "register_composite", "is_supported"]
 
 Grads = Sequence["ir.Value | None"]
 Rule = Callable[["GradContext", ir.Node, Grads], Sequence["ir.Value | None"]]
 
 RULES: dict[str, Rule] = {}
+
+#: Composite rules: a function written as several forward nodes whose vector-Jacobian product is
+#: shorter as a whole (SiLU = X * Sigmoid(X)). Keyed by the op type of the pattern's last node:
+#: (name, match, rule) with ``match(node) -> parts | None`` and ``rule(ctx, node, grads, parts)``.
+#: The pattern's inner nodes then receive no gradient and are skipped.
+COMPOSITES: dict[str, list[tuple[str, Callable, Callable]]] = {}
 
 #: Ops whose outputs are piecewise constant in their inputs or are not real-valued: no gradient
 #: flows through them, and a value computed by one of them never depends on ``image`` for
@@ -45,6 +51,17 @@ def register(*op_types: str) -> Callable[[Rule], Rule]:
             if op_type in RULES:
                 raise ValueError(f"duplicate gradient rule for {op_type}")
             RULES[op_type] = fn
+        return fn
+
+    return decorate
+
+
+def register_composite(name: str, root: str, match: Callable) -> Callable:
+    """Decorator: register ``fn`` as the rule of the composite ``name`` whose last node is a
+    ``root`` op and that ``match`` recognizes."""
+
+    def decorate(fn):
+        COMPOSITES.setdefault(root, []).append((name, match, fn))
         return fn
 
     return decorate

@@ -1,8 +1,6 @@
 """Normalizations and softmax.
 
     BatchNormalization (inference): dX = dY * scale / sqrt(var + eps)              (per channel)
-                        BN -> Relu -> Conv (a DenseNet's pre-activation layers): the factor is
-                        folded into the Conv's adjoint weights (convolution.py) and dX = dY here
     LayerNormalization: g = dY * scale, xh = (X - mean) * r,
                         dX = r * (g - mean(g) - xh * mean(g * xh))      (means over the normalized axes)
     Softmax:            dX = Y * (dY - ReduceSum(dY * Y, axis))
@@ -39,8 +37,6 @@ def batch_normalization(ctx, node, dy):
         raise ExportError(f"{node.name}: BatchNormalization in training mode has no gradient rule (use eval mode)")
     if any(ctx.needs_grad(v) for v in node.inputs[1:]):
         raise ExportError(f"{node.name}: BatchNormalization parameters that depend on the input have no rule")
-    if (ctx.backprop, node) in ctx.absorbed:
-        return [dy[0]]
     eps = ctx.attr(node, "epsilon", 1e-5)
     rank = ctx.rank(x)
     shape = [1, -1] + [1] * (rank - 2)

@@ -1,15 +1,11 @@
 """Pooling and reductions.
 
-    MaxPool:           a second MaxPool of X, same attributes, returns Indices (flat over N*C*H*W);
-                       dX = Reshape(ScatterElements(zeros, Indices, dY, reduction=add), Shape(X));
-                       windows that share no input (stride >= dilated kernel, VGG's 2x2 stride 2):
-                       dX = MaxUnpool(dY, Indices, Shape(X)), one write per index, no summing needed
-                       (vgg19's first pool at batch 1: 20 -> 10.6 ms on onnxruntime's CPU provider)
-                       The forward node keeps its single output: onnxruntime has no blocked (NCHWc)
-                       MaxPool with Indices, and a forward MaxPool in plain layout took the ops after
-                       it out of the blocked layout too (densenet121's whole first dense block:
-                       Concat, BatchNormalization, Relu). In wall time a wash: densenet121 at batch
-                       1, 2 threads, 99.5 -> 99.2 ms (bench/ab_speed.py --block 5).
+    MaxPool:           for each kernel offset o, X_o = the strided slice of X (padded with the lowest
+                       float) that window position o reads, so Y = max over o of X_o; the gradient goes
+                       to the first maximum of each window (torch's rule for ties):
+                         hit_o = [X_o == Y],  sel_o = hit_o * (1 - sum of sel_p for p before o)
+                         dX = ConvTranspose(Concat_o(dY * sel_o), one-hot kernels, group=C, strides,
+                                            dilations), cropped to X     (col2im of the routed dY)
     AveragePool:       Y(o) = 1/D(o) * sum of X over window(o) inside X;
                        dX = ConvTranspose(dY / D, ones, group=C)   (D per torch's count_include_pad rule)
     GlobalAveragePool: dX = Expand(dY, Shape(X)) / (H W)
@@ -19,17 +15,15 @@
     ReduceL2:          dX = X * Unsqueeze(dY / Y, axes), 0 where Y = 0 (as torch's norm backward)
     Resize (nearest, integer scales, each output a copy of input floor(i / s)):
                        dX = sum of dY over each s_h x s_w block = AveragePool(dY, s, stride s) * s_h s_w
-                       (GlobalAveragePool from a 1 x 1 input: a squeeze-and-excitation scale spread
-                       by gradient/_layout.py; both pools have blocked NCHWc kernels, ReduceSum not)
-    TopK:              dX = ScatterElements(zeros, Indices, dValues, axis)   (distinct indices)
+                       (GlobalAveragePool from a 1 x 1 input)
 
 The Expands are deferred (GradContext.broadcastable): where X has other consumers, as the input of
-a squeeze-excitation block does, the small gradient is added to theirs by a broadcasting Add, or,
-for a blocked [N, C, H, W] X, spread by a nearest Resize and added by a same-shape Add.
+a squeeze-excitation block does, the small gradient is added to theirs by a broadcasting Add.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -39,39 +33,58 @@ from ..._errors import ExportError
 from .._registry import register
 
 
+_LOWEST = float(np.finfo(np.float32).min)  # MaxPool's implicit padding: never a window's maximum
+
+
 @register("MaxPool")
 def max_pool(ctx, node, dy):
-    x = node.inputs[0]
+    x, y = node.inputs[0], node.outputs[0]
     if ctx.attr(node, "storage_order", 0) != 0:
         raise ExportError(f"{node.name}: MaxPool with storage_order=1 has no gradient rule")
-    if len(node.outputs) >= 2:
-        indices = node.outputs[1]
-    else:
-        _, indices = ctx.op_multi("MaxPool", x, num_outputs=2,
-                                  **{name: attr.value for name, attr in node.attributes.items()})
-        indices.type = ir.TensorType(ir.DataType.INT64)
-        indices.shape = ir.Shape(node.outputs[0].shape)
-    if _disjoint_windows(ctx, node):
-        spatial = ctx.rank(x) - 2
-        dx = ctx.op("MaxUnpool", dy[0], indices, ctx.shape_of(x), kernel_shape=list(ctx.attr(node, "kernel_shape")),
-                    strides=list(ctx.attr(node, "strides", [1] * spatial)),
-                    pads=list(ctx.attr(node, "pads", [0] * (2 * spatial))))
-        return [ctx.blocked(dx, x)]
-    size = ctx.op("Reshape", ctx.op("Size", x), ctx.ints([1]))
-    zeros = ctx.op("ConstantOfShape", size, value=ir.tensor(np.zeros(1, dtype=np.float32)))
-    flat = ctx.op("ScatterElements", zeros, ctx.op("Reshape", indices, ctx.ints([-1])),
-                  ctx.op("Reshape", dy[0], ctx.ints([-1])), axis=0, reduction="add")
-    return [ctx.blocked(ctx.reshape_like(flat, x), x)]
-
-
-def _disjoint_windows(ctx, node) -> bool:
-    """Whether no two pooling windows share an input element (stride >= dilated kernel span, as
-    VGG's 2x2 stride-2 pools): each input then receives at most one output's gradient."""
+    if ctx.attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise ExportError(f"{node.name}: MaxPool with auto_pad={ctx.attr(node, 'auto_pad')} has no gradient rule")
+    xdims, ydims = ctx.dims(x), ctx.dims(y)
+    spatial = len(xdims) - 2
+    channels = xdims[1]
+    if not all(isinstance(d, int) for d in xdims[1:] + ydims[2:]):
+        raise ExportError(f"{node.name}: MaxPool needs static channel and spatial sizes, got {xdims} -> {ydims}")
     kernel = list(ctx.attr(node, "kernel_shape"))
-    spatial = len(kernel)
     strides = list(ctx.attr(node, "strides", [1] * spatial))
     dilations = list(ctx.attr(node, "dilations", [1] * spatial))
-    return all(s >= (k - 1) * d + 1 for k, s, d in zip(kernel, strides, dilations))
+    pads = list(ctx.attr(node, "pads", [0] * (2 * spatial)))
+    begin = pads[:spatial]
+    span = [(ydims[2 + i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 for i in range(spatial)]
+    end = [max(0, span[i] - begin[i] - xdims[2 + i]) for i in range(spatial)]  # ceil_mode reaches past the end
+    padded = x
+    if any(begin) or any(end):
+        padded = ctx.op("Pad", x, ctx.ints([0, 0, *begin, 0, 0, *end]), ctx.scalar(_LOWEST))
+    axes = list(range(2, 2 + spatial))
+    offsets = list(itertools.product(*[range(k) for k in kernel]))
+    routed, taken = [], None
+    for n, offset in enumerate(offsets):
+        starts = [o * d for o, d in zip(offset, dilations)]
+        stops = [s + (ydims[2 + i] - 1) * strides[i] + 1 for i, s in enumerate(starts)]
+        window = ctx.op("Slice", padded, ctx.ints(starts), ctx.ints(stops), ctx.ints(axes), ctx.ints(strides))
+        hit = ctx.op("Cast", ctx.op("Equal", window, y), to=ir.DataType.FLOAT)
+        selected = hit if taken is None else ctx.op("Mul", hit, ctx.op("Sub", ctx.scalar(1.0), taken))
+        if n + 1 < len(offsets):
+            taken = selected if taken is None else ctx.op("Add", taken, selected)
+        routed.append(ctx.op("Unsqueeze", ctx.op("Mul", dy[0], selected), ctx.ints([2])))
+    stacked = ctx.op("Concat", *routed, axis=2) if len(routed) > 1 else routed[0]
+    stacked = ctx.op("Reshape", stacked, ctx.ints([0, channels * len(offsets), *ydims[2:]]))
+    one_hot = np.zeros((len(offsets), 1, *kernel), dtype=np.float32)
+    for n, offset in enumerate(offsets):
+        one_hot[(n, 0, *offset)] = 1.0
+    spread = ctx.op("ConvTranspose", stacked, ctx.const(np.tile(one_hot, (channels,) + (1,) * (1 + spatial))),
+                    group=channels, strides=strides, dilations=dilations, kernel_shape=kernel)
+    # ``spread`` covers the padded input [0, span): crop the padding, restore rows no window reads
+    stops = [min(span[i], begin[i] + xdims[2 + i]) for i in range(spatial)]
+    if any(begin) or stops != span:
+        spread = ctx.op("Slice", spread, ctx.ints(begin), ctx.ints(stops), ctx.ints(axes))
+    missing = [begin[i] + xdims[2 + i] - stops[i] for i in range(spatial)]
+    if any(missing):
+        spread = ctx.op("Pad", spread, ctx.ints([0] * (2 + spatial) + [0, 0, *missing]))
+    return [spread]
 
 
 def _torch_avgpool_divisor(size: int, out: int, k: int, s: int, pad_begin: int, pad_end: int,
@@ -243,12 +256,7 @@ def resize(ctx, node, dy):
         pooled = ctx.op("GlobalAveragePool", dy[0])
     else:
         pooled = ctx.op("AveragePool", dy[0], kernel_shape=[sh, sw], strides=[sh, sw])
-    channels = ctx.blocked_channels(x)
-    if channels is not None:
-        dx = ctx.channel_affine(pooled, channels, float(sh * sw))
-    else:
-        dx = ctx.op("Mul", pooled, ctx.scalar(float(sh * sw)))
-    return [dx] + [None] * (len(node.inputs) - 1)
+    return [ctx.op("Mul", pooled, ctx.scalar(float(sh * sw)))] + [None] * (len(node.inputs) - 1)
 
 
 @register("TopK")

@@ -42,7 +42,7 @@ HardSwish, where its input needs a gradient:
     HardSwish(X) -> Mul(X, HardSigmoid(X, 1/6, 1/2))      (the op's own definition)
 
 Not a layout change: onnxruntime runs HardSwish as exactly these two ops once X is read elsewhere
-(the gradient reads it), so the forward costs the same, and the Mul rule's HardSwish pattern reuses
+(the gradient reads it), so the forward costs the same, and the HardSwish composite rule (gradient/_rules/composites.py) reuses
 the forward's HardSigmoid instead of computing it again: one activation-sized op less each.
 """
 
@@ -51,8 +51,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ._rules.elementwise import HARD_SWISH_ALPHA
+from ..gradient._rules.elementwise import HARD_SWISH_ALPHA
 
+#: onnxruntime's CPU block of channels with AVX-512 (8 with AVX2): the default channel multiple.
 BLOCK = 16
 
 _UNARY = {"Relu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "LeakyRelu", "Clip", "Identity", "Dropout",

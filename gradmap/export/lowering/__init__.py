@@ -1,0 +1,80 @@
+"""Lowering: engine-specific rewrites of gradmap's portable gradient graph.
+
+The gradient pass (:mod:`gradmap.export.gradient`) writes each rule as its plain vector-Jacobian
+product in standard ONNX ops, a graph every engine computes alike (``--target portable``). A
+lowering rewrites that graph for one engine, exactly: the same logits and gradients, computed in
+forms that engine runs faster. ``--target cpu`` (the default) is onnxruntime's CPU provider:
+
+- before the gradient pass, on the forward graph (:mod:`.cpu_forward`): ``split_hard_swish``,
+  ``pad_channels`` (zero channels up to a multiple of the block), ``spread_channel_scales``
+  (squeeze-and-excitation scales spread by a nearest Resize);
+- after it, on the regions of the backward graph (:mod:`.cpu_backward`): ``fold_batch_norm``,
+  ``conv_adjoint``, ``max_pool_indices``, ``relu_mask``, ``hard_swish_steps``, ``silu_affine``,
+  ``resize_sum_scale``, ``spread_per_channel``.
+
+One setting, the block (``channel_multiple``: 16 for AVX-512, 8 for AVX2), reaches every pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from gradmap import contract
+
+from .._errors import ExportError
+from . import cpu_backward, cpu_forward
+from ._rewrite import Rewriter, prune
+from .cpu_forward import BLOCK
+
+__all__ = ["BLOCK", "Plan", "plan"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The lowering of one export: its target and block size (0: no channel padding)."""
+
+    target: str
+    block: int
+
+    def lower_forward(self, graph: ir.Graph, needs_grad: set[ir.Value], keep: set[ir.Value]) -> int:
+        """The forward rewrites, in place; returns how many nodes or channel groups changed."""
+        if self.target != "cpu":
+            return 0
+        rewritten = cpu_forward.split_hard_swish(graph, needs_grad, keep=keep)
+        if self.block:
+            rewritten += cpu_forward.pad_channels(graph, keep=keep, block=self.block)
+            rewritten += cpu_forward.spread_channel_scales(graph, block=self.block)
+        return rewritten
+
+    def lower_backward(self, graph: ir.Graph, regions: list, *, forward_nodes: set[ir.Node],
+                       keep: set[ir.Value]) -> dict[str, int]:
+        """The backward passes over the regions of the finished graph; returns each pass's count."""
+        if self.target != "cpu":
+            return {}
+        rewriter = Rewriter(graph, self.block or BLOCK, forward_nodes, keep)
+        counts = {}
+        for lowering_pass in cpu_backward.PASSES:
+            counts[lowering_pass.__name__] = lowering_pass(rewriter, regions)
+        prune(graph)
+        logger.debug("cpu lowering: %s", counts)
+        return counts
+
+
+def plan(target: str, channel_multiple: int | None = None) -> Plan:
+    """The lowering for ``target`` (``cpu`` or ``portable``); ``channel_multiple`` defaults to the
+    block for ``cpu`` and must be 0 or unset for ``portable`` (padding is a CPU-layout rewrite)."""
+    if target not in contract.TARGETS:
+        raise ExportError(f"unknown target {target!r}; choose one of {', '.join(contract.TARGETS)}")
+    if channel_multiple is not None and channel_multiple < 0:
+        raise ExportError(f"channel_multiple must be 0 (no padding) or positive, not {channel_multiple}")
+    if target == "portable":
+        if channel_multiple:
+            raise ExportError("channel padding (--channel-multiple) is part of the cpu target's lowering; "
+                              "a portable export has none: leave it unset or 0")
+        return Plan("portable", 0)
+    return Plan("cpu", BLOCK if channel_multiple is None else channel_multiple)
