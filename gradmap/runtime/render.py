@@ -24,6 +24,12 @@ FIGURE_TITLES = (
 )
 
 
+#: The default overlay: the min-max map scaled to its 99th percentile (clipped above, as PAIR's
+#: ``VisualizeImageGrayscale``) and blended with opacity ``OVERLAY_ALPHA * value``, so that low
+#: values leave the picture visible (``tools/overlay_criterion.py`` measured the choice).
+OVERLAY_PERCENTILE = 99.0
+OVERLAY_ALPHA = 0.8
+
 _BAND_ROWS = 512
 
 
