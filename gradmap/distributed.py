@@ -1,0 +1,275 @@
+"""Attribution over whole datasets on Ray Data: one :class:`~gradmap.runtime.SaliencyModel` per actor.
+
+``pip install 'gradmap[ray]'``. Each actor loads the model once, receives batches of picture paths
+(reading the bytes itself) or of bytes read by Ray (``ray.data.read_binary_files(...,
+include_paths=True)``), decodes them and runs :func:`gradmap.runtime.jobs.explain_and_write`, the job
+``gradmap run`` runs: outputs written by the workers are the files ``gradmap run`` writes, byte for
+byte, and a broken picture becomes a row with its path and the reason, never an exception.
+
+    import ray
+    from gradmap.distributed import explain_dataset
+
+    ray.init()
+    rows = explain_dataset(["a.jpg", "b.png"], "resnet50.onnx", method="smoothgrad", samples=25)
+    for row in rows.iter_rows():
+        print(row["path"], row["error"], row["target_label"], row["saliency_map"].shape)
+
+Rows have ``path``; ``error`` (None, or why the picture failed); ``record`` (the JSON document
+``gradmap run --json`` lists for the picture, files included); ``method``; ``top_index``,
+``top_label``, ``top_probability`` (the five best classes); ``target_index``, ``target_label``,
+``target_probability`` (one entry per map: K for topK); and, with ``keep_maps``, ``saliency_map``,
+float32 [K, h, w] on the model's input grid (the ``.map.npy`` arrays; all NaN on a failed row).
+
+Fault tolerance is Ray Data's: an actor that dies is restarted and the batches it held are run
+again. Outputs are written atomically, so a batch run twice rewrites the same bytes and a killed
+worker leaves no partial file under a final name (at most a hidden ``.NAME.XXXX.tmp``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from gradmap.runtime.io import OutputLayout, RenderOptions
+from gradmap.runtime.jobs import TOP_PREDICTIONS, JobSettings, explain_and_write
+from gradmap.runtime.methods import MethodSpec
+from gradmap.runtime.model import SaliencyModel
+from gradmap.runtime.preprocess import EncodedPicture
+from gradmap.runtime.saliency import Target, parse_target
+
+if TYPE_CHECKING:  # pragma: no cover
+    import ray.data
+
+__all__ = ["RAY_MISSING", "explain_dataset", "import_ray", "iter_records", "ray_session", "run_records"]
+
+logger = logging.getLogger(__name__)
+
+RAY_MISSING = "gradmap's Ray engine needs Ray Data: pip install 'gradmap[ray]'"
+
+
+def import_ray():
+    """Import ``ray`` and ``ray.data``, or raise ImportError saying how to install them."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"{RAY_MISSING} ({e})") from e
+    return ray
+
+
+class _Explainer:
+    """A Ray Data actor: loads the model once, then explains and writes batch after batch."""
+
+    def __init__(self, model_path: str, settings: JobSettings, layout: OutputLayout | None, provider: str,
+                 threads: int | None, keep_maps: bool) -> None:
+        self.model = SaliencyModel(model_path, provider=provider, threads=threads)
+        self.settings = settings
+        # No output directory: nothing is written (settings.formats is empty), any layout will do.
+        self.layout = layout if layout is not None else OutputLayout(os.devnull, [])
+        self.keep_maps = keep_maps
+        self.map_shape = (settings.target.count, *self.model.input_size)
+        logger.info("actor %d loaded %s", os.getpid(), model_path)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        paths = [str(p) for p in batch["path"]]
+        data = batch.get("bytes")
+        sources = [EncodedPicture(path, _read(path) if data is None else bytes(data[i]))
+                   for i, path in enumerate(paths)]
+        rows: dict[str, list] = {name: [] for name in _COLUMNS}
+        maps = []
+        for done in explain_and_write(self.model, sources, self.layout, self.settings):
+            record = done.record
+            rows["path"].append(record["path"])
+            rows["error"].append(record["error"])
+            rows["record"].append(json.dumps(record))
+            rows["method"].append(self.settings.method.name)
+            rows["top_index"].append([p["index"] for p in record["predictions"]])
+            rows["top_label"].append([p["label"] for p in record["predictions"]])
+            rows["top_probability"].append([p["probability"] for p in record["predictions"]])
+            ok = record["error"] is None
+            kept = done.result.maps if ok else []
+            rows["target_index"].append([m.target_index for m in kept])
+            rows["target_label"].append([m.target_label for m in kept])
+            rows["target_probability"].append([float(done.result.probabilities[m.target_index]) for m in kept])
+            if self.keep_maps:
+                maps.append(np.stack([m.saliency_map.astype(np.float32) for m in kept]) if ok
+                            else np.full(self.map_shape, np.nan, np.float32))
+        out: dict[str, Any] = dict(rows)
+        if self.keep_maps:
+            out["saliency_map"] = np.stack(maps)
+        return out
+
+
+_COLUMNS = ("path", "error", "record", "method", "top_index", "top_label", "top_probability", "target_index",
+            "target_label", "target_probability")
+
+
+def _read(path: str) -> bytes | None:
+    """The file's bytes, or None when it cannot be read: decoding from the path then reports the
+    same reason ``gradmap run`` reports (no such file, permission denied...)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def explain_dataset(dataset_or_paths: "ray.data.Dataset | Sequence[str | os.PathLike[str]]",
+                    model_path: str | os.PathLike[str], *, method: str | MethodSpec = "vanilla",
+                    target: str | int | Target = "top1", reduce: str = "max",
+                    clip: tuple[float, float] | None = None, no_crop: bool = False,
+                    out_dir: str | os.PathLike[str] | None = None, formats: Iterable[str] = (),
+                    render: RenderOptions | None = None, layout: OutputLayout | None = None,
+                    batch_size: int = 8, workers: int | None = None, threads: int | None = 1,
+                    provider: str = "cpu", keep_maps: bool = True, **method_options: Any) -> "ray.data.Dataset":
+    """Explain every picture of a dataset on Ray, one model per actor; returns a lazy Ray Dataset.
+
+    Args:
+        dataset_or_paths: picture file paths (read by the workers), or a Ray Dataset with a
+            ``path`` column and optionally a ``bytes`` column holding the encoded files, as
+            ``ray.data.read_binary_files(paths, include_paths=True)`` makes (S3, GCS, HDFS...).
+            Folders and globs: expand them first with :func:`gradmap.runtime.expand_inputs`.
+        model_path: a model written by ``gradmap export``, at a path every worker can read.
+        method: a method name (options such as ``samples=25`` or ``steps=16`` as keywords) or a
+            :class:`~gradmap.runtime.methods.MethodSpec`.
+        target, reduce, clip, no_crop: as for :func:`gradmap.runtime.iter_saliency`.
+        out_dir, formats, render: write these outputs (``heatmap``, ``overlay``, ``figure``, ``npy``)
+            under ``out_dir``, as ``gradmap run`` does; ``out_dir`` must be shared by the workers.
+            Default: write nothing.
+        layout: the output layout, when it must come from more inputs than this dataset's (the CLI
+            passes the layout of every input so that ``--skip-existing`` changes no path).
+        batch_size: pictures per batch; a batch is what an actor that dies costs.
+        workers: actors (default: as many as the cluster has CPUs for, ``threads`` each).
+        threads: onnxruntime threads per actor, and the CPUs each actor reserves.
+        provider: onnxruntime provider in the actors (see :func:`gradmap.runtime.resolve_providers`).
+        keep_maps: include the ``saliency_map`` column.
+
+    Returns:
+        A ``ray.data.Dataset`` of one row per picture (see the module docstring). Nothing runs until
+        it is consumed (``iter_rows``, ``write_parquet``, ``materialize``...).
+
+    Raises:
+        ImportError: Ray Data is not installed.
+        GradmapModelError, TargetError, ValueError: the model, target, method or formats are wrong
+            (checked once, on the driver, before any worker starts).
+    """
+    ray = import_ray()
+    model_path = os.fspath(model_path)
+    spec = method if isinstance(method, MethodSpec) else MethodSpec(method, **method_options)
+    if isinstance(method, MethodSpec) and method_options:
+        raise ValueError("pass method options inside the MethodSpec, not as keywords")
+    checked = SaliencyModel(model_path, provider="cpu", threads=1)
+    if spec.name not in checked.metadata.methods:
+        raise ValueError(f"{model_path} does not support {spec.name}; it supports "
+                         f"{', '.join(checked.metadata.methods)}")
+    formats = tuple(dict.fromkeys(formats))
+    if formats and out_dir is None and layout is None:
+        raise ValueError("formats to write need an out_dir")
+    settings = JobSettings(target=parse_target(target, checked.labels), method=spec, reduce=reduce, clip=clip,
+                           no_crop=no_crop, formats=formats, render=render or RenderOptions(), batch_size=batch_size)
+    if isinstance(dataset_or_paths, ray.data.Dataset):
+        dataset = dataset_or_paths
+        if layout is None and out_dir is not None:
+            layout = OutputLayout(out_dir, [])  # names under out_dir, relative to the working directory
+    else:
+        paths = [os.fspath(p) for p in dataset_or_paths]
+        if not paths:
+            raise ValueError("no pictures to explain")
+        if layout is None and out_dir is not None:
+            layout = OutputLayout(out_dir, paths)
+        dataset = _paths_dataset(paths, batch_size)
+    return _map(dataset, model_path, settings, layout, workers=workers, threads=threads, provider=provider,
+                keep_maps=keep_maps)
+
+
+def _paths_dataset(paths: Sequence[str], batch_size: int) -> "ray.data.Dataset":
+    import ray.data
+
+    # One block per batch: an actor that dies loses (and Ray re-runs) only the batches it held.
+    return ray.data.from_items([{"path": p} for p in paths], override_num_blocks=math.ceil(len(paths) / batch_size))
+
+
+def _map(dataset: "ray.data.Dataset", model_path: str, settings: JobSettings, layout: OutputLayout | None, *,
+         workers: int | None, threads: int | None, provider: str, keep_maps: bool) -> "ray.data.Dataset":
+    import ray
+
+    threads = max(1, int(threads or 1))  # each actor reserves the CPUs its onnxruntime threads use
+    if workers is None:
+        workers = max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
+    return dataset.map_batches(
+        _Explainer, batch_size=settings.batch_size, batch_format="numpy", num_cpus=threads,
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        fn_constructor_kwargs={"model_path": model_path, "settings": settings, "layout": layout,
+                               "provider": provider, "threads": threads, "keep_maps": keep_maps})
+
+
+def run_records(paths: Sequence[str], model_path: str, settings: JobSettings, layout: OutputLayout, *,
+                address: str | None = None, workers: int | None = None, threads: int | None = None,
+                provider: str = "cpu", parquet_dir: str | None = None) -> Iterator[dict]:
+    """``gradmap run --engine ray``: explain ``paths`` on Ray (see :class:`ray_session` for
+    ``address``) and yield each picture's record as it finishes. The workers write the outputs of
+    ``settings.formats`` under ``layout``; with ``parquet_dir``, they write one Parquet dataset
+    there instead (maps included) and the records are read back from it once it is complete."""
+    if not paths:
+        return
+    with ray_session(address):
+        dataset = _map(_paths_dataset(paths, settings.batch_size), model_path, settings, layout, workers=workers,
+                       threads=threads, provider=provider, keep_maps=parquet_dir is not None)
+        if parquet_dir is None:
+            yield from iter_records(dataset)
+            return
+        dataset.write_parquet(parquet_dir)
+        import pyarrow.parquet as pq
+
+        for fragment in pq.ParquetDataset(parquet_dir).fragments:
+            for record in fragment.to_table(columns=["record"]).column("record").to_pylist():
+                yield json.loads(record)
+
+
+def iter_records(dataset: "ray.data.Dataset") -> Iterator[dict]:
+    """Stream the per-picture records (``gradmap run --json``'s ``images`` entries) of
+    :func:`explain_dataset`'s result, in the order pictures finish."""
+    for row in dataset.select_columns(["record"]).iter_rows():
+        yield json.loads(row["record"])
+
+
+class ray_session:
+    """Connect to Ray for the duration of a ``with`` block.
+
+    ``address=None`` starts a local Ray instance (``num_cpus``: default all cores) unless this process
+    is connected already; ``"auto"`` joins the cluster this machine belongs to; ``"ray://HOST:PORT"``
+    goes through the Ray Client. Only a connection opened here is closed on exit.
+    """
+
+    def __init__(self, address: str | None = None, *, num_cpus: int | None = None,
+                 object_store_memory: int | None = None) -> None:
+        self.address, self.num_cpus, self.object_store_memory = address, num_cpus, object_store_memory
+        self.started = False
+
+    def __enter__(self):
+        ray = import_ray()
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+            if self.address is None:
+                kwargs.update(num_cpus=self.num_cpus, object_store_memory=self.object_store_memory)
+            else:
+                kwargs["address"] = self.address
+            ray.init(**kwargs)
+            self.started = True
+        # gradmap run shows its own progress bar; Ray Data's bars and its notice that they are off
+        # would interleave with it
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        return ray
+
+    def __exit__(self, *exc: object) -> None:
+        if self.started:
+            import ray
+
+            ray.shutdown()
