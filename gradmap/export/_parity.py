@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import onnx
@@ -26,7 +28,8 @@ from gradmap import contract
 
 from ._errors import ParityError
 
-__all__ = ["DEFAULT_TOLERANCE", "verify_parity", "relative_error"]
+__all__ = ["DEFAULT_TOLERANCE", "Decisions", "ExposedModel", "Reference", "expose_decisions", "relative_error",
+           "replay_reference", "verify_parity"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,22 +52,75 @@ def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+@dataclass
+class ExposedModel:
+    """A copy of a gradmap model that also outputs the values its discrete choices were made on."""
+
+    proto: onnx.ModelProto
+    pool_inputs: list[str]  # the input of each forward MaxPool, in forward order
+    relu_outputs: list[str]  # the output of each forward Relu, in forward order
+
+    @property
+    def names(self) -> list[str]:
+        """The extra outputs to fetch, each once."""
+        return list(dict.fromkeys([*self.pool_inputs, *self.relu_outputs]))
+
+    def split(self, values: Mapping[str, np.ndarray]) -> "Decisions":
+        """The :class:`Decisions` among ``values`` (output name -> array, :attr:`names` at least)."""
+        missing = [n for n in self.names if n not in values]
+        if missing:
+            raise ValueError(f"decision values missing for {missing[:3]}")
+        return Decisions([values[n] for n in self.pool_inputs], [values[n] for n in self.relu_outputs])
+
+
+@dataclass
+class Decisions:
+    """What one float32 run computed where a gradient takes a discrete choice: each forward MaxPool's
+    input (the pooled element follows from it, first maximum on ties) and each forward Relu's output
+    (which inputs pass)."""
+
+    pool_inputs: list[np.ndarray] | None
+    relu_outputs: list[np.ndarray] | None
+
+
+def _forward_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The nodes ``logits`` depends on, in graph order: the forward part, whatever the gradient
+    part (which may hold its own MaxPool and Relu nodes, e.g. Relu(dY) of guided backprop) adds."""
+    producer = {o: n for n in graph.node for o in n.output if o}
+    needed: set[int] = set()
+    stack = [contract.OUTPUT_LOGITS]
+    seen: set[str] = set()
+    while stack:
+        name = stack.pop()
+        node = producer.get(name)
+        if node is None or name in seen:
+            continue
+        seen.add(name)
+        needed.add(id(node))
+        stack.extend(i for i in node.input if i)
+    return [n for n in graph.node if id(n) in needed]
+
+
 def _expose_decisions(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], list[str]]:
-    """A copy of ``proto`` that also outputs the argmax indices of every MaxPool and the output of
-    every Relu, in graph order: the discrete choices a float32 run made."""
+    """(model, pool input names, relu output names): :func:`expose_decisions` as a tuple."""
+    exposed = expose_decisions(proto)
+    return exposed.proto, exposed.pool_inputs, exposed.relu_outputs
+
+
+def expose_decisions(proto: onnx.ModelProto) -> ExposedModel:
+    """A copy of ``proto`` that also outputs the input of every forward MaxPool (once per distinct
+    input: the gradient part may pool the same tensor again, once per backprop rule) and the output
+    of every forward Relu, in graph order: what a float32 run's discrete choices were made on."""
     proto = copy.deepcopy(proto)
-    known = {o.name for o in proto.graph.output}
-    # Pools in the order of their inputs' producers, the forward order: the gradient pass adds the
-    # MaxPool that returns the indices beside each forward MaxPool, at the end of the graph, in
-    # backward order.
-    produced_at = {o: i for i, n in enumerate(proto.graph.node) for o in n.output}
-    pooling = [(produced_at.get(n.input[0], -1), i, n.output[1]) for i, n in enumerate(proto.graph.node)
-               if n.op_type == "MaxPool" and len(n.output) > 1 and n.output[1]]
-    pools = [name for _, _, name in sorted(pooling)]
-    relus = [n.output[0] for n in proto.graph.node if n.op_type == "Relu" and n.output[0] not in known]
-    proto.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None) for name in pools)
-    proto.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in relus)
-    return proto, pools, relus
+    outputs = {o.name for o in proto.graph.output}
+    forward = _forward_nodes(proto.graph)
+    pools = list(dict.fromkeys(n.input[0] for n in forward if n.op_type == "MaxPool"))
+    relus = [n.output[0] for n in forward if n.op_type == "Relu"]
+    for name, elem in [*((p, onnx.TensorProto.FLOAT) for p in pools), *((r, onnx.TensorProto.FLOAT) for r in relus)]:
+        if name not in outputs:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+            outputs.add(name)
+    return ExposedModel(proto, pools, relus)
 
 
 class _ReplayMismatch(Exception):
@@ -92,11 +148,14 @@ class _ReLU(torch.autograd.Function):
 
 
 @contextlib.contextmanager
-def _replayed(pool_indices: list[np.ndarray] | None, relu_outputs: list[np.ndarray] | None,
+def _replayed(pool_inputs: list[np.ndarray] | None, relu_outputs: list[np.ndarray] | None,
               mode: str = "vanilla", overrides: list[float] | None = None):
-    """Make torch's F.max_pool2d and F.relu take onnxruntime's decisions, call by call in order:
-    the pooled element (flat indices over N*C*H*W) and which ReLU inputs pass; F.relu also
-    backpropagates by ``mode``. Yields a function telling whether every decision was used.
+    """Make torch's F.max_pool2d and F.relu take a float32 run's decisions, call by call in order:
+    each pool picks, per window, the first maximum of the input that run computed (torch's CPU
+    max_pool2d on those float32 values, which takes the first maximum as onnxruntime's MaxPool and
+    gradmap's portable rule do), and each ReLU passes where that run's output is positive; F.relu
+    also backpropagates by ``mode``. Values stay torch's own (float64). Yields a function telling
+    whether every decision was used.
 
     With ``overrides``, each replayed call appends how far torch's own values are from agreeing with
     the decisions it was given, relative to the call's largest |input|: the largest |input| of a ReLU
@@ -105,16 +164,21 @@ def _replayed(pool_indices: list[np.ndarray] | None, relu_outputs: list[np.ndarr
     decisions taken on other inputs show as gaps of order 1."""
     functional = torch.nn.functional
     original_pool, original_relu = functional.max_pool2d, functional.relu
-    pools = None if pool_indices is None else list(pool_indices)
+    pools = None if pool_inputs is None else list(pool_inputs)
     relus = None if relu_outputs is None else list(relu_outputs)
 
-    def replay_pool(input, *args, return_indices=False, **kwargs):
-        natural = original_pool(input, *args, **kwargs)
-        if not pools or tuple(_unpadded(pools[0], natural.shape).shape) != tuple(natural.shape):
+    def replay_pool(input, *args, **kwargs):
+        if len(args) > 5:  # return_indices given by position (kernel, stride, padding, dilation, ceil_mode, ...)
+            kwargs["return_indices"] = args[5]
+            args = args[:5]
+        return_indices = kwargs.pop("return_indices", False)
+        if not pools or tuple(_unpadded(pools[0], input.shape).shape) != tuple(input.shape):
             raise _ReplayMismatch()
-        index = torch.from_numpy(_unpadded(pools.pop(0), natural.shape, tuple(input.shape)))
-        picked = input.reshape(-1)[index.reshape(-1)].reshape(index.shape)
+        computed = torch.from_numpy(np.ascontiguousarray(_unpadded(pools.pop(0), input.shape), dtype=np.float32))
+        _, index = original_pool(computed, *args, return_indices=True, **kwargs)
+        picked = input.flatten(-2).gather(-1, index.flatten(-2)).view(index.shape)
         if overrides is not None:
+            natural = original_pool(input, *args, **kwargs)
             gap = (natural - picked).detach().abs().max() / input.detach().abs().max().clamp(min=1e-300)
             overrides.append(float(gap))
         return (picked, index) if return_indices else picked
@@ -176,18 +240,46 @@ def _torch_reference(module: torch.nn.Module, image: np.ndarray, target: np.ndar
     return logits.detach().numpy(), resolved.numpy(), grad.numpy()
 
 
-def _reference_with_decisions(module, image, target, score, pools, relus, mode="vanilla"):
-    """torch autograd replaying max-pooling and ReLU decisions when they match call by call;
-    max pooling alone, or no replay, when they do not. ReLUs backpropagate by ``mode``."""
-    for replay in ((pools, relus), (pools, None), (None, None)):
+@dataclass
+class Reference:
+    """torch autograd's logits, resolved targets and gradient, and which decisions it replayed."""
+
+    logits: np.ndarray
+    target_index: np.ndarray
+    gradient: np.ndarray
+    replayed: str  # which decisions were replayed: "pools+relus", "pools", "relus" or "none"
+
+
+def replay_reference(module: torch.nn.Module, image: np.ndarray, target: np.ndarray, score: str,
+                     decisions: Decisions, mode: str = "vanilla", overrides: list[float] | None = None) -> Reference:
+    """torch autograd of ``module`` (float64 for the reference) replaying ``decisions``: the max
+    pooling and ReLU choices when both match the module's F.max_pool2d and F.relu calls one by one;
+    else as many of the two kinds as match (a graph whose Relu nodes do not all come from F.relu,
+    say). ReLUs backpropagate by ``mode`` (vanilla, guided, deconvnet). ``overrides`` receives, per
+    replayed call of the replay used, how far torch's own values are from those decisions (see
+    ``_replayed``)."""
+    pools, relus = decisions.pool_inputs, decisions.relu_outputs
+    full = "+".join(kind for kind, values in (("pools", pools), ("relus", relus)) if values) or "none"
+    tried = set()
+    for replay in ((pools, relus), (pools, None), (None, relus), (None, None)):
+        name = "+".join(kind for kind, values in zip(("pools", "relus"), replay) if values) or "none"
+        if name in tried:
+            continue
+        tried.add(name)
+        gaps: list[float] = []
         try:
-            with _replayed(*replay, mode=mode) as all_used:
+            with _replayed(*replay, mode=mode, overrides=gaps) as all_used:
                 result = _torch_reference(module, image, target, score)
                 if all_used():
-                    return result
+                    if overrides is not None:
+                        overrides.extend(gaps)
+                    if name != full:
+                        logger.info("decision replay: %s only (%d pools, %d relus exposed)", name,
+                                    len(pools or ()), len(relus or ()))
+                    return Reference(*result, replayed=name)
         except _ReplayMismatch:
             pass
-    raise AssertionError("unreachable: plain autograd always matches")
+    return Reference(*_torch_reference(module, image, target, score), replayed="none")
 
 
 def verify_parity(module: torch.nn.Module, proto: onnx.ModelProto, input_size: tuple[int, int], *,
@@ -197,17 +289,20 @@ def verify_parity(module: torch.nn.Module, proto: onnx.ModelProto, input_size: t
 
     The first sample of a batch uses target -1 (its top-1 class), the others explicit classes
     that are not their top-1. Logits and resolved targets must match on every batch.
-    Every gradient output of ``backprops`` is compared; guided and deconvnet ReLU rules apply to
-    every F.relu call of the torch module (nn.ReLU included), as to every Relu node of the graph.
+    Every gradient output of ``backprops`` is compared, each with the same replayed decisions;
+    guided and deconvnet ReLU rules apply to every F.relu call of the torch module (nn.ReLU
+    included), as to every forward Relu node of the graph.
     Raises :class:`ParityError` with the deviation when no batch passes.
     Returns (logits error, largest gradient error) as max|Δ| / max|torch|.
     """
     rng = np.random.default_rng(seed)
-    proto, pool_names, relu_names = _expose_decisions(proto)
-    session = _session(proto)
+    exposed = expose_decisions(proto)
+    session = _session(exposed.proto)
     reference = copy.deepcopy(module).double()
     errors: list[float] = []
     logits_error = 0.0
+    gradient_names = [contract.BACKPROP_OUTPUTS[b] for b in backprops]
+    fetch = list(dict.fromkeys([contract.OUTPUT_LOGITS, contract.OUTPUT_TARGET_INDEX, *gradient_names, *exposed.names]))
     for attempt in range(attempts):
         image = rng.standard_normal((batch, 3, *input_size), dtype=np.float32)
         with torch.no_grad():
@@ -216,31 +311,26 @@ def verify_parity(module: torch.nn.Module, proto: onnx.ModelProto, input_size: t
         target = np.full(batch, -1, dtype=np.int64)
         for i in range(1, batch):  # an explicit class different from the top-1 class
             target[i] = (int(plain[i].argmax()) + 1 + 7 * i) % num_classes
-        gradient_names = [contract.BACKPROP_OUTPUTS[b] for b in backprops]
-        logits, target_index, *outputs = session.run(
-            [contract.OUTPUT_LOGITS, contract.OUTPUT_TARGET_INDEX, *gradient_names, *pool_names, *relu_names],
-            {contract.INPUT_IMAGE: image, contract.INPUT_TARGET: target},
-        )
-        gradients, decisions = outputs[:len(backprops)], outputs[len(backprops):]
-        pools, relus = decisions[:len(pool_names)], decisions[len(pool_names):]
-        references = [_reference_with_decisions(reference, image, target, score, pools, relus, mode)
-                      for mode in backprops]
-        ref_logits, ref_target, ref_grad = references[0]
-        if not np.any(ref_grad):
+        values = dict(zip(fetch, session.run(fetch, {contract.INPUT_IMAGE: image, contract.INPUT_TARGET: target})))
+        decisions = exposed.split(values)
+        references = [replay_reference(reference, image, target, score, decisions, mode) for mode in backprops]
+        ref = references[0]
+        if not np.any(ref.gradient):
             raise ParityError("torch autograd gives an identically zero gradient on random inputs, so parity "
                               "cannot be checked (a zero-initialized classifier head?). The model was not written; "
                               "pass --no-verify to export it unchecked.")
-        error = relative_error(logits, ref_logits)
+        error = relative_error(values[contract.OUTPUT_LOGITS], ref.logits)
         logits_error = max(logits_error, error)
         problems = []
         if error > tolerance:
             problems.append(f"logits differ from torch by {error:.3g} (max|Δ| / max|torch|)")
-        if not np.array_equal(target_index, ref_target):
-            problems.append(f"resolved targets {target_index.tolist()} differ from torch's {ref_target.tolist()}")
+        target_index = values[contract.OUTPUT_TARGET_INDEX]
+        if not np.array_equal(target_index, ref.target_index):
+            problems.append(f"resolved targets {target_index.tolist()} differ from torch's {ref.target_index.tolist()}")
         if problems:
             raise ParityError(f"parity check failed (tolerance {tolerance:g}): " + "; ".join(problems)
                               + ". The model was not written.")
-        errors.append(max(relative_error(g, r[2]) for g, r in zip(gradients, references)))
+        errors.append(max(relative_error(values[name], r.gradient) for name, r in zip(gradient_names, references)))
         if errors[-1] <= tolerance:
             if attempt:
                 logger.info("gradient parity reached on batch %d (earlier batches: %s)", attempt + 1,
