@@ -102,7 +102,7 @@ _METHODS = ["vanilla", "smoothgrad", "integrated-gradients", "gradient-x-input",
               help="Channel reduction: max of |gradient| (PyTorch/cs231n recipes), signed sum (TensorFlow "
                    "recipe) or L2 norm.")
 @click.option("--equalize/--no-equalize", default=True, show_default=True,
-              help="Histogram-equalize the map shown in heatmap and overlay (the figure shows both).")
+              help="Histogram-equalize the map shown in the heatmap and the flat overlay (the figure shows both).")
 @click.option("--clip-percentile", type=click.FloatRange(0, 100), default=None,
               help="Clip the map at this upper percentile (e.g. 99) before normalizing.")
 @click.option("--no-crop", is_flag=True,
@@ -111,7 +111,13 @@ _METHODS = ["vanilla", "smoothgrad", "integrated-gradients", "gradient-x-input",
               help="Map back onto the crop window (crop) or stretch over the whole picture like the "
                    "ResNet-50 recipe (stretch).")
 @click.option("--colormap", type=click.Choice(["hot", "jet", "viridis", "gray"]), default="hot", show_default=True)
-@click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Overlay opacity.")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=None,
+              help="Overlay opacity: at the map's highest values for peaks [default: 0.8], everywhere for flat "
+                   "[default: 0.5].")
+@click.option("--overlay", type=click.Choice(["peaks", "flat"]), default="peaks", show_default=True,
+              help="peaks: the map scaled to its 99th percentile, opacity growing with the value, so that only "
+                   "where the map is high colours the picture; flat: the recipes' overlay, the heatmap's map at "
+                   "one opacity.")
 @click.option("--format", "formats", multiple=True, callback=_split_formats,
               help="Outputs among heatmap, overlay, figure, npy; repeatable or comma-separated "
                    "[default: heatmap,overlay,figure].")
@@ -154,7 +160,8 @@ _METHODS = ["vanilla", "smoothgrad", "integrated-gradients", "gradient-x-input",
               help="--engine ray: instead of picture files, write one Parquet dataset to this new folder: path, "
                    "error, top-5, targets and the maps as an array column.")
 def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: str, reduce: str, equalize: bool,
-                clip_percentile: float | None, no_crop: bool, placement: str, colormap: str, alpha: float,
+                clip_percentile: float | None, no_crop: bool, placement: str, colormap: str, alpha: float | None,
+                overlay: str,
                 formats: tuple[str, ...], batch_size: int, provider: str, threads: int | None,
                 as_json: bool, method: str, modifier: str, samples: int, noise: float, variant: str, steps: int,
                 rule: str, baseline: str, seed: int, skip_existing: bool, engine: str, address: str | None,
@@ -198,7 +205,8 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
         remaining = [p for p in paths if not layout.complete(p, formats, wanted.count)]
         skipped, paths = len(paths) - len(remaining), remaining
     _unwind_on_sigterm()
-    options = RenderOptions(equalize=equalize, placement=placement, colormap=colormap, alpha=alpha)
+    options = RenderOptions(equalize=equalize, placement=placement, colormap=colormap, alpha=alpha,
+                            overlay=overlay)
     clip = None if clip_percentile is None else (0.0, clip_percentile)
     settings = JobSettings(target=wanted, method=method_spec, reduce=reduce, clip=clip, no_crop=no_crop,
                            formats=() if parquet_dir else formats, render=options, batch_size=batch_size)

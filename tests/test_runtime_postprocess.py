@@ -182,6 +182,36 @@ def test_overlay_blends_like_matplotlib_alpha():
     assert np.array_equal(out[0], picture[0]), "uncovered pixels must show the picture unchanged"
 
 
+def test_weighted_overlay_opacity_grows_with_the_value():
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    picture = rng.integers(0, 256, size=(4, 6, 3), dtype=np.uint8)
+    values = np.array([[0.0, 0.25, 0.5, 0.75, 1.0, 2.0]] * 4, dtype=np.float32)
+    out = np.asarray(render_overlay(Image.fromarray(picture), values, None, "hot", 0.8, weighted=True))
+    colour = apply_colormap(values, "hot").astype(np.float64)
+    a = 0.8 * np.clip(values, 0, 1)[..., None]
+    assert np.array_equal(out, np.rint(a * colour + (1 - a) * picture).astype(np.uint8))
+    assert np.array_equal(out[:, 0], picture[:, 0]), "a zero value must leave the picture as it is"
+
+
+def test_scale_to_percentile_saturates_the_top_and_keeps_the_rest():
+    from gradmap.runtime.postprocess import scale_to_percentile
+
+    m = np.linspace(0, 1, 1001, dtype=np.float32).reshape(7, 143)
+    out = scale_to_percentile(m, 99)
+    level = np.percentile(m.astype(np.float64), 99)
+    assert out.dtype == np.float32 and out.max() == 1.0
+    assert np.mean(out == 1.0) == pytest.approx(0.01, abs=0.002), "the top 1 % saturates"
+    assert_close(out[m < level], (m[m < level] / level).astype(np.float32), 1e-7, "below the percentile")
+    sparse = np.zeros((40, 40), np.float32)
+    sparse[0, :3] = [0.5, 1.0, 0.25]
+    assert_close(scale_to_percentile(sparse, 99), sparse, 0, "a 99th percentile of 0: divided by the maximum")
+    assert not scale_to_percentile(np.zeros((3, 3), np.float32)).any()
+    with pytest.raises(ValueError, match="percentile"):
+        scale_to_percentile(m, 0)
+
+
 maps = hnp.arrays(
     dtype=st.sampled_from([np.float32, np.float64]),
     shape=hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=24),

@@ -60,6 +60,17 @@ def browser():
         browser.close()
 
 
+def _canvas(page, name: str) -> np.ndarray:
+    data = page.evaluate("""(id) => {
+        const canvas = document.getElementById(id);
+        const pixels = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+        let text = '';
+        for (let i = 0; i < pixels.length; i += 0x8000) text += String.fromCharCode.apply(null, pixels.subarray(i, i + 0x8000));
+        return [canvas.height, canvas.width, btoa(text)];
+    }""", name)
+    return np.frombuffer(base64.b64decode(data[2]), dtype=np.uint8).reshape(data[0], data[1], 4)
+
+
 class Site:
     """A built site served on 127.0.0.1 and pages opened on it."""
 
@@ -91,10 +102,12 @@ class Site:
         assert not page.page_errors, f"uncaught errors in the page: {page.page_errors}"
         return json.loads(page.text_content("#result"))
 
-    def explain(self, picture: Path, method: str = "vanilla", extra: str = "") -> dict:
+    def explain(self, picture: Path, method: str = "vanilla", extra: str = "", canvases: bool = False):
+        """The page's result for ``picture``; with ``canvases`` also its heatmap and overlay pixels."""
         page = self.open(f"image={quote(self.add(picture))}&method={method}{extra}")
         try:
-            return self.result(page)
+            result = self.result(page)
+            return (result, _canvas(page, "heatmap"), _canvas(page, "overlay")) if canvases else result
         finally:
             page.close()
 
@@ -123,8 +136,8 @@ def python_run(model: Path, picture: Path, out: Path, method: str = "vanilla") -
     from gradmap.cli import main
     from gradmap.runtime import SaliencyModel, map_to_original, open_picture, preprocess
 
-    result = CliRunner().invoke(main, ["run", str(model), str(picture), "--out", str(out), "--json", "--format", "npy",
-                                       "--method", method, "--threads", "1"])
+    result = CliRunner().invoke(main, ["run", str(model), str(picture), "--out", str(out), "--json", "--format",
+                                       "npy,heatmap,overlay", "--method", method, "--threads", "1"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)["images"][0]
     saved = np.load(record["maps"][0]["files"]["map"])
@@ -173,13 +186,27 @@ def test_demo_maps_equal_gradmap_run(demo_site, photo_pngs, tmp_path):
     pictures.append(photo_pngs[0])  # 300x451: the 64x64 crop is a window in the middle, placed there
     for picture in pictures:
         for method in ("vanilla", "grad-cam", "guided-backprop"):
-            result = site.explain(picture, method)
+            result, heatmap, overlay = site.explain(picture, method, canvases=True)
             record, python = python_run(model, picture, tmp_path / f"{picture.stem}-{method}", method)
             assert result["backend"] == "wasm"
             assert result["predictions"][0]["label"] == record["predictions"][0]["label"], \
                 f"{picture.name}: top-1 differs from gradmap run"
             assert abs(result["predictions"][0]["probability"] - record["predictions"][0]["probability"]) < 1e-4
             assert_maps_match(page_map(result), python, f"{picture.name} {method}")
+            assert_pictures_match(heatmap, overlay, record["maps"][0]["files"], f"{picture.name} {method}")
+
+
+def assert_pictures_match(heatmap: np.ndarray, overlay: np.ndarray, files: dict, what: str) -> None:
+    """The page's heatmap and overlay canvases against gradmap run's PNGs: equal colours on all but
+    0.1 % of pixels (a map value within float32 rounding of a colour step may take the next colour)."""
+    expected = np.asarray(Image.open(files["heatmap"]).convert("RGBA"))
+    covered = expected[..., 3] == 255
+    assert np.array_equal(heatmap[..., 3] == 255, covered), f"{what}: heatmap covers other pixels"
+    same = np.all(heatmap[..., :3] == expected[..., :3], axis=2)[covered]
+    assert same.mean() >= MAP_SHARE, f"{what}: heatmap colours differ on {1 - same.mean():.3%} of pixels"
+    expected = np.asarray(Image.open(files["overlay"]).convert("RGB")).astype(int)
+    close = np.all(np.abs(overlay[..., :3].astype(int) - expected) <= 1, axis=2)
+    assert close.mean() >= MAP_SHARE, f"{what}: overlay differs on {1 - close.mean():.3%} of pixels"
 
 
 def test_smoothgrad_without_noise_is_the_vanilla_map(demo_site):
@@ -310,9 +337,10 @@ def test_resnet18_maps_equal_gradmap_run(resnet18_site, photo_pngs, tmp_path):
     assert config["input_size"] == [64, 64] and len(config["labels"]) == 1000
     for picture in photo_pngs[:2]:
         for method in ("vanilla", "grad-cam"):
-            result = site.explain(picture, method)
+            result, heatmap, overlay = site.explain(picture, method, canvases=True)
             record, python = python_run(model, picture, tmp_path / f"{picture.stem}-{method}", method)
             assert result["predictions"][0]["label"] == record["predictions"][0]["label"], \
                 f"{picture.name}: top-1 differs from gradmap run"
             assert [p["index"] for p in result["predictions"]] == [p["index"] for p in record["predictions"]]
             assert_maps_match(page_map(result), python, f"resnet18 {picture.name} {method}")
+            assert_pictures_match(heatmap, overlay, record["maps"][0]["files"], f"resnet18 {picture.name} {method}")

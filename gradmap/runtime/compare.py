@@ -9,7 +9,8 @@ from PIL import Image, ImageDraw
 
 from gradmap.runtime.methods import MethodSpec
 from gradmap.runtime.model import SaliencyModel
-from gradmap.runtime.render import _draw_centered, _font, _panel, render_overlay
+from gradmap.runtime.postprocess import scale_to_percentile
+from gradmap.runtime.render import OVERLAY_ALPHA, OVERLAY_PERCENTILE, _draw_centered, _font, _panel, render_overlay
 from gradmap.runtime.saliency import iter_saliency
 
 __all__ = ["explain_with_methods", "render_comparison"]
@@ -17,7 +18,8 @@ __all__ = ["explain_with_methods", "render_comparison"]
 
 def explain_with_methods(model: SaliencyModel, picture: Image.Image | str, methods: Sequence[MethodSpec], *,
                          target: str = "top1") -> tuple[Image.Image, list[tuple[str, np.ndarray, np.ndarray]], str]:
-    """Equalized maps of ``picture`` by each method, mapped onto the picture.
+    """The overlay's map (min-max, scaled to its 99th percentile) of ``picture`` by each method,
+    mapped onto the picture.
 
     Returns the RGB picture, (method, values, covered) per method, and a caption with the
     predicted label and probability.
@@ -30,7 +32,7 @@ def explain_with_methods(model: SaliencyModel, picture: Image.Image | str, metho
         if result.error is not None:
             raise result.error
         saliency = result.maps[0]
-        values, covered = result.on_original(saliency.equalized_map)
+        values, covered = result.on_original(scale_to_percentile(saliency.saliency_map, OVERLAY_PERCENTILE))
         panels.append((spec.name, values, covered))
         shown = result.picture
         probability = float(result.probabilities[saliency.target_index])
@@ -39,10 +41,13 @@ def explain_with_methods(model: SaliencyModel, picture: Image.Image | str, metho
 
 
 def render_comparison(picture: Image.Image, panels: Sequence[tuple[str, np.ndarray, np.ndarray]], *,
-                      caption: str = "", colormap: str = "hot", alpha: float = 0.5, panel_size: int = 220) -> Image.Image:
-    """The original and one overlay per method in a row, titled, with an optional caption."""
+                      caption: str = "", colormap: str = "hot", alpha: float = OVERLAY_ALPHA,
+                      panel_size: int = 220) -> Image.Image:
+    """The original and one overlay per method in a row (opacity ``alpha * value``), titled, with an
+    optional caption."""
     images = [("original", picture.convert("RGB"))]
-    images += [(name, render_overlay(picture, values, covered, colormap, alpha)) for name, values, covered in panels]
+    images += [(name, render_overlay(picture, values, covered, colormap, alpha, weighted=True))
+               for name, values, covered in panels]
     title_font, caption_font = _font(14), _font(16)
     margin, title_h, caption_h = 10, 22, 28 if caption else 0
     width = margin + len(images) * (panel_size + margin)

@@ -24,18 +24,20 @@ from typing import BinaryIO, Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from gradmap.runtime.postprocess import map_to_original
-from gradmap.runtime.render import render_figure, render_heatmap, render_overlay
+from gradmap.runtime.postprocess import map_to_original, scale_to_percentile
+from gradmap.runtime.render import OVERLAY_ALPHA, OVERLAY_PERCENTILE, render_figure, render_heatmap, render_overlay
 from gradmap.runtime.saliency import ImageSaliency, SaliencyMap
 
 __all__ = [
     "FORMATS",
     "DEFAULT_FORMATS",
     "IMAGE_EXTENSIONS",
+    "OVERLAYS",
     "OutputLayout",
     "RenderOptions",
     "atomic_write",
     "expand_inputs",
+    "overlay_values",
     "save_npy",
     "save_png",
     "write_outputs",
@@ -183,15 +185,42 @@ def save_npy(array: np.ndarray, path: str | os.PathLike[str]) -> None:
     atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
+OVERLAYS = ("peaks", "flat")
+
+
 @dataclass(frozen=True)
 class RenderOptions:
-    """How pictures are drawn: ``equalize`` picks the equalized map for heatmap and overlay (the
-    figure shows both), ``placement`` is ``"crop"`` or ``"stretch"`` (see ``map_to_original``)."""
+    """How pictures are drawn: ``equalize`` picks the equalized map for the heatmap (the figure shows
+    both), ``placement`` is ``"crop"`` or ``"stretch"`` (see ``map_to_original``).
+
+    ``overlay``: ``peaks`` (default) blends the min-max map scaled to its 99th percentile with opacity
+    ``alpha * value`` (``alpha`` None: :data:`~gradmap.runtime.render.OVERLAY_ALPHA`), so that only
+    where the map is high colours the picture; ``flat`` is the recipes' overlay, the heatmap's map
+    at opacity ``alpha`` (None: 0.5) everywhere.
+    """
 
     equalize: bool = True
     placement: str = "crop"
     colormap: str = "hot"
-    alpha: float = 0.5
+    alpha: float | None = None
+    overlay: str = "peaks"
+
+    def __post_init__(self) -> None:
+        if self.overlay not in OVERLAYS:
+            raise ValueError(f"unknown overlay {self.overlay!r}; choose one of {', '.join(OVERLAYS)}")
+
+    @property
+    def overlay_alpha(self) -> float:
+        if self.alpha is not None:
+            return self.alpha
+        return OVERLAY_ALPHA if self.overlay == "peaks" else 0.5
+
+
+def overlay_values(saliency: SaliencyMap, options: RenderOptions) -> np.ndarray:
+    """The map an overlay draws, on the model's input grid (see :class:`RenderOptions`)."""
+    if options.overlay == "peaks":
+        return scale_to_percentile(saliency.saliency_map, OVERLAY_PERCENTILE)
+    return saliency.equalized_map if options.equalize else saliency.saliency_map
 
 
 def write_outputs(result: ImageSaliency, saliency: SaliencyMap, layout: OutputLayout, formats: Iterable[str],
@@ -215,6 +244,9 @@ def write_outputs(result: ImageSaliency, saliency: SaliencyMap, layout: OutputLa
     shown = saliency.equalized_map if options.equalize else saliency.saliency_map
     shown_values, covered = map_to_original(shown, result.geometry, options.placement)
     mask = None if options.placement == "stretch" else covered
+    weighted = options.overlay == "peaks"
+    if {"overlay", "figure"} & set(formats):
+        overlaid, _ = map_to_original(overlay_values(saliency, options), result.geometry, options.placement)
     for kind in formats:
         if kind == "heatmap":
             path = layout.path(result.source, "heatmap", ".png", rank)
@@ -222,13 +254,14 @@ def write_outputs(result: ImageSaliency, saliency: SaliencyMap, layout: OutputLa
             written["heatmap"] = str(path)
         elif kind == "overlay":
             path = layout.path(result.source, "overlay", ".png", rank)
-            save_png(render_overlay(result.picture, shown_values, mask, options.colormap, options.alpha), path)
+            save_png(render_overlay(result.picture, overlaid, mask, options.colormap, options.overlay_alpha,
+                                    weighted=weighted), path)
             written["overlay"] = str(path)
         elif kind == "figure":
             raw, _ = map_to_original(saliency.saliency_map, result.geometry, options.placement)
             equalized, _ = map_to_original(saliency.equalized_map, result.geometry, options.placement)
-            figure = render_figure(result.picture, raw, equalized, shown_values, mask, caption=caption,
-                                   colormap=options.colormap, alpha=options.alpha)
+            figure = render_figure(result.picture, raw, equalized, overlaid, mask, caption=caption,
+                                   colormap=options.colormap, alpha=options.overlay_alpha, weighted=weighted)
             path = layout.path(result.source, "figure", ".png", rank)
             save_png(figure, path)
             written["figure"] = str(path)

@@ -8,6 +8,7 @@ The recipes' pipeline, ``gradient -> reduce_channels -> [clip_percentile] -> nor
     reduce "l2":   sqrt(sum_c g_c^2)
     normalize:     (m - min) / (max - min), zeros for a flat map
     equalize:      skimage.exposure.equalize_hist (the ResNet-50 recipe), zeros for a flat map
+    overlay:       m / percentile(m, 99), clipped at 1 (PAIR's VisualizeImageGrayscale)
     map back:      scipy.ndimage.zoom(order=1) onto the crop window ("crop") or the whole picture
                    ("stretch", what the ResNet-50 recipe does although its input was center-cropped)
 
@@ -33,6 +34,7 @@ __all__ = [
     "map_to_original",
     "normalize_min_max",
     "reduce_channels",
+    "scale_to_percentile",
     "softmax",
     "top_k",
 ]
@@ -155,6 +157,26 @@ def clip_percentile(saliency_map: np.ndarray, low: float = 0.0, high: float = 99
     else:  # numpy's interpolation overflows on a range beyond the dtype's limit; halving is exact
         lo, hi = 2 * np.percentile(m * 0.5, [low, high])
     return np.clip(m, lo, hi)
+
+
+def scale_to_percentile(saliency_map: np.ndarray, percentile: float = 99.0) -> np.ndarray:
+    """Divide a map in [0, 1] by its ``percentile`` percentile and clip at 1, as PAIR saliency's
+    ``VisualizeImageGrayscale``: the strongest pixels saturate instead of making the rest look
+    empty. A map whose percentile is 0 (mostly zeros) is divided by its maximum instead; an all-zero
+    map gives zeros. Returns float32.
+    """
+    if not 0.0 < percentile <= 100.0:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    check_finite(saliency_map, "saliency map")
+    m = np.asarray(saliency_map, dtype=np.float64)
+    if m.size == 0:
+        return m.astype(np.float32)
+    level = float(np.percentile(m, percentile))
+    if not level > 0:
+        level = float(m.max())
+        if not level > 0:
+            return np.zeros(m.shape, dtype=np.float32)
+    return np.clip(m / level, 0.0, 1.0).astype(np.float32)
 
 
 def map_to_original(saliency_map: np.ndarray, geometry: CropGeometry, placement: str = "crop",

@@ -2,7 +2,8 @@
 
 - :func:`render_heatmap`: the coloured map, transparent where it does not cover the picture.
 - :func:`render_overlay`: ``alpha * colour + (1 - alpha) * picture`` where the map covers the picture,
-  which is what matplotlib shows for ``imshow(img); imshow(map, cmap, alpha=alpha)``.
+  which is what matplotlib shows for ``imshow(img); imshow(map, cmap, alpha=alpha)``; or, weighted,
+  with opacity ``alpha * value``, so that only where the map is high colours the picture.
 - :func:`render_figure`: the ResNet-50 recipe's four panels (original | raw map | equalized map |
   overlay) with titles and the predicted label.
 """
@@ -47,10 +48,13 @@ def render_heatmap(values: np.ndarray, covered: np.ndarray | None = None, colorm
 
 
 def render_overlay(picture: Image.Image, values: np.ndarray, covered: np.ndarray | None = None,
-                   colormap: str = "hot", alpha: float = 0.5) -> Image.Image:
-    """Blend the coloured map over the RGB ``picture`` (same size) with opacity ``alpha``.
+                   colormap: str = "hot", alpha: float = 0.5, *, weighted: bool = False) -> Image.Image:
+    """Blend the coloured map over the RGB ``picture`` (same size).
 
-    Outside ``covered`` the picture shows unchanged.
+    Flat (``weighted=False``, the recipes' overlay): opacity ``alpha`` everywhere the map covers the
+    picture. ``weighted``: opacity ``alpha * value`` (values clipped to [0, 1]), so that low values
+    leave the picture as it is and colour marks where the map is high. Outside ``covered`` the
+    picture shows unchanged. Each channel is ``rint(a * colour + (1 - a) * picture)``.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -66,7 +70,12 @@ def render_overlay(picture: Image.Image, values: np.ndarray, covered: np.ndarray
     for top in range(0, pixels.shape[0], _BAND_ROWS):  # band by band: no full-size temporaries
         rows = slice(top, top + _BAND_ROWS)
         base = pixels[rows]
-        blended = blend[apply_colormap(values[rows], colormap), base]
+        colour = apply_colormap(values[rows], colormap)
+        if weighted:
+            a = alpha * np.clip(values[rows].astype(np.float64), 0.0, 1.0)[..., None]
+            blended = np.rint(a * colour + (1.0 - a) * base).astype(np.uint8)
+        else:
+            blended = blend[colour, base]
         out[rows] = np.where(mask[rows][..., None], blended, base)
     return Image.fromarray(out, mode="RGB")
 
@@ -102,13 +111,14 @@ def _draw_centered(draw: ImageDraw.ImageDraw, text: str, center_x: int, top: int
 
 def render_figure(picture: Image.Image, raw: np.ndarray, equalized: np.ndarray, overlay_values: np.ndarray,
                   covered: np.ndarray | None = None, *, caption: str = "", colormap: str = "hot",
-                  alpha: float = 0.5, panel_size: int = 320) -> Image.Image:
+                  alpha: float = 0.5, panel_size: int = 320, weighted: bool = False) -> Image.Image:
     """The four-panel figure of the ResNet-50 recipe, as one RGB image.
 
     Args:
         picture: the original RGB picture.
         raw, equalized: the min-max normalized and the equalized map, on the original picture.
-        overlay_values: the map drawn in the overlay panel (the recipe uses the equalized one).
+        overlay_values: the map drawn in the overlay panel (the recipe uses the equalized one);
+            ``weighted`` and ``alpha`` as in :func:`render_overlay`.
         covered: where the maps cover the picture (None: everywhere); elsewhere panels stay white.
         caption: a line above the panels, e.g. the predicted label and its probability.
         panel_size: width and height of each panel's box, in pixels.
@@ -117,7 +127,7 @@ def render_figure(picture: Image.Image, raw: np.ndarray, equalized: np.ndarray, 
         picture.convert("RGB"),
         render_heatmap(raw, covered, colormap),
         render_heatmap(equalized, covered, colormap),
-        render_overlay(picture, overlay_values, covered, colormap, alpha),
+        render_overlay(picture, overlay_values, covered, colormap, alpha, weighted=weighted),
     ]
     title_font, caption_font = _font(14), _font(18)
     margin, title_h, caption_h = 12, 24, 32 if caption else 0

@@ -367,10 +367,11 @@ export function percentile(m, q) {
 /**
  * What the overlay shows (gradmap.runtime.postprocess.scale_to_percentile): the min-max map divided
  * by its ``overlay.percentile`` percentile and clipped to [0, 1], so that the few strongest pixels
- * do not make the rest vanish; a map whose percentile is 0 gives zeros.
+ * do not make the rest vanish; a map whose percentile is 0 is divided by its maximum instead.
  */
 export function overlayValues(normalized, overlay) {
-  const p = percentile(normalized, overlay.percentile);
+  let p = percentile(normalized, overlay.percentile);
+  if (!(p > 0)) p = minMax(normalized)[1];
   if (!(p > 0)) return new Float32Array(normalized.length);
   return Float32Array.from(normalized, (v) => Math.min(1, Math.max(0, v / p)));
 }
