@@ -1,0 +1,170 @@
+"""The cpu target's lowering passes (gradmap/export/lowering): each pass alone rewrites the portable
+graph of a small network that has its pattern, and the rewritten graph gives the portable graph's
+gradients (every guided and deconvnet output too), which the portable graph's own parity with
+torch autograd anchors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+import onnx_ir as ir  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from gradmap import contract  # noqa: E402
+from gradmap.export import ExportError, build_gradient_model, export_module  # noqa: E402
+from gradmap.contract import Preprocessing  # noqa: E402
+from gradmap.export.lowering import cpu_backward  # noqa: E402
+
+BACKPROPS = ("vanilla", "guided", "deconvnet")
+
+
+class Patterns(torch.nn.Module):
+    """Every pattern a cpu pass rewrites, on feature maps of 16 and 32 channels (multiples of the
+    block, so that channel padding stays out of it): BatchNormalization -> ReLU -> Conv, stride-1,
+    strided and depthwise strided convolutions, overlapping and disjoint max pooling, HardSwish (as
+    an op and split), SiLU, squeeze-and-excitation (a per-channel gradient, expanded and added)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(16)
+        self.conv = torch.nn.Conv2d(16, 32, 3, padding=1)
+        self.strided = torch.nn.Conv2d(32, 32, 3, stride=2, padding=1)
+        self.depthwise = torch.nn.Conv2d(32, 32, 3, stride=2, padding=1, groups=32)
+        self.squeeze = torch.nn.Conv2d(32, 16, 1)
+        self.excite = torch.nn.Conv2d(16, 32, 1)
+        self.fc = torch.nn.Linear(32, 7)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.stem(x)), 3, stride=2, padding=1)       # overlapping windows
+        x = self.conv(F.relu(self.bn(x)))                                    # pre-activation
+        x = F.hardswish(self.strided(x))
+        x = x * torch.sigmoid(x)                                             # SiLU
+        x = F.max_pool2d(F.relu(self.depthwise(x)), 2)                       # disjoint windows
+        scale = torch.sigmoid(self.excite(F.relu(self.squeeze(x.mean((2, 3), keepdim=True)))))
+        x = F.hardswish(x * scale) + x
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def module():
+    torch.manual_seed(0)
+    m = Patterns().eval()
+    with torch.no_grad():  # BN factors of both signs: guided and deconvnet must not fold the negative ones
+        m.bn.weight.copy_(torch.linspace(-1.5, 2.0, 16))
+        m.bn.running_var.uniform_(0.5, 2.0)
+        m.bn.running_mean.normal_()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+SIZE = (32, 32)
+
+
+def _gradients(model: ir.Model, image: np.ndarray, target: np.ndarray) -> list[np.ndarray]:
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto, full_check=True)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [contract.BACKPROP_OUTPUTS[b] for b in BACKPROPS]
+    return session.run([contract.OUTPUT_LOGITS, *names], {contract.INPUT_IMAGE: image, contract.INPUT_TARGET: target})
+
+
+def _build(module, monkeypatch, target: str, passes=()):
+    monkeypatch.setattr(cpu_backward, "PASSES", tuple(passes))
+    model, _ = build_gradient_model(module, SIZE, target=target, backprops=BACKPROPS, channel_multiple=16)
+    return model
+
+
+def _histogram(model: ir.Model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+# pass -> whether it gives bit-identical gradients (the others compute the same sums in another order)
+EXACT = {"fold_batch_norm": False, "conv_adjoint": False, "max_pool_indices": False, "relu_mask": True,
+         "hard_swish_steps": True, "silu_affine": True, "resize_sum_scale": True, "spread_per_channel": True}
+
+
+@pytest.mark.parametrize("name", list(EXACT))
+def test_each_cpu_pass_alone_keeps_the_gradient(module, monkeypatch, name):
+    """The cpu target with this backward pass alone against the cpu target with none (the same
+    forward rewrites, the portable rules)."""
+    lowering_pass = getattr(cpu_backward, name)
+    rewrites = []
+
+    def counted(rewriter, regions):
+        rewrites.append(lowering_pass(rewriter, regions))
+        return rewrites[-1]
+
+    rng = np.random.default_rng(3)
+    image = rng.standard_normal((2, 3, *SIZE), dtype=np.float32)
+    target = np.asarray([-1, 4], dtype=np.int64)
+    unlowered = _build(module, monkeypatch, "cpu")
+    lowered = _build(module, monkeypatch, "cpu", [counted])
+    assert rewrites and rewrites[0] > 0, f"{name} rewrote nothing"
+    assert _histogram(lowered) != _histogram(unlowered), f"{name} left the graph as it was"
+    expected = _gradients(unlowered, image, target)
+    actual = _gradients(lowered, image, target)
+    np.testing.assert_array_equal(actual[0], expected[0], err_msg="the logits changed")
+    for backprop, a, e in zip(BACKPROPS, actual[1:], expected[1:]):
+        assert np.any(e), f"{backprop}: the gradient is all zeros, nothing is compared"
+        if EXACT[name]:
+            np.testing.assert_array_equal(a, e, err_msg=f"{name}: {backprop} gradient changed")
+        else:
+            error = np.abs(a - e).max() / np.abs(e).max()
+            assert error <= 1e-6, f"{name}: {backprop} gradient differs by {error:.3g} (max|Δ| / max|unlowered|)"
+
+
+def test_cpu_target_uses_no_portable_forms_where_it_lowers(module, monkeypatch):
+    """All passes together: no ConvTranspose where a Conv does (stride 1 and depthwise), the max
+    pools routed by Indices, the weights stored once (the adjoint kernels come from the forward's
+    initializers)."""
+    monkeypatch.setattr(cpu_backward, "PASSES", cpu_backward.PASSES)
+    model, _ = build_gradient_model(module, SIZE, target="cpu", channel_multiple=16)
+    counts = _histogram(model)
+    assert counts.get("ConvTranspose", 0) == 1, f"only the strided dense conv keeps ConvTranspose: {counts}"
+    assert counts.get("Equal", 0) == 1, "only the one-hot's Equal is left: the pools' window masks are gone"
+    weights = [v for v in model.graph.initializers.values() if v.const_value is not None and v.const_value.size >= 16 * 9]
+    sizes = sorted(v.const_value.size for v in weights)
+    assert len(sizes) == len(set(v.name for v in weights))
+    forward = sum(p.numel() for p in module.parameters() if p.dim() == 4)
+    assert sum(v.const_value.size for v in weights if len(v.shape) == 4) <= forward + 16 * 9 * 3, \
+        "adjoint kernels are stored a second time"
+
+
+def test_portable_and_cpu_targets_match_torch_autograd(module, tmp_path):
+    """Both targets through export_module's parity check with torch autograd, and the target in
+    the metadata."""
+    for target in ("portable", "cpu"):
+        report = export_module(module, tmp_path / f"{target}.onnx", preprocessing=Preprocessing(crop=SIZE, resize=36),
+                               target=target, backprops=("guided", "deconvnet"))
+        assert report.gradient_error <= 1e-4, (target, report.gradient_error)
+        props = {p.key: p.value for p in onnx.load(str(report.path)).metadata_props}
+        assert props["gradmap.target"] == target
+
+
+def test_portable_graph_has_no_engine_specific_forms(module):
+    model, _ = build_gradient_model(module, SIZE, target="portable", backprops=BACKPROPS)
+    counts = _histogram(model)
+    for op in ("MaxUnpool", "ScatterElements", "Resize"):
+        assert op not in counts, f"portable graph uses {op}: {counts}"
+    steep = [n.name for n in model.graph if n.op_type == "HardSigmoid" and n.attributes.get_float("alpha", 0.2) > 1]
+    assert not steep, f"HardSigmoid used as a step function: {steep}"
+    assert all(n.op_type != "Conv" or n.metadata_props.get("gradmap.vjp") is None for n in model.graph), \
+        "a Conv in the backward part (a blocked-layout form)"
+    pools = [n for n in model.graph if n.op_type == "MaxPool"]
+    assert all(len(n.outputs) == 1 for n in pools), "a portable MaxPool returns no Indices"
+
+
+def test_portable_target_refuses_channel_padding(module):
+    with pytest.raises(ExportError, match="channel padding"):
+        build_gradient_model(module, SIZE, target="portable", channel_multiple=16)
+    with pytest.raises(ExportError, match="unknown target"):
+        build_gradient_model(module, SIZE, target="gpu")
