@@ -24,8 +24,9 @@ def main() -> None:
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False, writable=True), required=True,
               help="Where to write the ONNX model.")
 @click.option("--weights", default="DEFAULT", show_default=True,
-              help="torchvision weights name (e.g. DEFAULT, IMAGENET1K_V2), 'none' for seeded random "
-                   "weights, or a path to a state-dict file.")
+              help="torchvision weights name (e.g. DEFAULT, IMAGENET1K_V2); for timm: and hf: models DEFAULT "
+                   "or 'pretrained' (their own weights and cache); 'none' for seeded random weights; or a path "
+                   "to a state-dict or .safetensors file.")
 @click.option("--score", type=click.Choice(["logit", "probability", "log_probability"]), default="logit",
               show_default=True, help="What the gradient differentiates.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random weights (--weights none).")
@@ -48,15 +49,20 @@ def main() -> None:
 def export_command(model_name: str, output: str, weights: str, score: str, seed: int, opset: int,
                    backprops: tuple[str, ...], cam_layer: str | None, engine_target: str,
                    channel_multiple: int | None, no_verify: bool) -> None:
-    """Export a torchvision classifier MODEL to an ONNX model with an input-gradient output."""
+    """Export MODEL to an ONNX model with an input-gradient output.
+
+    MODEL is a torchvision classifier name (resnet50), timm:NAME (any timm.list_models() name, pretrained
+    tags included: timm:convnext_tiny.fb_in22k_ft_in1k) or hf:MODEL_ID_OR_DIR (a Transformers
+    AutoModelForImageClassification: a local directory or a hub id in the Hugging Face cache).
+    """
     try:
-        from gradmap.export import ExportError, export_torchvision
+        from gradmap.export import ExportError, export_named_model
     except ImportError as e:  # torch or onnx missing
         raise click.ClickException(
             f"'gradmap export' needs PyTorch and ONNX ({e.name or e}): pip install 'gradmap[export]'"
         ) from e
     try:
-        report = export_torchvision(model_name, output, weights=weights, score=score, seed=seed,
+        report = export_named_model(model_name, output, weights=weights, score=score, seed=seed,
                                     opset=opset, verify=not no_verify, backprops=("vanilla", *backprops),
                                     cam_layer=cam_layer, target=engine_target, channel_multiple=channel_multiple)
     except ExportError as e:

@@ -29,6 +29,8 @@ __all__ = [
     "SCORE_KINDS",
     "TARGETS",
     "INTERPOLATIONS",
+    "RESIZE_MODES",
+    "CROP_ROUNDINGS",
     "ContractError",
     "OUTPUT_GRADIENT_GUIDED",
     "OUTPUT_GRADIENT_DECONVNET",
@@ -76,6 +78,11 @@ TARGETS = ("cpu", "portable")
 #: Resampling filters understood by the runtime's preprocessing (PIL names, lower case).
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
+#: How the resize step sizes the picture (see :class:`Preprocessing`).
+RESIZE_MODES = ("shorter", "exact", "keep_ratio", "keep_ratio_longest")
+#: Where the center crop starts: torchvision's round((size - crop) / 2) or Hugging Face's floor.
+CROP_ROUNDINGS = ("round", "floor")
+
 METADATA_PREFIX = "gradmap."
 _KEY_FORMAT = METADATA_PREFIX + "format_version"
 _KEY_SOURCE = METADATA_PREFIX + "source_model"
@@ -117,58 +124,108 @@ class ContractError(ValueError):
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How a picture becomes the ``image`` tensor, as torchvision's classification presets do.
+    """How a picture becomes the ``image`` tensor, as torchvision's, timm's and Hugging Face's
+    evaluation transforms do: resize, center crop (zero or ``pad_fill`` padding where the crop is
+    larger), scale to [0, 1], normalize.
 
-    ``resize`` is the length of the shorter side after resizing (torchvision ``Resize(int)``), or
-    ``None`` to skip resizing; ``crop`` is the (height, width) of the center crop, which is also the
-    model's input size. ``mean``/``std`` are per-channel, applied after scaling pixels to [0, 1].
+    ``resize`` and ``resize_mode`` (see :data:`RESIZE_MODES`):
+
+    - ``shorter`` (default): ``resize`` is the length of the shorter side, the longer one is
+      truncated (torchvision ``Resize(int)``); ``None`` skips resizing.
+    - ``exact``: ``resize`` is (height, width) (torchvision ``Resize((h, w))``: timm's ``squash``
+      crop mode, Hugging Face ``size={height, width}``).
+    - ``keep_ratio``: ``resize`` is (height, width); the picture is scaled by the smaller of the two
+      ratios so it covers that box, each side rounded (timm ``ResizeKeepRatio``, its ``center`` crop
+      mode for a non-square input).
+    - ``keep_ratio_longest``: the same with the larger ratio, so the picture fits inside the box
+      (timm's ``border`` crop mode, which pads with ``pad_fill``).
+
+    ``crop`` is the (height, width) of the center crop, which is also the model's input size;
+    ``crop_rounding`` places it at ``round((size - crop) / 2)`` (``round``, Python's, as
+    torchvision's ``CenterCrop``) or ``(size - crop) // 2`` (``floor``, as Hugging Face's
+    ``center_crop``). ``mean``/``std`` are per-channel, applied after scaling pixels to [0, 1].
+
+    Metadata written before these fields existed reads as ``shorter``/``round``/zero fill; fields
+    at their defaults are not written, so models that don't use them read in older gradmap too.
     """
 
     crop: tuple[int, int] = (224, 224)
-    resize: int | None = 256
+    resize: "int | tuple[int, int] | None" = 256
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    resize_mode: str = "shorter"
+    crop_rounding: str = "round"
+    pad_fill: tuple[int, int, int] = (0, 0, 0)
 
     def __post_init__(self) -> None:
         crop = tuple(int(c) for c in self.crop)
         if len(crop) != 2 or min(crop) <= 0:
             raise ContractError(f"preprocessing crop must be two positive sizes, got {self.crop!r}")
-        if self.resize is not None and int(self.resize) <= 0:
-            raise ContractError(f"preprocessing resize must be positive or None, got {self.resize!r}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ContractError(
+                f"preprocessing resize_mode {self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
+        if self.resize_mode == "shorter":
+            if isinstance(self.resize, (tuple, list)) or (self.resize is not None and int(self.resize) <= 0):
+                raise ContractError(f"preprocessing resize must be a positive size or None, got {self.resize!r}")
+            resize = None if self.resize is None else int(self.resize)
+        else:
+            if not isinstance(self.resize, (tuple, list)) or len(self.resize) != 2 or min(self.resize) <= 0:
+                raise ContractError(f"preprocessing resize_mode {self.resize_mode!r} needs resize = (height, width), "
+                                    f"got {self.resize!r}")
+            resize = (int(self.resize[0]), int(self.resize[1]))
         if self.interpolation not in INTERPOLATIONS:
             raise ContractError(
                 f"preprocessing interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}"
             )
+        if self.crop_rounding not in CROP_ROUNDINGS:
+            raise ContractError(
+                f"preprocessing crop_rounding {self.crop_rounding!r} is not one of {', '.join(CROP_ROUNDINGS)}")
         mean = tuple(float(m) for m in self.mean)
         std = tuple(float(s) for s in self.std)
         if len(mean) != 3 or len(std) != 3:
             raise ContractError("preprocessing mean and std need three values each (RGB)")
         if min(std) <= 0:
             raise ContractError(f"preprocessing std must be positive, got {std}")
+        fill = tuple(int(v) for v in self.pad_fill)
+        if len(fill) != 3 or not all(0 <= v <= 255 for v in fill):
+            raise ContractError(f"preprocessing pad_fill must be three values in 0..255, got {self.pad_fill!r}")
         object.__setattr__(self, "crop", crop)
-        object.__setattr__(self, "resize", None if self.resize is None else int(self.resize))
+        object.__setattr__(self, "resize", resize)
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
+        object.__setattr__(self, "pad_fill", fill)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["crop"] = list(self.crop)
         d["mean"] = list(self.mean)
         d["std"] = list(self.std)
+        if isinstance(self.resize, tuple):
+            d["resize"] = list(self.resize)
+        defaults = {"resize_mode": "shorter", "crop_rounding": "round", "pad_fill": (0, 0, 0)}
+        for key, default in defaults.items():  # written only when used: older readers keep reading the rest
+            if getattr(self, key) == default:
+                del d[key]
+        if "pad_fill" in d:
+            d["pad_fill"] = list(self.pad_fill)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Preprocessing":
         try:
+            resize = d.get("resize")
             return cls(
                 crop=tuple(d["crop"]),
-                resize=d.get("resize"),
+                resize=tuple(resize) if isinstance(resize, list) else resize,
                 interpolation=d.get("interpolation", "bilinear"),
                 mean=tuple(d["mean"]),
                 std=tuple(d["std"]),
+                resize_mode=d.get("resize_mode", "shorter"),
+                crop_rounding=d.get("crop_rounding", "round"),
+                pad_fill=tuple(d.get("pad_fill", (0, 0, 0))),
             )
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise ContractError(f"preprocessing metadata is incomplete or malformed: {e}") from e
 
 

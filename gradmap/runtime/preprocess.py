@@ -36,6 +36,7 @@ __all__ = [
     "EncodedPicture",
     "PIL_FILTERS",
     "center_crop_offsets",
+    "keep_ratio_size",
     "load_picture",
     "open_picture",
     "preprocess",
@@ -189,23 +190,37 @@ def resized_size(height: int, width: int, resize: int) -> tuple[int, int]:
     return new_h, new_w
 
 
-def center_crop_offsets(height: int, width: int, crop_height: int, crop_width: int) -> tuple[int, int]:
-    """(top, left) of torchvision's ``CenterCrop`` window; negative where the crop pads the picture.
+def keep_ratio_size(height: int, width: int, box: tuple[int, int], longest: bool = False) -> tuple[int, int]:
+    """Size after timm's ``ResizeKeepRatio(box)``: both sides divided by the smaller ratio of picture
+    to box (``longest``: the larger one), each rounded with Python's round."""
+    ratio_h, ratio_w = height / box[0], width / box[1]
+    ratio = max(ratio_h, ratio_w) if longest else min(ratio_h, ratio_w)
+    return round(height / ratio), round(width / ratio)
 
-    torchvision pads ``(crop - size) // 2`` before (the extra pixel after) and then crops at
-    ``int(round((size - crop) / 2.0))`` -- Python's round, so halves go to even.
+
+def center_crop_offsets(height: int, width: int, crop_height: int, crop_width: int,
+                        rounding: str = "round") -> tuple[int, int]:
+    """(top, left) of the center crop window; negative where the crop pads the picture.
+
+    ``round`` (torchvision's ``CenterCrop``, timm's ``CenterCropOrPad``): pad ``(crop - size) // 2``
+    before (the extra pixel after), crop at ``int(round((size - crop) / 2.0))`` -- Python's round,
+    so halves go to even. ``floor`` (Hugging Face's ``center_crop``): ``(size - crop) // 2`` either way.
     """
     def offset(size: int, crop: int) -> int:
+        if rounding == "floor":
+            return (size - crop) // 2
         return -((crop - size) // 2) if crop > size else int(round((size - crop) / 2.0))
 
     return offset(height, crop_height), offset(width, crop_width)
 
 
-def crop_window(pixels: np.ndarray, top: int, left: int, size: tuple[int, int]) -> np.ndarray:
-    """The ``size`` window of ``pixels`` ([H, W, ...]) at (top, left), zero where it reaches past
-    the picture (negative offsets included), as torchvision's CenterCrop pads."""
+def crop_window(pixels: np.ndarray, top: int, left: int, size: tuple[int, int], fill=0) -> np.ndarray:
+    """The ``size`` window of ``pixels`` ([H, W, ...]) at (top, left), ``fill`` (zero, as
+    torchvision's CenterCrop pads; per channel for timm's border mode) where it reaches past the
+    picture (negative offsets included)."""
     crop_h, crop_w = size
-    window = np.zeros((crop_h, crop_w, *pixels.shape[2:]), dtype=pixels.dtype)
+    window = np.empty((crop_h, crop_w, *pixels.shape[2:]), dtype=pixels.dtype)
+    window[...] = np.asarray(fill, dtype=pixels.dtype)
     src_top, src_left = max(top, 0), max(left, 0)
     src_bottom, src_right = min(top + crop_h, pixels.shape[0]), min(left + crop_w, pixels.shape[1])
     window[src_top - top:src_bottom - top, src_left - left:src_right - left] = \
@@ -224,8 +239,9 @@ def preprocess(picture: Image.Image, preprocessing: Preprocessing, *, no_crop: b
             does) instead of resize + center crop, so that the map covers all of the picture.
 
     Returns:
-        float32 array [3, h, w] equal to torchvision's ``Normalize(ToTensor(CenterCrop(Resize(p))))``,
-        and the :class:`CropGeometry`.
+        float32 array [3, h, w] equal to torchvision's ``Normalize(ToTensor(CenterCrop(Resize(p))))``
+        (timm's eval transform and Hugging Face's PIL image processors likewise, per ``resize_mode``
+        and ``crop_rounding``), and the :class:`CropGeometry`.
     """
     if picture.mode != "RGB":
         picture = to_rgb(picture)
@@ -233,15 +249,21 @@ def preprocess(picture: Image.Image, preprocessing: Preprocessing, *, no_crop: b
     height, width = picture.height, picture.width
     if no_crop:
         new_size = (crop_h, crop_w)
-    elif preprocessing.resize is not None:
-        new_size = resized_size(height, width, preprocessing.resize)
-    else:
+    elif preprocessing.resize is None:
         new_size = (height, width)
+    elif preprocessing.resize_mode == "exact":
+        new_size = preprocessing.resize
+    elif preprocessing.resize_mode in ("keep_ratio", "keep_ratio_longest"):
+        new_size = keep_ratio_size(height, width, preprocessing.resize,
+                                   longest=preprocessing.resize_mode == "keep_ratio_longest")
+    else:
+        new_size = resized_size(height, width, preprocessing.resize)
     if new_size != (height, width):  # torchvision returns the picture untouched when sizes agree
         picture = picture.resize((new_size[1], new_size[0]), PIL_FILTERS[preprocessing.interpolation])
-    top, left = (0, 0) if no_crop else center_crop_offsets(new_size[0], new_size[1], crop_h, crop_w)
+    top, left = (0, 0) if no_crop else center_crop_offsets(new_size[0], new_size[1], crop_h, crop_w,
+                                                          preprocessing.crop_rounding)
 
-    window = crop_window(np.asarray(picture, dtype=np.uint8), top, left, (crop_h, crop_w))
+    window = crop_window(np.asarray(picture, dtype=np.uint8), top, left, (crop_h, crop_w), preprocessing.pad_fill)
 
     # Same float32 operations, in the same order, as ToTensor (x / 255) and Normalize ((x - m) / s).
     tensor = window.transpose(2, 0, 1).astype(np.float32) / np.float32(255)

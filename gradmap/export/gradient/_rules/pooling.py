@@ -16,6 +16,7 @@
     Resize (nearest, integer scales, each output a copy of input floor(i / s)):
                        dX = sum of dY over each s_h x s_w block = AveragePool(dY, s, stride s) * s_h s_w
                        (GlobalAveragePool from a 1 x 1 input)
+    TopK:              dX = ScatterElements(zeros, Indices, dValues, axis)   (distinct indices)
 
 The Expands are deferred (GradContext.broadcastable): where X has other consumers, as the input of
 a squeeze-excitation block does, the small gradient is added to theirs by a broadcasting Add.
