@@ -41,6 +41,9 @@ NODE_MODULES = Path(os.environ.get("GRADMAP_ENGINES_NODE_MODULES", HERE / "node_
 ORT_WEB_DIST = NODE_MODULES / "onnxruntime-web" / "dist"
 CHROMIUM = os.environ.get("GRADMAP_CHROMIUM", "/usr/bin/chromium")
 
+#: Seconds an engine run may take (GRADMAP_ENGINE_TIMEOUT) before it counts as failed (node, Chromium).
+TIMEOUT = float(os.environ.get("GRADMAP_ENGINE_TIMEOUT", "1800"))
+
 ENGINES = ("ort_cpu", "ort_wasm_node", "ort_wasm_chromium", "ort_webgpu", "openvino")
 
 #: How each engine optimizes the graph before running it (recorded beside results).
@@ -230,7 +233,7 @@ def _run_node(model_path: Path, feeds, output_names, repeat):
         (tmp / "manifest.json").write_text(json.dumps(manifest))
         env = dict(os.environ, NODE_PATH=str(NODE_MODULES))
         proc = subprocess.run(["node", "--max-old-space-size=8192", str(HERE / "run_wasm.cjs"), str(tmp / "manifest.json")],
-                              capture_output=True, text=True, env=env, timeout=3600)
+                              capture_output=True, text=True, env=env, timeout=TIMEOUT)
         result_file = tmp / "result.json"
         if not result_file.is_file():
             raise EngineError("ort_wasm_node", model_path,

@@ -6,6 +6,7 @@ dist folder and the model files registered for the run, nothing else."""
 from __future__ import annotations
 
 import atexit
+import os
 import base64
 import http.server
 import itertools
@@ -25,7 +26,7 @@ CHROMIUM_ARGS = [
 ]
 #: Page script per backend: the plain WebAssembly build, or the WebGPU build (native WebGPU EP).
 BUNDLES = {"wasm": "ort.wasm.min.js", "webgpu": "ort.webgpu.min.js"}
-RUN_TIMEOUT_MS = 3600_000
+RUN_TIMEOUT_MS = int(float(os.environ.get("GRADMAP_ENGINE_TIMEOUT", "1800")) * 1000)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -101,6 +102,17 @@ def _browser() -> _Browser:
     return _BROWSER
 
 
+def _reset() -> None:
+    global _BROWSER
+    if _BROWSER is not None:
+        try:
+            _BROWSER.close()
+        except Exception:  # noqa: BLE001 - closing a crashed browser
+            pass
+        atexit.unregister(_BROWSER.close)
+        _BROWSER = None
+
+
 def browser_run(engine: str, backend: str, model_path: Path, feeds, output_names, repeat) -> EngineResult:
     b = _browser()
     key = f"{next(b.ids)}/{model_path.name}"
@@ -123,9 +135,13 @@ def browser_run(engine: str, backend: str, model_path: Path, feeds, output_names
     except EngineError:
         raise
     except Exception as e:  # noqa: BLE001 - a crashed page, a timeout: the engine failed
+        _reset()  # the browser may be gone with the page: start afresh next time
         raise EngineError(engine, model_path, f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
     finally:
-        page.close()
+        try:
+            page.close()
+        except Exception:  # noqa: BLE001 - already closed with its browser
+            pass
         _Handler.models.pop(key, None)
     if result.get("error"):
         raise EngineError(engine, model_path, result["error"])

@@ -1,0 +1,210 @@
+"""The engine matrix of issue 19: every family of tests/test_export.py exported by gradmap and run on
+every engine of tests/engines, each engine's gradient compared with float64 torch autograd replaying
+that engine's own max-pool and ReLU decisions (tests/engines/parity.py), tolerance 1e-4.
+
+    python tools/engine_matrix.py                       # all 21 families (slow: an hour or more)
+    python tools/engine_matrix.py --families resnet,vit # a subset; other entries of the JSON stay
+    python tools/engine_matrix.py --readme-only         # rebuild README's table from the JSON
+
+The portable target runs on every engine, the cpu target on onnxruntime CPU. Each family runs in its
+own process (a crashed or exhausted engine takes only that family down). Results go to
+docs/engine_matrix.json after each family, and README.md's `engines` section is rebuilt from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "docs" / "engine_matrix.json"
+README = ROOT / "README.md"
+TARGETS = {"portable": ("ort_cpu", "ort_wasm_node", "ort_wasm_chromium", "ort_webgpu", "openvino"),
+           "cpu": ("ort_cpu",)}
+COLUMNS = [("cpu", "ort_cpu", "onnxruntime CPU, cpu target"), ("portable", "ort_cpu", "onnxruntime CPU"),
+           ("portable", "ort_wasm_node", "ort-web wasm, Node"), ("portable", "ort_wasm_chromium", "ort-web wasm, Chromium"),
+           ("portable", "ort_webgpu", "ort-web WebGPU, Chromium"), ("portable", "openvino", "OpenVINO CPU")]
+
+
+def families() -> dict[str, str]:
+    from tests.test_export import FAMILIES
+
+    return dict(FAMILIES)
+
+
+def run_family(family: str, model: str, size: int | None, batch: int, work: Path) -> list[dict]:
+    """Export ``model`` for each target and check it on that target's engines."""
+    from gradmap.export import load_torchvision
+    from gradmap.export._torchvision import preprocessing_of
+    from tests.engines import versions
+    from tests.engines.parity import batch_for, check_engine, export_for_engines
+
+    pre = preprocessing_of(model)
+    input_size = (size, size) if size else pre.crop
+    records = []
+    for target, engines in TARGETS.items():
+        module, _ = load_torchvision(model, "none")
+        start = time.perf_counter()
+        try:
+            exported = export_for_engines(module, model, work, input_size, resize=pre.resize, target=target)
+        except Exception as e:  # noqa: BLE001 - recorded, the other families go on
+            records.extend({"family": family, "model": model, "target": target, "engine": engine, "status": "fails",
+                            "reason": f"export: {type(e).__name__}: {e}"} for engine in engines)
+            continue
+        export_s = time.perf_counter() - start
+        image, targets = batch_for(exported, seed=1, batch=batch)
+        for engine in engines:
+            start = time.perf_counter()
+            check = check_engine(engine, exported, image, targets, repeat=2)
+            record = {"family": family, "model": model, "target": target, "engine": engine,
+                      "input_size": list(input_size), "batch": batch, "export_note": exported.export_note,
+                      "export_s": round(export_s, 1), "status": check.status, "reason": check.error,
+                      "problems": check.problems, "logits_error": check.logits_error,
+                      "gradient_error": check.gradient_error, "vs_ort_cpu": check.vs_ort_cpu,
+                      "largest_override": check.largest_override, "replayed": check.replayed,
+                      "run_ms": check.run_ms, "wall_s": round(time.perf_counter() - start, 1),
+                      "notes": check.notes[:5], "versions": versions()}
+            print(f"  {family} {target} {engine}: {check.status} "
+                  f"{check.error or ''}{'; '.join(check.problems)} grad {check.gradient_error} "
+                  f"run {check.run_ms} ms, {record['wall_s']} s", flush=True)
+            records.append(record)
+        for file in (exported.path, exported.exposed_path):
+            file.unlink(missing_ok=True)
+    return records
+
+
+def _load() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {"results": []}
+
+
+def _merge(records: list[dict]) -> None:
+    data = _load()
+    keys = {(r["family"], r["target"], r["engine"]) for r in records}
+    data["results"] = [r for r in data["results"] if (r["family"], r["target"], r["engine"]) not in keys] + records
+    data["results"].sort(key=lambda r: (r["family"], r["target"], r["engine"]))
+    data["updated"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(data, indent=1, default=float) + "\n")
+
+
+def _cell(record: dict | None, footnotes: dict[str, int]) -> str:
+    if record is None:
+        return "–"
+    if record["status"] == "fails":
+        reason = " ".join(str(record["reason"]).split())
+        reason = reason if len(reason) <= 300 else reason[:297] + "..."
+        number = footnotes.setdefault(reason, len(footnotes) + 1)
+        return f"fails [{number}]"
+    ms = record.get("run_ms")
+    time_text = f", {ms:.0f} ms" if ms is not None else ""
+    error = record.get("gradient_error")
+    if record["status"] == "wrong":
+        return f"**wrong** ({error:.2g}){time_text}"
+    return f"right ({error:.1g}){time_text}"
+
+
+def readme_section() -> str:
+    data = _load()
+    by_key = {(r["family"], r["target"], r["engine"]): r for r in data["results"]}
+    fams = sorted({r["family"] for r in data["results"]})
+    if not fams:
+        return "## Engines\n\nNo engine results yet: run `python tools/engine_matrix.py`."
+    any_record = data["results"][0]
+    versions = next((r.get("versions") for r in data["results"] if r.get("versions")), {})
+    sizes = sorted({tuple(r["input_size"]) for r in data["results"] if r.get("input_size")})
+    notes = sorted({r.get("export_note", "") for r in data["results"] if r.get("export_note")})
+    footnotes: dict[str, int] = {}
+    lines = [
+        "## Engines",
+        "",
+        "The same exported file on five engines: onnxruntime's CPU provider in Python, onnxruntime-web's "
+        "WebAssembly backend under Node.js and in headless Chromium, onnxruntime-web's WebGPU backend in headless "
+        "Chromium, and OpenVINO's CPU plugin reading the ONNX file (`tests/engines`; `tests/test_engines.py` runs "
+        "resnet18, mobilenet_v3_small, efficientnet_b0, densenet121, vit_b_16 and convnext_tiny at 64x64 on every "
+        "engine in CI). Not run: CUDA or any GPU (there is none here: WebGPU ran on SwiftShader, Chromium's CPU "
+        "implementation of Vulkan, which checks the WebGPU kernels' semantics, not a GPU's arithmetic or speed), "
+        "OpenVINO's GPU and NPU plugins, onnxruntime-node, browsers other than Chromium.",
+        "",
+        f"`python tools/engine_matrix.py` ({data.get('updated', '')}): {len(fams)} families, seeded random weights, "
+        f"batch {any_record.get('batch', 2)}, input {', '.join('x'.join(map(str, s)) for s in sizes)}; exports: "
+        f"{'; '.join(notes)}. Each cell: the engine's gradient against float64 torch autograd replaying that "
+        "engine's own max-pool and ReLU decisions (max|Δ| / max|torch|; right at or under 1e-4, with logits and "
+        "target_index right and every replayed decision a float32 near-tie), and the time of the second run in "
+        "one session, one thread. "
+        f"Versions: {', '.join(f'{k} {v}' for k, v in versions.items())}.",
+        "",
+        "| family | model | " + " | ".join(title for _, _, title in COLUMNS) + " |",
+        "|---|---|" + "---|" * len(COLUMNS),
+    ]
+    for fam in fams:
+        model = next(r["model"] for r in data["results"] if r["family"] == fam)
+        cells = [_cell(by_key.get((fam, target, engine)), footnotes) for target, engine, _ in COLUMNS]
+        lines.append(f"| {fam} | {model} | " + " | ".join(cells) + " |")
+    if footnotes:
+        lines.append("")
+        lines += [f"[{n}] {reason}  " for reason, n in footnotes.items()]
+    return "\n".join(lines)
+
+
+def write_readme() -> None:
+    from tools.update_readme import replace_section
+
+    README.write_text(replace_section(README.read_text(), "engines", readme_section()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", help="comma-separated family names of tests/test_export.py FAMILIES")
+    parser.add_argument("--size", type=int, help="square input size instead of each family's own")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--readme-only", action="store_true", help="rebuild README's table from the JSON")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # worker: one family, records as JSON on stdout's last line
+    parser.add_argument("--work", default=None, help="folder for the exported models (default: a temporary one)")
+    args = parser.parse_args()
+    if args.readme_only:
+        write_readme()
+        return
+    all_families = families()
+    if args.one:
+        import tempfile
+
+        work = Path(args.work or tempfile.mkdtemp(prefix="gradmap-matrix-"))
+        records = run_family(args.one, all_families[args.one], args.size, args.batch, work)
+        print("RECORDS " + json.dumps(records, default=float), flush=True)
+        return
+    chosen = args.families.split(",") if args.families else list(all_families)
+    unknown = [f for f in chosen if f not in all_families]
+    if unknown:
+        parser.error(f"unknown families {unknown}; choose from {', '.join(all_families)}")
+    for family in chosen:
+        print(f"{family} ({all_families[family]})", flush=True)
+        cmd = [sys.executable, __file__, "--one", family, "--batch", str(args.batch)]
+        if args.size:
+            cmd += ["--size", str(args.size)]
+        if args.work:
+            cmd += ["--work", args.work]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        records = None
+        for line in proc.stdout:
+            if line.startswith("RECORDS "):
+                records = json.loads(line[len("RECORDS "):])
+            else:
+                print(line, end="", flush=True)
+        proc.wait()
+        if records is None:
+            records = [{"family": family, "model": all_families[family], "target": target, "engine": engine,
+                        "status": "fails", "reason": f"the worker process died (exit status {proc.returncode})"}
+                       for target, engines in TARGETS.items() for engine in engines]
+        _merge(records)
+        write_readme()
+
+
+if __name__ == "__main__":
+    main()
