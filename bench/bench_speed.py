@@ -7,7 +7,8 @@ In one process, per model and batch, medians after warm-up of (run in turn, roun
 that a shared machine's load drifts hit all four alike, each call 0.1 s after the previous one):
   (a) onnxruntime forward only, of the plain export (no gradient), onnxruntime's default options;
   (b) gradmap's gradient graph on onnxruntime (logits + gradient), with the session options of
-      gradmap's runtime (``gradmap.runtime.model.session_options``: no memory pattern);
+      gradmap's runtime (``gradmap.runtime.model.session_options``: no memory pattern), for the
+      default ``cpu`` target and, as (b'), the ``portable`` target (the graph for other engines);
   (c) PyTorch eager autograd as in the ResNet-50 recipe (input requires grad, parameters frozen);
   (d) Captum's Saliency (abs=False) on the same module.
 Random weights, random 224x224 inputs (the models' own input size), a fixed thread count for
@@ -80,6 +81,16 @@ def export_pair(name: str):
     return module, size, forward, gradient
 
 
+def export_portable(module, size) -> bytes:
+    """gradmap's gradient model of ``module`` for the portable target, serialized."""
+    import onnx_ir as ir
+
+    from gradmap.export._api import build_gradient_model
+
+    model, _ = build_gradient_model(module, size, target="portable")
+    return ir.serde.serialize_model(model).SerializeToString()
+
+
 def cpu_session(model, threads: int, options=None):
     """An onnxruntime CPU session (``model``: bytes or a path) with ``threads`` intra-op threads and
     one inter-op thread; onnxruntime's default options unless ``options`` are given."""
@@ -104,6 +115,7 @@ def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget
     # the plain forward with onnxruntime's default options; gradmap's graph as gradmap's runtime loads it
     s_forward = cpu_session(forward, threads)
     s_gradient = cpu_session(gradient, threads, session_options(threads))
+    s_portable = cpu_session(export_portable(module, size), threads, session_options(threads))
     try:
         from captum.attr import Saliency
     except ImportError:  # captum is optional here
@@ -125,6 +137,7 @@ def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget
         variants = {
             "ort_forward_ms": lambda: s_forward.run(None, {"image": image}),
             "gradmap_ms": lambda: s_gradient.run(None, {"image": image, "target": target}),
+            "portable_ms": lambda: s_portable.run(None, {"image": image, "target": target}),
             "torch_eager_ms": eager,
         }
         if Saliency is not None:
@@ -136,6 +149,7 @@ def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget
         times = _interleaved_times(variants, warmup=2, repeat=repeat, budget_s=budget_s, pause_s=pause_s)
         row.update({name: statistics.median(values) for name, values in times.items()})
         row["gradmap_over_forward"] = row["gradmap_ms"] / row["ort_forward_ms"]
+        row["portable_over_forward"] = row["portable_ms"] / row["ort_forward_ms"]
         # the same ratio round by round (the two ran side by side): its quartiles show the noise
         per_round = np.asarray(times["gradmap_ms"]) / np.asarray(times["ort_forward_ms"])
         row["gradmap_over_forward_quartiles"] = [float(q) for q in np.percentile(per_round, [25, 50, 75])]
@@ -152,7 +166,7 @@ def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget
 
 def render(rows: list[dict], meta: dict) -> str:
     lines = [
-        f"`python bench/bench_speed.py`: medians in ms, the four variants interleaved round by round, "
+        f"`python bench/bench_speed.py`: medians in ms, the variants interleaved round by round, "
         f"{meta['pause_s']:g} s apart, "
         f"{meta['threads']} threads, random weights, "
         f"{meta['machine']}; "
@@ -160,19 +174,24 @@ def render(rows: list[dict], meta: dict) -> str:
            "pattern); " if meta.get("gradmap_session_options") == "runtime" else "") +
         "target: gradmap ≤ max(2.1 × ORT forward, min(2.5 × ORT forward, PyTorch eager ÷ 1.5)). "
         "Per round: gradmap ÷ forward of the two runs side by side in each round, quartiles over the rounds "
-        "(how far one round's ratio strays on this machine).",
+        "(how far one round's ratio strays on this machine). gradmap is the default `cpu` target; "
+        "portable is `--target portable` (the graph for other engines) on the same onnxruntime CPU session "
+        "options; previous: gradmap ÷ forward in the table this run replaced.",
         "",
-        "| model | batch | ORT forward | gradmap | gradmap ÷ forward | per round (quartiles) | PyTorch eager | "
-        "Captum Saliency | speed-up vs PyTorch | target | met |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | batch | ORT forward | gradmap | gradmap ÷ forward | per round (quartiles) | previous | portable | "
+        "portable ÷ forward | PyTorch eager | Captum Saliency | speed-up vs PyTorch | target | met |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         captum = f"{r['captum_ms']:.0f}" if "captum_ms" in r else "–"
         q = r.get("gradmap_over_forward_quartiles")
         quartiles = f"{q[0]:.2f}–{q[2]:.2f}" if q else "–"
+        previous = f"{r['previous_gradmap_over_forward']:.2f}" if r.get("previous_gradmap_over_forward") else "–"
+        portable = (f"{r['portable_ms']:.1f} | {r['portable_over_forward']:.2f}" if "portable_ms" in r else "– | –")
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['ort_forward_ms']:.1f} | {r['gradmap_ms']:.1f} | "
-            f"{r['gradmap_over_forward']:.2f} | {quartiles} | {r['torch_eager_ms']:.1f} | {captum} | {r['speedup_vs_torch']:.2f}× | "
+            f"{r['gradmap_over_forward']:.2f} | {quartiles} | {previous} | {portable} | {r['torch_eager_ms']:.1f} | "
+            f"{captum} | {r['speedup_vs_torch']:.2f}× | "
             f"{r['target_ms']:.1f} | {'yes' if r['target_met'] else '**no**'} |")
     return "\n".join(lines)
 
@@ -195,9 +214,15 @@ def main() -> int:
         saved = json.loads(out.read_text())
         rows, meta = saved["rows"], saved["meta"]
     else:
+        previous = {}
+        if out.exists():
+            for r in json.loads(out.read_text())["rows"]:
+                previous[(r["model"], r["batch"])] = r["gradmap_over_forward"]
         rows = []
         for name in args.models:
             rows += bench_model(name, args.batches, args.threads, args.repeat, args.budget, args.pause)
+        for r in rows:
+            r["previous_gradmap_over_forward"] = previous.get((r["model"], r["batch"]))
         meta = {"threads": args.threads, "pause_s": args.pause, "gradmap_session_options": "runtime",
                 "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "python": platform.python_version()}
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -50,21 +50,18 @@ _ACTIVATIONS = ("Relu", "HardSigmoid", "Sigmoid", "Tanh", "Clip", "LeakyRelu", "
 
 @contextlib.contextmanager
 def floor_rules():
-    """gradmap's rule table with the floor's stand-ins for activations and max pools."""
-    from gradmap.export.gradient._registry import RULES
-    from gradmap.export.gradient._rules import elementwise
+    """gradmap's rule table with the floor's stand-ins for activations and max pools, and the cpu
+    lowering without the passes that would rewrite those stand-ins into exact forms again."""
+    from gradmap.export.gradient._registry import COMPOSITES, RULES
+    from gradmap.export.lowering import cpu_backward
 
-    saved = dict(RULES)
+    saved, saved_composites, saved_passes = dict(RULES), {k: list(v) for k, v in COMPOSITES.items()}, cpu_backward.PASSES
 
     def activation(ctx, node, dy):
         return [ctx.op("Mul", dy[0], node.outputs[0])] + [None] * (len(node.inputs) - 1)
 
-    def mul(ctx, node, dy):
-        pattern = (elementwise._gelu_parts(ctx, node) or elementwise._hard_swish_parts(node)
-                   or elementwise._silu_parts(node))
-        if pattern is None:
-            return saved["Mul"](ctx, node, dy)
-        x = pattern[0]
+    def composite(ctx, node, dy, parts):
+        x = parts["x"]
         return [ctx.op("Mul", dy[0], x) if v is x else None for v in node.inputs]
 
     def max_pool(ctx, node, dy):
@@ -78,12 +75,18 @@ def floor_rules():
     try:
         for op in _ACTIVATIONS:
             RULES[op] = activation
-        RULES["Mul"] = mul
+        for root, entries in COMPOSITES.items():
+            COMPOSITES[root] = [(name, match, composite) for name, match, _ in entries]
         RULES["MaxPool"] = max_pool
+        cpu_backward.PASSES = tuple(p for p in saved_passes if p.__name__ not in (
+            "relu_mask", "hard_swish_steps", "silu_affine", "max_pool_indices"))
         yield
     finally:
         RULES.clear()
         RULES.update(saved)
+        COMPOSITES.clear()
+        COMPOSITES.update(saved_composites)
+        cpu_backward.PASSES = saved_passes
 
 
 def export_three(name: str):
