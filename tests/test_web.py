@@ -269,6 +269,12 @@ def test_preprocessing_equals_the_runtime(demo_site, photo_pngs, interpolation):
     page.wait_for_function("document.body.dataset.state === 'ready'", timeout=PAGE_TIMEOUT_MS)
     settings = [Preprocessing(crop=(224, 224), resize=256, interpolation=interpolation),
                 Preprocessing(crop=(100, 120), resize=90, interpolation=interpolation)]  # upsampling, padded crop
+    if "resize_mode" in Preprocessing.__dataclass_fields__:  # timm's and Hugging Face's resize and crop forms
+        settings += [Preprocessing(crop=(96, 96), resize=(100, 90), resize_mode="exact", interpolation=interpolation,
+                                   crop_rounding="floor"),
+                     Preprocessing(crop=(96, 96), resize=(107, 96), resize_mode="keep_ratio", interpolation=interpolation),
+                     Preprocessing(crop=(96, 96), resize=(96, 96), resize_mode="keep_ratio_longest",
+                                   interpolation=interpolation, pad_fill=(124, 116, 104))]
     for picture in photo_pngs:
         url = site.add(picture)
         for pre in settings:
