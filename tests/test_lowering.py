@@ -109,7 +109,8 @@ def test_each_cpu_pass_alone_keeps_the_gradient(module, monkeypatch, name):
     unlowered = _build(module, monkeypatch, "cpu")
     lowered = _build(module, monkeypatch, "cpu", [counted])
     assert rewrites and rewrites[0] > 0, f"{name} rewrote nothing"
-    assert _histogram(lowered) != _histogram(unlowered), f"{name} left the graph as it was"
+    assert ir.serde.serialize_model(lowered).graph != ir.serde.serialize_model(unlowered).graph, \
+        f"{name} left the graph as it was"
     expected = _gradients(unlowered, image, target)
     actual = _gradients(lowered, image, target)
     np.testing.assert_array_equal(actual[0], expected[0], err_msg="the logits changed")
@@ -157,8 +158,13 @@ def test_portable_graph_has_no_engine_specific_forms(module):
         assert op not in counts, f"portable graph uses {op}: {counts}"
     steep = [n.name for n in model.graph if n.op_type == "HardSigmoid" and n.attributes.get_float("alpha", 0.2) > 1]
     assert not steep, f"HardSigmoid used as a step function: {steep}"
-    assert all(n.op_type != "Conv" or n.metadata_props.get("gradmap.vjp") is None for n in model.graph), \
-        "a Conv in the backward part (a blocked-layout form)"
+    blocked = [n.name for n in model.graph if n.op_type == "Conv"
+               and not n.metadata_props.get("gradmap.vjp", "Conv:").startswith("Conv:")]
+    assert not blocked, f"Convs outside convolutions' adjoints (blocked-layout forms): {blocked}"
+    assert "ConvTranspose" not in counts or all(
+        n.inputs[1].const_value is not None and n.inputs[1].uses()[0].node is n and len(n.inputs[1].uses()) == 1
+        for n in model.graph if n.op_type == "ConvTranspose"), \
+        "a ConvTranspose reads a forward Conv's weight (OpenVINO 2026.4 computes that with the Conv's layout)"
     pools = [n for n in model.graph if n.op_type == "MaxPool"]
     assert all(len(n.outputs) == 1 for n in pools), "a portable MaxPool returns no Indices"
 

@@ -63,6 +63,18 @@ class Rewriter(Builder):
         region.nodes = [n for n in region.nodes if n.graph is self.graph] + new_nodes
         self.node = None
 
+    def insert_before(self, region: Region, node: ir.Node) -> None:
+        """Put the nodes emitted since the last call before ``node`` (a node of ``region``), as
+        part of the region."""
+        new_nodes = list(self.tape.nodes)
+        self.tape = ir.tape.Tape()
+        origin = region.node.name if region.node is not None else ""
+        for new in new_nodes:
+            new.metadata_props[VJP_KEY] = f"{region.kind}:{origin}"
+        self.graph.insert_before(node, new_nodes)
+        region.nodes[:0] = new_nodes
+        self.node = None
+
     # -- onnxruntime CPU's blocked layout ---------------------------------------------------------
     def blocked_channels(self, value: ir.Value) -> int | None:
         """C when ``value`` is [N, C, H, W] with C a multiple of the block, the channel multiple

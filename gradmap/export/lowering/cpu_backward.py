@@ -8,15 +8,14 @@ of 16 channels (8 with AVX2) when the channel count is a multiple of the block; 
 blocked kernel puts a layout reorder on each side of itself. The passes, in order:
 
     fold_batch_norm      BatchNormalization -> Relu -> Conv, BN and Relu outputs read once:
-                         ConvTranspose(dY, W) -> ConvTranspose(dY, W * s), BN's dX = dY * s -> dY
-                         (s = scale / sqrt(var + eps) per input channel; vanilla always, guided and
-                         deconvnet only when every s > 0, since their Relu of the gradient does not
-                         commute with a negative scale)
-    conv_adjoint         Conv, stride 1: ConvTranspose(dY, W) -> Conv(dY, W') with W' = W with in/out
-                         channels swapped per group and the kernel flipped (Reshape, Transpose and a
-                         Slice with steps -1 of W, folded at session creation: W is stored once), pads
-                         (k-1)d - p; depthwise Conv, stride s: Conv(zero-insert(dY, s), W'); others
-                         keep ConvTranspose, followed by an identity depthwise Conv into the layout
+                         Conv(dY, W') -> Conv(dY, W' * s), BN's dX = dY * s -> dY
+                         (s = scale / sqrt(var + eps) per input channel, a row of W'; vanilla always,
+                         guided and deconvnet only when every s > 0, since their Relu of the gradient
+                         does not commute with a negative scale)
+    conv_adjoint         strided depthwise Conv: the zero insertion by Resize and a 0/1 lattice;
+                         strided dense Conv: Conv(Z(dY), W') -> ConvTranspose(dY, W), followed by an
+                         identity depthwise Conv into the layout (W from W' by the same in-graph ops,
+                         folded at session creation: the file stores W once)
     max_pool_indices     MaxPool: window masks and ConvTranspose -> a MaxPool that returns Indices and
                          MaxUnpool(dY, Indices) (windows that share no input) or
                          ScatterElements(0, Indices, dY, add), then an identity depthwise Conv
@@ -39,13 +38,11 @@ import onnx_ir as ir
 
 from ..gradient._context import Region
 from ..gradient._match import producer, single_use
+from ..gradient._rules.convolution import adjoint_conv, flipped_transposed
 from ..gradient._rules.normalization import batch_norm_factor
 from ._rewrite import Rewriter
 
 __all__ = ["PASSES"]
-
-_INT64_MIN = int(np.iinfo(np.int64).min)
-
 
 def _regions(regions: list[Region], *kinds: str):
     return [r for r in regions if r.kind in kinds and r.nodes]
@@ -56,12 +53,17 @@ def _region_node(region: Region, op_type: str) -> ir.Node | None:
 
 
 # -- BatchNormalization -> Relu -> Conv ------------------------------------------------------------
+def _adjoint(region: Region) -> ir.Node | None:
+    """The Conv of a Conv region's rule: the adjoint convolution with the flipped kernel."""
+    return next((n for n in reversed(region.nodes) if n.op_type == "Conv" and n.graph is not None), None)
+
+
 def fold_batch_norm(rw: Rewriter, regions: list[Region]) -> int:
     by_node = {(r.backprop, r.node): r for r in _regions(regions, "BatchNormalization")}
     done = 0
     for region in _regions(regions, "Conv"):
-        transpose = _region_node(region, "ConvTranspose")
-        if transpose is None:
+        adjoint = _adjoint(region)
+        if adjoint is None:
             continue
         node, x = region.node, region.node.inputs[0]
         relu = producer(x, "Relu")
@@ -72,53 +74,35 @@ def fold_batch_norm(rw: Rewriter, regions: list[Region]) -> int:
             continue
         bn_region = by_node.get((region.backprop, bn))
         factor = batch_norm_factor(rw, bn)
-        group = rw.attr(node, "group", 1)
-        wdims = rw.dims(node.inputs[1])
         if bn_region is None or factor is None or factor.size != rw.dims(x)[1]:
             continue
         if region.backprop != "vanilla" and not np.all(factor > 0):
             continue
-        # W [Cout, Cin/g, *k]: input channel c of group j is column c - j Cin/g of the rows of group j
-        c_out, c_in_g, kernel = wdims[0], wdims[1], list(wdims[2:])
+        # the adjoint kernel W' [Cin, Cout/g, *k] has one row per input channel of the forward Conv
         rw.node = node
-        grouped = rw.op("Reshape", transpose.inputs[1], rw.ints([group, c_out // group, c_in_g, *kernel]))
-        scale = factor.astype(np.float32).reshape(group, 1, c_in_g, *([1] * len(kernel)))
-        scaled = rw.op("Reshape", rw.op("Mul", grouped, rw.const(scale)), rw.ints(wdims))
-        attributes = {name: a.value for name, a in transpose.attributes.items()}
-        dx = rw.op("ConvTranspose", rw.inputs_of(region)[0], scaled, **attributes)
-        rw.replace(region, [dx, None, None])
+        flipped = adjoint.inputs[1]
+        spatial = len(rw.dims(x)) - 2
+        scaled = rw.op("Mul", flipped, rw.const(factor.astype(np.float32).reshape(-1, *([1] * (1 + spatial)))))
+        rw.insert_before(region, adjoint)
+        adjoint.replace_input_with(1, scaled)
         rw.replace(bn_region, [rw.inputs_of(bn_region)[0]] + [None] * 4)
         done += 1
     return done
 
 
 # -- Conv ------------------------------------------------------------------------------------------
-def _flipped_transposed(rw: Rewriter, weight: ir.Value, wdims: tuple, group: int) -> ir.Value:
-    """W [Cout, Cin/g, *k] -> W' [Cin, Cout/g, *k]: the kernel of the adjoint convolution, from W
-    itself by ops onnxruntime folds when it creates the session."""
-    c_out, c_in_g, kernel = wdims[0], wdims[1], list(wdims[2:])
-    spatial = len(kernel)
-    if group == 1:
-        w = rw.op("Transpose", weight, perm=[1, 0, *range(2, 2 + spatial)])
-    elif c_in_g == 1 and c_out == group:
-        w = weight  # depthwise: [C, 1, *k] is its own transpose
-    else:
-        w = rw.op("Reshape", weight, rw.ints([group, c_out // group, c_in_g, *kernel]))
-        w = rw.op("Transpose", w, perm=[0, 2, 1, *range(3, 3 + spatial)])
-        w = rw.op("Reshape", w, rw.ints([group * c_in_g, c_out // group, *kernel]))
-    axes = list(range(2, 2 + spatial))
-    return rw.op("Slice", w, rw.ints([-1] * spatial), rw.ints([_INT64_MIN] * spatial), rw.ints(axes),
-                 rw.ints([-1] * spatial))
-
-
 def conv_adjoint(rw: Rewriter, regions: list[Region]) -> int:
+    """The portable rule's stride-1 form is already onnxruntime's fastest; strided convolutions
+    change: a depthwise one zero-inserts by Resize and a 0/1 lattice, a dense one becomes
+    ConvTranspose, which onnxruntime runs as one GEMM + col2im per image and group where the
+    zero-inserted convolution would multiply s^2 times as many zeros."""
     done = 0
     for region in _regions(regions, "Conv"):
-        transpose = _region_node(region, "ConvTranspose")
-        if transpose is None:
-            continue
+        adjoint = _adjoint(region)
         node = region.node
-        x, weight = node.inputs[0], transpose.inputs[1]
+        if adjoint is None or all(s == 1 for s in rw.attr(node, "strides", [1])):
+            continue
+        x = node.inputs[0]
         xdims, ydims, wdims = rw.dims(x), rw.dims(node.outputs[0]), rw.dims(node.inputs[1])
         spatial = len(xdims) - 2
         kernel = list(rw.attr(node, "kernel_shape", wdims[2:]))
@@ -126,40 +110,28 @@ def conv_adjoint(rw: Rewriter, regions: list[Region]) -> int:
         dilations = list(rw.attr(node, "dilations", [1] * spatial))
         pads = list(rw.attr(node, "pads", [0] * (2 * spatial)))
         group = rw.attr(node, "group", 1)
-        span = [(k - 1) * d for k, d in zip(kernel, dilations)]
-        adjoint_pads = [s - p for s, p in zip(span, pads[:spatial])] + [s - p for s, p in zip(span, pads[spatial:])]
-        depthwise = group == xdims[1] == ydims[1]
+        flipped = adjoint.inputs[1]
         dy = rw.inputs_of(region)[0]
         rw.node = node
-        dx = None
-        if min(adjoint_pads) >= 0:
-            if all(s == 1 for s in strides):
-                dx = _adjoint_conv(rw, dy, _flipped_transposed(rw, weight, wdims, group), kernel, group,
-                                   dilations, adjoint_pads, spatial, xdims, ydims)
-            elif depthwise and spatial == 2:
-                g = _zero_insert(rw, dy, ydims, strides)
-                inserted = [ydims[2 + i] * strides[i] for i in range(spatial)]
-                g, inserted = _fit_end(rw, g, inserted, adjoint_pads, span, xdims, spatial, strides)
-                if g is not None:
-                    dx = _adjoint_conv(rw, g, _flipped_transposed(rw, weight, wdims, group), kernel, group,
-                                       dilations, adjoint_pads, spatial, xdims, (None, None, *inserted))
-        if dx is None:
-            rw.tape = ir.tape.Tape()  # drop a zero insertion that did not fit
-            if rw.blocked_channels(x) is None:
-                continue  # nothing to gain: the portable ConvTranspose stays
-            attributes = {name: a.value for name, a in transpose.attributes.items()}
-            dx = rw.blocked(rw.op("ConvTranspose", dy, weight, **attributes), x)
+        if group == xdims[1] == ydims[1] and spatial == 2:
+            g = _zero_insert(rw, dy, ydims, strides)
+            inserted = [ydims[2 + i] * strides[i] for i in range(spatial)]
+            dx = adjoint_conv(rw, g, flipped, kernel, group, dilations, pads, list(xdims[2:]), inserted)
+        else:
+            span = [(k - 1) * d for k, d in zip(kernel, dilations)]
+            output_padding = [xdims[2 + i] - ((ydims[2 + i] - 1) * strides[i] - pads[i] - pads[spatial + i]
+                                              + span[i] + 1) for i in range(spatial)]
+            if any(p < 0 or p >= max(s, d) for p, s, d in zip(output_padding, strides, dilations)):
+                rw.tape = ir.tape.Tape()
+                continue
+            # the forward-layout kernel: flipping W' back gives W (or the BN-scaled W)
+            weight = flipped_transposed(rw, flipped, (wdims[1] * group, wdims[0] // group, *kernel), group)
+            dx = rw.op("ConvTranspose", dy, weight, group=group, strides=strides, pads=pads, dilations=dilations,
+                       kernel_shape=kernel, output_padding=output_padding)
+            dx = rw.blocked(dx, x)
         rw.replace(region, [dx, None, None])
         done += 1
     return done
-
-
-def _adjoint_conv(rw, g, flipped, kernel, group, dilations, pads, spatial, xdims, gdims):
-    """Conv of ``g`` with the flipped, transposed kernel; end pads recomputed so the result has X's size."""
-    span = [(k - 1) * d for k, d in zip(kernel, dilations)]
-    end = [xdims[2 + i] - gdims[2 + i] - pads[i] + span[i] for i in range(spatial)]
-    return rw.op("Conv", g, flipped, group=group, dilations=dilations, kernel_shape=kernel,
-                 pads=list(pads[:spatial]) + end, strides=[1] * spatial)
 
 
 def _zero_insert(rw, g, ydims, strides):
@@ -177,22 +149,6 @@ def _zero_insert(rw, g, ydims, strides):
     lattice = np.zeros((1, 1, h * sh, w * sw), dtype=np.float32)
     lattice[:, :, ::sh, ::sw] = 1
     return rw.op("Mul", up, rw.const(lattice))
-
-
-def _fit_end(rw, g, inserted, pads, span, xdims, spatial, strides):
-    """Drop trailing inserted zeros the adjoint convolution would not reach (negative end pads);
-    ``None`` when that would drop more than the zeros (then ConvTranspose does the job)."""
-    ends = []
-    for i in range(spatial):
-        end_pad = xdims[2 + i] - inserted[i] - pads[i] + span[i]
-        if end_pad < -(strides[i] - 1):
-            return None, inserted
-        ends.append(inserted[i] + min(end_pad, 0))
-    if any(e <= 0 for e in ends):
-        return None, inserted
-    if ends != inserted:
-        g = rw.op("Slice", g, rw.ints([0] * spatial), rw.ints(ends), rw.ints(list(range(2, 2 + spatial))))
-    return g, ends
 
 
 # -- MaxPool ---------------------------------------------------------------------------------------

@@ -1,13 +1,74 @@
 """Convolutions.
 
-    Conv:  dX = ConvTranspose(dY, W) with the same group, strides, pads, dilations and the
-           output_padding that restores X's spatial size (strided convolutions drop rows)
+    Conv:  W' = W with input and output channels swapped per group and the kernel flipped
+           (Reshape, Transpose and a Slice with steps -1 of W itself, which engines fold into a
+           constant when they load the model: the file stores W once)
+           dX = Conv(Z(dY), W', pads (k-1)d - p), cropped to X's size, where Z inserts s-1 zeros
+           after each value along each strided axis (Unsqueeze, Pad, Reshape) and is dY itself
+           for stride 1
+
+A convolution with the flipped kernel is the textbook adjoint and the op every engine runs
+fastest. It also avoids ConvTranspose reading a forward Conv's weight: OpenVINO 2026.4.1 (CPU,
+f32 precision hint) then computes the ConvTranspose with the Conv's re-laid-out copy of the shared
+weight (its input and output channels swapped), a wrong gradient.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..._errors import ExportError
 from .._registry import register
+
+_INT64_MIN = int(np.iinfo(np.int64).min)
+
+
+def flipped_transposed(ctx, weight, wdims: tuple, group: int):
+    """W [Cout, Cin/g, *k] -> W' [Cin, Cout/g, *k], the kernel of the adjoint convolution, computed
+    from W in the graph. Applied to W' (with W' dims and the same group) it gives W back."""
+    c_out, c_in_g, kernel = wdims[0], wdims[1], list(wdims[2:])
+    spatial = len(kernel)
+    if group == 1:
+        w = ctx.op("Transpose", weight, perm=[1, 0, *range(2, 2 + spatial)])
+    elif c_in_g == 1 and c_out == group:
+        w = weight  # depthwise: [C, 1, *k] is its own transpose
+    else:
+        w = ctx.op("Reshape", weight, ctx.ints([group, c_out // group, c_in_g, *kernel]))
+        w = ctx.op("Transpose", w, perm=[0, 2, 1, *range(3, 3 + spatial)])
+        w = ctx.op("Reshape", w, ctx.ints([group * c_in_g, c_out // group, *kernel]))
+    axes = list(range(2, 2 + spatial))
+    return ctx.op("Slice", w, ctx.ints([-1] * spatial), ctx.ints([_INT64_MIN] * spatial), ctx.ints(axes),
+                  ctx.ints([-1] * spatial))
+
+
+def zero_insert(ctx, g, channels: int, sizes: list[int], strides: list[int]):
+    """[N, C, *S] -> [N, C, *(S s)]: each value followed by s-1 zeros along each axis."""
+    spatial = len(sizes)
+    axes = [3 + 2 * i for i in range(spatial)]  # a new axis after each spatial axis
+    g = ctx.op("Unsqueeze", g, ctx.ints(axes))
+    rank = 2 + 2 * spatial
+    pads = [0] * (2 * rank)
+    for i, s in enumerate(strides):
+        pads[rank + axes[i]] = s - 1
+    g = ctx.op("Pad", g, ctx.ints(pads))
+    return ctx.op("Reshape", g, ctx.ints([0, channels, *(n * s for n, s in zip(sizes, strides))]))
+
+
+def adjoint_conv(ctx, g, flipped, kernel, group, dilations, pads, xsizes, gsizes):
+    """Conv of ``g`` (spatial sizes ``gsizes``, dY or its zero insertion) with the flipped kernel,
+    with the begin pads of the adjoint and the end pads that give X's sizes; where a pad would be
+    negative (a forward pad larger than the kernel's span), it is 0 and the rows are cropped."""
+    spatial = len(kernel)
+    span = [(k - 1) * d for k, d in zip(kernel, dilations)]
+    begin = [span[i] - pads[i] for i in range(spatial)]
+    end = [xsizes[i] - gsizes[i] - begin[i] + span[i] for i in range(spatial)]
+    dx = ctx.op("Conv", g, flipped, group=group, dilations=dilations, kernel_shape=kernel,
+                pads=[max(b, 0) for b in begin] + [max(e, 0) for e in end], strides=[1] * spatial)
+    if min(begin + end) < 0:
+        starts = [max(-b, 0) for b in begin]
+        dx = ctx.op("Slice", dx, ctx.ints(starts), ctx.ints([s + n for s, n in zip(starts, xsizes)]),
+                    ctx.ints(list(range(2, 2 + spatial))))
+    return dx
 
 
 @register("Conv")
@@ -19,20 +80,16 @@ def conv(ctx, node, dy):
         raise ExportError(f"{node.name}: Conv with auto_pad={ctx.attr(node, 'auto_pad')} has no gradient rule")
     xdims, ydims, wdims = ctx.dims(x), ctx.dims(node.outputs[0]), ctx.dims(w)
     spatial = len(xdims) - 2
+    if not all(isinstance(d, int) for d in xdims[1:] + ydims[2:] + wdims):
+        raise ExportError(f"{node.name}: Conv needs static channel, spatial and weight sizes, got {xdims} -> {ydims}")
     kernel = list(ctx.attr(node, "kernel_shape", wdims[2:]))
     strides = list(ctx.attr(node, "strides", [1] * spatial))
     dilations = list(ctx.attr(node, "dilations", [1] * spatial))
     pads = list(ctx.attr(node, "pads", [0] * (2 * spatial)))
     group = ctx.attr(node, "group", 1)
-    if not all(isinstance(d, int) for d in xdims[2:] + ydims[2:]):
-        raise ExportError(f"{node.name}: Conv needs static spatial sizes, got {xdims} -> {ydims}")
-    span = [(k - 1) * d for k, d in zip(kernel, dilations)]
-    output_padding = []
-    for i in range(spatial):
-        full = (ydims[2 + i] - 1) * strides[i] - pads[i] - pads[spatial + i] + span[i] + 1
-        output_padding.append(xdims[2 + i] - full)
-    if any(p < 0 or p >= max(s, d) for p, s, d in zip(output_padding, strides, dilations)):
-        raise ExportError(f"{node.name}: cannot restore input size {xdims} from {ydims}")
-    dx = ctx.op("ConvTranspose", dy[0], w, group=group, strides=strides, pads=pads, dilations=dilations,
-                kernel_shape=kernel, output_padding=output_padding)
-    return [dx, None, None]
+    g, gsizes = dy[0], list(ydims[2:])
+    if any(s > 1 for s in strides):
+        g = zero_insert(ctx, g, ydims[1], gsizes, strides)
+        gsizes = [n * s for n, s in zip(gsizes, strides)]
+    flipped = flipped_transposed(ctx, w, wdims, group)
+    return [adjoint_conv(ctx, g, flipped, kernel, group, dilations, pads, list(xdims[2:]), gsizes), None, None]
