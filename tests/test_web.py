@@ -350,3 +350,45 @@ def test_resnet18_maps_equal_gradmap_run(resnet18_site, photo_pngs, tmp_path):
             assert [p["index"] for p in result["predictions"]] == [p["index"] for p in record["predictions"]]
             assert_maps_match(page_map(result), python, f"resnet18 {picture.name} {method}")
             assert_pictures_match(heatmap, overlay, record["maps"][0]["files"], f"resnet18 {picture.name} {method}")
+
+
+SWIFTSHADER = ["--enable-unsafe-webgpu", "--enable-features=Vulkan", "--use-vulkan=swiftshader",
+               "--use-webgpu-adapter=swiftshader", "--use-angle=swiftshader"]
+
+
+@pytest.mark.export
+def test_portable_resnet18_on_webgpu_and_webassembly(browser, photo_pngs, tmp_path):
+    """A portable export runs on WebGPU (here Chromium's SwiftShader, a CPU Vulkan) and the page picks
+    WebGPU for it by itself; both backends' maps equal gradmap run's."""
+    pytest.importorskip("torch")
+    pytest.importorskip("torchvision")
+    from gradmap.contract import Preprocessing
+    from gradmap.export import export_module
+    from gradmap.export._torchvision import labels_of, load_torchvision
+
+    model = tmp_path / "resnet18_portable.onnx"
+    module, weights = load_torchvision("resnet18", "none", seed=0)
+    export_module(module.eval(), model, preprocessing=Preprocessing(crop=(64, 64), resize=73),
+                  labels=labels_of("resnet18"), source_model="torchvision.models.resnet18", weights=weights,
+                  target="portable")
+    picture = photo_pngs[1]
+    record, python = python_run(model, picture, tmp_path / "python")
+    gpu_browser = browser.browser_type.launch(executable_path=CHROMIUM, headless=True, args=SWIFTSHADER)
+    try:
+        for chosen, which in ((gpu_browser, "webgpu"), (browser, "wasm")):
+            site = _build(model, tmp_path / f"site-{which}", chosen)
+            try:
+                if which == "webgpu":
+                    page = site.open()  # WebGPU needs a secure context such as http://127.0.0.1
+                    has_gpu = page.evaluate("async () => !!(navigator.gpu && await navigator.gpu.requestAdapter())")
+                    page.close()
+                    if not has_gpu:
+                        _missing("this Chromium offers no WebGPU adapter, not even SwiftShader")
+                result = site.explain(picture, "vanilla")  # no ?backend: the page chooses
+            finally:
+                site.close()
+            assert result["backend"] == which, f"expected {which}, the page used {result.get('backend')}"
+            assert result["predictions"][0]["index"] == record["predictions"][0]["index"]
+            assert_maps_match(page_map(result), python, f"portable resnet18 on {which}")
+    finally:
+        gpu_browser.close()
