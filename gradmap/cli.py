@@ -549,6 +549,9 @@ def web_command(model_path: str | None, out_dir: str, ort_dist: str | None, exam
     source = "ort/ (local copy)" if ort_dist else config["ort"]["base"]
     click.echo(f"wrote {out_dir}: {config['source_model']}, methods {', '.join(config['methods'])}; "
                f"onnxruntime-web {config['ort']['version']} from {source}")
+    if not ort_dist:
+        click.echo("note: the page needs the network for onnxruntime-web; --ort-dist DIR (npm install "
+                   "onnxruntime-web, DIR = node_modules/onnxruntime-web/dist) makes the site work offline", err=True)
     if not serve:
         click.echo("serve it over HTTP (browsers do not run it from file://): add --serve")
         return

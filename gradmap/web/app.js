@@ -31,7 +31,8 @@ function loadScript(src) {
     script.src = src;
     if (/^https?:/.test(src)) script.crossOrigin = "anonymous";
     script.onload = resolve;
-    script.onerror = () => reject(new Error(`cannot load onnxruntime-web from ${src}`));
+    script.onerror = () => reject(new Error(`cannot load onnxruntime-web from ${src}` +
+      (/^https?:/.test(src) && !src.startsWith(location.origin) ? " (no network? build the site with gradmap web --ort-dist DIR to serve a local copy)" : "")));
     document.head.appendChild(script);
   });
 }
