@@ -218,10 +218,13 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
                            formats=() if parquet_dir else formats, render=options, batch_size=batch_size)
     records: list[dict] = []
     if engine == "ray":
-        from gradmap.distributed import run_records
+        from gradmap.distributed import RayConnectionError, run_records
 
-        done = run_records(paths, model_path, settings, layout, address=address, workers=workers, threads=threads,
-                           provider=provider, parquet_dir=parquet_dir)
+        try:
+            done = run_records(paths, model_path, settings, layout, address=address, workers=workers,
+                               threads=threads, provider=provider, parquet_dir=parquet_dir)
+        except RayConnectionError as e:
+            raise click.ClickException(str(e)) from e
     else:
         done = (d.record for d in explain_and_write(model, paths, layout, settings))
     show_bar = len(paths) > _PROGRESS_THRESHOLD

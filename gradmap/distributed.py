@@ -45,7 +45,8 @@ from gradmap.runtime.saliency import Target, parse_target
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
 
-__all__ = ["RAY_MISSING", "explain_dataset", "import_ray", "iter_records", "ray_session", "run_records"]
+__all__ = ["RAY_MISSING", "RayConnectionError", "explain_dataset", "import_ray", "iter_records", "ray_session",
+           "run_records"]
 
 logger = logging.getLogger(__name__)
 
@@ -214,21 +215,57 @@ def run_records(paths: Sequence[str], model_path: str, settings: JobSettings, la
     """``gradmap run --engine ray``: explain ``paths`` on Ray (see :class:`ray_session` for
     ``address``) and yield each picture's record as it finishes. The workers write the outputs of
     ``settings.formats`` under ``layout``; with ``parquet_dir``, they write one Parquet dataset
-    there instead (maps included) and the records are read back from it once it is complete."""
-    if not paths:
-        return
-    with ray_session(address):
-        dataset = _map(_paths_dataset(paths, settings.batch_size), model_path, settings, layout, workers=workers,
-                       threads=threads, provider=provider, keep_maps=parquet_dir is not None)
-        if parquet_dir is None:
-            yield from iter_records(dataset)
-            return
-        dataset.write_parquet(parquet_dir)
-        import pyarrow.parquet as pq
+    there instead (maps included) and the records are read back from it once it is complete.
 
-        for fragment in pq.ParquetDataset(parquet_dir).fragments:
-            for record in fragment.to_table(columns=["record"]).column("record").to_pylist():
-                yield json.loads(record)
+    Connects at once (raising :class:`RayConnectionError` when it cannot); the connection is closed
+    when the records are exhausted."""
+    if not paths:
+        return iter(())
+    session = ray_session(address)
+    ray = session.__enter__()
+    job = dict(paths=paths, model_path=model_path, settings=settings, layout=layout, workers=workers,
+               threads=threads, provider=provider, parquet_dir=parquet_dir)
+
+    def records() -> Iterator[dict]:
+        try:
+            if address is not None and address.startswith("ray://"):
+                # Ray Data does not execute through the Ray Client (Ray 2.60: "'Worker' object has no
+                # attribute 'core_worker'"), so the job is driven by a task inside the cluster and
+                # the records come back when it is done.
+                yield from ray.get(ray.remote(num_cpus=0)(_drive).remote(**job))
+            else:
+                yield from _records(**job)
+        finally:
+            session.__exit__(None, None, None)
+
+    return records()
+
+
+def _records(paths: Sequence[str], model_path: str, settings: JobSettings, layout: OutputLayout, *,
+             workers: int | None, threads: int | None, provider: str, parquet_dir: str | None) -> Iterator[dict]:
+    dataset = _map(_paths_dataset(paths, settings.batch_size), model_path, settings, layout,
+                   workers=workers, threads=threads, provider=provider, keep_maps=parquet_dir is not None)
+    if parquet_dir is None:
+        yield from iter_records(dataset)
+        return
+    dataset.write_parquet(parquet_dir)
+    import pyarrow.parquet as pq
+
+    for fragment in pq.ParquetDataset(parquet_dir).fragments:
+        for record in fragment.to_table(columns=["record"]).column("record").to_pylist():
+            yield json.loads(record)
+
+
+def _drive(**job: Any) -> list[dict]:
+    """:func:`_records` run inside the cluster, for a driver connected through the Ray Client."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return list(_records(**job))
+
+
+class RayConnectionError(ConnectionError):
+    """Ray could not be started or reached at the given address."""
 
 
 def iter_records(dataset: "ray.data.Dataset") -> Iterator[dict]:
@@ -254,12 +291,15 @@ class ray_session:
     def __enter__(self):
         ray = import_ray()
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
-            if self.address is None:
-                kwargs.update(num_cpus=self.num_cpus, object_store_memory=self.object_store_memory)
-            else:
-                kwargs["address"] = self.address
-            ray.init(**kwargs)
+            try:
+                if self.address is None:
+                    ray.init(num_cpus=self.num_cpus, object_store_memory=self.object_store_memory,
+                             include_dashboard=False, logging_level=logging.WARNING)
+                else:  # the cluster's own settings apply; the Ray Client takes no others
+                    ray.init(address=self.address)
+            except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
+                where = "a local Ray" if self.address is None else f"Ray at {self.address}"
+                raise RayConnectionError(f"cannot start or reach {where}: {str(e).strip()}") from e
             self.started = True
         # gradmap run shows its own progress bar; Ray Data's bars and its notice that they are off
         # would interleave with it

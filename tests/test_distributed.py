@@ -47,11 +47,19 @@ def ray_cluster():
     """A local Ray with 2 CPUs and a small object store, shut down after this module's tests."""
     ray = _import_ray()
     assert not ray.is_initialized(), "another test left Ray running"
+    # On loopback, without token authentication: a Ray Client connection to Ray 2.60 with tokens on
+    # timed out ("no authorization header"); nothing outside this machine can reach the cluster.
+    auth = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     ray.init(num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False, logging_level=logging.WARNING)
     try:
         yield ray
     finally:
         ray.shutdown()
+        if auth is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = auth
         assert not ray.is_initialized(), "Ray was not shut down"
 
 
@@ -264,3 +272,34 @@ def test_gradmap_never_imports_ray_unless_asked():
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert "RAY []" in done.stdout, done.stdout + done.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_existing_cluster_by_address_and_through_the_ray_client(ray_cluster, pictures, reference, tmp_path):
+    """gradmap run in another process joins this module's Ray (loopback only) by its address and
+    through a Ray Client server: the same files as single-process gradmap run."""
+    ref_out, _, _ = reference
+    gcs = "127.0.0.1:" + ray_cluster.get_runtime_context().gcs_address.rsplit(":", 1)[1]
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "ray.util.client.server", "--host", "127.0.0.1", "--port",
+                               str(port), "--mode", "proxy", "--address", gcs], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for name, address in (("address", gcs), ("client", f"ray://127.0.0.1:{port}")):
+            out = tmp_path / name
+            done = subprocess.run([sys.executable, "-m", "gradmap.cli", "run", str(DEMO_MODEL), str(pictures),
+                                   "--out", str(out), *COMMON, "--engine", "ray", "--address", address],
+                                  capture_output=True, text=True, timeout=300, cwd=REPO)
+            assert done.returncode == 1, f"{name}: {done.stderr[-3000:]}"
+            assert json.loads(done.stdout)["failed"] == len(BROKEN), name
+            assert _files(out) == _files(ref_out), f"{name}: files differ from single-process gradmap run"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the proxy and the client servers it started
+        server.wait(timeout=60)
