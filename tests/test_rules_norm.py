@@ -1,4 +1,4 @@
-"""Gradient rules of InstanceNormalization, GroupNormalization, float Mod and TopK against torch autograd."""
+"""Gradient rules of InstanceNormalization, GroupNormalization, float Mod, TopK and Col2Im against torch autograd."""
 
 from __future__ import annotations
 
@@ -67,6 +67,16 @@ CASES = [
     ("Mod", "fmod-divisor",  # B depends on X: dB = -dY trunc(A / B), negative quotients included
      graph("float[2,3,4] X", "float[2,3,4] Y", "Y = Mod<fmod=1>(A, X)", [init("A", MOD_A)]),
      lambda X: torch.fmod(t(MOD_A), X), randn(2, 3, 4, positive=True)),
+    # torch's fold (MobileViTV2's attention), overlapping blocks summed; strided, padded and dilated
+    ("Col2Im", "overlapping",
+     graph("float[2,12,16] X", "float[2,3,5,5] Y", "Y = Col2Im(X, S, B)",
+           [init("S", np.int64([5, 5])), init("B", np.int64([2, 2]))]),
+     lambda X: F.fold(X, (5, 5), (2, 2)), randn(2, 12, 16)),
+    ("Col2Im", "stride2-pad1-dilation2",
+     graph("float[2,8,12] X", "float[2,2,7,6] Y",
+           "Y = Col2Im<strides=[2,2], pads=[1,1,1,1], dilations=[2,2]>(X, S, B)",
+           [init("S", np.int64([7, 6])), init("B", np.int64([2, 2]))]),
+     lambda X: F.fold(X, (7, 6), (2, 2), dilation=2, padding=1, stride=2), randn(2, 8, 12)),
     ("TopK", "last-axis",
      graph("float[2,3,8] X", "float[2,3,3] Y", "Y, I = TopK<axis=-1>(X, K)", [init("K", np.int64([3]))]),
      lambda X: torch.topk(X, 3, dim=-1).values, randn(2, 3, 8)),

@@ -6,6 +6,7 @@
            dX = Conv(Z(dY), W', pads (k-1)d - p), cropped to X's size, where Z inserts s-1 zeros
            after each value along each strided axis (Unsqueeze, Pad, Reshape) and is dY itself
            for stride 1
+    Col2Im: dX = im2col(dY) = Reshape(Conv(dY, one-hot kernels, group=C, strides, dilations, pads), [N, C k, L])
 
 A convolution with the flipped kernel is the textbook adjoint and the op every engine runs
 fastest. It also avoids ConvTranspose reading a forward Conv's weight: OpenVINO 2026.4.1 (CPU,
@@ -93,3 +94,23 @@ def conv(ctx, node, dy):
         gsizes = [n * s for n, s in zip(gsizes, strides)]
     flipped = flipped_transposed(ctx, w, wdims, group)
     return [adjoint_conv(ctx, g, flipped, kernel, group, dilations, pads, list(xdims[2:]), gsizes), None, None]
+
+
+@register("Col2Im")
+def col2im(ctx, node, dy):
+    """Col2Im (torch's fold): dX = Reshape(Conv(dY, E, group=C, strides, dilations, pads), [N, C k, L]),
+    E [C k, 1, *block] one-hot kernels, one per block position (the im2col of dY, torch's unfold)."""
+    block_shape = node.inputs[2]
+    block = [int(b) for b in ctx.require_constant(block_shape, "Col2Im block_shape").reshape(-1)]
+    channels = ctx.dims(node.outputs[0])[1]
+    if not isinstance(channels, int):
+        raise ExportError(f"{node.name}: Col2Im with a dynamic channel count has no gradient rule")
+    positions = int(np.prod(block))
+    spatial = len(block)
+    eye = np.eye(positions, dtype=np.float32).reshape(positions, 1, *block)
+    kernel = np.tile(eye, (channels, 1) + (1,) * spatial)
+    patches = ctx.op("Conv", dy[0], ctx.const(kernel), group=channels, kernel_shape=block,
+                     strides=list(ctx.attr(node, "strides", [1] * spatial)),
+                     dilations=list(ctx.attr(node, "dilations", [1] * spatial)),
+                     pads=list(ctx.attr(node, "pads", [0] * 2 * spatial)))
+    return [ctx.op("Reshape", patches, ctx.ints([0, channels * positions, -1])), None, None]
