@@ -197,13 +197,26 @@ def test_demo_maps_equal_gradmap_run(demo_site, photo_pngs, tmp_path):
 
 
 def assert_pictures_match(heatmap: np.ndarray, overlay: np.ndarray, files: dict, what: str) -> None:
-    """The page's heatmap and overlay canvases against gradmap run's PNGs: equal colours on all but
-    0.1 % of pixels (a map value within float32 rounding of a colour step may take the next colour)."""
+    """The page's heatmap and overlay canvases against gradmap run's PNGs, on >= 99.9 % of pixels:
+    heatmap colours within one step of the colormap, overlay within one level.
+
+    onnxruntime-web's and Python onnxruntime's outputs differ by float32 rounding (1e-6), and
+    equalize_hist is discontinuous at its bin edges: a group of equal map values (a Grad-CAM
+    upsampled from resnet18's 2x2 feature map at 64x64 has 1156 distinct values in 4096 pixels)
+    that lies within 1e-6 of an edge falls into the next bin, which moves the equalized value of
+    the pixels in the neighbouring bins by one bin, 1/256: one colour step. Measured: 1.6 % of
+    pixels one step apart on coffee.png, with the maps 9e-7 apart.
+    """
+    from gradmap.runtime import apply_colormap
+
+    table = apply_colormap(np.arange(256, dtype=np.float32) / 256, "hot").astype(int)
+    step = np.abs(np.diff(table, axis=0)).max()
     expected = np.asarray(Image.open(files["heatmap"]).convert("RGBA"))
     covered = expected[..., 3] == 255
     assert np.array_equal(heatmap[..., 3] == 255, covered), f"{what}: heatmap covers other pixels"
-    same = np.all(heatmap[..., :3] == expected[..., :3], axis=2)[covered]
-    assert same.mean() >= MAP_SHARE, f"{what}: heatmap colours differ on {1 - same.mean():.3%} of pixels"
+    apart = np.abs(heatmap[..., :3].astype(int) - expected[..., :3]).max(axis=2)[covered]
+    assert np.mean(apart <= step) >= MAP_SHARE, \
+        f"{what}: heatmap colours more than one colormap step apart on {np.mean(apart > step):.3%} of pixels"
     expected = np.asarray(Image.open(files["overlay"]).convert("RGB")).astype(int)
     close = np.all(np.abs(overlay[..., :3].astype(int) - expected) <= 1, axis=2)
     assert close.mean() >= MAP_SHARE, f"{what}: overlay differs on {1 - close.mean():.3%} of pixels"
