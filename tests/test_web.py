@@ -253,6 +253,13 @@ def test_bad_files_give_a_message_and_the_page_keeps_working(demo_site, tmp_path
         after = json.loads(page.text_content("#result"))
         assert after["source"] == good.name and after["predictions"][0]["label"] == "square", after
         assert not message.is_visible(), "the error message stays after a good picture"
+        with page.expect_download() as download:
+            page.click("#download")
+        saved = tmp_path / f"{bad.stem}-download.png"
+        download.value.save_as(saved)
+        assert download.value.suggested_filename == f"{good.name}.overlay.png"
+        with Image.open(saved) as image:
+            assert image.format == "PNG" and image.size == Image.open(good).size
         page.close()
 
 
