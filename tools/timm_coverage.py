@@ -1,0 +1,307 @@
+"""Coverage as data: export one small model of every timm family (timm's model modules) and every
+Transformers image-classification architecture with random weights, check parity with float64 torch
+autograd, and write docs/coverage.json and README.md's coverage table.
+
+    python tools/timm_coverage.py                  # everything, resuming rows already in docs/coverage.json
+    python tools/timm_coverage.py --fresh          # start over
+    python tools/timm_coverage.py --only timm:resnet18 --only hf:vit
+    python tools/timm_coverage.py --readme-only    # rewrite the README table from docs/coverage.json
+
+Each family's model is the one with the fewest parameters among its smallest-sounding names (counted
+on the meta device), exported at 64x64 where the model allows it (timm's img_size for models with
+position embeddings), else at its configured size. Transformers models are built from their default
+config shrunk to a few layers of small width. Every export runs gradmap's own parity check (the same
+as ``gradmap export``): logits and gradient against float64 torch autograd, 1e-4 of max|torch|. A row
+that fails says why (the exception's first line). Exports run on one thread; export times are CPU
+seconds, and ``--per-model`` limits them. ``--budget`` wall-clock minutes stop the run; rows not
+reached are written as not run, and a later run resumes with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+RESULTS = ROOT / "docs" / "coverage.json"
+SMALL_SIZE = (64, 64)
+# names that usually mark the smallest variants of a family, most promising first
+_SMALL_WORDS = ("test_", "atto", "femto", "pico", "nano", "xxs", "tiny", "xs", "mini", "small", "lite0", "b0",
+                "s0", "t0", "_s", "18", "26", "050", "035", "075", "100")
+# Transformers architectures that are not pixel classifiers of their own
+_HF_SKIP = {
+    "timm_wrapper": "wraps a timm model: covered by the timm rows and gradmap export timm:NAME",
+    "imagegpt": "classifies color-cluster token ids, not pixels: there is no input gradient",
+    "perceiver": "the image classifier variants take preprocessed pixel sequences with Fourier features or "
+                 "learned positions; not exported by AutoModelForImageClassification's pixel interface here",
+    "shieldgemma2": "a vision-language safety model (Gemma 3), not a pixel classifier",
+    "dinat": "needs the natten package's custom neighborhood-attention kernels, which torch.onnx cannot trace",
+}
+
+
+class Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise Timeout("CPU time limit for one model reached")
+
+
+def smallest_timm_models() -> dict[str, str]:
+    """{family (timm module): model name with the fewest parameters among its small-sounding names}."""
+    import timm
+    import torch
+
+    chosen = {}
+    for module in sorted(timm.list_modules()):
+        names = timm.list_models(module=module)
+        if not names:
+            continue
+
+        def rank(name):
+            for i, word in enumerate(_SMALL_WORDS):
+                if word in name:
+                    return i, len(name)
+            return len(_SMALL_WORDS), len(name)
+
+        candidates = sorted(names, key=rank)[:6]
+        counts = {}
+        for name in candidates:
+            try:
+                with torch.device("meta"):
+                    model = timm.create_model(name)
+                counts[name] = sum(p.numel() for p in model.parameters())
+            except Exception:  # noqa: BLE001 - a model that can't be built on meta: rank it last
+                counts[name] = float("inf")
+        chosen[module] = min(candidates, key=lambda n: (counts[n], rank(n)))
+    return chosen
+
+
+def hf_architectures() -> list[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES)
+
+
+def _shrink(config, image_size: int = SMALL_SIZE[0]):
+    """A few layers of small width; only attributes the config has are set."""
+    aliases = getattr(type(config), "attribute_map", {})
+
+    def setattr_if(name, value):
+        if hasattr(config, name) and name not in aliases:  # num_hidden_layers is num_stages in some
+            current = getattr(config, name)
+            if isinstance(current, (list, tuple)) and not isinstance(value, (list, tuple)):
+                value = [value(i) if callable(value) else value for i in range(len(current))]
+            setattr(config, name, value)
+
+    setattr_if("hidden_size", 32)
+    setattr_if("num_hidden_layers", 2)
+    setattr_if("intermediate_size", 64)
+    setattr_if("image_size", image_size)
+    setattr_if("depths", 1)
+    setattr_if("depth", 1)
+    setattr_if("hidden_sizes", lambda i: 16 * 2 ** min(i, 2))
+    setattr_if("embed_dim", 16 if not isinstance(getattr(config, "embed_dim", 0), (list, tuple)) else
+               (lambda i: 16 * (i + 1)))
+    setattr_if("embedding_size", 16)
+    setattr_if("num_attention_heads", 2 if not isinstance(getattr(config, "num_attention_heads", 0), (list, tuple))
+               else 1)
+    setattr_if("num_heads", 2 if not isinstance(getattr(config, "num_heads", 0), (list, tuple)) else 1)
+    setattr_if("window_size", 4)
+    setattr_if("patch_size", 8 if getattr(config, "model_type", "") in ("vit", "deit", "beit", "dinov2",
+                                                                        "dinov2_with_registers", "vit_msn",
+                                                                        "data2vec-vision", "ijepa", "clip",
+                                                                        "siglip", "siglip2", "metaclip_2") else
+               getattr(config, "patch_size", None))
+    setattr_if("num_labels", 10)
+    config.num_labels = 10
+    for sub in ("vision_config",):
+        if hasattr(config, sub) and getattr(config, sub) is not None:
+            _shrink(getattr(config, sub), image_size)
+    return config
+
+
+def run_timm(name: str) -> dict:
+    import timm.models
+
+    from gradmap.export._timm import export_timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    sizes = [SMALL_SIZE]
+    if cfg is not None and tuple(cfg.input_size[1:]) != SMALL_SIZE:
+        sizes.append(tuple(cfg.input_size[1:]))
+    return _export_trying_sizes(lambda size: export_timm(name, None, weights="none", input_size=size), sizes)
+
+
+def run_hf(model_type: str) -> dict:
+    import torch
+    import transformers
+
+    from gradmap.contract import Preprocessing
+    from gradmap.export import export_module
+    from gradmap.export._hf import _Classifier
+
+    def build(size):
+        config = _shrink(transformers.AutoConfig.for_model(model_type), size[0])
+        torch.manual_seed(0)
+        # the class itself: the Auto class's from_config trips over configs built by for_model (LeViT's)
+        model_class = transformers.AutoModelForImageClassification._model_mapping[type(config)]
+        if isinstance(model_class, tuple):  # (classifier, classifier with distillation head): LeViT
+            model_class = model_class[0]
+        model = model_class._from_config(config, attn_implementation="eager")
+        return export_module(_Classifier(model.eval(), False), None, preprocessing=Preprocessing(crop=size),
+                             source_model=f"hf:{model_type}", weights="none")
+
+    return _export_trying_sizes(build, [SMALL_SIZE, (224, 224)])
+
+
+def _export_trying_sizes(export, sizes) -> dict:
+    from gradmap.export import ParityError, UnsupportedOpsError
+
+    errors = []
+    for size in sizes:
+        start = time.process_time()
+        try:
+            report = export(size)
+        except (UnsupportedOpsError, ParityError) as e:  # the model ran: another size won't change these
+            reason = (f"no gradient rule for {', '.join(sorted(e.missing))}" if isinstance(e, UnsupportedOpsError)
+                      else _first_line(e))
+            return {"status": "unsupported ops" if isinstance(e, UnsupportedOpsError) else "parity failed",
+                    "input": list(size), "reason": reason, "seconds": round(time.process_time() - start, 1)}
+        except Timeout:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure is a row of the table
+            errors.append((size, e, time.process_time() - start))
+            continue
+        return {"status": "ok", "input": list(size), "logits_error": report.logits_error,
+                "gradient_error": report.gradient_error, "seconds": round(time.process_time() - start, 1),
+                "backward_nodes": report.backward_nodes}
+    size, e, seconds = errors[0]  # the smallest size's failure, and the others' where they differ
+    reason = "; ".join(dict.fromkeys(f"at {'x'.join(map(str, s))}: {_first_line(err)}" for s, err, _ in errors))
+    return {"status": "failed", "input": list(size), "reason": reason, "seconds": round(seconds, 1)}
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of the innermost cause (torch.onnx wraps the real error in paragraphs of advice)."""
+    root = e
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    text = [line for line in str(root).strip().splitlines() if line.strip()]
+    line = text[0] if text else ""
+    prefix = "" if root is e else f"{type(root).__name__}: "
+    return (prefix + line)[:300]
+
+
+def load_results() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {"timm": {}, "hf": {}}
+
+
+def save_results(results: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    tmp.replace(RESULTS)
+
+
+def table(results: dict) -> str:
+    def parity(row):
+        if row.get("status") == "ok":
+            return f"ok: logits {row['logits_error']:.1e}, gradient {row['gradient_error']:.1e}"
+        if row.get("status") == "not run":
+            return "not run"
+        return f"**{row['status']}**: {row.get('reason', '')}".replace("|", "\\|")
+
+    lines = []
+    for source, title in (("timm", "timm family (module)"), ("hf", "Transformers architecture")):
+        rows = results.get(source, {})
+        ok = sum(1 for r in rows.values() if r.get("status") == "ok")
+        tried = sum(1 for r in rows.values() if r.get("status") != "not run")
+        lines += ["", f"{title}s: {ok} of {tried} tried match torch ({len(rows)} listed).", "",
+                  f"| {title} | model | input | parity (max\\|Δ\\| / max\\|torch\\|) | export CPU s |",
+                  "|---|---|---|---|---|"]
+        for family, row in sorted(rows.items()):
+            size = "x".join(str(s) for s in row.get("input", [])) or "-"
+            seconds = f"{row['seconds']:.0f}" if "seconds" in row else "-"
+            lines.append(f"| {family} | {row.get('model', family)} | {size} | {parity(row)} | {seconds} |")
+    meta = results.get("meta", {})
+    head = (f"Generated by `python tools/timm_coverage.py` (timm {meta.get('timm', '?')}, transformers "
+            f"{meta.get('transformers', '?')}, torch {meta.get('torch', '?')}; random weights, gradmap's parity "
+            "check at 1e-4).")
+    return head + "\n" + "\n".join(lines) + "\n"
+
+
+def write_readme(results: dict) -> None:
+    from update_readme import README, replace_section
+
+    README.write_text(replace_section(README.read_text(), "coverage", table(results)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fresh", action="store_true", help="ignore earlier results")
+    parser.add_argument("--only", action="append", default=[], help="timm:MODULE_OR_MODEL or hf:MODEL_TYPE")
+    parser.add_argument("--budget", type=float, default=60.0, help="minutes for the whole run")
+    parser.add_argument("--per-model", type=int, default=240, help="CPU seconds for one model")
+    parser.add_argument("--readme-only", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    results = {"timm": {}, "hf": {}} if args.fresh else load_results()
+    if args.readme_only:
+        write_readme(results)
+        return
+    import timm
+    import torch
+    import transformers
+
+    results["meta"] = {"timm": timm.__version__, "transformers": transformers.__version__,
+                       "torch": torch.__version__.split("+")[0]}
+    jobs = []
+    timm_models = smallest_timm_models()
+    for family, name in timm_models.items():
+        jobs.append(("timm", family, name))
+    for model_type in hf_architectures():
+        jobs.append(("hf", model_type, model_type))
+    if args.only:
+        wanted = set(args.only)
+        jobs = [j for j in jobs if f"{j[0]}:{j[1]}" in wanted or f"{j[0]}:{j[2]}" in wanted]
+    deadline = time.monotonic() + args.budget * 60
+    signal.signal(signal.SIGPROF, _alarm)
+    torch.set_num_threads(1)  # one core: CPU seconds below are single-thread export times
+    for source, family, name in jobs:
+        done = results[source].get(family)
+        if done and done.get("status") != "not run" and done.get("model") == name and not args.only:
+            continue
+        if time.monotonic() > deadline:
+            results[source][family] = {"model": name, "status": "not run"}
+            continue
+        if source == "hf" and family in _HF_SKIP:
+            row = {"status": "not supported", "reason": _HF_SKIP[family]}
+        else:
+            signal.setitimer(signal.ITIMER_PROF, args.per_model)  # CPU seconds: the machine may be shared
+            try:
+                row = run_timm(name) if source == "timm" else run_hf(name)
+            except Timeout:
+                row = {"status": "failed", "reason": f"no result within {args.per_model} CPU seconds"}
+            except Exception as e:  # noqa: BLE001
+                row = {"status": "failed", "reason": _first_line(e)}
+                traceback.print_exc()
+            finally:
+                signal.setitimer(signal.ITIMER_PROF, 0)
+        row["model"] = name
+        results[source][family] = row
+        print(f"{source}:{family} {name}: {row['status']} {row.get('reason', '')}", flush=True)
+        save_results(results)
+    save_results(results)
+    write_readme(results)
+
+
+if __name__ == "__main__":
+    main()
