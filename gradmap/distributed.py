@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from gradmap.runtime.io import OutputLayout, RenderOptions
-from gradmap.runtime.jobs import TOP_PREDICTIONS, JobSettings, explain_and_write
+from gradmap.runtime.jobs import JobSettings, explain_and_write
 from gradmap.runtime.methods import MethodSpec
 from gradmap.runtime.model import SaliencyModel
 from gradmap.runtime.preprocess import EncodedPicture
