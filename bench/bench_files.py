@@ -8,8 +8,9 @@ Per model (random weights, the model's input size), serialized in memory:
   cpu         gradmap's default export: the adjoint convolutions' kernels are computed in the graph
               from the forward's own weights (Reshape, Transpose, a Slice with steps -1, the BN
               fold's Mul), which onnxruntime folds into constants when it creates the session;
-  stored      the same cpu graph with those kernels folded into the file instead (how gradmap's
-              files were written before: each adjoint kernel stored beside its forward weight);
+  stored      the same cpu graph with those kernels folded into the file instead, every adjoint
+              kernel stored beside its forward weight (gradmap's files before this; they stored
+              the stride-1 and depthwise kernels only, so they were somewhat smaller than this);
   portable    ``--target portable`` (ConvTranspose reads the forward weight itself).
 Session creation: onnxruntime CPU sessions from the bytes, gradmap's runtime session options,
 medians over ``--rounds`` rounds taken in turn. Writes bench/results/files.json and README's table.
@@ -106,8 +107,8 @@ def render(rows: list[dict], meta: dict) -> str:
     lines = [
         f"`python bench/bench_files.py` ({meta['date']}, {meta['machine']}): file sizes in MB; session creation in "
         f"seconds (onnxruntime {meta['onnxruntime']}, CPU, gradmap's runtime options, medians of {meta['rounds']} "
-        "rounds taken in turn). stored: the cpu graph with its adjoint kernels stored in the file, as gradmap "
-        "wrote them before they were computed from the forward weights at load time.",
+        "rounds taken in turn). stored: the cpu graph with every adjoint kernel folded into the file, as "
+        "gradmap stored them (most of them) before they were computed from the forward weights at load time.",
         "",
         "| model | forward | cpu | cpu ÷ forward | portable | portable ÷ forward | stored | "
         "session: forward | cpu | stored | portable |",

@@ -57,7 +57,6 @@ class GradContext(Builder):
         self._per_channel: set[ir.Value] = set()  # broadcastable gradients shaped [N, C, 1, 1]
         # stand-ins for gradients known only at some indices of one axis: (rank, axis, size, {index: part})
         self._parts: dict[ir.Value, tuple[int, int, int, dict[int, ir.Value]]] = {}
-        self.captured_values: set[ir.Value] = set()  # values whose own gradient is an output (Grad-CAM's map)
         self.regions: list[Region] = []
         self._region: Region | None = None
 

@@ -78,7 +78,7 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
     ``channel_multiple`` channels (default: its block size; 0: no padding). The model is modified in
     place; returns the resolved CAM value's name.
     """
-    from gradmap.export import lowering  # the lowering passes build on this module
+    from gradmap.export import lowering  # imported here: the lowering passes import the rules of this package
 
     if score not in contract.SCORE_KINDS:
         raise ExportError(f"unknown score kind {score!r}; choose one of {', '.join(contract.SCORE_KINDS)}")
@@ -105,8 +105,6 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
     target_index.shape = ir.Shape([logits.shape[0]])
     target_index.type = ir.TensorType(ir.DataType.INT64)
     outputs = [target_index]
-    if cam_value is not None:
-        ctx.captured_values.add(cam_value)
     for backprop in backprops:
         ctx.backprop = backprop
         captured: dict[ir.Value, ir.Value] = {}
