@@ -118,3 +118,23 @@ def test_random_weights_and_errors(tmp_path):
     processor.save_pretrained(tmp_path / "plain")
     with pytest.raises(ExportError, match="'bert' is not an image classifier"):
         load_hf(str(tmp_path / "plain"), "none")
+
+
+def test_hub_id_loads_through_the_hugging_face_cache(tmp_path, monkeypatch):
+    """hf:ORG/NAME with the files where the hub cache keeps them, offline."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--gradmap-test--tiny-vit"
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    snapshot = repo / "snapshots" / commit
+    config, processor = MODELS["vit"]()
+    model = _save(snapshot, config, processor, seed=4)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    module, weights, _, _ = load_hf("gradmap-test/tiny-vit", "pretrained")
+    assert weights == "hf pretrained gradmap-test/tiny-vit"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        np.testing.assert_allclose(module(x).numpy(), model(pixel_values=x).logits.numpy(), rtol=1e-6, atol=1e-6)

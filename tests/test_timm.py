@@ -133,14 +133,50 @@ def test_bad_names_and_weights_are_refused_clearly(tmp_path):
         load_timm("test_resnet", str(wrong))
 
 
+def _offline_hub(monkeypatch, cache):
+    """Hugging Face hub access offline, with ``cache`` as its cache (its constants are read at import)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+
+
 def test_pretrained_without_network_says_how_to_proceed(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    _offline_hub(monkeypatch, tmp_path / "empty-cache")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
     result = CliRunner().invoke(main, ["export", "timm:test_resnet.r160_in1k", "-o", str(tmp_path / "x.onnx")])
     assert result.exit_code == 1, result.output
     assert "--weights PATH" in result.output and "--weights none" in result.output, result.output
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_pretrained_weights_load_through_timms_hub_cache(tmp_path, monkeypatch):
+    """The real pretrained code path: timm's loader finds the file where the hub cache keeps it."""
+    from safetensors.torch import save_file
+
+    hub_id = timm.models.get_pretrained_cfg("test_resnet.r160_in1k").hf_hub_id
+    repo = tmp_path / "hub" / ("models--" + hub_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    torch.manual_seed(11)
+    source = timm.create_model("test_resnet", num_classes=1000).eval()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()},
+              str(repo / "snapshots" / commit / "model.safetensors"))
+    _offline_hub(monkeypatch, tmp_path / "hub")
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(main, ["export", "timm:test_resnet.r160_in1k", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "weights timm pretrained test_resnet.r160_in1k" in result.output, result.output
+    import onnxruntime as ort
+
+    image = np.random.default_rng(2).standard_normal((1, 3, 160, 160), dtype=np.float32)
+    (logits,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(
+        ["logits"], {"image": image, "target": np.array([-1])})
+    with torch.no_grad():
+        expected = source(torch.from_numpy(image)).numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
 # A representative subset of the families in README's coverage table (tools/timm_coverage.py):
