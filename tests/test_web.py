@@ -263,6 +263,22 @@ def test_bad_files_give_a_message_and_the_page_keeps_working(demo_site, tmp_path
         page.close()
 
 
+def test_method_switch_explains_the_picture_again(demo_site):
+    site, _ = demo_site
+    picture = Path(str(demo_assets().joinpath("images", "circle_0.png")))
+    page = site.open(f"image={quote(site.add(picture))}&method=vanilla")
+    first = site.result(page)
+    options = page.eval_on_selector_all("#method option", "els => els.map((e) => e.value)")
+    assert options == json.loads((site.root / "model.json").read_text())["methods"]
+    page.select_option("#method", "grad-cam++")
+    page.wait_for_function("document.getElementById('result').textContent.includes('grad-cam++')",
+                           timeout=PAGE_TIMEOUT_MS)
+    second = site.result(page)
+    assert (first["method"], second["method"]) == ("vanilla", "grad-cam++") and second["source"] == picture.name
+    assert np.abs(page_map(second) - page_map(first)).max() > 0.1, "another method, another map"
+    page.close()
+
+
 def _preprocess_in_page(page, url: str, preprocessing: dict) -> np.ndarray:
     data = page.evaluate("""async ([url, pre]) => {
         const G = await import('./gradmap.js');

@@ -259,6 +259,10 @@ async function explain(blob, name) {
   } finally {
     state.busy = false;
   }
+  // the method was switched while this map was computed: explain the picture again with the new one
+  if ($("method").value !== method && state.lastBlob && document.body.dataset.state === "done") {
+    await explain(state.lastBlob, name);
+  }
 }
 
 function showPredictions(predictions, target) {
@@ -290,6 +294,7 @@ async function explainURL(url) {
     showError(`${url}: cannot fetch it (${e.message})`);
     return;
   }
+  state.lastBlob = blob;
   await explain(blob, decodeURIComponent(url.split("/").pop()));
 }
 
@@ -329,9 +334,15 @@ function setUp(config) {
     img.alt = button.title = example.split("/").pop();
     button.append(img);
     button.addEventListener("click", async () => {
-      const blob = await (await fetch(example)).blob();
-      state.lastBlob = blob;
-      explain(blob, example.split("/").pop());
+      try {
+        const response = await fetch(example);
+        if (!response.ok) throw new Error(`HTTP ${response.status}`);
+        state.lastBlob = await response.blob();
+      } catch (e) {
+        showError(`${example}: cannot fetch it (${e.message})`);
+        return;
+      }
+      explain(state.lastBlob, example.split("/").pop());
     });
     examples.append(button);
   }
