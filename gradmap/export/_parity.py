@@ -86,19 +86,19 @@ class Decisions:
 def _forward_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """The nodes ``logits`` depends on, in graph order: the forward part, whatever the gradient
     part (which may hold its own MaxPool and Relu nodes, e.g. Relu(dY) of guided backprop) adds."""
-    producer = {o: n for n in graph.node for o in n.output if o}
+    nodes = list(graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
     needed: set[int] = set()
     stack = [contract.OUTPUT_LOGITS]
     seen: set[str] = set()
     while stack:
         name = stack.pop()
-        node = producer.get(name)
-        if node is None or name in seen:
+        if name in seen or name not in producer:
             continue
         seen.add(name)
-        needed.add(id(node))
-        stack.extend(i for i in node.input if i)
-    return [n for n in graph.node if id(n) in needed]
+        needed.add(producer[name])
+        stack.extend(i for i in nodes[producer[name]].input if i)
+    return [nodes[i] for i in sorted(needed)]
 
 
 def _expose_decisions(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], list[str]]:
