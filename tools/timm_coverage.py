@@ -148,6 +148,7 @@ def run_hf(model_type: str) -> dict:
     from gradmap.contract import Preprocessing
     from gradmap.export import export_module
     from gradmap.export._hf import _Classifier
+    from gradmap.export._torchvision import _he_init
 
     def build(size):
         config = _shrink(transformers.AutoConfig.for_model(model_type), size[0])
@@ -157,8 +158,15 @@ def run_hf(model_type: str) -> dict:
         if isinstance(model_class, tuple):  # (classifier, classifier with distillation head): LeViT
             model_class = model_class[0]
         model = model_class._from_config(config, attn_implementation="eager")
-        return export_module(_Classifier(model.eval(), False), None, preprocessing=Preprocessing(crop=size),
-                             source_model=f"hf:{model_type}", weights="none")
+        classifier = _Classifier(model.eval(), False).eval()
+        weights = "none"
+        with torch.no_grad():
+            logits = classifier(torch.randn(2, 3, *size))
+        if float(logits.abs().max()) < 1e-3:  # the config's init lets activations vanish (MobileViT's at this
+            _he_init(classifier)              # size): like torchvision's GoogLeNet, He init keeps them sane
+            weights = "none, He init"
+        return export_module(classifier, None, preprocessing=Preprocessing(crop=size),
+                             source_model=f"hf:{model_type}", weights=weights)
 
     return _export_trying_sizes(build, [SMALL_SIZE, (224, 224)])
 
@@ -181,7 +189,7 @@ def _export_trying_sizes(export, sizes) -> dict:
         except Exception as e:  # noqa: BLE001 - any failure is a row of the table
             errors.append((size, e, time.process_time() - start))
             continue
-        return {"status": "ok", "input": list(size), "logits_error": report.logits_error,
+        return {"status": "ok", "input": list(size), "weights": report.weights, "logits_error": report.logits_error,
                 "gradient_error": report.gradient_error, "seconds": round(time.process_time() - start, 1),
                 "backward_nodes": report.backward_nodes}
     size, e, seconds = errors[0]  # the smallest size's failure, and the others' where they differ
@@ -214,7 +222,8 @@ def save_results(results: dict) -> None:
 def table(results: dict) -> str:
     def parity(row):
         if row.get("status") == "ok":
-            return f"ok: logits {row['logits_error']:.1e}, gradient {row['gradient_error']:.1e}"
+            init = " (He init: the config's own init gives vanishing logits)" if "He init" in row.get("weights", "") else ""
+            return f"ok: logits {row['logits_error']:.1e}, gradient {row['gradient_error']:.1e}{init}"
         if row.get("status") == "not run":
             return "not run"
         return f"**{row['status']}**: {row.get('reason', '')}".replace("|", "\\|")
@@ -263,12 +272,18 @@ def main() -> None:
 
     results["meta"] = {"timm": timm.__version__, "transformers": transformers.__version__,
                        "torch": torch.__version__.split("+")[0]}
+    if not results.get("selection") or results.get("meta_timm") != timm.__version__:
+        results["selection"], results["meta_timm"] = smallest_timm_models(), timm.__version__
+    timm_jobs = [("timm", family, name) for family, name in results["selection"].items()]
+    hf_jobs = [("hf", model_type, model_type) for model_type in hf_architectures()]
+    # alternating, so that a run cut short by --budget still covers both sources
+    every = max(1, round(len(timm_jobs) / max(1, len(hf_jobs))))
     jobs = []
-    timm_models = smallest_timm_models()
-    for family, name in timm_models.items():
-        jobs.append(("timm", family, name))
-    for model_type in hf_architectures():
-        jobs.append(("hf", model_type, model_type))
+    for i, job in enumerate(timm_jobs):
+        jobs.append(job)
+        if i % every == every - 1 and hf_jobs:
+            jobs.append(hf_jobs.pop(0))
+    jobs += hf_jobs
     if args.only:
         wanted = set(args.only)
         jobs = [j for j in jobs if f"{j[0]}:{j[1]}" in wanted or f"{j[0]}:{j[2]}" in wanted]

@@ -104,6 +104,11 @@ def load_hf(source: str, weights: str = "pretrained", seed: int = 0) -> tuple[to
         torch.manual_seed(seed)
         model = auto.from_config(config, attn_implementation="eager")
         desc = f"none (random, seed {seed})"
+        if kind == "none":
+            from ._torchvision import _fill_zero_weights
+
+            if _fill_zero_weights(model):  # a zero-initialized head makes every logit and the gradient constant
+                desc = f"none (random, seed {seed}, zero-initialized layers drawn from N(0, 0.02))"
         if kind != "none":
             from ._timm import read_state_dict
 
