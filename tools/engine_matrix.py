@@ -80,18 +80,20 @@ def run_family(family: str, model: str, size: int | None, batch: int, work: Path
     return records
 
 
-def _load() -> dict:
-    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {"results": []}
+def _load(path: Path | None = None) -> dict:
+    path = path or RESULTS
+    return json.loads(path.read_text()) if path.exists() else {"results": []}
 
 
-def _merge(records: list[dict]) -> None:
-    data = _load()
+def _merge(records: list[dict], path: Path | None = None) -> None:
+    path = path or RESULTS
+    data = _load(path)
     keys = {(r["family"], r["target"], r["engine"]) for r in records}
     data["results"] = [r for r in data["results"] if (r["family"], r["target"], r["engine"]) not in keys] + records
     data["results"].sort(key=lambda r: (r["family"], r["target"], r["engine"]))
     data["updated"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(data, indent=1, default=float) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, default=float) + "\n")
 
 
 def _cell(record: dict | None, footnotes: dict[str, int]) -> str:
@@ -165,9 +167,17 @@ def main() -> None:
     parser.add_argument("--size", type=int, help="square input size instead of each family's own")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--readme-only", action="store_true", help="rebuild README's table from the JSON")
+    parser.add_argument("--results", type=Path, help=f"write results to this JSON instead of {RESULTS.relative_to(ROOT)} "
+                        "(README untouched)")
+    parser.add_argument("--merge", type=Path, nargs="+", help="merge these results files into the JSON and README")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # worker: one family, records as JSON on stdout's last line
     parser.add_argument("--work", default=None, help="folder for the exported models (default: a temporary one)")
     args = parser.parse_args()
+    if args.merge:
+        for path in args.merge:
+            _merge(_load(path)["results"])
+        write_readme()
+        return
     if args.readme_only:
         write_readme()
         return
@@ -202,8 +212,9 @@ def main() -> None:
             records = [{"family": family, "model": all_families[family], "target": target, "engine": engine,
                         "status": "fails", "reason": f"the worker process died (exit status {proc.returncode})"}
                        for target, engines in TARGETS.items() for engine in engines]
-        _merge(records)
-        write_readme()
+        _merge(records, args.results)
+        if not args.results:
+            write_readme()
 
 
 if __name__ == "__main__":
