@@ -1,4 +1,5 @@
-"""Gradient rules of InstanceNormalization, GroupNormalization, float Mod, TopK and Col2Im against torch autograd."""
+"""Gradient rules of InstanceNormalization, GroupNormalization, float Mod, TopK, Col2Im and linear and cubic
+Resize against torch autograd."""
 
 from __future__ import annotations
 
@@ -77,6 +78,26 @@ CASES = [
            "Y = Col2Im<strides=[2,2], pads=[1,1,1,1], dilations=[2,2]>(X, S, B)",
            [init("S", np.int64([7, 6])), init("B", np.int64([2, 2]))]),
      lambda X: F.fold(X, (7, 6), (2, 2), dilation=2, padding=1, stride=2), randn(2, 8, 12)),
+    # bilinear and bicubic upsampling (timm's CoaT, feature pyramids): torch's modes as exported
+    ("Resize", "bilinear-scale2",
+     graph("float[2,3,5,4] X", "float[2,3,10,8] Y", 'Y = Resize<mode="linear">(X, , S)',
+           [init("S", np.float32([1, 1, 2, 2]))]),
+     lambda X: F.interpolate(X, scale_factor=2, mode="bilinear", align_corners=False), randn(2, 3, 5, 4)),
+    ("Resize", "bilinear-align-corners-sizes",
+     graph("float[2,3,6,5] X", "float[2,3,11,7] Y",
+           'Y = Resize<mode="linear", coordinate_transformation_mode="align_corners">(X, , , Z)',
+           [init("Z", np.int64([2, 3, 11, 7]))]),
+     lambda X: F.interpolate(X, size=(11, 7), mode="bilinear", align_corners=True), randn(2, 3, 6, 5)),
+    ("Resize", "bilinear-scale1.5",
+     graph("float[2,3,6,4] X", "float[2,3,9,6] Y", 'Y = Resize<mode="linear">(X, , S)',
+           [init("S", np.float32([1, 1, 1.5, 1.5]))]),
+     lambda X: F.interpolate(X, scale_factor=1.5, mode="bilinear", align_corners=False,
+                             recompute_scale_factor=False), randn(2, 3, 6, 4)),
+    ("Resize", "bicubic-downsample",
+     graph("float[2,3,9,8] X", "float[2,3,4,5] Y",
+           'Y = Resize<mode="cubic", cubic_coeff_a=-0.75, coordinate_transformation_mode="pytorch_half_pixel">(X, , , Z)',
+           [init("Z", np.int64([2, 3, 4, 5]))]),
+     lambda X: F.interpolate(X, size=(4, 5), mode="bicubic", align_corners=False), randn(2, 3, 9, 8)),
     ("TopK", "last-axis",
      graph("float[2,3,8] X", "float[2,3,3] Y", "Y, I = TopK<axis=-1>(X, K)", [init("K", np.int64([3]))]),
      lambda X: torch.topk(X, 3, dim=-1).values, randn(2, 3, 8)),

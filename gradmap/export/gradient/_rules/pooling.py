@@ -16,6 +16,8 @@
     Resize (nearest, integer scales, each output a copy of input floor(i / s)):
                        dX = sum of dY over each s_h x s_w block = AveragePool(dY, s, stride s) * s_h s_w
                        (GlobalAveragePool from a 1 x 1 input)
+    Resize (linear, cubic): Y = A_h X A_w^T per channel (A from ONNX's reference Resize of the identity);
+                       dX = A_h^T dY A_w
     TopK:              dX = ScatterElements(zeros, Indices, dValues, axis)   (distinct indices)
 
 The Expands are deferred (GradContext.broadcastable): where X has other consumers, as the input of
@@ -270,3 +272,65 @@ def top_k(ctx, node, dy):
     if dy[0] is None:
         return [None, None]
     return [ctx.op("ScatterElements", ctx.zeros_like(x), indices, dy[0], axis=axis), None]
+
+
+# Resize in linear and cubic modes. The nearest-mode rule above stays as it is; this one takes over
+# the registration and hands nearest-mode nodes to it.
+from .._registry import RULES  # noqa: E402
+
+_resize_nearest = RULES.pop("Resize")
+
+
+def _resize_matrix(node, axis_in: int, axis_out: int, scale, size) -> np.ndarray:
+    """A [out, in] with Resize(X) = A X along one axis: ONNX's reference Resize, with the node's own
+    attributes and this axis' scale or size, applied to the identity (linear and cubic modes are
+    separable, so the 2-D op is A_h X A_w^T)."""
+    import onnx
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    attributes = {a.name: a.value for a in node.attributes.values()}
+    inputs = ["X", "", "scales" if scale is not None else "", "sizes" if scale is None else ""]
+    while inputs and inputs[-1] == "":
+        inputs.pop()
+    graph = helper.make_graph(
+        [helper.make_node("Resize", inputs, ["Y"], **attributes)], "axis",
+        [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [1, axis_in, axis_in, 1])],
+        [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)],
+        [helper.make_tensor("scales", onnx.TensorProto.FLOAT, [4], [1, 1, float(scale), 1])] if scale is not None
+        else [helper.make_tensor("sizes", onnx.TensorProto.INT64, [4], [1, axis_in, axis_out, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    eye = np.eye(axis_in, dtype=np.float32).reshape(1, axis_in, axis_in, 1)
+    (out,) = ReferenceEvaluator(model).run(None, {"X": eye})
+    return out[0, :, :, 0].T.astype(np.float64)  # [out, in]
+
+
+@register("Resize")
+def resize_any_mode(ctx, node, dy):
+    """Resize, linear and cubic (any coordinate transformation, cubic_coeff_a, antialias):
+    Y = A_h X A_w^T per channel, so dX = A_h^T dY A_w (two MatMuls with constant matrices)."""
+    mode = ctx.attr(node, "mode", "nearest")
+    if mode == "nearest":
+        return _resize_nearest(ctx, node, dy)
+    x = node.inputs[0]
+    where = f"{node.name}: Resize"
+    if mode not in ("linear", "cubic") or ctx.attr(node, "coordinate_transformation_mode", "") == "tf_crop_and_resize":
+        raise ExportError(f"{where} with mode={mode}, coordinate_transformation_mode="
+                          f"{ctx.attr(node, 'coordinate_transformation_mode', 'half_pixel')} has no gradient rule")
+    xdims, ydims = ctx.dims(x), ctx.dims(node.outputs[0])
+    if len(xdims) != 4 or ctx.attr(node, "axes", None) is not None or \
+            not all(isinstance(d, int) for d in xdims[1:] + ydims[1:]) or xdims[1] != ydims[1]:
+        raise ExportError(f"{where} from {xdims} to {ydims}: only spatial resizes of [N, C, H, W] have a gradient rule")
+    scales = ctx.constant_of(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    if scales is not None and scales.size == 0:
+        scales = None
+    if scales is None and (len(node.inputs) < 4 or ctx.constant_of(node.inputs[3]) is None):
+        raise ExportError(f"{where}: scales or sizes must be constants for its gradient rule")
+    matrices = [_resize_matrix(node, xdims[axis], ydims[axis], None if scales is None else scales[axis], None)
+                for axis in (2, 3)]
+    for matrix, axis in zip(matrices, (2, 3)):
+        if matrix.shape != (ydims[axis], xdims[axis]):
+            raise ExportError(f"{where}: its reference interpolation gives {matrix.shape[0]} values along axis {axis}, "
+                              f"the graph {ydims[axis]}")
+    rows = ctx.op("MatMul", ctx.const(matrices[0].T.astype(np.float32)), dy[0])
+    return [ctx.op("MatMul", rows, ctx.const(matrices[1].astype(np.float32)))] + [None] * (len(node.inputs) - 1)
