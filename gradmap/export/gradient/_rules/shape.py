@@ -145,16 +145,25 @@ def gather(ctx, node, dy):
     perm = list(range(axis, axis + index_rank)) + list(range(axis)) + list(range(axis + index_rank, out_rank))
     g = ctx.op("Transpose", dy[0], perm=perm) if perm != list(range(out_rank)) else dy[0]
     rest_perm = [axis] + [i for i in range(rank) if i != axis]
-    data_shape = ctx.op("Shape", data)
-    axis_size = ctx.op("Gather", data_shape, ctx.ints([axis]))
-    rest_shape = ctx.op("Gather", data_shape, ctx.ints(rest_perm[1:]))
-    g = ctx.op("Reshape", g, ctx.op("Concat", ctx.ints([-1]), rest_shape, axis=0))
+    rest = [dims[i] for i in rest_perm[1:]]
+    if all(isinstance(d, int) for d in [size, *rest]):
+        axis_size, rows_shape, zeros_shape = ctx.ints([size]), ctx.ints([-1, *rest]), ctx.ints([size, *rest])
+    else:
+        # Shapes computed in the graph; no empty Gather joins a Concat (OpenVINO 2026.4.1's ONNX reader
+        # fails on a Concat with an empty shape piece: "Accessing out-of-range dimension")
+        data_shape = ctx.op("Shape", data)
+        axis_size = ctx.op("Gather", data_shape, ctx.ints([axis]))
+        rows_shape, zeros_shape = ctx.ints([-1]), axis_size
+        if rest:
+            rest_shape = ctx.op("Gather", data_shape, ctx.ints(rest_perm[1:]))
+            rows_shape = ctx.op("Concat", rows_shape, rest_shape, axis=0)
+            zeros_shape = ctx.op("Concat", axis_size, rest_shape, axis=0)
+    g = ctx.op("Reshape", g, rows_shape)
     idx = ctx.op("Reshape", indices, ctx.ints([-1, 1]))
     if indices.dtype != ir.DataType.INT64:
         idx = ctx.op("Cast", idx, to=ir.DataType.INT64)
     idx = ctx.op("Where", ctx.op("Less", idx, ctx.const(np.int64(0))), ctx.op("Add", idx, axis_size), idx)
-    zeros = ctx.op("ConstantOfShape", ctx.op("Concat", axis_size, rest_shape, axis=0),
-                   value=ir.tensor(np.zeros(1, dtype=np.float32)))
+    zeros = ctx.op("ConstantOfShape", zeros_shape, value=ir.tensor(np.zeros(1, dtype=np.float32)))
     scattered = ctx.op("ScatterND", zeros, idx, g, reduction="add")
     inverse = [0] * rank
     for i, p in enumerate(rest_perm):
