@@ -99,12 +99,21 @@ def _merge(records: list[dict], path: Path | None = None) -> None:
     path.write_text(json.dumps(data, indent=1, default=float) + "\n")
 
 
+def _short(reason: str, limit: int = 300) -> str:
+    """An engine's error message without its boilerplate, on one line."""
+    reason = " ".join(reason.split())
+    for marker in ("Failed operations detailed log:", "ERROR_MESSAGE:"):
+        if marker in reason:
+            stage = reason.split(":", 1)[0]
+            reason = f"{stage}: " + reason.split(marker, 1)[1].strip()
+    return reason if len(reason) <= limit else reason[:limit - 3] + "..."
+
+
 def _cell(record: dict | None, footnotes: dict[str, int]) -> str:
     if record is None:
         return "–"
     if record["status"] == "fails":
-        reason = " ".join(str(record["reason"]).split())
-        reason = reason if len(reason) <= 300 else reason[:297] + "..."
+        reason = _short(str(record["reason"]))
         number = footnotes.setdefault(reason, len(footnotes) + 1)
         timed_out = "Timeout" in reason or "timed out" in reason
         return f"timed out [{number}]" if timed_out else f"fails [{number}]"
@@ -158,6 +167,11 @@ def readme_section() -> str:
     if footnotes:
         lines.append("")
         lines += [f"[{n}] {reason}  " for reason, n in footnotes.items()]
+    from tests.engines import ENGINE_BUGS
+
+    lines += ["", "Engine bugs isolated on minimal graphs (`tests/engines/__init__.py`; `python -m tests.engines.diverge "
+              "ENGINE MODEL` lists the first nodes whose outputs leave onnxruntime CPU's):", ""]
+    lines += [f"- `{name}`: {text}" for name, text in ENGINE_BUGS.items()]
     return "\n".join(lines)
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ENGINES", "EngineError", "EngineResult", "available", "run", "run_engine", "versions"]
+__all__ = ["ENGINES", "ENGINE_BUGS", "EngineError", "EngineResult", "available", "run", "run_engine", "versions"]
 
 HERE = Path(__file__).resolve().parent
 NODE_MODULES = Path(os.environ.get("GRADMAP_ENGINES_NODE_MODULES", HERE / "node_modules"))
@@ -53,6 +53,26 @@ GRAPH_OPTIMIZATION = {
     "ort_wasm_chromium": "all",
     "ort_webgpu": "all",
     "openvino": "CPU plugin defaults, INFERENCE_PRECISION_HINT f32",
+}
+
+
+#: Engine bugs the matrix met, each isolated to a minimal graph (python -m tests.engines.diverge finds the
+#: first diverging node; the repros are described here so they can be reported upstream).
+ENGINE_BUGS = {
+    "openvino-shared-square-constant": (
+        "OpenVINO 2026.4.1 CPU plugin with INFERENCE_PRECISION_HINT f32: an initializer read by two ops that need "
+        "it in different layouts, when its shape is square (a CxC Conv kernel, an NxN Gemm weight), gets one layout "
+        "for both: with W shared by Conv(X, W) and ConvTranspose(G, W), the ConvTranspose computes with W's first "
+        "two axes swapped; with W shared by Gemm(X, W, transB=1) and Gemm(G, W, transB=0) (or MatMul(G, W)), the "
+        "second gives G W^T. Non-square weights, unshared copies and the default (bf16) precision are right; an "
+        "in-graph Identity, Transpose or Mul by 1 folds back to the same constant and does not help."),
+    "openvino-empty-concat": (
+        "OpenVINO 2026.4.1 ONNX frontend: a Concat one of whose inputs is an empty Gather(Shape(X), indices=[]) "
+        "fails to convert ('Accessing out-of-range dimension', shape_util.cpp:66); the model does not load."),
+    "webgpu-split-outputs": (
+        "onnxruntime-web 1.31.1 WebGPU: a Split with 10 or more outputs fails ('Too many storage buffers in shader. "
+        "Current: 11, Max is 10', shader_helper.cc:354, SwiftShader adapter); Concat chunks its inputs and runs "
+        "with 33, Split does not chunk its outputs."),
 }
 
 
