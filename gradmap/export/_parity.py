@@ -9,6 +9,12 @@ meets such a near-tie in an early max pool about every other time; wide_resnet50
 near-zeros per batch of 2. So the reference replays the decisions onnxruntime took (values still
 come from torch in float64), and a batch that still misses the tolerance is drawn again: a wrong
 rule misses on every batch, a near-tie only on some.
+
+The decisions are read from the forward part alone (the nodes ``logits`` depends on): each ReLU's
+output, and each max pool's input, from which torch recomputes the pooled element (first maximum on
+ties), so graphs without a MaxPool Indices output (the portable target) are checked the same way.
+:func:`expose_decisions` and :func:`replay_reference` serve any engine's run, not only onnxruntime's
+(tests/engines/parity.py).
 """
 
 from __future__ import annotations
