@@ -131,4 +131,5 @@ def test_pretrained_lite0_classifies_and_its_gradient_matches_float64_autograd(e
     np.testing.assert_array_equal(results[0], outputs.gradient, err_msg="the runtime ran another graph")
     reference = replayed_gradient(model64, image[None], int(ranked[0]), results[1:])
     error = np.abs(outputs.gradient - reference).max() / np.abs(reference).max()
-    assert error <= 1e-5, f"{photo}: gradient differs from float64 autograd (with onnxruntime's ReLU6 sides) by {error:.2e}"
+    assert error <= 1e-5, (f"{photo}: gradient differs from float64 autograd (with onnxruntime's ReLU6 sides) "
+                           f"by {error:.2e}")

@@ -95,7 +95,8 @@ CASES = [
                              recompute_scale_factor=False), randn(2, 3, 6, 4)),
     ("Resize", "bicubic-downsample",
      graph("float[2,3,9,8] X", "float[2,3,4,5] Y",
-           'Y = Resize<mode="cubic", cubic_coeff_a=-0.75, coordinate_transformation_mode="pytorch_half_pixel">(X, , , Z)',
+           'Y = Resize<mode="cubic", cubic_coeff_a=-0.75, '
+           'coordinate_transformation_mode="pytorch_half_pixel">(X, , , Z)',
            [init("Z", np.int64([2, 3, 4, 5]))]),
      lambda X: F.interpolate(X, size=(4, 5), mode="bicubic", align_corners=False), randn(2, 3, 9, 8)),
     ("TopK", "last-axis",

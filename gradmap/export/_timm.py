@@ -126,7 +126,8 @@ def load_timm(name: str, weights: str = "pretrained", seed: int = 0,
                 "put them in the Hugging Face cache first (HF_HOME), pass the file with --weights PATH "
                 "(.safetensors or a state dict), or use --weights none for random weights.") from e
         tag = module.pretrained_cfg.get("tag") or ""
-        return module.eval(), f"timm pretrained {module.pretrained_cfg.get('architecture', name)}{'.' + tag if tag else ''}"
+        architecture = module.pretrained_cfg.get("architecture", name)
+        return module.eval(), f"timm pretrained {architecture}{'.' + tag if tag else ''}"
     torch.manual_seed(seed)
     module = create(False)
     if kind == "none":
