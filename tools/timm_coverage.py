@@ -262,6 +262,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=60.0, help="minutes for the whole run")
     parser.add_argument("--per-model", type=int, default=240, help="CPU seconds for one model")
     parser.add_argument("--readme-only", action="store_true")
+    parser.add_argument("--retry", action="store_true", help="also re-run rows that did not pass (after the new ones)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     results = {"timm": {}, "hf": {}} if args.fresh else load_results()
@@ -289,12 +290,21 @@ def main() -> None:
     if args.only:
         wanted = set(args.only)
         jobs = [j for j in jobs if f"{j[0]}:{j[1]}" in wanted or f"{j[0]}:{j[2]}" in wanted]
+    if args.retry:  # rows never tried first, then the ones that did not pass, with the current code
+        def tried(job):
+            row = results[job[0]].get(job[1])
+            return bool(row) and row.get("status") != "not run" and row.get("model") == job[2]
+
+        failed = [j for j in jobs if tried(j) and results[j[0]][j[1]].get("status") != "ok"]
+        jobs = [j for j in jobs if not tried(j)] + failed
     deadline = time.monotonic() + args.budget * 60
     signal.signal(signal.SIGPROF, _alarm)
     torch.set_num_threads(1)  # one core: CPU seconds below are single-thread export times
     for source, family, name in jobs:
         done = results[source].get(family)
-        if done and done.get("status") != "not run" and done.get("model") == name and not args.only:
+        if done and done.get("status") not in ("not run", *(("failed", "unsupported ops", "parity failed")
+                                                           if args.retry else ())) \
+                and done.get("model") == name and not args.only:
             continue
         if time.monotonic() > deadline:
             results[source][family] = {"model": name, "status": "not run"}
