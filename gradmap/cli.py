@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from gradmap import __version__
+from gradmap import __version__, contract
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,7 +27,7 @@ def main() -> None:
               help="torchvision weights name (e.g. DEFAULT, IMAGENET1K_V2); for timm: and hf: models DEFAULT "
                    "or 'pretrained' (their own weights and cache); 'none' for seeded random weights; or a path "
                    "to a state-dict or .safetensors file.")
-@click.option("--score", type=click.Choice(["logit", "probability", "log_probability"]), default="logit",
+@click.option("--score", type=click.Choice(contract.SCORE_KINDS), default="logit",
               show_default=True, help="What the gradient differentiates.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random weights (--weights none).")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset of the exported model.")
@@ -70,7 +70,7 @@ def export_command(model_name: str, output: str, weights: str, score: str, seed:
     click.echo(report.summary())
 
 
-_FORMAT_NAMES = ("heatmap", "overlay", "figure", "npy")
+_FORMAT_NAMES = contract.OUTPUT_FORMATS
 _PROGRESS_THRESHOLD = 3  # show a progress bar when there are more pictures than this
 
 
@@ -79,7 +79,7 @@ def _split_formats(ctx: click.Context, param: click.Parameter, values: tuple[str
     unknown = [f for f in formats if f not in _FORMAT_NAMES]
     if unknown:
         raise click.BadParameter(f"{', '.join(unknown)}: choose from {', '.join(_FORMAT_NAMES)}")
-    return tuple(dict.fromkeys(formats)) or ("heatmap", "overlay", "figure")
+    return tuple(dict.fromkeys(formats)) or contract.DEFAULT_OUTPUT_FORMATS
 
 
 def _load_model(path: str, provider: str, threads: int | None):
@@ -93,8 +93,7 @@ def _load_model(path: str, provider: str, threads: int | None):
         raise click.BadParameter(str(e), param_hint="'--provider'") from e
 
 
-_METHODS = ["vanilla", "smoothgrad", "integrated-gradients", "gradient-x-input", "guided-backprop", "deconvnet",
-            "grad-cam", "grad-cam++", "guided-grad-cam"]
+_METHODS = list(contract.METHODS)
 
 
 @main.command("run")
@@ -208,7 +207,7 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
     layout = OutputLayout(out_dir, paths)  # from every input, so that skipping changes no output path
     n_inputs, skipped = len(paths) + len(problems), 0
     if skip_existing:
-        remaining = [p for p in paths if not layout.complete(p, formats, wanted.count)]
+        remaining = [p for p in paths if not layout.complete(p, formats, wanted.count, method)]
         skipped, paths = len(paths) - len(remaining), remaining
     _unwind_on_sigterm()
     options = RenderOptions(equalize=equalize, placement=placement, colormap=colormap, alpha=alpha,

@@ -39,6 +39,11 @@ __all__ = [
     "BACKPROP_OUTPUTS",
     "METHODS",
     "WEB_METHODS",
+    "CAM_METHODS",
+    "METHOD_EXPORT_OPTIONS",
+    "ATTRIBUTION_KINDS",
+    "OUTPUT_FORMATS",
+    "DEFAULT_OUTPUT_FORMATS",
     "methods_for",
     "Preprocessing",
     "ModelMetadata",
@@ -102,20 +107,30 @@ METHODS = ("vanilla", "smoothgrad", "integrated-gradients", "gradient-x-input", 
            "grad-cam", "grad-cam++", "guided-grad-cam")
 #: The methods the ``gradmap web`` page computes in the browser (integrated gradients stays in Python).
 WEB_METHODS = tuple(m for m in METHODS if m != "integrated-gradients")
+#: Methods whose map is a class activation map [1, H, W] rather than a per-channel pixel attribution.
+CAM_METHODS = ("grad-cam", "grad-cam++")
+#: What ``gradmap export`` needs for the methods that need more than the plain gradient output.
+METHOD_EXPORT_OPTIONS = {"guided-backprop": "--backprop guided", "deconvnet": "--backprop deconvnet",
+                         "grad-cam": "--cam-layer auto", "grad-cam++": "--cam-layer auto",
+                         "guided-grad-cam": "--backprop guided --cam-layer auto"}
+#: What a method's per-pixel values are, which names their ``.npy`` output: ``gradient`` (the gradient
+#: of the score, or SmoothGrad's statistics of it, or its guided/deconvnet variant), ``attribution``
+#: (integrated gradients, gradient x input, guided Grad-CAM: gradients weighted by something else) or
+#: ``cam`` (a class activation map).
+ATTRIBUTION_KINDS = {"vanilla": "gradient", "smoothgrad": "gradient", "guided-backprop": "gradient",
+                     "deconvnet": "gradient", "integrated-gradients": "attribution",
+                     "gradient-x-input": "attribution", "guided-grad-cam": "attribution",
+                     "grad-cam": "cam", "grad-cam++": "cam"}
+#: What ``gradmap run --format`` writes per picture, and its default.
+OUTPUT_FORMATS = ("heatmap", "overlay", "figure", "npy")
+DEFAULT_OUTPUT_FORMATS = ("heatmap", "overlay", "figure")
 
 
 def methods_for(backprops: "tuple[str, ...] | list[str]", has_cam: bool) -> tuple[str, ...]:
-    """The attribution methods a model with these gradient outputs supports."""
-    methods = ["vanilla", "smoothgrad", "integrated-gradients", "gradient-x-input"]
-    if "guided" in backprops:
-        methods.append("guided-backprop")
-    if "deconvnet" in backprops:
-        methods.append("deconvnet")
-    if has_cam:
-        methods += ["grad-cam", "grad-cam++"]
-        if "guided" in backprops:
-            methods.append("guided-grad-cam")
-    return tuple(methods)
+    """The attribution methods a model with these gradient outputs supports, in :data:`METHODS` order."""
+    needs = {"guided-backprop": "guided" in backprops, "deconvnet": "deconvnet" in backprops,
+             "grad-cam": has_cam, "grad-cam++": has_cam, "guided-grad-cam": has_cam and "guided" in backprops}
+    return tuple(m for m in METHODS if needs.get(m, True))
 
 
 class ContractError(ValueError):

@@ -65,3 +65,32 @@ def test_cli_method_and_unsupported_method(tmp_path, photo_files):
     assert result.exit_code == 2
     assert "does not support guided-backprop" in result.output
     assert not (tmp_path / "p").exists() or not any((tmp_path / "p").rglob("*.png"))
+
+
+@pytest.mark.parametrize("method, kind", [("vanilla", "gradient"), ("smoothgrad", "gradient"),
+                                          ("integrated-gradients", "attribution"), ("gradient-x-input", "attribution")])
+def test_saved_arrays_are_named_for_what_they_hold(tmp_path, photo_files, method, kind):
+    out = tmp_path / "out"
+    args = ["run", str(LINEAR_MODEL), str(photo_files[0]), "--out", str(out), "--method", method, "--steps", "3",
+            "--samples", "2", "--json", "--format", "npy"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    files = json.loads(result.stdout)["images"][0]["maps"][0]["files"]
+    assert set(files) == {kind, "map"} and files[kind].endswith(f".{kind}.npy"), files
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{photo_files[0].name}.{k}.npy" for k in (kind, "map"))
+    again = CliRunner().invoke(main, args + ["--skip-existing"])
+    assert again.exit_code == 0 and "skipped 1 of 1" in again.output, again.output
+
+
+def test_class_activation_maps_are_saved_as_cam(tmp_path):
+    from gradmap.cli import demo_assets
+
+    model = demo_assets().joinpath("shapes.onnx")
+    if not model.is_file():
+        pytest.skip("demo model not generated (python models/make_demo.py)")
+    picture = demo_assets().joinpath("images", "star_0.png")
+    result = CliRunner().invoke(main, ["run", str(model), str(picture), "--out", str(tmp_path), "--method", "grad-cam",
+                                       "--json", "--format", "npy"])
+    assert result.exit_code == 0, result.output
+    files = json.loads(result.stdout)["images"][0]["maps"][0]["files"]
+    assert set(files) == {"cam", "map"} and np.load(files["cam"]).shape == (1, 64, 64)

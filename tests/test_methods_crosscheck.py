@@ -162,8 +162,9 @@ def small_model(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("small") / "small.onnx"
     export_module(module, path, preprocessing=Preprocessing(crop=(16, 16), resize=None))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return module.double(), methods.gradient_function(session, batch_size=64)
+    from gradmap.runtime import SaliencyModel
+
+    return module.double(), methods.gradient_function(SaliencyModel(path, provider="cpu"), batch_size=64)
 
 
 def _inputs(seed=0):

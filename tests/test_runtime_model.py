@@ -201,3 +201,50 @@ def test_never_overwrites_an_input(tmp_path, photos):
     layout = OutputLayout(tmp_path, [str(tmp_path / "x.jpg"), str(source)])
     with pytest.raises(FileExistsError, match="refusing to overwrite input"):
         layout.path(str(tmp_path / "x.jpg"), "heatmap", ".png")
+
+
+def test_names_have_one_source_in_the_contract():
+    from gradmap import cli, contract
+    from gradmap.runtime import io, methods
+
+    assert methods.METHODS is contract.METHODS and io.FORMATS is contract.OUTPUT_FORMATS
+    params = {p.name: p for p in cli.run_command.params}
+    assert tuple(params["method"].type.choices) == contract.METHODS
+    assert tuple(next(p for p in cli.export_command.params if p.name == "score").type.choices) == contract.SCORE_KINDS
+    assert set(contract.ATTRIBUTION_KINDS) == set(contract.METHODS), "every method names its saved array"
+    assert set(contract.METHOD_EXPORT_OPTIONS) | set(contract.CAM_METHODS) <= set(contract.METHODS)
+    assert contract.methods_for(("vanilla", "guided", "deconvnet"), True) == contract.METHODS
+    assert contract.methods_for(("vanilla",), False) == ("vanilla", "smoothgrad", "integrated-gradients",
+                                                         "gradient-x-input")
+    assert contract.methods_for(("vanilla", "deconvnet"), True)[-3:] == ("deconvnet", "grad-cam", "grad-cam++")
+
+
+def test_the_runtime_reaches_onnxruntime_only_through_saliency_model():
+    """model.py is the one module that creates or runs onnxruntime sessions."""
+    import re
+    from pathlib import Path
+
+    import gradmap.runtime
+
+    offenders = []
+    for path in sorted(Path(gradmap.runtime.__file__).parent.glob("*.py")):
+        if path.name == "model.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"import onnxruntime|InferenceSession|session\.run\(|\.session\b", line):
+                offenders.append(f"{path.name}:{number}: {line.strip()}")
+    assert not offenders, "calls into onnxruntime outside SaliencyModel:\n" + "\n".join(offenders)
+
+
+def test_run_outputs_and_probabilities(linear_model, linear_weights):
+    from gradmap.runtime import softmax
+
+    W, b = linear_weights
+    rng = np.random.default_rng(2)
+    images = rng.standard_normal((3, 3, 32, 32)).astype(np.float32)
+    out = linear_model.run_outputs(images, [-1, 0, 1], ("logits", "gradient"))
+    assert set(out) == {"logits", "gradient"} and out["gradient"].shape == (3, 3, 32, 32)
+    expected = softmax(images.reshape(3, -1).astype(np.float64) @ W.T.astype(np.float64) + b, axis=1)
+    np.testing.assert_allclose(linear_model.probabilities(images), expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="no output gradient_guided.*--backprop"):
+        linear_model.run_outputs(images, None, ("gradient_guided",))

@@ -60,7 +60,6 @@ from gradmap.runtime.metrics import (
     random_order_curve,
     rank_correlation,
 )
-from gradmap.runtime.model import session_options
 from gradmap.runtime.postprocess import check_finite, reduce_channels
 from gradmap.runtime.preprocess import CropGeometry, crop_window, open_picture, preprocess
 
@@ -71,7 +70,6 @@ logger = logging.getLogger(__name__)
 
 #: Above this Spearman correlation with the randomized model's map, a method fails the sanity check.
 MAX_RANK_CORRELATION = 0.3
-CAM_METHODS = ("grad-cam", "grad-cam++")
 
 
 class EvaluationDataError(ValueError):
@@ -220,47 +218,12 @@ def load_evaluation_data(path: str | os.PathLike[str], preprocessing: contract.P
     return EvaluationData(np.stack(inputs), np.stack(masks_out), np.asarray(labels_out, dtype=np.int64), names, notes)
 
 
-def _forward_only(model):
-    """``predict(batch) -> probabilities`` from the model's logits.
-
-    onnxruntime runs the whole graph whatever outputs are requested, so the thousands of perturbed
-    images of the deletion and insertion curves would pay for the gradient too. When the ``onnx``
-    package is installed, the forward part is cut out of the model (same logits, about 3x cheaper on
-    the demo model); otherwise the full model runs.
-    """
-    import onnxruntime as ort
-
-    session = model.session
-    try:
-        import onnx
-        import onnx.utils
-
-        forward = onnx.utils.Extractor(onnx.load(model.path)).extract_model([contract.INPUT_IMAGE],
-                                                                            [contract.OUTPUT_LOGITS])
-        options = session_options(model.session.get_session_options().intra_op_num_threads)
-        session = ort.InferenceSession(forward.SerializeToString(), options, providers=model.session.get_providers())
-    except Exception as e:  # onnx missing, or a model the extractor cannot cut: the full model is exact too
-        logger.debug("running the full model for perturbation curves (%s)", e)
-    needs_target = any(i.name == contract.INPUT_TARGET for i in session.get_inputs())
-
-    def predict(batch: np.ndarray) -> np.ndarray:
-        feeds = {contract.INPUT_IMAGE: np.ascontiguousarray(batch, dtype=np.float32)}
-        if needs_target:
-            feeds[contract.INPUT_TARGET] = np.full(len(batch), -1, dtype=np.int64)
-        (logits,) = session.run([contract.OUTPUT_LOGITS], feeds)
-        z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
-
-    return predict
-
-
 def saliency_maps(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, batch_size: int = 16
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(maps [N, h, w] float64, resolved targets [N]) of one method, as evaluated."""
     _, target_index, values, _ = attribute(model, spec, images, targets, batch_size=batch_size)
     check_finite(values, spec.name)
-    if spec.name in CAM_METHODS:
+    if spec.name in contract.CAM_METHODS:
         return np.asarray(values[:, 0], dtype=np.float64), target_index
     return reduce_channels(values, "max", channel_axis=1).astype(np.float64), target_index
 
@@ -311,7 +274,7 @@ def evaluate(model, data: EvaluationData, methods: Sequence[MethodSpec], *, rand
     if not np.isfinite(tolerance) or tolerance < 0:
         raise ValueError(f"tolerance must be a finite number of pixels >= 0, got {tolerance}")
     say = progress or (lambda message: None)
-    predict = _forward_only(model)
+    predict = model.probabilities
     started = time.perf_counter()
     n = len(data)
     # Resolve targets once: labels where given, else the model's top-1.

@@ -7,6 +7,10 @@ deepest directory that holds all inputs, and every output keeps the input's full
     out/a/x.jpg.heatmap.png   out/a/x.jpg.overlay.png   out/a/x.jpg.figure.png
     out/a/x.jpg.gradient.npy  out/a/x.jpg.map.npy       (topK: out/a/x.jpg.top2.heatmap.png ...)
 
+The first array is named for what it holds (``contract.ATTRIBUTION_KINDS``): ``.gradient.npy`` for
+the gradient methods, ``.attribution.npy`` for integrated gradients, gradient x input and guided
+Grad-CAM, ``.cam.npy`` for Grad-CAM and Grad-CAM++.
+
 Every file is written to a temporary file in its destination directory and then ``os.replace``d, so a
 reader never sees half a file; an output path that is one of the inputs is refused.
 """
@@ -24,6 +28,7 @@ from typing import BinaryIO, Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
+from gradmap import contract
 from gradmap.runtime.postprocess import map_to_original, scale_to_percentile
 from gradmap.runtime.render import OVERLAY_ALPHA, OVERLAY_PERCENTILE, render_figure, render_heatmap, render_overlay
 from gradmap.runtime.saliency import ImageSaliency, SaliencyMap
@@ -47,8 +52,8 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                               ".pgm", ".pbm", ".pnm", ".jfif", ".ico"})
-FORMATS = ("heatmap", "overlay", "figure", "npy")
-DEFAULT_FORMATS = ("heatmap", "overlay", "figure")
+FORMATS = contract.OUTPUT_FORMATS
+DEFAULT_FORMATS = contract.DEFAULT_OUTPUT_FORMATS
 _GLOB_CHARS = set("*?[")
 
 
@@ -122,21 +127,21 @@ class OutputLayout:
         name = relative.name + (f".top{rank}" if rank is not None else "")
         return self.out_dir / relative.parent / name
 
-    def planned(self, source: str, formats: Iterable[str], maps: int = 1) -> list[Path]:
+    def planned(self, source: str, formats: Iterable[str], maps: int = 1, method: str = "vanilla") -> list[Path]:
         """Every file :func:`write_outputs` writes for ``source`` with these ``formats`` when the
-        picture gets ``maps`` maps (topK: K). ``--skip-existing`` skips a picture whose planned files
-        all exist: outputs are written atomically, so an existing file is a complete one."""
+        picture gets ``maps`` maps (topK: K) by ``method``. ``--skip-existing`` skips a picture whose
+        planned files all exist: outputs are written atomically, so an existing file is a complete one."""
         ranks: list[int | None] = list(range(1, maps + 1)) if maps > 1 else [None]
         kinds = {"heatmap": [("heatmap", ".png")], "overlay": [("overlay", ".png")], "figure": [("figure", ".png")],
-                 "npy": [("gradient", ".npy"), ("map", ".npy")]}
+                 "npy": [(contract.ATTRIBUTION_KINDS[method], ".npy"), ("map", ".npy")]}
         return [self.path(source, kind, suffix, rank) for rank in ranks
                 for fmt in dict.fromkeys(formats) for kind, suffix in kinds[fmt]]
 
-    def complete(self, source: str, formats: Iterable[str], maps: int = 1) -> bool:
+    def complete(self, source: str, formats: Iterable[str], maps: int = 1, method: str = "vanilla") -> bool:
         """Whether every planned output of ``source`` exists already (see :meth:`planned`). False when
         an output would overwrite an input: the picture is then processed and reports that error."""
         try:
-            return all(p.is_file() for p in self.planned(source, formats, maps))
+            return all(p.is_file() for p in self.planned(source, formats, maps, method))
         except FileExistsError:
             return False
 
@@ -227,11 +232,14 @@ def write_outputs(result: ImageSaliency, saliency: SaliencyMap, layout: OutputLa
                   options: RenderOptions = RenderOptions(), caption: str = "") -> dict[str, str]:
     """Render and write the requested ``formats`` for one map of one picture.
 
-    ``npy`` writes two float32 arrays on the model's input grid: ``.gradient.npy`` [3, h, w] and
-    ``.map.npy`` [h, w] (the min-max normalized map, before equalization).
+    ``npy`` writes two float32 arrays on the model's input grid: the attribution [3, h, w] ([1, h, w]
+    for a class activation map), named for what it holds (``.gradient.npy``, ``.attribution.npy`` or
+    ``.cam.npy``, see the module docstring), and ``.map.npy`` [h, w] (the min-max normalized map,
+    before equalization).
 
     Returns:
-        ``{kind: path}`` for every file written (kinds heatmap, overlay, figure, gradient, map).
+        ``{kind: path}`` for every file written (kinds heatmap, overlay, figure, gradient or
+        attribution or cam, map).
     """
     formats = list(dict.fromkeys(formats))
     unknown = [f for f in formats if f not in FORMATS]
@@ -266,7 +274,8 @@ def write_outputs(result: ImageSaliency, saliency: SaliencyMap, layout: OutputLa
             save_png(figure, path)
             written["figure"] = str(path)
         elif kind == "npy":
-            for name, array in (("gradient", saliency.gradient), ("map", saliency.saliency_map)):
+            kind_name = contract.ATTRIBUTION_KINDS.get(saliency.method, "attribution")
+            for name, array in ((kind_name, saliency.attribution), ("map", saliency.saliency_map)):
                 path = layout.path(result.source, name, ".npy", rank)
                 save_npy(np.asarray(array, dtype=np.float32), path)
                 written[name] = str(path)

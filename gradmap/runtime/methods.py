@@ -9,7 +9,9 @@
     modifiers             absolute (default), positive, negative: applied to the attribution before maps
 
 A *gradient function* ``fn(images, targets) -> (logits, target_index, gradient)`` is what these
-methods call; :func:`gradient_function` makes one from a loaded model and a gradient output.
+methods call; :func:`gradient_function` makes one from a loaded model and a gradient output (through
+:meth:`SaliencyModel.run_outputs <gradmap.runtime.model.SaliencyModel.run_outputs>`, the runtime's one
+way into onnxruntime).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from gradmap.contract import OUTPUT_GRADIENT, OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, INPUT_IMAGE, INPUT_TARGET
+from gradmap import contract
+from gradmap.contract import OUTPUT_GRADIENT, OUTPUT_LOGITS, OUTPUT_TARGET_INDEX
 
 __all__ = [
     "METHODS", "MethodSpec", "attribute", "GradientFn", "Attribution", "gradient_function", "vanilla", "smoothgrad", "integrated_gradients",
@@ -44,16 +47,15 @@ class Attribution:
     completeness_gap: np.ndarray | None = None  # IG: |sum attribution - (F(x) - F(x0))| per image
 
 
-def gradient_function(session, output: str = OUTPUT_GRADIENT, batch_size: int = 16) -> GradientFn:
-    """A gradient function over an onnxruntime session of a gradmap model, in chunks of ``batch_size``."""
+def gradient_function(model, output: str = OUTPUT_GRADIENT, batch_size: int = 16) -> GradientFn:
+    """A gradient function over a loaded :class:`~gradmap.runtime.model.SaliencyModel`, in chunks of
+    ``batch_size``; ``output`` names the gradient (``gradient``, ``gradient_guided``, ...)."""
+    names = (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, output)
 
     def fn(images: np.ndarray, targets: np.ndarray):
-        parts = []
-        for start in range(0, len(images), batch_size):
-            parts.append(session.run([OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, output],
-                                     {INPUT_IMAGE: np.ascontiguousarray(images[start:start + batch_size], np.float32),
-                                      INPUT_TARGET: np.asarray(targets[start:start + batch_size], np.int64)}))
-        return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+        parts = [model.run_outputs(images[start:start + batch_size], targets[start:start + batch_size], names)
+                 for start in range(0, len(images), batch_size)]
+        return tuple(np.concatenate([p[name] for p in parts]) for name in names)
 
     return fn
 
@@ -183,8 +185,7 @@ def modify(values: np.ndarray, modifier: str = "absolute") -> np.ndarray:
 
 
 # -- choosing a method for a loaded model ----------------------------------------------------------
-METHODS = ("vanilla", "smoothgrad", "integrated-gradients", "gradient-x-input", "guided-backprop", "deconvnet",
-           "grad-cam", "grad-cam++", "guided-grad-cam")
+METHODS = contract.METHODS
 
 
 @dataclass(frozen=True)
@@ -215,17 +216,12 @@ def attribute(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, 
     [N, 1, H, W] for class activation maps upsampled (bilinear) to the input size. Raises
     ``ValueError`` naming what to export when the model lacks the outputs a method needs.
     """
-    from gradmap import contract
-
     supported = model.metadata.methods
     if spec.name not in supported:
-        hint = {"guided-backprop": "--backprop guided", "deconvnet": "--backprop deconvnet",
-                "grad-cam": "--cam-layer auto", "grad-cam++": "--cam-layer auto",
-                "guided-grad-cam": "--backprop guided --cam-layer auto"}.get(spec.name, "")
+        hint = contract.METHOD_EXPORT_OPTIONS.get(spec.name, "")
         raise ValueError(f"this model does not support {spec.name} (it supports {', '.join(supported)}); "
                          f"export it with {hint}")
-    session = model.session
-    fn = gradient_function(session, batch_size=batch_size)
+    fn = gradient_function(model, batch_size=batch_size)
     if spec.name == "vanilla":
         result = vanilla(fn, images, targets)
     elif spec.name == "smoothgrad":
@@ -240,7 +236,7 @@ def attribute(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, 
         result = gradient_x_input(fn, images, targets)
     elif spec.name in ("guided-backprop", "deconvnet"):
         output = contract.OUTPUT_GRADIENT_GUIDED if spec.name == "guided-backprop" else contract.OUTPUT_GRADIENT_DECONVNET
-        result = vanilla(gradient_function(session, output, batch_size), images, targets)
+        result = vanilla(gradient_function(model, output, batch_size), images, targets)
     else:
         from .cam import grad_cam, grad_cam_plus_plus, guided_grad_cam, upsample
 
@@ -248,11 +244,10 @@ def attribute(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, 
                  contract.OUTPUT_CAM_GRADIENT]
         if spec.name == "guided-grad-cam":
             names.append(contract.OUTPUT_GRADIENT_GUIDED)
-        outs = session.run(names, {contract.INPUT_IMAGE: images.astype(np.float32),
-                                   contract.INPUT_TARGET: targets.astype(np.int64)})
-        logits, target_index, activation, cam_gradient = outs[:4]
+        outs = model.run_outputs(images, targets, names)
+        logits, target_index, activation, cam_gradient = (outs[name] for name in names[:4])
         if spec.name == "guided-grad-cam":
-            values = guided_grad_cam(outs[4], activation, cam_gradient)
+            values = guided_grad_cam(outs[contract.OUTPUT_GRADIENT_GUIDED], activation, cam_gradient)
         else:
             cams = (grad_cam if spec.name == "grad-cam" else grad_cam_plus_plus)(activation, cam_gradient)
             values = upsample(cams, images.shape[2:], order=1)[:, None]

@@ -20,6 +20,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from gradmap.contract import ATTRIBUTION_KINDS
 from gradmap.runtime.errors import ImageLoadError, NonFiniteGradientError, TargetError
 from gradmap.runtime.methods import MethodSpec, attribute
 from gradmap.runtime.model import SaliencyModel
@@ -113,20 +114,30 @@ class Prediction:
 class SaliencyMap:
     """One explained class of one picture, on the model's input grid.
 
-    ``gradient`` is float32 [3, h, w] as the model returned it; ``saliency_map`` the channel-reduced,
-    min-max normalized map in [0, 1]; ``equalized_map`` its histogram-equalized version.
-    ``rank`` is the class's rank (1 = top-1) when the target was topK, else None.
+    ``attribution`` is what the method computed per input pixel, float32 [3, h, w]: the gradient as
+    the model returned it (vanilla, guided backprop, deconvnet; SmoothGrad's mean, mean square or
+    variance of gradients), gradients weighted by something else (integrated gradients, gradient x
+    input, guided Grad-CAM), or [1, h, w] for a class activation map (Grad-CAM, Grad-CAM++);
+    ``contract.ATTRIBUTION_KINDS`` says which, and ``gradmap run`` names its ``.npy`` after it.
+    ``saliency_map`` is the channel-reduced, min-max normalized map in [0, 1]; ``equalized_map`` its
+    histogram-equalized version. ``rank`` is the class's rank (1 = top-1) when the target was topK,
+    else None.
     """
 
     target_index: int
     target_label: str
     rank: int | None
-    gradient: np.ndarray
+    attribution: np.ndarray
     saliency_map: np.ndarray
     equalized_map: np.ndarray
     method: str = "vanilla"
     #: integrated gradients only: |sum of attributions - (F(x) - F(baseline))|
     completeness_gap: float | None = None
+
+    @property
+    def gradient(self) -> np.ndarray:
+        """The attribution under its former name (a gradient only for the methods that compute one)."""
+        return self.attribution
 
 
 @dataclass
@@ -170,14 +181,14 @@ def _name(source: object) -> str:
     return os.fspath(source)  # type: ignore[arg-type]
 
 
-def _make_map(gradient: np.ndarray, index: int, labels: Sequence[str], rank: int | None, reduce: str,
+def _make_map(attribution: np.ndarray, index: int, labels: Sequence[str], rank: int | None, reduce: str,
               clip: tuple[float, float] | None, method: str = "vanilla", gap: float | None = None) -> SaliencyMap:
-    check_finite(gradient, f"gradient for class {index} ({labels[index]})")
-    reduced = reduce_channels(gradient, reduce)
+    check_finite(attribution, f"{ATTRIBUTION_KINDS.get(method, 'attribution')} for class {index} ({labels[index]})")
+    reduced = reduce_channels(attribution, reduce)
     if clip is not None:
         reduced = clip_percentile(reduced, *clip)
-    return SaliencyMap(index, labels[index], rank, gradient, normalize_min_max(reduced), equalize_histogram(reduced),
-                       method, gap)
+    return SaliencyMap(index, labels[index], rank, attribution, normalize_min_max(reduced),
+                       equalize_histogram(reduced), method, gap)
 
 
 def _run(model: SaliencyModel, method: MethodSpec | None, images: np.ndarray, targets: np.ndarray):
