@@ -76,3 +76,12 @@ def test_server_sends_cross_origin_isolation_headers(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_model_with_external_data_is_refused(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    model = onnx.load(str(LINEAR_MODEL))
+    path = tmp_path / "external.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    result = CliRunner().invoke(main, ["web", str(path), "--out", str(tmp_path / "site")])
+    assert result.exit_code == 1 and "external data" in result.output and str(path) in result.output, result.output
