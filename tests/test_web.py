@@ -240,12 +240,14 @@ def test_bad_files_give_a_message_and_the_page_keeps_working(demo_site, tmp_path
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
     text = tmp_path / "notes.png"
     text.write_text("this is a text file, not a picture\n")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
     good = Path(str(demo_assets().joinpath("images", "square_0.png")))
-    for bad in (corrupt, text):
+    for bad, reason in ((corrupt, "corrupt or not an image"), (text, "corrupt or not an image"), (empty, "empty file")):
         page = site.open(f"image={quote(site.add(bad))}")
         result = site.result(page)
         assert bad.name in result.get("error", ""), result
-        assert "corrupt or not an image" in result["error"]
+        assert reason in result["error"], result
         message = page.locator("#message")
         assert message.is_visible() and bad.name in message.inner_text()
         page.set_input_files("#file", str(good))
