@@ -131,14 +131,16 @@ def test_wrong_label_count_is_refused(tmp_path):
 
 
 def test_parity_check_catches_a_wrong_gradient(resnet18_file):
-    """Scale one weight in the backward part only: the check must refuse the model."""
+    """Scale one adjoint convolution's kernel in the backward part only: the check must refuse the model."""
     proto = onnx.load(str(resnet18_file))
-    backward = next(n for n in proto.graph.node if n.op_type == "ConvTranspose")
-    weight = next(t for t in proto.graph.initializer if t.name == backward.input[1])
-    scaled = onnx.numpy_helper.to_array(weight) * 1.01
-    clone = onnx.numpy_helper.from_array(scaled.astype(np.float32), weight.name + "_scaled")
-    proto.graph.initializer.append(clone)
-    backward.input[1] = clone.name
+    backward = next(n for n in proto.graph.node if n.op_type in ("Conv", "ConvTranspose")
+                    and any(p.key == "gradmap.vjp" and p.value.startswith("Conv:") for p in n.metadata_props))
+    factor = onnx.numpy_helper.from_array(np.asarray(1.01, dtype=np.float32), "wrong_factor")
+    proto.graph.initializer.append(factor)
+    scale = onnx.helper.make_node("Mul", [backward.input[1], factor.name], ["wrong_kernel"])
+    position = list(proto.graph.node).index(backward)
+    proto.graph.node.insert(position, scale)
+    backward.input[1] = "wrong_kernel"
     module, _ = load_torchvision("resnet18", "none")
     with pytest.raises(ParityError, match="gradient differs from torch autograd"):
         verify_parity(module, proto, (224, 224), attempts=2)

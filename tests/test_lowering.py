@@ -37,7 +37,7 @@ class Patterns(torch.nn.Module):
         self.depthwise = torch.nn.Conv2d(32, 32, 3, stride=2, padding=1, groups=32)
         self.squeeze = torch.nn.Conv2d(32, 16, 1)
         self.excite = torch.nn.Conv2d(16, 32, 1)
-        self.fc = torch.nn.Linear(32, 7)
+        self.fc = torch.nn.Linear(64, 7)
 
     def forward(self, x):
         x = F.max_pool2d(F.relu(self.stem(x)), 3, stride=2, padding=1)       # overlapping windows
@@ -47,6 +47,7 @@ class Patterns(torch.nn.Module):
         x = F.max_pool2d(F.relu(self.depthwise(x)), 2)                       # disjoint windows
         scale = torch.sigmoid(self.excite(F.relu(self.squeeze(x.mean((2, 3), keepdim=True)))))
         x = F.hardswish(x * scale) + x
+        x = torch.cat([F.relu(x), x], dim=1)                                 # concatenation
         return self.fc(x.mean((2, 3)))
 
 
@@ -89,7 +90,8 @@ def _histogram(model: ir.Model) -> dict[str, int]:
 
 # pass -> whether it gives bit-identical gradients (the others compute the same sums in another order)
 EXACT = {"fold_batch_norm": False, "conv_adjoint": False, "max_pool_indices": False, "relu_mask": True,
-         "hard_swish_steps": True, "silu_affine": True, "resize_sum_scale": True, "spread_per_channel": True}
+         "hard_swish_steps": True, "silu_affine": True, "resize_sum_scale": True, "spread_per_channel": True,
+         "concat_split": True}
 
 
 @pytest.mark.parametrize("name", list(EXACT))
@@ -113,7 +115,10 @@ def test_each_cpu_pass_alone_keeps_the_gradient(module, monkeypatch, name):
         f"{name} left the graph as it was"
     expected = _gradients(unlowered, image, target)
     actual = _gradients(lowered, image, target)
-    np.testing.assert_array_equal(actual[0], expected[0], err_msg="the logits changed")
+    # the forward part is the same graph, but onnxruntime may fuse or lay it out differently once the
+    # backward reads other forward values (max_pool_indices pools X again): a few ulp
+    logits_error = np.abs(actual[0] - expected[0]).max() / np.abs(expected[0]).max()
+    assert logits_error <= 1e-6, f"{name}: the logits changed by {logits_error:.3g}"
     for backprop, a, e in zip(BACKPROPS, actual[1:], expected[1:]):
         assert np.any(e), f"{backprop}: the gradient is all zeros, nothing is compared"
         if EXACT[name]:

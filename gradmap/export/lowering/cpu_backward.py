@@ -26,6 +26,7 @@ blocked kernel puts a layout reorder on each side of itself. The passes, in orde
     spread_per_channel   Expand of a per-channel gradient [N, C, 1, 1] to [N, C, H, W] -> a depthwise
                          Conv with an all-ones H x W kernel and pads H-1, W-1; a per-channel
                          contribution added to a full one -> added after a nearest Resize to H x W
+    concat_split         Concat: a Slice of dY per input -> one Split of dY
 
 The blocked forms (a depthwise 1x1 Conv, HardSigmoid and Clip fused into it) apply only where the
 channel count is a multiple of the block (:meth:`Rewriter.blocked_channels`).
@@ -321,6 +322,26 @@ def spread_per_channel(rw: Rewriter, regions: list[Region]) -> int:
     return done
 
 
+# -- Concat ----------------------------------------------------------------------------------------
+def concat_split(rw: Rewriter, regions: list[Region]) -> int:
+    """A Concat's input gradients as one Split of dY instead of a Slice each: one pass over dY
+    (a DenseNet concatenates every earlier layer's output, 5 to 48 inputs). Split has no blocked
+    kernel either, so this is about reading dY once."""
+    done = 0
+    for region in _regions(regions, "Concat"):
+        node = region.node
+        slices = [n for n in region.nodes if n.op_type == "Slice" and n.graph is not None]
+        if len(slices) < 2:
+            continue
+        axis = rw.attr(node, "axis") % rw.rank(node.outputs[0])
+        sizes = [rw.dims(x)[axis] for x in node.inputs]
+        rw.node = node
+        parts = rw.op_multi("Split", rw.inputs_of(region)[0], rw.ints(sizes), num_outputs=len(sizes), axis=axis)
+        rw.replace(region, [p if g is not None else None for p, g in zip(parts, region.grad_inputs)])
+        done += 1
+    return done
+
+
 #: The CPU lowering's backward passes, in the order they run.
 PASSES = (fold_batch_norm, conv_adjoint, max_pool_indices, relu_mask, hard_swish_steps, silu_affine,
-          resize_sum_scale, spread_per_channel)
+          resize_sum_scale, spread_per_channel, concat_split)

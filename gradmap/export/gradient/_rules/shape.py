@@ -3,7 +3,7 @@
     Reshape, Flatten, Squeeze, Unsqueeze: dX = Reshape(dY, Shape(X))
     Transpose:  dX = Transpose(dY, inverse(perm))
     Expand:     dX = sum_to(dY, X)
-    Concat:     dX_i = Split(dY, sizes along axis)[i]
+    Concat:     dX_i = Slice(dY, offset_i, offset_i + size_i, axis)
     Split:      dX = Concat(dY_i or zeros, axis)
     Slice:      dX = Pad(dY, starts, size - ends); step k > 1: zeros interleaved first
     Gather:     dX = ScatterND(zeros, indices, dY, reduction=add) along axis; a scalar index i: dY in
@@ -54,8 +54,9 @@ def concat(ctx, node, dy):
     sizes = [ctx.dims(x)[axis] for x in node.inputs]
     if not all(isinstance(s, int) for s in sizes):
         raise ExportError(f"{node.name}: Concat along a dynamic axis has no gradient rule")
-    parts = ctx.op_multi("Split", dy[0], ctx.ints(sizes), num_outputs=len(sizes), axis=axis)
-    return [p if ctx.needs_grad(x) else None for p, x in zip(parts, node.inputs)]
+    starts = np.cumsum([0, *sizes[:-1]]).tolist()
+    return [ctx.op("Slice", dy[0], ctx.ints([start]), ctx.ints([start + size]), ctx.ints([axis]))
+            if ctx.needs_grad(x) else None for x, start, size in zip(node.inputs, starts, sizes)]
 
 
 @register("Split")
