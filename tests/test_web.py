@@ -297,6 +297,44 @@ def _preprocess_in_page(page, url: str, preprocessing: dict) -> np.ndarray:
     return np.frombuffer(base64.b64decode(data), dtype="<f4").reshape(3, *preprocessing["crop"])
 
 
+def test_jpeg_decoding_and_exif_orientation_equal_pil(demo_site, tmp_path):
+    """The browser's JPEG decoder gives the bytes PIL gives, and turns EXIF-rotated pictures upright
+    as the runtime's open_picture does, so preprocessing starts from the same pixels."""
+    from skimage import data
+
+    from gradmap.runtime import open_picture
+
+    site, _ = demo_site
+    page = site.open()
+    page.wait_for_function("document.body.dataset.state === 'ready'", timeout=PAGE_TIMEOUT_MS)
+    files = []
+    for name in ("chelsea", "coffee", "astronaut", "rocket"):
+        files.append(tmp_path / f"{name}.jpg")
+        Image.fromarray(getattr(data, name)()).save(files[-1], quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    files.append(tmp_path / "rotated.jpg")
+    Image.fromarray(data.coffee()).save(files[-1], quality=90, exif=exif)
+    for file in files:
+        got = page.evaluate("""async (url) => {
+            const G = await import('./gradmap.js');
+            const bitmap = await createImageBitmap(await (await fetch(url)).blob(),
+                {imageOrientation: 'from-image', premultiplyAlpha: 'none', colorSpaceConversion: 'none'});
+            const canvas = document.createElement('canvas');
+            canvas.width = bitmap.width; canvas.height = bitmap.height;
+            const context = canvas.getContext('2d');
+            context.drawImage(bitmap, 0, 0);
+            const rgba = context.getImageData(0, 0, bitmap.width, bitmap.height).data;
+            return [bitmap.height, bitmap.width,
+                    G.float32ToBase64(Float32Array.from(G.rgbaToRGB(rgba, bitmap.width, bitmap.height)))];
+        }""", site.add(file))
+        pixels = np.frombuffer(base64.b64decode(got[2]), dtype="<f4").reshape(got[0], got[1], 3)
+        expected = np.asarray(open_picture(file)[0])
+        assert pixels.shape == expected.shape, f"{file.name}: {pixels.shape} != {expected.shape}"
+        assert np.array_equal(pixels, expected), f"{file.name}: {np.mean(pixels != expected):.3%} of bytes differ"
+    page.close()
+
+
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "lanczos", "box", "hamming", "nearest"])
 def test_preprocessing_equals_the_runtime(demo_site, photo_pngs, interpolation):
     from gradmap.contract import Preprocessing
