@@ -120,7 +120,9 @@ def render(results: dict) -> str:
              f"({results['machine']}), median of {results['repeats']} fresh page loads each: from navigation to the "
              "first map drawn (model download from 127.0.0.1, session creation, decoding, preprocessing, the "
              "vanilla gradient, postprocessing); the last column is the map alone on the last load. Page weight: what "
-             "the browser downloads (model + onnxruntime-web's files + the page).", "",
+             "the browser downloads (model + onnxruntime-web's files + the page). Downloading the model and creating the "
+             "session take most of the time to first map, so a second thread shortens the map but not always the "
+             "first map on this busy machine; every load's time is in bench/results/web.json.", "",
              "| model | backend | time to first map | map alone | model | onnxruntime-web | page |",
              "|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
