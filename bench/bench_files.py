@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-DEFAULT_MODELS = ["resnet50", "vgg19", "mobilenet_v3_large", "efficientnet_b0", "densenet121", "vit_b_16",
-                  "convnext_tiny"]
+from bench_speed import DEFAULT_MODELS  # noqa: E402  (the speed table's models)
+
 RESULTS = ROOT / "bench" / "results" / "files.json"
 _FOLDABLE = {"Transpose", "Reshape", "Slice", "Mul"}
 
