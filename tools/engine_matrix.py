@@ -89,18 +89,25 @@ def run_family(family: str, model: str, size: int | None, batch: int, work: Path
     return records
 
 
+def _git_commit() -> str | None:
+    out = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h"], capture_output=True, text=True)
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def _load(path: Path | None = None) -> dict:
     path = path or RESULTS
     return json.loads(path.read_text()) if path.exists() else {"results": []}
 
 
-def _merge(records: list[dict], path: Path | None = None) -> None:
+def _merge(records: list[dict], path: Path | None = None, code: str | None = None) -> None:
     path = path or RESULTS
     data = _load(path)
     keys = {(r["family"], r["target"], r["engine"]) for r in records}
     data["results"] = [r for r in data["results"] if (r["family"], r["target"], r["engine"]) not in keys] + records
     data["results"].sort(key=lambda r: (r["family"], r["target"], r["engine"]))
     data["updated"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if code:
+        data["code"] = code
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, default=float) + "\n")
 
@@ -155,7 +162,8 @@ def readme_section() -> str:
         "implementation of Vulkan, which checks the WebGPU kernels' semantics, not a GPU's arithmetic or speed), "
         "OpenVINO's GPU and NPU plugins, onnxruntime-node, browsers other than Chromium.",
         "",
-        f"`python tools/engine_matrix.py` ({data.get('updated', '')}): {len(fams)} families, seeded random weights, "
+        f"`python tools/engine_matrix.py` ({data.get('updated', '')}{', gradmap ' + data['code'] if data.get('code') else ''}): "
+        f"{len(fams)} families, seeded random weights, "
         f"batch {any_record.get('batch', 2)}, input {', '.join('x'.join(map(str, s)) for s in sizes)}; exports: "
         f"{'; '.join(notes)}. Each cell: the engine's gradient against float64 torch autograd replaying that "
         "engine's own max-pool and ReLU decisions (max|Δ| / max|torch|; right at or under 1e-4, with logits and "
@@ -196,12 +204,13 @@ def main() -> None:
     parser.add_argument("--results", type=Path, help=f"write results to this JSON instead of {RESULTS.relative_to(ROOT)} "
                         "(README untouched)")
     parser.add_argument("--merge", type=Path, nargs="+", help="merge these results files into the JSON and README")
+    parser.add_argument("--code", help="which gradmap the results came from (a commit), recorded in the JSON")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # worker: one family, records as JSON on stdout's last line
     parser.add_argument("--work", default=None, help="folder for the exported models (default: a temporary one)")
     args = parser.parse_args()
     if args.merge:
         for path in args.merge:
-            _merge(_load(path)["results"])
+            _merge(_load(path)["results"], code=args.code)
         write_readme()
         return
     if args.readme_only:
@@ -238,7 +247,7 @@ def main() -> None:
             records = [{"family": family, "model": all_families[family], "target": target, "engine": engine,
                         "status": "fails", "reason": f"the worker process died (exit status {proc.returncode})"}
                        for target, engines in TARGETS.items() for engine in engines]
-        _merge(records, args.results)
+        _merge(records, args.results, code=args.code or _git_commit())
         if not args.results:
             write_readme()
 
