@@ -231,11 +231,25 @@ def table(results: dict) -> str:
         return f"**{row['status']}**: {row.get('reason', '')}".replace("|", "\\|")
 
     lines = []
-    for source, title in (("timm", "timm family (module)"), ("hf", "Transformers architecture")):
-        rows = results.get(source, {})
+    for source, title, plural in (("timm", "timm family (module)", "timm families"),
+                                  ("hf", "Transformers architecture", "Transformers architectures")):
+        rows = dict(results.get(source, {}))
+        if source == "timm":  # every family of the selection, reached or not
+            for family, name in results.get("selection", {}).items():
+                rows.setdefault(family, {"model": name, "status": "not run"})
+        else:
+            for model_type in hf_architectures():
+                rows.setdefault(model_type, {"model": model_type, "status": "not supported",
+                                             "reason": _HF_SKIP[model_type]} if model_type in _HF_SKIP
+                                else {"model": model_type, "status": "not run"})
         ok = sum(1 for r in rows.values() if r.get("status") == "ok")
-        tried = sum(1 for r in rows.values() if r.get("status") != "not run")
-        lines += ["", f"{title}s: {ok} of {tried} tried match torch ({len(rows)} listed).", "",
+        tried = sum(1 for r in rows.values() if r.get("status") not in ("not run", "not supported"))
+        unsupported = sum(1 for r in rows.values() if r.get("status") == "not supported")
+        not_run = len(rows) - tried - unsupported
+        lines += ["", f"{plural}: {len(rows)}; {tried} tried, {ok} of them match torch"
+                      + (f"; {unsupported} not supported (why below)" if unsupported else "")
+                      + (f"; {not_run} not run yet (the run's time budget; `--retry` resumes)" if not_run else "")
+                      + ".", "",
                   f"| {title} | model | input | parity (max\\|Δ\\| / max\\|torch\\|) | export CPU s |",
                   "|---|---|---|---|---|"]
         for family, row in sorted(rows.items()):
