@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import resource
 import signal
 import sys
 import time
@@ -130,11 +131,20 @@ def _shrink(config, image_size: int = SMALL_SIZE[0]):
     return config
 
 
+MAX_PARAMETERS = 150_000_000  # the float64 reference and the export's copies of a 412 M model took 8.7 GB
+
+
 def run_timm(name: str) -> dict:
     import timm.models
+    import torch
 
     from gradmap.export._timm import export_timm
 
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in timm.create_model(name).parameters())
+    if parameters > MAX_PARAMETERS:
+        return {"status": "not run", "reason": f"the family's smallest model has {parameters / 1e6:.0f} M parameters, "
+                                               f"over this run's {MAX_PARAMETERS / 1e6:.0f} M (memory)"}
     cfg = timm.models.get_pretrained_cfg(name)
     sizes = [SMALL_SIZE]
     if cfg is not None and tuple(cfg.input_size[1:]) != SMALL_SIZE:
@@ -227,7 +237,7 @@ def table(results: dict) -> str:
             init = " (He init: the config's own init gives vanishing logits)" if he_init else ""
             return f"ok: logits {row['logits_error']:.1e}, gradient {row['gradient_error']:.1e}{init}"
         if row.get("status") == "not run":
-            return "not run"
+            return f"not run: {row['reason']}" if row.get("reason") else "not run"
         return f"**{row['status']}**: {row.get('reason', '')}".replace("|", "\\|")
 
     lines = []
@@ -275,6 +285,7 @@ def main() -> None:
     parser.add_argument("--only", action="append", default=[], help="timm:MODULE_OR_MODEL or hf:MODEL_TYPE")
     parser.add_argument("--budget", type=float, default=60.0, help="minutes for the whole run")
     parser.add_argument("--per-model", type=int, default=240, help="CPU seconds for one model")
+    parser.add_argument("--memory-gb", type=int, default=6, help="data memory limit of the run")
     parser.add_argument("--readme-only", action="store_true")
     parser.add_argument("--retry", action="store_true", help="also re-run rows that did not pass (after the new ones)")
     args = parser.parse_args()
@@ -313,6 +324,8 @@ def main() -> None:
         jobs = [j for j in jobs if not tried(j)] + failed
     deadline = time.monotonic() + args.budget * 60
     signal.signal(signal.SIGPROF, _alarm)
+    # a model that needs more memory fails with MemoryError instead of waking the OOM killer
+    resource.setrlimit(resource.RLIMIT_DATA, (args.memory_gb << 30, resource.RLIM_INFINITY))
     torch.set_num_threads(1)  # one core: CPU seconds below are single-thread export times
     for source, family, name in jobs:
         done = results[source].get(family)
