@@ -168,7 +168,8 @@ def readme_section() -> str:
         f"{'; '.join(notes)}. Each cell: the engine's gradient against float64 torch autograd replaying that "
         "engine's own max-pool and ReLU decisions (max|Δ| / max|torch|; right at or under 1e-4, with logits and "
         "target_index right and every replayed decision a float32 near-tie), and the time of the second run in "
-        "one session, one thread (WebGPU: the first run, on SwiftShader, i.e. on the CPU). "
+        "one session, one thread (WebGPU: the first run, on SwiftShader, i.e. on the CPU; the machine was shared "
+        "and busy, so times are rough). "
         f"Versions: {', '.join(f'{k} {v}' for k, v in versions.items())}.",
         "",
         "| family | model | " + " | ".join(title for _, _, title in COLUMNS) + " |",
@@ -183,6 +184,11 @@ def readme_section() -> str:
         lines += [f"[{n}] {reason}  " for reason, n in footnotes.items()]
     from tests.engines import ENGINE_BUGS
 
+    lines += [f"{note}" for note in ([""] + data["notes"] if data.get("notes") else [])]
+    missing = [f for f in families() if f not in fams]
+    if missing:
+        lines += ["", f"Not run in this pass (time): {', '.join(missing)}; `python tools/engine_matrix.py --families "
+                  f"{','.join(missing)}` adds them."]
     lines += ["", "Engine bugs isolated on minimal graphs (`tests/engines/__init__.py`; `python -m tests.engines.diverge "
               "ENGINE MODEL` lists the first nodes whose outputs leave onnxruntime CPU's):", ""]
     lines += [f"- `{name}`: {text}" for name, text in ENGINE_BUGS.items()]
