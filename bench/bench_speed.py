@@ -196,6 +196,25 @@ def render(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def render_targets(rows: list[dict], meta: dict) -> str:
+    """The cpu and portable targets side by side: ratios to the forward measured in the same rounds."""
+    lines = [
+        f"`python bench/bench_speed.py --out bench/results/speed_targets.json --targets-table` ({meta.get('note', '')}"
+        f"{meta['threads']} threads, medians of interleaved rounds): gradmap ÷ ORT forward for the default `cpu` "
+        "target and the `portable` target, with the quartiles of the cpu ratio over rounds, and the cpu ratio of "
+        "the speed table above.",
+        "",
+        "| model | batch | rounds | cpu ÷ forward | per round (quartiles) | speed table above | portable ÷ forward |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        q = r["gradmap_over_forward_quartiles"]
+        previous = f"{r['previous_gradmap_over_forward']:.2f}" if r.get("previous_gradmap_over_forward") else "–"
+        lines.append(f"| {r['model']} | {r['batch']} | {r['rounds']} | {r['gradmap_over_forward']:.2f} | "
+                     f"{q[0]:.2f}–{q[2]:.2f} | {previous} | {r['portable_over_forward']:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
@@ -208,6 +227,9 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "speed.json"))
     parser.add_argument("--no-readme", action="store_true")
     parser.add_argument("--readme-only", action="store_true", help="rewrite README's table from --out's file")
+    parser.add_argument("--targets-table", action="store_true",
+                        help="with --readme-only: write --out's rows as README's cpu-vs-portable table instead")
+    parser.add_argument("--note", default="", help="a note on the run for the targets table (e.g. the machine's load)")
     args = parser.parse_args()
     out = Path(args.out)
     if args.readme_only:
@@ -223,7 +245,7 @@ def main() -> int:
             rows += bench_model(name, args.batches, args.threads, args.repeat, args.budget, args.pause)
         for r in rows:
             r["previous_gradmap_over_forward"] = previous.get((r["model"], r["batch"]))
-        meta = {"threads": args.threads, "pause_s": args.pause, "gradmap_session_options": "runtime",
+        meta = {"threads": args.threads, "pause_s": args.pause, "gradmap_session_options": "runtime", "note": args.note,
                 "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "python": platform.python_version()}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
@@ -231,7 +253,10 @@ def main() -> int:
         sys.path.insert(0, str(ROOT / "tools"))
         from update_readme import README, replace_section
 
-        README.write_text(replace_section(README.read_text(), "speed", render(rows, meta)))
+        if args.targets_table:
+            README.write_text(replace_section(README.read_text(), "speed-targets", render_targets(rows, meta)))
+        else:
+            README.write_text(replace_section(README.read_text(), "speed", render(rows, meta)))
     return 0
 
 
