@@ -13,7 +13,8 @@ blocked kernel puts a layout reorder on each side of itself. The passes, in orde
                          guided and deconvnet only when every s > 0, since their Relu of the gradient
                          does not commute with a negative scale)
     conv_adjoint         strided depthwise Conv: the zero insertion by Resize and a 0/1 lattice;
-                         strided dense Conv: Conv(Z(dY), W') -> ConvTranspose(dY, W), followed by an
+                         strided dense Conv: Conv(Z(dY), W') or the patch form (1x1 Conv and
+                         DepthToSpace) -> ConvTranspose(dY, W), followed by an
                          identity depthwise Conv into the layout (W from W' by the same in-graph ops,
                          folded at session creation: the file stores W once)
     max_pool_indices     MaxPool: window masks and ConvTranspose -> a MaxPool that returns Indices and
@@ -59,13 +60,18 @@ def _adjoint(region: Region) -> ir.Node | None:
     return next((n for n in reversed(region.nodes) if n.op_type == "Conv" and n.graph is not None), None)
 
 
+def _patches(region: Region) -> bool:
+    """The Conv rule's form for windows that do not overlap (a 1x1 Conv and DepthToSpace)."""
+    return _region_node(region, "DepthToSpace") is not None
+
+
 def fold_batch_norm(rw: Rewriter, regions: list[Region]) -> int:
     by_node = {(r.backprop, r.node): r for r in _regions(regions, "BatchNormalization")}
     done = 0
     for region in _regions(regions, "Conv"):
         adjoint = _adjoint(region)
-        if adjoint is None:
-            continue
+        if adjoint is None or _patches(region):
+            continue  # the patch form's kernel rows are taps, not input channels
         node, x = region.node, region.node.inputs[0]
         relu = producer(x, "Relu")
         if relu is None or not single_use(x, rw.forward_nodes) or x in rw.keep:
@@ -114,7 +120,7 @@ def conv_adjoint(rw: Rewriter, regions: list[Region]) -> int:
         flipped = adjoint.inputs[1]
         dy = rw.inputs_of(region)[0]
         rw.node = node
-        if group == xdims[1] == ydims[1] and spatial == 2:
+        if group == xdims[1] == ydims[1] and spatial == 2 and not _patches(region):
             g = _zero_insert(rw, dy, ydims, strides)
             inserted = [ydims[2 + i] * strides[i] for i in range(spatial)]
             dx = adjoint_conv(rw, g, flipped, kernel, group, dilations, pads, list(xdims[2:]), inserted)
@@ -125,8 +131,10 @@ def conv_adjoint(rw: Rewriter, regions: list[Region]) -> int:
             if any(p < 0 or p >= max(s, d) for p, s, d in zip(output_padding, strides, dilations)):
                 rw.tape = ir.tape.Tape()
                 continue
-            # the forward-layout kernel: flipping W' back gives W (or the BN-scaled W)
-            weight = flipped_transposed(rw, flipped, (wdims[1] * group, wdims[0] // group, *kernel), group)
+            # the forward-layout kernel: W itself after the patch form, else W' flipped back (W, or
+            # the BN-scaled W)
+            weight = node.inputs[1] if _patches(region) else flipped_transposed(
+                rw, flipped, (wdims[1] * group, wdims[0] // group, *kernel), group)
             dx = rw.op("ConvTranspose", dy, weight, group=group, strides=strides, pads=pads, dilations=dilations,
                        kernel_shape=kernel, output_padding=output_padding)
             dx = rw.blocked(dx, x)

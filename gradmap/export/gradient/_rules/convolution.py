@@ -8,6 +8,12 @@
            for stride 1
     Col2Im: dX = im2col(dY) = Reshape(Conv(dY, one-hot kernels, group=C, strides, dilations, pads), [N, C k, L])
 
+    Conv, 2-D, group 1, stride s in both axes, kernel <= s, dilation 1 (patches that do not overlap:
+    a ViT's patch embedding, ConvNeXt's stem and downsampling, 1x1 strided shortcuts):
+           dX = DepthToSpace(Conv(dY, W_p), s), cropped to X, with W_p [s s Cin, Cout, 1, 1] the
+           kernel's taps (zero past k) by row (i s + j) Cin + c: each input pixel is one tap of one
+           window, so the gradient is a per-position product, not a convolution over zeros
+
 A convolution with the flipped kernel is the textbook adjoint and the op every engine runs
 fastest. It also avoids ConvTranspose reading a forward Conv's weight: OpenVINO 2026.4.1 (CPU,
 f32 precision hint) then computes the ConvTranspose with the Conv's re-laid-out copy of the shared
@@ -72,6 +78,23 @@ def adjoint_conv(ctx, g, flipped, kernel, group, dilations, pads, xsizes, gsizes
     return dx
 
 
+def patch_adjoint(ctx, g, w, wdims, stride: int, pads, xsizes, ysizes):
+    """dX of a Conv whose windows do not overlap (see the module doc)."""
+    c_out, c_in, kh, kw = wdims
+    taps = w if (kh, kw) == (stride, stride) else ctx.op(
+        "Pad", w, ctx.ints([0, 0, 0, 0, 0, 0, stride - kh, stride - kw]))
+    taps = ctx.op("Reshape", ctx.op("Transpose", taps, perm=[2, 3, 1, 0]), ctx.ints([stride * stride * c_in, c_out, 1, 1]))
+    dx = ctx.op("DepthToSpace", ctx.op("Conv", g, taps, kernel_shape=[1, 1]), blocksize=stride, mode="DCR")
+    full = [n * stride for n in ysizes]  # dX over the padded input, from its first row
+    stops = [min(f, p + x) for f, p, x in zip(full, pads[:2], xsizes)]
+    if any(pads[:2]) or stops != full:
+        dx = ctx.op("Slice", dx, ctx.ints(pads[:2]), ctx.ints(stops), ctx.ints([2, 3]))
+    missing = [p + x - stop for p, x, stop in zip(pads[:2], xsizes, stops)]
+    if any(missing):  # rows past the last window get no gradient
+        dx = ctx.op("Pad", dx, ctx.ints([0, 0, 0, 0, 0, 0, *missing]))
+    return dx
+
+
 @register("Conv")
 def conv(ctx, node, dy):
     x, w = node.inputs[:2]
@@ -88,6 +111,9 @@ def conv(ctx, node, dy):
     dilations = list(ctx.attr(node, "dilations", [1] * spatial))
     pads = list(ctx.attr(node, "pads", [0] * (2 * spatial)))
     group = ctx.attr(node, "group", 1)
+    if (spatial == 2 and group == 1 and strides[0] == strides[1] > 1 and dilations == [1, 1]
+            and max(kernel) <= strides[0]):
+        return [patch_adjoint(ctx, dy[0], w, wdims, strides[0], pads, list(xdims[2:]), list(ydims[2:])), None, None]
     g, gsizes = dy[0], list(ydims[2:])
     if any(s > 1 for s in strides):
         g = zero_insert(ctx, g, ydims[1], gsizes, strides)
