@@ -25,8 +25,9 @@ BACKPROPS = ("vanilla", "guided", "deconvnet")
 class Patterns(torch.nn.Module):
     """Every pattern a cpu pass rewrites, on feature maps of 16 and 32 channels (multiples of the
     block, so that channel padding stays out of it): BatchNormalization -> ReLU -> Conv, stride-1,
-    strided and depthwise strided convolutions, overlapping and disjoint max pooling, HardSwish (as
-    an op and split), SiLU, squeeze-and-excitation (a per-channel gradient, expanded and added)."""
+    strided, patch (stride = kernel) and depthwise strided convolutions, overlapping and disjoint max
+    pooling, HardSwish (as an op and split), SiLU, squeeze-and-excitation (a per-channel gradient,
+    expanded and added), a concatenation."""
 
     def __init__(self):
         super().__init__()
