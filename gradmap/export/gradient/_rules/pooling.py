@@ -6,6 +6,7 @@
                          hit_o = [X_o == Y],  sel_o = hit_o * (1 - sum of sel_p for p before o)
                          dX = ConvTranspose(Concat_o(dY * sel_o), one-hot kernels, group=C, strides,
                                             dilations), cropped to X     (col2im of the routed dY)
+                       windows that tile the input (kernel = stride): dX = DepthToSpace(Concat_o(dY * sel_o))
     AveragePool:       Y(o) = 1/D(o) * sum of X over window(o) inside X;
                        dX = ConvTranspose(dY / D, ones, group=C)   (D per torch's count_include_pad rule)
     GlobalAveragePool: dX = Expand(dY, Shape(X)) / (H W)
@@ -72,14 +73,23 @@ def max_pool(ctx, node, dy):
         selected = hit if taken is None else ctx.op("Mul", hit, ctx.op("Sub", ctx.scalar(1.0), taken))
         if n + 1 < len(offsets):
             taken = selected if taken is None else ctx.op("Add", taken, selected)
-        routed.append(ctx.op("Unsqueeze", ctx.op("Mul", dy[0], selected), ctx.ints([2])))
-    stacked = ctx.op("Concat", *routed, axis=2) if len(routed) > 1 else routed[0]
-    stacked = ctx.op("Reshape", stacked, ctx.ints([0, channels * len(offsets), *ydims[2:]]))
-    one_hot = np.zeros((len(offsets), 1, *kernel), dtype=np.float32)
-    for n, offset in enumerate(offsets):
-        one_hot[(n, 0, *offset)] = 1.0
-    spread = ctx.op("ConvTranspose", stacked, ctx.const(np.tile(one_hot, (channels,) + (1,) * (1 + spatial))),
-                    group=channels, strides=strides, dilations=dilations, kernel_shape=kernel)
+        routed.append(ctx.op("Mul", dy[0], selected))
+    if spatial == 2 and kernel[0] == kernel[1] == strides[0] == strides[1] and dilations == [1, 1]:
+        # windows that tile the input (VGG's 2x2 stride-2 pools): each routed gradient is one
+        # position of every block, so DepthToSpace places them (offset-major channels, DCR order).
+        # onnxruntime-web 1.31.1's WebGPU computes the grouped ConvTranspose below wrongly for a
+        # 2x2 stride-2 kernel (gradient error 0.8; 3x3 stride 3 is right)
+        spread = ctx.op("DepthToSpace", ctx.op("Concat", *routed, axis=1) if len(routed) > 1 else routed[0],
+                        blocksize=kernel[0], mode="DCR")
+    else:
+        routed = [ctx.op("Unsqueeze", r, ctx.ints([2])) for r in routed]
+        stacked = ctx.op("Concat", *routed, axis=2) if len(routed) > 1 else routed[0]
+        stacked = ctx.op("Reshape", stacked, ctx.ints([0, channels * len(offsets), *ydims[2:]]))
+        one_hot = np.zeros((len(offsets), 1, *kernel), dtype=np.float32)
+        for n, offset in enumerate(offsets):
+            one_hot[(n, 0, *offset)] = 1.0
+        spread = ctx.op("ConvTranspose", stacked, ctx.const(np.tile(one_hot, (channels,) + (1,) * (1 + spatial))),
+                        group=channels, strides=strides, dilations=dilations, kernel_shape=kernel)
     # ``spread`` covers the padded input [0, span): crop the padding, restore rows no window reads
     stops = [min(span[i], begin[i] + xdims[2 + i]) for i in range(spatial)]
     if any(begin) or stops != span:
