@@ -1,18 +1,25 @@
 """Side-by-side speed of saliency maps: gradmap's ONNX gradient graph against the alternatives.
 
+    python bench/export_baseline.py --rev f082100 --out /tmp/gradmap-baseline   # optional, see --baseline
     python bench/bench_speed.py [--models resnet50 vgg19 ...] [--batches 1 8] [--threads 2]
-    python bench/bench_speed.py --readme-only     # README's table again from bench/results/speed.json
+                                [--baseline /tmp/gradmap-baseline] [--floor] [--compile]
+    python bench/bench_speed.py --readme-only     # README's tables again from bench/results/speed.json
 
 In one process, per model and batch, medians after warm-up of (run in turn, round after round, so
-that a shared machine's load drifts hit all four alike, each call 0.1 s after the previous one):
+that a shared machine's load drifts hit all variants alike, each call 0.1 s after the previous one):
   (a) onnxruntime forward only, of the plain export (no gradient), onnxruntime's default options;
   (b) gradmap's gradient graph on onnxruntime (logits + gradient), with the session options of
       gradmap's runtime (``gradmap.runtime.model.session_options``: no memory pattern), for the
       default ``cpu`` target and, as (b'), the ``portable`` target (the graph for other engines);
   (c) PyTorch eager autograd as in the ResNet-50 recipe (input requires grad, parameters frozen);
-  (d) Captum's Saliency (abs=False) on the same module.
+  (d) Captum's Saliency (abs=False) on the same module;
+  with --compile, (e) the same autograd on ``torch.compile(module, dynamic=False)`` in steady state
+      (its first call, which compiles, timed apart);
+  with --floor, (f) bench/floor.py's floor graph (the cheapest graph of gradmap's shape);
+  with --baseline DIR, (g) the gradient models an earlier gradmap commit exported
+      (bench/export_baseline.py: same weights), to show a change costs no speed.
 Random weights, random 224x224 inputs (the models' own input size), a fixed thread count for
-onnxruntime and torch. Writes bench/results/speed.json and the table in README.md.
+onnxruntime and torch. Writes bench/results/speed.json and README's speed tables.
 """
 
 from __future__ import annotations
@@ -103,8 +110,22 @@ def cpu_session(model, threads: int, options=None):
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
+def export_floor(module, size) -> bytes:
+    """bench/floor.py's floor graph of ``module`` (the cheapest graph of the same shape), serialized."""
+    import onnx_ir as ir
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from floor import floor_rules
+    from gradmap.export._api import build_gradient_model
+
+    with floor_rules():
+        model, _ = build_gradient_model(module, size)
+    return ir.serde.serialize_model(model).SerializeToString()
+
+
 def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget_s: float,
-                pause_s: float = 0.1) -> list[dict]:
+                pause_s: float = 0.1, baseline: Path | None = None, floor: bool = False,
+                compile_torch: bool = False) -> list[dict]:
     import torch
 
     torch.set_num_threads(threads)
@@ -116,6 +137,9 @@ def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget
     s_forward = cpu_session(forward, threads)
     s_gradient = cpu_session(gradient, threads, session_options(threads))
     s_portable = cpu_session(export_portable(module, size), threads, session_options(threads))
+    # the same model exported by an earlier commit (bench/export_baseline.py), and the floor graph
+    s_baseline = cpu_session(str(baseline / f"{name}.onnx"), threads, session_options(threads)) if baseline else None
+    s_floor = cpu_session(export_floor(module, size), threads, session_options(threads)) if floor else None
     try:
         from captum.attr import Saliency
     except ImportError:  # captum is optional here
@@ -140,6 +164,28 @@ def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget
             "portable_ms": lambda: s_portable.run(None, {"image": image, "target": target}),
             "torch_eager_ms": eager,
         }
+        if compile_torch:
+            # torch.compile (inductor, static shapes: one compilation per model and batch, as a user
+            # who picks speed would run it); the first call compiles the forward and the backward
+            import torch._dynamo
+
+            torch._dynamo.reset()
+            compiled = torch.compile(module, dynamic=False)
+
+            def compiled_saliency():
+                x = torch.from_numpy(image).requires_grad_(True)
+                score, _ = torch.max(compiled(x), 1)
+                score.sum().backward()
+                return x.grad
+
+            t = time.perf_counter()
+            compiled_saliency()
+            row["torch_compile_first_s"] = time.perf_counter() - t
+            variants["torch_compile_ms"] = compiled_saliency
+        if s_baseline is not None:
+            variants["baseline_ms"] = lambda: s_baseline.run(None, {"image": image, "target": target})
+        if s_floor is not None:
+            variants["floor_ms"] = lambda: s_floor.run(None, {"image": image, "target": target})
         if Saliency is not None:
             saliency = Saliency(module)
             x = torch.from_numpy(image)
@@ -154,64 +200,100 @@ def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget
         per_round = np.asarray(times["gradmap_ms"]) / np.asarray(times["ort_forward_ms"])
         row["gradmap_over_forward_quartiles"] = [float(q) for q in np.percentile(per_round, [25, 50, 75])]
         row["rounds"] = len(per_round)
+        if "torch_compile_ms" in row:
+            row["speedup_vs_torch_compile"] = row["torch_compile_ms"] / row["gradmap_ms"]
+        for other in ("baseline", "floor"):
+            if f"{other}_ms" in times:
+                row[f"{other}_over_forward"] = row[f"{other}_ms"] / row["ort_forward_ms"]
+                per_round = np.asarray(times["gradmap_ms"]) / np.asarray(times[f"{other}_ms"])
+                row[f"gradmap_over_{other}"] = row["gradmap_ms"] / row[f"{other}_ms"]
+                row[f"gradmap_over_{other}_quartiles"] = [float(q) for q in np.percentile(per_round, [25, 50, 75])]
         row["times_ms"] = {name: [round(v, 3) for v in values] for name, values in times.items()}
         row["speedup_vs_torch"] = row["torch_eager_ms"] / row["gradmap_ms"]
-        floor = row["ort_forward_ms"]
-        row["target_ms"] = max(2.1 * floor, min(2.5 * floor, row["torch_eager_ms"] / 1.5))
+        fwd = row["ort_forward_ms"]
+        row["target_ms"] = max(2.1 * fwd, min(2.5 * fwd, row["torch_eager_ms"] / 1.5))
         row["target_met"] = row["gradmap_ms"] <= row["target_ms"]
         print(json.dumps({k: v for k, v in row.items() if k != "times_ms"}), flush=True)
         rows.append(row)
     return rows
 
 
+def _quartiles(r: dict, key: str) -> str:
+    q = r.get(key)
+    return f"{q[0]:.2f}–{q[2]:.2f}" if q else "–"
+
+
+def _ms(r: dict, key: str) -> str:
+    return f"{r[key]:.1f}" if key in r else "–"
+
+
+def targets_met(r: dict) -> dict:
+    """The speed targets of a row: gradmap within 1.10x the floor graph, and 1.5x faster than PyTorch
+    eager and Captum unless the floor itself (at 1.10x) cannot be: then the floor is the target."""
+    met = {}
+    if "floor_ms" in r:
+        met["floor"] = r["gradmap_ms"] <= 1.10 * r["floor_ms"]
+    torch_best = min(r["torch_eager_ms"], r.get("captum_ms", r["torch_eager_ms"]))
+    met["torch_allowed"] = "floor_ms" not in r or 1.10 * r["floor_ms"] <= torch_best / 1.5
+    met["torch"] = r["gradmap_ms"] <= torch_best / 1.5
+    return met
+
+
 def render(rows: list[dict], meta: dict) -> str:
     lines = [
-        f"`python bench/bench_speed.py`: medians in ms, the variants interleaved round by round, "
-        f"{meta['pause_s']:g} s apart, "
-        f"{meta['threads']} threads, random weights, "
-        f"{meta['machine']}; "
-        + ("the plain forward with onnxruntime's default session options, gradmap with its runtime's (no memory "
-           "pattern); " if meta.get("gradmap_session_options") == "runtime" else "") +
-        "target: gradmap ≤ max(2.1 × ORT forward, min(2.5 × ORT forward, PyTorch eager ÷ 1.5)). "
-        "Per round: gradmap ÷ forward of the two runs side by side in each round, quartiles over the rounds "
-        "(how far one round's ratio strays on this machine). gradmap is the default `cpu` target; "
-        "portable is `--target portable` (the graph for other engines) on the same onnxruntime CPU session "
-        "options; previous: gradmap ÷ forward in the table this run replaced.",
+        f"`python bench/bench_speed.py --baseline DIR --floor --compile`: medians in ms of interleaved rounds (every "
+        f"variant once per round, {meta['pause_s']:g} s apart), {meta['threads']} threads, random weights, "
+        f"{meta['machine']}{'; ' + meta['note'] if meta.get('note') else ''}. ORT forward: the plain export, "
+        "onnxruntime's default session options; gradmap (default `cpu` target) and the floor graph "
+        "(`bench/floor.py`) with gradmap's runtime options; PyTorch eager autograd as in the ResNet-50 recipe; "
+        "Captum's Saliency; torch.compile: the same autograd on `torch.compile(module, dynamic=False)` (inductor) in "
+        "steady state, its first call (compilation) beside it in seconds. gradmap ÷ floor per round: quartiles "
+        "of the ratio of the two runs side by side in each round. Targets: gradmap ≤ 1.10 × floor; gradmap "
+        "≥ 1.5× faster than the faster of PyTorch eager and Captum where 1.10 × floor allows it (else "
+        "\"floor\": the floor itself is not that fast).",
         "",
-        "| model | batch | ORT forward | gradmap | gradmap ÷ forward | per round (quartiles) | previous | portable | "
-        "portable ÷ forward | PyTorch eager | Captum Saliency | speed-up vs PyTorch | target | met |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | batch | ORT forward | gradmap | gradmap ÷ forward | floor | gradmap ÷ floor (per round) | "
+        "PyTorch eager | Captum Saliency | torch.compile (first call) | speed-up vs eager / Captum / compile | "
+        "≤ 1.10 × floor | ≥ 1.5× torch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        captum = f"{r['captum_ms']:.0f}" if "captum_ms" in r else "–"
-        q = r.get("gradmap_over_forward_quartiles")
-        quartiles = f"{q[0]:.2f}–{q[2]:.2f}" if q else "–"
-        previous = f"{r['previous_gradmap_over_forward']:.2f}" if r.get("previous_gradmap_over_forward") else "–"
-        portable = (f"{r['portable_ms']:.1f} | {r['portable_over_forward']:.2f}" if "portable_ms" in r else "– | –")
+        met = targets_met(r)
+        floor = (f"{r['floor_ms']:.1f} | {r['gradmap_over_floor']:.2f} ({_quartiles(r, 'gradmap_over_floor_quartiles')})"
+                 if "floor_ms" in r else "– | –")
+        compiled = (f"{r['torch_compile_ms']:.1f} ({r['torch_compile_first_s']:.0f} s)"
+                    if "torch_compile_ms" in r else "–")
+        speedups = " / ".join(f"{r[k] / r['gradmap_ms']:.2f}×" if k in r else "–"
+                              for k in ("torch_eager_ms", "captum_ms", "torch_compile_ms"))
+        floor_met = "–" if "floor" not in met else ("yes" if met["floor"] else "**no**")
+        torch_met = "yes" if met["torch"] else ("**no**" if met["torch_allowed"] else "floor")
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['ort_forward_ms']:.1f} | {r['gradmap_ms']:.1f} | "
-            f"{r['gradmap_over_forward']:.2f} | {quartiles} | {previous} | {portable} | {r['torch_eager_ms']:.1f} | "
-            f"{captum} | {r['speedup_vs_torch']:.2f}× | "
-            f"{r['target_ms']:.1f} | {'yes' if r['target_met'] else '**no**'} |")
+            f"{r['gradmap_over_forward']:.2f} | {floor} | {r['torch_eager_ms']:.1f} | {_ms(r, 'captum_ms')} | "
+            f"{compiled} | {speedups} | {floor_met} | {torch_met} |")
     return "\n".join(lines)
 
 
 def render_targets(rows: list[dict], meta: dict) -> str:
-    """The cpu and portable targets side by side: ratios to the forward measured in the same rounds."""
+    """The cpu target against the graph an earlier commit exported, and the portable target: ratios to
+    the forward measured in the same rounds."""
+    base = meta.get("baseline") or {}
     lines = [
-        f"`python bench/bench_speed.py --out bench/results/speed_targets.json --targets-table` ({meta.get('note', '')}"
-        f"{meta['threads']} threads, medians of interleaved rounds): gradmap ÷ ORT forward for the default `cpu` "
-        "target and the `portable` target, with the quartiles of the cpu ratio over rounds, and the cpu ratio of "
-        "the speed table above.",
+        f"From the same run: gradmap's graph as exported before the two-layer rewrite (commit "
+        f"{base.get('commit', '?')[:7]}, `bench/export_baseline.py`, the same weights), the default `cpu` target "
+        "and the `portable` target on onnxruntime's CPU provider with gradmap's session options, each over the "
+        "ORT forward of the same rounds; cpu ÷ before per round: quartiles of the ratio of the two runs side by "
+        "side in each round.",
         "",
-        "| model | batch | rounds | cpu ÷ forward | per round (quartiles) | speed table above | portable ÷ forward |",
+        "| model | batch | rounds | before ÷ forward | cpu ÷ forward | cpu ÷ before (per round) | portable ÷ forward |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        q = r["gradmap_over_forward_quartiles"]
-        previous = f"{r['previous_gradmap_over_forward']:.2f}" if r.get("previous_gradmap_over_forward") else "–"
-        lines.append(f"| {r['model']} | {r['batch']} | {r['rounds']} | {r['gradmap_over_forward']:.2f} | "
-                     f"{q[0]:.2f}–{q[2]:.2f} | {previous} | {r['portable_over_forward']:.2f} |")
+        if "baseline_ms" not in r:
+            continue
+        lines.append(f"| {r['model']} | {r['batch']} | {r['rounds']} | {r['baseline_over_forward']:.2f} | "
+                     f"{r['gradmap_over_forward']:.2f} | {r['gradmap_over_baseline']:.2f} "
+                     f"({_quartiles(r, 'gradmap_over_baseline_quartiles')}) | {r['portable_over_forward']:.2f} |")
     return "\n".join(lines)
 
 
@@ -227,8 +309,12 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "speed.json"))
     parser.add_argument("--no-readme", action="store_true")
     parser.add_argument("--readme-only", action="store_true", help="rewrite README's table from --out's file")
-    parser.add_argument("--targets-table", action="store_true",
-                        help="with --readme-only: write --out's rows as README's cpu-vs-portable table instead")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a folder of gradient models exported by an earlier commit (bench/export_baseline.py), "
+                             "timed in the same rounds")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time PyTorch autograd on torch.compile's module (steady state; compile time recorded)")
+    parser.add_argument("--floor", action="store_true", help="also time bench/floor.py's floor graph in the same rounds")
     parser.add_argument("--note", default="", help="a note on the run for the targets table (e.g. the machine's load)")
     args = parser.parse_args()
     out = Path(args.out)
@@ -242,10 +328,12 @@ def main() -> int:
                 previous[(r["model"], r["batch"])] = r["gradmap_over_forward"]
         rows = []
         for name in args.models:
-            rows += bench_model(name, args.batches, args.threads, args.repeat, args.budget, args.pause)
+            rows += bench_model(name, args.batches, args.threads, args.repeat, args.budget, args.pause,
+                                baseline=args.baseline, floor=args.floor, compile_torch=args.compile)
         for r in rows:
             r["previous_gradmap_over_forward"] = previous.get((r["model"], r["batch"]))
-        meta = {"threads": args.threads, "pause_s": args.pause, "gradmap_session_options": "runtime", "note": args.note,
+        baseline = json.loads((args.baseline / "baseline.json").read_text()) if args.baseline else None
+        meta = {"threads": args.threads, "baseline": baseline, "floor": args.floor, "pause_s": args.pause, "gradmap_session_options": "runtime", "note": args.note,
                 "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "python": platform.python_version()}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
@@ -253,10 +341,10 @@ def main() -> int:
         sys.path.insert(0, str(ROOT / "tools"))
         from update_readme import README, replace_section
 
-        if args.targets_table:
-            README.write_text(replace_section(README.read_text(), "speed-targets", render_targets(rows, meta)))
-        else:
-            README.write_text(replace_section(README.read_text(), "speed", render(rows, meta)))
+        text = replace_section(README.read_text(), "speed", render(rows, meta))
+        if any("baseline_ms" in r for r in rows):
+            text = replace_section(text, "speed-targets", render_targets(rows, meta))
+        README.write_text(text)
     return 0
 
 
