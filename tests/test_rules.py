@@ -224,6 +224,26 @@ def conv_case(id_, cin, cout, k, stride, pad, dil, groups, size=9):
     case("Conv", id_, text, lambda X: F.conv2d(X, t(w), t(b), stride, pad, dil, groups), X=x)
 
 
+def conv_transpose_case(id_, cin, cout, k, stride, pad, dil, groups, out_pad=0, size=5):
+    w = randn(cin, cout // groups, k, k)
+    out = (size - 1) * stride - 2 * pad + dil * (k - 1) + out_pad + 1
+    text = graph(f"float[2,{cin},{size},{size}] X", f"float[2,{cout},{out},{out}] Y",
+                 f"Y = ConvTranspose<strides=[{stride},{stride}], pads=[{pad},{pad},{pad},{pad}], "
+                 f"dilations=[{dil},{dil}], group={groups}, kernel_shape=[{k},{k}], "
+                 f"output_padding=[{out_pad},{out_pad}]>(X, W, B)",
+                 [init("W", w), init("B", randn(cout))])
+    b = np.asarray([float(v) for v in text.split("B = {")[1].split("}")[0].split(",")], dtype=np.float32)
+    case("ConvTranspose", id_, text,
+         lambda X: F.conv_transpose2d(X, t(w), t(b), stride, pad, out_pad, groups, dil), X=randn(2, cin, size, size))
+
+
+conv_transpose_case("plain", 3, 4, 3, 1, 1, 1, 1)
+conv_transpose_case("stride2-output-padding", 4, 6, 3, 2, 1, 1, 1, out_pad=1)
+conv_transpose_case("2x2-stride2", 4, 4, 2, 2, 0, 1, 1)
+conv_transpose_case("grouped-dilated", 4, 6, 3, 2, 2, 2, 2, out_pad=1)
+conv_transpose_case("depthwise", 4, 4, 3, 1, 1, 1, 4)
+
+
 conv_case("plain", 3, 4, 3, 1, 1, 1, 1)
 conv_case("stride2-drops-row", 3, 4, 3, 2, 1, 1, 1, size=10)
 conv_case("stride2-odd", 3, 4, 3, 2, 1, 1, 1, size=9)
@@ -293,6 +313,11 @@ for k, s, p, ceil, cip in [(3, 1, 1, 0, 1), (2, 2, 0, 0, 0), (3, 2, 1, 1, 1), (3
                f"Y = AveragePool<kernel_shape=[{k},{k}], strides=[{s},{s}], pads=[{p},{p},{p},{p}], ceil_mode={ceil}, count_include_pad={cip}>(X)"),
          lambda X, k=k, s=s, p=p, ceil=ceil, cip=cip: F.avg_pool2d(X, k, s, p, ceil_mode=bool(ceil), count_include_pad=bool(cip)),
          X=randn(2, 3, 9, 9))
+# one window over everything (Hugging Face's EfficientNet: AvgPool2d(2560, ceil_mode=True) on a 7x7 map)
+case("AveragePool", "kernel-past-input-ceil",
+     graph("float[2,3,7,7] X", "float[2,3,1,1] Y",
+           "Y = AveragePool<kernel_shape=[2560,2560], strides=[2560,2560], ceil_mode=1>(X)"),
+     lambda X: F.avg_pool2d(X, 2560, ceil_mode=True), X=randn(2, 3, 7, 7))
 case("GlobalAveragePool", "plain", graph(X4_SIG, "float[2,3,1,1] Y", "Y = GlobalAveragePool(X)"),
      lambda X: F.adaptive_avg_pool2d(X, 1), X=X4)
 for keep in (0, 1):
@@ -458,6 +483,10 @@ case("Pad", "constant", graph(X4_SIG, "float[2,3,11,9] Y", "Y = Pad(X, P, V)",
 case("Pad", "axes", graph(X4_SIG, "float[2,3,8,11] Y", "Y = Pad(X, P, V, A)",
                           [init("P", np.int64([2, 1])), init("V", np.float32(0)), init("A", np.int64([-1]))]),
      lambda X: F.pad(X, (2, 1)), X=X4)
+# negative pads crop (NASNet's ZeroPad2d((-1, 0, -1, 0))): the cropped rows get zeros
+case("Pad", "negative-crops", graph(X4_SIG, "float[2,3,8,7] Y", "Y = Pad(X, P, V)",
+                                    [init("P", np.int64([0, 0, -1, 0, 0, 0, 1, -1])), init("V", np.float32(0))]),
+     lambda X: F.pad(X, (0, -1, -1, 1)), X=X4)
 # reflect (torch "reflect"), edge ("replicate") and wrap ("circular", opset 19): borders fold back
 # onto their sources; pads are asymmetric, up to the largest each mode allows (reflect: size - 1)
 for mode, torch_mode in (("reflect", "reflect"), ("edge", "replicate"), ("wrap", "circular")):

@@ -88,6 +88,12 @@ CASES = [
            'Y = Resize<mode="linear", coordinate_transformation_mode="align_corners">(X, , , Z)',
            [init("Z", np.int64([2, 3, 11, 7]))]),
      lambda X: F.interpolate(X, size=(11, 7), mode="bilinear", align_corners=True), randn(2, 3, 6, 5)),
+    # sizes computed in the graph (torch's interpolate(size=...) of a dynamic batch: timm's csatv2)
+    ("Resize", "bilinear-computed-sizes",
+     graph("float[2,3,6,5] X", "float[2,3,11,7] Y",
+           'B = Shape<end=2>(X)\n Z = Concat<axis=0>(B, HW)\n Y = Resize<mode="linear">(X, , , Z)',
+           [init("HW", np.int64([11, 7]))]),
+     lambda X: F.interpolate(X, size=(11, 7), mode="bilinear", align_corners=False), randn(2, 3, 6, 5)),
     ("Resize", "bilinear-scale1.5",
      graph("float[2,3,6,4] X", "float[2,3,9,6] Y", 'Y = Resize<mode="linear">(X, , S)',
            [init("S", np.float32([1, 1, 1.5, 1.5]))]),

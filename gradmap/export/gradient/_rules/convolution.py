@@ -6,6 +6,8 @@
            dX = Conv(Z(dY), W', pads (k-1)d - p), cropped to X's size, where Z inserts s-1 zeros
            after each value along each strided axis (Unsqueeze, Pad, Reshape) and is dY itself
            for stride 1
+    ConvTranspose: dX = Conv(dY, W, strides, dilations, pads, group), W read through two reversals
+           of axis 0 (a value of its own for OpenVINO, folded at load)
     Col2Im: dX = im2col(dY) = Reshape(Conv(dY, one-hot kernels, group=C, strides, dilations, pads), [N, C k, L])
 
     Conv, 2-D, group 1, stride s in both axes, kernel <= s, dilation 1 (patches that do not overlap:
@@ -140,3 +142,38 @@ def col2im(ctx, node, dy):
                      dilations=list(ctx.attr(node, "dilations", [1] * spatial)),
                      pads=list(ctx.attr(node, "pads", [0] * 2 * spatial)))
     return [ctx.op("Reshape", patches, ctx.ints([0, channels * positions, -1])), None, None]
+
+
+@register("ConvTranspose")
+def conv_transpose(ctx, node, dy):
+    """ConvTranspose: dX = Conv(dY, W, strides, dilations, pads, group), the convolution whose adjoint
+    the forward is (W [Cin, Cout/g, *k] is that convolution's kernel as it stands). The output
+    padding only adds rows the convolution's windows skip again."""
+    x, w = node.inputs[:2]
+    if ctx.needs_grad(w) or (len(node.inputs) > 2 and ctx.needs_grad(node.inputs[2])):
+        raise ExportError(f"{node.name}: ConvTranspose weights that depend on the input have no gradient rule")
+    if ctx.attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise ExportError(f"{node.name}: ConvTranspose with auto_pad={ctx.attr(node, 'auto_pad')} has no gradient rule")
+    if ctx.attr(node, "output_shape", None) is not None:
+        raise ExportError(f"{node.name}: ConvTranspose with output_shape has no gradient rule (give pads instead)")
+    xdims, ydims, wdims = ctx.dims(x), ctx.dims(node.outputs[0]), ctx.dims(w)
+    spatial = len(xdims) - 2
+    if not all(isinstance(d, int) for d in xdims[1:] + ydims[2:] + wdims):
+        raise ExportError(f"{node.name}: ConvTranspose needs static channel, spatial and weight sizes, "
+                          f"got {xdims} -> {ydims}")
+    kernel = list(ctx.attr(node, "kernel_shape", wdims[2:]))
+    strides = list(ctx.attr(node, "strides", [1] * spatial))
+    dilations = list(ctx.attr(node, "dilations", [1] * spatial))
+    pads = list(ctx.attr(node, "pads", [0] * (2 * spatial)))
+    group = ctx.attr(node, "group", 1)
+    for i in range(spatial):
+        size = (ydims[2 + i] + pads[i] + pads[spatial + i] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
+        if size != xdims[2 + i]:
+            raise ExportError(f"{node.name}: ConvTranspose from {xdims} to {ydims}: its adjoint convolution gives "
+                              f"{size} along axis {2 + i}, not {xdims[2 + i]}")
+    # W as a value of its own: OpenVINO 2026.4.1 would otherwise hand the adjoint the layout it
+    # prepared for the forward ConvTranspose (see linear._own_buffer)
+    for _ in range(2):
+        w = ctx.op("Slice", w, ctx.ints([-1]), ctx.ints([_INT64_MIN]), ctx.ints([0]), ctx.ints([-1]))
+    dx = ctx.op("Conv", dy[0], w, kernel_shape=kernel, strides=strides, dilations=dilations, pads=pads, group=group)
+    return [dx, None, None]

@@ -137,6 +137,12 @@ def average_pool(ctx, node, dy):
         shape = [1] * (2 + spatial)
         shape[2 + i] = ydims[2 + i]
         inv = inv * (1.0 / d).reshape(shape)
+    if all(ydims[2 + i] == 1 and kernel[i] - pads[i] >= xdims[2 + i] for i in range(spatial)):
+        # one window over the whole input (Hugging Face's EfficientNet pools with a kernel of 2560
+        # and ceil_mode): a global average, whatever the kernel's size; the transposed convolution
+        # below would need a [C, 1, k, k] kernel of ones (62.5 GiB there)
+        g = ctx.op("Mul", dy[0], ctx.scalar(float(inv.flat[0])))
+        return [ctx.broadcastable(g, per_channel=spatial == 2)]
     end_pads = []
     output_padding = []
     for i in range(spatial):
@@ -331,11 +337,15 @@ def resize_any_mode(ctx, node, dy):
     if len(xdims) != 4 or ctx.attr(node, "axes", None) is not None or \
             not all(isinstance(d, int) for d in xdims[1:] + ydims[1:]) or xdims[1] != ydims[1]:
         raise ExportError(f"{where} from {xdims} to {ydims}: only spatial resizes of [N, C, H, W] have a gradient rule")
-    scales = ctx.constant_of(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    scales_in = node.inputs[2] if len(node.inputs) > 2 else None
+    sizes_in = node.inputs[3] if len(node.inputs) > 3 else None
+    scales = ctx.constant_of(scales_in) if scales_in is not None else None
     if scales is not None and scales.size == 0:
         scales = None
-    if scales is None and (len(node.inputs) < 4 or ctx.constant_of(node.inputs[3]) is None):
-        raise ExportError(f"{where}: scales or sizes must be constants for its gradient rule")
+    if scales is None and sizes_in is None:
+        raise ExportError(f"{where}: scales must be constants for its gradient rule")
+    # sizes, constant or computed from shapes (timm's csatv2, mobilenetv5; torch's interpolate(size=...)
+    # of a dynamic batch): the output's static spatial dims are those sizes
     matrices = [_resize_matrix(node, xdims[axis], ydims[axis], None if scales is None else scales[axis], None)
                 for axis in (2, 3)]
     for matrix, axis in zip(matrices, (2, 3)):

@@ -9,8 +9,9 @@
     Gather:     dX = ScatterND(zeros, indices, dY, reduction=add) along axis; a scalar index i: dY in
                 row i and 0 elsewhere (Pad), and the rows of several such Gathers of one tensor are
                 concatenated when they cover its axis (GradContext.part)
-    Pad:        constant mode: dX = Slice(dY, pads_begin, -pads_end) (pads >= 0); reflect, edge and
-                wrap: per padded axis, the centre of dY plus each border folded back onto its sources
+    Pad:        constant mode: dX = Slice(dY, pads_begin, -pads_end), zeros where negative pads
+                cropped; reflect, edge and wrap: per padded axis, the centre of dY plus each border
+                folded back onto its sources
     ScatterND:  dData = ScatterND(dY, indices, 0), dUpdates = GatherND(dY, indices)
     GatherND:   dX = ScatterND(zeros, indices, dY, reduction=add)
     Tile:       dX = sum over the tiles of dY
@@ -187,12 +188,23 @@ def pad(ctx, node, dy):
     else:
         axes = list(range(rank))
     n = len(axes)
-    if (pads < 0).any():
-        raise ExportError(f"{node.name}: Pad with negative pads has no gradient rule")
     if mode == "constant":
-        starts = [int(p) for p in pads[:n]]
+        # positive pads added a border: cut it off; negative pads cropped the input (NASNet's
+        # Pad(-1)): the cropped rows get zeros
+        starts = [max(int(p), 0) for p in pads[:n]]
         ends = [-int(p) if p > 0 else _INT64_MAX for p in pads[n:]]
-        return [ctx.op("Slice", dy[0], ctx.ints(starts), ctx.ints(ends), ctx.ints(axes)), None, None, None]
+        grad = dy[0]
+        if any(starts) or any(e != _INT64_MAX for e in ends):
+            grad = ctx.op("Slice", grad, ctx.ints(starts), ctx.ints(ends), ctx.ints(axes))
+        if (pads < 0).any():
+            restore = [0] * (2 * rank)
+            for i, axis in enumerate(axes):
+                restore[axis] = max(-int(pads[i]), 0)
+                restore[rank + axis] = max(-int(pads[n + i]), 0)
+            grad = ctx.op("Pad", grad, ctx.ints(restore))
+        return [grad, None, None, None]
+    if (pads < 0).any():
+        raise ExportError(f"{node.name}: Pad mode {mode!r} with negative pads has no gradient rule")
     # reflect, edge and wrap copy input values into the border: padding along several axes is one
     # gather per axis (they commute), so the gradient folds each border back onto its sources, axis by axis.
     dims = ctx.dims(x)
