@@ -193,3 +193,34 @@ def test_cli_refuses_a_negative_channel_multiple(tmp_path):
                                        "-o", str(tmp_path / "m.onnx")])
     assert result.exit_code == 2 and "--channel-multiple" in result.output
     assert not (tmp_path / "m.onnx").exists()
+
+
+class PartialMeans(torch.nn.Module):
+    """Means over one spatial axis of a 16-channel map (FocalNet's ``mean(2).mean(3)`` context, and a
+    per-row mean used as a scale): only a mean over both spatial axes is a GlobalAveragePool."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.fc = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        context = x.mean(2, keepdim=True).mean(3, keepdim=True)
+        rows = x.mean(3, keepdim=True)
+        return self.fc((x * context + x * rows).mean((2, 3)))
+
+
+def test_only_means_over_both_spatial_axes_become_global_pools(tmp_path):
+    torch.manual_seed(0)
+    module = PartialMeans().eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    model = trace_to_onnx(module, (8, 12))
+    means = [node for node in model.graph if node.op_type == "ReduceMean"]
+    spread_channel_scales(model.graph)
+    assert "GlobalAveragePool" not in [node.op_type for node in model.graph], \
+        "a mean over one spatial axis was rewritten as a global pool"
+    assert sum(node.op_type == "ReduceMean" for node in model.graph) == len(means)
+    report = export_module(module, tmp_path / "m.onnx", preprocessing=Preprocessing(crop=(8, 12), resize=None))
+    assert report.gradient_error <= TOLERANCE

@@ -218,7 +218,7 @@ def _reduces_spatial_only(node: ir.Node) -> bool:
     axes = _constant(node.inputs[1]) if len(node.inputs) > 1 else None
     if axes is None and "axes" in node.attributes:
         axes = np.asarray(node.attributes["axes"].value)
-    return axes is not None and {int(a) % 4 for a in np.ravel(axes)} <= {2, 3}
+    return axes is not None and {int(a) % 4 for a in np.ravel(axes)} == {2, 3}
 
 
 def _pad_conv(graph: ir.Graph, node: ir.Node, plan: dict[ir.Value, int]) -> None:
