@@ -178,6 +178,14 @@ def test_pretrained_weights_load_through_timms_hub_cache(tmp_path, monkeypatch):
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
+def test_attention_blocks_take_the_explicit_path():
+    """timm's fused attention (F.scaled_dot_product_attention) is turned off at load: torch.onnx
+    exports it for 4-D queries only (hiera's are 5-D); the explicit path is the same math."""
+    module, _ = load_timm("test_vit", "none", img_size=(64, 64))
+    blocks = [m for m in module.modules() if hasattr(m, "fused_attn")]
+    assert blocks and not any(m.fused_attn for m in blocks)
+
+
 # A representative subset of the families in README's coverage table (tools/timm_coverage.py):
 # convolutional, squeeze-excitation with GroupNorm, ViT attention, MaxViT windows, MetaFormer pooling
 # (InstanceNormalization, the op the gradient pass lacked), at small inputs.

@@ -123,6 +123,8 @@ def _shrink(config, image_size: int = SMALL_SIZE[0]):
                                                                         "data2vec-vision", "ijepa", "clip",
                                                                         "siglip", "siglip2", "metaclip_2") else
                getattr(config, "patch_size", None))
+    if isinstance(getattr(config, "stage_out_channels", None), (list, tuple)) and hasattr(config, "hidden_sizes"):
+        config.hidden_sizes = list(config.stage_out_channels)  # HGNetV2's head reads the stages' widths from both
     setattr_if("num_labels", 10)
     config.num_labels = 10
     for sub in ("vision_config",):

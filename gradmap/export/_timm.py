@@ -83,6 +83,16 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _explicit_attention(module: torch.nn.Module) -> torch.nn.Module:
+    """Turn off timm's ``fused_attn`` in every attention block: they then compute softmax(q k^T s) v
+    with plain products instead of F.scaled_dot_product_attention, the same math, which torch.onnx
+    exports for queries of any rank (hiera's are 5-D: "only 4D query, key, and value are supported")."""
+    for block in module.modules():
+        if getattr(block, "fused_attn", False):
+            block.fused_attn = False
+    return module
+
+
 def load_timm(name: str, weights: str = "pretrained", seed: int = 0,
               img_size: tuple[int, int] | None = None) -> tuple[torch.nn.Module, str]:
     """Build a timm classifier in eval mode.
@@ -108,12 +118,12 @@ def load_timm(name: str, weights: str = "pretrained", seed: int = 0,
 
     def create(pretrained: bool) -> torch.nn.Module:
         try:
-            return timm.create_model(name, pretrained=pretrained, **kwargs)
+            return _explicit_attention(timm.create_model(name, pretrained=pretrained, **kwargs))
         except TypeError as e:
             if "img_size" not in str(e) or not kwargs:
                 raise
             kwargs.clear()  # this architecture takes any input size without being told
-            return timm.create_model(name, pretrained=pretrained)
+            return _explicit_attention(timm.create_model(name, pretrained=pretrained))
 
     if kind in ("pretrained", "default"):
         try:
