@@ -2,7 +2,7 @@
 
     python bench/export_baseline.py --rev f082100 --out /tmp/gradmap-baseline   # optional, see --baseline
     python bench/bench_speed.py [--models resnet50 vgg19 ...] [--batches 1 8] [--threads 2]
-                                [--baseline /tmp/gradmap-baseline] [--floor] [--compile]
+                                [--baseline /tmp/gradmap-baseline] [--compile]
     python bench/bench_speed.py --readme-only     # README's tables again from bench/results/speed.json
 
 In one process, per model and batch, medians after warm-up of (run in turn, round after round, so
@@ -15,8 +15,7 @@ that a shared machine's load drifts hit all variants alike, each call 0.1 s afte
   (d) Captum's Saliency (abs=False) on the same module;
   with --compile, (e) the same autograd on ``torch.compile(module, dynamic=False)`` in steady state
       (its first call, which compiles, timed apart);
-  with --floor, (f) bench/floor.py's floor graph (the cheapest graph of gradmap's shape);
-  with --baseline DIR, (g) the gradient models an earlier gradmap commit exported
+  with --baseline DIR, (f) the gradient models an earlier gradmap commit exported
       (bench/export_baseline.py: same weights), to show a change costs no speed.
 Random weights, random 224x224 inputs (the models' own input size), a fixed thread count for
 onnxruntime and torch. Writes bench/results/speed.json and README's speed tables.
@@ -110,22 +109,8 @@ def cpu_session(model, threads: int, options=None):
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def export_floor(module, size) -> bytes:
-    """bench/floor.py's floor graph of ``module`` (the cheapest graph of the same shape), serialized."""
-    import onnx_ir as ir
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from floor import floor_rules
-    from gradmap.export._api import build_gradient_model
-
-    with floor_rules():
-        model, _ = build_gradient_model(module, size)
-    return ir.serde.serialize_model(model).SerializeToString()
-
-
 def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget_s: float,
-                pause_s: float = 0.1, baseline: Path | None = None, floor: bool = False,
-                compile_torch: bool = False) -> list[dict]:
+                pause_s: float = 0.1, baseline: Path | None = None, compile_torch: bool = False) -> list[dict]:
     import torch
 
     torch.set_num_threads(threads)
@@ -137,9 +122,8 @@ def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget
     s_forward = cpu_session(forward, threads)
     s_gradient = cpu_session(gradient, threads, session_options(threads))
     s_portable = cpu_session(export_portable(module, size), threads, session_options(threads))
-    # the same model exported by an earlier commit (bench/export_baseline.py), and the floor graph
+    # the same model exported by an earlier commit (bench/export_baseline.py)
     s_baseline = cpu_session(str(baseline / f"{name}.onnx"), threads, session_options(threads)) if baseline else None
-    s_floor = cpu_session(export_floor(module, size), threads, session_options(threads)) if floor else None
     try:
         from captum.attr import Saliency
     except ImportError:  # captum is optional here
@@ -184,8 +168,6 @@ def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget
             variants["torch_compile_ms"] = compiled_saliency
         if s_baseline is not None:
             variants["baseline_ms"] = lambda: s_baseline.run(None, {"image": image, "target": target})
-        if s_floor is not None:
-            variants["floor_ms"] = lambda: s_floor.run(None, {"image": image, "target": target})
         if Saliency is not None:
             saliency = Saliency(module)
             x = torch.from_numpy(image)
@@ -202,12 +184,11 @@ def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget
         row["rounds"] = len(per_round)
         if "torch_compile_ms" in row:
             row["speedup_vs_torch_compile"] = row["torch_compile_ms"] / row["gradmap_ms"]
-        for other in ("baseline", "floor"):
-            if f"{other}_ms" in times:
-                row[f"{other}_over_forward"] = row[f"{other}_ms"] / row["ort_forward_ms"]
-                per_round = np.asarray(times["gradmap_ms"]) / np.asarray(times[f"{other}_ms"])
-                row[f"gradmap_over_{other}"] = row["gradmap_ms"] / row[f"{other}_ms"]
-                row[f"gradmap_over_{other}_quartiles"] = [float(q) for q in np.percentile(per_round, [25, 50, 75])]
+        if "baseline_ms" in times:
+            row["baseline_over_forward"] = row["baseline_ms"] / row["ort_forward_ms"]
+            per_round = np.asarray(times["gradmap_ms"]) / np.asarray(times["baseline_ms"])
+            row["gradmap_over_baseline"] = row["gradmap_ms"] / row["baseline_ms"]
+            row["gradmap_over_baseline_quartiles"] = [float(q) for q in np.percentile(per_round, [25, 50, 75])]
         row["times_ms"] = {name: [round(v, 3) for v in values] for name, values in times.items()}
         row["speedup_vs_torch"] = row["torch_eager_ms"] / row["gradmap_ms"]
         fwd = row["ort_forward_ms"]
@@ -227,50 +208,47 @@ def _ms(r: dict, key: str) -> str:
     return f"{r[key]:.1f}" if key in r else "–"
 
 
-def targets_met(r: dict) -> dict:
-    """The speed targets of a row: gradmap within 1.10x the floor graph, and 1.5x faster than PyTorch
-    eager and Captum unless the floor itself (at 1.10x) cannot be: then the floor is the target."""
-    met = {}
-    if "floor_ms" in r:
-        met["floor"] = r["gradmap_ms"] <= 1.10 * r["floor_ms"]
-    torch_best = min(r["torch_eager_ms"], r.get("captum_ms", r["torch_eager_ms"]))
-    met["torch_allowed"] = "floor_ms" not in r or 1.10 * r["floor_ms"] <= torch_best / 1.5
-    met["torch"] = r["gradmap_ms"] <= torch_best / 1.5
-    return met
+def floor_ratios(path: Path = ROOT / "bench" / "results" / "floor.json") -> dict:
+    """floor ÷ forward per (model, batch) from bench/floor.py's last run, if there is one."""
+    if not path.exists():
+        return {}
+    return {(r["model"], r["batch"]): r["floor_over_forward"] for r in json.loads(path.read_text())["rows"]}
 
 
 def render(rows: list[dict], meta: dict) -> str:
+    floors = floor_ratios()
     lines = [
-        f"`python bench/bench_speed.py --baseline DIR --floor --compile`: medians in ms of interleaved rounds (every "
+        f"`python bench/bench_speed.py --baseline DIR --compile`: medians in ms of interleaved rounds (every "
         f"variant once per round, {meta['pause_s']:g} s apart), {meta['threads']} threads, random weights, "
         f"{meta['machine']}{'; ' + meta['note'] if meta.get('note') else ''}. ORT forward: the plain export, "
-        "onnxruntime's default session options; gradmap (default `cpu` target) and the floor graph "
-        "(`bench/floor.py`) with gradmap's runtime options; PyTorch eager autograd as in the ResNet-50 recipe; "
-        "Captum's Saliency; torch.compile: the same autograd on `torch.compile(module, dynamic=False)` (inductor) in "
-        "steady state, its first call (compilation) beside it in seconds. gradmap ÷ floor per round: quartiles "
-        "of the ratio of the two runs side by side in each round. Targets: gradmap ≤ 1.10 × floor; gradmap "
-        "≥ 1.5× faster than the faster of PyTorch eager and Captum where 1.10 × floor allows it (else "
-        "\"floor\": the floor itself is not that fast).",
+        "onnxruntime's default session options; gradmap: the default `cpu` target with gradmap's runtime "
+        "options; PyTorch eager autograd as in the ResNet-50 recipe; Captum's Saliency; torch.compile: the same "
+        "autograd on `torch.compile(module, dynamic=False)` (inductor) in steady state, its first call "
+        "(compilation) beside it in seconds. Target: gradmap at least 1.5× faster than the faster of PyTorch "
+        "eager and Captum; \"floor\" where 1.10 × the floor graph of the floor table below (its floor ÷ "
+        "forward, times this run's forward) is not that fast either.",
         "",
-        "| model | batch | ORT forward | gradmap | gradmap ÷ forward | floor | gradmap ÷ floor (per round) | "
-        "PyTorch eager | Captum Saliency | torch.compile (first call) | speed-up vs eager / Captum / compile | "
-        "≤ 1.10 × floor | ≥ 1.5× torch |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | batch | ORT forward | gradmap | gradmap ÷ forward | PyTorch eager | Captum Saliency | "
+        "torch.compile (first call) | speed-up vs eager / Captum / compile | ≥ 1.5× eager and Captum |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        met = targets_met(r)
-        floor = (f"{r['floor_ms']:.1f} | {r['gradmap_over_floor']:.2f} ({_quartiles(r, 'gradmap_over_floor_quartiles')})"
-                 if "floor_ms" in r else "– | –")
+        torch_best = min(r["torch_eager_ms"], r.get("captum_ms", r["torch_eager_ms"]))
+        floor = floors.get((r["model"], r["batch"]))
+        if r["gradmap_ms"] <= torch_best / 1.5:
+            met = "yes"
+        elif floor is not None and 1.10 * floor * r["ort_forward_ms"] > torch_best / 1.5:
+            met = "floor"
+        else:
+            met = "**no**"
         compiled = (f"{r['torch_compile_ms']:.1f} ({r['torch_compile_first_s']:.0f} s)"
                     if "torch_compile_ms" in r else "–")
         speedups = " / ".join(f"{r[k] / r['gradmap_ms']:.2f}×" if k in r else "–"
                               for k in ("torch_eager_ms", "captum_ms", "torch_compile_ms"))
-        floor_met = "–" if "floor" not in met else ("yes" if met["floor"] else "**no**")
-        torch_met = "yes" if met["torch"] else ("**no**" if met["torch_allowed"] else "floor")
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['ort_forward_ms']:.1f} | {r['gradmap_ms']:.1f} | "
-            f"{r['gradmap_over_forward']:.2f} | {floor} | {r['torch_eager_ms']:.1f} | {_ms(r, 'captum_ms')} | "
-            f"{compiled} | {speedups} | {floor_met} | {torch_met} |")
+            f"{r['gradmap_over_forward']:.2f} | {r['torch_eager_ms']:.1f} | {_ms(r, 'captum_ms')} | "
+            f"{compiled} | {speedups} | {met} |")
     return "\n".join(lines)
 
 
@@ -314,7 +292,6 @@ def main() -> int:
                              "timed in the same rounds")
     parser.add_argument("--compile", action="store_true",
                         help="also time PyTorch autograd on torch.compile's module (steady state; compile time recorded)")
-    parser.add_argument("--floor", action="store_true", help="also time bench/floor.py's floor graph in the same rounds")
     parser.add_argument("--note", default="", help="a note on the run for the targets table (e.g. the machine's load)")
     args = parser.parse_args()
     out = Path(args.out)
@@ -329,11 +306,11 @@ def main() -> int:
         rows = []
         for name in args.models:
             rows += bench_model(name, args.batches, args.threads, args.repeat, args.budget, args.pause,
-                                baseline=args.baseline, floor=args.floor, compile_torch=args.compile)
+                                baseline=args.baseline, compile_torch=args.compile)
         for r in rows:
             r["previous_gradmap_over_forward"] = previous.get((r["model"], r["batch"]))
         baseline = json.loads((args.baseline / "baseline.json").read_text()) if args.baseline else None
-        meta = {"threads": args.threads, "baseline": baseline, "floor": args.floor, "pause_s": args.pause, "gradmap_session_options": "runtime", "note": args.note,
+        meta = {"threads": args.threads, "baseline": baseline, "pause_s": args.pause, "gradmap_session_options": "runtime", "note": args.note,
                 "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "python": platform.python_version()}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
