@@ -1,13 +1,23 @@
 """Peak memory and wall time of saliency maps: ``gradmap run`` against the PyTorch recipe.
 
-    python bench/bench_memory.py [--model resnet50] [--repeat 3] [--folder 20]
+    python bench/bench_memory.py [--model resnet50] [--repeat 3] [--folder 100] [--long 1000]
 
-Two workloads: one map of a photograph (the cold start a user waits for: process start to map
-written), and a folder of ``--folder`` photographs (scikit-image's four, repeated) at batch 8,
-gradmap's default batch size. Each side is a fresh process timed by /usr/bin/time -v, with its peak
-resident set size. gradmap runs the exported model (exported once beforehand, not timed); the
-recipe (bench/pytorch_recipe.py) builds the torchvision model in-process and batches the folder
-the same way. Writes bench/results/memory.json and the table in README.md.
+Three measurements, each side a fresh process:
+
+1. Two workloads: one map of a photograph (the cold start a user waits for: process start to map
+   written), and a folder of ``--folder`` photographs (scikit-image's four, repeated) at batch 8,
+   gradmap's default batch size. Timed by /usr/bin/time -v, with peak resident set size. gradmap
+   runs the exported model (exported once beforehand, not timed); the recipe
+   (bench/pytorch_recipe.py) builds the torchvision model in-process and batches the folder the
+   same way.
+2. Working set per batch (1 and 8): the peak RSS of a process that loads one model and runs it
+   three times on a random batch, and its RSS after loading (imports, weights, session): the plain
+   forward export on onnxruntime, gradmap's gradient model through its runtime, and PyTorch eager
+   autograd of the same saliency.
+3. No growth: ``gradmap run`` over ``--long`` pictures (the four photographs, repeated as
+   hard links), its RSS sampled from /proc every 0.25 s.
+
+Writes bench/results/memory.json and the tables in README.md.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,13 +48,111 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return seconds, int(rss.group(1)) / 1024
 
 
+def _child(kind: str, model: str, batch: int, threads: int) -> None:
+    """Run in a fresh process: load, RSS, three runs of a random batch, peak RSS (printed as JSON)."""
+    import resource
+
+    import numpy as np
+
+    def rss_mb() -> float:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+    rng = np.random.default_rng(0)
+    if kind == "torch":
+        import torch
+        import torchvision
+
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        module = torchvision.models.get_model(model, weights=None).eval()
+        for p in module.parameters():
+            p.requires_grad_(False)
+        image = torch.from_numpy(rng.standard_normal((batch, 3, 224, 224), dtype=np.float32))
+
+        def run():
+            x = image.clone().requires_grad_(True)
+            module(x).max(1).values.sum().backward()
+            return x.grad
+    else:
+        import onnxruntime as ort
+
+        from gradmap.runtime.model import SaliencyModel
+
+        if kind == "gradmap":
+            saliency = SaliencyModel(model, provider="cpu", threads=threads)
+            size = saliency.input_size
+            image = rng.standard_normal((batch, 3, *size), dtype=np.float32)
+
+            def run():
+                return saliency.run(image)
+        else:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+            session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+            image = rng.standard_normal((batch, 3, 224, 224), dtype=np.float32)
+
+            def run():
+                return session.run(None, {session.get_inputs()[0].name: image})
+    loaded = rss_mb()
+    for _ in range(3):
+        run()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"loaded_mb": loaded, "peak_mb": peak}))
+
+
+def working_sets(model_name: str, gradient: Path, forward: Path, threads: int) -> list[dict]:
+    rows = []
+    for batch in (1, 8):
+        row = {"batch": batch}
+        for kind, model in (("forward", str(forward)), ("gradmap", str(gradient)), ("torch", model_name)):
+            out = subprocess.run([sys.executable, __file__, "--child", kind, model, str(batch), str(threads)],
+                                 check=True, capture_output=True, text=True).stdout
+            row[kind] = json.loads(out.strip().splitlines()[-1])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def long_run(gradmap: list[str], model: Path, folder: Path, out: Path, threads: str) -> dict:
+    """RSS of one ``gradmap run`` over ``folder``, sampled every 0.25 s."""
+    proc = subprocess.Popen([*gradmap, "run", str(model), str(folder), "--out", str(out), "--format", "heatmap",
+                             "--batch-size", "8", "--threads", threads],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    samples = []
+    start = time.perf_counter()
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as status:
+                rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+            samples.append((time.perf_counter() - start, rss))
+        except (FileNotFoundError, StopIteration, ProcessLookupError):
+            pass
+        time.sleep(0.25)
+    if proc.returncode != 0:
+        raise RuntimeError(f"gradmap run failed:\n{proc.stderr.read()[-2000:]}")
+    wall = time.perf_counter() - start
+    written = len(list(out.rglob("*.png")))
+
+    def at(fraction: float) -> float:  # the largest RSS seen up to this fraction of the run
+        return max(r for t, r in samples if t <= fraction * wall)
+
+    return {"pictures": len(list(folder.iterdir())), "written": written, "wall_s": wall,
+            "rss_mb": {f"{int(f * 100)}%": at(f) for f in (0.1, 0.25, 0.5, 0.75, 1.0)},
+            "samples": [(round(t, 2), round(r, 1)) for t, r in samples]}
+
+
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        _child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--gradmap", default=None, help="gradmap executable of the slim runtime venv (default: "
                                                         "this interpreter's)")
-    parser.add_argument("--folder", type=int, default=20, help="photographs in the folder workload (0: skip it)")
+    parser.add_argument("--folder", type=int, default=100, help="photographs in the folder workload (0: skip it)")
+    parser.add_argument("--long", type=int, default=1000, help="pictures in the no-growth run (0: skip it)")
     parser.add_argument("--no-readme", action="store_true")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gradmap-bench-"))
@@ -60,6 +169,13 @@ def main() -> int:
     model = work / f"{args.model}.onnx"
     subprocess.run([sys.executable, "-m", "gradmap.cli", "export", args.model, "--weights", "none", "-o", str(model)],
                    check=True, capture_output=True)
+    forward = work / f"{args.model}.forward.onnx"
+    subprocess.run([sys.executable, "-c", "import sys, onnx_ir as ir; sys.path.insert(0, sys.argv[3]); "
+                    "from gradmap.export._torchvision import input_size_of, load_torchvision; "
+                    "from gradmap.export._trace import trace_to_onnx; "
+                    "m, _ = load_torchvision(sys.argv[1], 'none'); "
+                    "ir.save(trace_to_onnx(m, input_size_of(sys.argv[1])), sys.argv[2])",
+                    args.model, str(forward), str(ROOT)], check=True, capture_output=True)
     gradmap = [args.gradmap] if args.gradmap else [sys.executable, "-m", "gradmap.cli"]
     recipe = [sys.executable, str(ROOT / "bench" / "pytorch_recipe.py"), args.model]
     threads = str(os.cpu_count() or 1)
@@ -77,15 +193,39 @@ def main() -> int:
         summary[workload] = {name: {"wall_s": statistics.median(r[0] for r in runs),
                                     "peak_rss_mb": statistics.median(r[1] for r in runs), "runs": runs}
                              for name, runs in rows.items()}
+    sets = working_sets(args.model, model, forward, int(threads))
+    long = None
+    if args.long:
+        many = work / "many"
+        many.mkdir()
+        for i in range(args.long):
+            os.link(folder / f"photo{i % min(4, args.folder):03d}.jpg", many / f"picture{i:04d}.jpg")
+        long = long_run(gradmap, model, many, work / "out_long", threads)
+        print(json.dumps({k: v for k, v in long.items() if k != "samples"}), flush=True)
     out = ROOT / "bench" / "results" / "memory.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "summary": summary}, indent=1) + "\n")
+    out.write_text(json.dumps({"model": args.model, "summary": summary, "working_sets": sets, "long_run": long},
+                              indent=1) + "\n")
     lines = [f"{args.model}, random weights, {threads} threads, fresh process each, medians of {args.repeat} "
              "(`python bench/bench_memory.py`); wall time from process start to the last map written:", "",
              "| work | | wall time | peak RSS |", "|---|---|---|---|"]
     for workload, sides in summary.items():
         for name, s in sides.items():
             lines.append(f"| {workload} | {name} | {s['wall_s']:.2f} s | {s['peak_rss_mb']:.0f} MB |")
+    lines += ["", "Working set: peak RSS of a process that loads the model and runs one random batch three "
+              "times, and in brackets its RSS after loading (imports, weights, session):", "",
+              "| batch | onnxruntime forward (plain export) | gradmap (logits + gradient) | PyTorch eager autograd |",
+              "|---|---|---|---|"]
+    for row in sets:
+        cells = [f"{row[k]['peak_mb']:.0f} MB ({row[k]['loaded_mb']:.0f} MB)" for k in ("forward", "gradmap", "torch")]
+        lines.append(f"| {row['batch']} | " + " | ".join(cells) + " |")
+    if long:
+        r = long["rss_mb"]
+        lines += ["", f"No growth: `gradmap run` over {long['pictures']} pictures ({long['written']} maps written, "
+                  f"{long['wall_s']:.0f} s, {long['pictures'] / long['wall_s']:.1f} pictures/s), the largest RSS "
+                  "seen up to each point of the run:", "",
+                  "| 10 % | 25 % | 50 % | 75 % | 100 % |", "|---|---|---|---|---|",
+                  "| " + " | ".join(f"{r[k]:.0f} MB" for k in ("10%", "25%", "50%", "75%", "100%")) + " |"]
     print("\n".join(lines))
     if not args.no_readme:
         sys.path.insert(0, str(ROOT / "tools"))

@@ -181,8 +181,12 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
 
 
 def save_png(image: Image.Image, path: str | os.PathLike[str]) -> None:
-    """Write a PIL image as PNG, atomically."""
-    atomic_write(path, lambda f: image.save(f, format="PNG"))
+    """Write a PIL image as PNG, atomically, with zlib's fastest compression (level 1).
+
+    Pillow's default level 6 took 59 ms for a 512x512 heatmap and level 1 14 ms, for a file 10 %
+    larger (350 and 384 kB): at the default, encoding the PNGs took a third of ``gradmap run``'s time
+    over a folder (resnet50, batch 8), as long as the gradients themselves."""
+    atomic_write(path, lambda f: image.save(f, format="PNG", compress_level=1))
 
 
 def save_npy(array: np.ndarray, path: str | os.PathLike[str]) -> None:
