@@ -56,7 +56,20 @@ def run_family(family: str, model: str, size: int | None, batch: int, work: Path
     input_size = (size, size) if size else pre.crop
     records = []
     for target, engines in TARGETS.items():
-        module, _ = load_torchvision(model, "none")
+        if size and model.startswith("vit_"):
+            # a ViT's position embeddings fix its input size: build it for --size (as tests/test_engines.py
+            # does at 64x64), with the same seed and zero-weight fill as load_torchvision(..., "none")
+            import torch
+            import torchvision
+
+            from gradmap.export._torchvision import _fill_zero_weights
+
+            torch.manual_seed(0)
+            module = torchvision.models.get_model(model, weights=None, image_size=size)
+            _fill_zero_weights(module)
+            module.eval()
+        else:
+            module, _ = load_torchvision(model, "none")
         start = time.perf_counter()
         try:
             exported = export_for_engines(module, model, work, input_size, resize=pre.resize, target=target)
