@@ -264,3 +264,31 @@ def test_largest_float32_gradients_do_not_overflow(method):
     out = normalize_min_max(reduce_channels(g, method))
     assert np.isfinite(out).all(), "reduction overflowed"
     assert out[0, 0] == 0 and out[1, 1] == 1
+
+
+def test_bilinear_zoom_is_scipys_bit_for_bit():
+    """postprocess.zoom computes scipy.ndimage.zoom(order=1) itself (gradmap run then needs no scipy):
+    the same float32 values and shape, on shrinking, growing, 1-pixel and odd-factor cases."""
+    from gradmap.runtime.postprocess import zoom as own_zoom
+
+    rng = np.random.default_rng(7)
+    for h, w, fy, fx in [(224, 224, 300 / 224, 451 / 224), (1, 5, 3.0, 0.4), (7, 1, 1 / 7, 9.0), (13, 17, 0.5, 2.5),
+                         (32, 32, 123 / 32, 77 / 32), (5, 9, 1.0, 1.0)]:
+        m = (rng.standard_normal((h, w)) * 10.0 ** rng.integers(-3, 4)).astype(np.float32)
+        expected = zoom(m, (fy, fx), order=1)
+        got = own_zoom(m, (fy, fx))
+        assert got.shape == expected.shape and got.dtype == expected.dtype
+        assert np.array_equal(got, expected), (h, w, fy, fx)
+
+
+def test_the_run_path_does_not_import_scipy():
+    """scipy (25 MB resident) is imported only by the methods that use it (blurred baselines,
+    class activation map upsampling, evaluation metrics), not by gradmap run's default path."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gradmap.cli, gradmap.runtime.saliency, gradmap.runtime.jobs, gradmap.runtime.render, "
+            "gradmap.runtime.postprocess, gradmap.runtime.methods, gradmap.runtime.cam; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'scipy'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out

@@ -12,7 +12,6 @@ The feature map and its gradient come from models exported with ``--cam-layer``.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 __all__ = ["grad_cam", "grad_cam_plus_plus", "guided_grad_cam", "upsample"]
 
@@ -56,6 +55,8 @@ def upsample(maps: np.ndarray, size: tuple[int, int], *, order: int = 0) -> np.n
         cols = np.floor(np.arange(size[1]) * w / size[1]).astype(int)
         return maps[:, rows][:, :, cols].astype(np.float32)
     zoom = (1, size[0] / h, size[1] / w)
+    from scipy import ndimage  # imported here: gradmap run's default method needs no scipy
+
     return ndimage.zoom(maps.astype(np.float32), zoom, order=order, grid_mode=True, mode="nearest")
 
 

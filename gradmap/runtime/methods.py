@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from scipy import ndimage
 
 from gradmap import contract
 from gradmap.contract import OUTPUT_GRADIENT, OUTPUT_LOGITS, OUTPUT_TARGET_INDEX
@@ -120,6 +119,8 @@ def baseline_image(images: np.ndarray, kind: str, mean, std, *, seed: int | None
     if kind == "black":
         return np.broadcast_to((0 - mean) / std, images.shape).astype(np.float32)
     if kind == "blurred":
+        from scipy import ndimage  # imported here: gradmap run's default method needs no scipy
+
         return ndimage.gaussian_filter(images, sigma=(0, 0, blur_sigma, blur_sigma), mode="nearest").astype(np.float32)
     if kind == "uniform":
         rng = np.random.default_rng(seed)
