@@ -153,6 +153,7 @@ def main() -> int:
                                                         "this interpreter's)")
     parser.add_argument("--folder", type=int, default=100, help="photographs in the folder workload (0: skip it)")
     parser.add_argument("--long", type=int, default=1000, help="pictures in the no-growth run (0: skip it)")
+    parser.add_argument("--note", default="", help="a note on the run for the README (e.g. what else ran)")
     parser.add_argument("--no-readme", action="store_true")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gradmap-bench-"))
@@ -207,7 +208,8 @@ def main() -> int:
     out.write_text(json.dumps({"model": args.model, "summary": summary, "working_sets": sets, "long_run": long},
                               indent=1) + "\n")
     lines = [f"{args.model}, random weights, {threads} threads, fresh process each, medians of {args.repeat} "
-             "(`python bench/bench_memory.py`); wall time from process start to the last map written:", "",
+             f"(`python bench/bench_memory.py`{'; ' + args.note if args.note else ''}); wall time from process "
+             "start to the last map written:", "",
              "| work | | wall time | peak RSS |", "|---|---|---|---|"]
     for workload, sides in summary.items():
         for name, s in sides.items():
