@@ -28,6 +28,7 @@ import numpy as np
 
 from ..._errors import ExportError
 from .._registry import register
+from .linear import own_copy
 
 _INT64_MIN = int(np.iinfo(np.int64).min)
 
@@ -173,7 +174,5 @@ def conv_transpose(ctx, node, dy):
                               f"{size} along axis {2 + i}, not {xdims[2 + i]}")
     # W as a value of its own: OpenVINO 2026.4.1 would otherwise hand the adjoint the layout it
     # prepared for the forward ConvTranspose (see linear._own_buffer)
-    for _ in range(2):
-        w = ctx.op("Slice", w, ctx.ints([-1]), ctx.ints([_INT64_MIN]), ctx.ints([0]), ctx.ints([-1]))
-    dx = ctx.op("Conv", dy[0], w, kernel_shape=kernel, strides=strides, dilations=dilations, pads=pads, group=group)
+    dx = ctx.op("Conv", dy[0], own_copy(ctx, w), kernel_shape=kernel, strides=strides, dilations=dilations, pads=pads, group=group)
     return [dx, None, None]

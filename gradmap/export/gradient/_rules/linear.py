@@ -33,6 +33,12 @@ def _own_buffer(ctx, weight):
     value = ctx.constant_of(weight)
     if value is None or value.ndim < 2 or value.shape[-1] != value.shape[-2]:
         return weight
+    return own_copy(ctx, weight)
+
+
+def own_copy(ctx, weight):
+    """``weight`` through two reversals of its first axis: equal to it, and folded at load into a
+    constant of its own (see :func:`_own_buffer`)."""
     for _ in range(2):
         weight = ctx.op("Slice", weight, ctx.ints([-1]), ctx.ints([_INT64_MIN]), ctx.ints([0]), ctx.ints([-1]))
     return weight
