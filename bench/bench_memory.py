@@ -75,8 +75,6 @@ def _child(kind: str, model: str, batch: int, threads: int) -> None:
             module(x).max(1).values.sum().backward()
             return x.grad
     else:
-        import onnxruntime as ort
-
         from gradmap.runtime.model import SaliencyModel
 
         if kind == "gradmap":
@@ -87,9 +85,10 @@ def _child(kind: str, model: str, batch: int, threads: int) -> None:
             def run():
                 return saliency.run(image)
         else:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-            session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from bench_speed import cpu_session
+
+            session = cpu_session(model, threads)
             image = rng.standard_normal((batch, 3, 224, 224), dtype=np.float32)
 
             def run():
