@@ -254,3 +254,43 @@ def test_variants_share_one_forward_pass_and_list_methods(tmp_path):
     assert meta.cam_layer.startswith("auto (")
     cli = CliRunner().invoke(main, ["export", "nonexistent", "--backprop", "sideways", "-o", str(tmp_path / "y.onnx")])
     assert cli.exit_code == 2 and "sideways" in cli.output
+
+
+class _RowsAndColumns(torch.nn.Module):
+    """Sequencer2D-like: a recurrent layer along image rows and another along columns."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 6, 2, stride=2)
+        cell = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[kind]
+        self.rows = cell(6, 5, batch_first=True, bidirectional=True)
+        self.cols = cell(10, 4, num_layers=2, batch_first=True)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.embed(x).permute(0, 2, 3, 1)                  # N H W C
+        n, h, w, c = x.shape
+        rows, _ = self.rows(x.reshape(n * h, w, c))           # along each row
+        cols = rows.reshape(n, h, w, -1).transpose(1, 2).reshape(n * w, h, -1)
+        cols, _ = self.cols(cols)                             # along each column
+        return self.head(cols.mean(1).reshape(n, w, -1).mean(1))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_recurrent_layers_are_unrolled_and_match_autograd(kind, tmp_path):
+    """ONNX's LSTM/GRU/RNN ops output neither gates nor cell states, so they have no gradient rule:
+    the trace unrolls them into elementwise ops and matrix products whose gradients parity checks."""
+    torch.manual_seed(0)
+    module = _RowsAndColumns(kind).eval()
+    report = export_module(module, tmp_path / "r.onnx", preprocessing=Preprocessing(crop=(12, 10)))
+    ops = {n.op_type for n in onnx.load(str(report.path)).graph.node}
+    assert not ops & {"LSTM", "GRU", "RNN"}
+    assert report.gradient_error is not None and report.gradient_error <= TOLERANCE
+    image = np.random.default_rng(2).standard_normal((3, 3, 12, 10), dtype=np.float32)
+    logits, _, gradient = _session(report.path).run(None, {"image": image, "target": np.array([-1, 0, 2])})
+    x = torch.from_numpy(image).double().requires_grad_(True)
+    out = module.double()(x)
+    np.testing.assert_allclose(logits, out.detach().numpy(), rtol=1e-4, atol=1e-5)
+    target = torch.tensor([int(out[0].argmax()), 0, 2])
+    (ref,) = torch.autograd.grad(out.gather(1, target[:, None]).sum(), x)
+    np.testing.assert_allclose(gradient, ref.numpy(), rtol=1e-4, atol=1e-4 * np.abs(ref.numpy()).max())

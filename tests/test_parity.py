@@ -121,3 +121,17 @@ def _export_proto(module, channel_multiple):
 
     model, _ = build_gradient_model(module, (24, 24), channel_multiple=channel_multiple)
     return ir.serde.serialize_model(model)
+
+
+def test_vanishing_activations_are_named_in_the_refusal(tmp_path):
+    """Weights that shrink every layer (Transformers' EfficientNet init draws BatchNorm scales from
+    N(0, 0.02)) leave float32 logits in the subnormal range, where they keep a few bits: the
+    refusal says so instead of only reporting the deviation."""
+    module = _small_cnn()
+    with torch.no_grad():
+        for layer in (module[0], module[3], module[8]):
+            layer.weight.mul_(1e-14)
+            layer.bias.mul_(1e-14)
+    with pytest.raises(ParityError, match="(logits are|gradient is) at most .*subnormal"):
+        export_module(module, tmp_path / "v.onnx", preprocessing=Preprocessing(crop=(16, 16)))
+    assert not (tmp_path / "v.onnx").exists()

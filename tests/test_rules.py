@@ -450,6 +450,14 @@ case("Slice", "step3-odd-size", graph("float[2,3,10] X", "float[2,3,3] Y", "Y = 
                                       [init("S", np.int64([1])), init("E", np.int64([9])), init("A", np.int64([2])),
                                        init("P", np.int64([3]))]),
      lambda X: X[:, :, 1:9:3], X=randn(2, 3, 10))
+case("Slice", "flip", graph("float[2,3,7] X", "float[2,3,7] Y", "Y = Slice(X, S, E, A, P)",
+                            [init("S", np.int64([-1])), init("E", np.int64([-9223372036854775807])),
+                             init("A", np.int64([2])), init("P", np.int64([-1]))]),
+     lambda X: X.flip(2), X=randn(2, 3, 7))
+case("Slice", "backwards-step3", graph("float[2,3,10] X", "float[2,3,3] Y", "Y = Slice(X, S, E, A, P)",
+                                       [init("S", np.int64([8])), init("E", np.int64([0])), init("A", np.int64([2])),
+                                        init("P", np.int64([-3]))]),
+     lambda X: X[:, :, [8, 5, 2]], X=randn(2, 3, 10))
 case("Gather", "scalar-index", graph("float[2,5,8] X", "float[2,8] Y", "Y = Gather<axis=1>(X, I)", [init("I", np.int64(0))]),
      lambda X: X[:, 0], X=randn(2, 5, 8))
 case("Gather", "negative-scalar", graph("float[2,5,8] X", "float[2,5] Y", "Y = Gather<axis=2>(X, I)", [init("I", np.int64(-1))]),

@@ -9,7 +9,8 @@ autograd, and write docs/coverage.json and README.md's coverage table.
 
 Each family's model is the one with the fewest parameters among its smallest-sounding names (counted
 on the meta device), exported at 64x64 where the model allows it (timm's img_size for models with
-position embeddings), else at its configured size. Transformers models are built from their default
+position embeddings), else at its configured size. Where even that model has over 150 M parameters
+(DeepSeek's and Gemma 4's ViTs), it is built with two of its blocks (timm's ``depth``). Transformers models are built from their default
 config shrunk to a few layers of small width. Every export runs gradmap's own parity check (the same
 as ``gradmap export``): logits and gradient against float64 torch autograd, 1e-4 of max|torch|. A row
 that fails says why (the exception's first line). Exports run on one thread; export times are CPU
@@ -44,6 +45,9 @@ _HF_SKIP = {
     "perceiver": "the image classifier variants take preprocessed pixel sequences with Fourier features or "
                  "learned positions; not exported by AutoModelForImageClassification's pixel interface here",
     "shieldgemma2": "a vision-language safety model (Gemma 3), not a pixel classifier",
+    "siglip2": "NaFlex: the classifier takes variable-resolution patch sequences with an attention mask and "
+               "per-image patch grids, which its processor sizes per image (aspect ratio kept, a patch budget); "
+               "gradmap's preprocessing is one fixed crop",
     "dinat": "needs the natten package's custom neighborhood-attention kernels, which torch.onnx cannot trace",
 }
 
@@ -108,7 +112,9 @@ def _shrink(config, image_size: int = SMALL_SIZE[0]):
     setattr_if("intermediate_size", 64)
     setattr_if("image_size", image_size)
     setattr_if("depths", 1)
-    setattr_if("depth", 1)
+    # CvT's stage i reads the drop-path rate of its layer i (transformers indexes the stage's
+    # per-layer rates by the stage number), so stage i needs at least i + 1 layers
+    setattr_if("depth", (lambda i: i + 1) if getattr(config, "model_type", "") == "cvt" else 1)
     setattr_if("hidden_sizes", lambda i: 16 * 2 ** min(i, 2))
     setattr_if("embed_dim", 16 if not isinstance(getattr(config, "embed_dim", 0), (list, tuple)) else
                (lambda i: 16 * (i + 1)))
@@ -125,6 +131,8 @@ def _shrink(config, image_size: int = SMALL_SIZE[0]):
                getattr(config, "patch_size", None))
     if isinstance(getattr(config, "stage_out_channels", None), (list, tuple)) and hasattr(config, "hidden_sizes"):
         config.hidden_sizes = list(config.stage_out_channels)  # HGNetV2's head reads the stages' widths from both
+    if isinstance(getattr(config, "stem_out_channels", None), int) and isinstance(getattr(config, "hidden_sizes", None), list):
+        config.stem_out_channels = config.hidden_sizes[0]  # TextNet's first stage takes the stem's width from both
     setattr_if("num_labels", 10)
     config.num_labels = 10
     for sub in ("vision_config",):
@@ -144,14 +152,44 @@ def run_timm(name: str) -> dict:
 
     with torch.device("meta"):
         parameters = sum(p.numel() for p in timm.create_model(name).parameters())
-    if parameters > MAX_PARAMETERS:
-        return {"status": "not run", "reason": f"the family's smallest model has {parameters / 1e6:.0f} M parameters, "
-                                               f"over this run's {MAX_PARAMETERS / 1e6:.0f} M (memory)"}
     cfg = timm.models.get_pretrained_cfg(name)
     sizes = [SMALL_SIZE]
     if cfg is not None and tuple(cfg.input_size[1:]) != SMALL_SIZE:
         sizes.append(tuple(cfg.input_size[1:]))
-    return _export_trying_sizes(lambda size: export_timm(name, None, weights="none", input_size=size), sizes)
+    if parameters <= MAX_PARAMETERS:
+        return _export_trying_sizes(lambda size: export_timm(name, None, weights="none", input_size=size), sizes)
+    # the family's smallest model is too large for this run (a 412 M ViT): the same blocks, two of them
+    try:
+        with torch.device("meta"):
+            shallow = sum(p.numel() for p in timm.create_model(name, depth=SHALLOW_DEPTH).parameters())
+    except TypeError:
+        shallow = None
+    if shallow is None or shallow > MAX_PARAMETERS:
+        return {"status": "not run", "reason": f"the family's smallest model has {parameters / 1e6:.0f} M parameters, "
+                                               f"over this run's {MAX_PARAMETERS / 1e6:.0f} M (memory)"}
+    row = _export_trying_sizes(lambda size: _export_timm_shallow(name, size), sizes)
+    row["depth"] = SHALLOW_DEPTH  # the table names the model "NAME (depth 2)"
+    return row
+
+
+SHALLOW_DEPTH = 2
+
+
+def _export_timm_shallow(name: str, size: tuple[int, int]):
+    import timm
+    import torch
+
+    from gradmap.export import export_module
+    from gradmap.export._timm import _explicit_attention, timm_preprocessing
+
+    torch.manual_seed(0)
+    try:
+        module = timm.create_model(name, depth=SHALLOW_DEPTH, img_size=size)
+    except TypeError:
+        module = timm.create_model(name, depth=SHALLOW_DEPTH)
+    module = _explicit_attention(module).eval()
+    return export_module(module, None, preprocessing=timm_preprocessing(module, size), source_model=f"timm:{name}",
+                         weights=f"none (random, seed 0, depth {SHALLOW_DEPTH})")
 
 
 def run_hf(model_type: str) -> dict:
@@ -267,7 +305,8 @@ def table(results: dict) -> str:
         for family, row in sorted(rows.items()):
             size = "x".join(str(s) for s in row.get("input", [])) or "-"
             seconds = f"{row['seconds']:.0f}" if "seconds" in row else "-"
-            lines.append(f"| {family} | {row.get('model', family)} | {size} | {parity(row)} | {seconds} |")
+            model = row.get("model", family) + (f" (depth {row['depth']})" if "depth" in row else "")
+            lines.append(f"| {family} | {model} | {size} | {parity(row)} | {seconds} |")
     meta = results.get("meta", {})
     head = (f"Generated by `python tools/timm_coverage.py` (timm {meta.get('timm', '?')}, transformers "
             f"{meta.get('transformers', '?')}, torch {meta.get('torch', '?')}; random weights, gradmap's parity "

@@ -12,8 +12,10 @@ PIL as gradmap's runtime does; its torchvision backend resizes tensors, slightly
     do_center_crop, crop_size            -> crop, crop_rounding floor ((size - crop) // 2, as there)
     rescale_factor r, rescale_offset     -> x r (- 1), folded with do_normalize's mean and std into
                                             gradmap's (x / 255 - mean) / std
-    do_flip_channel_order (MobileViT)    -> the exported graph flips RGB to BGR before the model, so
-                                            the gradient is still with respect to the RGB image
+    resize_short (PP-LCNet's, torchvision -> resize_mode keep_ratio (resize_short, resize_short): the shorter
+    backend only)                           side to resize_short, both sides rounded, as there
+    do_flip_channel_order (MobileViT),   -> the exported graph flips RGB to BGR before the model, so
+    PP-LCNet's processor (always BGR)       the gradient is still with respect to the RGB image
 """
 
 from __future__ import annotations
@@ -56,7 +58,16 @@ class _Classifier(torch.nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if self.flip_channels:
             image = image.flip(1)
-        return self.model(pixel_values=image).logits
+        out = self.model(pixel_values=image)
+        logits = getattr(out, "logits", None)
+        if logits is None:
+            # PP-LCNet's classifier returns its class scores as last_hidden_state [N, num_labels]
+            scores = getattr(out, "last_hidden_state", None)
+            if scores is None or scores.ndim != 2 or scores.shape[1] != self.model.config.num_labels:
+                raise ExportError(f"{type(self.model).__name__} returns no logits (its output has "
+                                  f"{', '.join(k for k in out.keys())})")
+            logits = scores
+        return logits
 
 
 def _config_and_processor(source: str) -> tuple[Any, dict]:
@@ -120,8 +131,14 @@ def load_hf(source: str, weights: str = "pretrained", seed: int = 0) -> tuple[to
                                   f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
             desc = f"file:{path.name}"
     model.config.return_dict = True
-    flip = bool(processor.get("do_flip_channel_order", False))
+    flip = flips_channels(processor)
     return _Classifier(model.eval(), flip).eval(), desc, processor, config
+
+
+def flips_channels(processor: dict) -> bool:
+    """Whether the processor hands the model BGR pixels: MobileViT's flag, PP-LCNet's always."""
+    return bool(processor.get("do_flip_channel_order", False)) or \
+        str(processor.get("image_processor_type", "")).startswith("PPLCNet")
 
 
 def _size(d: Any, what: str) -> dict:
@@ -143,7 +160,14 @@ def hf_preprocessing(processor: dict, source: str = "") -> Preprocessing:
     resize: Any = None
     mode = "shorter"
     crop = None
-    if processor.get("do_resize", True):
+    if processor.get("do_resize", True) and processor.get("resize_short") is not None:
+        # PP-LCNet's processor: the shorter side to resize_short, both sides rounded
+        if processor.get("size_divisor") not in (None, 1):
+            raise ExportError(f"{where}: size_divisor {processor['size_divisor']} (sides rounded up to its "
+                              "multiples) is not supported")
+        short = int(processor["resize_short"])
+        resize, mode = (short, short), "keep_ratio"
+    elif processor.get("do_resize", True):
         size = _size(processor.get("size"), "size")
         if "height" in size and "width" in size:
             resize, mode = (int(size["height"]), int(size["width"])), "exact"

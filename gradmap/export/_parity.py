@@ -288,6 +288,9 @@ def replay_reference(module: torch.nn.Module, image: np.ndarray, target: np.ndar
     return Reference(*_torch_reference(module, image, target, score), replayed="none")
 
 
+VANISHING = 1e-30  # logits this small come from activations that passed through float32's subnormals
+
+
 def verify_parity(module: torch.nn.Module, proto: onnx.ModelProto, input_size: tuple[int, int], *,
                   score: str = "logit", batch: int = 2, seed: int = 0, backprops: tuple[str, ...] = ("vanilla",),
                   tolerance: float = DEFAULT_TOLERANCE, attempts: int = 8) -> tuple[float, float]:
@@ -330,6 +333,9 @@ def verify_parity(module: torch.nn.Module, proto: onnx.ModelProto, input_size: t
         problems = []
         if error > tolerance:
             problems.append(f"logits differ from torch by {error:.3g} (max|Δ| / max|torch|)")
+            hint = _vanishing(ref.logits, "logits")
+            if hint:
+                problems.append(hint)
         target_index = values[contract.OUTPUT_TARGET_INDEX]
         if not np.array_equal(target_index, ref.target_index):
             problems.append(f"resolved targets {target_index.tolist()} differ from torch's {ref.target_index.tolist()}")
@@ -342,8 +348,19 @@ def verify_parity(module: torch.nn.Module, proto: onnx.ModelProto, input_size: t
                 logger.info("gradient parity reached on batch %d (earlier batches: %s)", attempt + 1,
                             ", ".join(f"{e:.2g}" for e in errors[:-1]))
             return logits_error, errors[-1]
+    hint = _vanishing(ref.logits, "logits") or _vanishing(ref.gradient, "gradient")
     raise ParityError(
         f"parity check failed (tolerance {tolerance:g}): the gradient differs from torch autograd by "
         f"{min(errors):.3g} at best over {len(errors)} random batches (max|Δ| / max|torch|; "
-        f"all: {', '.join(f'{e:.2g}' for e in errors)}). The model was not written."
+        f"all: {', '.join(f'{e:.2g}' for e in errors)}){'; ' + hint if hint else ''}. The model was not written."
     )
+
+
+def _vanishing(values: np.ndarray, what: str) -> str:
+    """Why a deviation may be float32's, not the graph's: values near float32's subnormal range."""
+    largest = float(np.abs(values).max())
+    if largest >= VANISHING:
+        return ""
+    return (f"torch's {what} {'are' if what == 'logits' else 'is'} at most {largest:.2g}: the weights make activations vanish towards float32's "
+            "subnormal range (below 1.2e-38), where float32 keeps few digits (random weights from an "
+            "initializer that shrinks every layer?)")

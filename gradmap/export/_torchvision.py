@@ -148,9 +148,19 @@ _FIXED_STD_INIT = ("googlenet", "inception_v3")
 
 @torch.no_grad()
 def _he_init(module: torch.nn.Module) -> None:
+    """He-normal convolutions and linear layers, unit-scale normalizations.
+
+    The norms matter for Transformers' EfficientNet, whose init draws BatchNorm scales from
+    N(0, 0.02): with them, activations shrink 50x per layer and end in subnormal floats.
+    """
+    norms = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
     for m in module.modules():
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
             torch.nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
+        elif isinstance(m, norms) and getattr(m, "weight", None) is not None:
+            torch.nn.init.ones_(m.weight)
             if m.bias is not None:
                 torch.nn.init.zeros_(m.bias)
 

@@ -33,8 +33,11 @@ def trace_to_onnx(module: torch.nn.Module, input_size: tuple[int, int], *, opset
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
             warnings.simplefilter("ignore")
+            traced = module
+            if any(isinstance(m, torch.nn.RNNBase) for m in module.modules()):
+                traced = _recurrences_unrolled(module, example, batch)
             program = torch.onnx.export(
-                module, (example,), dynamo=True, dynamic_shapes=({0: batch},),
+                traced, (example,), dynamo=True, dynamic_shapes=({0: batch},),
                 opset_version=opset, optimize=True, verbose=False, external_data=False,
             )
     except Exception as e:  # noqa: BLE001 - torch.export raises many types
@@ -54,3 +57,20 @@ def trace_to_onnx(module: torch.nn.Module, input_size: tuple[int, int], *, opset
         raise ExportError("the model's output is not computed from its input")
     out.name = contract.OUTPUT_LOGITS
     return model
+
+
+def _recurrences_unrolled(module: torch.nn.Module, example: torch.Tensor, batch) -> torch.export.ExportedProgram:
+    """The module as an exported program whose LSTM, GRU and RNN layers are unrolled over time.
+
+    torch.onnx would emit ONNX's LSTM/GRU/RNN operators, whose backward needs every step's gates and
+    cell states, which those operators do not output. torch's own decompositions unroll them into
+    MatMul, Sigmoid, Tanh and Mul over the (static) sequence length, ops with small gradient rules.
+    Sequencer2D's bidirectional LSTMs run along image rows and columns, so the length is a spatial size.
+    """
+    from torch._decomp import decomposition_table
+
+    aten = torch.ops.aten
+    recurrent = (aten.lstm.input, aten.lstm.data, aten.gru.input, aten.gru.data, aten.rnn_tanh.input,
+                 aten.rnn_tanh.data, aten.rnn_relu.input, aten.rnn_relu.data)
+    program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+    return program.run_decompositions({op: decomposition_table[op] for op in recurrent if op in decomposition_table})

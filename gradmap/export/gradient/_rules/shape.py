@@ -88,12 +88,17 @@ def slice_(ctx, node, dy):
             if start == 0 and end >= _INT64_MAX // 2 and step == 1:
                 continue  # the whole dynamic axis
             raise ExportError(f"{node.name}: Slice of the dynamic axis {axis} has no gradient rule")
-        if step < 1:
-            raise ExportError(f"{node.name}: Slice with step {step} has no gradient rule")
+        if step == 0:
+            raise ExportError(f"{node.name}: Slice with step 0 is not valid ONNX")
         begin, stop, _ = slice(int(start), int(end) if end < _INT64_MAX else None, int(step)).indices(size)
         count = len(range(begin, stop, int(step)))
         if count == 0:
             raise ExportError(f"{node.name}: empty Slice has no gradient rule")
+        if step < 0:
+            # x[begin::step] taken backwards (a flip when step is -1): reversing dy makes it the
+            # gradient of the forward slice x[last::-step] from the smallest index taken
+            g = ctx.op("Slice", g, ctx.ints([-1]), ctx.ints([-_INT64_MAX]), ctx.ints([axis]), ctx.ints([-1]))
+            begin, step = begin + (count - 1) * int(step), -int(step)
         if step > 1:
             # x[begin::step]: every gradient value followed by step-1 zeros, then padded into place
             g, out_dims = _interleave_zeros(ctx, g, out_dims, axis, int(step))
