@@ -294,3 +294,40 @@ def test_recurrent_layers_are_unrolled_and_match_autograd(kind, tmp_path):
     target = torch.tensor([int(out[0].argmax()), 0, 2])
     (ref,) = torch.autograd.grad(out.gather(1, target[:, None]).sum(), x)
     np.testing.assert_allclose(gradient, ref.numpy(), rtol=1e-4, atol=1e-4 * np.abs(ref.numpy()).max())
+
+
+class _ClippableLinear(torch.nn.Module):
+    """timm's Gemma 4 ViT layer: a linear layer whose input and output are clamped to buffers
+    (-inf/inf until pretrained weights set them)."""
+
+    def __init__(self, features_in, features_out):
+        super().__init__()
+        self.linear = torch.nn.Linear(features_in, features_out, bias=False)
+        for name in ("input_min", "input_max", "output_min", "output_max"):
+            self.register_buffer(name, torch.tensor(float("-inf") if "min" in name else float("inf")))
+
+    def forward(self, x):
+        x = self.linear(torch.clamp(x, self.input_min, self.input_max))
+        return torch.clamp(x, self.output_min, self.output_max)
+
+
+class _ClampedProjections(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 12, 4, stride=4)
+        self.q, self.k, self.v = (_ClippableLinear(12, 6) for _ in range(3))
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head((self.q(x) + self.k(x) * self.v(x)).mean(1))
+
+
+def test_clamps_of_one_tensor_to_buffers_export(tmp_path):
+    """Three clamps of one tensor to separate -inf/inf buffers: torch.onnx's optimizer hands the
+    merged Clips min/max constants it registers nowhere, which ONNX's checker refuses; the trace
+    registers them."""
+    torch.manual_seed(0)
+    report = export_module(_ClampedProjections().eval(), tmp_path / "c.onnx", preprocessing=Preprocessing(crop=(16, 16)))
+    assert report.gradient_error is not None and report.gradient_error <= TOLERANCE
+    onnx.checker.check_model(onnx.load(str(report.path)), full_check=True)

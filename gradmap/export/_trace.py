@@ -44,6 +44,7 @@ def trace_to_onnx(module: torch.nn.Module, input_size: tuple[int, int], *, opset
         raise ExportError(f"torch.onnx.export failed for {type(module).__name__}: {type(e).__name__}: {e}") from e
     model = program.model
     graph = model.graph
+    _register_loose_constants(graph)
     if len(graph.inputs) != 1 or len(graph.outputs) != 1:
         raise ExportError(
             f"expected a classifier with one input and one output, got {len(graph.inputs)} inputs and "
@@ -57,6 +58,21 @@ def trace_to_onnx(module: torch.nn.Module, input_size: tuple[int, int], *, opset
         raise ExportError("the model's output is not computed from its input")
     out.name = contract.OUTPUT_LOGITS
     return model
+
+
+def _register_loose_constants(graph: ir.Graph) -> None:
+    """Make constant node inputs that belong to no graph initializers again.
+
+    torch.onnx's optimizer (onnxscript 0.7.2, torch 2.14) can hand a Clip new min/max values that carry
+    a constant but are registered nowhere: timm's Gemma 4 ViT clamps every linear layer's input and
+    output to buffers of -inf/inf, and the exported graph fails ONNX's checker ("input 'mul_2_min_1'
+    ... is not output of any previous nodes").
+    """
+    for node in graph:
+        for value in node.inputs:
+            if (value is not None and value.producer() is None and value.const_value is not None
+                    and not value.is_graph_input() and not value.is_initializer()):
+                graph.register_initializer(value)
 
 
 def _recurrences_unrolled(module: torch.nn.Module, example: torch.Tensor, batch) -> torch.export.ExportedProgram:
