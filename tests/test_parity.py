@@ -135,3 +135,25 @@ def test_vanishing_activations_are_named_in_the_refusal(tmp_path):
     with pytest.raises(ParityError, match="(logits are|gradient is) at most .*subnormal"):
         export_module(module, tmp_path / "v.onnx", preprocessing=Preprocessing(crop=(16, 16)))
     assert not (tmp_path / "v.onnx").exists()
+
+
+class _Cancelling(torch.nn.Module):
+    """Logits that subtract two large, mathematically equal sums taken in different orders: float32
+    leaves only their rounding, in torch as in any engine."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.head = torch.nn.Linear(64, 3)
+        self.register_buffer("order", torch.randperm(64))
+
+    def forward(self, x):
+        f = self.features(x) * 1e4
+        w = self.head.weight
+        return f @ w.T - f[:, self.order] @ w[:, self.order].T + 1e-3 * self.head(f)
+
+
+def test_refusal_reports_torchs_own_float32_rounding(tmp_path):
+    with pytest.raises(ParityError, match="torch's own float32 run differs from its float64 one"):
+        export_module(_Cancelling().eval(), tmp_path / "c.onnx", preprocessing=Preprocessing(crop=(12, 12)))

@@ -133,6 +133,10 @@ def _shrink(config, image_size: int = SMALL_SIZE[0]):
         config.hidden_sizes = list(config.stage_out_channels)  # HGNetV2's head reads the stages' widths from both
     if isinstance(getattr(config, "stem_out_channels", None), int) and isinstance(getattr(config, "hidden_sizes", None), list):
         config.stem_out_channels = config.hidden_sizes[0]  # TextNet's first stage takes the stem's width from both
+    # EfficientNet's default config is B7's (depth x3.1, width x2): float32 rounding alone then moves its
+    # He-initialized logits by 1e-4 to 3e-4 of their largest, in torch too; B0's scale is 1, 1
+    if getattr(config, "model_type", "") == "efficientnet":
+        config.depth_coefficient, config.width_coefficient, config.hidden_dim = 1.0, 1.0, 1280
     setattr_if("num_labels", 10)
     config.num_labels = 10
     for sub in ("vision_config",):

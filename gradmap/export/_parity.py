@@ -336,6 +336,14 @@ def verify_parity(module: torch.nn.Module, proto: onnx.ModelProto, input_size: t
             hint = _vanishing(ref.logits, "logits")
             if hint:
                 problems.append(hint)
+            else:
+                with torch.no_grad():  # the module's own float32 run, on a float32 copy (not the reference)
+                    own = copy.deepcopy(module).float()(torch.from_numpy(image)).numpy()
+                own_error = relative_error(own, ref.logits)
+                if own_error > tolerance / 2:
+                    problems.append(f"torch's own float32 run differs from its float64 one by {own_error:.3g} on "
+                                    "this batch: the model's float32 rounding is near the tolerance, so this may be "
+                                    "rounding rather than a wrong graph (--no-verify exports it unchecked)")
         target_index = values[contract.OUTPUT_TARGET_INDEX]
         if not np.array_equal(target_index, ref.target_index):
             problems.append(f"resolved targets {target_index.tolist()} differ from torch's {ref.target_index.tolist()}")
