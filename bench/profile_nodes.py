@@ -33,6 +33,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--flush-denormals", action="store_true",
+                        help="flush subnormal floats to zero, as bench/floor.py runs its floor graphs")
     args = parser.parse_args()
     if args.runs <= args.warmup:
         parser.error("--runs must exceed --warmup")
@@ -45,6 +47,11 @@ def main() -> int:
     options.log_severity_level = 3
     options.enable_profiling = True
     options.profile_file_prefix = os.path.join(tempfile.gettempdir(), "gradmap_profile")
+    if args.flush_denormals:
+        options.add_session_config_entry("session.set_denormal_as_zero", "1")
+        import torch
+
+        torch.set_flush_denormal(True)  # the calling thread too (onnxruntime runs one share of the work on it)
     session = ort.InferenceSession(args.model, options, providers=["CPUExecutionProvider"])
     model = onnx.load(args.model, load_external_data=False)
     op_of = {n.name: n.op_type for n in model.graph.node}

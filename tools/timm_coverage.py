@@ -330,7 +330,7 @@ def main() -> None:
     parser.add_argument("--only", action="append", default=[], help="timm:MODULE_OR_MODEL or hf:MODEL_TYPE")
     parser.add_argument("--budget", type=float, default=60.0, help="minutes for the whole run")
     parser.add_argument("--per-model", type=int, default=240, help="CPU seconds for one model")
-    parser.add_argument("--memory-gb", type=int, default=6, help="data memory limit of the run")
+    parser.add_argument("--memory-gb", type=int, default=14, help="data memory limit of the run (vgg11 needs more than 6)")
     parser.add_argument("--readme-only", action="store_true")
     parser.add_argument("--retry", action="store_true", help="also re-run rows that did not pass (after the new ones)")
     args = parser.parse_args()
