@@ -211,11 +211,15 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=120.0, help="seconds of rounds per model and method at most")
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
     parser.add_argument("--note", default="")
+    parser.add_argument("--update", action="store_true",
+                        help="re-measure --models only and keep the other models' rows of --out (say so in --note)")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--no-readme", action="store_true")
     parser.add_argument("--readme-only", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
+    if args.update and not args.note:
+        parser.error("--update needs a --note saying which rows were re-measured when")
     if args.readme_only:
         saved = json.loads(out.read_text())
         rows, meta = saved["rows"], saved["meta"]
@@ -224,6 +228,10 @@ def main() -> int:
         for name in args.models:
             rows += bench_model(name, args.threads, args.batch_sizes, args.captum_batches, args.repeat, args.budget,
                                 not args.no_compile)
+        if args.update:
+            from bench_speed import merge_rows
+
+            rows = merge_rows(json.loads(out.read_text())["rows"], rows)
         meta = {"threads": args.threads, "note": args.note, "python": platform.python_version(),
                 "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}"}
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -97,6 +97,20 @@ def export_portable(module, size) -> bytes:
     return ir.serde.serialize_model(model).SerializeToString()
 
 
+def merge_rows(saved: list[dict], new: list[dict]) -> list[dict]:
+    """``saved`` rows with those of the models in ``new`` replaced by ``new``'s, in ``saved``'s order
+    (models not in ``saved`` at the end): ``--update`` re-measures some models of a table."""
+    models = {r["model"] for r in new}
+    merged, placed = [], set()
+    for r in saved:
+        if r["model"] not in models:
+            merged.append(r)
+        elif r["model"] not in placed:
+            merged += [n for n in new if n["model"] == r["model"]]
+            placed.add(r["model"])
+    return merged + [n for n in new if n["model"] not in placed]
+
+
 def cpu_session(model, threads: int, options=None):
     """An onnxruntime CPU session (``model``: bytes or a path) with ``threads`` intra-op threads and
     one inter-op thread; onnxruntime's default options unless ``options`` are given."""
@@ -293,7 +307,11 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true",
                         help="also time PyTorch autograd on torch.compile's module (steady state; compile time recorded)")
     parser.add_argument("--note", default="", help="a note on the run for the targets table (e.g. the machine's load)")
+    parser.add_argument("--update", action="store_true",
+                        help="re-measure --models only and keep the other models' rows of --out (say so in --note)")
     args = parser.parse_args()
+    if args.update and not args.note:
+        parser.error("--update needs a --note saying which rows were re-measured when")
     out = Path(args.out)
     if args.readme_only:
         saved = json.loads(out.read_text())
@@ -309,6 +327,8 @@ def main() -> int:
                                 baseline=args.baseline, compile_torch=args.compile)
         for r in rows:
             r["previous_gradmap_over_forward"] = previous.get((r["model"], r["batch"]))
+        if args.update:
+            rows = merge_rows(json.loads(out.read_text())["rows"], rows)
         baseline = json.loads((args.baseline / "baseline.json").read_text()) if args.baseline else None
         meta = {"threads": args.threads, "baseline": baseline, "pause_s": args.pause, "gradmap_session_options": "runtime", "note": args.note,
                 "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "python": platform.python_version()}
