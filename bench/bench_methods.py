@@ -234,6 +234,8 @@ def main() -> int:
             rows = merge_rows(json.loads(out.read_text())["rows"], rows)
         meta = {"threads": args.threads, "note": args.note, "python": platform.python_version(),
                 "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}"}
+        if args.update:  # the kept rows' other notes stay
+            meta = {**json.loads(out.read_text())["meta"], **meta}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     if not args.no_readme:

@@ -327,11 +327,13 @@ def main() -> int:
                                 baseline=args.baseline, compile_torch=args.compile)
         for r in rows:
             r["previous_gradmap_over_forward"] = previous.get((r["model"], r["batch"]))
+        saved = json.loads(out.read_text()) if args.update else {"rows": [], "meta": {}}
         if args.update:
-            rows = merge_rows(json.loads(out.read_text())["rows"], rows)
+            rows = merge_rows(saved["rows"], rows)
         baseline = json.loads((args.baseline / "baseline.json").read_text()) if args.baseline else None
         meta = {"threads": args.threads, "baseline": baseline, "pause_s": args.pause, "gradmap_session_options": "runtime", "note": args.note,
                 "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "python": platform.python_version()}
+        meta = {**saved["meta"], **meta}  # --update: the kept rows' other notes stay
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     if not args.no_readme:
