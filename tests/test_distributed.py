@@ -282,6 +282,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_for_port(port: int, process: subprocess.Popen, seconds: float = 120.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the Ray Client server exited with {process.returncode}"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"the Ray Client server did not listen on port {port} within {seconds:.0f} s")
+
+
 def test_existing_cluster_by_address_and_through_the_ray_client(ray_cluster, pictures, reference, tmp_path):
     """gradmap run in another process joins this module's Ray (loopback only) by its address and
     through a Ray Client server: the same files as single-process gradmap run."""
@@ -293,11 +306,15 @@ def test_existing_cluster_by_address_and_through_the_ray_client(ray_cluster, pic
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         for name, address in (("address", gcs), ("client", f"ray://127.0.0.1:{port}")):
+            if name == "client":
+                _wait_for_port(port, server)  # the proxy starts in the background; on a busy machine it
+                # took longer than the Ray Client's connection retries
             out = tmp_path / name
             done = subprocess.run([sys.executable, "-m", "gradmap.cli", "run", str(DEMO_MODEL), str(pictures),
                                    "--out", str(out), *COMMON, "--engine", "ray", "--address", address],
                                   capture_output=True, text=True, timeout=300, cwd=REPO)
             assert done.returncode == 1, f"{name}: {done.stderr[-3000:]}"
+            assert done.stdout.strip(), f"{name}: no summary on stdout; stderr: {done.stderr[-3000:]}"
             assert json.loads(done.stdout)["failed"] == len(BROKEN), name
             assert _files(out) == _files(ref_out), f"{name}: files differ from single-process gradmap run"
     finally:
