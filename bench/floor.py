@@ -174,7 +174,7 @@ def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget
 def render(rows: list[dict], meta: dict) -> str:
     lines = [
         f"Measured by `python bench/floor.py` ({meta['date']}, {meta['machine']}, {rows[0]['threads']} threads, "
-        "medians of interleaved rounds). The floor graph is gradmap's graph with every activation's rule cut "
+        f"medians of interleaved rounds{'; ' + meta['note'] if meta.get('note') else ''}). The floor graph is gradmap's graph with every activation's rule cut "
         "to one product and every max pool's routing to one nearest Resize (wrong gradients, the least "
         "any exact graph of standard ops must do there; see the script's docstring; its subnormal floats "
         "flushed to zero). Per round: gradmap ÷ floor of the two runs side by side in each round, quartiles "
@@ -214,7 +214,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-readme", action="store_true")
     parser.add_argument("--readme-only", action="store_true")
+    parser.add_argument("--update", action="store_true",
+                        help="re-measure --models only and keep the other models' rows of --out (say so in --note)")
+    parser.add_argument("--note", default="", help="a note on the run for the table's header")
     args = parser.parse_args()
+    if args.update and not args.note:
+        parser.error("--update needs a --note saying which rows were re-measured when")
     if args.readme_only:
         data = json.loads(args.out.read_text())
         write_readme(data["rows"], data["meta"])
@@ -227,7 +232,12 @@ def main() -> int:
     for name in args.models:
         rows += bench_model(name, args.batches, args.threads, args.repeat, args.budget)
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+            "onnxruntime": onnxruntime.__version__, "python": platform.python_version(), "note": args.note}
+    if args.update:
+        from bench_speed import merge_rows
+
+        saved = json.loads(args.out.read_text())
+        rows, meta = merge_rows(saved["rows"], rows), {**saved["meta"], **meta}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     if not args.no_readme:

@@ -90,10 +90,9 @@ def _histogram(model: ir.Model) -> dict[str, int]:
     return counts
 
 
-# pass -> whether it gives bit-identical gradients (the others compute the same sums in another order;
-# silu_affine's Conv adds 1 - Y and X in its own order, with X as the Conv's sum input)
+# pass -> whether it gives bit-identical gradients (the others compute the same sums in another order)
 EXACT = {"fold_batch_norm": False, "conv_adjoint": False, "max_pool_indices": False, "relu_mask": True,
-         "hard_swish_steps": True, "silu_affine": False, "resize_sum_scale": True, "spread_per_channel": True,
+         "hard_swish_steps": True, "silu_affine": True, "resize_sum_scale": True, "spread_per_channel": True,
          "concat_split": True}
 
 

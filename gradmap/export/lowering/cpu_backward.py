@@ -22,7 +22,7 @@ blocked kernel puts a layout reorder on each side of itself. The passes, in orde
                          ScatterElements(0, Indices, dY, add), then an identity depthwise Conv
     relu_mask            Relu (vanilla, guided): g * [Y > 0] -> g * HardSigmoid(Conv(Y, 2^127), 2^127, 0)
     hard_swish_steps     HardSwish: the half steps [X > t] / 2 -> Clip(Conv(X, -2^100, bias), -1/2, 0)
-    silu_affine          SiLU: (1 - Y) + X -> Conv(Y, -1, bias 1) + X (onnxruntime fuses the Add into the Conv)
+    silu_affine          SiLU: 1 - Y -> Conv(Y, -1, bias 1)
     resize_sum_scale     Resize: AveragePool(dY) * s_h s_w -> Conv(AveragePool(dY), s_h s_w)
     spread_per_channel   Expand of a per-channel gradient [N, C, 1, 1] to [N, C, H, W] -> a depthwise
                          Conv with an all-ones H x W kernel and pads H-1, W-1; a per-channel
@@ -263,10 +263,9 @@ def hard_swish_steps(rw: Rewriter, regions: list[Region]) -> int:
 
 
 def silu_affine(rw: Rewriter, regions: list[Region]) -> int:
-    """S (1 - Y) + Y = S (1 + X - Y), with 1 + X - Y as a depthwise 1x1 Conv of Y (weight -1,
-    bias 1) plus X: onnxruntime runs the Conv in its blocked layout and takes the Add into it
-    (the Conv's sum input), so the local derivative costs two activation-sized passes instead
-    of three; the Sub of a scalar has no blocked kernel and cost two reorders per activation."""
+    """1 - Y as a depthwise 1x1 Conv (weight -1, bias 1; the same single rounding), which
+    onnxruntime runs in its blocked layout with the Muls and the Add around it; the Sub of a
+    scalar has no blocked kernel and cost two reorders per activation."""
     done = 0
     for region in _regions(regions, "SiLU"):
         node = region.node
@@ -276,7 +275,7 @@ def silu_affine(rw: Rewriter, regions: list[Region]) -> int:
             continue
         dy = rw.inputs_of(region)[0]
         rw.node = node
-        local = rw.op("Mul", s, rw.op("Add", rw.channel_affine(y, channels, -1.0, 1.0), x))
+        local = rw.op("Add", rw.op("Mul", s, rw.channel_affine(y, channels, -1.0, 1.0)), y)
         dx = rw.op("Mul", dy, local)
         rw.replace(region, [dx if v is x else None for v in node.inputs])
         done += 1

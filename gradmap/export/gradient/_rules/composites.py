@@ -1,8 +1,7 @@
 """Composite rules: activations exported as several nodes, differentiated as one function.
 
     SiLU      Y = X * S, S = Sigmoid(X) used by this Mul alone:
-              dX = dY * S ((1 - Y) + X)                    (= dY * S (1 + X (1 - S)); the sum
-              before the product lets onnxruntime CPU fuse it into a Conv, see silu_affine)
+              dX = dY * (S (1 - Y) + Y)                    (= dY * S (1 + X (1 - S)))
     GELU      Y = X * P, P = 0.5 * (Erf(D) + 1), D = X / sqrt 2 (torch's exported exact GELU,
               intermediates used by the pattern alone):
               dX = dY * (P + D Exp(-ln sqrt(pi) - D^2))    (Phi(X) + X phi(X), reusing P and D)
@@ -37,7 +36,7 @@ def silu_parts(node):
 def silu(ctx, node, dy, parts):
     x, s, y = parts["x"], parts["s"], node.outputs[0]
     one_minus_y = ctx.op("Sub", ctx.scalar(1.0), y)
-    local = ctx.op("Mul", s, ctx.op("Add", one_minus_y, x))
+    local = ctx.op("Add", ctx.op("Mul", s, one_minus_y), y)
     return [ctx.op("Mul", dy[0], local) if v is x else None for v in node.inputs]
 
 
