@@ -202,17 +202,24 @@ def main() -> int:
             os.link(folder / f"photo{i % min(4, args.folder):03d}.jpg", many / f"picture{i:04d}.jpg")
         long = long_run(gradmap, model, many, work / "out_long", threads)
         print(json.dumps({k: v for k, v in long.items() if k != "samples"}), flush=True)
-    out = ROOT / "bench" / "results" / "memory.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "summary": summary, "working_sets": sets, "long_run": long},
-                              indent=1) + "\n")
     lines = [f"{args.model}, random weights, {threads} threads, fresh process each, medians of {args.repeat} "
              f"(`python bench/bench_memory.py`{'; ' + args.note if args.note else ''}); wall time from process "
              "start to the last map written:", "",
-             "| work | | wall time | peak RSS |", "|---|---|---|---|"]
+             "| work | | wall time | peak RSS | gradmap ÷ recipe: time (target ≤ 0.33) | memory (target ≤ 0.50) |",
+             "|---|---|---|---|---|---|"]
     for workload, sides in summary.items():
+        g, r = sides["gradmap run"], sides["PyTorch recipe"]
         for name, s in sides.items():
-            lines.append(f"| {workload} | {name} | {s['wall_s']:.2f} s | {s['peak_rss_mb']:.0f} MB |")
+            ratios = (f"{g['wall_s'] / r['wall_s']:.2f} | {g['peak_rss_mb'] / r['peak_rss_mb']:.2f}"
+                      if name == "gradmap run" else " | ")
+            lines.append(f"| {workload} | {name} | {s['wall_s']:.2f} s | {s['peak_rss_mb']:.0f} MB | {ratios} |")
+    per = None
+    if len(summary) == 2:  # the folder's time beyond the first map: what each further picture costs
+        (one, folder_sides) = summary.values()
+        per = {name: (folder_sides[name]["wall_s"] - one[name]["wall_s"]) / (args.folder - 1) for name in one}
+        lines += ["", f"Each further picture of the folder (the folder's wall time minus the one map's, over "
+                  f"{args.folder - 1}): gradmap run {1000 * per['gradmap run']:.0f} ms, PyTorch recipe "
+                  f"{1000 * per['PyTorch recipe']:.0f} ms ({per['gradmap run'] / per['PyTorch recipe']:.2f})."]
     lines += ["", "Working set: peak RSS of a process that loads the model and runs one random batch three "
               "times, and in brackets its RSS after loading (imports, weights, session):", "",
               "| batch | onnxruntime forward (plain export) | gradmap (logits + gradient) | PyTorch eager autograd |",
@@ -227,6 +234,11 @@ def main() -> int:
                   "seen up to each point of the run:", "",
                   "| 10 % | 25 % | 50 % | 75 % | 100 % |", "|---|---|---|---|---|",
                   "| " + " | ".join(f"{r[k]:.0f} MB" for k in ("10%", "25%", "50%", "75%", "100%")) + " |"]
+    out = ROOT / "bench" / "results" / "memory.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": args.model, "note": args.note, "summary": summary,
+                               "per_further_picture_s": per, "working_sets": sets, "long_run": long},
+                              indent=1) + "\n")
     print("\n".join(lines))
     if not args.no_readme:
         sys.path.insert(0, str(ROOT / "tools"))

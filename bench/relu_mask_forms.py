@@ -11,14 +11,17 @@ Add that keep it in onnxruntime's blocked layout) with each form of dX = dY [Y >
     sign        dY * Sign(Y)
 
 Medians of interleaved rounds (the order reversed every other round), 0.1 s apart. The exact forms
-are checked to give the same masked product before timing.
+are checked to give the same masked product before timing. Writes bench/results/relu_mask_forms.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -64,6 +67,7 @@ def main() -> int:
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--size", type=int, default=112)
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "relu_mask_forms.json"))
     args = parser.parse_args()
     import onnxruntime as ort
 
@@ -93,6 +97,10 @@ def main() -> int:
     for form in FORMS:
         median = statistics.median(times[form])
         print(f"  {form:10s} {median:8.2f} ms  ({median - base:+.2f} ms over none)")
+    Path(args.out).write_text(json.dumps({
+        "shape": [args.batch, args.channels, args.size, args.size], "threads": args.threads, "rounds": args.rounds,
+        "onnxruntime": ort.__version__, "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"),
+        "median_ms": {form: statistics.median(times[form]) for form in FORMS}, "times_ms": times}, indent=1) + "\n")
     return 0
 
 
