@@ -54,3 +54,49 @@ def test_job_writes_what_gradmap_run_writes_from_paths_and_bytes(linear_model, p
         assert [d.ok for d in done] == [True, True, False]
         assert done[2].record["error"].startswith("cannot decode image"), done[2].record
         assert done[0].result.maps[1].saliency_map.shape == (32, 32), "the maps stay available in memory"
+
+
+def test_overlapped_writes_give_the_sequential_files_and_records(linear_model, photos, tmp_path):
+    """explain_and_write writes a batch's files on a second thread while the next batch runs: the same
+    files, byte for byte, and the same records in the same order as writing in turn; a caller that
+    stops early finds every file whole (equal to the sequential run's) or absent, and no temporary
+    file left behind."""
+    from PIL import Image
+
+    inputs = []
+    for i in range(7):
+        name = ("chelsea", "coffee", "astronaut", "rocket")[i % 4]
+        path = tmp_path / "in" / f"{i}_{name}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(photos[name]).save(path)
+        inputs.append(str(path))
+    broken = tmp_path / "in" / "broken.jpg"
+    broken.write_bytes(b"not a picture")
+    inputs.insert(3, str(broken))
+    settings = JobSettings(target=parse_target("top2", linear_model.labels), formats=("npy", "heatmap", "overlay"),
+                           render=RenderOptions(), batch_size=2)
+    runs = {}
+    for overlap in (False, True):
+        out = tmp_path / f"overlap_{overlap}"
+        done = list(explain_and_write(linear_model, inputs, OutputLayout(out, inputs), settings, overlap=overlap))
+        records = [d.record for d in done]
+        for record in records:
+            for m in record["maps"]:
+                m["files"] = {k: v.replace(str(out), "OUT") for k, v in m["files"].items()}
+        runs[overlap] = records, _outputs(out)
+    assert [r["path"] for r in runs[True][0]] == inputs, "records come in input order"
+    assert runs[True][0] == runs[False][0], "records differ from writing in turn"
+    assert runs[True][1] == runs[False][1], "files differ from writing in turn"
+    assert runs[True][0][3]["error"].startswith("not an image"), runs[True][0][3]
+
+    stopped = tmp_path / "stopped"
+    job = explain_and_write(linear_model, inputs, OutputLayout(stopped, inputs), settings)
+    first = next(job)
+    job.close()  # the caller stops after one record
+    assert first.record["path"] == inputs[0]
+    left = _outputs(stopped)
+    assert left, "the first picture's files are written"
+    assert not [name for name in left if name.endswith(".tmp")], "a temporary file was left behind"
+    for name, data in left.items():
+        assert runs[False][1][name] == data, f"{name} is not whole"
+    assert len(left) < len(runs[False][1]), "the writes not started when the caller stopped were dropped"

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -77,7 +79,7 @@ def _reason(error: Exception) -> str:
 
 
 def explain_and_write(model: SaliencyModel, sources: Iterable[str | os.PathLike[str] | EncodedPicture | Image.Image],
-                      layout: OutputLayout, settings: JobSettings) -> Iterator[ExplainedPicture]:
+                      layout: OutputLayout, settings: JobSettings, *, overlap: bool = True) -> Iterator[ExplainedPicture]:
     """Explain ``sources`` in batches, write each picture's outputs under ``layout``, yield its record.
 
     Args:
@@ -87,6 +89,10 @@ def explain_and_write(model: SaliencyModel, sources: Iterable[str | os.PathLike[
         layout: where outputs go (built from every input of the run, so that a subset, such as one
             worker's share or what ``--skip-existing`` leaves, gets the same output paths).
         settings: see :class:`JobSettings`.
+        overlap: write a batch's outputs (rendering, PNG encoding) on a second thread while the model
+            runs the next batch; the files and records are the same either way. When the caller stops
+            early (an exception, Ctrl-C, a closed generator), writes already started finish and the
+            rest are dropped, so every output file is whole or absent.
 
     Yields:
         :class:`ExplainedPicture` per source, in input order. Outputs are written atomically
@@ -95,22 +101,41 @@ def explain_and_write(model: SaliencyModel, sources: Iterable[str | os.PathLike[
     """
     results = iter_saliency(model, sources, target=settings.target, reduce=settings.reduce, clip=settings.clip,
                             no_crop=settings.no_crop, batch_size=settings.batch_size, method=settings.method)
-    for result in results:
-        if not result.ok:
-            yield ExplainedPicture(failed_record(result.source, _reason(result.error), result.notes), result)
-            continue
-        record = {"path": result.source, "predictions": [], "maps": [], "error": None, "notes": list(result.notes)}
-        record["predictions"] = [{"index": p.index, "label": p.label, "probability": p.probability}
-                                 for p in result.predictions(TOP_PREDICTIONS)]
-        try:
-            for saliency in result.maps:
-                probability = float(result.probabilities[saliency.target_index])
-                caption = f"{saliency.target_label} ({saliency.target_index}): {probability:.1%}"
-                written = write_outputs(result, saliency, layout, settings.formats, settings.render, caption=caption)
-                record["maps"].append({"rank": saliency.rank, "method": saliency.method, "target": {
-                    "index": saliency.target_index, "label": saliency.target_label,
-                    "probability": probability}, "files": written,
-                    "completeness_gap": saliency.completeness_gap})
-        except (OSError, ValueError) as e:
-            record["error"] = str(e)
-        yield ExplainedPicture(record, result)
+    if not overlap:
+        for result in results:
+            yield _write(result, layout, settings)
+        return
+    # One writer thread: onnxruntime and PNG encoding (zlib) release the GIL, so a batch's files are
+    # written while the next batch runs. At most two batches wait, which bounds the memory held.
+    pending: deque[Future] = deque()
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradmap-write")
+    try:
+        for result in results:
+            pending.append(pool.submit(_write, result, layout, settings))
+            while pending and (pending[0].done() or len(pending) > 2 * settings.batch_size):
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _write(result: ImageSaliency, layout: OutputLayout, settings: JobSettings) -> ExplainedPicture:
+    """One explained picture's files and record."""
+    if not result.ok:
+        return ExplainedPicture(failed_record(result.source, _reason(result.error), result.notes), result)
+    record = {"path": result.source, "predictions": [], "maps": [], "error": None, "notes": list(result.notes)}
+    record["predictions"] = [{"index": p.index, "label": p.label, "probability": p.probability}
+                             for p in result.predictions(TOP_PREDICTIONS)]
+    try:
+        for saliency in result.maps:
+            probability = float(result.probabilities[saliency.target_index])
+            caption = f"{saliency.target_label} ({saliency.target_index}): {probability:.1%}"
+            written = write_outputs(result, saliency, layout, settings.formats, settings.render, caption=caption)
+            record["maps"].append({"rank": saliency.rank, "method": saliency.method, "target": {
+                "index": saliency.target_index, "label": saliency.target_label,
+                "probability": probability}, "files": written,
+                "completeness_gap": saliency.completeness_gap})
+    except (OSError, ValueError) as e:
+        record["error"] = str(e)
+    return ExplainedPicture(record, result)
