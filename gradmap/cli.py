@@ -236,7 +236,8 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
                 failures.append({"path": record["path"], "error": record["error"]})
             elif not as_json:
                 _print_record(record)
-            records.append(record)
+            if as_json:  # only --json lists them at the end: a long run without it holds no record
+                records.append(record)
             bar.update(1)
     if engine == "ray":  # records arrive as pictures finish; --json lists them in input order
         order = {path: i for i, path in enumerate(paths)}
