@@ -69,13 +69,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "relu_mask_forms.json"))
     args = parser.parse_args()
+    import sys
+
     import onnxruntime as ort
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_speed import cpu_session
+
     def session(model: bytes) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
-        options.log_severity_level = 3
-        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        return cpu_session(model, args.threads)
 
     x = np.random.default_rng(1).standard_normal((args.batch, args.channels, args.size, args.size), dtype=np.float32)
     masked = {form: session(build(form, args.channels, args.size, args.batch, "D")).run(None, {"X": x})[0]
