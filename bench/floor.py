@@ -9,6 +9,8 @@ max-pool routing replaced by the cheapest op that still touches the same tensors
     Relu, HardSigmoid, Sigmoid, Tanh, Clip, LeakyRelu, Gelu, and the Mul patterns the pass treats as
     one activation (SiLU, the split HardSwish, torch's exact GELU):   dX = dY * (a forward tensor)
     MaxPool:                                                          dX = nearest Resize of dY
+    a Relu whose output only a MaxPool reads:                         dX = Resize(dP * P), the
+        product at the pool's resolution (an exact graph masks there: gradmap's relu_pool_mask)
 
 Everything else stays as gradmap emits it: the forward part, the adjoint convolutions and matrix
 products, squeeze-and-excitation products, concatenations, normalizations, softmax. The floor's
@@ -68,7 +70,16 @@ def floor_rules():
         onehot, target_index = saved_seed(ctx, logits, target, score)
         return ctx.op("Mul", onehot, ctx.const(np.float32(2.0 ** 100))), target_index
 
+    def pooled_only(value) -> bool:
+        # a ReLU output whose one reader is a max pool: an exact graph can mask the pool's gradient
+        # at the pool's resolution (gradmap's relu_pool_mask), so the floor's product goes there too
+        uses = value.uses()
+        return len(uses) == 1 and uses[0].node.op_type == "MaxPool" and value.producer() is not None \
+            and value.producer().op_type == "Relu"
+
     def activation(ctx, node, dy):
+        if pooled_only(node.outputs[0]):
+            return [dy[0]] + [None] * (len(node.inputs) - 1)
         return [ctx.op("Mul", dy[0], node.outputs[0])] + [None] * (len(node.inputs) - 1)
 
     def composite(ctx, node, dy, parts):
@@ -79,7 +90,8 @@ def floor_rules():
         x, y = node.inputs[0], node.outputs[0]
         xdims, ydims = ctx.dims(x), ctx.dims(y)
         scales = [1.0, 1.0] + [xd / yd for xd, yd in zip(xdims[2:], ydims[2:])]
-        up = ctx.op("Resize", dy[0], None, ctx.const(np.asarray(scales, dtype=np.float32)), mode="nearest",
+        g = ctx.op("Mul", dy[0], y) if pooled_only(x) else dy[0]  # the pooled ReLU's product
+        up = ctx.op("Resize", g, None, ctx.const(np.asarray(scales, dtype=np.float32)), mode="nearest",
                     coordinate_transformation_mode="asymmetric", nearest_mode="floor")
         return [up]
 
@@ -91,7 +103,7 @@ def floor_rules():
         RULES["MaxPool"] = max_pool
         _pass._seed = seed
         cpu_backward.PASSES = tuple(p for p in saved_passes if p.__name__ not in (
-            "relu_mask", "hard_swish_steps", "silu_affine", "max_pool_indices"))
+            "relu_pool_mask", "relu_mask", "hard_swish_steps", "silu_affine", "max_pool_indices"))
         yield
     finally:
         RULES.clear()

@@ -91,7 +91,8 @@ def _histogram(model: ir.Model) -> dict[str, int]:
 
 
 # pass -> whether it gives bit-identical gradients (the others compute the same sums in another order)
-EXACT = {"fold_batch_norm": False, "conv_adjoint": False, "max_pool_indices": False, "relu_mask": True,
+EXACT = {"fold_batch_norm": False, "conv_adjoint": False, "relu_pool_mask": False, "max_pool_indices": False,
+         "relu_mask": True,
          "hard_swish_steps": True, "silu_affine": True, "resize_sum_scale": True, "spread_per_channel": True,
          "concat_split": True}
 
@@ -181,3 +182,64 @@ def test_portable_target_refuses_channel_padding(module):
         build_gradient_model(module, SIZE, target="portable", channel_multiple=16)
     with pytest.raises(ExportError, match="unknown target"):
         build_gradient_model(module, SIZE, target="gpu")
+
+
+def test_relu_pool_mask_gives_the_mask_after_routing_bit_for_bit(module, monkeypatch):
+    """The ReLU mask at the pool's resolution before the routing equals it at the ReLU's after the
+    routing, to the bit: vanilla at both pools, guided at the disjoint one only (its Relu of a
+    routed sum is not a sum of Relus where windows overlap), deconvnet never."""
+    rng = np.random.default_rng(4)
+    image = rng.standard_normal((2, 3, *SIZE), dtype=np.float32)
+    target = np.asarray([-1, 2], dtype=np.int64)
+    counts = []
+
+    def counted(rewriter, regions):
+        counts.append(cpu_backward.relu_pool_mask(rewriter, regions))
+        return counts[-1]
+
+    after = _build(module, monkeypatch, "cpu", [cpu_backward.max_pool_indices, cpu_backward.relu_mask])
+    before = _build(module, monkeypatch, "cpu", [counted, cpu_backward.max_pool_indices, cpu_backward.relu_mask])
+    assert counts == [3], f"expected the stem pool (vanilla) and the disjoint pool (vanilla, guided): {counts}"
+    masks = [_histogram(m).get("HardSigmoid", 0) for m in (after, before)]
+    assert masks[1] == masks[0], "each pooled ReLU keeps one mask, on the pool's output"
+    for backprop, a, e in zip(("logits",) + BACKPROPS, _gradients(before, image, target), _gradients(after, image, target)):
+        assert np.any(e), backprop
+        np.testing.assert_array_equal(a, e, err_msg=f"relu_pool_mask changed the {backprop} output")
+
+
+class SharedRelu(torch.nn.Module):
+    """A ReLU output read by a max pool and by a second branch: its gradient is a sum, and the
+    mask cannot move before the pool's routing."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.fc = torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        return self.fc(F.max_pool2d(y, 2).mean((2, 3)) + y.mean((2, 3)))
+
+
+def test_relu_pool_mask_leaves_a_relu_output_read_twice(monkeypatch):
+    torch.manual_seed(1)
+    shared = SharedRelu().eval()
+    for p in shared.parameters():
+        p.requires_grad_(False)
+    counts = []
+
+    def counted(rewriter, regions):
+        counts.append(cpu_backward.relu_pool_mask(rewriter, regions))
+        return counts[-1]
+
+    monkeypatch.setattr(cpu_backward, "PASSES", (counted, cpu_backward.max_pool_indices, cpu_backward.relu_mask))
+    model, _ = build_gradient_model(shared, SIZE, target="cpu", channel_multiple=16)
+    assert counts == [0]
+    image = np.random.default_rng(5).standard_normal((1, 3, *SIZE), dtype=np.float32)
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    (gradient,) = session.run([contract.OUTPUT_GRADIENT], {contract.INPUT_IMAGE: image,
+                                                           contract.INPUT_TARGET: np.asarray([3], dtype=np.int64)})
+    x = torch.from_numpy(image).requires_grad_(True)
+    shared(x)[0, 3].backward()
+    expected = x.grad.numpy()
+    assert np.abs(gradient - expected).max() <= 1e-5 * np.abs(expected).max()

@@ -9,7 +9,7 @@ forms that engine runs faster. ``--target cpu`` (the default) is onnxruntime's C
   ``pad_channels`` (zero channels up to a multiple of the block), ``spread_channel_scales``
   (squeeze-and-excitation scales spread by a nearest Resize);
 - after it, on the regions of the backward graph (:mod:`.cpu_backward`): ``fold_batch_norm``,
-  ``conv_adjoint``, ``max_pool_indices``, ``relu_mask``, ``hard_swish_steps``, ``silu_affine``,
+  ``conv_adjoint``, ``relu_pool_mask``, ``max_pool_indices``, ``relu_mask``, ``hard_swish_steps``, ``silu_affine``,
   ``resize_sum_scale``, ``spread_per_channel``, ``concat_split``.
 
 One setting, the block (``channel_multiple``: 16 for AVX-512, 8 for AVX2), reaches every pass.

@@ -17,6 +17,9 @@ blocked kernel puts a layout reorder on each side of itself. The passes, in orde
                          DepthToSpace) -> ConvTranspose(dY, W), followed by an
                          identity depthwise Conv into the layout (W from W' by the same in-graph ops,
                          folded at session creation: the file stores W once)
+    relu_pool_mask       MaxPool(Relu(X)), the ReLU output pooled only: Route(dP) * [Y > 0] ->
+                         Route(dP * [P > 0]), the mask at the pool's resolution (Route as in
+                         max_pool_indices below; guided only for windows that share no input)
     max_pool_indices     MaxPool: window masks and ConvTranspose -> a MaxPool that returns Indices and
                          MaxUnpool(dY, Indices) (windows that share no input) or
                          ScatterElements(0, Indices, dY, add), then an identity depthwise Conv
@@ -171,6 +174,32 @@ def _disjoint_windows(rw, node) -> bool:
     return all(s >= (k - 1) * d + 1 for k, s, d in zip(kernel, strides, dilations))
 
 
+def _route_max(rw: Rewriter, node: ir.Node, dy: ir.Value) -> ir.Value:
+    """dY of MaxPool ``node`` routed to the first maximum of each window by onnxruntime's Indices,
+    entering the blocked layout (the emitted nodes; ``rw.node`` set by the caller)."""
+    x = node.inputs[0]
+    attributes = {name: a.value for name, a in node.attributes.items()}
+    _, indices = rw.op_multi("MaxPool", x, num_outputs=2, **attributes)
+    indices.type = ir.TensorType(ir.DataType.INT64)
+    indices.shape = ir.Shape(node.outputs[0].shape)
+    if _disjoint_windows(rw, node):
+        spatial = rw.rank(x) - 2
+        dx = rw.op("MaxUnpool", dy, indices, rw.shape_of(x), kernel_shape=list(rw.attr(node, "kernel_shape")),
+                   strides=list(rw.attr(node, "strides", [1] * spatial)),
+                   pads=list(rw.attr(node, "pads", [0] * (2 * spatial))))
+    else:
+        size = rw.op("Reshape", rw.op("Size", x), rw.ints([1]))
+        zeros = rw.op("ConstantOfShape", size, value=ir.tensor(np.zeros(1, dtype=np.float32)))
+        flat = rw.op("ScatterElements", zeros, rw.op("Reshape", indices, rw.ints([-1])),
+                     rw.op("Reshape", dy, rw.ints([-1])), axis=0, reduction="add")
+        dx = rw.reshape_like(flat, x)
+    return rw.blocked(dx, x)
+
+
+def _routed(region: Region) -> bool:
+    return any(n.op_type in ("MaxUnpool", "ScatterElements") and n.graph is not None for n in region.nodes)
+
+
 def max_pool_indices(rw: Rewriter, regions: list[Region]) -> int:
     """onnxruntime's MaxPool returns the first maximum's flat index over N*C*H*W, as the portable
     masks route it. The forward MaxPool keeps its single output (a second one computes Indices):
@@ -178,26 +207,10 @@ def max_pool_indices(rw: Rewriter, regions: list[Region]) -> int:
     ops after it out of the blocked layout too."""
     done = 0
     for region in _regions(regions, "MaxPool"):
-        node = region.node
-        x = node.inputs[0]
-        dy = rw.inputs_of(region)[0]
-        rw.node = node
-        attributes = {name: a.value for name, a in node.attributes.items()}
-        _, indices = rw.op_multi("MaxPool", x, num_outputs=2, **attributes)
-        indices.type = ir.TensorType(ir.DataType.INT64)
-        indices.shape = ir.Shape(node.outputs[0].shape)
-        if _disjoint_windows(rw, node):
-            spatial = rw.rank(x) - 2
-            dx = rw.op("MaxUnpool", dy, indices, rw.shape_of(x), kernel_shape=list(rw.attr(node, "kernel_shape")),
-                       strides=list(rw.attr(node, "strides", [1] * spatial)),
-                       pads=list(rw.attr(node, "pads", [0] * (2 * spatial))))
-        else:
-            size = rw.op("Reshape", rw.op("Size", x), rw.ints([1]))
-            zeros = rw.op("ConstantOfShape", size, value=ir.tensor(np.zeros(1, dtype=np.float32)))
-            flat = rw.op("ScatterElements", zeros, rw.op("Reshape", indices, rw.ints([-1])),
-                         rw.op("Reshape", dy, rw.ints([-1])), axis=0, reduction="add")
-            dx = rw.reshape_like(flat, x)
-        rw.replace(region, [rw.blocked(dx, x)])
+        if _routed(region):  # relu_pool_mask routed it already
+            continue
+        rw.node = region.node
+        rw.replace(region, [_route_max(rw, region.node, rw.inputs_of(region)[0])])
         done += 1
     return done
 
@@ -226,8 +239,56 @@ def relu_mask(rw: Rewriter, regions: list[Region]) -> int:
         dy = rw.inputs_of(region)[0]
         rw.node = region.node
         g = rw.op("Relu", dy) if region.backprop == "guided" else dy
-        mask = rw.op("HardSigmoid", rw.channel_affine(y, channels, _HUGE), alpha=_HUGE, beta=0.0)
-        rw.replace(region, [rw.op("Mul", g, mask)])
+        rw.replace(region, [rw.op("Mul", g, _positive(rw, y, channels))])
+        done += 1
+    return done
+
+
+def _positive(rw: Rewriter, y: ir.Value, channels: int) -> ir.Value:
+    """[Y > 0] for Y >= 0 in the blocked layout (see :func:`relu_mask`)."""
+    return rw.op("HardSigmoid", rw.channel_affine(y, channels, _HUGE), alpha=_HUGE, beta=0.0)
+
+
+def _relu_into(rw: Rewriter, pool: Region, relus: list[Region]) -> Region | None:
+    """The Relu region whose output is ``pool``'s input and whose only received gradient is the
+    gradient ``pool`` returns (the pool is the ReLU output's one consumer, and that gradient is no
+    graph output: Grad-CAM keeps none at a ReLU output that is pooled)."""
+    x, dx = pool.node.inputs[0], pool.grad_inputs[0]
+    if dx is None or dx.is_graph_output() or x in rw.keep:
+        return None
+    for relu in relus:
+        if relu.node.outputs[0] is not x or rw.current(relu.grad_outputs[0]) is not rw.current(dx):
+            continue
+        inside = set(relu.nodes)
+        return relu if all(use.node in inside for use in rw.current(dx).uses()) else None
+    return None
+
+
+def relu_pool_mask(rw: Rewriter, regions: list[Region]) -> int:
+    """MaxPool(Relu(X)), the pool the ReLU output's one consumer (VGG's five pools, a ResNet's
+    stem): the ReLU's mask applied to the pool's gradient dP at the pool's resolution, before the
+    routing, instead of to the routed gradient at the ReLU's (four times as many elements for a 2x2
+    pool): dX = Route(dP * [P > 0]).
+
+    Exact: the routing sends dP[j] to the first maximum i of window j, where Y[i] = P[j], so
+    [Y[i] > 0] = [P[j] > 0], and every other element of dY is 0 either way. Guided backprop's
+    Relu(dY) commutes with the routing only where windows share no input (a sum of routed values is
+    not routed Relus), so guided takes this form only there; deconvnet (no mask) never."""
+    relus = _regions(regions, "Relu")
+    done = 0
+    for pool in _regions(regions, "MaxPool"):
+        relu = _relu_into(rw, pool, relus)
+        p = pool.node.outputs[0]
+        channels = rw.blocked_channels(p)
+        if relu is None or channels is None or relu.backprop == "deconvnet" or _routed(pool):
+            continue
+        if relu.backprop == "guided" and not _disjoint_windows(rw, pool.node):
+            continue
+        rw.node = pool.node
+        dp = rw.inputs_of(pool)[0]
+        g = rw.op("Relu", dp) if relu.backprop == "guided" else dp
+        rw.replace(pool, [_route_max(rw, pool.node, rw.op("Mul", g, _positive(rw, p, channels)))])
+        rw.replace(relu, [rw.inputs_of(relu)[0]])  # the routed gradient is the ReLU input's already
         done += 1
     return done
 
@@ -351,5 +412,5 @@ def concat_split(rw: Rewriter, regions: list[Region]) -> int:
 
 
 #: The CPU lowering's backward passes, in the order they run.
-PASSES = (fold_batch_norm, conv_adjoint, max_pool_indices, relu_mask, hard_swish_steps, silu_affine,
+PASSES = (fold_batch_norm, conv_adjoint, relu_pool_mask, max_pool_indices, relu_mask, hard_swish_steps, silu_affine,
           resize_sum_scale, spread_per_channel, concat_split)
