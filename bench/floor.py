@@ -187,7 +187,8 @@ def render(rows: list[dict], meta: dict) -> str:
     lines = [
         f"Measured by `python bench/floor.py` ({meta['date']}, {meta['machine']}, {rows[0]['threads']} threads, "
         f"medians of interleaved rounds{'; ' + meta['note'] if meta.get('note') else ''}). The floor graph is gradmap's graph with every activation's rule cut "
-        "to one product and every max pool's routing to one nearest Resize (wrong gradients, the least "
+        "to one product and every max pool's routing to one nearest Resize (a ReLU that only a max pool "
+        "reads: its product at the pool's resolution, before the Resize; wrong gradients, the least "
         "any exact graph of standard ops must do there; see the script's docstring; its subnormal floats "
         "flushed to zero). Per round: gradmap ÷ floor of the two runs side by side in each round, quartiles "
         "over the rounds. Target: gradmap ≤ 1.10 × floor.",
