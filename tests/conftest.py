@@ -3,6 +3,7 @@ it themselves with ``pytest.importorskip``."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,20 @@ LINEAR_MODEL = FIXTURES / "linear_gradmap.onnx"
 PLAIN_MODEL = FIXTURES / "plain_linear.onnx"
 WRONG_INTERFACE_MODEL = FIXTURES / "wrong_interface.onnx"
 PHOTO_NAMES = ("chelsea", "coffee", "astronaut", "rocket")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_folder(tmp_path_factory):
+    """gradmap's session cache (gradmap/runtime/_session_cache.py) in a folder of this test session,
+    for the tests and the processes they start: nothing is written to the user's cache, and every
+    later load of a model file goes through the cache's read path."""
+    saved = os.environ.get("GRADMAP_CACHE_DIR")
+    os.environ["GRADMAP_CACHE_DIR"] = str(tmp_path_factory.mktemp("gradmap-session-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("GRADMAP_CACHE_DIR", None)
+    else:
+        os.environ["GRADMAP_CACHE_DIR"] = saved
 
 
 def assert_close(actual: np.ndarray, expected: np.ndarray, atol: float, what: str) -> None:

@@ -220,7 +220,8 @@ def test_names_have_one_source_in_the_contract():
 
 
 def test_the_runtime_reaches_onnxruntime_only_through_saliency_model():
-    """model.py is the one module that creates or runs onnxruntime sessions."""
+    """model.py is the one module that creates or runs onnxruntime sessions (with _session_cache.py,
+    which creates SaliencyModel's session through the cache of optimized graphs)."""
     import re
     from pathlib import Path
 
@@ -228,7 +229,7 @@ def test_the_runtime_reaches_onnxruntime_only_through_saliency_model():
 
     offenders = []
     for path in sorted(Path(gradmap.runtime.__file__).parent.glob("*.py")):
-        if path.name == "model.py":
+        if path.name in ("model.py", "_session_cache.py"):
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if re.search(r"import onnxruntime|InferenceSession|session\.run\(|\.session\b", line):

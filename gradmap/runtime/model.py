@@ -26,6 +26,7 @@ from gradmap.contract import (
     ModelMetadata,
 )
 from gradmap.runtime._onnx_header import OnnxHeader, ProtobufError, read_external_data, read_onnx_header
+from gradmap.runtime._session_cache import cached_session
 from gradmap.runtime.errors import GradmapModelError
 from gradmap.runtime.postprocess import softmax
 
@@ -210,6 +211,9 @@ class SaliencyModel:
         path: the ``.onnx`` file written by ``gradmap export``.
         provider: see :func:`resolve_providers`.
         threads: onnxruntime intra-op threads; ``None`` or 0 lets onnxruntime choose.
+        cache_dir: where onnxruntime's optimized graph of the model is kept for later sessions
+            (:mod:`gradmap.runtime._session_cache`): ``None`` for ``$GRADMAP_CACHE_DIR`` or the
+            user's cache folder, a folder, or False for no cache.
 
     Raises:
         GradmapModelError: the file is missing, not ONNX, too new for the installed onnxruntime, points
@@ -225,7 +229,7 @@ class SaliencyModel:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, provider: str | Sequence[str] = "auto",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, cache_dir: str | os.PathLike[str] | bool | None = None) -> None:
         self.path = os.fspath(path)
         if not os.path.exists(self.path):
             raise GradmapModelError(self.path, "no such file")
@@ -237,8 +241,9 @@ class SaliencyModel:
         check_external_data(self.path)
         providers = resolve_providers(provider)
         try:
-            self.session = ort.InferenceSession(self.path, sess_options=session_options(threads),
-                                                providers=providers)
+            #: What the session cache did: read, written, unwritable or off.
+            self.session, self.cache_state = cached_session(self.path, session_options(threads), providers,
+                                                            cache_dir)
         except Exception as e:  # onnxruntime raises its own pybind exception types
             raise GradmapModelError(self.path, _load_failure(str(e), self.header)) from e
         if providers[0] == CUDA and CUDA not in self.session.get_providers():
