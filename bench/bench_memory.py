@@ -14,6 +14,11 @@ Three measurements, each side a fresh process:
    three times on a random batch, and its RSS after loading (imports, weights, session): the plain
    forward export on onnxruntime, gradmap's gradient model through its runtime, and PyTorch eager
    autograd of the same saliency.
+   gradmap's session cache (gradmap/runtime/_session_cache.py) is measured in its three states, each
+   run with its own cache folder: a model's first run on a machine (the cache only marks the model;
+   the figures the targets are checked against), its second run (which saves onnxruntime's
+   optimized graph) and later runs (which read it); the folder workload first and later runs.
+   The working sets and the long run below run with the cache off.
 3. No growth: ``gradmap run`` over ``--long`` pictures (the four photographs, repeated as
    hard links), its RSS sampled from /proc every 0.25 s.
 
@@ -34,11 +39,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+SECOND_RUN = "gradmap run, second run (saves the cache entry)"
+LATER_RUNS = "gradmap run, later runs (cache entry read)"
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of ``cmd`` under /usr/bin/time -v."""
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+def timed(cmd: list[str], cache: Path | str | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB) of ``cmd`` under /usr/bin/time -v; ``cache``: its
+    GRADMAP_CACHE_DIR (gradmap's session cache; None: as this process has it)."""
+    env = None if cache is None else {**os.environ, "GRADMAP_CACHE_DIR": str(cache)}
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", proc.stderr)
@@ -106,7 +115,8 @@ def working_sets(model_name: str, gradient: Path, forward: Path, threads: int) -
         row = {"batch": batch}
         for kind, model in (("forward", str(forward)), ("gradmap", str(gradient)), ("torch", model_name)):
             out = subprocess.run([sys.executable, __file__, "--child", kind, model, str(batch), str(threads)],
-                                 check=True, capture_output=True, text=True).stdout
+                                 check=True, capture_output=True, text=True,
+                                 env={**os.environ, "GRADMAP_CACHE_DIR": "off"}).stdout
             row[kind] = json.loads(out.strip().splitlines()[-1])
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -117,7 +127,8 @@ def long_run(gradmap: list[str], model: Path, folder: Path, out: Path, threads: 
     """RSS of one ``gradmap run`` over ``folder``, sampled every 0.25 s."""
     proc = subprocess.Popen([*gradmap, "run", str(model), str(folder), "--out", str(out), "--format", "heatmap",
                              "--batch-size", "8", "--threads", threads],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "GRADMAP_CACHE_DIR": "off"})
     samples = []
     start = time.perf_counter()
     while proc.poll() is None:
@@ -183,13 +194,26 @@ def main() -> int:
     if args.folder:
         workloads[f"{args.folder} photographs, batch 8"] = (folder, "recipe")
     summary: dict = {}
+    def gradmap_run(source: Path, out: Path, cache: Path | str) -> tuple[float, float]:
+        return timed([*gradmap, "run", str(model), str(source), "--out", str(out), "--format", "heatmap",
+                      "--batch-size", "8", "--threads", threads], cache)
+
+    warm = work / "cache-warm"  # read by the "later runs" rows: the model's first two runs made its entry
+    for i in range(2):
+        gradmap_run(picture, work / f"warm{i}", warm)
     for workload, (source, recipe_out) in workloads.items():
-        rows = {"gradmap run": [], "PyTorch recipe": []}
+        names = ["gradmap run", SECOND_RUN, LATER_RUNS, "PyTorch recipe"] if not summary else \
+            ["gradmap run", LATER_RUNS, "PyTorch recipe"]  # the second run's saving is the one map's
+        rows = {name: [] for name in names}
         for i in range(args.repeat):
             out = work / f"out{len(summary)}_{i}"
-            rows["gradmap run"].append(timed([*gradmap, "run", str(model), str(source), "--out", str(out),
-                                              "--format", "heatmap", "--batch-size", "8", "--threads", threads]))
+            rows["gradmap run"].append(gradmap_run(source, out, work / f"cache-first-{len(summary)}-{i}"))
             rows["PyTorch recipe"].append(timed([*recipe, str(source), str(out / recipe_out), "8"]))
+            if SECOND_RUN in rows:
+                marked = work / f"cache-second-{i}"
+                gradmap_run(picture, work / f"mark{i}", marked)
+                rows[SECOND_RUN].append(gradmap_run(source, work / f"out_second{i}", marked))
+            rows[LATER_RUNS].append(gradmap_run(source, work / f"out_later{len(summary)}_{i}", warm))
         summary[workload] = {name: {"wall_s": statistics.median(r[0] for r in runs),
                                     "peak_rss_mb": statistics.median(r[1] for r in runs), "runs": runs}
                              for name, runs in rows.items()}
@@ -204,19 +228,21 @@ def main() -> int:
         print(json.dumps({k: v for k, v in long.items() if k != "samples"}), flush=True)
     lines = [f"{args.model}, random weights, {threads} threads, fresh process each, medians of {args.repeat} "
              f"(`python bench/bench_memory.py`{'; ' + args.note if args.note else ''}); wall time from process "
-             "start to the last map written:", "",
+             "start to the last map written. \"gradmap run\": a model's first run on a machine; its second run "
+             "saves onnxruntime's optimized graph in gradmap's session cache, which later runs read:", "",
              "| work | | wall time | peak RSS | gradmap ÷ recipe: time (target ≤ 0.33) | memory (target ≤ 0.50) |",
              "|---|---|---|---|---|---|"]
     for workload, sides in summary.items():
-        g, r = sides["gradmap run"], sides["PyTorch recipe"]
+        r = sides["PyTorch recipe"]
         for name, s in sides.items():
-            ratios = (f"{g['wall_s'] / r['wall_s']:.2f} | {g['peak_rss_mb'] / r['peak_rss_mb']:.2f}"
-                      if name == "gradmap run" else " | ")
+            ratios = (f"{s['wall_s'] / r['wall_s']:.2f} | {s['peak_rss_mb'] / r['peak_rss_mb']:.2f}"
+                      if name != "PyTorch recipe" else " | ")
             lines.append(f"| {workload} | {name} | {s['wall_s']:.2f} s | {s['peak_rss_mb']:.0f} MB | {ratios} |")
     per = None
     if len(summary) == 2:  # the folder's time beyond the first map: what each further picture costs
         (one, folder_sides) = summary.values()
-        per = {name: (folder_sides[name]["wall_s"] - one[name]["wall_s"]) / (args.folder - 1) for name in one}
+        per = {name: (folder_sides[name]["wall_s"] - one[name]["wall_s"]) / (args.folder - 1)
+               for name in ("gradmap run", "PyTorch recipe")}
         lines += ["", f"Each further picture of the folder (the folder's wall time minus the one map's, over "
                   f"{args.folder - 1}): gradmap run {1000 * per['gradmap run']:.0f} ms, PyTorch recipe "
                   f"{1000 * per['PyTorch recipe']:.0f} ms ({per['gradmap run'] / per['PyTorch recipe']:.2f})."]
