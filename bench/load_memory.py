@@ -1,0 +1,160 @@
+"""What creating onnxruntime's session of a gradient model costs, and what changes it.
+
+    python bench/load_memory.py [--model resnet50] [--repeat 3] [--threads 2]
+    python bench/load_memory.py --readme-only
+
+A model's first run spends most of its time and its memory peak creating the session: onnxruntime
+parses the file, folds the adjoint kernels out of the forward weights and rewrites the graph into
+its blocked CPU layout. Each variant below runs in a fresh process that imports gradmap's runtime,
+creates the session (timed), runs one random picture, and reports its RSS after loading and its peak
+RSS (``ru_maxrss``); medians of ``--repeat`` processes:
+
+    defaults                   gradmap's session options (``gradmap.runtime.model.session_options``)
+    no prepacking              + ``session.disable_prepacking``
+    initializers off the arena + ``session.use_device_allocator_for_initializers``
+    no arena                   + ``enable_cpu_mem_arena = False``
+    freed memory returned      glibc returning every freed block over 128 kB at once
+                               (``MALLOC_MMAP_THRESHOLD_=131072`` in the process's environment)
+    session cache entry read   ``SaliencyModel`` reading the entry its earlier sessions saved
+                               (gradmap/runtime/_session_cache.py)
+
+Random weights (``gradmap export MODEL --weights none``). Writes bench/results/load_memory.json and
+README's table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "load_memory.json"
+VARIANTS = {
+    "defaults": ({}, {}),
+    "no prepacking": ({"session.disable_prepacking": "1"}, {}),
+    "initializers off the arena": ({"session.use_device_allocator_for_initializers": "1"}, {}),
+    "no arena": ({"arena": "0"}, {}),
+    "freed memory returned": ({}, {"MALLOC_MMAP_THRESHOLD_": "131072"}),
+    "session cache entry read": ({"cache": "1"}, {}),
+}
+
+
+def _child(variant: str, model: str, threads: int, cache: str) -> None:
+    import resource
+    import time
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from gradmap.runtime import SaliencyModel
+    from gradmap.runtime.model import session_options
+
+    def rss_mb() -> float:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+    imported = rss_mb()
+    config, _ = VARIANTS[variant]
+    start = time.perf_counter()
+    if config.get("cache"):
+        loaded = SaliencyModel(model, provider="cpu", threads=threads, cache_dir=cache)
+        if loaded.cache_state != "read":
+            raise SystemExit(f"the cache entry was not read ({loaded.cache_state})")
+        session = loaded.session
+    else:
+        options = session_options(threads)
+        for key, value in config.items():
+            if key == "arena":
+                options.enable_cpu_mem_arena = value == "1"
+            else:
+                options.add_session_config_entry(key, value)
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    load_s = time.perf_counter() - start
+    after_load = rss_mb()
+    image = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
+    start = time.perf_counter()
+    session.run(["logits", "gradient"], {"image": image, "target": np.asarray([-1], dtype=np.int64)})
+    run_s = time.perf_counter() - start
+    print(json.dumps({"imports_mb": imported, "load_s": load_s, "loaded_mb": after_load, "first_run_s": run_s,
+                      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def render(data: dict) -> str:
+    rows = data["rows"]
+    base = rows["defaults"]
+    lines = [f"`python bench/load_memory.py` ({data['date']}, {data['model']}, random weights, {data['threads']} threads, "
+             f"onnxruntime {data['onnxruntime']}; medians of {data['repeat']} fresh processes, each importing gradmap's "
+             "runtime, creating the session, then running one picture): what creating the session costs, and what "
+             "changes it.", "",
+             "| session | creating it | RSS after it | first run | peak RSS | peak ÷ defaults |",
+             "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['load_s']:.2f} s | {r['loaded_mb']:.0f} MB | {r['first_run_s']:.2f} s | "
+                     f"{r['peak_mb']:.0f} MB | {r['peak_mb'] / base['peak_mb']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        _child(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--python", default=sys.executable,
+                        help="the interpreter of the children (a venv of the slim install, say)")
+    parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument("--readme-only", action="store_true")
+    args = parser.parse_args()
+    if args.readme_only:
+        _write_readme(render(json.loads(RESULTS.read_text())))
+        return 0
+    import datetime
+
+    import onnxruntime
+
+    work = Path(tempfile.mkdtemp(prefix="gradmap-load-"))
+    model = work / f"{args.model}.onnx"
+    subprocess.run([sys.executable, "-m", "gradmap.cli", "export", args.model, "--weights", "none", "-o", str(model)],
+                   check=True, capture_output=True)
+    cache = work / "cache"
+    for _ in range(2):  # the model's first session marks it, the second saves the entry the variant reads
+        subprocess.run([args.python, "-c", "import sys; from gradmap.runtime import SaliencyModel; "
+                        "SaliencyModel(sys.argv[1], provider='cpu', cache_dir=sys.argv[2])", str(model), str(cache)],
+                       check=True)
+    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    for _ in range(args.repeat):
+        for name, (_, env) in VARIANTS.items():  # in turn, so that load drifts hit every variant alike
+            out = subprocess.run([args.python, __file__, "--child", name, str(model), str(args.threads), str(cache)],
+                                 check=True, capture_output=True, text=True, env={**os.environ, **env,
+                                                                                  "GRADMAP_CACHE_DIR": "off"}).stdout
+            runs[name].append(json.loads(out.strip().splitlines()[-1]))
+            print(name, runs[name][-1], flush=True)
+    rows = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
+    data = {"date": datetime.date.today().isoformat(), "model": args.model, "threads": args.threads,
+            "repeat": args.repeat, "onnxruntime": onnxruntime.__version__, "rows": rows, "runs": runs}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(data, indent=1) + "\n")
+    table = render(data)
+    print(table)
+    if not args.no_readme:
+        _write_readme(table)
+    return 0
+
+
+def _write_readme(table: str) -> None:
+    sys.path.insert(0, str(ROOT / "tools"))
+    from update_readme import README, replace_section
+
+    README.write_text(replace_section(README.read_text(), "load-memory", table))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
