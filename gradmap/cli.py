@@ -82,11 +82,11 @@ def _split_formats(ctx: click.Context, param: click.Parameter, values: tuple[str
     return tuple(dict.fromkeys(formats)) or contract.DEFAULT_OUTPUT_FORMATS
 
 
-def _load_model(path: str, provider: str, threads: int | None):
+def _load_model(path: str, provider: str, threads: int | None, cache: bool = True):
     from gradmap.runtime import GradmapModelError, SaliencyModel
 
     try:
-        return SaliencyModel(path, provider=provider, threads=threads)
+        return SaliencyModel(path, provider=provider, threads=threads, cache_dir=None if cache else False)
     except GradmapModelError as e:
         raise click.ClickException(str(e)) from e
     except ValueError as e:  # provider not available
@@ -469,7 +469,7 @@ def info_command(model_path: str, as_json: bool) -> None:
 
     import onnxruntime
 
-    model = _load_model(model_path, "cpu", 1)
+    model = _load_model(model_path, "cpu", 1, cache=False)  # a look at a model saves no session for it
     meta = model.metadata
     info = {
         "path": model_path,
@@ -512,6 +512,47 @@ def info_command(model_path: str, as_json: bool) -> None:
         for t in info[kind]:
             click.echo(f"  {t['name']:<16} {t['type']:<16} {t['shape']}")
     click.echo("providers:      " + ", ".join(info["available_providers"]))
+
+
+@main.group("cache")
+def cache_group() -> None:
+    """onnxruntime's optimized graphs that later runs of a model load (the session cache).
+
+    A model's second run on this machine saves one; runs after it load it instead of optimizing the
+    model again. Kept under $GRADMAP_CACHE_DIR, else $XDG_CACHE_HOME/gradmap/onnxruntime, else
+    ~/.cache/gradmap/onnxruntime; GRADMAP_CACHE_DIR=off turns the cache off.
+    """
+
+
+@cache_group.command("list")
+def cache_list_command() -> None:
+    """List the entries: the model file each was made from, and its size."""
+    from gradmap.runtime._session_cache import cache_root, list_entries
+
+    root = cache_root()
+    if root is None:
+        click.echo("the session cache is off (GRADMAP_CACHE_DIR)")
+        return
+    entries = list_entries(root)
+    for entry in entries:
+        state = "  (model file gone)" if entry["model"] and not entry["model_exists"] else ""
+        click.echo(f"{entry['bytes'] / 1e6:9.1f} MB  {entry['model'] or '(model not recorded)'}{state}")
+    total = sum(e["bytes"] for e in entries)
+    click.echo(f"{len(entries)} entries, {total / 1e6:.1f} MB in {root}")
+
+
+@cache_group.command("clear")
+@click.option("--stale", is_flag=True, help="Only the entries whose model file is gone.")
+def cache_clear_command(stale: bool) -> None:
+    """Remove the entries (runs then optimize their models again)."""
+    from gradmap.runtime._session_cache import cache_root, clear_entries
+
+    root = cache_root()
+    if root is None:
+        click.echo("the session cache is off (GRADMAP_CACHE_DIR)")
+        return
+    removed, freed = clear_entries(root, stale_only=stale)
+    click.echo(f"removed {removed} entries, {freed / 1e6:.1f} MB, from {root}")
 
 
 @main.command("web")

@@ -133,3 +133,43 @@ def test_the_cache_folder_comes_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_root() == tmp_path / "xdg" / "gradmap" / "onnxruntime"
     assert cache_root(False) is None and cache_root(tmp_path) == tmp_path
+
+
+def test_entries_name_their_model_and_go_with_it(model_file, tmp_path):
+    from gradmap.runtime._session_cache import clear_entries, list_entries
+
+    cache = tmp_path / "cache"
+    _cached(model_file, cache)
+    (entry,) = list_entries(cache)
+    assert entry["model"] == os.path.realpath(model_file) and entry["model_exists"] and entry["bytes"] > 1e6
+    assert clear_entries(cache, stale_only=True) == (0, 0)
+    other = tmp_path / "other" / "shapes.onnx"
+    other.parent.mkdir()
+    shutil.copyfile(DEMO, other)
+    model_file.unlink()  # the first model is deleted: the next entry written takes its entry along
+    _cached(other, cache)
+    assert [e["model"] for e in list_entries(cache)] == [os.path.realpath(other)]
+    other.unlink()
+    removed, freed = clear_entries(cache, stale_only=True)
+    assert removed == 1 and freed > 1e6 and list_entries(cache) == []
+
+
+def test_the_cache_commands_list_and_clear(model_file, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from gradmap.cli import main
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    runner = CliRunner()
+    info = runner.invoke(main, ["info", str(model_file)])
+    assert info.exit_code == 0, info.output
+    assert not cache.exists() or not any(cache.iterdir()), "gradmap info saves nothing in the cache"
+    _cached(model_file, cache)
+    listed = runner.invoke(main, ["cache", "list"])
+    assert listed.exit_code == 0 and os.path.realpath(model_file) in listed.output and "1 entries" in listed.output
+    cleared = runner.invoke(main, ["cache", "clear"])
+    assert cleared.exit_code == 0 and "removed 1 entries" in cleared.output
+    assert list(cache.iterdir()) == []
+    monkeypatch.setenv(CACHE_ENV, "off")
+    assert "off" in runner.invoke(main, ["cache", "list"]).output

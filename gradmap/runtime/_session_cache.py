@@ -14,7 +14,9 @@ one-off command) pays nothing for an entry it would never read.
 The optimized graph is specific to the onnxruntime version and the CPU (its blocked layout has 16
 channels with AVX-512, 8 with AVX2), so both are part of an entry's key, with the model file's
 path, size, modification and change times, inode and device: a re-exported model gets a new entry, and the entries of
-the same path under older keys are removed when it is written. CPU sessions only; a GPU provider's
+the same path under older keys, and those whose model file is gone, are removed when it is written
+(each entry records its model file; ``gradmap cache list`` and ``gradmap cache clear`` show and remove
+them). CPU sessions only; a GPU provider's
 optimized graph is not cached.
 
 Where: ``$GRADMAP_CACHE_DIR``, else ``$XDG_CACHE_HOME/gradmap/onnxruntime``, else
@@ -37,13 +39,13 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-__all__ = ["CACHE_ENV", "cache_root", "cached_session"]
+__all__ = ["CACHE_ENV", "cache_root", "cached_session", "clear_entries", "list_entries"]
 
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "GRADMAP_CACHE_DIR"
 _FORMAT = 1  # bump when what an entry holds changes
-_MODEL, _DATA = "model.onnx", "model.data"
+_MODEL, _DATA, _SOURCE = "model.onnx", "model.data", "source.json"
 _OFF = ("off", "0", "false", "no", "none", "")
 
 
@@ -127,6 +129,7 @@ def cached_session(path: str, options: ort.SessionOptions, providers: list[str],
     write_options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     try:
         session = ort.InferenceSession(path, write_options, providers=providers)
+        (staging / _SOURCE).write_text(json.dumps({"model": os.path.realpath(path), "onnxruntime": ort.__version__}))
     except Exception as e:  # noqa: BLE001 - saving failed (disk full?) or the model does not load: tell them apart
         shutil.rmtree(staging, ignore_errors=True)
         logger.debug("gradmap cache: saving the optimized graph failed (%s)", e)
@@ -139,11 +142,48 @@ def cached_session(path: str, options: ort.SessionOptions, providers: list[str],
     mark.unlink(missing_ok=True)
     for old in [*root.glob(f"{prefix}-*"), *root.glob(f".{prefix}-*.seen")]:  # the path's older keys
         if name not in old.name:
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
+            _remove(old)
+    clear_entries(root, stale_only=True)  # and the entries of model files that are gone
     return session, "written"
+
+
+def list_entries(root: Path | None) -> list[dict]:
+    """The entries under ``root``: folder, model file it was made from (None if unrecorded),
+    whether that file still exists, and bytes on disk."""
+    if root is None or not root.is_dir():
+        return []
+    entries = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            model = json.loads((folder / _SOURCE).read_text()).get("model")
+        except (OSError, ValueError):
+            model = None
+        size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        entries.append({"entry": str(folder), "model": model, "model_exists": bool(model) and os.path.isfile(model),
+                        "bytes": size})
+    return entries
+
+
+def clear_entries(root: Path | None, *, stale_only: bool = False) -> tuple[int, int]:
+    """Remove the entries under ``root`` (``stale_only``: those whose model file is gone) and, when
+    clearing all, the marks and staging folders too; returns (entries removed, bytes freed)."""
+    removed = freed = 0
+    for entry in list_entries(root):
+        if stale_only and (entry["model"] is None or entry["model_exists"]):
+            continue
+        _remove(Path(entry["entry"]))
+        removed, freed = removed + 1, freed + entry["bytes"]
+    if not stale_only and root is not None and root.is_dir():
+        for hidden in root.glob(".*"):
+            _remove(hidden)
+    return removed, freed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _copy(options: ort.SessionOptions) -> ort.SessionOptions:
