@@ -173,3 +173,22 @@ def test_the_cache_commands_list_and_clear(model_file, tmp_path, monkeypatch):
     assert list(cache.iterdir()) == []
     monkeypatch.setenv(CACHE_ENV, "off")
     assert "off" in runner.invoke(main, ["cache", "list"]).output
+
+
+def test_a_rewritten_external_data_file_gets_a_new_entry(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    folder = tmp_path / "external"
+    folder.mkdir()
+    model_file = folder / "shapes.onnx"
+    proto = onnx.load(str(DEMO))
+    onnx.save_model(proto, str(model_file), save_as_external_data=True, location="shapes.onnx.data", size_threshold=1024)
+    cache = tmp_path / "cache"
+    before = _outputs(_cached(model_file, cache))
+    data = folder / "shapes.onnx.data"
+    weights = bytearray(data.read_bytes())
+    weights[:4096] = bytes(4096)  # other weights, the same size, the .onnx file untouched
+    data.write_bytes(bytes(weights))
+    assert SaliencyModel(model_file, provider="cpu", cache_dir=cache).cache_state == "marked"
+    after = _outputs(SaliencyModel(model_file, provider="cpu", cache_dir=False))
+    assert not np.array_equal(after["gradient"], before["gradient"]), "the changed weights change nothing"
+    np.testing.assert_array_equal(_outputs(_cached(model_file, cache))["gradient"], after["gradient"])

@@ -13,7 +13,8 @@ one-off command) pays nothing for an entry it would never read.
 
 The optimized graph is specific to the onnxruntime version and the CPU (its blocked layout has 16
 channels with AVX-512, 8 with AVX2), so both are part of an entry's key, with the model file's
-path, size, modification and change times, inode and device: a re-exported model gets a new entry, and the entries of
+path, size, modification and change times, inode and device (and those of its external data
+files): a re-exported model gets a new entry, and the entries of
 the same path under older keys, and those whose model file is gone, are removed when it is written
 (each entry records its model file; ``gradmap cache list`` and ``gradmap cache clear`` show and remove
 them). CPU sessions only; a GPU provider's
@@ -75,23 +76,30 @@ def _cpu_signature() -> str:
     return f"{platform.machine()} {platform.processor()}"
 
 
-def _entry_name(path: str, options: ort.SessionOptions) -> tuple[str, str]:
-    """(the model path's prefix, the entry's folder name) for ``path`` under these options."""
-    real = os.path.realpath(path)
-    stat = os.stat(real)
-    prefix = hashlib.sha256(real.encode()).hexdigest()[:16]
+def _file_key(path: str) -> dict:
     # ctime changes with every write and cannot be set back (a copy that keeps mtime still gets a new one)
-    key = json.dumps({"format": _FORMAT, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                      "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino, "device": stat.st_dev,
+    stat = os.stat(path)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino,
+            "device": stat.st_dev}
+
+
+def _entry_name(path: str, options: ort.SessionOptions, data_files: list[str]) -> tuple[str, str]:
+    """(the model path's prefix, the entry's folder name) for ``path`` (and its external data
+    files) under these options."""
+    real = os.path.realpath(path)
+    prefix = hashlib.sha256(real.encode()).hexdigest()[:16]
+    key = json.dumps({"format": _FORMAT, "model": _file_key(real),
+                      "data": {os.path.basename(f): _file_key(f) for f in sorted(data_files)},
                       "onnxruntime": ort.__version__, "cpu": _cpu_signature(),
                       "level": int(options.graph_optimization_level)}, sort_keys=True)
     return prefix, f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
 
 
 def cached_session(path: str, options: ort.SessionOptions, providers: list[str],
-                   cache_dir: str | os.PathLike[str] | bool | None = None) -> tuple[ort.InferenceSession, str]:
+                   cache_dir: str | os.PathLike[str] | bool | None = None, *,
+                   data_files: list[str] = ()) -> tuple[ort.InferenceSession, str]:
     """An onnxruntime session of ``path`` through the cache; returns it and what the cache did:
-    ``read`` (an entry loaded), ``marked`` (the model's first session here: a mark left, no entry),
+    ``data_files``: the model's external data files, part of the key. ``read`` (an entry loaded), ``marked`` (the model's first session here: a mark left, no entry),
     ``written`` (an entry saved), ``off`` (no cache for this session) or ``unwritable`` (the mark or
     entry could not be saved; the session is the plain one).
 
@@ -100,7 +108,7 @@ def cached_session(path: str, options: ort.SessionOptions, providers: list[str],
     root = cache_root(cache_dir)
     if root is None or providers != ["CPUExecutionProvider"]:
         return ort.InferenceSession(path, options, providers=providers), "off"
-    prefix, name = _entry_name(path, options)
+    prefix, name = _entry_name(path, options, list(data_files))
     entry = root / name
     if (entry / _MODEL).is_file():
         read_options = _copy(options)

@@ -148,7 +148,7 @@ def _check_interface(session: ort.InferenceSession, metadata: ModelMetadata) -> 
     return problems
 
 
-def check_external_data(path: str) -> None:
+def check_external_data(path: str) -> list[str]:
     """Refuse a model whose tensors point to external data outside the model's folder.
 
     ONNX stores large tensors in side files named by a ``location`` relative to the model. An
@@ -156,6 +156,8 @@ def check_external_data(path: str) -> None:
     and onnxruntime would read that file into a weight (whose values then show through the logits and
     gradients). So every location must be relative, free of ``..``, resolve (symlinks followed) inside
     the model's folder and be a regular file -- checked here, before onnxruntime opens the model.
+
+    Returns the external data files (resolved paths, each once).
 
     Raises:
         GradmapModelError: naming the tensor, its location and what is wrong.
@@ -166,6 +168,7 @@ def check_external_data(path: str) -> None:
         raise GradmapModelError(path, f"not an ONNX model (unparseable: {e})") from e
     folder = os.path.dirname(os.path.abspath(path))
     real_folder = os.path.realpath(folder)
+    files: list[str] = []
     for tensor in tensors:
         location = tensor.location
         what = f"external data of tensor {tensor.name!r}"
@@ -186,6 +189,9 @@ def check_external_data(path: str) -> None:
             raise GradmapModelError(path, f"{what}: file {location!r} is missing from the model's folder"
                                     if not os.path.exists(target) else
                                     f"refusing {what}: {location!r} is not a regular file")
+        if target not in files:
+            files.append(target)
+    return files
 
 
 def _load_failure(message: str, header: OnnxHeader) -> str:
@@ -238,12 +244,12 @@ class SaliencyModel:
         if threads is not None and threads < 0:
             raise ValueError(f"threads must be >= 0, got {threads}")
         self.header: OnnxHeader = self._read_header()
-        check_external_data(self.path)
+        data_files = check_external_data(self.path)
         providers = resolve_providers(provider)
         try:
             #: What the session cache did: read, written, unwritable or off.
             self.session, self.cache_state = cached_session(self.path, session_options(threads), providers,
-                                                            cache_dir)
+                                                            cache_dir, data_files=data_files)
         except Exception as e:  # onnxruntime raises its own pybind exception types
             raise GradmapModelError(self.path, _load_failure(str(e), self.header)) from e
         if providers[0] == CUDA and CUDA not in self.session.get_providers():
