@@ -45,10 +45,14 @@ def main() -> None:
               help="--target cpu: pad feature maps with zero channels to a multiple of this: exact, and "
                    "onnxruntime's CPU provider keeps them in its blocked layout (blocks of 16 with AVX-512, "
                    "the default; 8 with AVX2). 0: no padding.")
+@click.option("--external-data", is_flag=True,
+              help="Write the weights to OUTPUT.data beside OUTPUT: onnxruntime maps that file into memory "
+                   "instead of parsing the weights out of the model, so creating a session peaks lower "
+                   "(resnet50: about 40 MB). Keep the two files together; gradmap web needs a single file.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check against torch autograd (not recommended).")
 def export_command(model_name: str, output: str, weights: str, score: str, seed: int, opset: int,
                    backprops: tuple[str, ...], cam_layer: str | None, engine_target: str,
-                   channel_multiple: int | None, no_verify: bool) -> None:
+                   channel_multiple: int | None, external_data: bool, no_verify: bool) -> None:
     """Export MODEL to an ONNX model with an input-gradient output.
 
     MODEL is a torchvision classifier name (resnet50), timm:NAME (any timm.list_models() name, pretrained
@@ -64,7 +68,8 @@ def export_command(model_name: str, output: str, weights: str, score: str, seed:
     try:
         report = export_named_model(model_name, output, weights=weights, score=score, seed=seed,
                                     opset=opset, verify=not no_verify, backprops=("vanilla", *backprops),
-                                    cam_layer=cam_layer, target=engine_target, channel_multiple=channel_multiple)
+                                    cam_layer=cam_layer, target=engine_target, channel_multiple=channel_multiple,
+                                    external_data=external_data)
     except ExportError as e:
         raise click.ClickException(str(e)) from e
     click.echo(report.summary())

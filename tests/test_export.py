@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +153,33 @@ def test_cli_export_writes_a_checked_model(tmp_path):
     assert result.exit_code == 0, result.output
     assert "parity with torch" in result.output and out.exists()
     assert not list(tmp_path.glob("*.tmp")), "temporary file left behind"
+
+
+def test_external_data_export_gives_the_same_outputs(tmp_path):
+    """--external-data: the weights go to NAME.data beside the model (a relative location, so the two
+    files move together), the runtime reads the pair, and the outputs are those of the single file."""
+    single, split = tmp_path / "one" / "squeeze.onnx", tmp_path / "two" / "squeeze.onnx"
+    for out, flags in ((single, []), (split, ["--external-data"])):
+        result = CliRunner().invoke(main, ["export", "squeezenet1_1", "--weights", "none", "-o", str(out), *flags])
+        assert result.exit_code == 0, result.output
+    assert f"and its weights {split}.data" in result.output
+    assert sorted(p.name for p in split.parent.iterdir()) == ["squeeze.onnx", "squeeze.onnx.data"], "leftovers"
+    # squeezenet1_1: 4.9 MB of weights; the model keeps its graph, metadata and 1000 labels
+    assert split.stat().st_size < 1_000_000 < 4_000_000 < (split.parent / "squeeze.onnx.data").stat().st_size
+    moved = tmp_path / "moved"
+    (tmp_path / "two").rename(moved)
+    from gradmap.runtime import SaliencyModel
+
+    from gradmap.runtime.model import check_external_data
+
+    assert check_external_data(str(moved / "squeeze.onnx")) == [os.path.realpath(moved / "squeeze.onnx.data")]
+    image = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    target = np.array([1, 7], dtype=np.int64)
+    outputs = [_session(p).run(None, {"image": image, "target": target}) for p in (single, moved / "squeeze.onnx")]
+    for a, b in zip(*outputs):
+        np.testing.assert_array_equal(a, b)
+    model = SaliencyModel(moved / "squeeze.onnx", threads=1)
+    assert model.metadata.source_model == "torchvision.models.squeezenet1_1"
 
 
 def test_cli_unknown_model_suggests_close_names(tmp_path):

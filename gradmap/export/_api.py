@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -45,10 +46,12 @@ class ExportReport:
     gradient_error: float | None = None
     seconds: float = 0.0
     op_types: dict[str, int] = field(default_factory=dict)
+    data_path: Path | None = None  # the weights' file beside ``path`` (``external_data=True``)
 
     def summary(self) -> str:
+        wrote = f"wrote {self.path}" + (f" and its weights {self.data_path}" if self.data_path else "")
         lines = [
-            f"wrote {self.path}" if self.path else "model built (not written)",
+            wrote if self.path else "model built (not written)",
             f"  model {self.source_model}, weights {self.weights}, score {self.score}, target {self.target}",
             f"  {self.forward_nodes} forward nodes + {self.backward_nodes} gradient nodes, "
             f"{len(self.op_types)} op types, all in the default ONNX domain",
@@ -82,19 +85,43 @@ def build_gradient_model(module: torch.nn.Module, input_size: tuple[int, int], *
     return model, forward_nodes
 
 
-def _write_atomic(proto: onnx.ModelProto, path: Path) -> None:
+def _write_atomic(proto: onnx.ModelProto, path: Path, *, external_data: bool = False) -> Path | None:
+    """Write ``proto`` to ``path`` so that no reader sees a half-written model.
+
+    ``external_data``: tensors of 1 kB or more go to ``NAME.data`` beside the model (a relative
+    location), which onnxruntime memory-maps instead of parsing them out of the protobuf. Both files
+    are written in a temporary folder beside ``path``, then moved into place, the data file first.
+    ``proto`` is left as it was. Returns the data file's path, if one was written.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    if not external_data:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(proto.SerializeToString())
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a model file is as readable as any other
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return None
+    data_name = f"{path.name}.data"
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a model file is as readable as any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto)  # onnx.save_model moves the tensors of the proto it saves out to the data file
+        onnx.save_model(copy, staging / path.name, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        del copy
+        written = [staging / data_name, staging / path.name] if (staging / data_name).exists() else [staging / path.name]
+        for file in written:
+            os.chmod(file, 0o666 & ~umask)
+            os.replace(file, path.parent / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path.parent / data_name if len(written) == 2 else None
 
 
 def export_module(
@@ -113,6 +140,7 @@ def export_module(
     cam_layer: str | None = None,
     target: str = "cpu",
     channel_multiple: int | None = None,
+    external_data: bool = False,
 ) -> ExportReport:
     """Export any ``torch.nn.Module`` image classifier to a gradmap ONNX model.
 
@@ -132,6 +160,9 @@ def export_module(
             (exact; the block of onnxruntime's CPU layout: 16 with AVX-512, the default, 8 with
             AVX2), 0 for none.
         verify: compare logits and gradient with torch autograd before writing (recommended).
+        external_data: write the weights to ``OUTPUT.data`` beside ``output`` (onnxruntime maps that
+            file into memory instead of parsing the weights: a lower peak when the session is
+            created); the two files then travel together.
 
     Returns:
         An :class:`ExportReport`.
@@ -176,7 +207,7 @@ def export_module(
             module, proto, input_size, score=score, tolerance=tolerance, backprops=backprops)
     if output is not None:
         report.path = Path(output)
-        _write_atomic(proto, report.path)
+        report.data_path = _write_atomic(proto, report.path, external_data=external_data)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -202,6 +233,7 @@ def export_torchvision(
     cam_layer: str | None = None,
     target: str = "cpu",
     channel_multiple: int | None = None,
+    external_data: bool = False,
 ) -> ExportReport:
     """Export a torchvision classifier by name (see ``gradmap export --help``)."""
     module, weights_desc = load_torchvision(model_name, weights, seed=seed)
@@ -210,4 +242,5 @@ def export_torchvision(
         labels=labels_of(model_name) or None, source_model=f"torchvision.models.{model_name}",
         weights=weights_desc, score=score, opset=opset, verify=verify, tolerance=tolerance,
         backprops=backprops, cam_layer=cam_layer, target=target, channel_multiple=channel_multiple,
+        external_data=external_data,
     )
