@@ -48,6 +48,17 @@ def _require(engine: str) -> None:
         pytest.skip(f"{engine} not available: {why}")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _stop_browser():
+    """The Chromium engines run under Playwright's sync API, whose event loop stays on this thread
+    until it is stopped; Playwright then refuses to start another (tests/test_web.py's browser) in the
+    same worker process. Stop it once this file's tests are done."""
+    yield
+    from tests.engines import _browser
+
+    _browser._reset()
+
+
 @pytest.fixture(scope="module", params=list(MODELS), ids=list(MODELS))
 def exported(request, tmp_path_factory):
     name = request.param
