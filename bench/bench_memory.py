@@ -18,7 +18,9 @@ Three measurements, each side a fresh process:
    run with its own cache folder: a model's first run on a machine (the cache only marks the model;
    the figures the targets are checked against), its second run (which saves onnxruntime's
    optimized graph) and later runs (which read it); the folder workload first and later runs.
-   The working sets and the long run below run with the cache off.
+   The working sets and the long run below run with the cache off. A first run is also measured
+   on the same model exported with ``--external-data`` (weights in a file beside the model, which
+   onnxruntime maps into memory).
 3. No growth: ``gradmap run`` over ``--long`` pictures (the four photographs, repeated as
    hard links), its RSS sampled from /proc every 0.25 s.
 
@@ -41,6 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SECOND_RUN = "gradmap run, second run (saves the cache entry)"
 LATER_RUNS = "gradmap run, later runs (cache entry read)"
+SPLIT = "gradmap run, model exported with --external-data"
 
 
 def timed(cmd: list[str], cache: Path | str | None = None) -> tuple[float, float]:
@@ -180,6 +183,9 @@ def main() -> int:
     model = work / f"{args.model}.onnx"
     subprocess.run([sys.executable, "-m", "gradmap.cli", "export", args.model, "--weights", "none", "-o", str(model)],
                    check=True, capture_output=True)
+    split = work / "split" / f"{args.model}.onnx"  # the same weights, written to split/MODEL.onnx.data
+    subprocess.run([sys.executable, "-m", "gradmap.cli", "export", args.model, "--weights", "none", "-o", str(split),
+                    "--external-data", "--no-verify"], check=True, capture_output=True)
     forward = work / f"{args.model}.forward.onnx"
     subprocess.run([sys.executable, "-c", "import sys, onnx_ir as ir; sys.path.insert(0, sys.argv[3]); "
                     "from gradmap.export._torchvision import input_size_of, load_torchvision; "
@@ -194,21 +200,23 @@ def main() -> int:
     if args.folder:
         workloads[f"{args.folder} photographs, batch 8"] = (folder, "recipe")
     summary: dict = {}
-    def gradmap_run(source: Path, out: Path, cache: Path | str) -> tuple[float, float]:
-        return timed([*gradmap, "run", str(model), str(source), "--out", str(out), "--format", "heatmap",
+    def gradmap_run(source: Path, out: Path, cache: Path | str, exported: Path = model) -> tuple[float, float]:
+        return timed([*gradmap, "run", str(exported), str(source), "--out", str(out), "--format", "heatmap",
                       "--batch-size", "8", "--threads", threads], cache)
 
     warm = work / "cache-warm"  # read by the "later runs" rows: the model's first two runs made its entry
     for i in range(2):
         gradmap_run(picture, work / f"warm{i}", warm)
     for workload, (source, recipe_out) in workloads.items():
-        names = ["gradmap run", SECOND_RUN, LATER_RUNS, "PyTorch recipe"] if not summary else \
-            ["gradmap run", LATER_RUNS, "PyTorch recipe"]  # the second run's saving is the one map's
+        names = ["gradmap run", SPLIT, SECOND_RUN, LATER_RUNS, "PyTorch recipe"] if not summary else \
+            ["gradmap run", SPLIT, LATER_RUNS, "PyTorch recipe"]  # the second run's saving is the one map's
         rows = {name: [] for name in names}
         for i in range(args.repeat):
             out = work / f"out{len(summary)}_{i}"
             rows["gradmap run"].append(gradmap_run(source, out, work / f"cache-first-{len(summary)}-{i}"))
             rows["PyTorch recipe"].append(timed([*recipe, str(source), str(out / recipe_out), "8"]))
+            rows[SPLIT].append(gradmap_run(source, work / f"out_split{len(summary)}_{i}",
+                                           work / f"cache-split-{len(summary)}-{i}", split))
             if SECOND_RUN in rows:
                 marked = work / f"cache-second-{i}"
                 gradmap_run(picture, work / f"mark{i}", marked)
@@ -229,7 +237,9 @@ def main() -> int:
     lines = [f"{args.model}, random weights, {threads} threads, fresh process each, medians of {args.repeat} "
              f"(`python bench/bench_memory.py`{'; ' + args.note if args.note else ''}); wall time from process "
              "start to the last map written. \"gradmap run\": a model's first run on a machine; its second run "
-             "saves onnxruntime's optimized graph in gradmap's session cache, which later runs read:", "",
+             "saves onnxruntime's optimized graph in gradmap's session cache, which later runs read; "
+             "\"exported with --external-data\": a first run of the same model with its weights in a file "
+             "beside it:", "",
              "| work | | wall time | peak RSS | gradmap ÷ recipe: time (target ≤ 0.33) | memory (target ≤ 0.50) |",
              "|---|---|---|---|---|---|"]
     for workload, sides in summary.items():

@@ -15,6 +15,8 @@ RSS (``ru_maxrss``); medians of ``--repeat`` processes:
     no arena                   + ``enable_cpu_mem_arena = False``
     freed memory returned      glibc returning every freed block over 128 kB at once
                                (``MALLOC_MMAP_THRESHOLD_=131072`` in the process's environment)
+    weights in a data file     the same model exported with ``--external-data`` (MODEL.onnx.data
+                               beside it, which onnxruntime maps into memory), defaults otherwise
     session cache entry read   ``SaliencyModel`` reading the entry its earlier sessions saved
                                (gradmap/runtime/_session_cache.py)
 
@@ -41,6 +43,7 @@ VARIANTS = {
     "initializers off the arena": ({"session.use_device_allocator_for_initializers": "1"}, {}),
     "no arena": ({"arena": "0"}, {}),
     "freed memory returned": ({}, {"MALLOC_MMAP_THRESHOLD_": "131072"}),
+    "weights in a data file (--external-data)": ({"split": "1"}, {}),
     "session cache entry read": ({"cache": "1"}, {}),
 }
 
@@ -69,7 +72,11 @@ def _child(variant: str, model: str, threads: int, cache: str) -> None:
         session = loaded.session
     else:
         options = session_options(threads)
+        if config.get("split"):
+            model = str(Path(model).parent / "split" / Path(model).name)
         for key, value in config.items():
+            if key == "split":
+                continue
             if key == "arena":
                 options.enable_cpu_mem_arena = value == "1"
             else:
@@ -124,6 +131,8 @@ def main() -> int:
     model = work / f"{args.model}.onnx"
     subprocess.run([sys.executable, "-m", "gradmap.cli", "export", args.model, "--weights", "none", "-o", str(model)],
                    check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "gradmap.cli", "export", args.model, "--weights", "none", "--external-data",
+                    "--no-verify", "-o", str(work / "split" / model.name)], check=True, capture_output=True)
     cache = work / "cache"
     for _ in range(2):  # the model's first session marks it, the second saves the entry the variant reads
         subprocess.run([args.python, "-c", "import sys; from gradmap.runtime import SaliencyModel; "
