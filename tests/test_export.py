@@ -20,6 +20,8 @@ from gradmap.cli import main  # noqa: E402
 from gradmap.contract import ModelMetadata, Preprocessing  # noqa: E402
 from gradmap.export import ExportError, ParityError, export_module, export_torchvision, load_torchvision  # noqa: E402
 from gradmap.export._parity import verify_parity  # noqa: E402
+from gradmap.runtime import SaliencyModel  # noqa: E402
+from gradmap.runtime.model import check_external_data  # noqa: E402
 
 TOLERANCE = 1e-4  # max|Δ| / max|torch autograd|
 
@@ -168,10 +170,6 @@ def test_external_data_export_gives_the_same_outputs(tmp_path):
     assert split.stat().st_size < 1_000_000 < 4_000_000 < (split.parent / "squeeze.onnx.data").stat().st_size
     moved = tmp_path / "moved"
     (tmp_path / "two").rename(moved)
-    from gradmap.runtime import SaliencyModel
-
-    from gradmap.runtime.model import check_external_data
-
     assert check_external_data(str(moved / "squeeze.onnx")) == [os.path.realpath(moved / "squeeze.onnx.data")]
     image = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
     target = np.array([1, 7], dtype=np.int64)

@@ -77,7 +77,9 @@ def _attribute_replayed(attribute, decisions):
     not all on every CPU (densenet121 on AVX2: torch's own float32 gradient is 0.0085 from its
     float64 one on this input). Values stay Captum's, in float64; the replay must only settle
     near-ties (NEAR_TIE) and must use every decision. Captum's guided and deconvnet hooks call
-    F.relu on gradients during the backward pass (grad mode off): those calls are not replayed."""
+    F.relu on gradients during the backward pass (grad mode off): those calls are not replayed.
+    Not _RecordingGradient.replay below: that one replays every F.relu call, grad mode on or off,
+    as Captum's integrated gradients need (one of its forward passes runs with grad off)."""
     functional = torch.nn.functional
     original = functional.relu
     gaps: list[float] = []

@@ -89,39 +89,31 @@ def _write_atomic(proto: onnx.ModelProto, path: Path, *, external_data: bool = F
     """Write ``proto`` to ``path`` so that no reader sees a half-written model.
 
     ``external_data``: tensors of 1 kB or more go to ``NAME.data`` beside the model (a relative
-    location), which onnxruntime memory-maps instead of parsing them out of the protobuf. Both files
+    location), which onnxruntime memory-maps instead of parsing them out of the protobuf. The files
     are written in a temporary folder beside ``path``, then moved into place, the data file first.
     ``proto`` is left as it was. Returns the data file's path, if one was written.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     umask = os.umask(0)
     os.umask(umask)
-    if not external_data:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(proto.SerializeToString())
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a model file is as readable as any other
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return None
-    data_name = f"{path.name}.data"
+    data = path.parent / f"{path.name}.data"
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(proto)  # onnx.save_model moves the tensors of the proto it saves out to the data file
-        onnx.save_model(copy, staging / path.name, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        del copy
-        written = [staging / data_name, staging / path.name] if (staging / data_name).exists() else [staging / path.name]
+        if external_data:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(proto)  # onnx.save_model moves the tensors of the proto it saves out to the data file
+            onnx.save_model(copy, staging / path.name, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data.name, size_threshold=1024)
+            del copy
+        else:
+            (staging / path.name).write_bytes(proto.SerializeToString())
+        written = [f for f in (staging / data.name, staging / path.name) if f.exists()]
         for file in written:
-            os.chmod(file, 0o666 & ~umask)
+            os.chmod(file, 0o666 & ~umask)  # temporary files are 0600; a model is as readable as any file
             os.replace(file, path.parent / file.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return path.parent / data_name if len(written) == 2 else None
+    return data if len(written) == 2 else None
 
 
 def export_module(
