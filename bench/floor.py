@@ -54,9 +54,9 @@ _ACTIVATIONS = ("Relu", "HardSigmoid", "Sigmoid", "Tanh", "Clip", "LeakyRelu", "
 def floor_rules():
     """gradmap's rule table with the floor's stand-ins for activations and max pools, and the cpu
     lowering without the passes that would rewrite those stand-ins into exact forms again."""
-    from gradmap.export.gradient import _pass
-    from gradmap.export.gradient._registry import COMPOSITES, RULES
-    from gradmap.export.lowering import cpu_backward
+    from gradmap.graph.gradient import _pass
+    from gradmap.graph.gradient._registry import COMPOSITES, RULES
+    from gradmap.graph.lowering import cpu_backward
 
     saved, saved_composites, saved_passes = dict(RULES), {k: list(v) for k, v in COMPOSITES.items()}, cpu_backward.PASSES
     saved_seed = _pass._seed

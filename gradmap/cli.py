@@ -61,15 +61,15 @@ def export_command(model_name: str, output: str, weights: str, score: str, seed:
     """
     try:
         from gradmap.export import ExportError, export_named_model
-    except ImportError as e:  # torch or onnx missing
-        raise click.ClickException(
-            f"'gradmap export' needs PyTorch and ONNX ({e.name or e}): pip install 'gradmap[export]'"
-        ) from e
-    try:
+
         report = export_named_model(model_name, output, weights=weights, score=score, seed=seed,
                                     opset=opset, verify=not no_verify, backprops=("vanilla", *backprops),
                                     cam_layer=cam_layer, target=engine_target, channel_multiple=channel_multiple,
                                     external_data=external_data)
+    except ImportError as e:  # the source's framework, or onnx, is not installed
+        raise click.ClickException(
+            f"'gradmap export' needs PyTorch and ONNX ({e.name or e}): pip install 'gradmap[export]'"
+        ) from e
     except ExportError as e:
         raise click.ClickException(str(e)) from e
     click.echo(report.summary())

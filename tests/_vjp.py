@@ -8,7 +8,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import torch
 
-from gradmap.export.gradient import append_vjp
+from gradmap.graph.gradient import append_vjp
 
 
 def onnx_vjp(text: str, inputs: dict[str, np.ndarray], wrt: str, grad_output_seed: int = 1):

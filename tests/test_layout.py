@@ -1,4 +1,4 @@
-"""Forward-graph rewrites before the gradient pass (gradmap/export/lowering/cpu_forward.py): which channel
+"""Forward-graph rewrites before the gradient pass (gradmap/graph/lowering/cpu_forward.py): which channel
 groups are padded, the squeeze-and-excitation spread, the HardSwish split, and that the
 rewritten model still gives torch autograd's logits and input gradient."""
 
@@ -17,7 +17,7 @@ from gradmap.contract import Preprocessing  # noqa: E402
 from gradmap.export import export_module  # noqa: E402
 from gradmap.export._parity import _unpadded  # noqa: E402
 from gradmap.export._trace import trace_to_onnx  # noqa: E402
-from gradmap.export.lowering.cpu_forward import pad_channels, spread_channel_scales  # noqa: E402
+from gradmap.graph.lowering.cpu_forward import pad_channels, spread_channel_scales  # noqa: E402
 
 TOLERANCE = 1e-4  # max|Δ| / max|torch autograd|, as in test_export
 

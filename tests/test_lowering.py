@@ -1,4 +1,4 @@
-"""The cpu target's lowering passes (gradmap/export/lowering): each pass alone rewrites the portable
+"""The cpu target's lowering passes (gradmap/graph/lowering): each pass alone rewrites the portable
 graph of a small network that has its pattern, and the rewritten graph gives the portable graph's
 gradients (every guided and deconvnet output too), which the portable graph's own parity with
 torch autograd anchors."""
@@ -17,7 +17,7 @@ import torch.nn.functional as F  # noqa: E402
 from gradmap import contract  # noqa: E402
 from gradmap.export import ExportError, build_gradient_model, export_module  # noqa: E402
 from gradmap.contract import Preprocessing  # noqa: E402
-from gradmap.export.lowering import cpu_backward  # noqa: E402
+from gradmap.graph.lowering import cpu_backward  # noqa: E402
 
 BACKPROPS = ("vanilla", "guided", "deconvnet")
 

@@ -14,7 +14,7 @@ from gradmap import contract  # noqa: E402
 from gradmap.contract import Preprocessing  # noqa: E402
 from gradmap.export import ParityError, export_module, export_torchvision, load_torchvision  # noqa: E402
 from gradmap.export._parity import expose_decisions, relative_error, replay_reference  # noqa: E402
-from gradmap.export.gradient import RULES  # noqa: E402
+from gradmap.graph.gradient import RULES  # noqa: E402
 
 TOLERANCE = 1e-4
 

@@ -12,7 +12,7 @@ pytest.importorskip("onnx_ir")
 import torch.nn.functional as F  # noqa: E402
 
 from gradmap.export import UnsupportedOpsError  # noqa: E402
-from gradmap.export.gradient import NON_DIFFERENTIABLE, RULES  # noqa: E402
+from gradmap.graph.gradient import NON_DIFFERENTIABLE, RULES  # noqa: E402
 
 from _vjp import assert_vjp_matches_torch, onnx_vjp  # noqa: E402
 
@@ -562,8 +562,8 @@ def test_pad_beyond_a_single_fold_is_refused_by_name():
     import onnx.parser
     from onnx_ir import serde
 
-    from gradmap.export._errors import ExportError
-    from gradmap.export.gradient import append_vjp
+    from gradmap.graph.errors import ExportError
+    from gradmap.graph.gradient import append_vjp
 
     text = graph("float[1,1,3,3] X", "float[1,1,3,9] Y", 'Y = Pad<mode="reflect">(X, P)',
                  [init("P", np.int64([0, 0, 0, 3, 0, 0, 0, 3]))])
@@ -577,7 +577,7 @@ def test_branch_not_depending_on_input_gets_no_backward_nodes():
     import onnx
     import onnx_ir as ir
 
-    from gradmap.export.gradient import append_vjp
+    from gradmap.graph.gradient import append_vjp
 
     model = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(onnx.parser.parse_model(text)))
     append_vjp(model, model.graph.inputs[0], model.graph.outputs[0])
@@ -594,7 +594,7 @@ def test_gather_nd_with_repeated_indices_is_exact_on_several_threads():
     import onnx_ir as ir
     import onnxruntime as ort
 
-    from gradmap.export.gradient import append_vjp
+    from gradmap.graph.gradient import append_vjp
 
     index = np.repeat(np.arange(4), 1024)[:, None].astype(np.int64)
     text = graph("float[4,512] X", "float[4096,512] Y", "Y = GatherND(X, I)", [init("I", index)])

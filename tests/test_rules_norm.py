@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnx_ir")
 import torch.nn.functional as F  # noqa: E402
 
-from gradmap.export.gradient import NON_DIFFERENTIABLE, RULES  # noqa: E402
+from gradmap.graph.gradient import NON_DIFFERENTIABLE, RULES  # noqa: E402
 
 from _vjp import assert_vjp_matches_torch, onnx_vjp  # noqa: E402
 
@@ -147,7 +147,7 @@ def test_float_mod_without_fmod_is_refused():
     import onnx_ir as ir
 
     from gradmap.export import ExportError
-    from gradmap.export.gradient import append_vjp
+    from gradmap.graph.gradient import append_vjp
 
     # fmod=0 on floats is invalid ONNX; built by hand, it must be refused, not differentiated as fmod
     text = graph("float[2,3] X", "float[2,3] Y", "Y = Mod(X, B)", [init("B", np.float32(0.5))])
@@ -170,7 +170,7 @@ def test_group_normalization_before_opset_21_is_refused_by_name():
     import onnx_ir as ir
 
     from gradmap.export import ExportError
-    from gradmap.export.gradient import append_vjp
+    from gradmap.graph.gradient import append_vjp
 
     text = graph("float[2,6,5,4] X", "float[2,6,5,4] Y", "Y = GroupNormalization<num_groups=3>(X, S, B)",
                  [init("S", np.ones(3, np.float32)), init("B", np.zeros(3, np.float32))])

@@ -29,7 +29,7 @@ def replace_section(text: str, name: str, body: str) -> str:
 
 
 def ops_section() -> str:
-    from gradmap.export.gradient import NON_DIFFERENTIABLE, RULES
+    from gradmap.graph.gradient import NON_DIFFERENTIABLE, RULES
 
     histograms = json.loads(HISTOGRAM.read_text()) if HISTOGRAM.exists() else {}
     exported = {}

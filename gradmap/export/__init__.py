@@ -1,15 +1,33 @@
-"""Torch side of gradmap: export a classifier with an explicit input-gradient graph.
+"""Export sources: turn a classifier into a gradmap ONNX model with an explicit input-gradient graph.
 
-Needs the ``[export]`` extra (torch, torchvision, onnx, onnxscript, onnx-ir).
+Each source adapts one framework (torchvision, timm and Hugging Face through torch) and hands a
+forward ONNX graph to the framework-free graph code (:mod:`gradmap.graph`). Importing this package
+imports no framework: the names below load their source's modules on first use, so an export that
+needs no torch runs without it. The torch sources need the ``[export]`` extra.
 """
 
-from ._api import ExportReport, build_gradient_model, export_module, export_torchvision, verify_parity
-from ._errors import ExportError, ParityError, UnsupportedOpsError
-from ._sources import export_named_model
-from ._torchvision import classifier_names, load_torchvision
+from __future__ import annotations
+
+import importlib
+
+from gradmap.graph import ExportError, ExportReport, ParityError, UnsupportedOpsError
 
 __all__ = [
     "ExportError", "ExportReport", "ParityError", "UnsupportedOpsError", "build_gradient_model",
     "classifier_names", "export_module", "export_named_model", "export_torchvision", "load_torchvision",
     "verify_parity",
 ]
+
+#: Where each lazily loaded name lives (modules of this package).
+_LAZY = {
+    "build_gradient_model": "_api", "export_module": "_api", "export_torchvision": "_api", "verify_parity": "_api",
+    "export_named_model": "_sources", "classifier_names": "_torchvision", "load_torchvision": "_torchvision",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,67 +4,25 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import onnx
 import onnx_ir as ir
 import torch
 
-from gradmap import __version__, contract
 from gradmap.contract import ModelMetadata, Preprocessing
+from gradmap.graph import ExportError, ExportReport, add_gradient, finish, op_histogram, write_atomic
 
-from ._errors import ExportError
 from ._parity import DEFAULT_TOLERANCE, verify_parity
 from ._torchvision import labels_of, load_torchvision, preprocessing_of
 from ._trace import trace_to_onnx
-from .gradient import append_gradient
 
 __all__ = ["ExportReport", "export_module", "export_torchvision", "build_gradient_model", "verify_parity"]
 
 logger = logging.getLogger(__name__)
 
 MIN_OPSET = 18
-
-
-@dataclass
-class ExportReport:
-    """What an export did and how closely the model matches torch."""
-
-    path: Path | None
-    source_model: str
-    weights: str
-    score: str
-    forward_nodes: int
-    backward_nodes: int
-    target: str = "cpu"
-    logits_error: float | None = None
-    gradient_error: float | None = None
-    seconds: float = 0.0
-    op_types: dict[str, int] = field(default_factory=dict)
-    data_path: Path | None = None  # the weights' file beside ``path`` (``external_data=True``)
-
-    def summary(self) -> str:
-        wrote = f"wrote {self.path}" + (f" and its weights {self.data_path}" if self.data_path else "")
-        lines = [
-            wrote if self.path else "model built (not written)",
-            f"  model {self.source_model}, weights {self.weights}, score {self.score}, target {self.target}",
-            f"  {self.forward_nodes} forward nodes + {self.backward_nodes} gradient nodes, "
-            f"{len(self.op_types)} op types, all in the default ONNX domain",
-        ]
-        if self.gradient_error is not None:
-            lines.append(
-                f"  parity with torch: logits {self.logits_error:.2e}, gradient {self.gradient_error:.2e} "
-                "(max|Δ| / max|torch|)"
-            )
-        else:
-            lines.append("  parity with torch: not verified (--no-verify)")
-        lines.append(f"  {self.seconds:.1f} s")
-        return "\n".join(lines)
 
 
 def build_gradient_model(module: torch.nn.Module, input_size: tuple[int, int], *, score: str = "logit",
@@ -76,44 +34,10 @@ def build_gradient_model(module: torch.nn.Module, input_size: tuple[int, int], *
         raise ExportError(f"opset {opset} is too old: gradmap exports with opset {MIN_OPSET} or newer")
     model = trace_to_onnx(module, input_size, opset=opset)
     forward_nodes = sum(1 for _ in model.graph.all_nodes())
-    resolved = append_gradient(model, score=score, backprops=backprops, cam_layer=cam_layer, target=target,
-                               channel_multiple=channel_multiple)
+    resolved = add_gradient(model, score=score, backprops=backprops, cam_layer=cam_layer, target=target,
+                            channel_multiple=channel_multiple)
     model.metadata_props["gradmap.cam_value"] = resolved or ""
-    foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.all_nodes() if n.domain not in ("", "ai.onnx")})
-    if foreign or model.functions:
-        raise ExportError(f"the exported model uses ops outside the default ONNX domain: {', '.join(foreign)}")
     return model, forward_nodes
-
-
-def _write_atomic(proto: onnx.ModelProto, path: Path, *, external_data: bool = False) -> Path | None:
-    """Write ``proto`` to ``path`` so that no reader sees a half-written model.
-
-    ``external_data``: tensors of 1 kB or more go to ``NAME.data`` beside the model (a relative
-    location), which onnxruntime memory-maps instead of parsing them out of the protobuf. The files
-    are written in a temporary folder beside ``path``, then moved into place, the data file first.
-    ``proto`` is left as it was. Returns the data file's path, if one was written.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    umask = os.umask(0)
-    os.umask(umask)
-    data = path.parent / f"{path.name}.data"
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        if external_data:
-            copy = onnx.ModelProto()
-            copy.CopyFrom(proto)  # onnx.save_model moves the tensors of the proto it saves out to the data file
-            onnx.save_model(copy, staging / path.name, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data.name, size_threshold=1024)
-            del copy
-        else:
-            (staging / path.name).write_bytes(proto.SerializeToString())
-        written = [f for f in (staging / data.name, staging / path.name) if f.exists()]
-        for file in written:
-            os.chmod(file, 0o666 & ~umask)  # temporary files are 0600; a model is as readable as any file
-            os.replace(file, path.parent / file.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return data if len(written) == 2 else None
 
 
 def export_module(
@@ -181,34 +105,20 @@ def export_module(
     metadata = ModelMetadata(source_model=source_model, weights=weights, preprocessing=preprocessing,
                              labels=tuple(labels), score=score, backprops=backprops, target=target,
                              cam_layer=None if cam_value is None else f"{cam_layer} ({cam_value})")
-    model.metadata_props.update(metadata.to_props())
-    model.producer_name = "gradmap"
-    model.producer_version = __version__
-    proto = ir.serde.serialize_model(model)
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as e:
-        raise ExportError(f"the exported model fails onnx.checker: {e}") from e
+    proto = finish(model, metadata)
     report = ExportReport(
         path=None, source_model=source_model, weights=weights, score=score, forward_nodes=forward_nodes, target=target,
         backward_nodes=len(proto.graph.node) - forward_nodes,
-        op_types=dict(sorted(_histogram(proto).items())),
+        op_types=op_histogram(proto),
     )
     if verify:
         report.logits_error, report.gradient_error = verify_parity(
             module, proto, input_size, score=score, tolerance=tolerance, backprops=backprops)
     if output is not None:
         report.path = Path(output)
-        report.data_path = _write_atomic(proto, report.path, external_data=external_data)
+        report.data_path = write_atomic(proto, report.path, external_data=external_data)
     report.seconds = time.perf_counter() - start
     return report
-
-
-def _histogram(proto: onnx.ModelProto) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for node in proto.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
 
 
 def export_torchvision(

@@ -27,8 +27,7 @@ from typing import Any
 import torch
 
 from gradmap.contract import Preprocessing
-
-from ._errors import ExportError
+from gradmap.graph.errors import ExportError
 
 __all__ = ["export_hf", "load_hf", "hf_preprocessing", "hf_labels"]
 

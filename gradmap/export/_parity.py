@@ -31,8 +31,7 @@ import onnxruntime as ort
 import torch
 
 from gradmap import contract
-
-from ._errors import ParityError
+from gradmap.graph.errors import ParityError
 
 __all__ = ["DEFAULT_TOLERANCE", "Decisions", "ExposedModel", "Reference", "expose_decisions", "relative_error",
            "replay_reference", "verify_parity"]

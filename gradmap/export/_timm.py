@@ -23,8 +23,7 @@ from typing import Any
 import torch
 
 from gradmap.contract import INTERPOLATIONS, Preprocessing
-
-from ._errors import ExportError
+from gradmap.graph.errors import ExportError
 
 __all__ = ["export_timm", "load_timm", "preprocessing_from_config", "read_state_dict", "timm_labels",
            "timm_preprocessing"]

@@ -10,8 +10,7 @@ import torch
 import torchvision
 
 from gradmap.contract import Preprocessing
-
-from ._errors import ExportError
+from gradmap.graph.errors import ExportError
 
 __all__ = ["classifier_names", "load_torchvision", "preprocessing_of", "labels_of", "input_size_of"]
 

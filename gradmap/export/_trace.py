@@ -11,8 +11,7 @@ import onnx_ir as ir
 import torch
 
 from gradmap import contract
-
-from ._errors import ExportError
+from gradmap.graph.errors import ExportError
 
 __all__ = ["trace_to_onnx"]
 

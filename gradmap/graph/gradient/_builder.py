@@ -1,7 +1,7 @@
 """Builder: emits ONNX nodes into a tape and reads static facts of the forward graph.
 
 Shared by the gradient pass (:class:`~._context.GradContext`) and the lowering passes
-(:mod:`gradmap.export.lowering`), which emit replacement nodes the same way.
+(:mod:`gradmap.graph.lowering`), which emit replacement nodes the same way.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from .._errors import ExportError
+from ..errors import ExportError
 
 __all__ = ["Builder", "constant_of"]
 

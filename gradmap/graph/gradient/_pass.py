@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from gradmap import contract
 
-from .._errors import ExportError, UnsupportedOpsError
+from ..errors import ExportError, UnsupportedOpsError
 from . import _rules  # noqa: F401 - registers the rules
 from ._context import GradContext
 from ._registry import COMPOSITES, NON_DIFFERENTIABLE, RULES
@@ -74,11 +74,11 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
     ONNX value name) adds that feature map and its vanilla gradient as ``cam_activation`` and
     ``cam_gradient``. ``target`` is the engine the graph is written for (:data:`contract.TARGETS`):
     ``portable`` keeps the rules' plain vector-Jacobian products, ``cpu`` lowers the graph for
-    onnxruntime's CPU provider (:mod:`gradmap.export.lowering`) with feature maps padded to
+    onnxruntime's CPU provider (:mod:`gradmap.graph.lowering`) with feature maps padded to
     ``channel_multiple`` channels (default: its block size; 0: no padding). The model is modified in
     place; returns the resolved CAM value's name.
     """
-    from gradmap.export import lowering  # imported here: the lowering passes import the rules of this package
+    from gradmap.graph import lowering  # imported here: the lowering passes import the rules of this package
 
     if score not in contract.SCORE_KINDS:
         raise ExportError(f"unknown score kind {score!r}; choose one of {', '.join(contract.SCORE_KINDS)}")

@@ -1,3 +1,5 @@
+"""Errors of the graph code and of every export source: each message names the input and the reason."""
+
 from __future__ import annotations
 
 __all__ = ["ExportError", "UnsupportedOpsError", "ParityError"]
@@ -20,4 +22,4 @@ class UnsupportedOpsError(ExportError):
 
 
 class ParityError(ExportError):
-    """The exported model disagrees with torch beyond tolerance; nothing was written."""
+    """The exported model disagrees with its float64 reference beyond tolerance; nothing was written."""

@@ -2,7 +2,7 @@
 
 Every node a rule emits belongs to the *region* of that rule's call: the forward node, the
 backprop rule, the gradients it received and the gradients it returned. The regions are the
-anchors of the lowering passes (:mod:`gradmap.export.lowering`), which replace a region's nodes by
+anchors of the lowering passes (:mod:`gradmap.graph.lowering`), which replace a region's nodes by
 an engine-specific form with the same inputs and outputs; each emitted node also carries its
 region in ``metadata_props["gradmap.vjp"]`` (``OpType:forward node name``), for profiles.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from .._errors import ExportError
+from ..errors import ExportError
 from ._builder import Builder
 
 __all__ = ["GradContext", "Region", "VJP_KEY"]

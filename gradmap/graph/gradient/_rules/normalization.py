@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ..._errors import ExportError
+from ...errors import ExportError
 from .._registry import register
 
 

@@ -33,7 +33,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from ..._errors import ExportError
+from ...errors import ExportError
 from .._registry import register
 
 

@@ -308,7 +308,7 @@ def mod(ctx, node, dy):
     if y.dtype not in _FLOATS:
         return [None, None]
     if not ctx.attr(node, "fmod", 0):
-        from ..._errors import ExportError
+        from ...errors import ExportError
 
         raise ExportError(f"{node.name}: float Mod with fmod=0 is invalid ONNX (float Mod needs fmod=1)")
     grad_b = None

@@ -1,6 +1,6 @@
 """Lowering: engine-specific rewrites of gradmap's portable gradient graph.
 
-The gradient pass (:mod:`gradmap.export.gradient`) writes each rule as its plain vector-Jacobian
+The gradient pass (:mod:`gradmap.graph.gradient`) writes each rule as its plain vector-Jacobian
 product in standard ONNX ops, a graph every engine computes alike (``--target portable``). A
 lowering rewrites that graph for one engine, exactly: the same logits and gradients, computed in
 forms that engine runs faster. ``--target cpu`` (the default) is onnxruntime's CPU provider:
@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from gradmap import contract
 
-from .._errors import ExportError
+from ..errors import ExportError
 from . import cpu_backward, cpu_forward
 from ._rewrite import Rewriter, prune
 from .cpu_forward import BLOCK

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ..._errors import ExportError
+from ...errors import ExportError
 from .._registry import register
 
 _INT64_MAX = np.iinfo(np.int64).max

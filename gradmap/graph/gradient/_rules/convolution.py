@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..._errors import ExportError
+from ...errors import ExportError
 from .._registry import register
 from .linear import own_copy
 

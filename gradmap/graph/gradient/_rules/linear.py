@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..._errors import ExportError
+from ...errors import ExportError
 from .._registry import register
 
 _INT64_MIN = int(np.iinfo(np.int64).min)

@@ -1,0 +1,133 @@
+"""From a forward classifier graph to a written gradmap model, whatever framework the graph came from.
+
+Every export source (torch, timm and Hugging Face through ``torch.onnx``; Keras through tf2onnx; a
+bare ONNX file) hands over an ``ir.Model`` whose first input is ``image`` and first output is
+``logits`` (see :mod:`gradmap.contract`). The steps after that are shared and import no framework:
+
+    add_gradient(model, ...)          the gradient pass and the target's lowering, in place
+    finish(model, metadata)           metadata, producer, onnx.checker -> ModelProto
+    write_atomic(proto, path)         no reader ever sees half a model
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from gradmap import __version__
+from gradmap.contract import ModelMetadata
+
+from .errors import ExportError
+from .gradient import append_gradient
+
+__all__ = ["ExportReport", "add_gradient", "finish", "op_histogram", "write_atomic"]
+
+
+@dataclass
+class ExportReport:
+    """What an export did and how closely the model matches its float64 reference."""
+
+    path: Path | None
+    source_model: str
+    weights: str
+    score: str
+    forward_nodes: int
+    backward_nodes: int
+    target: str = "cpu"
+    logits_error: float | None = None
+    gradient_error: float | None = None
+    seconds: float = 0.0
+    op_types: dict[str, int] = field(default_factory=dict)
+    data_path: Path | None = None  # the weights' file beside ``path`` (``external_data=True``)
+    reference: str = "torch"  # what the parity check compared with
+    notes: list[str] = field(default_factory=list)  # what the source did to the graph (a Softmax cut, ...)
+
+    def summary(self) -> str:
+        wrote = f"wrote {self.path}" + (f" and its weights {self.data_path}" if self.data_path else "")
+        lines = [
+            wrote if self.path else "model built (not written)",
+            f"  model {self.source_model}, weights {self.weights}, score {self.score}, target {self.target}",
+            f"  {self.forward_nodes} forward nodes + {self.backward_nodes} gradient nodes, "
+            f"{len(self.op_types)} op types, all in the default ONNX domain",
+        ]
+        lines.extend(f"  {note}" for note in self.notes)
+        if self.gradient_error is not None:
+            lines.append(
+                f"  parity with {self.reference}: logits {self.logits_error:.2e}, gradient {self.gradient_error:.2e} "
+                f"(max|Δ| / max|reference|)"
+            )
+        else:
+            lines.append(f"  parity with {self.reference}: not verified (--no-verify)")
+        lines.append(f"  {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def add_gradient(model: ir.Model, *, score: str = "logit", backprops: tuple[str, ...] = ("vanilla",),
+                 cam_layer: str | None = None, target: str = "cpu", channel_multiple: int | None = None) -> str | None:
+    """Append the gradient outputs to a forward graph (in place) and check that every node is in the
+    default ONNX domain. Returns the resolved CAM value's name (``None`` without ``cam_layer``)."""
+    resolved = append_gradient(model, score=score, backprops=backprops, cam_layer=cam_layer, target=target,
+                               channel_multiple=channel_multiple)
+    foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.all_nodes() if n.domain not in ("", "ai.onnx")})
+    if foreign or model.functions:
+        raise ExportError(f"the exported model uses ops outside the default ONNX domain: {', '.join(foreign)}")
+    return resolved
+
+
+def finish(model: ir.Model, metadata: ModelMetadata) -> onnx.ModelProto:
+    """Write ``metadata`` into ``model``, serialize it and run ``onnx.checker`` (full check)."""
+    model.metadata_props.update(metadata.to_props())
+    model.producer_name = "gradmap"
+    model.producer_version = __version__
+    proto = ir.serde.serialize_model(model)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"the exported model fails onnx.checker: {e}") from e
+    return proto
+
+
+def op_histogram(proto: onnx.ModelProto) -> dict[str, int]:
+    """How many nodes of each op type the main graph holds, sorted by op type."""
+    counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def write_atomic(proto: onnx.ModelProto, path: Path, *, external_data: bool = False) -> Path | None:
+    """Write ``proto`` to ``path`` so that no reader sees a half-written model.
+
+    ``external_data``: tensors of 1 kB or more go to ``NAME.data`` beside the model (a relative
+    location), which onnxruntime memory-maps instead of parsing them out of the protobuf. The files
+    are written in a temporary folder beside ``path``, then moved into place, the data file first.
+    ``proto`` is left as it was. Returns the data file's path, if one was written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    data = path.parent / f"{path.name}.data"
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        if external_data:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(proto)  # onnx.save_model moves the tensors of the proto it saves out to the data file
+            onnx.save_model(copy, staging / path.name, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data.name, size_threshold=1024)
+            del copy
+        else:
+            (staging / path.name).write_bytes(proto.SerializeToString())
+        written = [f for f in (staging / data.name, staging / path.name) if f.exists()]
+        for file in written:
+            os.chmod(file, 0o666 & ~umask)  # temporary files are 0600; a model is as readable as any file
+            os.replace(file, path.parent / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return data if len(written) == 2 else None
