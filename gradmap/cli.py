@@ -560,6 +560,118 @@ def cache_clear_command(stale: bool) -> None:
     click.echo(f"removed {removed} entries, {freed / 1e6:.1f} MB, from {root}")
 
 
+@main.command("serve")
+@click.argument("model_paths", metavar="MODEL.onnx...", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False))
+@click.option("--name", "names", multiple=True, metavar="NAME",
+              help="The URL name of each model, in order (repeatable); default: the file's stem.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 for every interface (in a container).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes, each with the models loaded and its own batching; one that dies is restarted.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: uvicorn workers on this machine; ray: a Ray Serve deployment (pip install "
+                   "'gradmap[serve-ray]').")
+@click.option("--address", default=None, metavar="auto|HOST:PORT",
+              help="--engine ray: the Ray cluster (default: start a local Ray).")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--engine ray: replicas of the deployment.")
+@click.option("--replica-cpus", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="--engine ray: CPUs each replica reserves (fractions allowed).")
+@click.option("--provider", default="cpu", show_default=True, help="onnxruntime provider: cpu, cuda, auto...")
+@click.option("--threads", type=click.IntRange(min=0), default=None,
+              help="onnxruntime intra-op threads per model (default: onnxruntime decides).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Most pictures in one model run; 1 turns dynamic batching off.")
+@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="How long the first picture of a batch waits for others.")
+@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Pictures admitted and not yet answered, per process; more get 503 with Retry-After.")
+@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True,
+              help="Largest request body, in MiB (413 above, refused before it is read whole).")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=None,
+              help="Largest picture in pixels (413 above) [default: the runtime's decompression-bomb limit, "
+                   "PIL's Image.MAX_IMAGE_PIXELS].")
+@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="Seconds from a request's arrival to its answer (504 after).")
+@click.option("--read-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Seconds for a request's headers, and for its body, to arrive (408 after).")
+@click.option("--max-instances", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Most pictures in one request.")
+@click.option("--max-top", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Largest K of a topK target.")
+@click.option("--max-passes", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Largest smoothgrad samples or integrated-gradients steps a request may ask for.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Open connections per process (503 above).")
+@click.option("--image-formats", default="JPEG,PNG,WEBP", show_default=True,
+              help="Picture formats accepted (PIL names, comma-separated); others get 415.")
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=None,
+              help="Seconds SIGTERM waits for the requests in flight [default: --request-timeout + 5].")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+def serve_command(model_paths: tuple[str, ...], names: tuple[str, ...], host: str, port: int, processes: int,
+                  engine: str, address: str | None, replicas: int, replica_cpus: float, provider: str,
+                  threads: int | None, max_batch: int, max_wait_ms: float, max_queue: int, max_body_mb: float,
+                  max_pixels: int | None, request_timeout: float, read_timeout: float, max_instances: int,
+                  max_top: int, max_passes: int, max_connections: int, image_formats: str,
+                  drain_timeout: float | None, log_level: str) -> None:
+    """Serve saliency maps over HTTP: KServe V1 (:predict, :explain), the Open Inference Protocol
+    (/v2/...) and POST /explain/NAME, with dynamic batching, limits and Prometheus /metrics.
+
+    Listens on 127.0.0.1 unless --host says otherwise; SIGTERM drains the requests in flight.
+    See docs/serve.md for the endpoints and their request and response shapes.
+    """
+    import logging
+
+    try:
+        from gradmap.serve.config import Limits, ServeConfig, model_names
+    except ImportError as e:
+        raise click.ClickException(f"'gradmap serve' needs the [serve] extra ({e.name or e}): "
+                                   "pip install 'gradmap[serve]'") from e
+    ctx = click.get_current_context()
+    if engine == "local" and (address or ctx.get_parameter_source("replicas").name == "COMMANDLINE"
+                              or ctx.get_parameter_source("replica_cpus").name == "COMMANDLINE"):
+        raise click.UsageError("--address, --replicas and --replica-cpus need --engine ray")
+    if engine == "ray" and ctx.get_parameter_source("processes").name == "COMMANDLINE":
+        raise click.UsageError("--processes is for --engine local; Ray Serve runs --replicas")
+    try:
+        limits_kw = {} if max_pixels is None else {"max_pixels": max_pixels}
+        limits = Limits(max_body_bytes=int(max_body_mb * 2**20), request_timeout=request_timeout,
+                        read_timeout=read_timeout, max_batch=max_batch, max_wait=max_wait_ms / 1000,
+                        max_queue=max_queue, max_instances=max_instances, max_top=max_top, max_passes=max_passes,
+                        max_connections=max_connections,
+                        image_formats=tuple(f.strip() for f in image_formats.split(",") if f.strip()), **limits_kw)
+        config = ServeConfig(model_names(list(model_paths), names), limits, provider=provider, threads=threads)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if engine == "ray":
+        try:
+            from gradmap.serve.ray_serve import RayServeError, run_ray_serve
+        except ImportError as e:
+            raise click.ClickException(str(e)) from e
+        try:
+            run_ray_serve(config, host=host, port=port, address=address, replicas=replicas, replica_cpus=replica_cpus)
+        except RayServeError as e:
+            raise click.ClickException(str(e)) from e
+        return
+    from gradmap.serve.server import ServeError, serve
+
+    def listening(bound: int) -> None:
+        click.echo(f"serving {', '.join(config.models)} on http://{host}:{bound} "
+                   f"({processes} process{'es' if processes > 1 else ''}; SIGTERM or Ctrl-C drains and stops)",
+                   err=True)
+
+    try:
+        serve(config, host, port, processes=processes, drain_timeout=drain_timeout, log_level=log_level,
+              on_listening=listening)
+    except ServeError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo("drained and stopped", err=True)
+
+
 @main.command("web")
 @click.argument("model_path", metavar="[MODEL.onnx]", required=False, type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="gradmap-site", show_default=True,

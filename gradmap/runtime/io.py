@@ -18,6 +18,7 @@ reader never sees half a file; an output path that is one of the inputs is refus
 from __future__ import annotations
 
 import glob
+import io
 import logging
 import os
 import secrets
@@ -43,6 +44,9 @@ __all__ = [
     "atomic_write",
     "expand_inputs",
     "overlay_values",
+    "figure_caption",
+    "png_bytes",
+    "render_pictures",
     "save_npy",
     "save_png",
     "write_outputs",
@@ -189,6 +193,13 @@ def save_png(image: Image.Image, path: str | os.PathLike[str]) -> None:
     atomic_write(path, lambda f: image.save(f, format="PNG", compress_level=1))
 
 
+def png_bytes(image: Image.Image) -> bytes:
+    """The bytes :func:`save_png` writes for ``image``, in memory (``gradmap serve`` answers with them)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
 def save_npy(array: np.ndarray, path: str | os.PathLike[str]) -> None:
     """Write an array as ``.npy``, atomically."""
     atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
@@ -232,6 +243,43 @@ def overlay_values(saliency: SaliencyMap, options: RenderOptions) -> np.ndarray:
     return saliency.equalized_map if options.equalize else saliency.saliency_map
 
 
+PICTURE_FORMATS = ("heatmap", "overlay", "figure")
+
+
+def figure_caption(result: ImageSaliency, saliency: SaliencyMap) -> str:
+    """The line above a figure's panels: the explained class and its probability."""
+    probability = float(result.probabilities[saliency.target_index])
+    return f"{saliency.target_label} ({saliency.target_index}): {probability:.1%}"
+
+
+def render_pictures(result: ImageSaliency, saliency: SaliencyMap, kinds: Iterable[str],
+                    options: RenderOptions = RenderOptions(), caption: str = "") -> dict[str, Image.Image]:
+    """The pictures among ``heatmap``, ``overlay`` and ``figure`` of one map of one picture, on the
+    original picture, as :func:`write_outputs` writes them (``gradmap serve`` answers with them)."""
+    kinds = [k for k in dict.fromkeys(kinds) if k in PICTURE_FORMATS]
+    if result.picture is None or result.geometry is None:
+        raise ValueError(f"{result.source}: nothing to draw (the picture failed: {result.error})")
+    pictures: dict[str, Image.Image] = {}
+    shown = saliency.equalized_map if options.equalize else saliency.saliency_map
+    shown_values, covered = map_to_original(shown, result.geometry, options.placement)
+    mask = None if options.placement == "stretch" else covered
+    weighted = options.overlay == "peaks"
+    if {"overlay", "figure"} & set(kinds):
+        overlaid, _ = map_to_original(overlay_values(saliency, options), result.geometry, options.placement)
+    for kind in kinds:
+        if kind == "heatmap":
+            pictures[kind] = render_heatmap(shown_values, mask, options.colormap)
+        elif kind == "overlay":
+            pictures[kind] = render_overlay(result.picture, overlaid, mask, options.colormap, options.overlay_alpha,
+                                            weighted=weighted)
+        else:
+            raw, _ = map_to_original(saliency.saliency_map, result.geometry, options.placement)
+            equalized, _ = map_to_original(saliency.equalized_map, result.geometry, options.placement)
+            pictures[kind] = render_figure(result.picture, raw, equalized, overlaid, mask, caption=caption,
+                                           colormap=options.colormap, alpha=options.overlay_alpha, weighted=weighted)
+    return pictures
+
+
 def write_outputs(result: ImageSaliency, saliency: SaliencyMap, layout: OutputLayout, formats: Iterable[str],
                   options: RenderOptions = RenderOptions(), caption: str = "") -> dict[str, str]:
     """Render and write the requested ``formats`` for one map of one picture.
@@ -253,30 +301,12 @@ def write_outputs(result: ImageSaliency, saliency: SaliencyMap, layout: OutputLa
         raise ValueError(f"{result.source}: nothing to write (the picture failed: {result.error})")
     rank = saliency.rank if saliency.rank is not None and _rank_in_name(result) else None
     written: dict[str, str] = {}
-    shown = saliency.equalized_map if options.equalize else saliency.saliency_map
-    shown_values, covered = map_to_original(shown, result.geometry, options.placement)
-    mask = None if options.placement == "stretch" else covered
-    weighted = options.overlay == "peaks"
-    if {"overlay", "figure"} & set(formats):
-        overlaid, _ = map_to_original(overlay_values(saliency, options), result.geometry, options.placement)
+    pictures = render_pictures(result, saliency, formats, options, caption)
     for kind in formats:
-        if kind == "heatmap":
-            path = layout.path(result.source, "heatmap", ".png", rank)
-            save_png(render_heatmap(shown_values, mask, options.colormap), path)
-            written["heatmap"] = str(path)
-        elif kind == "overlay":
-            path = layout.path(result.source, "overlay", ".png", rank)
-            save_png(render_overlay(result.picture, overlaid, mask, options.colormap, options.overlay_alpha,
-                                    weighted=weighted), path)
-            written["overlay"] = str(path)
-        elif kind == "figure":
-            raw, _ = map_to_original(saliency.saliency_map, result.geometry, options.placement)
-            equalized, _ = map_to_original(saliency.equalized_map, result.geometry, options.placement)
-            figure = render_figure(result.picture, raw, equalized, overlaid, mask, caption=caption,
-                                   colormap=options.colormap, alpha=options.overlay_alpha, weighted=weighted)
-            path = layout.path(result.source, "figure", ".png", rank)
-            save_png(figure, path)
-            written["figure"] = str(path)
+        if kind in pictures:
+            path = layout.path(result.source, kind, ".png", rank)
+            save_png(pictures[kind], path)
+            written[kind] = str(path)
         elif kind == "npy":
             kind_name = contract.ATTRIBUTION_KINDS.get(saliency.method, "attribution")
             for name, array in ((kind_name, saliency.attribution), ("map", saliency.saliency_map)):

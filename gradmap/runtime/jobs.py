@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 
 from PIL import Image
 
-from gradmap.runtime.io import DEFAULT_FORMATS, OutputLayout, RenderOptions, write_outputs
+from gradmap.runtime.io import DEFAULT_FORMATS, OutputLayout, RenderOptions, figure_caption, write_outputs
 from gradmap.runtime.methods import MethodSpec
 from gradmap.runtime.model import SaliencyModel
 from gradmap.runtime.preprocess import EncodedPicture
@@ -130,8 +130,8 @@ def _write(result: ImageSaliency, layout: OutputLayout, settings: JobSettings) -
     try:
         for saliency in result.maps:
             probability = float(result.probabilities[saliency.target_index])
-            caption = f"{saliency.target_label} ({saliency.target_index}): {probability:.1%}"
-            written = write_outputs(result, saliency, layout, settings.formats, settings.render, caption=caption)
+            written = write_outputs(result, saliency, layout, settings.formats, settings.render,
+                                    caption=figure_caption(result, saliency))
             record["maps"].append({"rank": saliency.rank, "method": saliency.method, "target": {
                 "index": saliency.target_index, "label": saliency.target_label,
                 "probability": probability}, "files": written,
