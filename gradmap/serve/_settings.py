@@ -162,7 +162,10 @@ def read_settings(params: Mapping[str, Any], model_name: str, metadata: contract
         raise BadRequest(f"model {model_name!r} does not support {method}; it supports {', '.join(metadata.methods)}")
     settings = {}
     for name, default in _METHOD_DEFAULTS.items():
-        value = values[name] if name in _SETTINGS_READ_BY.get(method, ()) or name == "modifier" else default
+        if name not in _SETTINGS_READ_BY.get(method, ()) and name != "modifier":
+            settings[name] = default
+            continue
+        value = values[name]
         if name in _METHOD_MINIMUM and value < _METHOD_MINIMUM[name]:
             raise BadRequest(f"parameter {name!r} must be at least {_METHOD_MINIMUM[name]}, got {value}")
         if name in _PASSES and value > max_passes:

@@ -35,6 +35,7 @@ from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.routing import Route
 
 from gradmap import __version__
@@ -47,7 +48,7 @@ from gradmap.runtime.postprocess import top_k
 from gradmap.serve._batching import DynamicBatcher, QueueFull
 from gradmap.serve._metrics import CONTENT_TYPE_LATEST, Metrics
 from gradmap.serve._settings import ARRAY_OUTPUTS, PREDICT, BatchKey, BadRequest, ResponseOptions, read_settings
-from gradmap.serve.config import ServeConfig
+from gradmap.serve.config import MODEL_NAME, ServeConfig
 
 __all__ = ["Served", "create_app"]
 
@@ -536,6 +537,22 @@ class GradmapApp:
         return answer
 
 
+class _ModelName(Convertor):
+    """A model name in a path: what :class:`~gradmap.serve.config.ServeConfig` allows (no ':', so
+    that ``/v1/models/NAME:explain`` is never read as a model named ``NAME:explain``)."""
+
+    regex = MODEL_NAME.pattern
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("model", _ModelName())
+
+
 def create_app(config: ServeConfig, *, loaded: bool = False) -> Starlette:
     """The ASGI app serving ``config.models``.
 
@@ -554,13 +571,13 @@ def create_app(config: ServeConfig, *, loaded: bool = False) -> Starlette:
         Route("/v2", e("v2_server", state.v2_server), methods=["GET"]),
         Route("/v2/health/live", e("v2_live", state.v2_live), methods=["GET"]),
         Route("/v2/health/ready", e("v2_ready", state.v2_ready), methods=["GET"]),
-        Route("/v2/models/{name}", e("v2_model", state.v2_model), methods=["GET"]),
-        Route("/v2/models/{name}/ready", e("v2_model_ready", state.v2_model_ready), methods=["GET"]),
-        Route("/v2/models/{name}/infer", e("v2_infer", state.v2_infer), methods=["POST"]),
-        Route("/v1/models/{name}:predict", e("v1_predict", state.v1_predict), methods=["POST"]),
-        Route("/v1/models/{name}:explain", e("v1_explain", state.v1_explain), methods=["POST"]),
-        Route("/v1/models/{name}", e("v1_model", state.v1_model), methods=["GET"]),
-        Route("/explain/{name}", e("explain", state.plain_explain), methods=["POST"]),
+        Route("/v2/models/{name:model}", e("v2_model", state.v2_model), methods=["GET"]),
+        Route("/v2/models/{name:model}/ready", e("v2_model_ready", state.v2_model_ready), methods=["GET"]),
+        Route("/v2/models/{name:model}/infer", e("v2_infer", state.v2_infer), methods=["POST"]),
+        Route("/v1/models/{name:model}:predict", e("v1_predict", state.v1_predict), methods=["POST"]),
+        Route("/v1/models/{name:model}:explain", e("v1_explain", state.v1_explain), methods=["POST"]),
+        Route("/v1/models/{name:model}", e("v1_model", state.v1_model), methods=["GET"]),
+        Route("/explain/{name:model}", e("explain", state.plain_explain), methods=["POST"]),
         Route("/metrics", state.metrics_endpoint, methods=["GET"]),
     ]
 

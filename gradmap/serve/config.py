@@ -15,7 +15,7 @@ DEFAULT_PORT = 8080
 #: Picture formats a request may send (PIL's names): decoding nothing else keeps PIL's other,
 #: rarely used decoders out of reach of untrusted bytes.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class ServeConfig:
         if not self.models:
             raise ValueError("no model to serve")
         for name in self.models:
-            if not _NAME.fullmatch(name):
+            if not MODEL_NAME.fullmatch(name):
                 raise ValueError(f"model name {name!r}: use letters, digits, '_', '.' and '-' (it goes in URLs)")
 
 
