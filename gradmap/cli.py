@@ -233,7 +233,7 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
         done = (d.record for d in explain_and_write(model, paths, layout, settings))
     show_bar = len(paths) > _PROGRESS_THRESHOLD
     with click.progressbar(length=len(paths), label="saliency", file=sys.stderr) if show_bar else _NoBar() as bar:
-        for record in done:
+        for record in _ray_failure_as_error(done) if engine == "ray" else done:
             for note in record["notes"]:
                 click.echo(f"note: {record['path']}: {note}", err=True)
             if record["error"] is not None:
@@ -257,6 +257,17 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
     if n_failed:
         click.echo(f"{n_failed} of {n_inputs} inputs failed", err=True)
         sys.exit(1)
+
+
+def _ray_failure_as_error(records):
+    """Ray's failure during a run (a dead node, a lost ray:// connection) as one gradmap error."""
+    from gradmap.distributed import RayConnectionError
+
+    try:
+        yield from records
+    except RayConnectionError as e:
+        click.echo("", err=True)  # end the progress bar's line
+        raise click.ClickException(str(e)) from e
 
 
 def _check_ray_options(skip_existing: bool, parquet_dir: str | None) -> None:
@@ -647,22 +658,26 @@ def serve_command(model_paths: tuple[str, ...], names: tuple[str, ...], host: st
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    def listening(bound: int) -> None:
+        workers = (f"{replicas} Ray Serve replica{'s' if replicas > 1 else ''}" if engine == "ray" else
+                   f"{processes} process{'es' if processes > 1 else ''}")
+        click.echo(f"serving {', '.join(config.models)} on http://{host}:{bound} ({workers}; SIGTERM or Ctrl-C "
+                   "drains and stops)", err=True)
+
     if engine == "ray":
         try:
             from gradmap.serve.ray_serve import RayServeError, run_ray_serve
         except ImportError as e:
             raise click.ClickException(str(e)) from e
         try:
-            run_ray_serve(config, host=host, port=port, address=address, replicas=replicas, replica_cpus=replica_cpus)
+            run_ray_serve(config, host=host, port=port, address=address, replicas=replicas, replica_cpus=replica_cpus,
+                          on_listening=listening)
         except RayServeError as e:
             raise click.ClickException(str(e)) from e
+        click.echo("drained and stopped", err=True)
         return
     from gradmap.serve.server import ServeError, serve
-
-    def listening(bound: int) -> None:
-        click.echo(f"serving {', '.join(config.models)} on http://{host}:{bound} "
-                   f"({processes} process{'es' if processes > 1 else ''}; SIGTERM or Ctrl-C drains and stops)",
-                   err=True)
 
     try:
         serve(config, host, port, processes=processes, drain_timeout=drain_timeout, log_level=log_level,

@@ -45,7 +45,7 @@ from gradmap.runtime.saliency import Target, parse_target
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
 
-__all__ = ["RAY_MISSING", "RayConnectionError", "explain_dataset", "import_ray", "iter_records", "ray_session",
+__all__ = ["RAY_MISSING", "RayConnectionError", "RayNodeError", "explain_dataset", "import_ray", "iter_records", "ray_session",
            "run_records"]
 
 logger = logging.getLogger(__name__)
@@ -235,10 +235,39 @@ def run_records(paths: Sequence[str], model_path: str, settings: JobSettings, la
                 yield from ray.get(ray.remote(num_cpus=0)(_drive).remote(**job))
             else:
                 yield from _records(**job)
+        except Exception as e:
+            if not _is_ray_failure(e):
+                raise
+            raise RayNodeError(_node_failure(e, address, paths, settings, layout, parquet_dir)) from e
         finally:
-            session.__exit__(None, None, None)
+            try:
+                session.__exit__(None, None, None)
+            except Exception as e:  # shutting down a Ray whose node is gone: nothing left to close
+                logger.debug("closing the Ray session: %s", e)
 
     return records()
+
+
+def _is_ray_failure(error: BaseException) -> bool:
+    """Whether an exception out of a Ray run is Ray's (a node, a raylet, the Ray Client connection):
+    gradmap's actors turn every picture's failure into a record, so any other exception is a defect."""
+    return isinstance(error, ConnectionError) or type(error).__module__.split(".")[0] == "ray"
+
+
+def _node_failure(error: BaseException, address: str | None, paths: Sequence[str], settings: JobSettings,
+                  layout: OutputLayout, parquet_dir: str | None) -> str:
+    """One message for a run that Ray could not finish: what failed, what is written, how to finish."""
+    where = ("the connection to Ray at " + address if address is not None and address.startswith("ray://")
+             else "the Ray node" if address is None else f"the Ray cluster at {address}")
+    first = (str(error).strip().splitlines() or [""])[0][:300]
+    reason = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    if parquet_dir is not None:
+        return (f"{where} failed during the run ({reason}); the Parquet dataset in {parquet_dir} is incomplete: "
+                "remove it and run again")
+    done = sum(layout.complete(p, settings.formats, settings.target.count, settings.method.name) for p in paths)
+    return (f"{where} failed during the run ({reason}); {done} of {len(paths)} pictures have all their outputs "
+            "written (each file is complete: outputs are written atomically); run the same command with "
+            "--skip-existing to finish the set")
 
 
 def _records(paths: Sequence[str], model_path: str, settings: JobSettings, layout: OutputLayout, *,
@@ -268,6 +297,11 @@ class RayConnectionError(ConnectionError):
     """Ray could not be started or reached at the given address."""
 
 
+class RayNodeError(RayConnectionError):
+    """Ray failed during a run (its node died, the Ray Client connection was lost): the message says
+    how many pictures are written and how to finish the set."""
+
+
 def iter_records(dataset: "ray.data.Dataset") -> Iterator[dict]:
     """Stream the per-picture records (``gradmap run --json``'s ``images`` entries) of
     :func:`explain_dataset`'s result, in the order pictures finish."""
@@ -293,8 +327,10 @@ class ray_session:
         if not ray.is_initialized():
             try:
                 if self.address is None:
+                    # log_to_driver off: a failing node's workers would print Ray's tracebacks
+                    # into gradmap's output; the run reports the failure itself (RayNodeError)
                     ray.init(num_cpus=self.num_cpus, object_store_memory=self.object_store_memory,
-                             include_dashboard=False, logging_level=logging.WARNING)
+                             include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
                 else:  # the cluster's own settings apply; the Ray Client takes no others
                     ray.init(address=self.address)
             except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:

@@ -325,3 +325,64 @@ def test_existing_cluster_by_address_and_through_the_ray_client(ray_cluster, pic
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and anything it started
         server.wait(timeout=60)
+
+
+def _descendants(pid: int) -> list[int]:
+    found, queue = [], [pid]
+    while queue:
+        parent = queue.pop()
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def test_a_dead_ray_node_ends_the_run_with_one_gradmap_error(pictures, tmp_path):
+    """The local Ray of a `gradmap run --engine ray` loses its raylet mid-run: one gradmap error (how
+    many pictures are written, --skip-existing finishes the set), no Ray traceback; --skip-existing
+    then completes the set with the bytes of a single-process run."""
+    _import_ray()
+    slow = ("--method", "smoothgrad", "--samples", "50", "--format", "npy", "--batch-size", "2", "--threads", "1")
+    out = tmp_path / "ray"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.Popen([sys.executable, "-m", "gradmap.cli", "run", str(DEMO_MODEL), str(pictures), "--out",
+                            str(out), *slow, "--engine", "ray", "--workers", "2"], cwd=REPO, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.rglob("*.map.npy")) and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.05)
+        raylets = [pid for pid in _descendants(run.pid) if _comm(pid) == "raylet"]
+        assert raylets and run.poll() is None, "the run ended (or never started Ray) before its node could be killed"
+        os.kill(raylets[0], signal.SIGKILL)
+        stdout, stderr = run.communicate(timeout=240)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    written = len(list(out.rglob("*.map.npy")))
+    assert run.returncode == 1, stderr[-3000:]
+    assert written < N_GOOD, "every picture was written before the node died: use more work"
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "the Ray node failed during the run" in errors[0], stderr[-3000:]
+    assert f"{written} of {N_GOOD + len(BROKEN)} pictures have all their outputs written" in errors[0], errors[0]
+    assert "--skip-existing to finish the set" in errors[0]
+
+    ref_out = tmp_path / "single"
+    _run(str(pictures), "--out", str(ref_out), *slow)
+    code, _, stderr = _run(str(pictures), "--out", str(out), *slow, "--skip-existing")
+    assert code == 1 and f"skipped {written} of" in stderr, stderr
+    finals = {k: v for k, v in _files(out).items() if not k.endswith(".tmp")}
+    assert finals == _files(ref_out), "--skip-existing must complete the set with the same bytes"
