@@ -218,32 +218,165 @@ def run_records(paths: Sequence[str], model_path: str, settings: JobSettings, la
     there instead (maps included) and the records are read back from it once it is complete.
 
     Connects at once (raising :class:`RayConnectionError` when it cannot); the connection is closed
-    when the records are exhausted."""
+    when the records are exhausted. When Ray fails during the run (its node dies, the ``ray://``
+    connection is lost), the records end with :class:`RayNodeError` saying how many pictures are
+    written and how to finish the set.
+
+    A process not connected to Ray yet drives the run from a child process: when the local raylet
+    dies, Ray's core worker ends the process it lives in at once, with its own log lines and no
+    Python exception, so the failure can only be reported from outside it. A process connected
+    already (a notebook, the tests) drives it in place."""
     if not paths:
         return iter(())
-    session = ray_session(address)
-    ray = session.__enter__()
     job = dict(paths=paths, model_path=model_path, settings=settings, layout=layout, workers=workers,
                threads=threads, provider=provider, parquet_dir=parquet_dir)
+    ray = import_ray()
+    if not ray.is_initialized():
+        return _records_from_child(job, address)
+    session = ray_session(address)
+    ray = session.__enter__()
 
     def records() -> Iterator[dict]:
         try:
-            if address is not None and address.startswith("ray://"):
-                # Ray Data does not execute through the Ray Client (Ray 2.60: "'Worker' object has no
-                # attribute 'core_worker'"), so the job is driven by a task inside the cluster and
-                # the records come back when it is done.
-                yield from ray.get(ray.remote(num_cpus=0)(_drive).remote(**job))
-            else:
-                yield from _records(**job)
+            yield from _job_records(ray, job, address)
         except Exception as e:
             if not _is_ray_failure(e):
                 raise
-            raise RayNodeError(_node_failure(e, address, paths, settings, layout, parquet_dir)) from e
+            raise RayNodeError(_node_failure(f"{type(e).__name__}: {_first_line(e)}", address, job)) from e
         finally:
             try:
                 session.__exit__(None, None, None)
             except Exception as e:  # shutting down a Ray whose node is gone: nothing left to close
                 logger.debug("closing the Ray session: %s", e)
+
+    return records()
+
+
+def _job_records(ray, job: dict, address: str | None) -> Iterator[dict]:
+    if address is not None and address.startswith("ray://"):
+        # Ray Data does not execute through the Ray Client (Ray 2.60: "'Worker' object has no
+        # attribute 'core_worker'"), so the job is driven by a task inside the cluster and
+        # the records come back when it is done.
+        yield from ray.get(ray.remote(num_cpus=0)(_drive).remote(**job))
+    else:
+        yield from _records(**job)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]
+
+
+class _PassedFd:
+    """A file descriptor handed to a spawned child (multiprocessing passes it while spawning)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self):
+        from multiprocessing import reduction
+
+        return _passed_fd, (reduction.DupFd(self.fd),)
+
+
+def _passed_fd(handle) -> int:
+    return handle if isinstance(handle, int) else handle.detach()
+
+
+def _driver(job: dict, address: str | None, conn, stderr_fd: int) -> None:
+    """The child process of :func:`_records_from_child`: connect, run, send each record; Ray's own
+    log lines (its C++ core worker writes to fd 2) go to the parent, which shows them only to explain
+    a failure."""
+    os.dup2(stderr_fd, 2)
+    try:
+        session = ray_session(address)
+        ray = session.__enter__()
+    except RayConnectionError as e:
+        conn.send(("connection", str(e)))
+        return
+    conn.send(("connected", None))
+    try:
+        for record in _job_records(ray, job, address):
+            conn.send(("record", record))
+        conn.send(("done", None))
+    except Exception as e:
+        import traceback
+
+        kind = "ray" if _is_ray_failure(e) else "defect"
+        conn.send((kind, f"{type(e).__name__}: {_first_line(e)}" if kind == "ray" else traceback.format_exc()))
+    finally:
+        try:
+            session.__exit__(None, None, None)
+        except Exception:  # a Ray whose node is gone: nothing left to close
+            pass
+
+
+def _records_from_child(job: dict, address: str | None) -> Iterator[dict]:
+    import collections
+    import multiprocessing
+    import threading
+
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    read_fd, write_fd = os.pipe()
+    ray_lines: collections.deque[str] = collections.deque(maxlen=200)
+
+    def drain() -> None:
+        with os.fdopen(read_fd, "r", errors="replace") as stream:
+            for line in stream:
+                ray_lines.append(line.rstrip())
+
+    threading.Thread(target=drain, daemon=True, name="gradmap-ray-log").start()
+    process = context.Process(target=_driver, args=(job, address, send, _PassedFd(write_fd)), name="gradmap-ray-driver")
+    process.start()
+    send.close()
+    os.close(write_fd)
+
+    def message():
+        """The child's next message, or None once it is gone without one."""
+        while True:
+            if receive.poll(0.2):
+                try:
+                    return receive.recv()
+                except (EOFError, OSError):
+                    return None
+            if not process.is_alive() and not receive.poll(0):
+                return None
+
+    def gone() -> str:
+        process.join(10)
+        said = [line for line in ray_lines if "died" in line.lower() or "raylet" in line.lower()]
+        last = f": {said[-1].split('] ', 1)[-1][:300]}" if said else ""
+        return f"the process driving Ray exited with {process.exitcode}{last}"
+
+    first = message()
+    if first is None or first[0] != "connected":
+        process.join(10)
+        where = "a local Ray" if address is None else f"Ray at {address}"
+        raise RayConnectionError(first[1] if first is not None and first[0] == "connection" else
+                                 f"cannot start or reach {where}: {gone()}")
+
+    def records() -> Iterator[dict]:
+        try:
+            while True:
+                got = message()
+                if got is None:
+                    raise RayNodeError(_node_failure(gone(), address, job))
+                kind, payload = got
+                if kind == "record":
+                    yield payload
+                elif kind == "done":
+                    return
+                elif kind == "ray":
+                    raise RayNodeError(_node_failure(payload, address, job))
+                else:
+                    raise RuntimeError(f"the Ray run failed:\n{payload}")
+        finally:
+            if process.is_alive():
+                process.terminate()
+            process.join(30)
+            if process.is_alive():
+                process.kill()
+            receive.close()
 
     return records()
 
@@ -254,16 +387,14 @@ def _is_ray_failure(error: BaseException) -> bool:
     return isinstance(error, ConnectionError) or type(error).__module__.split(".")[0] == "ray"
 
 
-def _node_failure(error: BaseException, address: str | None, paths: Sequence[str], settings: JobSettings,
-                  layout: OutputLayout, parquet_dir: str | None) -> str:
+def _node_failure(reason: str, address: str | None, job: dict) -> str:
     """One message for a run that Ray could not finish: what failed, what is written, how to finish."""
     where = ("the connection to Ray at " + address if address is not None and address.startswith("ray://")
              else "the Ray node" if address is None else f"the Ray cluster at {address}")
-    first = (str(error).strip().splitlines() or [""])[0][:300]
-    reason = f"{type(error).__name__}: {first}" if first else type(error).__name__
-    if parquet_dir is not None:
-        return (f"{where} failed during the run ({reason}); the Parquet dataset in {parquet_dir} is incomplete: "
-                "remove it and run again")
+    if job["parquet_dir"] is not None:
+        return (f"{where} failed during the run ({reason}); the Parquet dataset in {job['parquet_dir']} is "
+                "incomplete: remove it and run again")
+    settings, layout, paths = job["settings"], job["layout"], job["paths"]
     done = sum(layout.complete(p, settings.formats, settings.target.count, settings.method.name) for p in paths)
     return (f"{where} failed during the run ({reason}); {done} of {len(paths)} pictures have all their outputs "
             "written (each file is complete: outputs are written atomically); run the same command with "

@@ -48,7 +48,7 @@ def _need_serve():
     except ImportError as e:
         if os.environ.get("CI") == "true":
             pytest.fail(f"the [serve] extra is missing ({e}); CI must run these tests: pip install '.[serve,test]'")
-        pytest.skip(f"the [serve] extra is missing ({e}): pip install 'gradmap[serve,test]'")
+        pytest.skip(f"the [serve] extra is missing ({e}): pip install 'gradmap[serve,test]'", allow_module_level=True)
 
 
 _need_serve()
