@@ -673,7 +673,7 @@ def serve_command(model_paths: tuple[str, ...], names: tuple[str, ...], host: st
         try:
             run_ray_serve(config, host=host, port=port, address=address, replicas=replicas, replica_cpus=replica_cpus,
                           on_listening=listening)
-        except RayServeError as e:
+        except (RayServeError, ImportError) as e:
             raise click.ClickException(str(e)) from e
         click.echo("drained and stopped", err=True)
         return

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -386,3 +387,38 @@ def test_a_dead_ray_node_ends_the_run_with_one_gradmap_error(pictures, tmp_path)
     assert code == 1 and f"skipped {written} of" in stderr, stderr
     finals = {k: v for k, v in _files(out).items() if not k.endswith(".tmp")}
     assert finals == _files(ref_out), "--skip-existing must complete the set with the same bytes"
+
+
+def test_a_lost_ray_client_connection_ends_the_run_with_one_gradmap_error(ray_cluster, pictures, tmp_path):
+    """gradmap run through a Ray Client server that is killed mid-run: one gradmap error naming the
+    ray:// address, the pictures written and --skip-existing; no traceback."""
+    gcs = "127.0.0.1:" + ray_cluster.get_runtime_context().gcs_address.rsplit(":", 1)[1]
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "ray.util.client.server", "--host", "127.0.0.1", "--port",
+                               str(port), "--mode", "legacy", "--address", gcs], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    slow = ("--method", "smoothgrad", "--samples", "50", "--format", "npy", "--batch-size", "2", "--threads", "1")
+    out = tmp_path / "client"
+    env = {**os.environ, "RAY_CLIENT_RECONNECT_GRACE_PERIOD": "3"}
+    try:
+        _wait_for_port(port, server)
+        run = subprocess.Popen([sys.executable, "-m", "gradmap.cli", "run", str(DEMO_MODEL), str(pictures), "--out",
+                                str(out), *slow, "--engine", "ray", "--address", f"ray://127.0.0.1:{port}"], cwd=REPO,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 240
+        while not list(out.rglob("*.map.npy")) and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.05)
+        assert run.poll() is None, "the run ended before its connection could be cut"
+        os.killpg(server.pid, signal.SIGKILL)
+        stdout, stderr = run.communicate(timeout=300)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=60)
+    assert run.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, stderr[-3000:]
+    assert f"the connection to Ray at ray://127.0.0.1:{port} failed during the run" in errors[0], errors[0]
+    assert re.search(rf"\d+ of {N_GOOD + len(BROKEN)} pictures have all their outputs written", errors[0]), errors[0]
+    assert "--skip-existing to finish the set" in errors[0]

@@ -588,3 +588,46 @@ def test_settings_are_gradmap_runs_options():
                           ({"no_crop": "maybe"}, "true or false"), ({"noise": "nan"}, "NaN")):
         with pytest.raises(BadRequest, match=re.escape(words)):
             read_settings(params, "shapes", meta, max_top=3, max_passes=10)
+
+
+def test_batcher_runs_only_equal_keys_together_and_drops_callers_that_left():
+    from gradmap.serve._batching import DynamicBatcher
+
+    calls = []
+
+    def run(key, items):
+        calls.append((key, list(items)))
+        time.sleep(0.05)
+        return [ValueError(f"bad {i}") if i == 5 else f"{key}{i}" for i in items]
+
+    async def go():
+        batcher = DynamicBatcher(run, "m", max_batch=3, max_wait=0.02)
+        batcher.start()
+        keys = "aababaabbb"
+        tasks = [asyncio.ensure_future(batcher.submit(k, i)) for i, k in enumerate(keys)]
+        await asyncio.sleep(0)
+        tasks[9].cancel()  # its caller left while it waited: it never runs
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await batcher.stop()
+        return keys, results
+
+    keys, results = asyncio.run(go())
+    for i, (key, result) in enumerate(zip(keys, results)):
+        if i == 9:
+            assert isinstance(result, asyncio.CancelledError)
+        elif i == 5:
+            assert isinstance(result, ValueError), "a picture's own failure is its own result"
+        else:
+            assert result == f"{key}{i}"
+    ran = [i for _, items in calls for i in items]
+    assert sorted(ran) == list(range(9)), f"each picture runs once, the cancelled one never: {calls}"
+    assert all(len(items) <= 3 and all(keys[i] == key for i in items) for key, items in calls), calls
+    assert len(calls) < 9, "waiting pictures of one key must share runs"
+
+
+def test_engine_ray_without_ray_says_how_to_install(monkeypatch):
+    from gradmap.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    result = CliRunner().invoke(main, ["serve", str(DEMO_MODEL), "--engine", "ray"])
+    assert result.exit_code == 1 and "pip install 'gradmap[serve-ray]'" in result.output, result.output

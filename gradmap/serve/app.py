@@ -201,7 +201,10 @@ class GradmapApp:
         return served
 
     async def _body(self, request: Request) -> bytes:
-        """The request body, refused (413) once it passes the limit and abandoned (408) when it is slow."""
+        """The request body, refused (413) once it passes the limit and abandoned (408) when it is slow;
+        not read at all when the queue is full already (503)."""
+        if self.admitted >= self.limits.max_queue:
+            raise QueueFull()
         limit = self.limits.max_body_bytes
         length = request.headers.get("content-length")
         if length is not None:

@@ -59,7 +59,8 @@ class HeaderTimeoutProtocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self._header_timer is None and not self.transport.is_closing():
+        idle = self.cycle is None or self.cycle.response_complete  # not a pipelined request started already
+        if self._header_timer is None and idle and not self.transport.is_closing():
             self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
 
     def connection_lost(self, exc: Exception | None) -> None:
