@@ -138,9 +138,9 @@ def _gradmap_run(folder: Path, out: Path, *args: str) -> dict:
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("serve-pictures")
-    for i in range(6):
-        (folder / f"p{i}.jpg").write_bytes(_jpeg(i, (64 + 9 * i, 60 + 5 * i)))
-    for path in DEMO_PICTURES[:2]:
+    for i in range(3):
+        (folder / f"p{i}.jpg").write_bytes(_jpeg(2 * i, (64 + 19 * i, 60 + 11 * i)))
+    for path in DEMO_PICTURES[:1]:
         (folder / path.name).write_bytes(path.read_bytes())
     return folder
 
@@ -470,12 +470,12 @@ def test_slow_requests_time_out_with_504_and_the_server_goes_on():
 
 
 def test_sigterm_drains_the_requests_in_flight():
-    server = Server("--max-batch", "1")
+    server = Server("--max-batch", "1", "--request-timeout", "120")
     results: list = []
 
     def request(i: int) -> None:
         try:
-            results.append(httpx.post(server.url + "/explain/shapes?method=smoothgrad&samples=200", content=_jpeg(i),
+            results.append(httpx.post(server.url + "/explain/shapes?method=smoothgrad&samples=256", content=_jpeg(i),
                                       timeout=120).status_code)
         except httpx.HTTPError as e:
             results.append(repr(e))
@@ -483,9 +483,13 @@ def test_sigterm_drains_the_requests_in_flight():
     threads = [threading.Thread(target=request, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    time.sleep(1.0)  # the four requests are in flight (one runs, three wait)
+    deadline = time.monotonic() + 120
+    while not results and time.monotonic() < deadline:  # the first is answered: three run or wait
+        time.sleep(0.01)
     started = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
+    in_flight = 4 - len(results)
+    assert in_flight >= 2, f"only {in_flight} request(s) in flight at SIGTERM: use more work"
     time.sleep(0.5)
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/v2/health/live", timeout=5)  # no new connection once draining
