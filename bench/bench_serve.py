@@ -37,9 +37,7 @@ import json
 import os
 import platform
 import re
-import shutil
 import signal
-import statistics
 import struct
 import subprocess
 import sys

@@ -66,11 +66,11 @@ class ResponseOptions:
     render: RenderOptions = RenderOptions()
 
 
-# -- one table of the parameters ---------------------------------------------------------------------
-# The method settings are MethodSpec's fields with its defaults; choices and lower bounds are the
-# ones `gradmap run` declares. Which method reads which setting decides the batch key: a setting
-# the method ignores is reset to its default, so that it does not split batches.
-# TODO(methods-table): take the per-method settings, their defaults and ranges from contract's method table.
+# -- the method part: the one place that knows how methods and their settings are described --------
+# Today: MethodSpec's fields and defaults, the choice lists and lower bounds `gradmap run` declares,
+# and which method reads which setting. With contract's method table this block becomes: the
+# setting names of the table's rows, `Setting.check` for types and ranges, and
+# `MethodSpec.from_request(method, settings)` in `_method_spec`.
 _METHOD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MethodSpec) if f.name != "name"}
 _METHOD_CHOICES = {"variant": SMOOTHGRAD_VARIANTS, "rule": IG_RULES, "baseline": BASELINES,
                    "modifier": ("auto",) + MODIFIERS}
@@ -80,6 +80,35 @@ _SETTINGS_READ_BY = {"smoothgrad": ("samples", "noise", "variant", "seed"),
 #: Settings whose value multiplies the work of one picture (model runs per picture).
 _PASSES = ("samples", "steps")
 
+
+def _method_spec(method: str, values: Mapping[str, Any], model_name: str, metadata: contract.ModelMetadata,
+                 max_passes: int) -> MethodSpec:
+    """The method with its settings from ``values`` (typed already), checked against the model and
+    the server's limit on passes. A setting the method does not read takes its default, so that it
+    does not split batches (``gradmap run`` ignores it too)."""
+    if method not in contract.METHODS:
+        raise BadRequest(f"unknown method {method!r}; choose one of {', '.join(contract.METHODS)}")
+    if method not in metadata.methods:
+        raise BadRequest(f"model {model_name!r} does not support {method}; it supports {', '.join(metadata.methods)}")
+    settings = {}
+    for name, default in _METHOD_DEFAULTS.items():
+        if name not in _SETTINGS_READ_BY.get(method, ()) and name != "modifier":
+            settings[name] = default
+            continue
+        value = values[name]
+        if name in _METHOD_MINIMUM and value < _METHOD_MINIMUM[name]:
+            raise BadRequest(f"parameter {name!r} must be at least {_METHOD_MINIMUM[name]}, got {value}")
+        if name in _PASSES and value > max_passes:
+            raise BadRequest(f"parameter {name!r} is {value}; this server allows at most {max_passes} "
+                             "(--max-passes)")
+        settings[name] = value
+    try:
+        return MethodSpec(method, **settings)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+
+
+# -- the other parameters: gradmap run's options of the same names ---------------------------------
 _RENDER_DEFAULTS = RenderOptions()
 _COMMON = {"method": "vanilla", "target": "top1", "reduce": "max", "clip_percentile": None, "no_crop": False,
            "format": ",".join(DEFAULT_OUTPUTS), "colormap": _RENDER_DEFAULTS.colormap,
@@ -155,23 +184,7 @@ def read_settings(params: Mapping[str, Any], model_name: str, metadata: contract
     values = {name: (default if params.get(name) is None else _typed(name, params[name], default))
               for name, default in {**_COMMON, **_METHOD_DEFAULTS}.items()}
 
-    method = values["method"]
-    if method not in contract.METHODS:
-        raise BadRequest(f"unknown method {method!r}; choose one of {', '.join(contract.METHODS)}")
-    if method not in metadata.methods:
-        raise BadRequest(f"model {model_name!r} does not support {method}; it supports {', '.join(metadata.methods)}")
-    settings = {}
-    for name, default in _METHOD_DEFAULTS.items():
-        if name not in _SETTINGS_READ_BY.get(method, ()) and name != "modifier":
-            settings[name] = default
-            continue
-        value = values[name]
-        if name in _METHOD_MINIMUM and value < _METHOD_MINIMUM[name]:
-            raise BadRequest(f"parameter {name!r} must be at least {_METHOD_MINIMUM[name]}, got {value}")
-        if name in _PASSES and value > max_passes:
-            raise BadRequest(f"parameter {name!r} is {value}; this server allows at most {max_passes} "
-                             "(--max-passes)")
-        settings[name] = value
+    method = _method_spec(values["method"], values, model_name, metadata, max_passes)
     try:
         target = parse_target(values["target"] if not isinstance(values["target"], bool) else str(values["target"]),
                               metadata.labels)
@@ -193,7 +206,7 @@ def read_settings(params: Mapping[str, Any], model_name: str, metadata: contract
         if isinstance(outputs, (str, list, tuple)) else None
     if not outputs or any(not isinstance(o, str) or o not in OUTPUTS for o in outputs):
         raise BadRequest(f"parameter 'format' is {values['format']!r}; list some of {', '.join(OUTPUTS)}")
-    key = BatchKey(model_name, kind, MethodSpec(method, **settings), target, values["reduce"],
+    key = BatchKey(model_name, kind, method, target, values["reduce"],
                    None if clip is None else (0.0, float(clip)), values["no_crop"])
     if kind == PREDICT:
         key = BatchKey(model_name, PREDICT)
