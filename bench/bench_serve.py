@@ -290,6 +290,13 @@ def table(results: dict) -> str:
                      f"{row['mean_batch_all'] if row['mean_batch_all'] is not None else '-'} | {failures} | "
                      f"{' / '.join(map(str, row['loadavg']))} |")
     lines.append("")
+    for row in results["sweep"]:
+        if row["failures"]:
+            said = ", ".join(f"{n} x {what}" for what, n in row["failures"].items())
+            lines.append(f"- Failures, {row['model']}, batching {row['batching']}, {row['clients']} clients: {said} "
+                         "(504: the request timeout, 30 s, passed while the picture waited its turn)"
+                         if set(row["failures"]) == {"good: 504"} else
+                         f"- Failures, {row['model']}, batching {row['batching']}, {row['clients']} clients: {said}")
     for name, run in results["gradmap_run"].items():
         best = max((r for r in results["sweep"] if r["model"] == name and r["clients"] == 32),
                    key=lambda r: r["requests_per_s"], default=None)
