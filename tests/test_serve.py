@@ -635,3 +635,36 @@ def test_engine_ray_without_ray_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     result = CliRunner().invoke(main, ["serve", str(DEMO_MODEL), "--engine", "ray"])
     assert result.exit_code == 1 and "pip install 'gradmap[serve-ray]'" in result.output, result.output
+
+
+def test_a_failed_picture_is_freed_at_once_not_by_the_garbage_collector():
+    """A picture that fails to decode leaves no error object alive once its request is answered: kept
+    in a reference cycle, each held its partly decoded pixels until the cyclic collector ran (truncated
+    12-megapixel JPEGs grew a worker by gigabytes)."""
+    import gc
+
+    from gradmap.runtime import ImageLoadError
+    from gradmap.serve import ServeConfig, create_app
+
+    buffer = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((600, 800, 3)) * 255).astype(np.uint8)).save(
+        buffer, format="JPEG", quality=80)
+    truncated = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+    app = create_app(ServeConfig({"shapes": str(DEMO_MODEL)}))
+
+    async def go():
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gradmap") as client:
+                gc.collect()
+                gc.disable()
+                try:
+                    codes = [(await client.post("/explain/shapes", content=truncated)).status_code for _ in range(3)]
+                    codes += [(await client.post("/v1/models/shapes:predict", json=_v1(truncated))).status_code]
+                    alive = [o for o in gc.get_objects() if isinstance(o, ImageLoadError)]
+                finally:
+                    gc.enable()
+                return codes, alive
+
+    codes, alive = asyncio.run(go())
+    assert codes == [422] * 4, codes
+    assert not alive, f"{len(alive)} picture errors still alive after their requests: {alive[:2]}"

@@ -9,6 +9,10 @@ arriving meanwhile wait for the next batch, so a busy model batches by itself ev
 
 A request whose caller gave up (timeout, client gone) while it waited is dropped before its batch
 runs; one that is in a running batch finishes and its result is thrown away.
+
+Failures travel as values, never raised through the futures: an exception set on a future and
+raised by the waiting coroutine makes a reference cycle (future, exception, traceback, the frame
+holding the future) that keeps the request's bytes alive until the cyclic garbage collector runs.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ class DynamicBatcher:
 
     Args:
         run: called with a key and up to ``max_batch`` items; returns one result per item, or an
-            exception instance for an item that failed alone. An exception it raises fails the batch.
+            exception instance for an item that failed alone. An exception it raises fails the
+            batch: every item's result is that exception (without its traceback).
         name: the model's name (thread name, logs).
         max_batch: most items in one call of ``run``.
         max_wait: seconds the first item of a batch waits for others to join.
@@ -77,12 +82,13 @@ class DynamicBatcher:
         for queue in self._queues.values():
             for waiting in queue:
                 if not waiting.future.done():
-                    waiting.future.set_exception(RuntimeError("the server is shutting down"))
+                    waiting.future.set_result(RuntimeError("the server is shutting down"))
         self._queues.clear()
         self._executor.shutdown(wait=True)
 
     async def submit(self, key: Hashable, item: Any) -> Any:
-        """Queue ``item`` under ``key`` and wait for its result (an exception instance is raised)."""
+        """Queue ``item`` under ``key`` and wait for its result: a value, or an exception instance
+        (returned, not raised) when the item or its batch failed."""
         if self._task is None or self._task.done():
             raise RuntimeError(f"model {self.name} is not running")
         future = asyncio.get_running_loop().create_future()
@@ -147,19 +153,17 @@ class DynamicBatcher:
             except asyncio.CancelledError:
                 for waiting in batch:
                     if not waiting.future.done():
-                        waiting.future.set_exception(RuntimeError("the server is shutting down"))
+                        waiting.future.set_result(RuntimeError("the server is shutting down"))
                 raise
             except Exception as e:  # the whole batch failed: every request in it gets the error
                 logger.exception("model %s: a batch of %d failed", self.name, len(batch))
+                e.__traceback__ = None
                 results = [e] * len(batch)
             finally:
                 self.running = 0
             if self.on_batch is not None:
                 self.on_batch(key, len(batch), time.monotonic() - started)
             for waiting, result in zip(batch, results):
-                if waiting.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    waiting.future.set_exception(result)
-                else:
+                if not waiting.future.done():
                     waiting.future.set_result(result)
+            del batch, results, waiting, result  # held until the next batch otherwise

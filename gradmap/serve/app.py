@@ -74,6 +74,17 @@ class Served:
     batcher: DynamicBatcher
 
 
+def _detached(error: BaseException) -> BaseException:
+    """A picture's error without its traceback and chained causes. The traceback reaches the frame
+    that stored the error next to the batch's results (a reference cycle), and the causes reach PIL's
+    frames and the partly decoded picture: kept, each failed picture would hold its pixels until the
+    cyclic garbage collector runs (a truncated 12-megapixel JPEG: 36 MB, hundreds of them in a row
+    grew a worker by gigabytes). The message already says what went wrong."""
+    error.__traceback__ = None
+    error.__cause__ = error.__context__ = None
+    return error
+
+
 def _predict_batch(model: SaliencyModel, pictures: Sequence[EncodedPicture]) -> list[Any]:
     """Top classes of each picture, decoded and preprocessed as ``gradmap run`` does."""
     tensors, results = [], []
@@ -83,7 +94,7 @@ def _predict_batch(model: SaliencyModel, pictures: Sequence[EncodedPicture]) -> 
             tensors.append(preprocess(image, model.metadata.preprocessing)[0])
             results.append(None)
         except ImageLoadError as e:
-            results.append(e)
+            results.append(_detached(e))
     if tensors:
         probabilities = iter(model.probabilities(np.stack(tensors)))
         results = [r if r is not None else next(probabilities) for r in results]
@@ -94,7 +105,7 @@ def _explain_batch(model: SaliencyModel, key: BatchKey, pictures: Sequence[Encod
     """One model run for all ``pictures`` (one batch of :func:`~gradmap.runtime.iter_saliency`)."""
     results = list(iter_saliency(model, pictures, target=key.target, reduce=key.reduce, clip=key.clip,
                                  no_crop=key.no_crop, batch_size=len(pictures), method=key.method))
-    return [r.error if r.error is not None else r for r in results]
+    return [_detached(r.error) if r.error is not None else r for r in results]
 
 
 def _classes(model: SaliencyModel, probabilities: np.ndarray, k: int = TOP_PREDICTIONS) -> list[dict]:
@@ -299,15 +310,18 @@ class GradmapApp:
                 for task in tasks:
                     task.cancel()
                 raise
-        except ImageLoadError as e:
-            status = 413 if "decompression bomb" in e.reason else 422
-            raise BadRequest(str(e), status) from None
-        except NonFiniteGradientError as e:
-            raise BadRequest(f"the model's output holds NaN or Inf for this picture: {e}", 422) from None
         finally:
             self.admitted -= n
             gauge.set(served.batcher.waiting)
-        return results
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is None:
+            return results
+        # new exceptions, raised outside any except block: nothing chains back to these frames
+        if isinstance(failed, ImageLoadError):
+            raise BadRequest(str(failed), 413 if "decompression bomb" in failed.reason else 422)
+        if isinstance(failed, NonFiniteGradientError):
+            raise BadRequest(f"the model's output holds NaN or Inf for this picture: {failed}", 422)
+        raise RuntimeError(f"the model failed: {type(failed).__name__}: {failed}")
 
     async def _settings(self, served: Served, params: Any, kind: str = "explain") -> tuple[BatchKey, ResponseOptions]:
         if params is None:
@@ -515,22 +529,32 @@ class GradmapApp:
             model = request.path_params.get("name")
             model = model if model in self.served else ("-" if model is None else "unknown")
             reason = None
-            try:
-                response = await asyncio.wait_for(handler(request), self.limits.request_timeout)
-            except BadRequest as e:
-                response, reason = _error(e.status, e.reason), f"http_{e.status}"
-            except QueueFull:
-                response = _error(503, f"the server is busy: {self.limits.max_queue} pictures are queued "
+
+            async def handle() -> Response:
+                # Errors become responses here, inside the task wait_for runs: an exception leaving
+                # that task would tie it, its traceback and every frame (a request's bytes and
+                # results) in a reference cycle, freed only by the cyclic garbage collector.
+                nonlocal reason
+                try:
+                    return await handler(request)
+                except BadRequest as e:
+                    reason = f"http_{e.status}"
+                    return _error(e.status, e.reason)
+                except QueueFull:
+                    reason = "queue_full"
+                    return _error(503, f"the server is busy: {self.limits.max_queue} pictures are queued "
                                        "(--max-queue); retry later", {"Retry-After": str(self.limits.retry_after)})
-                reason = "queue_full"
+                except Exception as e:  # a defect or a model failure: said, logged, and the server goes on
+                    logger.exception("%s %s failed", request.method, request.url.path)
+                    reason = "internal"
+                    return _error(500, f"internal error: {type(e).__name__}: {e}")
+
+            try:
+                response = await asyncio.wait_for(handle(), self.limits.request_timeout)
             except asyncio.TimeoutError:
                 response = _error(504, f"the request took longer than {self.limits.request_timeout:g} s "
                                        "(--request-timeout)")
                 reason = "timeout"
-            except Exception as e:  # a defect or a model failure: said, logged, and the server goes on
-                logger.exception("%s %s failed", request.method, request.url.path)
-                response = _error(500, f"internal error: {type(e).__name__}: {e}")
-                reason = "internal"
             self.metrics.requests.labels(name, model, str(response.status_code)).inc()
             self.metrics.latency.labels(name).observe(time.monotonic() - started)
             if reason is not None:
