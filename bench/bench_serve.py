@@ -266,7 +266,9 @@ def soak(name: str, path: Path, pictures: list[bytes], seconds: float, bad_every
     workers = [k for k in samples[-1]["rss_mb"] if k.startswith("worker")]
     series = [s["rss_mb"].get(workers[0]) for s in samples if workers and workers[0] in s["rss_mb"]]
     after_minute = [v for s, v in zip(samples, series) if s["t"] >= 60] or series
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     row.update(model=name, bad_share=round(1 / bad_every, 2) if bad_every else 0.0, samples=samples,
+               commit=commit.strip(),
                exit_code=code, worker_rss_mb={"start": series[0], "at_1_min": after_minute[0], "end": series[-1],
                                               "max": max(series), "growth_after_1_min": round(series[-1] - after_minute[0], 1)})
     print(f"soak {name} bad {row['bad_share']:.0%}: {row['requests_per_s']} req/s, failures {row['failures']}, "
@@ -315,7 +317,8 @@ def table(results: dict) -> str:
         failures = sum(row["failures"].values())
         minutes = [f"{s['t'] / 60:.0f} min {s['rss_mb'].get(next(k for k in s['rss_mb'] if k.startswith('worker')), 0):.0f}"
                    for s in row["samples"] if any(k.startswith("worker") for k in s["rss_mb"])][::12]
-        lines.append(f"- Soak, {row['model']}, 32 clients, {row['seconds'] / 60:.1f} min, {row['bad_share']:.0%} bad "
+        lines.append(f"- Soak{' (commit ' + row['commit'] + ')' if row.get('commit') else ''}, {row['model']}, "
+                     f"32 clients, {row['seconds'] / 60:.1f} min, {row['bad_share']:.0%} bad "
                      f"requests: {row['good_answered']} good answered ({row['requests_per_s']:.1f}/s), "
                      f"{row['bad_answered_as_expected']} bad ones each refused with its 4xx, {failures} failures"
                      f"{' ' + json.dumps(row['failures']) if failures else ''}; worker RSS {rss['start']:.0f} MB at "
@@ -342,6 +345,8 @@ def main() -> None:
     parser.add_argument("--levels", default="1,8,32")
     parser.add_argument("--soak-seconds", type=float, default=600.0)
     parser.add_argument("--skip-soak", action="store_true")
+    parser.add_argument("--soaks", choices=["both", "clean", "bad"], default="both",
+                        help="which soaks to run; the other keeps its figures from the existing JSON")
     parser.add_argument("--skip-sweep", action="store_true", help="keep the sweep of the existing JSON")
     parser.add_argument("--quick", action="store_true", help="3 s per level, 20 s soaks: a smoke run")
     parser.add_argument("--docs-only", action="store_true")
@@ -368,8 +373,10 @@ def main() -> None:
         results["sweep"] = sweep(models, pictures, [int(c) for c in args.levels.split(",")], args.seconds)
     if not args.skip_soak:
         name = "resnet18" if "resnet18" in models else "demo"
-        results["soaks"] = [soak(name, models[name], pictures, args.soak_seconds, 0),
-                            soak(name, models[name], pictures, args.soak_seconds, 5)]
+        kept = {row["bad_share"]: row for row in previous.get("soaks", [])}
+        results["soaks"] = [soak(name, models[name], pictures, args.soak_seconds, every)
+                            if args.soaks in ("both", kind) else kept[share]
+                            for kind, every, share in (("clean", 0, 0.0), ("bad", 5, 0.2))]
     elif previous.get("soaks"):
         results["soaks"] = previous["soaks"]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
