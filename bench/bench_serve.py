@@ -325,6 +325,12 @@ def table(results: dict) -> str:
                      f"start, {rss['at_1_min']:.0f} after a minute, {rss['end']:.0f} at the end (max {rss['max']:.0f}; "
                      f"MB by minute: {', '.join(minutes)}); load average at the end "
                      f"{' / '.join(map(str, row['loadavg']))}.")
+    for row in results.get("soaks_before_fix", []):
+        rss = row["worker_rss_mb"]
+        lines.append(f"- The same soak at commit {row['commit']}, before failed pictures were freed at once (they "
+                     f"waited in reference cycles for the garbage collector): worker RSS {rss['at_1_min']:.0f} MB "
+                     f"after a minute, {rss['end']:.0f} at the end, still growing; {sum(row['failures'].values())} "
+                     "failures.")
     return "\n".join(lines)
 
 
@@ -379,6 +385,8 @@ def main() -> None:
                             for kind, every, share in (("clean", 0, 0.0), ("bad", 5, 0.2))]
     elif previous.get("soaks"):
         results["soaks"] = previous["soaks"]
+    if previous.get("soaks_before_fix"):
+        results["soaks_before_fix"] = previous["soaks_before_fix"]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     write_docs(results)
