@@ -10,24 +10,25 @@ from __future__ import annotations
 
 import importlib
 
-from gradmap.graph import ExportError, ExportReport, ParityError, UnsupportedOpsError
-
 __all__ = [
     "ExportError", "ExportReport", "ParityError", "UnsupportedOpsError", "build_gradient_model",
     "classifier_names", "export_module", "export_named_model", "export_torchvision", "load_torchvision",
     "verify_parity",
 ]
 
-#: Where each lazily loaded name lives (modules of this package).
+#: Where each lazily loaded name lives. Even the graph code's names load on first use: the CLI reads
+#: gradmap.export.presets (plain data) in the slim runtime, where onnx and onnx-ir are not installed.
 _LAZY = {
-    "build_gradient_model": "_api", "export_module": "_api", "export_torchvision": "_api", "verify_parity": "_api",
-    "export_named_model": "_sources", "classifier_names": "_torchvision", "load_torchvision": "_torchvision",
+    "ExportError": "gradmap.graph", "ExportReport": "gradmap.graph", "ParityError": "gradmap.graph",
+    "UnsupportedOpsError": "gradmap.graph",
+    "build_gradient_model": "._api", "export_module": "._api", "export_torchvision": "._api", "verify_parity": "._api",
+    "export_named_model": "._sources", "classifier_names": "._torchvision", "load_torchvision": "._torchvision",
 }
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
