@@ -31,7 +31,8 @@ def main() -> None:
               show_default=True, help="What the gradient differentiates.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random weights (--weights none).")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset of the exported model.")
-@click.option("--backprop", "backprops", multiple=True, type=click.Choice(["guided", "deconvnet"]),
+@click.option("--backprop", "backprops", multiple=True,
+              type=click.Choice([b for b in contract.BACKPROP_OUTPUTS if b != contract.DEFAULT_BACKPROP]),
               help="Also emit the gradient under this ReLU rule (repeatable), sharing the forward pass: "
                    "guided backpropagation or deconvnet (Springenberg et al. 2015).")
 @click.option("--cam-layer", default=None, metavar="NAME|auto",
@@ -63,7 +64,7 @@ def export_command(model_name: str, output: str, weights: str, score: str, seed:
         from gradmap.export import ExportError, export_named_model
 
         report = export_named_model(model_name, output, weights=weights, score=score, seed=seed,
-                                    opset=opset, verify=not no_verify, backprops=("vanilla", *backprops),
+                                    opset=opset, verify=not no_verify, backprops=(contract.DEFAULT_BACKPROP, *backprops),
                                     cam_layer=cam_layer, target=engine_target, channel_multiple=channel_multiple,
                                     external_data=external_data)
     except ImportError as e:  # the source's framework, or onnx, is not installed
@@ -98,7 +99,42 @@ def _load_model(path: str, provider: str, threads: int | None, cache: bool = Tru
         raise click.BadParameter(str(e), param_hint="'--provider'") from e
 
 
-_METHODS = list(contract.METHODS)
+def _setting_option(setting: contract.Setting) -> dict:
+    """click's form of a method setting: its type, range or choices, default and help, from the table."""
+    users = contract.methods_using(setting.name)
+    defaults = {next(s.default for s in contract.method(m).all_settings if s.name == setting.name) for m in users}
+    if setting.type == "choice":
+        kind: click.ParamType = click.Choice(setting.choices)
+    else:
+        bounded = setting.minimum is not None or setting.maximum is not None
+        if setting.type == "int":
+            kind = click.IntRange(setting.minimum, setting.maximum) if bounded else click.INT
+        else:
+            kind = click.FloatRange(setting.minimum, setting.maximum) if bounded else click.FLOAT
+    scope = "" if len(users) == len(contract.METHODS) else f"{', '.join(users)}: "
+    if len(defaults) == 1:  # one default: shown; else each method's own applies
+        return {"type": kind, "default": setting.default, "show_default": True, "help": scope + setting.help}
+    per_method = ", ".join(f"{m} {next(s.default for s in contract.method(m).settings if s.name == setting.name)}"
+                           for m in users)
+    return {"type": kind, "default": None, "help": f"{scope}{setting.help} [default: {per_method}]"}
+
+
+def _method_setting_options(exclude: tuple[str, ...] = ()):
+    """One ``--NAME`` option per setting of the method table (see :data:`gradmap.contract.SETTINGS`);
+    the command receives them as keyword arguments named after the settings."""
+    def decorate(command):
+        for name, setting in reversed(contract.SETTINGS.items()):
+            if name not in exclude:
+                command = click.option(f"--{name.replace('_', '-')}", name, **_setting_option(setting))(command)
+        return command
+
+    return decorate
+
+
+def _given(settings: dict) -> dict:
+    """The method settings given on the command line or with one default (None: each method's own)."""
+    return {name: value for name, value in settings.items() if value is not None}
+
 
 
 @main.command("run")
@@ -137,24 +173,9 @@ _METHODS = list(contract.METHODS)
 @click.option("--threads", type=click.IntRange(min=0), default=None,
               help="onnxruntime intra-op threads (default: onnxruntime decides).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout instead of text.")
-@click.option("--method", type=click.Choice(_METHODS), default="vanilla", show_default=True,
+@click.option("--method", type=click.Choice(contract.METHODS), default=contract.DEFAULT_METHOD, show_default=True,
               help="Attribution method; 'gradmap info' lists what a model supports.")
-@click.option("--modifier", type=click.Choice(["auto", "absolute", "positive", "negative", "none"]), default="auto",
-              show_default=True, help="Gradient modifier before the channel reduction: auto leaves the sign to "
-                                      "--reduce (max takes |values|, sum keeps the sign); negative shows "
-                                      "counter-evidence.")
-@click.option("--samples", type=click.IntRange(min=1), default=50, show_default=True, help="smoothgrad: noisy copies.")
-@click.option("--noise", type=click.FloatRange(min=0), default=0.15, show_default=True,
-              help="smoothgrad: noise sigma as a fraction of the input's value range.")
-@click.option("--variant", type=click.Choice(["plain", "squared", "vargrad"]), default="plain", show_default=True,
-              help="smoothgrad: mean gradient, mean squared gradient or variance.")
-@click.option("--steps", type=click.IntRange(min=2), default=32, show_default=True,
-              help="integrated-gradients: points on the path.")
-@click.option("--rule", type=click.Choice(["gauss-legendre", "trapezoid"]), default="gauss-legendre",
-              show_default=True, help="integrated-gradients: integration rule.")
-@click.option("--baseline", type=click.Choice(["black", "blurred", "uniform"]), default="black", show_default=True,
-              help="integrated-gradients: black (pixel 0), blurred picture or uniform noise.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of smoothgrad noise and uniform baselines.")
+@_method_setting_options()
 @click.option("--skip-existing", is_flag=True,
               help="Skip pictures whose requested outputs all exist (outputs are written atomically, so an "
                    "existing one is complete): resumes an interrupted run.")
@@ -173,9 +194,8 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
                 clip_percentile: float | None, no_crop: bool, placement: str, colormap: str, alpha: float | None,
                 overlay: str,
                 formats: tuple[str, ...], batch_size: int, provider: str, threads: int | None,
-                as_json: bool, method: str, modifier: str, samples: int, noise: float, variant: str, steps: int,
-                rule: str, baseline: str, seed: int, skip_existing: bool, engine: str, address: str | None,
-                workers: int | None, parquet_dir: str | None) -> None:
+                as_json: bool, method: str, skip_existing: bool, engine: str, address: str | None,
+                workers: int | None, parquet_dir: str | None, **method_settings: object) -> None:
     """Compute gradient saliency maps of INPUT pictures (files, folders, globs) with MODEL.onnx.
 
     Prints the top-5 classes of every picture and writes the requested pictures and arrays under
@@ -185,7 +205,7 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
 
     from gradmap.runtime import (JobSettings, OutputLayout, RenderOptions, TargetError, expand_inputs,
                                  explain_and_write, parse_target)
-    from gradmap.runtime.methods import MethodSpec
+    from gradmap.runtime.methods import MethodSpec, check_supported
 
     if engine == "ray":
         _check_ray_options(skip_existing, parquet_dir)
@@ -198,12 +218,11 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
         wanted = parse_target(target, model.labels)
     except TargetError as e:
         raise click.BadParameter(str(e), param_hint="'--target'") from e
-    if method not in model.metadata.methods:
-        raise click.BadParameter(f"{model_path} does not support {method}; it supports "
-                                 f"{', '.join(model.metadata.methods)} (see 'gradmap export --help' for "
-                                 "--backprop and --cam-layer)", param_hint="'--method'")
-    method_spec = MethodSpec(method, samples=samples, noise=noise, variant=variant, steps=steps, rule=rule,
-                             baseline=baseline, seed=seed, modifier=modifier)
+    try:
+        method_spec = MethodSpec(method, **_given(method_settings))
+        check_supported(model, method_spec, model_path)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--method'") from e
     paths, problems = expand_inputs(inputs, exclude_dir=out_dir)
     failures: list[dict] = []
     for spec, reason in problems:
@@ -314,7 +333,7 @@ def _print_record(record: dict) -> None:
     for m in record["maps"]:
         rank = f"top{m['rank']} " if m["rank"] is not None else ""
         gap = f" (completeness gap {m['completeness_gap']:.3g})" if m.get("completeness_gap") is not None else ""
-        click.echo(f"  {m.get('method', 'vanilla')} map {rank}for {m['target']['label']} ({m['target']['index']}){gap}: "
+        click.echo(f"  {m.get('method', contract.DEFAULT_METHOD)} map {rank}for {m['target']['label']} ({m['target']['index']}){gap}: "
                    + ", ".join(m["files"].values()))
 
 
@@ -359,7 +378,7 @@ def demo_command(out_dir: str, threads: int | None) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # SmoothGrad at the noise level models/evaluate_demo.py chose for this model on validation images
-    noise = MethodSpec.noise
+    noise = contract.SETTINGS["noise"].default
     quality = assets.joinpath("quality.json")
     if quality.is_file():
         import json
@@ -388,13 +407,9 @@ def demo_command(out_dir: str, threads: int | None) -> None:
               help="The same network with more layers re-initialized (repeatable, shallowest first; Adebayo et "
                    "al.'s cascading randomization): rho against each is reported beside the check, labelled by "
                    "file name.")
-@click.option("--method", "method_names", multiple=True, type=click.Choice(_METHODS),
+@click.option("--method", "method_names", multiple=True, type=click.Choice(contract.METHODS),
               help="Evaluate only this method (repeatable); default: every method the model supports.")
-@click.option("--samples", type=click.IntRange(min=1), default=50, show_default=True, help="smoothgrad: noisy copies.")
-@click.option("--noise", type=click.FloatRange(min=0), default=0.15, show_default=True,
-              help="smoothgrad: noise sigma as a fraction of the image's value range.")
-@click.option("--steps", type=click.IntRange(min=2), default=32, show_default=True,
-              help="integrated-gradients: integration points.")
+@_method_setting_options(exclude=("seed",))
 @click.option("--curve-steps", type=click.IntRange(min=1), default=64, show_default=True,
               help="Deletion/insertion steps.")
 @click.option("--random-repeats", type=click.IntRange(min=1), default=2, show_default=True,
@@ -409,10 +424,9 @@ def demo_command(out_dir: str, threads: int | None) -> None:
               help="Also write the full results to this JSON file.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when a method fails the randomization check.")
 def evaluate_command(model_path: str, data_path: str, randomized_path: str | None, cascade_paths: tuple[str, ...],
-                     method_names: tuple[str, ...],
-                     samples: int, noise: float, steps: int, curve_steps: int, random_repeats: int,
+                     method_names: tuple[str, ...], curve_steps: int, random_repeats: int,
                      limit: int | None, tolerance: float, seed: int, threads: int | None, json_path: str | None,
-                     strict: bool) -> None:
+                     strict: bool, **method_settings: object) -> None:
     """Measure map quality per method on images with object masks: pointing game, energy pointing
     game, deletion/insertion AUC against random pixel orders, and (with --randomized) the
     model-parameter randomization sanity check."""
@@ -420,7 +434,8 @@ def evaluate_command(model_path: str, data_path: str, randomized_path: str | Non
     import os
 
     from gradmap.runtime import atomic_write
-    from gradmap.runtime.evaluate import EvaluationDataError, evaluate, format_report, load_evaluation_data
+    from gradmap.runtime.evaluate import (EvaluationDataError, check_methods, evaluate, format_report,
+                                          load_evaluation_data)
     from gradmap.runtime.methods import MethodSpec
 
     model = _load_model(model_path, "cpu", threads)
@@ -429,11 +444,11 @@ def evaluate_command(model_path: str, data_path: str, randomized_path: str | Non
     compared = [(randomized, randomized_path, "'--randomized'"),
                 *((m, path, "'--cascade'") for (_, m), path in zip(cascade, cascade_paths))]
     names = list(dict.fromkeys(method_names)) or list(model.metadata.methods)
-    for name in names:
-        for m, path, _ in ((model, model_path, None), *compared):
-            if m is not None and name not in m.metadata.methods:
-                raise click.BadParameter(f"{path} does not support {name} (it supports "
-                                         f"{', '.join(m.metadata.methods)})", param_hint="'--method'")
+    try:
+        specs = [MethodSpec(name, seed=seed, **_given(method_settings)) for name in names]
+        check_methods(specs, [model, *(m for m, _, _ in compared)])
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--method'") from e
     for m, path, hint in compared:
         if m is not None and m.metadata.labels != model.metadata.labels:
             raise click.BadParameter(f"{path} has other classes than {model_path}", param_hint=hint)
@@ -446,7 +461,6 @@ def evaluate_command(model_path: str, data_path: str, randomized_path: str | Non
         raise click.ClickException(str(e)) from e
     for note in data.notes:
         click.echo(f"note: {note}", err=True)
-    specs = [MethodSpec(name, samples=samples, noise=noise, steps=steps, seed=seed) for name in names]
     results = evaluate(model, data, specs, randomized=randomized, cascade=cascade, steps=curve_steps,
                        random_repeats=random_repeats,
                        seed=seed, tolerance=tolerance, progress=lambda message: click.echo(message, err=True))
@@ -486,6 +500,7 @@ def info_command(model_path: str, as_json: bool) -> None:
         "backprops": list(meta.backprops),
         "cam_layer": meta.cam_layer,
         "methods": list(meta.methods),
+        "other_methods": {m.name: list(m.export_options) for m in contract.METHOD_TABLE if m.name not in meta.methods},
         "preprocessing": meta.preprocessing.to_dict(),
         "num_classes": meta.num_classes,
         "labels_preview": list(meta.labels[:5]),
@@ -507,6 +522,9 @@ def info_command(model_path: str, as_json: bool) -> None:
                f"backprop: {', '.join(meta.backprops)}"
                + (f"; CAM layer: {meta.cam_layer}" if meta.cam_layer else ""))
     click.echo(f"methods:        {', '.join(meta.methods)}")
+    if info["other_methods"]:
+        click.echo("other methods:  " + "; ".join(f"{name} (export with {' '.join(options)})"
+                                                  for name, options in info["other_methods"].items()))
     click.echo(f"preprocessing:  resize {p.resize} ({p.interpolation}), center crop {p.crop[0]}x{p.crop[1]}, "
                f"mean {list(p.mean)}, std {list(p.std)}")
     click.echo(f"classes:        {meta.num_classes} ({', '.join(meta.labels[:5])}{', ...' if meta.num_classes > 5 else ''})")
@@ -581,7 +599,7 @@ def web_command(model_path: str | None, out_dir: str, ort_dist: str | None, exam
     from gradmap.runtime import GradmapModelError
     from gradmap.web import SiteError, build_site, make_server
 
-    noise = 0.15
+    noise = contract.SETTINGS["noise"].default
     if model_path is None:
         assets = demo_assets()
         model_path = str(assets.joinpath("shapes.onnx"))
@@ -592,7 +610,7 @@ def web_command(model_path: str | None, out_dir: str, ort_dist: str | None, exam
         if quality.is_file():
             noise = json.loads(quality.read_text()).get("smoothgrad_noise_selection", {}).get("noise", noise)
     try:
-        config = build_site(model_path, out_dir, ort_dist=ort_dist, examples=examples, smoothgrad_noise=noise)
+        config = build_site(model_path, out_dir, ort_dist=ort_dist, examples=examples, settings={"noise": noise})
     except (SiteError, GradmapModelError) as e:
         raise click.ClickException(str(e)) from e
     source = "ort/ (local copy)" if ort_dist else config["ort"]["base"]

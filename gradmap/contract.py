@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
@@ -188,6 +189,8 @@ METHOD_KINDS = ("gradient", "attribution", "cam")
 KIND_GRADIENT, KIND_ATTRIBUTION, KIND_CAM = METHOD_KINDS
 #: The types of method settings: whole numbers, real numbers, one of a list of names.
 SETTING_TYPES = ("int", "float", "choice")
+#: How a number setting is written as text (a query string, a form field): decimal, with an exponent.
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 class MethodSettingError(ValueError):
@@ -231,13 +234,16 @@ class Setting:
                 raise MethodSettingError(f"{where}: {value!r} is not one of {', '.join(self.choices)}")
             return value
         wanted = "an integer" if self.type == "int" else "a number"
+        given = value
         try:
             if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)):
                 raise ValueError
+            if isinstance(value, str):  # decimal notation only, as the page's checkSetting reads it
+                if not _DECIMAL.fullmatch(value.strip()):
+                    raise ValueError
+                value = float(value) if self.type == "float" or not value.strip().lstrip("+-").isdigit() else int(value)
             if self.type == "int":
-                if isinstance(value, str):
-                    value = int(value.strip())
-                elif isinstance(value, numbers.Integral):
+                if isinstance(value, numbers.Integral):
                     value = int(value)
                 elif float(value).is_integer():
                     value = int(value)
@@ -245,10 +251,10 @@ class Setting:
                     raise ValueError
             else:
                 value = float(value)
-                if not math.isfinite(value):
-                    raise ValueError
+            if not math.isfinite(value):
+                raise ValueError
         except (ValueError, OverflowError):
-            raise MethodSettingError(f"{where} must be {wanted}{self._range()}, got {value!r}") from None
+            raise MethodSettingError(f"{where} must be {wanted}{self._range()}, got {given!r}") from None
         if (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum):
             raise MethodSettingError(f"{where} must be {wanted}{self._range()}, got {value!r}")
         return value
@@ -379,9 +385,9 @@ _CAM = "gradmap.runtime.cam:"
 #: Every attribution method, in the order ``gradmap run --method`` and ``gradmap info`` list them.
 METHOD_TABLE: tuple[Method, ...] = (
     Method("vanilla", KIND_GRADIENT, "the gradient of the class score (Simonyan et al. 2013)",
-           _GRADIENT_OUTPUTS, _METHODS + "gradient_output_method", web="gradientOutput"),
+           _GRADIENT_OUTPUTS, _METHODS + "model_gradient_method", web="modelGradient"),
     Method("smoothgrad", KIND_GRADIENT, "the gradient averaged over noisy copies of the input (Smilkov et al. 2017)",
-           _GRADIENT_OUTPUTS, _METHODS + "smoothgrad_method", web="smoothgrad",
+           _GRADIENT_OUTPUTS, _METHODS + "smoothgrad_method", web="smoothGrad",
            settings=(_SAMPLES, _NOISE, _VARIANT, _SEED)),
     Method("integrated-gradients", KIND_ATTRIBUTION,
            "(input - baseline) x the gradient integrated along the path between them (Sundararajan et al. 2017)",
@@ -390,11 +396,11 @@ METHOD_TABLE: tuple[Method, ...] = (
            _GRADIENT_OUTPUTS, _METHODS + "gradient_x_input_method", web="gradientTimesInput"),
     Method("guided-backprop", KIND_GRADIENT,
            "the gradient with ReLUs passing positive gradients of positive inputs only (Springenberg et al. 2015)",
-           (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_GRADIENT_GUIDED), _METHODS + "gradient_output_method",
-           web="gradientOutput"),
+           (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_GRADIENT_GUIDED), _METHODS + "model_gradient_method",
+           web="modelGradient"),
     Method("deconvnet", KIND_GRADIENT, "the gradient with ReLUs passing positive gradients (Zeiler & Fergus 2014)",
-           (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_GRADIENT_DECONVNET), _METHODS + "gradient_output_method",
-           web="gradientOutput"),
+           (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_GRADIENT_DECONVNET), _METHODS + "model_gradient_method",
+           web="modelGradient"),
     Method("grad-cam", KIND_CAM, "a feature map weighted by its mean gradient (Selvaraju et al. 2017)",
            _CAM_OUTPUTS, _CAM + "grad_cam_method", web="gradCam"),
     Method("grad-cam++", KIND_CAM, "a feature map weighted by higher-order gradient terms (Chattopadhay et al. 2018)",
@@ -413,22 +419,15 @@ _BY_NAME = {m.name: m for m in METHOD_TABLE}
 
 
 def _settings_by_name() -> dict[str, Setting]:
-    """Every setting by name, methods' first then the common ones: one definition per name."""
+    """Every setting by name, the common ones first: one definition per name."""
     found: dict[str, Setting] = {}
-    for setting in (*(s for m in METHOD_TABLE for s in m.settings), *COMMON_SETTINGS):
+    for setting in (*COMMON_SETTINGS, *(s for m in METHOD_TABLE for s in m.settings)):
         first = found.setdefault(setting.name, setting)
         if not first.same_definition(setting):
             raise ValueError(f"two settings named {setting.name!r} differ in type, choices, range or help; "
                              "give one of them another name")
     return found
 
-
-# Views of the table under the names of the separate tables it replaces (kept until their readers
-# read the table).
-WEB_METHODS = tuple(m.name for m in METHOD_TABLE if m.web)
-CAM_METHODS = tuple(m.name for m in METHOD_TABLE if m.kind == KIND_CAM)
-METHOD_EXPORT_OPTIONS = {m.name: " ".join(m.export_options) for m in METHOD_TABLE if m.export_options}
-ATTRIBUTION_KINDS = {m.name: m.kind for m in METHOD_TABLE}
 
 #: Every setting by name (one ``--NAME`` option each); a method's own default may differ.
 SETTINGS = _settings_by_name()

@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from gradmap import contract
 from gradmap.runtime.io import OutputLayout, RenderOptions
 from gradmap.runtime.jobs import JobSettings, explain_and_write
-from gradmap.runtime.methods import MethodSpec
+from gradmap.runtime.methods import MethodSpec, check_supported
 from gradmap.runtime.model import SaliencyModel
 from gradmap.runtime.preprocess import EncodedPicture
 from gradmap.runtime.saliency import Target, parse_target
@@ -121,12 +122,12 @@ def _read(path: str) -> bytes | None:
 
 
 def explain_dataset(dataset_or_paths: "ray.data.Dataset | Sequence[str | os.PathLike[str]]",
-                    model_path: str | os.PathLike[str], *, method: str | MethodSpec = "vanilla",
-                    target: str | int | Target = "top1", reduce: str = "max",
+                    model_path: str | os.PathLike[str], *, method: str | MethodSpec = contract.DEFAULT_METHOD,
+                    target: str | int | Target = contract.DEFAULT_TARGET, reduce: str = contract.DEFAULT_REDUCTION,
                     clip: tuple[float, float] | None = None, no_crop: bool = False,
                     out_dir: str | os.PathLike[str] | None = None, formats: Iterable[str] = (),
                     render: RenderOptions | None = None, layout: OutputLayout | None = None,
-                    batch_size: int = 8, workers: int | None = None, threads: int | None = 1,
+                    batch_size: int = contract.DEFAULT_BATCH_SIZE, workers: int | None = None, threads: int | None = 1,
                     provider: str = "cpu", keep_maps: bool = True, **method_options: Any) -> "ray.data.Dataset":
     """Explain every picture of a dataset on Ray, one model per actor; returns a lazy Ray Dataset.
 
@@ -165,9 +166,7 @@ def explain_dataset(dataset_or_paths: "ray.data.Dataset | Sequence[str | os.Path
     if isinstance(method, MethodSpec) and method_options:
         raise ValueError("pass method options inside the MethodSpec, not as keywords")
     checked = SaliencyModel(model_path, provider="cpu", threads=1)
-    if spec.name not in checked.metadata.methods:
-        raise ValueError(f"{model_path} does not support {spec.name}; it supports "
-                         f"{', '.join(checked.metadata.methods)}")
+    check_supported(checked, spec, model_path)
     formats = tuple(dict.fromkeys(formats))
     if formats and out_dir is None and layout is None:
         raise ValueError("formats to write need an out_dir")

@@ -7,9 +7,9 @@ deepest directory that holds all inputs, and every output keeps the input's full
     out/a/x.jpg.heatmap.png   out/a/x.jpg.overlay.png   out/a/x.jpg.figure.png
     out/a/x.jpg.gradient.npy  out/a/x.jpg.map.npy       (topK: out/a/x.jpg.top2.heatmap.png ...)
 
-The first array is named for what it holds (``contract.ATTRIBUTION_KINDS``): ``.gradient.npy`` for
-the gradient methods, ``.attribution.npy`` for integrated gradients, gradient x input and guided
-Grad-CAM, ``.cam.npy`` for Grad-CAM and Grad-CAM++.
+The first array is named for what it holds, the method's ``kind`` in the method table
+(``contract.METHOD_TABLE``): ``.gradient.npy`` for the gradient methods, ``.attribution.npy`` for
+integrated gradients, gradient x input and guided Grad-CAM, ``.cam.npy`` for Grad-CAM and Grad-CAM++.
 
 Every file is written to a temporary file in its destination directory and then ``os.replace``d, so a
 reader never sees half a file; an output path that is one of the inputs is refused.
@@ -127,17 +127,19 @@ class OutputLayout:
         name = relative.name + (f".top{rank}" if rank is not None else "")
         return self.out_dir / relative.parent / name
 
-    def planned(self, source: str, formats: Iterable[str], maps: int = 1, method: str = "vanilla") -> list[Path]:
+    def planned(self, source: str, formats: Iterable[str], maps: int = 1,
+                method: str = contract.DEFAULT_METHOD) -> list[Path]:
         """Every file :func:`write_outputs` writes for ``source`` with these ``formats`` when the
         picture gets ``maps`` maps (topK: K) by ``method``. ``--skip-existing`` skips a picture whose
         planned files all exist: outputs are written atomically, so an existing file is a complete one."""
         ranks: list[int | None] = list(range(1, maps + 1)) if maps > 1 else [None]
         kinds = {"heatmap": [("heatmap", ".png")], "overlay": [("overlay", ".png")], "figure": [("figure", ".png")],
-                 "npy": [(contract.ATTRIBUTION_KINDS[method], ".npy"), ("map", ".npy")]}
+                 "npy": [(contract.method(method).kind, ".npy"), ("map", ".npy")]}
         return [self.path(source, kind, suffix, rank) for rank in ranks
                 for fmt in dict.fromkeys(formats) for kind, suffix in kinds[fmt]]
 
-    def complete(self, source: str, formats: Iterable[str], maps: int = 1, method: str = "vanilla") -> bool:
+    def complete(self, source: str, formats: Iterable[str], maps: int = 1,
+                 method: str = contract.DEFAULT_METHOD) -> bool:
         """Whether every planned output of ``source`` exists already (see :meth:`planned`). False when
         an output would overwrite an input: the picture is then processed and reports that error."""
         try:
@@ -194,7 +196,7 @@ def save_npy(array: np.ndarray, path: str | os.PathLike[str]) -> None:
     atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
-OVERLAYS = ("peaks", "flat")
+OVERLAYS = contract.OVERLAYS
 
 
 @dataclass(frozen=True)
@@ -209,10 +211,10 @@ class RenderOptions:
     """
 
     equalize: bool = True
-    placement: str = "crop"
-    colormap: str = "hot"
+    placement: str = contract.DEFAULT_PLACEMENT
+    colormap: str = contract.DEFAULT_COLORMAP
     alpha: float | None = None
-    overlay: str = "peaks"
+    overlay: str = contract.DEFAULT_OVERLAY
 
     def __post_init__(self) -> None:
         if self.overlay not in OVERLAYS:
@@ -278,7 +280,7 @@ def write_outputs(result: ImageSaliency, saliency: SaliencyMap, layout: OutputLa
             save_png(figure, path)
             written["figure"] = str(path)
         elif kind == "npy":
-            kind_name = contract.ATTRIBUTION_KINDS.get(saliency.method, "attribution")
+            kind_name = contract.method(saliency.method).kind
             for name, array in ((kind_name, saliency.attribution), ("map", saliency.saliency_map)):
                 path = layout.path(result.source, name, ".npy", rank)
                 save_npy(np.asarray(array, dtype=np.float32), path)

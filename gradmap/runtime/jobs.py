@@ -26,6 +26,7 @@ from typing import Iterable, Iterator
 
 from PIL import Image
 
+from gradmap import contract
 from gradmap.runtime.io import DEFAULT_FORMATS, OutputLayout, RenderOptions, write_outputs
 from gradmap.runtime.methods import MethodSpec
 from gradmap.runtime.model import SaliencyModel
@@ -49,12 +50,12 @@ class JobSettings:
 
     target: Target = Target("top", 1)
     method: MethodSpec = field(default_factory=MethodSpec)
-    reduce: str = "max"
+    reduce: str = contract.DEFAULT_REDUCTION
     clip: tuple[float, float] | None = None
     no_crop: bool = False
     formats: tuple[str, ...] = DEFAULT_FORMATS
     render: RenderOptions = field(default_factory=RenderOptions)
-    batch_size: int = 8
+    batch_size: int = contract.DEFAULT_BATCH_SIZE
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from gradmap import contract
 from gradmap.runtime.colormaps import apply_colormap
 
 __all__ = ["FIGURE_TITLES", "render_figure", "render_heatmap", "render_overlay"]
@@ -38,7 +39,8 @@ def _covered(values: np.ndarray, covered: np.ndarray | None) -> np.ndarray:
     return np.ones(values.shape, dtype=bool) if covered is None else np.asarray(covered, dtype=bool)
 
 
-def render_heatmap(values: np.ndarray, covered: np.ndarray | None = None, colormap: str = "hot") -> Image.Image:
+def render_heatmap(values: np.ndarray, covered: np.ndarray | None = None,
+                   colormap: str = contract.DEFAULT_COLORMAP) -> Image.Image:
     """Colour a [H, W] map in [0, 1]; RGBA with alpha 0 where ``covered`` is False, else RGB."""
     rgb = apply_colormap(values, colormap)
     if covered is None:
@@ -48,7 +50,7 @@ def render_heatmap(values: np.ndarray, covered: np.ndarray | None = None, colorm
 
 
 def render_overlay(picture: Image.Image, values: np.ndarray, covered: np.ndarray | None = None,
-                   colormap: str = "hot", alpha: float = 0.5, *, weighted: bool = False) -> Image.Image:
+                   colormap: str = contract.DEFAULT_COLORMAP, alpha: float = 0.5, *, weighted: bool = False) -> Image.Image:
     """Blend the coloured map over the RGB ``picture`` (same size).
 
     Flat (``weighted=False``, the recipes' overlay): opacity ``alpha`` everywhere the map covers the
@@ -110,7 +112,7 @@ def _draw_centered(draw: ImageDraw.ImageDraw, text: str, center_x: int, top: int
 
 
 def render_figure(picture: Image.Image, raw: np.ndarray, equalized: np.ndarray, overlay_values: np.ndarray,
-                  covered: np.ndarray | None = None, *, caption: str = "", colormap: str = "hot",
+                  covered: np.ndarray | None = None, *, caption: str = "", colormap: str = contract.DEFAULT_COLORMAP,
                   alpha: float = 0.5, panel_size: int = 320, weighted: bool = False) -> Image.Image:
     """The four-panel figure of the ResNet-50 recipe, as one RGB image.
 
