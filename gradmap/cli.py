@@ -11,6 +11,7 @@ import sys
 import click
 
 from gradmap import __version__, contract
+from gradmap.demo import FIGURE_SETTINGS, demo_model, demo_pictures, tuned_settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -142,9 +143,9 @@ def _given(settings: dict) -> dict:
 @click.argument("inputs", metavar="INPUT...", nargs=-1, required=True)
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="out", show_default=True,
               help="Output directory; the inputs' folder tree is mirrored inside it.")
-@click.option("--target", default="top1", show_default=True,
+@click.option("--target", default=contract.DEFAULT_TARGET, show_default=True,
               help="Class to explain: top1, topK (one map per rank, e.g. top3), a class index or a class name.")
-@click.option("--reduce", type=click.Choice(["max", "sum", "l2"]), default="max", show_default=True,
+@click.option("--reduce", type=click.Choice(contract.REDUCTIONS), default=contract.DEFAULT_REDUCTION, show_default=True,
               help="Channel reduction: max of |gradient| (PyTorch/cs231n recipes), signed sum (TensorFlow "
                    "recipe) or L2 norm.")
 @click.option("--equalize/--no-equalize", default=True, show_default=True,
@@ -153,21 +154,23 @@ def _given(settings: dict) -> dict:
               help="Clip the map at this upper percentile (e.g. 99) before normalizing.")
 @click.option("--no-crop", is_flag=True,
               help="Resize the whole picture to the input size instead of resize + center crop.")
-@click.option("--placement", type=click.Choice(["crop", "stretch"]), default="crop", show_default=True,
+@click.option("--placement", type=click.Choice(contract.PLACEMENTS), default=contract.DEFAULT_PLACEMENT,
+              show_default=True,
               help="Map back onto the crop window (crop) or stretch over the whole picture like the "
                    "ResNet-50 recipe (stretch).")
-@click.option("--colormap", type=click.Choice(["hot", "jet", "viridis", "gray"]), default="hot", show_default=True)
+@click.option("--colormap", type=click.Choice(contract.COLORMAPS), default=contract.DEFAULT_COLORMAP,
+              show_default=True)
 @click.option("--alpha", type=click.FloatRange(0, 1), default=None,
               help="Overlay opacity: at the map's highest values for peaks [default: 0.8], everywhere for flat "
                    "[default: 0.5].")
-@click.option("--overlay", type=click.Choice(["peaks", "flat"]), default="peaks", show_default=True,
+@click.option("--overlay", type=click.Choice(contract.OVERLAYS), default=contract.DEFAULT_OVERLAY, show_default=True,
               help="peaks: the map scaled to its 99th percentile, opacity growing with the value, so that only "
                    "where the map is high colours the picture; flat: the recipes' overlay, the heatmap's map at "
                    "one opacity.")
 @click.option("--format", "formats", multiple=True, callback=_split_formats,
               help="Outputs among heatmap, overlay, figure, npy; repeatable or comma-separated "
                    "[default: heatmap,overlay,figure].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=contract.DEFAULT_BATCH_SIZE, show_default=True)
 @click.option("--provider", default="auto", show_default=True,
               help="auto, cpu, cuda, or a comma-separated list of onnxruntime providers.")
 @click.option("--threads", type=click.IntRange(min=0), default=None,
@@ -179,7 +182,7 @@ def _given(settings: dict) -> dict:
 @click.option("--skip-existing", is_flag=True,
               help="Skip pictures whose requested outputs all exist (outputs are written atomically, so an "
                    "existing one is complete): resumes an interrupted run.")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+@click.option("--engine", type=click.Choice(contract.ENGINES), default=contract.DEFAULT_ENGINE, show_default=True,
               help="local: this process; ray: Ray Data actors, one model loaded per actor, which read, explain "
                    "and write the pictures (pip install 'gradmap[ray]').")
 @click.option("--address", default=None, metavar="auto|ray://HOST:PORT",
@@ -203,11 +206,11 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
     """
     import json
 
-    from gradmap.runtime import (JobSettings, OutputLayout, RenderOptions, TargetError, expand_inputs,
-                                 explain_and_write, parse_target)
-    from gradmap.runtime.methods import MethodSpec, check_supported
+    from gradmap.runtime import RenderOptions, TargetError
+    from gradmap.runtime.jobs import EngineError, make_engine, run_job
+    from gradmap.runtime.methods import MethodSpec, UnsupportedMethodError
 
-    if engine == "ray":
+    if engine == contract.ENGINE_RAY:
         _check_ray_options(skip_existing, parquet_dir)
     elif address or workers or parquet_dir:
         raise click.UsageError("--address, --workers and --to-parquet need --engine ray")
@@ -215,67 +218,36 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
     if model.target_notice:
         click.echo(f"note: {model.target_notice}", err=True)
     try:
-        wanted = parse_target(target, model.labels)
-    except TargetError as e:
-        raise click.BadParameter(str(e), param_hint="'--target'") from e
-    try:
         method_spec = MethodSpec(method, **_given(method_settings))
-        check_supported(model, method_spec, model_path)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="'--method'") from e
-    paths, problems = expand_inputs(inputs, exclude_dir=out_dir)
-    failures: list[dict] = []
-    for spec, reason in problems:
-        click.echo(f"error: {spec}: {reason}", err=True)
-        failures.append({"path": spec, "error": reason})
-    layout = OutputLayout(out_dir, paths)  # from every input, so that skipping changes no output path
-    n_inputs, skipped = len(paths) + len(problems), 0
-    if skip_existing:
-        remaining = [p for p in paths if not layout.complete(p, formats, wanted.count, method)]
-        skipped, paths = len(paths) - len(remaining), remaining
     _unwind_on_sigterm()
     options = RenderOptions(equalize=equalize, placement=placement, colormap=colormap, alpha=alpha,
                             overlay=overlay)
-    clip = None if clip_percentile is None else (0.0, clip_percentile)
-    settings = JobSettings(target=wanted, method=method_spec, reduce=reduce, clip=clip, no_crop=no_crop,
-                           formats=() if parquet_dir else formats, render=options, batch_size=batch_size)
-    records: list[dict] = []
-    if engine == "ray":
-        from gradmap.distributed import RayConnectionError, run_records
-
-        try:
-            done = run_records(paths, model_path, settings, layout, address=address, workers=workers,
-                               threads=threads, provider=provider, parquet_dir=parquet_dir)
-        except RayConnectionError as e:
-            raise click.ClickException(str(e)) from e
-    else:
-        done = (d.record for d in explain_and_write(model, paths, layout, settings))
-    show_bar = len(paths) > _PROGRESS_THRESHOLD
-    with click.progressbar(length=len(paths), label="saliency", file=sys.stderr) if show_bar else _NoBar() as bar:
-        for record in done:
-            for note in record["notes"]:
-                click.echo(f"note: {record['path']}: {note}", err=True)
-            if record["error"] is not None:
-                click.echo(f"error: {record['path']}: {record['error']}", err=True)
-                failures.append({"path": record["path"], "error": record["error"]})
-            elif not as_json:
-                _print_record(record)
-            if as_json:  # only --json lists them at the end: a long run without it holds no record
-                records.append(record)
-            bar.update(1)
-    if engine == "ray":  # records arrive as pictures finish; --json lists them in input order
-        order = {path: i for i, path in enumerate(paths)}
-        records.sort(key=lambda r: order[r["path"]])
-    n_failed = len(failures)
+    runner = make_engine(engine, model, address=address, workers=workers, threads=threads, provider=provider,
+                         parquet_dir=parquet_dir)
+    printer = _RunPrinter(as_json)
+    try:
+        summary = run_job(model, inputs, out_dir=out_dir, target=target, method=method_spec, reduce=reduce,
+                          clip=None if clip_percentile is None else (0.0, clip_percentile), no_crop=no_crop,
+                          formats=formats, render=options, batch_size=batch_size, engine=runner,
+                          skip_existing=skip_existing, keep_records=as_json, reporter=printer)
+    except TargetError as e:
+        raise click.BadParameter(str(e), param_hint="'--target'") from e
+    except UnsupportedMethodError as e:
+        raise click.BadParameter(str(e), param_hint="'--method'") from e
+    except EngineError as e:
+        raise click.ClickException(str(e)) from e
+    finally:
+        printer.close()
     if as_json:
-        click.echo(json.dumps({"model": model_path, "target": target, "output_dir": out_dir, "images": records,
-                               "input_errors": [f for f in failures if f["path"] not in {r["path"] for r in records}],
-                               "failed": n_failed, "skipped": skipped}, indent=2))
+        click.echo(json.dumps(summary.to_json(), indent=2))
     if skip_existing:
-        click.echo(f"skipped {skipped} of {n_inputs} inputs whose outputs exist already", err=True)
-    if n_failed:
-        click.echo(f"{n_failed} of {n_inputs} inputs failed", err=True)
-        sys.exit(1)
+        click.echo(f"skipped {summary.skipped} of {summary.inputs} inputs whose outputs exist already", err=True)
+    if summary.failed:
+        click.echo(f"{summary.failed} of {summary.inputs} inputs failed", err=True)
+    if summary.exit_code:
+        sys.exit(summary.exit_code)
 
 
 def _check_ray_options(skip_existing: bool, parquet_dir: str | None) -> None:
@@ -315,15 +287,37 @@ def _unwind_on_sigterm() -> None:
     click.get_current_context().call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
 
 
-class _NoBar:
-    def __enter__(self) -> "_NoBar":
-        return self
+class _RunPrinter:
+    """What ``gradmap run`` prints as it goes: input errors, notes and failures on stderr, each picture's
+    top-5 and files on stdout (not with --json: the summary lists them), a progress bar on stderr
+    for more than a few pictures."""
 
-    def __exit__(self, *exc: object) -> None:
-        return None
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.bar = None
 
-    def update(self, n: int) -> None:
-        pass
+    def input_error(self, spec: str, reason: str) -> None:
+        click.echo(f"error: {spec}: {reason}", err=True)
+
+    def started(self, total: int) -> None:
+        if total > _PROGRESS_THRESHOLD:
+            self.bar = click.progressbar(length=total, label="saliency", file=sys.stderr)
+            self.bar.__enter__()
+
+    def picture_done(self, record: dict) -> None:
+        for note in record["notes"]:
+            click.echo(f"note: {record['path']}: {note}", err=True)
+        if record["error"] is not None:
+            click.echo(f"error: {record['path']}: {record['error']}", err=True)
+        elif not self.as_json:
+            _print_record(record)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
 
 
 def _print_record(record: dict) -> None:
@@ -335,20 +329,6 @@ def _print_record(record: dict) -> None:
         gap = f" (completeness gap {m['completeness_gap']:.3g})" if m.get("completeness_gap") is not None else ""
         click.echo(f"  {m.get('method', contract.DEFAULT_METHOD)} map {rank}for {m['target']['label']} ({m['target']['index']}){gap}: "
                    + ", ".join(m["files"].values()))
-
-
-def demo_assets():
-    """The bundled demo model and pictures: installed package data, or models/demo in a checkout."""
-    from importlib import resources
-    from pathlib import Path
-
-    try:
-        assets = resources.files("gradmap.demo_assets")
-        if assets.joinpath("shapes.onnx").is_file():
-            return assets
-    except ModuleNotFoundError:
-        pass
-    return Path(__file__).resolve().parent.parent / "models" / "demo"
 
 
 @main.command("demo")
@@ -368,25 +348,19 @@ def demo_command(out_dir: str, threads: int | None) -> None:
     from gradmap.runtime.compare import explain_with_methods, render_comparison
     from gradmap.runtime.methods import MethodSpec
 
-    assets = demo_assets()
-    model_file = assets.joinpath("shapes.onnx")
+    model_file = demo_model()
     if not model_file.is_file():
         raise click.ClickException(f"the demo model is missing ({model_file}): reinstall gradmap")
     model = _load_model(str(model_file), "cpu", threads)
-    pictures = sorted((p for p in assets.joinpath("images").iterdir() if p.name.endswith(".png")),
-                      key=lambda p: p.name)
+    pictures = demo_pictures()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # SmoothGrad at the noise level models/evaluate_demo.py chose for this model on validation images
-    noise = contract.SETTINGS["noise"].default
-    quality = assets.joinpath("quality.json")
-    if quality.is_file():
-        import json
-
-        noise = json.loads(quality.read_text()).get("smoothgrad_noise_selection", {}).get("noise", noise)
-    methods = [MethodSpec(name, samples=25, steps=16, noise=noise) for name in model.metadata.methods]
+    # fewer samples and steps than gradmap run, and the settings tuned for this model (SmoothGrad's
+    # noise, chosen on validation images by models/evaluate_demo.py)
+    settings = {**FIGURE_SETTINGS, **tuned_settings()}
+    methods = [MethodSpec(name, **settings) for name in model.metadata.methods]
     click.echo(f"demo model: {model.metadata.source_model}; methods: {', '.join(m.name for m in methods)} "
-               f"(smoothgrad noise {noise:g})")
+               f"({', '.join(f'{k} {v:g}' for k, v in settings.items())})")
     for picture in pictures:
         shown, panels, caption = explain_with_methods(model, str(picture), methods)
         target = out / f"{Path(picture.name).stem}.methods.png"
@@ -594,23 +568,17 @@ def web_command(model_path: str | None, out_dir: str, ort_dist: str | None, exam
                 port: int) -> None:
     """Write a static site that explains pictures in the browser with MODEL.onnx (default: the bundled
     demo model), computing maps with onnxruntime-web: no server-side code, no Python in the browser."""
-    import json
-
     from gradmap.runtime import GradmapModelError
     from gradmap.web import SiteError, build_site, make_server
 
-    noise = contract.SETTINGS["noise"].default
+    settings = {}
     if model_path is None:
-        assets = demo_assets()
-        model_path = str(assets.joinpath("shapes.onnx"))
+        model_path = str(demo_model())
         if not examples:
-            examples = tuple(str(p) for p in sorted(assets.joinpath("images").iterdir(), key=lambda p: p.name)
-                             if p.name.endswith(".png"))
-        quality = assets.joinpath("quality.json")
-        if quality.is_file():
-            noise = json.loads(quality.read_text()).get("smoothgrad_noise_selection", {}).get("noise", noise)
+            examples = tuple(str(p) for p in demo_pictures())
+        settings = tuned_settings()
     try:
-        config = build_site(model_path, out_dir, ort_dist=ort_dist, examples=examples, settings={"noise": noise})
+        config = build_site(model_path, out_dir, ort_dist=ort_dist, examples=examples, settings=settings)
     except (SiteError, GradmapModelError) as e:
         raise click.ClickException(str(e)) from e
     source = "ort/ (local copy)" if ort_dist else config["ort"]["base"]

@@ -55,6 +55,8 @@ __all__ = [
     "DEFAULT_OVERLAY",
     "DEFAULT_BATCH_SIZE",
     "ENGINES",
+    "ENGINE_LOCAL",
+    "ENGINE_RAY",
     "DEFAULT_ENGINE",
     "METHOD_KINDS",
     "KIND_GRADIENT",
@@ -170,7 +172,8 @@ DEFAULT_OVERLAY = "peaks"
 DEFAULT_BATCH_SIZE = 8
 #: Where ``gradmap run`` explains the pictures: this process, or Ray Data actors.
 ENGINES = ("local", "ray")
-DEFAULT_ENGINE = "local"
+ENGINE_LOCAL, ENGINE_RAY = ENGINES
+DEFAULT_ENGINE = ENGINE_LOCAL
 
 
 # -- the method table ---------------------------------------------------------------------------

@@ -27,6 +27,7 @@ worker leaves no partial file under a final name (at most a hidden ``.NAME.XXXX.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ import numpy as np
 
 from gradmap import contract
 from gradmap.runtime.io import OutputLayout, RenderOptions
-from gradmap.runtime.jobs import JobSettings, explain_and_write
+from gradmap.runtime.jobs import EngineError, JobSettings, explain_and_write
 from gradmap.runtime.methods import MethodSpec, check_supported
 from gradmap.runtime.model import SaliencyModel
 from gradmap.runtime.preprocess import EncodedPicture
@@ -46,8 +47,8 @@ from gradmap.runtime.saliency import Target, parse_target
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
 
-__all__ = ["RAY_MISSING", "RayConnectionError", "explain_dataset", "import_ray", "iter_records", "ray_session",
-           "run_records"]
+__all__ = ["RAY_MISSING", "RayConnectionError", "RayEngine", "explain_dataset", "import_ray", "iter_records",
+           "ray_session", "run_records"]
 
 logger = logging.getLogger(__name__)
 
@@ -263,8 +264,29 @@ def _drive(**job: Any) -> list[dict]:
     return list(_records(**job))
 
 
-class RayConnectionError(ConnectionError):
+class RayConnectionError(EngineError, ConnectionError):
     """Ray could not be started or reached at the given address."""
+
+
+class RayEngine:
+    """``gradmap run --engine ray`` for :func:`gradmap.runtime.jobs.run_job`: the pictures explained and
+    written by Ray Data actors (see :func:`run_records` for ``address``, ``workers``, ``threads``,
+    ``provider``; with ``parquet_dir``, one Parquet dataset instead of picture files). Records come
+    as pictures finish."""
+
+    ordered = False
+
+    def __init__(self, model_path: str | os.PathLike[str], *, address: str | None = None, workers: int | None = None,
+                 threads: int | None = None, provider: str = "cpu", parquet_dir: str | None = None) -> None:
+        self.model_path = os.fspath(model_path)
+        self.address, self.workers, self.threads, self.provider = address, workers, threads, provider
+        self.parquet_dir = parquet_dir
+
+    def records(self, paths: Sequence[str], settings: JobSettings, layout: OutputLayout) -> Iterator[dict]:
+        if self.parquet_dir is not None:  # the maps go to Parquet, not to picture files
+            settings = dataclasses.replace(settings, formats=())
+        return run_records(paths, self.model_path, settings, layout, address=self.address, workers=self.workers,
+                           threads=self.threads, provider=self.provider, parquet_dir=self.parquet_dir)
 
 
 def iter_records(dataset: "ray.data.Dataset") -> Iterator[dict]:

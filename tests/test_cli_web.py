@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from conftest import PLAIN_MODEL, LINEAR_MODEL
 from gradmap import contract
-from gradmap.cli import demo_assets, main
+from gradmap.cli import main
+from gradmap.demo import demo_assets
 from gradmap.web import ORT_CDN, ORT_FILES, PAGE_FILES, make_server
 
 
