@@ -37,11 +37,12 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from gradmap import contract
-from gradmap.runtime.io import OutputLayout, RenderOptions
+from gradmap.runtime.io import OutputLayout
 from gradmap.runtime.jobs import EngineError, JobSettings, explain_and_write
 from gradmap.runtime.methods import MethodSpec, check_supported
 from gradmap.runtime.model import SaliencyModel
 from gradmap.runtime.preprocess import EncodedPicture
+from gradmap.runtime.render import RenderOptions
 from gradmap.runtime.saliency import Target, parse_target
 
 if TYPE_CHECKING:  # pragma: no cover

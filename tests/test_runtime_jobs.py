@@ -11,7 +11,7 @@ from conftest import LINEAR_MODEL
 from gradmap.cli import main
 from gradmap.runtime import (EncodedPicture, ImageLoadError, JobSettings, OutputLayout, explain_and_write, open_picture,
                              parse_target)
-from gradmap.runtime.io import RenderOptions
+from gradmap.runtime.render import RenderOptions
 
 
 def _outputs(folder):
@@ -176,3 +176,34 @@ def test_run_job_lists_an_unordered_engines_records_in_input_order(linear_model,
                       keep_records=True, reporter=log)
     assert [r["path"] for r in summary.records] == inputs
     assert [e[1] for e in log.events if e[0] == "picture_done"] == inputs[::-1], "the reporter hears them as they come"
+
+
+def test_rendering_returns_what_io_writes(linear_model, photo_files, tmp_path):
+    """render_outputs draws every output and returns it; io writes it, byte for byte what was drawn,
+    and imports nothing that draws or computes maps."""
+    import ast
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from gradmap import contract
+    from gradmap.runtime import compute_saliency, render_outputs, write_outputs
+
+    result = compute_saliency(linear_model, str(photo_files[0]), target="top1")
+    drawn = dict(render_outputs(result, result.maps[0], contract.OUTPUT_FORMATS, caption="c"))
+    written = write_outputs(result, result.maps[0], OutputLayout(tmp_path, [str(photo_files[0])]),
+                            contract.OUTPUT_FORMATS, caption="c")
+    assert list(drawn) == list(written) == ["heatmap", "overlay", "figure", "gradient", "map"]
+    for kind, output in drawn.items():
+        if isinstance(output, Image.Image):
+            with Image.open(written[kind]) as saved:
+                assert saved.mode == output.mode and saved.tobytes() == output.tobytes(), kind
+        else:
+            assert np.array_equal(np.load(written[kind]), output), kind
+    with pytest.raises(ValueError, match="unknown output format gif"):
+        render_outputs(result, result.maps[0], ["gif"])
+    io = Path(__file__).resolve().parent.parent / "gradmap" / "runtime" / "io.py"
+    imported = {node.module for node in ast.walk(ast.parse(io.read_text())) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"gradmap.runtime.render", "gradmap.runtime.postprocess", "gradmap.runtime.colormaps",
+                           "gradmap.runtime.saliency"}, f"io draws or computes: it imports {sorted(imported)}"

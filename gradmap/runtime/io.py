@@ -1,4 +1,5 @@
-"""Finding input pictures, naming output files and writing them atomically.
+"""Finding input pictures, naming output files and writing them atomically (what is written is
+drawn by :mod:`gradmap.runtime.render`; this module only writes).
 
 Output layout: the inputs' directory tree is mirrored under the output directory, relative to the
 deepest directory that holds all inputs, and every output keeps the input's full file name, so
@@ -21,7 +22,6 @@ import glob
 import logging
 import os
 import secrets
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Sequence
 
@@ -29,23 +29,17 @@ import numpy as np
 from PIL import Image
 
 from gradmap import contract
-from gradmap.runtime.postprocess import map_to_original, scale_to_percentile
-from gradmap.runtime.render import OVERLAY_ALPHA, OVERLAY_PERCENTILE, render_figure, render_heatmap, render_overlay
-from gradmap.runtime.saliency import ImageSaliency, SaliencyMap
 
 __all__ = [
     "FORMATS",
     "DEFAULT_FORMATS",
     "IMAGE_EXTENSIONS",
-    "OVERLAYS",
     "OutputLayout",
-    "RenderOptions",
     "atomic_write",
     "expand_inputs",
-    "overlay_values",
     "save_npy",
     "save_png",
-    "write_outputs",
+    "write_rendered",
 ]
 
 logger = logging.getLogger(__name__)
@@ -129,7 +123,7 @@ class OutputLayout:
 
     def planned(self, source: str, formats: Iterable[str], maps: int = 1,
                 method: str = contract.DEFAULT_METHOD) -> list[Path]:
-        """Every file :func:`write_outputs` writes for ``source`` with these ``formats`` when the
+        """Every file :func:`~gradmap.runtime.jobs.write_outputs` writes for ``source`` with these ``formats`` when the
         picture gets ``maps`` maps (topK: K) by ``method``. ``--skip-existing`` skips a picture whose
         planned files all exist: outputs are written atomically, so an existing file is a complete one."""
         ranks: list[int | None] = list(range(1, maps + 1)) if maps > 1 else [None]
@@ -196,98 +190,22 @@ def save_npy(array: np.ndarray, path: str | os.PathLike[str]) -> None:
     atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
-OVERLAYS = contract.OVERLAYS
-
-
-@dataclass(frozen=True)
-class RenderOptions:
-    """How pictures are drawn: ``equalize`` picks the equalized map for the heatmap (the figure shows
-    both), ``placement`` is ``"crop"`` or ``"stretch"`` (see ``map_to_original``).
-
-    ``overlay``: ``peaks`` (default) blends the min-max map scaled to its 99th percentile with opacity
-    ``alpha * value`` (``alpha`` None: :data:`~gradmap.runtime.render.OVERLAY_ALPHA`), so that only
-    where the map is high colours the picture; ``flat`` is the recipes' overlay, the heatmap's map
-    at opacity ``alpha`` (None: 0.5) everywhere.
-    """
-
-    equalize: bool = True
-    placement: str = contract.DEFAULT_PLACEMENT
-    colormap: str = contract.DEFAULT_COLORMAP
-    alpha: float | None = None
-    overlay: str = contract.DEFAULT_OVERLAY
-
-    def __post_init__(self) -> None:
-        if self.overlay not in OVERLAYS:
-            raise ValueError(f"unknown overlay {self.overlay!r}; choose one of {', '.join(OVERLAYS)}")
-
-    @property
-    def overlay_alpha(self) -> float:
-        if self.alpha is not None:
-            return self.alpha
-        return OVERLAY_ALPHA if self.overlay == "peaks" else 0.5
-
-
-def overlay_values(saliency: SaliencyMap, options: RenderOptions) -> np.ndarray:
-    """The map an overlay draws, on the model's input grid (see :class:`RenderOptions`)."""
-    if options.overlay == "peaks":
-        return scale_to_percentile(saliency.saliency_map, OVERLAY_PERCENTILE)
-    return saliency.equalized_map if options.equalize else saliency.saliency_map
-
-
-def write_outputs(result: ImageSaliency, saliency: SaliencyMap, layout: OutputLayout, formats: Iterable[str],
-                  options: RenderOptions = RenderOptions(), caption: str = "") -> dict[str, str]:
-    """Render and write the requested ``formats`` for one map of one picture.
-
-    ``npy`` writes two float32 arrays on the model's input grid: the attribution [3, h, w] ([1, h, w]
-    for a class activation map), named for what it holds (``.gradient.npy``, ``.attribution.npy`` or
-    ``.cam.npy``, see the module docstring), and ``.map.npy`` [h, w] (the min-max normalized map,
-    before equalization).
+def write_rendered(outputs: Iterable[tuple[str, Image.Image | np.ndarray]], layout: OutputLayout, source: str,
+                   rank: int | None = None) -> dict[str, str]:
+    """Write what :func:`~gradmap.runtime.render.render_outputs` gives for one map of ``source``, each
+    output as it comes: a picture as ``<base>.KIND.png``, an array as float32 ``<base>.KIND.npy``
+    (see :meth:`OutputLayout.path`; ``rank`` names a topK map's files).
 
     Returns:
-        ``{kind: path}`` for every file written (kinds heatmap, overlay, figure, gradient or
-        attribution or cam, map).
+        ``{kind: path}`` for every file written.
     """
-    formats = list(dict.fromkeys(formats))
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown:
-        raise ValueError(f"unknown output format {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
-    if result.picture is None or result.geometry is None:
-        raise ValueError(f"{result.source}: nothing to write (the picture failed: {result.error})")
-    rank = saliency.rank if saliency.rank is not None and _rank_in_name(result) else None
     written: dict[str, str] = {}
-    shown = saliency.equalized_map if options.equalize else saliency.saliency_map
-    shown_values, covered = map_to_original(shown, result.geometry, options.placement)
-    mask = None if options.placement == "stretch" else covered
-    weighted = options.overlay == "peaks"
-    if {"overlay", "figure"} & set(formats):
-        overlaid, _ = map_to_original(overlay_values(saliency, options), result.geometry, options.placement)
-    for kind in formats:
-        if kind == "heatmap":
-            path = layout.path(result.source, "heatmap", ".png", rank)
-            save_png(render_heatmap(shown_values, mask, options.colormap), path)
-            written["heatmap"] = str(path)
-        elif kind == "overlay":
-            path = layout.path(result.source, "overlay", ".png", rank)
-            save_png(render_overlay(result.picture, overlaid, mask, options.colormap, options.overlay_alpha,
-                                    weighted=weighted), path)
-            written["overlay"] = str(path)
-        elif kind == "figure":
-            raw, _ = map_to_original(saliency.saliency_map, result.geometry, options.placement)
-            equalized, _ = map_to_original(saliency.equalized_map, result.geometry, options.placement)
-            figure = render_figure(result.picture, raw, equalized, overlaid, mask, caption=caption,
-                                   colormap=options.colormap, alpha=options.overlay_alpha, weighted=weighted)
-            path = layout.path(result.source, "figure", ".png", rank)
-            save_png(figure, path)
-            written["figure"] = str(path)
-        elif kind == "npy":
-            kind_name = contract.method(saliency.method).kind
-            for name, array in ((kind_name, saliency.attribution), ("map", saliency.saliency_map)):
-                path = layout.path(result.source, name, ".npy", rank)
-                save_npy(np.asarray(array, dtype=np.float32), path)
-                written[name] = str(path)
+    for kind, output in outputs:
+        if isinstance(output, Image.Image):
+            path = layout.path(source, kind, ".png", rank)
+            save_png(output, path)
+        else:
+            path = layout.path(source, kind, ".npy", rank)
+            save_npy(np.asarray(output, dtype=np.float32), path)
+        written[kind] = str(path)
     return written
-
-
-def _rank_in_name(result: ImageSaliency) -> bool:
-    # Only topK with K > 1 puts the rank in file names; plain top-1 keeps the short names.
-    return len(result.maps) > 1

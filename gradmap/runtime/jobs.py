@@ -36,14 +36,15 @@ from typing import Iterable, Iterator, Protocol, Sequence
 from PIL import Image
 
 from gradmap import contract
-from gradmap.runtime.io import DEFAULT_FORMATS, OutputLayout, RenderOptions, expand_inputs, write_outputs
+from gradmap.runtime.io import DEFAULT_FORMATS, OutputLayout, expand_inputs, write_rendered
 from gradmap.runtime.methods import MethodSpec, check_supported
 from gradmap.runtime.model import SaliencyModel
 from gradmap.runtime.preprocess import EncodedPicture
-from gradmap.runtime.saliency import ImageSaliency, Target, iter_saliency, parse_target
+from gradmap.runtime.render import RenderOptions, render_outputs
+from gradmap.runtime.saliency import ImageSaliency, SaliencyMap, Target, iter_saliency, parse_target
 
 __all__ = ["Engine", "EngineError", "ExplainedPicture", "JobSettings", "LocalEngine", "RunReporter", "RunSummary",
-           "explain_and_write", "failed_record", "make_engine", "run_job"]
+           "explain_and_write", "failed_record", "make_engine", "run_job", "write_outputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,8 @@ TOP_PREDICTIONS = 5
 @dataclass(frozen=True)
 class JobSettings:
     """What ``gradmap run`` does to every picture; see :func:`~gradmap.runtime.saliency.iter_saliency`
-    for ``target``, ``reduce``, ``clip``, ``no_crop`` and ``method``, and
-    :func:`~gradmap.runtime.io.write_outputs` for ``formats`` and ``render``. ``formats=()`` writes
+    for ``target``, ``reduce``, ``clip``, ``no_crop`` and ``method``, and :func:`write_outputs` for
+    ``formats`` and ``render``. ``formats=()`` writes
     no file (the maps stay in :attr:`ExplainedPicture.result`)."""
 
     target: Target = Target("top", 1)
@@ -129,6 +130,27 @@ def explain_and_write(model: SaliencyModel, sources: Iterable[str | os.PathLike[
             yield pending.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def write_outputs(result: ImageSaliency, saliency: SaliencyMap, layout: OutputLayout, formats: Iterable[str],
+                  options: RenderOptions = RenderOptions(), caption: str = "") -> dict[str, str]:
+    """Draw and write the requested ``formats`` for one map of one picture: what
+    :func:`~gradmap.runtime.render.render_outputs` draws, written by
+    :func:`~gradmap.runtime.io.write_rendered` under ``layout`` (a topK map's files carry its rank).
+
+    ``npy`` writes two float32 arrays on the model's input grid: the attribution [3, h, w] ([1, h, w]
+    for a class activation map), named for what it holds (``.gradient.npy``, ``.attribution.npy`` or
+    ``.cam.npy``: the method's kind), and ``.map.npy`` [h, w] (the min-max normalized map, before
+    equalization).
+
+    Returns:
+        ``{kind: path}`` for every file written (kinds heatmap, overlay, figure, gradient or
+        attribution or cam, map).
+    """
+    outputs = render_outputs(result, saliency, formats, options, caption)
+    # only topK with K > 1 puts the rank in file names; plain top-1 keeps the short names
+    rank = saliency.rank if saliency.rank is not None and len(result.maps) > 1 else None
+    return write_rendered(outputs, layout, result.source, rank)
 
 
 def _write(result: ImageSaliency, layout: OutputLayout, settings: JobSettings) -> ExplainedPicture:
