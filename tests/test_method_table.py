@@ -335,3 +335,35 @@ def test_the_page_checks_settings_as_the_table_does(tmp_path):
             assert not ok, f"{name}={value!r}: the page takes {got!r}, the table refuses it"
             continue
         assert ok and got == expected, f"{name}={value!r}: the page says {got!r}, the table {expected!r}"
+
+
+def test_setting_names_clash_with_no_option_and_no_page_parameter():
+    from gradmap import cli
+
+    for command in (cli.run_command, cli.evaluate_command):
+        names = [p.name for p in command.params]
+        assert len(names) == len(set(names)), f"{command.name}: a setting has an option's name: {sorted(names)}"
+    page_parameters = set(re.findall(r"params\.(?:get|has)\(\"(\w+)\"\)", (PACKAGE / "web" / "app.js").read_text()))
+    assert page_parameters >= {"image", "method", "backend", "threads"}
+    assert not page_parameters & set(contract.SETTINGS), "a setting has the name of one of the page's parameters"
+
+
+def test_the_docs_table_is_current():
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "method_table.py"), "--check"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_table_imports_without_numpy():
+    """Plain data: a server, the CLI's --help and the export all read it without the runtime's stack."""
+    script = textwrap.dedent("""
+        import sys
+        for name in ("numpy", "onnxruntime", "PIL", "torch", "onnx"):
+            sys.modules[name] = None  # importing it raises ImportError
+        from gradmap import contract
+        row = contract.method("smoothgrad")
+        print(row.resolve({"samples": "8"})["samples"], row.to_dict()["settings"][0]["name"], len(contract.METHODS))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["8", "samples", str(len(contract.METHOD_TABLE))]
