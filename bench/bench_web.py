@@ -68,7 +68,7 @@ def measure(browser, url: str, repeats: int) -> dict:
 def run(repeats: int) -> dict:
     from playwright.sync_api import sync_playwright
 
-    from gradmap.cli import demo_assets
+    from gradmap.demo import demo_assets
     from gradmap.web import build_site, make_server
 
     rows = []

@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gradmap.cli import demo_assets  # noqa: E402
+from gradmap.demo import demo_assets  # noqa: E402
 from gradmap.web import build_site, make_server  # noqa: E402
 
 ORT_DIST = ROOT / "tests" / "web" / "node_modules" / "onnxruntime-web" / "dist"
