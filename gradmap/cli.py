@@ -19,6 +19,59 @@ def main() -> None:
     """Gradient saliency maps for image classifiers, exported once and run without PyTorch."""
 
 
+def _numbers(kind: type, count: tuple[int, ...]):
+    """A click callback reading ``count`` comma-separated numbers (one number may stand for all)."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None):
+        if value is None:
+            return None
+        try:
+            numbers = tuple(kind(v) for v in value.replace(" ", "").split(","))
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not {' or '.join(map(str, count))} comma-separated numbers")
+        if len(numbers) not in count:
+            raise click.BadParameter(f"{value!r}: give {' or '.join(map(str, count))} numbers")
+        return numbers if len(numbers) > 1 or max(count) == 1 else numbers[0]
+
+    return parse
+
+
+def _preprocessing_options(command):
+    """``gradmap export``'s preprocessing options: a named convention and field-by-field overrides."""
+    from gradmap.export.presets import PRESETS
+
+    options = [
+        click.option("--preset", "preset_name", type=click.Choice(list(PRESETS)), default=None,
+                     help="Preprocessing convention instead of the source's own: "
+                          + "; ".join(f"{name}: {text}" for name, text in PRESETS.items()) + "."),
+        click.option("--crop", callback=_numbers(int, (1, 2)), metavar="SIZE|H,W",
+                     help="The model's input size after the crop (the center crop of the resized picture)."),
+        click.option("--resize", callback=_numbers(int, (1, 2)), metavar="SIZE|H,W",
+                     help="Resize before the crop: the shorter side (--resize-mode shorter) or H,W."),
+        click.option("--resize-mode", type=click.Choice(contract.RESIZE_MODES), default=None,
+                     help="shorter: shorter side to --resize; exact: to H,W; keep_ratio(_longest): "
+                          "scaled to cover (fit) H,W."),
+        click.option("--interpolation", type=click.Choice(contract.INTERPOLATIONS), default=None),
+        click.option("--antialias/--no-antialias", default=None,
+                     help="--no-antialias: tf.image.resize's bilinear resize (no antialiasing filter, float "
+                          "pixels) instead of Pillow's."),
+        click.option("--value-range", type=click.Choice(contract.VALUE_RANGES), default=None,
+                     help="The pixel scale mean and std apply to."),
+        click.option("--channel-order", type=click.Choice(contract.CHANNEL_ORDERS), default=None,
+                     help="The model input's channel order (mean and std in that order)."),
+        click.option("--mean", callback=_numbers(float, (3,)), metavar="A,B,C", help="Per-channel mean."),
+        click.option("--std", callback=_numbers(float, (3,)), metavar="A,B,C", help="Per-channel std."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _preprocessing_overrides(values: dict) -> dict:
+    """The preprocessing options the user gave (preset_name and field overrides), for the export."""
+    return {key: value for key, value in values.items() if value is not None}
+
+
 @main.command("export")
 @click.argument("model_name", metavar="MODEL")
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False, writable=True), required=True,
@@ -50,9 +103,11 @@ def main() -> None:
                    "instead of parsing the weights out of the model, so creating a session peaks lower "
                    "(resnet50: about 40 MB). Keep the two files together; gradmap web needs a single file.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check against torch autograd (not recommended).")
+@_preprocessing_options
 def export_command(model_name: str, output: str, weights: str, score: str, seed: int, opset: int,
                    backprops: tuple[str, ...], cam_layer: str | None, engine_target: str,
-                   channel_multiple: int | None, external_data: bool, no_verify: bool) -> None:
+                   channel_multiple: int | None, external_data: bool, no_verify: bool,
+                   **preprocessing: object) -> None:
     """Export MODEL to an ONNX model with an input-gradient output.
 
     MODEL is a torchvision classifier name (resnet50), timm:NAME (any timm.list_models() name, pretrained
@@ -65,7 +120,8 @@ def export_command(model_name: str, output: str, weights: str, score: str, seed:
         report = export_named_model(model_name, output, weights=weights, score=score, seed=seed,
                                     opset=opset, verify=not no_verify, backprops=("vanilla", *backprops),
                                     cam_layer=cam_layer, target=engine_target, channel_multiple=channel_multiple,
-                                    external_data=external_data)
+                                    external_data=external_data,
+                                    preprocessing_options=_preprocessing_overrides(preprocessing))
     except ImportError as e:  # the source's framework, or onnx, is not installed
         raise click.ClickException(
             f"'gradmap export' needs PyTorch and ONNX ({e.name or e}): pip install 'gradmap[export]'"
@@ -507,8 +563,9 @@ def info_command(model_path: str, as_json: bool) -> None:
                f"backprop: {', '.join(meta.backprops)}"
                + (f"; CAM layer: {meta.cam_layer}" if meta.cam_layer else ""))
     click.echo(f"methods:        {', '.join(meta.methods)}")
-    click.echo(f"preprocessing:  resize {p.resize} ({p.interpolation}), center crop {p.crop[0]}x{p.crop[1]}, "
-               f"mean {list(p.mean)}, std {list(p.std)}")
+    resize = f"resize {p.resize} ({p.resize_mode}, {p.interpolation}{'' if p.antialias else ', no antialiasing'})"
+    click.echo(f"preprocessing:  {resize}, center crop {p.crop[0]}x{p.crop[1]}, {p.channel_order.upper()} "
+               f"{p.value_range}, mean {list(p.mean)}, std {list(p.std)}")
     click.echo(f"classes:        {meta.num_classes} ({', '.join(meta.labels[:5])}{', ...' if meta.num_classes > 5 else ''})")
     click.echo(f"onnx:           IR {info['ir_version']}, opsets "
                + ", ".join(f"{d} {v}" for d, v in sorted(model.opsets.items())) + f", producer {info['producer'] or '?'}")

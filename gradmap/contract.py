@@ -4,9 +4,9 @@ An exported gradmap model is an ONNX file. This module names its inputs and outp
 metadata keys it carries, and (de)serializes that metadata. It imports nothing but the standard
 library so that both halves, torch-side and torch-free, can share it.
 
-Graph interface (format version 1):
+Graph interface (format versions 1 and 2):
 
-    inputs   image     float32 [N, 3, H, W]  normalized tensor, exactly what the torch model receives
+    inputs   image     float32 [N, 3, H, W]  normalized tensor, exactly what the source model receives
              target    int64   [N]           class per sample; -1 means that sample's top-1 class
     outputs  logits    float32 [N, K]
              target_index int64 [N]          the resolved target
@@ -31,6 +31,8 @@ __all__ = [
     "INTERPOLATIONS",
     "RESIZE_MODES",
     "CROP_ROUNDINGS",
+    "VALUE_RANGES",
+    "CHANNEL_ORDERS",
     "ContractError",
     "OUTPUT_GRADIENT_GUIDED",
     "OUTPUT_GRADIENT_DECONVNET",
@@ -50,7 +52,11 @@ __all__ = [
     "METADATA_PREFIX",
 ]
 
-FORMAT_VERSION = 1
+#: The newest model format this gradmap reads and writes. A model is written with the lowest version
+#: that describes it: 2 only where its preprocessing uses a field version 1 lacks (``value_range``,
+#: ``channel_order``, ``antialias``), so that older gradmap still reads every other model, and refuses,
+#: rather than misreads, one whose pictures it would preprocess wrongly.
+FORMAT_VERSION = 2
 
 INPUT_IMAGE = "image"
 INPUT_TARGET = "target"
@@ -87,6 +93,12 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 RESIZE_MODES = ("shorter", "exact", "keep_ratio", "keep_ratio_longest")
 #: Where the center crop starts: torchvision's round((size - crop) / 2) or Hugging Face's floor.
 CROP_ROUNDINGS = ("round", "floor")
+#: The pixel scale ``mean`` and ``std`` apply to: ``0-1`` (x / 255, torchvision's ToTensor, Keras'
+#: ``torch`` and ``tf`` modes) or ``0-255`` (Keras' ``caffe`` mode and models that normalize inside).
+VALUE_RANGES = ("0-1", "0-255")
+#: The channel order of the ``image`` tensor: ``rgb``, or ``bgr`` (Keras' ``caffe`` mode, OpenCV-trained
+#: models); ``mean`` and ``std`` are given in the tensor's order.
+CHANNEL_ORDERS = ("rgb", "bgr")
 
 METADATA_PREFIX = "gradmap."
 _KEY_FORMAT = METADATA_PREFIX + "format_version"
@@ -137,6 +149,13 @@ class ContractError(ValueError):
     """A model file or metadata does not follow gradmap's model contract."""
 
 
+#: Preprocessing fields written only when they differ from these defaults (older readers read the rest).
+_OPTIONAL_DEFAULTS = {"resize_mode": "shorter", "crop_rounding": "round", "pad_fill": (0, 0, 0),
+                      "value_range": "0-1", "channel_order": "rgb", "antialias": True}
+#: The fields format version 1 lacks: a model that uses one is written as version 2.
+_VERSION_2_FIELDS = ("value_range", "channel_order", "antialias")
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How a picture becomes the ``image`` tensor, as torchvision's, timm's and Hugging Face's
@@ -160,8 +179,16 @@ class Preprocessing:
     torchvision's ``CenterCrop``) or ``(size - crop) // 2`` (``floor``, as Hugging Face's
     ``center_crop``). ``mean``/``std`` are per-channel, applied after scaling pixels to [0, 1].
 
-    Metadata written before these fields existed reads as ``shorter``/``round``/zero fill; fields
-    at their defaults are not written, so models that don't use them read in older gradmap too.
+    ``value_range`` (see :data:`VALUE_RANGES`) is the pixel scale ``mean``/``std`` apply to, and
+    ``channel_order`` (:data:`CHANNEL_ORDERS`) the tensor's channel order, ``mean``/``std`` in that
+    order: Keras' ``caffe`` mode is ``0-255``, ``bgr``, mean (103.939, 116.779, 123.68), std 1.
+    ``antialias=False`` resizes as ``tf.image.resize`` does by default (bilinear, half-pixel centers,
+    no antialiasing filter when shrinking, float pixels not rounded to 8 bits); ``True`` is Pillow's
+    resize, as torchvision, timm, Hugging Face and ``keras.utils.load_img`` do.
+
+    Metadata written before these fields existed reads as ``shorter``/``round``/zero fill,
+    ``0-1``/``rgb``/antialiased; fields at their defaults are not written, so models that don't use
+    them read in older gradmap too (:attr:`format_version`).
     """
 
     crop: tuple[int, int] = (224, 224)
@@ -172,6 +199,9 @@ class Preprocessing:
     resize_mode: str = "shorter"
     crop_rounding: str = "round"
     pad_fill: tuple[int, int, int] = (0, 0, 0)
+    value_range: str = "0-1"
+    channel_order: str = "rgb"
+    antialias: bool = True
 
     def __post_init__(self) -> None:
         crop = tuple(int(c) for c in self.crop)
@@ -202,6 +232,17 @@ class Preprocessing:
             raise ContractError("preprocessing mean and std need three values each (RGB)")
         if min(std) <= 0:
             raise ContractError(f"preprocessing std must be positive, got {std}")
+        if self.value_range not in VALUE_RANGES:
+            raise ContractError(
+                f"preprocessing value_range {self.value_range!r} is not one of {', '.join(VALUE_RANGES)}")
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise ContractError(
+                f"preprocessing channel_order {self.channel_order!r} is not one of {', '.join(CHANNEL_ORDERS)}")
+        if not isinstance(self.antialias, bool):
+            raise ContractError(f"preprocessing antialias must be true or false, got {self.antialias!r}")
+        if not self.antialias and self.interpolation != "bilinear":
+            raise ContractError("preprocessing antialias=false is tf.image.resize's bilinear resize; "
+                                f"interpolation {self.interpolation!r} has no such mode: use 'bilinear'")
         fill = tuple(int(v) for v in self.pad_fill)
         if len(fill) != 3 or not all(0 <= v <= 255 for v in fill):
             raise ContractError(f"preprocessing pad_fill must be three values in 0..255, got {self.pad_fill!r}")
@@ -218,13 +259,17 @@ class Preprocessing:
         d["std"] = list(self.std)
         if isinstance(self.resize, tuple):
             d["resize"] = list(self.resize)
-        defaults = {"resize_mode": "shorter", "crop_rounding": "round", "pad_fill": (0, 0, 0)}
-        for key, default in defaults.items():  # written only when used: older readers keep reading the rest
+        for key, default in _OPTIONAL_DEFAULTS.items():  # written only when used: older readers keep reading the rest
             if getattr(self, key) == default:
                 del d[key]
         if "pad_fill" in d:
             d["pad_fill"] = list(self.pad_fill)
         return d
+
+    @property
+    def format_version(self) -> int:
+        """The lowest model format that describes this preprocessing: 2 where a field of version 2 is used."""
+        return 2 if any(getattr(self, key) != _OPTIONAL_DEFAULTS[key] for key in _VERSION_2_FIELDS) else 1
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Preprocessing":
@@ -239,6 +284,9 @@ class Preprocessing:
                 resize_mode=d.get("resize_mode", "shorter"),
                 crop_rounding=d.get("crop_rounding", "round"),
                 pad_fill=tuple(d.get("pad_fill", (0, 0, 0))),
+                value_range=d.get("value_range", "0-1"),
+                channel_order=d.get("channel_order", "rgb"),
+                antialias=d.get("antialias", True),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ContractError(f"preprocessing metadata is incomplete or malformed: {e}") from e
@@ -256,10 +304,12 @@ class ModelMetadata:
     backprops: tuple[str, ...] = ("vanilla",)
     cam_layer: str | None = None
     target: str = "cpu"
-    format_version: int = FORMAT_VERSION
+    format_version: int | None = None  # read: the file's; new: the lowest that describes the model
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.format_version is None:
+            object.__setattr__(self, "format_version", self.preprocessing.format_version)
         if self.score not in SCORE_KINDS:
             raise ContractError(f"score kind {self.score!r} is not one of {', '.join(SCORE_KINDS)}")
         unknown = [b for b in self.backprops if b not in BACKPROP_OUTPUTS]
@@ -285,7 +335,7 @@ class ModelMetadata:
     def to_props(self) -> dict[str, str]:
         """Serialize to the string key/value pairs of ONNX ``metadata_props``."""
         return {
-            _KEY_FORMAT: str(self.format_version),
+            _KEY_FORMAT: str(self.preprocessing.format_version),
             _KEY_SOURCE: self.source_model,
             _KEY_WEIGHTS: self.weights,
             _KEY_PREPROCESSING: json.dumps(self.preprocessing.to_dict()),

@@ -110,10 +110,12 @@ def smoothgrad(fn: GradientFn, images: np.ndarray, targets: np.ndarray, *, sampl
     return Attribution(values.astype(np.float32), target_index, logits)
 
 
-def baseline_image(images: np.ndarray, kind: str, mean, std, *, seed: int | None = 0, blur_sigma: float = 20.0) -> np.ndarray:
+def baseline_image(images: np.ndarray, kind: str, mean, std, *, seed: int | None = 0, blur_sigma: float = 20.0,
+                   value_range: str = "0-1") -> np.ndarray:
     """Integrated-gradients baselines in the model's normalized space: ``black`` (pixel value 0,
     i.e. (0 - mean) / std), ``blurred`` (Gaussian blur of the image, sigma in pixels) or
-    ``uniform`` (uniform pixel noise in [0, 1], normalized)."""
+    ``uniform`` (uniform pixel noise over the whole pixel range, normalized). ``value_range`` is the
+    model's pixel scale (:data:`gradmap.contract.VALUE_RANGES`)."""
     mean = np.asarray(mean, np.float32)[None, :, None, None]
     std = np.asarray(std, np.float32)[None, :, None, None]
     if kind == "black":
@@ -124,7 +126,10 @@ def baseline_image(images: np.ndarray, kind: str, mean, std, *, seed: int | None
         return ndimage.gaussian_filter(images, sigma=(0, 0, blur_sigma, blur_sigma), mode="nearest").astype(np.float32)
     if kind == "uniform":
         rng = np.random.default_rng(seed)
-        return ((rng.random(images.shape, dtype=np.float32) - mean) / std).astype(np.float32)
+        noise = rng.random(images.shape, dtype=np.float32)
+        if value_range == "0-255":
+            noise = noise * np.float32(255)
+        return ((noise - mean) / std).astype(np.float32)
     raise ValueError(f"baseline {kind!r} is not one of {', '.join(BASELINES)}")
 
 
@@ -230,7 +235,8 @@ def attribute(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, 
                             seed=spec.seed)
     elif spec.name == "integrated-gradients":
         pre = model.metadata.preprocessing
-        baselines = baseline_image(images, spec.baseline, pre.mean, pre.std, seed=spec.seed)
+        baselines = baseline_image(images, spec.baseline, pre.mean, pre.std, seed=spec.seed,
+                                   value_range=pre.value_range)
         result = integrated_gradients(fn, images, targets, baselines, steps=spec.steps, rule=spec.rule,
                                       score=model.metadata.score)
     elif spec.name == "gradient-x-input":
