@@ -35,7 +35,7 @@ from gradmap.contract import ModelMetadata, Preprocessing
 from gradmap.graph import ExportError, ExportReport, ParityError, add_gradient, finish, op_histogram, write_atomic
 from gradmap.graph.gradient import NON_DIFFERENTIABLE
 
-__all__ = ["ClassifierGraph", "MIN_OPSET", "export_graph", "prepare_classifier"]
+__all__ = ["ClassifierGraph", "MIN_OPSET", "export_graph", "imagenet_labels", "prepare_classifier", "read_labels"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class ClassifierGraph:
 
 def prepare_classifier(proto: onnx.ModelProto, *, input: str | None = None, output: str | None = None,
                        layout: str | None = None, input_size: tuple[int, int] | None = None,
-                       score: str = "logit") -> ClassifierGraph:
+                       score: str = "logit", opset: int = MIN_OPSET) -> ClassifierGraph:
     """Turn any ONNX image classifier into gradmap's forward graph (see the module doc).
 
     Args:
@@ -94,6 +94,7 @@ def prepare_classifier(proto: onnx.ModelProto, *, input: str | None = None, outp
         input_size: (height, width) for an input whose height and width are symbolic.
         score: ``logit``, ``probability`` or ``log_probability`` (only for the report's note: a
             trailing softmax is cut in every case, and gradmap's seed applies the score's own).
+        opset: the default-domain opset an older file is upgraded to (at least :data:`MIN_OPSET`).
 
     Raises:
         ExportError: naming the input or output and why the graph cannot be used.
@@ -109,11 +110,13 @@ def prepare_classifier(proto: onnx.ModelProto, *, input: str | None = None, outp
         raise ExportError(f"unknown score kind {score!r}; choose one of {', '.join(contract.SCORE_KINDS)}")
     if input_size is not None:
         input_size = _checked_size(input_size)
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} is too old: gradmap's gradient graphs need opset {MIN_OPSET} or newer")
     notes: list[str] = []
     work = onnx.ModelProto()
     work.CopyFrom(proto)
     source_opset = _default_opset(work)
-    work = _upgrade_opset(work, source_opset, notes)
+    work = _upgrade_opset(work, source_opset, opset, notes)
     _drop_initializer_inputs(work)
     if work.functions:
         work = onnx.inliner.inline_local_functions(work)
@@ -186,17 +189,18 @@ def _default_opset(proto: onnx.ModelProto) -> int:
     return max(versions)
 
 
-def _upgrade_opset(proto: onnx.ModelProto, opset: int, notes: list[str]) -> onnx.ModelProto:
-    if opset >= MIN_OPSET:
+def _upgrade_opset(proto: onnx.ModelProto, opset: int, wanted: int, notes: list[str]) -> onnx.ModelProto:
+    if opset >= wanted:
         return proto
     from onnx import version_converter
 
     try:
-        upgraded = version_converter.convert_version(proto, MIN_OPSET)
+        upgraded = version_converter.convert_version(proto, wanted)
     except Exception as e:  # the converter raises RuntimeError, ValidationError, IndexError...
-        raise ExportError(f"onnx.version_converter cannot upgrade the model from opset {opset} to {MIN_OPSET}, "
-                          f"which gradmap's gradient graph needs: {str(e).strip().splitlines()[0][:300]}") from e
-    notes.append(f"opset {opset} upgraded to {MIN_OPSET} (onnx.version_converter)")
+        message = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ExportError(f"onnx.version_converter cannot upgrade the model from opset {opset} to {wanted}, "
+                          f"which gradmap's gradient graph needs: {message}") from e
+    notes.append(f"opset {opset} upgraded to {wanted} (onnx.version_converter)")
     return upgraded
 
 
@@ -502,6 +506,68 @@ def _unique(graph: ir.Graph, name: str) -> str:
     return candidate
 
 
+# -- labels -------------------------------------------------------------------------------------------
+
+#: ``--labels`` values that name a shipped class list instead of a file.
+NAMED_LABELS = {
+    "imagenet": "ImageNet's 1000 classes (torchvision's names)",
+    "imagenet-background": "a background class, then ImageNet's 1000 (TF-slim and other 1001-class heads)",
+}
+
+
+def imagenet_labels() -> tuple[str, ...]:
+    """ImageNet-1k's class names in index order (torchvision's names), shipped with gradmap: Keras'
+    ``decode_predictions`` downloads its list, and a bare ONNX file carries none."""
+    from importlib import resources
+
+    text = resources.files("gradmap.export").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
+    return tuple(line for line in text.splitlines() if line)
+
+
+def read_labels(spec: str) -> tuple[str, ...]:
+    """Class names from ``--labels``: a name of :data:`NAMED_LABELS`, or a file with one name per line
+    (a trailing empty line ignored) or a JSON list of names."""
+    import json
+
+    if spec == "imagenet":
+        return imagenet_labels()
+    if spec == "imagenet-background":
+        return ("background", *imagenet_labels())
+    path = Path(spec)
+    if not path.is_file():
+        raise ExportError(f"--labels {spec}: no such file (or give {' or '.join(NAMED_LABELS)})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ExportError(f"--labels {spec}: cannot read it as UTF-8 text: {e}") from e
+    if text.lstrip().startswith("["):
+        try:
+            labels = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ExportError(f"--labels {spec}: not a valid JSON list: {e}") from e
+        if not isinstance(labels, list) or not all(isinstance(x, (str, int)) for x in labels):
+            raise ExportError(f"--labels {spec}: the JSON must be a list of class names")
+        labels = [str(x) for x in labels]
+    else:
+        labels = text.splitlines()
+        while labels and not labels[-1].strip():
+            labels.pop()
+        labels = [line.strip() for line in labels]
+    if not labels:
+        raise ExportError(f"--labels {spec}: the file lists no class")
+    return tuple(labels)
+
+
+def _default_labels(num_classes: int, notes: list[str]) -> tuple[str, ...]:
+    if num_classes == 1000:
+        notes.append("labels: ImageNet's 1000 classes (1000 outputs and no --labels)")
+        return imagenet_labels()
+    if num_classes == 1001:
+        notes.append("labels: class indices; a 1001-class head with a background class first takes "
+                     "--labels imagenet-background")
+    return tuple(str(i) for i in range(num_classes))
+
+
 # -- the export -----------------------------------------------------------------------------------
 
 def resolve_cam_layer(graph: ClassifierGraph, cam_layer: str | None) -> str | None:
@@ -590,7 +656,7 @@ def export_graph(graph: ClassifierGraph, output: str | os.PathLike | None, *, pr
         graph: from :func:`prepare_classifier`; its model is modified (the gradient is appended).
         output: file to write, or ``None`` to build and verify only.
         preprocessing: how pictures become ``image``; its crop must be the graph's input size.
-        labels: K class names; class indices when ``None``.
+        labels: K class names; ``None``: ImageNet's for 1000 classes, else class indices.
         reference: a float64 reference of the same classifier (:class:`gradmap.graph.parity.Reference`
             protocol: ``run`` and ``run_float32``); ``None``: the float64 evaluation of the graph itself
             (:mod:`gradmap.export._onnx_reference`).
@@ -609,9 +675,8 @@ def export_graph(graph: ClassifierGraph, output: str | os.PathLike | None, *, pr
         raise ExportError(f"--backprop {' '.join(modified)} changes how gradients pass ReLUs, and this graph has no "
                           "Relu node (its activations are other ops): the map would be the vanilla gradient")
     num_classes = graph.num_classes
-    if labels is None:
-        labels = [str(i) for i in range(num_classes)]
-    labels = tuple(labels)
+    notes = list(graph.notes)
+    labels = _default_labels(num_classes, notes) if labels is None else tuple(labels)
     if len(labels) != num_classes:
         raise ExportError(f"{len(labels)} labels given for a model with {num_classes} outputs")
     if verify and reference is None:
@@ -633,7 +698,7 @@ def export_graph(graph: ClassifierGraph, output: str | os.PathLike | None, *, pr
     proto = finish(model, metadata)
     report = ExportReport(path=None, source_model=source_model, weights=weights, score=score,
                           forward_nodes=forward_nodes, backward_nodes=len(proto.graph.node) - forward_nodes,
-                          target=target, op_types=op_histogram(proto), notes=list(graph.notes),
+                          target=target, op_types=op_histogram(proto), notes=notes,
                           reference=getattr(reference, "name", "none"))
     if verify:
         report.logits_error, report.gradient_error = check_parity(

@@ -295,7 +295,12 @@ class OnnxReference:
         evaluator, _ = self._models(score, backprops)
         result = self._run(evaluator, images, target_index, backprops, np.float64)
         if not self.checked:
-            self.check_directions(images, target_index, score, result.gradients["vanilla"])
+            # the rules are checked on the logit, whatever the score: a probability near 0 or 1 has a
+            # gradient below float64's resolution of the probability itself, the logit has not
+            gradient = result.gradients["vanilla"] if score == "logit" else self._run(
+                self._models("logit", ("vanilla",))[0], images, target_index, ("vanilla",), np.float64
+            ).gradients["vanilla"]
+            self.check_directions(images, target_index, gradient)
         return result
 
     def run_float32(self, images: np.ndarray, target_index: np.ndarray, *, score: str,
@@ -310,14 +315,15 @@ class OnnxReference:
         return self._run(self._gradients[key][0], images, target_index, backprops, np.float32)
 
     # -- the independent check --------------------------------------------------------------------
-    def check_directions(self, images: np.ndarray, target_index: np.ndarray, score: str,
-                         gradient: np.ndarray) -> None:
-        """Compare <gradient, v> with the central difference of the float64 forward graph along v,
-        for v the gradient's own direction and ``directions`` random ones.
+    def check_directions(self, images: np.ndarray, target_index: np.ndarray, gradient: np.ndarray) -> None:
+        """Compare <gradient, v> with the central difference of the summed target logits of the
+        float64 forward graph along v, for v the gradient's own direction and ``directions`` random ones.
 
-        The summed score is piecewise smooth in the input (ReLU and max pooling switch branches); a
-        step that crosses a switch shows as two step sizes that disagree, and the step shrinks until
-        they agree. Raises :class:`ParityError` when a direction disagrees beyond ``rtol``."""
+        The logits are piecewise smooth in the input (ReLU and max pooling switch branches): a step
+        that crosses a switch shows as two step sizes that disagree, and the step shrinks until they
+        agree, but never below the step at which float64 rounding of the logits would exceed a tenth
+        of the tolerance. Raises :class:`ParityError` when a direction disagrees beyond ``rtol``, or
+        when no direction could be checked."""
         x = np.asarray(images, dtype=np.float64)
         target_index = np.asarray(target_index, dtype=np.int64)
         g = np.asarray(gradient, dtype=np.float64)
@@ -333,21 +339,28 @@ class OnnxReference:
         directions += [(f"random {i + 1}", rng.standard_normal(g.shape)) for i in range(self._directions)]
 
         def total(point: np.ndarray) -> float:
-            return float(selected_score(self.logits(point), target_index, score).sum())
+            return float(selected_score(self.logits(point), target_index, "logit").sum())
 
+        size = max(1.0, float(np.abs(x).max()))
+        level = abs(total(x)) + float(np.abs(self.logits(x)).max())  # the logits' magnitude, for rounding
         for label, v in directions:
             expected = float(np.sum(g * v))
             scale = max(abs(expected), norm * float(np.linalg.norm(v)) / np.sqrt(n))
-            step = 1e-6 * max(1.0, float(np.abs(x).max()))
+            # float64 rounding of the logits adds about eps * level / step to a central difference
+            floor = 40 * np.finfo(np.float64).eps * level / (self._rtol * scale)
+            step = max(1e-6 * size, floor)
             estimate = None
-            for _ in range(6):
+            record = {"direction": label, "derivative": expected}
+            while step <= 1e-2 * size:
                 coarse = (total(x + step * v) - total(x - step * v)) / (2 * step)
                 fine = (total(x + step / 4 * v) - total(x - step / 4 * v)) / (step / 2)
                 if abs(coarse - fine) <= self._rtol / 10 * scale:
                     estimate = fine
                     break
-                step /= 10  # a branch switch inside the step: shrink it
-            record = {"direction": label, "step": step, "derivative": expected, "finite_difference": estimate}
+                if step / 10 < floor:  # a branch switch inside every step float64 can resolve
+                    break
+                step /= 10
+            record.update(step=step, finite_difference=estimate)
             self.checked.append(record)
             if estimate is None:
                 logger.info("central differences along the %s direction did not settle; skipped", label)
@@ -361,6 +374,6 @@ class OnnxReference:
                     f"(relative {error:.2g}, tolerance {self._rtol:g}): a gradient rule is wrong for an op of this "
                     "graph. The model was not written.")
         if all(r["finite_difference"] is None for r in self.checked):
-            raise ParityError("central differences of the float64 forward graph never settled (the score is not "
-                              "smooth at these points): the gradient rules could not be checked. The model was "
-                              "not written; --no-verify exports it unchecked.")
+            raise ParityError("central differences of the float64 forward graph never settled (the logits switch "
+                              "branches within every step float64 resolves): the gradient rules could not be "
+                              "checked. The model was not written; --no-verify exports it unchecked.")
