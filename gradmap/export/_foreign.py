@@ -629,10 +629,10 @@ def _nchw_side(graph: ir.Graph, value: ir.Value, nhwc: bool = False) -> str:
     if not nhwc:
         return value.name
     # an NHWC map without a Transpose beside it: splice in an NCHW view and its way back
+    uses = [(u.node, u.idx) for u in value.uses()]
     to_nchw = ir.node("Transpose", [value], attributes={"perm": [0, 3, 1, 2]}, name=_unique(graph, "gradmap_cam_nchw"))
     back = ir.node("Transpose", [to_nchw.outputs[0]], attributes={"perm": [0, 2, 3, 1]},
                    name=_unique(graph, "gradmap_cam_nhwc"))
-    uses = [(u.node, u.idx) for u in value.uses()]
     for node, index in uses:
         node.replace_input_with(index, back.outputs[0])
     n, h, w, c = value.shape
