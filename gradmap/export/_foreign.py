@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
+from onnx import numpy_helper
 
 from gradmap import contract
 from gradmap.contract import ModelMetadata, Preprocessing
@@ -116,8 +117,10 @@ def prepare_classifier(proto: onnx.ModelProto, *, input: str | None = None, outp
     work = onnx.ModelProto()
     work.CopyFrom(proto)
     source_opset = _default_opset(work)
+    _per_activation_batch_norms(work, notes)
     work = _upgrade_opset(work, source_opset, opset, notes)
     _drop_initializer_inputs(work)
+    _asymmetric_upsampling(work, source_opset, notes)
     if work.functions:
         work = onnx.inliner.inline_local_functions(work)
         notes.append("inlined the file's local functions")
@@ -180,6 +183,66 @@ def _drop_initializer_inputs(proto: onnx.ModelProto) -> None:
         kept = [i for i in proto.graph.input if i.name not in weights]
         del proto.graph.input[:]
         proto.graph.input.extend(kept)
+
+
+def _per_activation_batch_norms(proto: onnx.ModelProto, notes: list[str]) -> None:
+    """BatchNormalization with ``spatial=0`` (opsets 7 and 8: statistics per activation, shaped
+    [C, H, W]) has no counterpart in later opsets: it becomes its formula,
+    (X - mean) / Sqrt(var + epsilon) * scale + B, in ops every opset has (onnx.version_converter
+    refuses it).
+    """
+    nodes = []
+    rewritten = 0
+    for node in proto.graph.node:
+        spatial = next((a.i for a in node.attribute if a.name == "spatial"), 1)
+        if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx") and spatial == 0:
+            x, scale, bias, mean, var = node.input[:5]
+            eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+            prefix = f"{node.name or node.output[0]}_gradmap_bn"
+            eps_name = f"{prefix}_epsilon"
+            proto.graph.initializer.append(numpy_helper.from_array(np.asarray(eps, np.float32), eps_name))
+            helper = onnx.helper
+            nodes += [helper.make_node("Sub", [x, mean], [f"{prefix}_centered"]),
+                      helper.make_node("Add", [var, eps_name], [f"{prefix}_var"]),
+                      helper.make_node("Sqrt", [f"{prefix}_var"], [f"{prefix}_std"]),
+                      helper.make_node("Div", [f"{prefix}_centered", f"{prefix}_std"], [f"{prefix}_normalized"]),
+                      helper.make_node("Mul", [f"{prefix}_normalized", scale], [f"{prefix}_scaled"]),
+                      helper.make_node("Add", [f"{prefix}_scaled", bias], [node.output[0]])]
+            rewritten += 1
+        else:
+            nodes.append(node)
+    if rewritten:
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes)
+        notes.append(f"{rewritten} BatchNormalization node(s) with spatial=0 written as their formula")
+
+
+def _asymmetric_upsampling(proto: onnx.ModelProto, source_opset: int, notes: list[str]) -> None:
+    """Upsample (opsets 7 to 9, deprecated since) maps output pixel i to input i / scale, as Resize's
+    ``asymmetric`` coordinates with ``floor`` rounding; onnx.version_converter turns it into a Resize
+    with Resize's defaults (``half_pixel``), which changes a linear upsampling's values. Resize came
+    with opset 10, so in a file older than that every Resize is a converted Upsample: they get
+    Upsample's coordinates back. An Upsample left in a newer file becomes such a Resize."""
+    helper = onnx.helper
+    count = 0
+    for i, node in enumerate(proto.graph.node):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "Upsample":
+            mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "nearest")
+            proto.graph.node[i].CopyFrom(helper.make_node(
+                "Resize", [node.input[0], "", node.input[1]], list(node.output), name=node.name, mode=mode))
+            node = proto.graph.node[i]
+        elif node.op_type != "Resize" or source_opset >= 10:
+            continue
+        kept = [a for a in node.attribute if a.name not in ("coordinate_transformation_mode", "nearest_mode")]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        node.attribute.extend([helper.make_attribute("coordinate_transformation_mode", "asymmetric"),
+                               helper.make_attribute("nearest_mode", "floor")])
+        count += 1
+    if count:
+        notes.append(f"{count} Upsample node(s) as Resize with Upsample's asymmetric coordinates")
 
 
 def _default_opset(proto: onnx.ModelProto) -> int:

@@ -218,7 +218,20 @@ def _reference_ops():
             return (_max_pool(X, kernel=list(kernel_shape), strides=strides, dilations=dilations, pads=list(pads),
                               ceil_mode=bool(ceil_mode)).astype(X.dtype),)
 
-    return [Conv, ConvTranspose, MaxPool]
+    class LRN(OpRun):
+        # onnx.reference's LRN (onnx 1.23) differs from the specification's formula, which
+        # onnxruntime and torch's local_response_norm follow
+        def _run(self, X, alpha=None, beta=None, bias=None, size=None):
+            alpha = 1e-4 if alpha is None else alpha
+            beta = 0.75 if beta is None else beta
+            bias = 1.0 if bias is None else bias
+            before = (size - 1) // 2
+            after = size - 1 - before
+            squares = np.pad(X * X, [(0, 0), (before, after)] + [(0, 0)] * (X.ndim - 2))
+            window = sum(squares[:, i:i + X.shape[1]] for i in range(size))
+            return ((X / (bias + alpha / size * window) ** beta).astype(X.dtype),)
+
+    return [Conv, ConvTranspose, LRN, MaxPool]
 
 
 def _evaluator(proto: onnx.ModelProto):
