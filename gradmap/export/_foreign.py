@@ -126,10 +126,11 @@ def prepare_classifier(proto: onnx.ModelProto, *, input: str | None = None, outp
         notes.append("inlined the file's local functions")
     image_info, source_layout, channels = _find_image_input(work.graph, input, layout)
     size = _fix_spatial_size(work, image_info, source_layout, input_size)
-    work = _infer_shapes(work)
+    work = _infer_shapes(work, notes)
 
     model = ir.serde.deserialize_model(work)
     graph = model.graph
+    _explicit_pads(graph, notes)
     image = next(v for v in graph.inputs if v.name == image_info.name)
     batch = image.shape[0] if image.shape is not None else None
     fixed_batch = batch if isinstance(batch, int) else None
@@ -267,11 +268,30 @@ def _upgrade_opset(proto: onnx.ModelProto, opset: int, wanted: int, notes: list[
     return upgraded
 
 
-def _infer_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+def _infer_shapes(proto: onnx.ModelProto, notes: list[str] | None = None) -> onnx.ModelProto:
+    """ONNX shape inference with data propagation. Annotations the file carries that contradict its
+    own graph (jax2onnx 0.17 writes some NHWC shapes on NCHW values) are dropped and inferred anew;
+    a graph whose every shape cannot be inferred keeps what can be."""
+    inference = onnx.shape_inference
     try:
-        return onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception as e:  # InferenceError on an inconsistent graph
-        raise ExportError(f"ONNX shape inference fails on the model: {str(e).strip()[:400]}") from e
+        return inference.infer_shapes(proto, data_prop=True, strict_mode=True)
+    except Exception as first:  # InferenceError, or a schema error of an op inference cannot type
+        if proto.graph.value_info:
+            cleared = onnx.ModelProto()
+            cleared.CopyFrom(proto)
+            del cleared.graph.value_info[:]
+            try:
+                inferred = inference.infer_shapes(cleared, data_prop=True, strict_mode=True)
+                if notes is not None:
+                    notes.append("the file's shape annotations contradict its graph: inferred anew "
+                                 f"({str(first).strip().splitlines()[-1][:160]})")
+                return inferred
+            except Exception:
+                pass
+        try:
+            return inference.infer_shapes(proto, data_prop=True)
+        except Exception as e:  # InferenceError on an inconsistent graph
+            raise ExportError(f"ONNX shape inference fails on the model: {str(e).strip()[:400]}") from e
 
 
 def _tensor_dims(info: onnx.ValueInfoProto) -> list | None:
@@ -385,6 +405,45 @@ def _fix_spatial_size(proto: onnx.ModelProto, info: onnx.ValueInfoProto, layout:
 
 
 # -- the graph: score output, softmax, interface ----------------------------------------------------
+
+_WINDOWED = ("Conv", "MaxPool", "AveragePool", "LpPool")
+
+
+def _explicit_pads(graph: ir.Graph, notes: list[str]) -> None:
+    """``auto_pad`` SAME_UPPER / SAME_LOWER / VALID (jax2onnx, paddle2onnx, TensorFlow's "same") as the
+    explicit ``pads`` they stand for, from the input's static size: out = ceil(in / stride), the
+    padding split evenly with the odd one at the end (UPPER) or the beginning (LOWER)."""
+    count = 0
+    for node in graph.all_nodes():
+        if node.op_type not in _WINDOWED or node.domain not in ("", "ai.onnx"):
+            continue
+        mode = node.attributes.get_string("auto_pad", "NOTSET")
+        if mode == "NOTSET":
+            continue
+        x = node.inputs[0]
+        spatial = list(x.shape)[2:] if x.shape is not None else None
+        if node.op_type == "Conv":
+            w = node.inputs[1]
+            kernel = node.attributes.get_ints("kernel_shape", None) or (list(w.shape)[2:] if w.shape else None)
+        else:
+            kernel = node.attributes.get_ints("kernel_shape", None)
+        if spatial is None or kernel is None or not all(isinstance(d, int) for d in [*spatial, *kernel]):
+            continue  # the rule names the problem
+        rank = len(spatial)
+        strides = list(node.attributes.get_ints("strides", [1] * rank))
+        dilations = list(node.attributes.get_ints("dilations", [1] * rank))
+        begin, end = [0] * rank, [0] * rank
+        if mode in ("SAME_UPPER", "SAME_LOWER"):
+            for i, (size, k, s, d) in enumerate(zip(spatial, kernel, strides, dilations)):
+                total = max(0, (-(-size // s) - 1) * s + (k - 1) * d + 1 - size)
+                small, large = total // 2, total - total // 2
+                begin[i], end[i] = (large, small) if mode == "SAME_LOWER" else (small, large)
+        node.attributes.pop("auto_pad")
+        node.attributes["pads"] = ir.AttrInt64s("pads", begin + end)
+        count += 1
+    if count:
+        notes.append(f"auto_pad written as explicit pads on {count} node(s)")
+
 
 def _shape_text(value: ir.Value) -> str:
     if value.shape is None:
@@ -638,8 +697,9 @@ def resolve_cam_layer(graph: ClassifierGraph, cam_layer: str | None) -> str | No
 
     ``auto`` first asks the gradient pass (the input of the last global pooling, or the map
     flattened into the classifier); in graphs converted from NHWC frameworks the pooled map is
-    NHWC (tf2onnx: ``Transpose(perm=[0, 2, 3, 1])`` then ``ReduceMean(axes=[1, 2])``): then the
-    Transpose's NCHW input is the map, or an NCHW view is spliced in. A NAME that a Transpose turns
+    NHWC (tf2onnx: ``Transpose(perm=[0, 2, 3, 1])`` then ``ReduceMean(axes=[1, 2])``; jax2onnx:
+    ``ReduceSum(axes=[1, 2])`` then ``Div``): then the Transpose's NCHW input is the map, or an NCHW
+    view is spliced in. A NAME that a Transpose turns
     from NCHW to NHWC or back is taken on its NCHW side.
     """
     if cam_layer is None:
@@ -657,26 +717,29 @@ def resolve_cam_layer(graph: ClassifierGraph, cam_layer: str | None) -> str | No
     try:
         return find_cam_layer(model_graph, nodes, "auto").name
     except ExportError:
-        nhwc = _pooled_nhwc_map(nodes)
-        if nhwc is None:
+        pooled = _pooled_map(nodes)
+        if pooled is None:
             raise
-        return _nchw_side(model_graph, nhwc, nhwc=True)
+        return _nchw_side(model_graph, *pooled)
 
 
-def _pooled_nhwc_map(nodes: list[ir.Node]) -> ir.Value | None:
-    """The [N, h, w, C] input of the last global pooling over axes 1 and 2 on the path to the logits."""
+def _pooled_map(nodes: list[ir.Node]) -> tuple[ir.Value, bool] | None:
+    """(map, is NHWC) of the last global pooling on the path to the logits that the gradient pass
+    does not look for: a ReduceMean, ReduceMax or ReduceSum (JAX's mean is a ReduceSum and a Div)
+    over axes 1 and 2 of an [N, h, w, C] map, or a ReduceSum over axes 2 and 3 of an [N, C, h, w] one."""
     from gradmap.graph.gradient._builder import constant_of
 
     for node in reversed(nodes):
-        if node.op_type not in ("ReduceMean", "ReduceMax"):
+        if node.op_type not in ("ReduceMean", "ReduceMax", "ReduceSum") or len(node.inputs) < 2:
             continue
         x = node.inputs[0]
-        if x.shape is None or len(x.shape) != 4 or len(node.inputs) < 2:
-            continue
         axes = constant_of(node.inputs[1])
-        if axes is not None and sorted(int(a) % 4 for a in axes.reshape(-1)) == [1, 2] \
-                and all(isinstance(d, int) and d > 1 for d in list(x.shape)[1:3]):
-            return x
+        if x.shape is None or len(x.shape) != 4 or axes is None:
+            continue
+        axes = sorted(int(a) % 4 for a in axes.reshape(-1))
+        spatial = [1, 2] if axes == [1, 2] else [2, 3] if axes == [2, 3] and node.op_type == "ReduceSum" else None
+        if spatial and all(isinstance(x.shape[a], int) and x.shape[a] > 1 for a in spatial):
+            return x, spatial == [1, 2]
     return None
 
 
