@@ -837,7 +837,7 @@ def export_graph(graph: ClassifierGraph, output: str | os.PathLike | None, *, pr
     return report
 
 
-# -- parity (until gradmap.graph.parity lands) ----------------------------------------------------
+# -- parity ---------------------------------------------------------------------------------------
 
 def _relative(actual: np.ndarray, expected: np.ndarray) -> float:
     if not np.all(np.isfinite(actual)):
@@ -853,7 +853,18 @@ def check_parity(proto: onnx.ModelProto, reference, input_size: tuple[int, int],
     """Logits and gradients of the written model (onnxruntime, CPU) against ``reference`` in float64
     on random batches; the tolerance is ten times the reference's own float32 error, at least 1e-4.
     A batch whose gradient misses it is drawn again (near-ties of ReLU and max pooling move a
-    float32 gradient on some batches, a wrong rule on every one). Returns (logits error, gradient error)."""
+    float32 gradient on some batches, a wrong rule on every one). Returns (logits error, gradient error).
+
+    With :mod:`gradmap.graph.parity` (the framework-neutral check every source shares), its
+    ``verify_model`` decides instead; this function's own comparison serves where it is absent."""
+    try:
+        from gradmap.graph.parity import verify_model
+    except ImportError:
+        verify_model = None
+    if verify_model is not None:
+        result = verify_model(proto, reference, input_size=input_size, score=score, backprops=backprops,
+                              batch=fixed_batch or 2, seed=seed, attempts=attempts)
+        return result.logits_error, result.gradient_error
     import onnxruntime as ort
 
     options = ort.SessionOptions()

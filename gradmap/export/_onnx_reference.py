@@ -39,12 +39,17 @@ logger = logging.getLogger(__name__)
 _FLOAT_ONLY_INPUTS = {"Resize": (2,), "Upsample": (1,)}
 
 
-@dataclass
-class ReferenceRun:
-    """A reference's logits [N, K] and gradients (backprop name -> [N, 3, H, W] w.r.t. ``image``)."""
+try:  # the framework-neutral parity module's own class, where this gradmap has it
+    from gradmap.graph.parity import ReferenceRun
+except ImportError:
+    @dataclass
+    class ReferenceRun:
+        """A reference's logits [N, K] and gradients (backprop name -> [N, 3, H, W] w.r.t. ``image``)."""
 
-    logits: np.ndarray
-    gradients: dict[str, np.ndarray] = field(default_factory=dict)
+        logits: np.ndarray
+        gradients: dict[str, np.ndarray]
+        replayed: str = "none"
+        gaps: list[float] = field(default_factory=list)
 
 
 def _double_tensor(tensor: TensorProto) -> TensorProto:
@@ -303,7 +308,8 @@ class OnnxReference:
             decisions=None) -> ReferenceRun:
         """float64 logits and gradients of ``images`` (float32 NCHW, as fed to ``image``) for the
         classes ``target_index``. The first call also checks the gradient rules against central
-        differences (raises :class:`ParityError` when they disagree)."""
+        differences (raises :class:`ParityError` when they disagree). ``decisions`` are not replayed
+        (``replayed`` is ``none``): a near-tie shows as a batch the parity check draws again."""
         backprops = tuple(dict.fromkeys(["vanilla", *backprops]))
         evaluator, _ = self._models(score, backprops)
         result = self._run(evaluator, images, target_index, backprops, np.float64)
@@ -317,7 +323,7 @@ class OnnxReference:
         return result
 
     def run_float32(self, images: np.ndarray, target_index: np.ndarray, *, score: str,
-                    backprops=("vanilla",)) -> ReferenceRun:
+                    backprops=("vanilla",), decisions=None) -> ReferenceRun:
         """The same evaluation in float32 (numpy's, not the engine's): how far float32 rounding alone
         moves this graph's logits and gradients, for the parity tolerance."""
         backprops = tuple(dict.fromkeys(["vanilla", *backprops]))
