@@ -150,12 +150,21 @@ def export_onnx(
     return report
 
 
-def load_reference(spec: str, *, input_name: str | None = None, output_name: str | None = None,
+def load_reference(spec: str, *, metadata=None, input_name: str | None = None, output_name: str | None = None,
                    layout: str | None = None, input_size: tuple[int, int] | None = None, **_ignored):
     """The float64 reference of ``onnx:PATH`` for ``gradmap verify``: the file's own graph evaluated in
-    float64 (:class:`gradmap.export._onnx_reference.OnnxReference`), prepared as the export prepared it."""
+    float64 (:class:`gradmap.export._onnx_reference.OnnxReference`), prepared as the export prepared it.
+
+    ``metadata``: the written model's :class:`~gradmap.contract.ModelMetadata`, whose extras name the
+    source file's image input, score output and layout, and whose crop is the input size."""
     from ._onnx_reference import OnnxReference
 
+    if metadata is not None:
+        extra = dict(metadata.extra)
+        input_name = input_name or extra.get("source_input")
+        output_name = output_name or extra.get("source_output")
+        layout = layout or extra.get("source_layout")
+        input_size = input_size or tuple(metadata.preprocessing.crop)
     path = spec[len("onnx:"):] if spec.startswith("onnx:") else spec
     graph = prepare_classifier(load_onnx(path), input=input_name, output=output_name, layout=layout,
                                input_size=input_size)
