@@ -508,3 +508,30 @@ def test_torch_onnx_exports_at_old_opsets_match_torch_autograd(tmp_path, opset):
                                err_msg=f"opset {opset}: logits differ from torch")
     np.testing.assert_allclose(gradient, grad.numpy(), rtol=1e-4, atol=1e-5 * np.abs(grad.numpy()).max(),
                                err_msg=f"opset {opset}: gradient differs from torch autograd")
+
+
+def test_onnx_export_runs_with_torch_unimportable(tmp_path):
+    """gradmap export onnx: in a process where importing torch (or TensorFlow, JAX) fails."""
+    import subprocess
+    import sys
+    import textwrap
+
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "onnx", "tf2onnx_keras_cnn.onnx")
+    code = textwrap.dedent(f"""
+        import sys
+        for name in ("torch", "torchvision", "tensorflow", "keras", "jax", "paddle"):
+            sys.modules[name] = None
+        from gradmap.cli import main
+        sys.argv = ["gradmap", "export", "onnx:{fixture}", "-o", {str(tmp_path / "m.onnx")!r}, "--preset", "keras-tf",
+                    "--cam-layer", "auto"]
+        try:
+            main()
+        except SystemExit as e:
+            assert not e.code, e.code
+        assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "tensorflow", "jax") and sys.modules[m]]
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-2000:] + result.stderr[-3000:]
+    assert (tmp_path / "m.onnx").exists()
