@@ -535,3 +535,36 @@ def test_onnx_export_runs_with_torch_unimportable(tmp_path):
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-2000:] + result.stderr[-3000:]
     assert (tmp_path / "m.onnx").exists()
+
+
+def test_reference_replays_the_float32_relu_decisions_it_is_given():
+    """A ReLU whose input float32 rounding puts on the other side of zero must not count as a wrong
+    rule: the reference takes the float32 run's pass mask (values stay float64) for the vanilla gradient."""
+    from types import SimpleNamespace
+
+    source = model("""
+        g (float[N, 3, 4, 4] x) => (float[N, 2] y) {
+            c = Conv (x, w)
+            r = Relu (c)
+            f = Flatten (r)
+            y = MatMul (f, fc)
+        }""", w=randn(4, 3, 1, 1), fc=randn(64, 2))
+    graph = prepare_classifier(source)
+    relu = next(n.outputs[0].name for n in graph.model.graph if n.op_type == "Relu")
+    reference = OnnxReference(graph.model)
+    x = randn(1, 3, 4, 4, scale=1.0)
+    natural = reference.run(x, np.asarray([1]), score="logit")
+    assert natural.replayed == "none" and np.any(natural.gradients["vanilla"])
+    closed = np.zeros((1, 8, 4, 4), np.float32)  # every ReLU closed, with 4 channels of padding as a lowered model has
+    replayed = reference.run(x, np.asarray([1]), score="logit",
+                             decisions=SimpleNamespace(relu_names=[relu], relu_outputs=[closed]))
+    assert replayed.replayed == "relus"
+    assert not np.any(replayed.gradients["vanilla"]), "every ReLU closed: the replayed gradient must vanish"
+    np.testing.assert_allclose(replayed.logits, 0.0, atol=1e-12)
+    opened = np.ones((1, 4, 4, 4), np.float32)
+    linear = reference.run(x, np.asarray([1]), score="logit",
+                           decisions=SimpleNamespace(relu_names=[relu], relu_outputs=[opened]))
+    weights = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in source.graph.initializer}
+    expected = np.einsum("oc,o...->c...", weights["w"][:, :, 0, 0], weights["fc"][:, 1].reshape(4, 4, 4))
+    np.testing.assert_allclose(linear.gradients["vanilla"][0], expected, rtol=1e-10, atol=1e-12,
+                               err_msg="every ReLU open: the gradient of the linear map")

@@ -304,12 +304,68 @@ class OnnxReference:
         return ReferenceRun(logits=np.asarray(values[0], np.float64),
                             gradients={b: np.asarray(v, np.float64) for b, v in zip(backprops, values[1:])})
 
+    def _replay_model(self, score: str, names: tuple[str, ...]):
+        """The vanilla gradient model with each forward Relu of ``names`` written as Mul(X, M) with M an
+        input: the float32 run's pass mask, values staying the graph's own (float64)."""
+        key = ("replay", score, names)
+        if key not in self._gradients:
+            model = ir.serde.deserialize_model(self._forward32)
+            graph = model.graph
+            masks = {}
+            for node in list(graph):
+                y = node.outputs[0] if node.outputs else None
+                if node.op_type != "Relu" or y is None or y.name not in names:
+                    continue
+                mask = ir.Value(name=f"gradmap_replay_{len(masks)}", shape=y.shape, type=y.type)
+                graph.inputs.append(mask)
+                product = ir.node("Mul", [node.inputs[0], mask])
+                graph.insert_before(node, product)
+                y.replace_all_uses_with(product.outputs[0])
+                graph.remove(node, safe=True)
+                product.outputs[0].name, product.outputs[0].shape, product.outputs[0].type = y.name, y.shape, y.type
+                channels = y.shape[1] if y.shape is not None and len(y.shape) > 1 else None
+                masks[y.name] = (mask.name, channels if isinstance(channels, int) else None)
+            add_gradient(model, score=score, backprops=("vanilla",), target="portable")
+            proto = ir.serde.serialize_model(model)
+            self._gradients[key] = (_evaluator(to_double(proto)), _evaluator(proto), masks)
+        return self._gradients[key]
+
+    def _replayed(self, images, target_index, score, decisions, dtype) -> tuple[ReferenceRun, str] | None:
+        """The vanilla logits and gradient with the float32 run's ReLU decisions, where they name
+        Relu nodes of this graph (a lowered model's channel padding cut off); else None."""
+        names = tuple(getattr(decisions, "relu_names", None) or ())
+        outputs = getattr(decisions, "relu_outputs", None)
+        if not names or outputs is None:
+            return None
+        double, single, masks = self._replay_model(score, names)
+        if not masks:
+            return None
+        feeds = {}
+        for name, values in zip(names, outputs):
+            if name in masks:
+                mask_name, channels = masks[name]
+                passed = np.asarray(values) > 0
+                if channels is not None and passed.ndim > 1 and passed.shape[1] > channels:
+                    passed = passed[:, :channels]  # zero channels a lowered model padded its maps with
+                feeds[mask_name] = passed.astype(dtype)
+        evaluator = double if dtype == np.float64 else single
+        values = evaluator.run([contract.OUTPUT_LOGITS, contract.BACKPROP_OUTPUTS["vanilla"]], {
+            contract.INPUT_IMAGE: np.asarray(images, dtype=dtype),
+            contract.INPUT_TARGET: np.asarray(target_index, np.int64), **feeds})
+        run = ReferenceRun(logits=np.asarray(values[0], np.float64),
+                           gradients={"vanilla": np.asarray(values[1], np.float64)})
+        return run, "relus"
+
     def run(self, images: np.ndarray, target_index: np.ndarray, *, score: str, backprops=("vanilla",),
             decisions=None) -> ReferenceRun:
         """float64 logits and gradients of ``images`` (float32 NCHW, as fed to ``image``) for the
         classes ``target_index``. The first call also checks the gradient rules against central
-        differences (raises :class:`ParityError` when they disagree). ``decisions`` are not replayed
-        (``replayed`` is ``none``): a near-tie shows as a batch the parity check draws again."""
+        differences (raises :class:`ParityError` when they disagree).
+
+        ``decisions`` (:class:`gradmap.graph.parity.Decisions`): the vanilla gradient takes the float32
+        run's ReLU decisions where they name Relu nodes of this graph (``replayed`` is ``relus``); max
+        pooling near-ties and the guided and deconvnet rules are not replayed: such a batch is drawn
+        again by the parity check."""
         backprops = tuple(dict.fromkeys(["vanilla", *backprops]))
         evaluator, _ = self._models(score, backprops)
         result = self._run(evaluator, images, target_index, backprops, np.float64)
@@ -320,6 +376,10 @@ class OnnxReference:
                 self._models("logit", ("vanilla",))[0], images, target_index, ("vanilla",), np.float64
             ).gradients["vanilla"]
             self.check_directions(images, target_index, gradient)
+        replayed = self._replayed(images, target_index, score, decisions, np.float64) if decisions else None
+        if replayed is not None:
+            run, kind = replayed
+            result.logits, result.gradients["vanilla"], result.replayed = run.logits, run.gradients["vanilla"], kind
         return result
 
     def run_float32(self, images: np.ndarray, target_index: np.ndarray, *, score: str,
@@ -331,7 +391,12 @@ class OnnxReference:
         key = ("float32", score, backprops)
         if key not in self._gradients:
             self._gradients[key] = (_evaluator(proto), proto)
-        return self._run(self._gradients[key][0], images, target_index, backprops, np.float32)
+        result = self._run(self._gradients[key][0], images, target_index, backprops, np.float32)
+        replayed = self._replayed(images, target_index, score, decisions, np.float32) if decisions else None
+        if replayed is not None:
+            run, kind = replayed
+            result.logits, result.gradients["vanilla"], result.replayed = run.logits, run.gradients["vanilla"], kind
+        return result
 
     # -- the independent check --------------------------------------------------------------------
     def check_directions(self, images: np.ndarray, target_index: np.ndarray, gradient: np.ndarray) -> None:
