@@ -32,7 +32,8 @@ def _relative(actual, expected):
 def _export_options(entry: dict) -> dict:
     options = dict(entry["options"])
     preset = options.pop("preset_name")
-    backprops = ["vanilla", *(["guided"] if "guided-backprop" in entry["methods"] else [])]
+    backprops = ["vanilla", *(["guided"] if "guided-backprop" in entry["methods"] else []),
+                 *(["deconvnet"] if "deconvnet" in entry["methods"] else [])]
     return dict(options, preprocessing_options={"preset_name": preset}, backprops=backprops,
                 cam_layer=entry.get("cam_layer"))
 

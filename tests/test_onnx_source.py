@@ -171,6 +171,14 @@ def test_tf2onnx_nhwc_input_transpose_is_folded_and_cam_auto_finds_the_nchw_map(
                                err_msg="gradient w.r.t. the NCHW image is not the transposed NHWC gradient")
 
 
+def test_cam_layer_named_on_the_nhwc_side_of_a_transpose_is_taken_on_its_nchw_side(tmp_path):
+    graph = prepare_classifier(nhwc_tf2onnx())
+    export(graph, tmp_path, cam_layer="back")
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    cam = sess.run([contract.OUTPUT_CAM_ACTIVATION], {"image": randn(1, 3, 8, 8), "target": np.asarray([0])})[0]
+    assert cam.shape == (1, 4, 8, 8), f"the NCHW map (the Transpose's input), got {cam.shape}"
+
+
 NHWC_PLAIN = """
 g (float[N, 6, 6, 3] x) => (float[N, 4] y) {
     h = MatMul (x, w)

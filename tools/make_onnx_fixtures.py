@@ -268,7 +268,7 @@ def make_torch() -> None:
             return self.body(x)
 
     for name, module, opset, methods in (
-            ("torch_onnx_caffenet_opset9", CaffeNet(), 9, ["vanilla", "guided-backprop", "smoothgrad"]),
+            ("torch_onnx_caffenet_opset9", CaffeNet(), 9, ["vanilla", "guided-backprop", "deconvnet", "smoothgrad"]),
             ("torch_onnx_prelu_opset7", PReLUNet(), 7, ["vanilla", "gradient-x-input"])):
         module.eval()
         for layer in module.modules():
