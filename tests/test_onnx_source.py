@@ -576,3 +576,30 @@ def test_reference_replays_the_float32_relu_decisions_it_is_given():
     expected = np.einsum("oc,o...->c...", weights["w"][:, :, 0, 0], weights["fc"][:, 1].reshape(4, 4, 4))
     np.testing.assert_allclose(linear.gradients["vanilla"][0], expected, rtol=1e-10, atol=1e-12,
                                err_msg="every ReLU open: the gradient of the linear map")
+
+
+@pytest.mark.parametrize("op,attrs", [
+    ("Conv", 'auto_pad = "SAME_UPPER", strides = [2, 2]'), ("Conv", 'auto_pad = "SAME_LOWER", strides = [2, 3]'),
+    ("Conv", 'auto_pad = "VALID", dilations = [2, 1]'), ("MaxPool", 'auto_pad = "SAME_UPPER", kernel_shape = [3, 2], strides = [2, 2]'),
+    ("AveragePool", 'auto_pad = "SAME_LOWER", kernel_shape = [3, 3], strides = [2, 2]'),
+])
+def test_auto_pad_becomes_explicit_pads_with_the_same_values(tmp_path, op, attrs):
+    inputs = "x, w" if op == "Conv" else "x"
+    source = model(f"""
+        g (float[N, 3, 9, 7] x) => (float[N, 4] y) {{
+            c = {op} <{attrs}> ({inputs})
+            t = Tanh (c)
+            f = Flatten (t)
+            y = MatMul (f, fc)
+        }}""", **({"w": randn(4, 3, 3, 3)} if op == "Conv" else {}))
+    inferred = onnx.shape_inference.infer_shapes(source)
+    features = int(np.prod([d.dim_value for d in next(v for v in inferred.graph.value_info if v.name == "f")
+                            .type.tensor_type.shape.dim][1:]))
+    source.graph.initializer.append(numpy_helper.from_array(randn(features, 4), "fc"))
+    graph = prepare_classifier(source)
+    assert not any(n.attributes.get("auto_pad") for n in graph.model.graph), "auto_pad left in the graph"
+    assert any("auto_pad" in note for note in graph.notes)
+    _, sess = export(graph, tmp_path)
+    x = randn(2, 3, 9, 7, scale=1.0)
+    np.testing.assert_allclose(run(sess, x, [0, 1])["logits"], session(source).run(None, {"x": x})[0], rtol=1e-5,
+                               atol=1e-5, err_msg=f"{op} {attrs}: explicit pads change the values")
