@@ -603,3 +603,32 @@ def test_auto_pad_becomes_explicit_pads_with_the_same_values(tmp_path, op, attrs
     x = randn(2, 3, 9, 7, scale=1.0)
     np.testing.assert_allclose(run(sess, x, [0, 1])["logits"], session(source).run(None, {"x": x})[0], rtol=1e-5,
                                atol=1e-5, err_msg=f"{op} {attrs}: explicit pads change the values")
+
+
+def test_shape_arithmetic_fixed_by_the_input_size_is_folded(tmp_path):
+    """torch.onnx splits ShuffleNet's channels with Slices whose ends it computes from Shape, Gather and
+    Div: ONNX shape inference leaves their outputs' channel counts unknown, and the Concat's and the
+    mean's gradient rules need them static. The fixed input size makes them constants."""
+    source = model("""
+        g (float[1, 3, 6, 6] x) => (float[1, 3] y) {
+            k = Conv <pads = [1, 1, 1, 1]> (x, w)
+            s = Shape (k)
+            c = Gather <axis = 0> (s, one)
+            half = Div (c, two)
+            end = Unsqueeze (half, zero)
+            a = Slice (k, zero, end, one_axis)
+            b = Slice (k, end, big, one_axis)
+            j = Concat <axis = 1> (b, a)
+            m = ReduceMean <keepdims = 0> (j, axes)
+            y = MatMul (m, fc)
+        }""", one=np.asarray(1, np.int64), two=np.asarray(2, np.int64), zero=np.asarray([0], np.int64),
+        one_axis=np.asarray([1], np.int64), big=np.asarray([1 << 30], np.int64), axes=np.asarray([2, 3], np.int64),
+        fc=randn(4, 3), w=randn(4, 3, 3, 3))
+    graph = prepare_classifier(source)
+    assert any("folded" in note for note in graph.notes), graph.notes
+    _, sess = export(graph, tmp_path)
+    x = randn(1, 3, 6, 6, scale=1.0)
+    out = run(sess, x, [1])
+    np.testing.assert_allclose(out["logits"], session(source).run(None, {"x": x})[0], rtol=1e-5, atol=1e-6)
+    expected = numeric_gradient(source, x, lambda y: y[0, 1])
+    np.testing.assert_allclose(out["gradient"], expected, rtol=1e-4, atol=1e-6)

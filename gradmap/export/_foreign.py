@@ -127,6 +127,8 @@ def prepare_classifier(proto: onnx.ModelProto, *, input: str | None = None, outp
     image_info, source_layout, channels = _find_image_input(work.graph, input, layout)
     size = _fix_spatial_size(work, image_info, source_layout, input_size)
     work = _infer_shapes(work, notes)
+    if _fold_shape_arithmetic(work, notes):
+        work = _infer_shapes(work, notes)
 
     model = ir.serde.deserialize_model(work)
     graph = model.graph
@@ -292,6 +294,69 @@ def _infer_shapes(proto: onnx.ModelProto, notes: list[str] | None = None) -> onn
             return inference.infer_shapes(proto, data_prop=True)
         except Exception as e:  # InferenceError on an inconsistent graph
             raise ExportError(f"ONNX shape inference fails on the model: {str(e).strip()[:400]}") from e
+
+
+#: Ops of the shape arithmetic exporters write (torch.onnx's TorchScript exporter computes a Reshape's
+#: target from Shape, Gather, Div and Concat) that :func:`_fold_shape_arithmetic` evaluates.
+_SHAPE_ARITHMETIC = {"Shape", "Gather", "Concat", "Div", "Mul", "Add", "Sub", "Cast", "Slice", "Squeeze",
+                     "Unsqueeze", "Constant", "Floor", "Ceil", "Range", "Identity", "Equal", "Where", "ReduceProd",
+                     "Max", "Min", "Neg", "Abs", "Mod", "Size", "ConstantOfShape", "Expand", "Reshape"}
+_FOLD_LIMIT = 4096  # elements: larger results stay computed (they are data, not shapes)
+
+
+def _fold_shape_arithmetic(proto: onnx.ModelProto, notes: list[str]) -> int:
+    """Replace by constants what the fixed input size determines: each Shape of a value whose shape is
+    static, and each shape-arithmetic node whose inputs are all constants and whose result is small.
+
+    ONNX's data propagation stops at ops such as Div, so a Reshape whose target torch.onnx computed
+    (ShuffleNet's channel shuffle) would otherwise keep symbolic dimensions, which the gradient rules
+    need static. Returns the number of nodes folded."""
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = proto.graph
+    opset = _default_opset(proto)
+    shapes = {}
+    for info in [*graph.input, *graph.value_info, *graph.output]:
+        dims = _tensor_dims(info)
+        if dims is not None and all(isinstance(d, int) and d > 0 for d in dims):
+            shapes[info.name] = dims
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    kept, folded = [], {}
+    for node in graph.node:
+        values = None
+        if node.domain in ("", "ai.onnx") and node.op_type in _SHAPE_ARITHMETIC and not any(
+                o in outputs for o in node.output):
+            if node.op_type == "Shape" and node.input[0] in shapes:
+                dims = shapes[node.input[0]]
+                start = next((a.i for a in node.attribute if a.name == "start"), 0)
+                end = next((a.i for a in node.attribute if a.name == "end"), len(dims))
+                values = [np.asarray(dims[start:end] if end else dims[start:], dtype=np.int64)]
+            elif node.op_type != "Shape" and all(i == "" or i in constants for i in node.input):
+                try:
+                    single = helper.make_model(
+                        helper.make_graph([node], "fold", [], [helper.make_value_info(o, onnx.TypeProto())
+                                                               for o in node.output],
+                                          [numpy_helper.from_array(constants[i], i) for i in node.input if i]),
+                        opset_imports=[helper.make_opsetid("", opset)])
+                    values = [np.asarray(v) for v in ReferenceEvaluator(single).run(None, {})]
+                except Exception:  # an op the reference cannot evaluate: left to the graph
+                    values = None
+        if values is not None and all(v.size <= _FOLD_LIMIT for v in values):
+            for name, value in zip(node.output, values):
+                constants[name] = value
+                folded[name] = value
+            continue
+        kept.append(node)
+    if not folded:
+        return 0
+    used = {i for n in kept for i in n.input} | outputs
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in folded.items() if k in used)
+    notes.append(f"{len(folded)} value(s) of shape arithmetic fixed by the input size folded to constants")
+    return len(folded)
 
 
 def _tensor_dims(info: onnx.ValueInfoProto) -> list | None:
