@@ -895,6 +895,7 @@ def export_graph(graph: ClassifierGraph, output: str | os.PathLike | None, *, pr
         report.logits_error, report.gradient_error = check_parity(
             proto, reference, graph.input_size, score=score, backprops=backprops, fixed_batch=graph.fixed_batch,
             notes=report.notes)
+        report.notes.extend(getattr(reference, "notes", ()))
     if output is not None:
         report.path = Path(output)
         report.data_path = write_atomic(proto, report.path, external_data=external_data)
