@@ -913,11 +913,17 @@ def _relative(actual: np.ndarray, expected: np.ndarray) -> float:
     return diff / scale if scale > 0 else diff
 
 
+#: The largest tolerance the parity check grants from the reference's own float32 error (as
+#: gradmap.graph.parity's Tolerance.cap): beyond it the model is unverifiable, not accepted.
+_TOLERANCE_CAP = 1e-2
+
+
 def check_parity(proto: onnx.ModelProto, reference, input_size: tuple[int, int], *, score: str,
                  backprops: tuple[str, ...], fixed_batch: int | None = None, attempts: int = 6, seed: int = 0,
                  notes: list[str] | None = None) -> tuple[float, float]:
     """Logits and gradients of the written model (onnxruntime, CPU) against ``reference`` in float64
-    on random batches; the tolerance is ten times the reference's own float32 error, at least 1e-4.
+    on random batches; the tolerance is ten times the reference's own float32 error, at least 1e-4, and
+    a model whose own float32 error would need more than 1e-2 is refused as unverifiable.
     A batch whose gradient misses it is drawn again (near-ties of ReLU and max pooling move a
     float32 gradient on some batches, a wrong rule on every one). Returns (logits error, gradient error).
 
@@ -956,6 +962,13 @@ def check_parity(proto: onnx.ModelProto, reference, input_size: tuple[int, int],
         own_logits = _relative(own.logits, ref.logits) if own is not None else 0.0
         own_gradient = max((_relative(own.gradients[b], ref.gradients[b]) for b in backprops), default=0.0) \
             if own is not None else 0.0
+        for what, own_error in (("logits", own_logits), ("gradient", own_gradient)):
+            if 10 * own_error > _TOLERANCE_CAP:
+                raise ParityError(
+                    f"parity check cannot verify the model: the {reference.name}'s own float32 run differs from its "
+                    f"float64 run by {own_error:.3g} ({what}), so a comparison at ten times that could not tell a "
+                    f"wrong rule from rounding (activations vanishing towards float32's subnormal range in random "
+                    f"weights?). The model was not written; --no-verify exports it unchecked.")
         logits_tolerance = max(1e-4, 10 * own_logits)
         gradient_tolerance = max(1e-4, 10 * own_gradient)
         error = _relative(values[contract.OUTPUT_LOGITS], ref.logits)
