@@ -104,18 +104,45 @@ def _preprocessing_overrides(values: dict) -> dict:
               help="Write the weights to OUTPUT.data beside OUTPUT: onnxruntime maps that file into memory "
                    "instead of parsing the weights out of the model, so creating a session peaks lower "
                    "(resnet50: about 40 MB). Keep the two files together; gradmap web needs a single file.")
-@click.option("--no-verify", is_flag=True, help="Skip the parity check against torch autograd (not recommended).")
+@click.option("--no-verify", is_flag=True,
+              help="Skip the parity check against the source's float64 reference (not recommended).")
+@click.option("--input-name", default=None, metavar="NAME",
+              help="onnx: the image input, where the graph has several candidates.")
+@click.option("--output-name", default=None, metavar="NAME",
+              help="onnx: the score output, where the graph has several candidates.")
+@click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None,
+              help="onnx: the image input's layout, where its shape does not tell (an NHWC input is fed from "
+                   "the NCHW image; the gradient and the maps stay NCHW).")
+@click.option("--input-size", callback=_numbers(int, (1, 2)), metavar="SIZE|H,W", default=None,
+              help="onnx: the input's height and width, where the graph leaves them symbolic (default: --crop).")
+@click.option("--labels", default=None, metavar="FILE|imagenet|imagenet-background",
+              help="onnx: class names, one per line (or a JSON list); 'imagenet' (the default for 1000 outputs) "
+                   "or 'imagenet-background' (1001 outputs, a background class first).")
 @_preprocessing_options
 def export_command(model_name: str, output: str, weights: str, score: str, seed: int, opset: int,
                    backprops: tuple[str, ...], cam_layer: str | None, engine_target: str,
                    channel_multiple: int | None, external_data: bool, no_verify: bool,
+                   input_name: str | None, output_name: str | None, layout: str | None,
+                   input_size: "int | tuple[int, int] | None", labels: str | None,
                    **preprocessing: object) -> None:
     """Export MODEL to an ONNX model with an input-gradient output.
 
     MODEL is a torchvision classifier name (resnet50), timm:NAME (any timm.list_models() name, pretrained
-    tags included: timm:convnext_tiny.fb_in22k_ft_in1k) or hf:MODEL_ID_OR_DIR (a Transformers
-    AutoModelForImageClassification: a local directory or a hub id in the Hugging Face cache).
+    tags included: timm:convnext_tiny.fb_in22k_ft_in1k), hf:MODEL_ID_OR_DIR (a Transformers
+    AutoModelForImageClassification: a local directory or a hub id in the Hugging Face cache) or
+    onnx:PATH (any ONNX image classifier file; needs --preset, as a file does not say how its pictures
+    were preprocessed; no torch needed).
     """
+    source_options = {}
+    foreign = {"--input-name": input_name, "--output-name": output_name, "--layout": layout,
+               "--input-size": input_size, "--labels": labels}
+    if model_name.startswith("onnx:"):
+        size = (input_size, input_size) if isinstance(input_size, int) else input_size
+        source_options = dict(input_name=input_name, output_name=output_name, layout=layout, input_size=size,
+                              labels=labels)
+    elif any(v is not None for v in foreign.values()):
+        given = ", ".join(k for k, v in foreign.items() if v is not None)
+        raise click.UsageError(f"{given}: only for onnx:PATH models")
     try:
         from gradmap.export import ExportError, export_named_model
 
@@ -123,8 +150,12 @@ def export_command(model_name: str, output: str, weights: str, score: str, seed:
                                     opset=opset, verify=not no_verify, backprops=(contract.DEFAULT_BACKPROP, *backprops),
                                     cam_layer=cam_layer, target=engine_target, channel_multiple=channel_multiple,
                                     external_data=external_data,
-                                    preprocessing_options=_preprocessing_overrides(preprocessing))
+                                    preprocessing_options=_preprocessing_overrides(preprocessing), **source_options)
     except ImportError as e:  # the source's framework, or onnx, is not installed
+        if model_name.startswith("onnx:"):
+            raise click.ClickException(
+                f"'gradmap export onnx:...' needs onnx and onnx-ir ({e.name or e}): pip install 'gradmap[onnx]'"
+            ) from e
         raise click.ClickException(
             f"'gradmap export' needs PyTorch and ONNX ({e.name or e}): pip install 'gradmap[export]'"
         ) from e
