@@ -55,8 +55,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 __all__ = [
-    "RESULTS", "DOCS", "NOT_RECORDED", "add_flags", "cpu_from_cpuinfo", "machine", "start_run", "write_results",
-    "read_results", "machine_line", "load_average", "cores", "table", "replace_section", "write_section",
+    "RESULTS", "DOCS", "NOT_RECORDED", "add_flags", "cpu_from_cpuinfo", "machine", "start_run", "finish_run", "write_results",
+    "write_json", "merge_update", "read_results", "machine_line", "load_average", "cores", "table", "replace_section", "write_section",
     "publish", "runs_section", "check_sections",
 ]
 
@@ -64,14 +64,17 @@ __all__ = [
 # --- flags ---------------------------------------------------------------------------------------------------------
 
 
-def add_flags(parser: argparse.ArgumentParser, results: Path, *, note: bool = False) -> None:
+def add_flags(parser: argparse.ArgumentParser, results: Path, *, note: bool = False, tables: bool = True) -> None:
     """The flags every script shares: where its results file is, re-rendering the docs tables from it
     without measuring, and measuring without touching the docs. ``--readme-only`` and ``--no-readme``
-    are the names these had while the tables lived in README.md."""
+    are the names these had while the tables lived in README.md. ``tables=False``: the script's
+    results are cited in a page's prose, so there is no table to re-render (``--no-docs`` then leaves
+    the run index alone)."""
     parser.add_argument("--out", type=Path, default=results,
                         help=f"the results file (default: {_relative(results)})")
-    parser.add_argument("--tables-only", "--readme-only", dest="tables_only", action="store_true",
-                        help="measure nothing: rewrite the docs pages' tables from the results file")
+    if tables:
+        parser.add_argument("--tables-only", "--readme-only", dest="tables_only", action="store_true",
+                            help="measure nothing: rewrite the docs pages' tables from the results file")
     parser.add_argument("--no-docs", "--no-readme", dest="no_docs", action="store_true",
                         help="write the results file only and leave the docs pages as they are")
     if note:
@@ -177,6 +180,14 @@ def start_run(page: str, sections: tuple[str, ...] = (), versions: tuple[str, ..
     }
 
 
+def finish_run(meta: dict) -> dict:
+    """``meta`` of a run that ends now: the time and the 1-minute load average at the end."""
+    if "started" in meta:
+        meta["finished"] = _now()
+        meta.setdefault("load_average", {})["end"] = _load_1min()
+    return meta
+
+
 # --- results files -------------------------------------------------------------------------------------------------
 
 
@@ -187,16 +198,28 @@ def write_results(path: Path, meta: dict, rows: list, *, final: bool = True, **e
     passes ``final=False`` until the last."""
     if not isinstance(rows, list):
         raise TypeError(f"rows must be a list (one entry per table row), not {type(rows).__name__}")
-    if final and "started" in meta:
-        meta["finished"] = _now()
-        meta.setdefault("load_average", {})["end"] = _load_1min()
-    data = {"meta": meta, "rows": rows, **extra}
+    if final:
+        finish_run(meta)
+    return write_json(path, {"meta": meta, "rows": rows, **extra})
+
+
+def write_json(path: Path, data: dict, indent: int = 1) -> dict:
+    """``data`` as JSON at ``path``, through a temporary file beside it (a run stopped mid-write leaves
+    the previous file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(data, indent=1, default=float) + "\n")
+    staging.write_text(json.dumps(data, indent=indent, default=float) + "\n")
     staging.replace(path)
     return data
+
+
+def merge_update(meta: dict, saved: dict, remeasured: list[str]) -> dict:
+    """The metadata of a run that re-measured only ``remeasured`` (``--update``) and kept the other
+    rows of the results file whose metadata is ``saved``: this run's, with the earlier runs' beside it
+    so that a table's header names every machine its rows came from."""
+    earlier = [{k: v for k, v in saved.items() if k != "earlier_runs"}] + list(saved.get("earlier_runs", []))
+    return {**meta, "remeasured": list(remeasured), "earlier_runs": earlier}
 
 
 def read_results(path: Path) -> dict:
@@ -262,7 +285,12 @@ def machine_line(meta: dict) -> str:
         parts.append(f"1-minute load average {_or_not(start)} at the start, {_or_not(end)} at the end")
     else:
         parts.append(f"load average {NOT_RECORDED}")
-    return "Ran on: " + "; ".join(parts) + "."
+    line = "Ran on: " + "; ".join(parts) + "."
+    if meta.get("earlier_runs"):
+        kept = "; ".join(dict.fromkeys(f"{cpu_text(m)}, {m.get('date') or 'date ' + NOT_RECORDED}"
+                                       for m in meta["earlier_runs"]))
+        line += f" This run re-measured {', '.join(meta.get('remeasured', []))}; the other rows are from earlier runs: {kept}."
+    return line
 
 
 def _or_not(value) -> str:
@@ -314,10 +342,12 @@ def write_sections(page: str, sections: dict[str, str]) -> None:
 
 
 def publish(page: str, sections: dict[str, str]) -> None:
-    """Write ``sections`` into docs/``page`` and refresh the run index built from every results file."""
-    write_sections(page, sections)
+    """Write ``sections`` into docs/``page`` (none: a script whose results a page cites in its prose)
+    and refresh the run index built from every results file."""
+    if sections:
+        write_sections(page, sections)
     write_sections(INDEX_PAGE, {INDEX_SECTION: runs_section()})
-    print(f"wrote docs/{page}: {', '.join(sections)}", file=sys.stderr)
+    print(f"wrote docs/{page}: {', '.join([*sections, 'the run index'])}", file=sys.stderr)
 
 
 def check_sections(page: str, sections: dict[str, str]) -> list[str]:
