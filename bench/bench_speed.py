@@ -235,7 +235,8 @@ def render(rows: list[dict], meta: dict) -> str:
     lines = [
         _report.machine_line(meta),
         "",
-        f"`python bench/bench_speed.py --baseline DIR --compile`: medians in ms of interleaved rounds (every "
+        f"`{meta.get('command', 'python bench/bench_speed.py --baseline DIR --compile')}`: medians in ms of "
+        "interleaved rounds (every "
         f"variant once per round, {meta['pause_s']:g} s apart), {meta['threads']} threads, random weights"
         f"{'; ' + meta['note'] if meta.get('note') else ''}. ORT forward: the plain export, "
         "onnxruntime's default session options; gradmap: the default `cpu` target with gradmap's runtime "

@@ -271,15 +271,9 @@ def test_readme_links_point_at_files_that_exist():
 
 
 def test_the_site_home_page_is_readme_with_site_relative_links():
-    hooks = _load(ROOT / "tools" / "mkdocs_hooks.py", "_docs_mkdocs_hooks") if _has("mkdocs") else None
-    if hooks is None:
-        pytest.skip("needs mkdocs (the [docs] extra)")
+    hooks = _load(ROOT / "tools" / "mkdocs_hooks.py", "_docs_mkdocs_hooks")
     home = hooks.home_page(README.read_text())
     assert "](docs/" not in home and "](running.md)" in home and "](figures/demo_figure.png)" in home
-
-
-def _has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
 
 
 # --- figures README states ----------------------------------------------------------------------------------------

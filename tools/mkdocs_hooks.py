@@ -9,8 +9,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mkdocs.structure.files import File, Files
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -19,7 +17,9 @@ def home_page(readme: str) -> str:
     return re.sub(r"\]\(docs/", "](", readme)
 
 
-def on_files(files: Files, config) -> Files:
+def on_files(files, config):
+    from mkdocs.structure.files import File
+
     if files.get_file_from_path("index.md") is None:
         files.append(File.generated(config, "index.md", content=home_page((ROOT / "README.md").read_text())))
     return files
