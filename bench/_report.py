@@ -27,7 +27,7 @@ docs/; :func:`publish` replaces their bodies and refreshes the "What was run whe
 docs/benchmarks.md, built from every results file's metadata.
 
 Standard library only: bench/bench_foreign.py's worker imports bench_speed, and so this module, in
-a venv that has neither gradmap nor numpy.
+a venv of its own without gradmap.
 """
 
 from __future__ import annotations
@@ -55,9 +55,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 __all__ = [
-    "RESULTS", "DOCS", "NOT_RECORDED", "add_flags", "cpu_from_cpuinfo", "machine", "start_run", "finish_run", "write_results",
-    "write_json", "merge_update", "read_results", "machine_line", "load_average", "cores", "table", "replace_section", "write_section",
-    "publish", "runs_section", "check_sections",
+    "ROOT", "RESULTS", "DOCS", "NOT_RECORDED", "add_flags", "cpu_from_cpuinfo", "machine", "start_run", "finish_run",
+    "write_results", "write_json", "merge_update", "read_results", "machine_line", "cpu_text", "load_average", "cores",
+    "table", "replace_section", "section_body", "write_section", "write_sections", "publish", "check_sections",
+    "result_files", "runs_section",
 ]
 
 
@@ -289,7 +290,8 @@ def machine_line(meta: dict) -> str:
     if meta.get("earlier_runs"):
         kept = "; ".join(dict.fromkeys(f"{cpu_text(m)}, {m.get('date') or 'date ' + NOT_RECORDED}"
                                        for m in meta["earlier_runs"]))
-        line += f" This run re-measured {', '.join(meta.get('remeasured', []))}; the other rows are from earlier runs: {kept}."
+        line += (f" This run re-measured {', '.join(meta.get('remeasured', []))}; the other rows are from earlier "
+                 f"runs: {kept}.")
     return line
 
 

@@ -292,7 +292,8 @@ def test_readmes_figures_are_those_of_the_results_files_it_cites():
     faster = [r for r in rows if min(r["torch_eager_ms"], r["captum_ms"]) > r["gradmap_ms"]]
     low = min(min(r["torch_eager_ms"], r["captum_ms"]) / r["gradmap_ms"] for r in faster)
     high = max(max(r["torch_eager_ms"], r["captum_ms"]) / r["gradmap_ms"] for r in faster)
-    claim = f"{low:.1f} to {high:.1f} times faster than PyTorch eager autograd and Captum on {len(faster)} of {len(rows)}"
+    claim = (f"{low:.1f} to {high:.1f} times faster than PyTorch eager autograd and Captum on "
+             f"{len(faster)} of {len(rows)}")
     assert claim in text and "bench/results/speed.json" in text, claim
     ratios = [r["gradmap_ms"] / r["ort_forward_ms"] for r in rows]
     assert f"about {min(ratios):.0f} to {max(ratios):.0f} forward passes" in text, (min(ratios), max(ratios))

@@ -95,7 +95,8 @@ def main() -> int:
         if args.families and args.out.exists():
             saved = _report.read_results(args.out)
             kept = [r for r in saved["rows"] if r["family"] not in chosen]
-            rows, meta = sorted(kept + rows, key=lambda r: r["family"]), _report.merge_update(meta, saved["meta"], chosen)
+            rows = sorted(kept + rows, key=lambda r: r["family"])
+            meta = _report.merge_update(meta, saved["meta"], chosen)
         data = _report.write_results(args.out, meta, rows)
     if not args.no_docs:
         _report.publish(PAGE, sections(data))
