@@ -114,17 +114,25 @@ def render(results: dict) -> str:
     two = next(r for r in ray_rows if "2 workers" in r["config"])
     one = next(r for r in ray_rows if "1 worker" in r["config"])
     single = results["rows"][0]
+    rates = [r["pictures_per_s_after_startup"] for r in (two, one, single)]
+    if None in rates:  # a run of N pictures no slower than its run of 1: the noise exceeds the work
+        lines += ["", f"Ray's fixed start-up cost (local instance, actors, model loads; Ray on 1 picture minus one "
+                      f"process on 1 picture): **{startup:.1f} s**. No rate after start-up for "
+                      + ", ".join(r["config"] for r in (two, one, single) if r["pictures_per_s_after_startup"] is None)
+                      + f": its {results['meta']['pictures']}-picture runs were no slower than its 1-picture runs, so "
+                      "the noise of this machine exceeded the work; more pictures are needed."]
+        return "\n".join(lines)
     lines += [
         "",
         f"Ray's fixed start-up cost (local instance, actors, model loads; Ray on 1 picture minus one process on "
-        f"1 picture): **{startup:.1f} s**. After it, 2 workers run {two['pictures_per_s_after_startup'] / one['pictures_per_s_after_startup']:.2f}x "
-        f"as fast as 1 worker and {two['pictures_per_s_after_startup'] / single['pictures_per_s_after_startup']:.2f}x "
+        f"1 picture): **{startup:.1f} s**. After it, 2 workers run {rates[0] / rates[1]:.2f}x "
+        f"as fast as 1 worker and {rates[0] / rates[2]:.2f}x "
         f"as fast as one process with 1 thread. Read these with the spread column in mind: on a machine this "
         f"loaded, a rate after start-up is a difference of two noisy medians, and Ray runs its workers at nice 15 "
         f"(its default), so they yield to every other process; the one-process run with 2 threads was slower than "
         f"with 1 for the same reason. A quiet machine is needed for figures to plan with.",
     ]
-    rate = two["pictures_per_s_after_startup"]
+    rate = rates[0]
     lines += [
         "",
         f"On paper, from these figures (not measured: no cluster was available): a machine like this one "
