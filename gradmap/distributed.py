@@ -141,10 +141,14 @@ def explain_dataset(dataset_or_paths: "ray.data.Dataset | Sequence[str | os.Path
         model_path: a model written by ``gradmap export``, at a path every worker can read.
         method: a method name (options such as ``samples=25`` or ``steps=16`` as keywords) or a
             :class:`~gradmap.runtime.methods.MethodSpec`.
-        target, reduce, clip, no_crop: as for :func:`gradmap.runtime.iter_saliency`.
-        out_dir, formats, render: write these outputs (``heatmap``, ``overlay``, ``figure``, ``npy``)
-            under ``out_dir``, as ``gradmap run`` does; ``out_dir`` must be shared by the workers.
-            Default: write nothing.
+        target: as for :func:`gradmap.runtime.iter_saliency`.
+        reduce: as for :func:`gradmap.runtime.iter_saliency`.
+        clip: as for :func:`gradmap.runtime.iter_saliency`.
+        no_crop: as for :func:`gradmap.runtime.iter_saliency`.
+        out_dir: write the outputs ``formats`` names under this folder, as ``gradmap run`` does; it
+            must be shared by the workers. Default: write nothing.
+        formats: the outputs to write (``heatmap``, ``overlay``, ``figure``, ``npy``).
+        render: how to draw them (colormap, overlay, placement).
         layout: the output layout, when it must come from more inputs than this dataset's (the CLI
             passes the layout of every input so that ``--skip-existing`` changes no path).
         batch_size: pictures per batch; a batch is what an actor that dies costs.

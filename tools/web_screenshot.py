@@ -1,4 +1,4 @@
-"""The README's screenshot of `gradmap web`: the demo site in headless Chromium, one example explained.
+"""The screenshot of `gradmap web` in docs/web.md: the demo site in headless Chromium, one example explained.
 
     python tools/web_screenshot.py     # writes docs/figures/web_page.png
 

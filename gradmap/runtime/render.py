@@ -128,7 +128,8 @@ def render_figure(picture: Image.Image, raw: np.ndarray, equalized: np.ndarray, 
 
     Args:
         picture: the original RGB picture.
-        raw, equalized: the min-max normalized and the equalized map, on the original picture.
+        raw: the min-max normalized map, on the original picture.
+        equalized: the equalized map, on the original picture.
         overlay_values: the map drawn in the overlay panel (the recipe uses the equalized one);
             ``weighted`` and ``alpha`` as in :func:`render_overlay`.
         covered: where the maps cover the picture (None: everywhere); elsewhere panels stay white.

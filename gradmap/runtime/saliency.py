@@ -304,13 +304,19 @@ def compute_saliency(model: SaliencyModel | str | os.PathLike[str],
     Args:
         model: a :class:`SaliencyModel` or the path of a gradmap ``.onnx`` file.
         picture: a file path or a PIL image.
-        target, reduce, clip, no_crop: as in :func:`iter_saliency`.
+        target: as in :func:`iter_saliency`.
+        reduce: as in :func:`iter_saliency`.
+        clip: as in :func:`iter_saliency`.
+        no_crop: as in :func:`iter_saliency`.
 
     Returns:
         :class:`ImageSaliency` with one :class:`SaliencyMap` per explained class.
 
     Raises:
-        ImageLoadError, NonFiniteGradientError, TargetError, GradmapModelError.
+        ImageLoadError: the picture cannot be read.
+        NonFiniteGradientError: the model's gradient holds NaN or infinity.
+        TargetError: the target names no class of the model.
+        GradmapModelError: the model file is not a usable gradmap model.
 
     Example:
         >>> result = compute_saliency("resnet18.onnx", "cat.jpg")
