@@ -10,16 +10,16 @@ tests/test_method_table.py checks that it is current.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "methods.md"
-SECTION = "method-table"
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import _report  # noqa: E402  (puts the checkout first on sys.path too)
 
 from gradmap import contract  # noqa: E402
+
+PAGE = "methods.md"
+SECTION = "method-table"
 
 
 def _setting(setting: contract.Setting) -> str:
@@ -46,26 +46,17 @@ def method_table() -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_section(text: str, body: str) -> str:
-    pattern = re.compile(rf"(<!-- BEGIN {SECTION} -->\n).*?(<!-- END {SECTION} -->)", re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{DOC} has no section {SECTION}")
-    return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check that the section is current")
     args = parser.parse_args()
-    text = DOC.read_text()
-    updated = replace_section(text, method_table())
     if args.check:
-        if updated != text:
-            print(f"{DOC.relative_to(ROOT)} is out of date: python tools/method_table.py", file=sys.stderr)
+        if _report.check_sections(PAGE, {SECTION: method_table()}):
+            print(f"docs/{PAGE} is out of date: python tools/method_table.py", file=sys.stderr)
             return 1
         return 0
-    DOC.write_text(updated)
-    print(f"wrote the method table of {DOC.relative_to(ROOT)}")
+    _report.write_sections(PAGE, {SECTION: method_table()})
+    print(f"wrote the method table of docs/{PAGE}")
     return 0
 
 

@@ -272,9 +272,14 @@ def run_job(model: SaliencyModel | str | os.PathLike[str], inputs: Iterable[str]
         model: a loaded :class:`SaliencyModel` or a model file (loaded with the defaults).
         inputs: files, folders (searched for pictures) and globs (see :func:`~gradmap.runtime.io.expand_inputs`).
         out_dir: where the outputs go, the inputs' folder tree mirrored inside it.
-        target, reduce, clip, no_crop, batch_size: see :func:`~gradmap.runtime.saliency.iter_saliency`.
+        target: the class(es) to explain (see :func:`~gradmap.runtime.saliency.iter_saliency`).
         method: a :class:`MethodSpec` or a method name (its default settings); None: the default method.
-        formats, render: what is written per map (see :func:`~gradmap.runtime.io.write_outputs`).
+        reduce: the channel reduction (see :func:`~gradmap.runtime.saliency.iter_saliency`).
+        clip: percentile clipping of the map (see :func:`~gradmap.runtime.saliency.iter_saliency`).
+        no_crop: resize the whole picture instead of resize and center crop.
+        formats: what is written per map (see :func:`write_outputs`).
+        render: how heatmaps, overlays and figures are drawn.
+        batch_size: pictures per onnxruntime run.
         engine: where pictures are explained; None: this process (:class:`LocalEngine`).
         skip_existing: skip pictures whose outputs all exist (they are written atomically, so an
             existing one is complete): resumes an interrupted run with the same output paths.
