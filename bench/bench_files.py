@@ -1,7 +1,7 @@
 """Model file sizes and session creation: gradmap's gradient models against the plain forward export.
 
     python bench/bench_files.py [--models resnet50 ...] [--rounds 5]
-    python bench/bench_files.py --readme-only     # README's table again from bench/results/files.json
+    python bench/bench_files.py --tables-only     # the docs table again from bench/results/files.json
 
 Per model (random weights, the model's input size), serialized in memory:
   forward     the plain forward export (torch.onnx, as gradmap traces it), no gradient;
@@ -13,28 +13,25 @@ Per model (random weights, the model's input size), serialized in memory:
               the stride-1 and depthwise kernels only, so they were somewhat smaller than this);
   portable    ``--target portable`` (ConvTranspose reads the forward weight itself).
 Session creation: onnxruntime CPU sessions from the bytes, gradmap's runtime session options,
-medians over ``--rounds`` rounds taken in turn. Writes bench/results/files.json and README's table.
+medians over ``--rounds`` rounds taken in turn. Writes bench/results/files.json and the table of
+docs/exporting.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _report
+from bench_speed import DEFAULT_MODELS  # the speed table's models
 
-from bench_speed import DEFAULT_MODELS  # noqa: E402  (the speed table's models)
-
-RESULTS = ROOT / "bench" / "results" / "files.json"
+RESULTS = _report.RESULTS / "files.json"
+PAGE, SECTIONS = "exporting.md", ("files",)
 _FOLDABLE = {"Transpose", "Reshape", "Slice", "Mul"}
 
 
@@ -105,8 +102,10 @@ def measure(name: str, rounds: int) -> dict:
 
 def render(rows: list[dict], meta: dict) -> str:
     lines = [
-        f"`python bench/bench_files.py` ({meta['date']}, {meta['machine']}): file sizes in MB; session creation in "
-        f"seconds (onnxruntime {meta['onnxruntime']}, CPU, gradmap's runtime options, medians of {meta['rounds']} "
+        _report.machine_line(meta),
+        "",
+        f"`python bench/bench_files.py` ({meta['date']}): file sizes in MB; session creation in "
+        f"seconds (onnxruntime {meta['versions']['onnxruntime']}, CPU, gradmap's runtime options, medians of {meta['rounds']} "
         "rounds taken in turn). stored: the cpu graph with every adjoint kernel folded into the file, as "
         "gradmap stored them (most of them) before they were computed from the forward weights at load time.",
         "",
@@ -123,31 +122,24 @@ def render(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def sections(data: dict) -> dict[str, str]:
+    return {"files": render(data["rows"], data["meta"])}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--no-readme", action="store_true")
-    parser.add_argument("--readme-only", action="store_true")
+    _report.add_flags(parser, RESULTS)
     args = parser.parse_args()
-    out = Path(args.out)
-    if args.readme_only:
-        saved = json.loads(out.read_text())
-        rows, meta = saved["rows"], saved["meta"]
+    if args.tables_only:
+        data = _report.read_results(args.out)
     else:
-        import onnxruntime
-
+        meta = _report.start_run(PAGE, SECTIONS, rounds=args.rounds)
         rows = [measure(name, args.rounds) for name in args.models]
-        meta = {"rounds": args.rounds, "onnxruntime": onnxruntime.__version__, "date": time.strftime("%Y-%m-%d"),
-                "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}"}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    if not args.no_readme:
-        sys.path.insert(0, str(ROOT / "tools"))
-        from update_readme import README, replace_section
-
-        README.write_text(replace_section(README.read_text(), "files", render(rows, meta)))
+        data = _report.write_results(args.out, meta, rows)
+    if not args.no_docs:
+        _report.publish(PAGE, sections(data))
     return 0
 
 

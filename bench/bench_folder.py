@@ -6,14 +6,13 @@
 picture, rendering, PNG encoding) on a second thread while onnxruntime runs the next batch
 (``overlap=True``, the default) or in turn (``overlap=False``). Both run in one process, one
 session, interleaved round by round (the order swapped every other round), on scikit-image's four
-photographs repeated; wall time per folder, medians. Writes bench/results/folder.json.
+photographs repeated; wall time per folder, medians. Writes bench/results/folder.json, which
+docs/benchmarks.md cites.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import shutil
 import statistics
 import subprocess
@@ -22,7 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import _report
+
+ROOT = _report.ROOT
+RESULTS = _report.RESULTS / "folder.json"
+PAGE = "benchmarks.md"
 
 
 def main() -> int:
@@ -34,15 +37,15 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--format", default="heatmap")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "folder.json"))
+    _report.add_flags(parser, RESULTS, tables=False)
     args = parser.parse_args()
-    import onnxruntime
     import skimage.data
     from PIL import Image
 
-    sys.path.insert(0, str(ROOT))
     from gradmap.runtime import JobSettings, OutputLayout, SaliencyModel, explain_and_write, parse_target
 
+    meta = _report.start_run(PAGE, model=args.model, pictures=args.pictures, batch_size=args.batch_size,
+                             format=args.format, threads=args.threads, rounds=args.rounds)
     work = Path(tempfile.mkdtemp(prefix="gradmap-folder-"))
     try:
         photos = [skimage.data.chelsea(), skimage.data.coffee(), skimage.data.astronaut(), skimage.data.rocket()]
@@ -78,12 +81,10 @@ def main() -> int:
                 shutil.rmtree(out)
         medians = {k: statistics.median(v) for k, v in times.items()}
         ratio = [o / s for o, s in zip(times["overlapped"], times["in turn"])]
-        result = {"model": args.model, "pictures": args.pictures, "batch_size": args.batch_size,
-                  "format": args.format, "threads": args.threads, "rounds": args.rounds,
-                  "onnxruntime": onnxruntime.__version__, "machine": platform.machine(),
-                  "date": time.strftime("%Y-%m-%d"), "median_s": medians, "times_s": times,
-                  "overlapped_over_in_turn": sorted(ratio)}
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        rows = [{"mode": mode, "median_s": medians[mode], "times_s": times[mode]} for mode in times]
+        _report.write_results(args.out, meta, rows, overlapped_over_in_turn=sorted(ratio))
+        if not args.no_docs:
+            _report.publish(PAGE, {})
         print(f"{args.model}, {args.pictures} pictures, batch {args.batch_size}, --format {args.format}, "
               f"{args.threads} threads, medians of {args.rounds} rounds:")
         for name, value in medians.items():

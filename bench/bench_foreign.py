@@ -1,7 +1,7 @@
 """gradmap's gradient graph against two other ways of getting an input gradient as an ONNX graph.
 
     python bench/bench_foreign.py --python /work/venv-foreign/bin/python [--models resnet50 ...] [--batches 1 8]
-    python bench/bench_foreign.py --readme-only    # README's foreign table again from bench/results/foreign.json
+    python bench/bench_foreign.py --tables-only    # the docs table again from bench/results/foreign.json
 
 Run it with gradmap's own venv (torch, onnx_ir, onnxruntime, gradmap). ``--python`` names a second
 venv that has onnxruntime-training 1.19.2 and onnx-ad 0.3.0 (onnxruntime-training is imported as
@@ -35,8 +35,8 @@ max |g_gradmap|; a NaN, a wrong shape or a difference over --tolerance is report
 builder that fails is reported by its error message. A foreign method is not timed at a batch whose
 single run takes more than --slow seconds (predicted linearly from its median at the smaller batch,
 or seen in a warm single run); the smallest batch is always timed (at least three rounds). Medians
-after warm-up, each call --pause s after the previous one. Writes bench/results/foreign.json; --readme also rewrites README.md's block between
-``<!-- BEGIN foreign -->`` and ``<!-- END foreign -->`` when README.md has one.
+after warm-up, each call --pause s after the previous one. Writes bench/results/foreign.json (after every
+model, so that a crash keeps what was measured) and the table of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -55,8 +55,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH = Path(__file__).resolve().parent
+import _report  # noqa: E402  (standard library only: the foreign venv's worker imports it too)
+
+RESULTS = _report.RESULTS / "foreign.json"
+PAGE, SECTIONS = "benchmarks.md", ("foreign",)
 DEFAULT_MODELS = ["resnet50", "vgg19", "mobilenet_v3_large", "efficientnet_b0", "densenet121", "vit_b_16",
                   "convnext_tiny"]
 DEFAULT_PYTHON = "/work/venv-foreign/bin/python"
@@ -65,8 +67,6 @@ DEFAULT_PYTHON = "/work/venv-foreign/bin/python"
 def _bench_speed():
     """bench_speed.py, for its interleaved timer and CPU session helper (that module imports numpy
     and the standard library only, so the foreign venv's worker can import it too)."""
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
     import bench_speed
 
     return bench_speed
@@ -262,8 +262,6 @@ def worker(spec_path: Path) -> int:
 
 def _export(name: str, directory: Path):
     """Forward and gradmap's gradient model exactly as bench_speed.py makes them; returns their sizes and bytes."""
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
     from bench_speed import export_pair
 
     _, size, forward, gradient = export_pair(name)
@@ -399,10 +397,12 @@ def _cell(row: dict, key: str, digits: int = 1) -> str:
 def render(rows: list[dict], meta: dict) -> str:
     v = meta.get("foreign_versions", {})
     lines = [
+        _report.machine_line(meta),
+        "",
         f"`python bench/bench_foreign.py --python /work/venv-foreign/bin/python`: medians in ms, {meta['threads']} threads, "
-        f"random weights, {meta['machine']}; the gradient of sum_n logits[n, top-1 of n] with respect to the image. "
-        f"(a) onnxruntime {meta['onnxruntime']} forward of the plain export, (b) gradmap, "
-        f"(f) onnx-ad {v.get('onnx_ad', '?')}'s reverse-mode graph (batch pinned) on onnxruntime {meta['onnxruntime']}: "
+        f"random weights; the gradient of sum_n logits[n, top-1 of n] with respect to the image. "
+        f"(a) onnxruntime {meta['versions']['onnxruntime']} forward of the plain export, (b) gradmap, "
+        f"(f) onnx-ad {v.get('onnx_ad', '?')}'s reverse-mode graph (batch pinned) on onnxruntime {meta['versions']['onnxruntime']}: "
         f"run in turn, round by round, in one process. "
         f"(e) onnxruntime-training {v.get('onnxruntime', '?')}'s GradientGraphBuilder graph, timed round by round with "
         f"its own onnxruntime's forward, in a second process: each ratio is over the forward it ran beside. "
@@ -438,15 +438,8 @@ def render(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_readme(rows: list[dict], meta: dict) -> None:
-    sys.path.insert(0, str(ROOT / "tools"))
-    from update_readme import README, replace_section
-
-    text = README.read_text()
-    if "<!-- BEGIN foreign -->" not in text or "<!-- END foreign -->" not in text:
-        print("README.md has no foreign block; left alone", file=sys.stderr)
-        return
-    README.write_text(replace_section(text, "foreign", render(rows, meta)))
+def sections(data: dict) -> dict[str, str]:
+    return {"foreign": render(data["rows"], data["meta"])}
 
 
 def main() -> int:
@@ -464,41 +457,33 @@ def main() -> int:
     parser.add_argument("--slow", type=float, default=5.0, help="do not time a foreign method whose run takes longer (s)")
     parser.add_argument("--tolerance", type=float, default=1e-3,
                         help="largest max |g - g_gradmap| / max |g_gradmap| still counted as the same gradient")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "foreign.json"))
-    parser.add_argument("--readme", action="store_true", help="also rewrite README.md's foreign block, if it has one")
-    parser.add_argument("--readme-only", action="store_true", help="rewrite README's block from --out's file")
+    _report.add_flags(parser, RESULTS)
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker)
-    out = Path(args.out)
-    if args.readme_only:
-        saved = json.loads(out.read_text())
-        _write_readme(saved["rows"], saved["meta"])
-        return 0
-    import onnxruntime as ort
-
-    start = time.perf_counter()
-    rows, timings = [], []
-    for name in args.models:
-        model_rows, timing = bench_model(name, args)
-        rows += model_rows
-        timings.append(timing)
-        print(json.dumps(timing), flush=True)
-        versions = next((t["versions"] for t in timings if t["versions"]), {})
-        meta = {"threads": args.threads, "pause_s": args.pause, "repeat": args.repeat, "budget_s": args.budget,
-                "warmup": args.warmup, "slow_s": args.slow, "tolerance": args.tolerance,
-                "target": "gradient of sum_n logits[n, t_n], t_n = gradmap's top-1 (target -1) on the same input",
-                "onnxruntime": ort.__version__, "foreign_versions": versions,
-                "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
-                "python": platform.python_version(),
-                "per_model_s": [{k: v for k, v in t.items() if k != "versions"} for t in timings],
-                "total_s": round(time.perf_counter() - start, 1)}
-        out.parent.mkdir(parents=True, exist_ok=True)  # after every model: a crash later keeps what was measured
-        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    print(render(rows, meta))
-    if args.readme:
-        _write_readme(rows, meta)
+    if args.tables_only:
+        data = _report.read_results(args.out)
+    else:
+        meta = _report.start_run(PAGE, SECTIONS, threads=args.threads, pause_s=args.pause, repeat=args.repeat,
+                                 budget_s=args.budget, warmup=args.warmup, slow_s=args.slow, tolerance=args.tolerance,
+                                 target="gradient of sum_n logits[n, t_n], t_n = gradmap's top-1 (target -1) on the "
+                                        "same input")
+        start = time.perf_counter()
+        rows, timings = [], []
+        for i, name in enumerate(args.models):
+            model_rows, timing = bench_model(name, args)
+            rows += model_rows
+            timings.append(timing)
+            print(json.dumps(timing), flush=True)
+            meta["foreign_versions"] = next((t["versions"] for t in timings if t["versions"]), {})
+            meta["per_model_s"] = [{k: v for k, v in t.items() if k != "versions"} for t in timings]
+            meta["total_s"] = round(time.perf_counter() - start, 1)
+            # after every model: a crash later keeps what was measured
+            data = _report.write_results(args.out, meta, rows, final=i == len(args.models) - 1)
+    print(render(data["rows"], data["meta"]))
+    if not args.no_docs:
+        _report.publish(PAGE, sections(data))
     return 0
 
 

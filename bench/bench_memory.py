@@ -1,6 +1,7 @@
 """Peak memory and wall time of saliency maps: ``gradmap run`` against the PyTorch recipe.
 
     python bench/bench_memory.py [--model resnet50] [--repeat 3] [--folder 100] [--long 1000]
+    python bench/bench_memory.py --tables-only     # the docs tables again from bench/results/memory.json
 
 Three measurements, each side a fresh process:
 
@@ -24,7 +25,7 @@ Three measurements, each side a fresh process:
 3. No growth: ``gradmap run`` over ``--long`` pictures (the four photographs, repeated as
    hard links), its RSS sampled from /proc every 0.25 s.
 
-Writes bench/results/memory.json and the tables in README.md.
+Writes bench/results/memory.json and the tables in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -40,7 +41,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import _report
+
+ROOT = _report.ROOT
+RESULTS = _report.RESULTS / "memory.json"
+PAGE, SECTIONS = "benchmarks.md", ("memory",)
 SECOND_RUN = "gradmap run, second run (saves the cache entry)"
 LATER_RUNS = "gradmap run, later runs (cache entry read)"
 SPLIT = "gradmap run, model exported with --external-data"
@@ -97,7 +102,6 @@ def _child(kind: str, model: str, batch: int, threads: int) -> None:
             def run():
                 return saliency.run(image)
         else:
-            sys.path.insert(0, str(Path(__file__).resolve().parent))
             from bench_speed import cpu_session
 
             session = cpu_session(model, threads)
@@ -155,6 +159,54 @@ def long_run(gradmap: list[str], model: Path, folder: Path, out: Path, threads: 
             "samples": [(round(t, 2), round(r, 1)) for t, r in samples]}
 
 
+def render(data: dict) -> str:
+    """The memory tables of a results file: whole runs against the recipe, working sets, the long run."""
+    meta = data["meta"]
+    workloads: dict[str, dict] = {}
+    for row in data["rows"]:
+        workloads.setdefault(row["workload"], {})[row["side"]] = row
+    lines = [_report.machine_line(meta), "",
+             f"{meta['model']}, random weights, {meta['threads']} threads, fresh process each, medians of "
+             f"{meta['repeat']} (`python bench/bench_memory.py`{'; ' + meta['note'] if meta.get('note') else ''}); wall "
+             "time from process start to the last map written. \"gradmap run\": a model's first run on a machine; its "
+             "second run saves onnxruntime's optimized graph in gradmap's session cache, which later runs read; "
+             "\"exported with --external-data\": a first run of the same model with its weights in a file "
+             "beside it:", "",
+             "| work | | wall time | peak RSS | gradmap ÷ recipe: time (target ≤ 0.33) | memory (target ≤ 0.50) |",
+             "|---|---|---|---|---|---|"]
+    for workload, sides in workloads.items():
+        r = sides["PyTorch recipe"]
+        for name, s in sides.items():
+            ratios = (f"{s['wall_s'] / r['wall_s']:.2f} | {s['peak_rss_mb'] / r['peak_rss_mb']:.2f}"
+                      if name != "PyTorch recipe" else " | ")
+            lines.append(f"| {workload} | {name} | {s['wall_s']:.2f} s | {s['peak_rss_mb']:.0f} MB | {ratios} |")
+    per = data.get("per_further_picture_s")
+    if per:
+        lines += ["", f"Each further picture of the folder (the folder's wall time minus the one map's, over "
+                  f"{meta['folder'] - 1}): gradmap run {1000 * per['gradmap run']:.0f} ms, PyTorch recipe "
+                  f"{1000 * per['PyTorch recipe']:.0f} ms ({per['gradmap run'] / per['PyTorch recipe']:.2f})."]
+    lines += ["", "Working set: peak RSS of a process that loads the model and runs one random batch three "
+              "times, and in brackets its RSS after loading (imports, weights, session):", "",
+              "| batch | onnxruntime forward (plain export) | gradmap (logits + gradient) | PyTorch eager autograd |",
+              "|---|---|---|---|"]
+    for row in data["working_sets"]:
+        cells = [f"{row[k]['peak_mb']:.0f} MB ({row[k]['loaded_mb']:.0f} MB)" for k in ("forward", "gradmap", "torch")]
+        lines.append(f"| {row['batch']} | " + " | ".join(cells) + " |")
+    long = data.get("long_run")
+    if long:
+        r = long["rss_mb"]
+        lines += ["", f"No growth: `gradmap run` over {long['pictures']} pictures ({long['written']} maps written, "
+                  f"{long['wall_s']:.0f} s, {long['pictures'] / long['wall_s']:.1f} pictures/s), the largest RSS "
+                  "seen up to each point of the run:", "",
+                  "| 10 % | 25 % | 50 % | 75 % | 100 % |", "|---|---|---|---|---|",
+                  "| " + " | ".join(f"{r[k]:.0f} MB" for k in ("10%", "25%", "50%", "75%", "100%")) + " |"]
+    return "\n".join(lines)
+
+
+def sections(data: dict) -> dict[str, str]:
+    return {"memory": render(data)}
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         _child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
@@ -166,9 +218,17 @@ def main() -> int:
                                                         "this interpreter's)")
     parser.add_argument("--folder", type=int, default=100, help="photographs in the folder workload (0: skip it)")
     parser.add_argument("--long", type=int, default=1000, help="pictures in the no-growth run (0: skip it)")
-    parser.add_argument("--note", default="", help="a note on the run for the README (e.g. what else ran)")
-    parser.add_argument("--no-readme", action="store_true")
+    _report.add_flags(parser, RESULTS, note=True)
     args = parser.parse_args()
+    if args.tables_only:
+        data = _report.read_results(args.out)
+        print(render(data))
+        if not args.no_docs:
+            _report.publish(PAGE, sections(data))
+        return 0
+    threads = str(os.cpu_count() or 1)
+    meta = _report.start_run(PAGE, SECTIONS, model=args.model, repeat=args.repeat, threads=int(threads),
+                             folder=args.folder, note=args.note)
     work = Path(tempfile.mkdtemp(prefix="gradmap-bench-"))
     import skimage.data
     from PIL import Image
@@ -195,7 +255,6 @@ def main() -> int:
                     args.model, str(forward), str(ROOT)], check=True, capture_output=True)
     gradmap = [args.gradmap] if args.gradmap else [sys.executable, "-m", "gradmap.cli"]
     recipe = [sys.executable, str(ROOT / "bench" / "pytorch_recipe.py"), args.model]
-    threads = str(os.cpu_count() or 1)
     workloads = {"one map of a 451x300 photograph": (picture, "recipe.png")}
     if args.folder:
         workloads[f"{args.folder} photographs, batch 8"] = (folder, "recipe")
@@ -234,53 +293,16 @@ def main() -> int:
             os.link(folder / f"photo{i % min(4, args.folder):03d}.jpg", many / f"picture{i:04d}.jpg")
         long = long_run(gradmap, model, many, work / "out_long", threads)
         print(json.dumps({k: v for k, v in long.items() if k != "samples"}), flush=True)
-    lines = [f"{args.model}, random weights, {threads} threads, fresh process each, medians of {args.repeat} "
-             f"(`python bench/bench_memory.py`{'; ' + args.note if args.note else ''}); wall time from process "
-             "start to the last map written. \"gradmap run\": a model's first run on a machine; its second run "
-             "saves onnxruntime's optimized graph in gradmap's session cache, which later runs read; "
-             "\"exported with --external-data\": a first run of the same model with its weights in a file "
-             "beside it:", "",
-             "| work | | wall time | peak RSS | gradmap ÷ recipe: time (target ≤ 0.33) | memory (target ≤ 0.50) |",
-             "|---|---|---|---|---|---|"]
-    for workload, sides in summary.items():
-        r = sides["PyTorch recipe"]
-        for name, s in sides.items():
-            ratios = (f"{s['wall_s'] / r['wall_s']:.2f} | {s['peak_rss_mb'] / r['peak_rss_mb']:.2f}"
-                      if name != "PyTorch recipe" else " | ")
-            lines.append(f"| {workload} | {name} | {s['wall_s']:.2f} s | {s['peak_rss_mb']:.0f} MB | {ratios} |")
     per = None
     if len(summary) == 2:  # the folder's time beyond the first map: what each further picture costs
         (one, folder_sides) = summary.values()
         per = {name: (folder_sides[name]["wall_s"] - one[name]["wall_s"]) / (args.folder - 1)
                for name in ("gradmap run", "PyTorch recipe")}
-        lines += ["", f"Each further picture of the folder (the folder's wall time minus the one map's, over "
-                  f"{args.folder - 1}): gradmap run {1000 * per['gradmap run']:.0f} ms, PyTorch recipe "
-                  f"{1000 * per['PyTorch recipe']:.0f} ms ({per['gradmap run'] / per['PyTorch recipe']:.2f})."]
-    lines += ["", "Working set: peak RSS of a process that loads the model and runs one random batch three "
-              "times, and in brackets its RSS after loading (imports, weights, session):", "",
-              "| batch | onnxruntime forward (plain export) | gradmap (logits + gradient) | PyTorch eager autograd |",
-              "|---|---|---|---|"]
-    for row in sets:
-        cells = [f"{row[k]['peak_mb']:.0f} MB ({row[k]['loaded_mb']:.0f} MB)" for k in ("forward", "gradmap", "torch")]
-        lines.append(f"| {row['batch']} | " + " | ".join(cells) + " |")
-    if long:
-        r = long["rss_mb"]
-        lines += ["", f"No growth: `gradmap run` over {long['pictures']} pictures ({long['written']} maps written, "
-                  f"{long['wall_s']:.0f} s, {long['pictures'] / long['wall_s']:.1f} pictures/s), the largest RSS "
-                  "seen up to each point of the run:", "",
-                  "| 10 % | 25 % | 50 % | 75 % | 100 % |", "|---|---|---|---|---|",
-                  "| " + " | ".join(f"{r[k]:.0f} MB" for k in ("10%", "25%", "50%", "75%", "100%")) + " |"]
-    out = ROOT / "bench" / "results" / "memory.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "note": args.note, "summary": summary,
-                               "per_further_picture_s": per, "working_sets": sets, "long_run": long},
-                              indent=1) + "\n")
-    print("\n".join(lines))
-    if not args.no_readme:
-        sys.path.insert(0, str(ROOT / "tools"))
-        from update_readme import README, replace_section
-
-        README.write_text(replace_section(README.read_text(), "memory", "\n".join(lines)))
+    rows = [{"workload": workload, "side": side, **s} for workload, sides in summary.items() for side, s in sides.items()]
+    data = _report.write_results(args.out, meta, rows, per_further_picture_s=per, working_sets=sets, long_run=long)
+    print(render(data))
+    if not args.no_docs:
+        _report.publish(PAGE, sections(data))
     return 0
 
 

@@ -1,7 +1,7 @@
 """SmoothGrad and integrated gradients per picture: gradmap's runtime against Captum and torch.compile.
 
     python bench/bench_methods.py [--models resnet50 mobilenet_v3_large efficientnet_b0 vit_b_16]
-    python bench/bench_methods.py --readme-only     # README's table again from bench/results/methods.json
+    python bench/bench_methods.py --tables-only     # the docs table again from bench/results/methods.json
 
 One photograph (scikit-image's chelsea, the models' own preprocessing), top-1 class, per model with
 random weights, 2 threads for onnxruntime and torch:
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,12 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _report
 
 DEFAULT_MODELS = ["resnet50", "mobilenet_v3_large", "efficientnet_b0", "vit_b_16"]
-RESULTS = ROOT / "bench" / "results" / "methods.json"
+RESULTS = _report.RESULTS / "methods.json"
+PAGE, SECTIONS = "benchmarks.md", ("methods-speed",)
 SAMPLES, NOISE, STEPS = 25, 0.15, 32
 
 
@@ -175,8 +173,10 @@ def bench_model(name: str, threads: int, batch_sizes: list[int], captum_batches:
 
 def render(rows: list[dict], meta: dict) -> str:
     lines = [
+        _report.machine_line(meta),
+        "",
         f"`python bench/bench_methods.py`: one photograph (chelsea) per call, top-1 class, medians in ms of "
-        f"interleaved rounds, {meta['threads']} threads, random weights, {meta['machine']}"
+        f"interleaved rounds, {meta['threads']} threads, random weights"
         f"{'; ' + meta['note'] if meta.get('note') else ''}. SmoothGrad: {SAMPLES} samples, noise {NOISE} of the "
         f"value range; integrated gradients: {STEPS} Gauss-Legendre steps from a black baseline. gradmap: "
         "`gradmap.runtime.methods.attribute` on the exported model (what `gradmap run --method` calls), "
@@ -199,6 +199,10 @@ def render(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def sections(data: dict) -> dict[str, str]:
+    return {"methods-speed": render(data["rows"], data["meta"])}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
@@ -210,20 +214,17 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--budget", type=float, default=120.0, help="seconds of rounds per model and method at most")
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
-    parser.add_argument("--note", default="")
     parser.add_argument("--update", action="store_true",
                         help="re-measure --models only and keep the other models' rows of --out (say so in --note)")
-    parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--no-readme", action="store_true")
-    parser.add_argument("--readme-only", action="store_true")
+    _report.add_flags(parser, RESULTS, note=True)
     args = parser.parse_args()
-    out = Path(args.out)
     if args.update and not args.note:
         parser.error("--update needs a --note saying which rows were re-measured when")
-    if args.readme_only:
-        saved = json.loads(out.read_text())
-        rows, meta = saved["rows"], saved["meta"]
+    if args.tables_only:
+        data = _report.read_results(args.out)
     else:
+        meta = _report.start_run(PAGE, SECTIONS, versions=("onnxruntime", "torch", "captum"), threads=args.threads,
+                                 note=args.note)
         rows = []
         for name in args.models:
             rows += bench_model(name, args.threads, args.batch_sizes, args.captum_batches, args.repeat, args.budget,
@@ -231,18 +232,11 @@ def main() -> int:
         if args.update:
             from bench_speed import merge_rows
 
-            rows = merge_rows(json.loads(out.read_text())["rows"], rows)
-        meta = {"threads": args.threads, "note": args.note, "python": platform.python_version(),
-                "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}"}
-        if args.update:  # the kept rows' other notes stay
-            meta = {**json.loads(out.read_text())["meta"], **meta}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    if not args.no_readme:
-        sys.path.insert(0, str(ROOT / "tools"))
-        from update_readme import README, replace_section
-
-        README.write_text(replace_section(README.read_text(), "methods-speed", render(rows, meta)))
+            saved = _report.read_results(args.out)
+            rows, meta = merge_rows(saved["rows"], rows), _report.merge_update(meta, saved["meta"], args.models)
+        data = _report.write_results(args.out, meta, rows)
+    if not args.no_docs:
+        _report.publish(PAGE, sections(data))
     return 0
 
 

@@ -2,7 +2,7 @@
 fixed start-up cost.
 
     python bench/bench_ray.py [--pictures 200] [--repeat 3]       # needs pip install '.[ray]'
-    python bench/bench_ray.py --readme-only                       # README's table from the JSON
+    python bench/bench_ray.py --tables-only                       # the docs table from the JSON
 
 Workload: the bundled demo model (models/demo/shapes.onnx, 64x64 input) on a folder of
 ``--pictures`` pictures made from the demo's ten (shifted and resized, so no two are alike), with
@@ -11,15 +11,12 @@ configuration is a fresh ``gradmap run`` process timed from start to exit, so ea
 includes starting a local Ray instance and its actors; the same command on one picture gives that
 fixed cost (Ray on 1 picture minus one process on 1 picture), and ``rate`` is the pictures per
 second after it: (N - 1) / (wall(N) - wall(1)). Medians of ``--repeat`` runs, interleaved.
-Writes bench/results/ray.json and the README section ``ray``.
+Writes bench/results/ray.json and the section ``ray`` of docs/ray.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,9 +27,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+import _report
+
+ROOT = _report.ROOT
 MODEL = ROOT / "models" / "demo" / "shapes.onnx"
-RESULTS = ROOT / "bench" / "results" / "ray.json"
+RESULTS = _report.RESULTS / "ray.json"
+PAGE, SECTIONS = "ray.md", ("ray",)
 
 # name, extra gradmap run arguments
 CONFIGS = [
@@ -64,13 +64,12 @@ def wall(inputs: Path, out: Path, extra: list[str]) -> float:
     return seconds
 
 
-def measure(pictures: int, repeat: int) -> dict:
+def measure(pictures: int, repeat: int) -> list[dict]:
     work = Path(tempfile.mkdtemp(prefix="gradmap-bench-ray-"))
     many, one = work / "many", work / "one"
     make_pictures(many, pictures)
     make_pictures(one, 1)
     times: dict[str, dict[str, list[float]]] = {name: {"one": [], "many": []} for name, _ in CONFIGS}
-    load_before = os.getloadavg()[0]
     for r in range(repeat):
         for name, extra in CONFIGS:
             for kind, folder in (("one", one), ("many", many)):
@@ -86,22 +85,21 @@ def measure(pictures: int, repeat: int) -> dict:
                      "pictures_per_s_after_startup": (pictures - 1) / (many_s - one_s) if many_s > one_s else None,
                      "fixed_cost_over_one_process": one_s - base_one,
                      "runs_1": times[name]["one"], "runs_n": times[name]["many"]})
-    import ray
-
-    return {"pictures": pictures, "repeat": repeat, "model": str(MODEL.relative_to(ROOT)),
-            "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
-            "ray": ray.__version__, "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-            "rows": rows}
+    return rows
 
 
 def render(results: dict) -> str:
-    n = results["pictures"]
+    meta = results["meta"]
+    n = meta["pictures"]
+    start, end = _report.load_average(meta)
     lines = [
-        f"`python bench/bench_ray.py` on this {results['machine'].split(' ')[0]}-core machine, Ray {results['ray']} "
+        _report.machine_line(meta),
+        "",
+        f"`python bench/bench_ray.py` on this {_report.cores(meta)}-core machine, Ray {meta['versions']['ray']} "
         f"started locally by `gradmap run --engine ray`; demo model, {n} pictures, default outputs (heatmap, "
-        f"overlay, figure), batch 8; fresh process per run, medians of {results['repeat']}; the machine was shared "
-        f"(1-minute load average {results['load_average_1min'][0]} at the start, "
-        f"{results['load_average_1min'][1]} at the end), so absolute figures are pessimistic:",
+        f"overlay, figure), batch 8; fresh process per run, medians of {meta['repeat']}; the machine was shared "
+        f"(1-minute load average {start} at the start, "
+        f"{end} at the end), so absolute figures are pessimistic:",
         "",
         f"| configuration | wall, 1 picture | wall, {n} pictures | {n}-picture runs, min-max | pictures/s overall "
         f"| pictures/s after start-up |",
@@ -116,17 +114,25 @@ def render(results: dict) -> str:
     two = next(r for r in ray_rows if "2 workers" in r["config"])
     one = next(r for r in ray_rows if "1 worker" in r["config"])
     single = results["rows"][0]
+    rates = [r["pictures_per_s_after_startup"] for r in (two, one, single)]
+    if None in rates:  # a run of N pictures no slower than its run of 1: the noise exceeds the work
+        lines += ["", f"Ray's fixed start-up cost (local instance, actors, model loads; Ray on 1 picture minus one "
+                      f"process on 1 picture): **{startup:.1f} s**. No rate after start-up for "
+                      + ", ".join(r["config"] for r in (two, one, single) if r["pictures_per_s_after_startup"] is None)
+                      + f": its {results['meta']['pictures']}-picture runs were no slower than its 1-picture runs, so "
+                      "the noise of this machine exceeded the work; more pictures are needed."]
+        return "\n".join(lines)
     lines += [
         "",
         f"Ray's fixed start-up cost (local instance, actors, model loads; Ray on 1 picture minus one process on "
-        f"1 picture): **{startup:.1f} s**. After it, 2 workers run {two['pictures_per_s_after_startup'] / one['pictures_per_s_after_startup']:.2f}x "
-        f"as fast as 1 worker and {two['pictures_per_s_after_startup'] / single['pictures_per_s_after_startup']:.2f}x "
+        f"1 picture): **{startup:.1f} s**. After it, 2 workers run {rates[0] / rates[1]:.2f}x "
+        f"as fast as 1 worker and {rates[0] / rates[2]:.2f}x "
         f"as fast as one process with 1 thread. Read these with the spread column in mind: on a machine this "
         f"loaded, a rate after start-up is a difference of two noisy medians, and Ray runs its workers at nice 15 "
         f"(its default), so they yield to every other process; the one-process run with 2 threads was slower than "
         f"with 1 for the same reason. A quiet machine is needed for figures to plan with.",
     ]
-    rate = two["pictures_per_s_after_startup"]
+    rate = rates[0]
     lines += [
         "",
         f"On paper, from these figures (not measured: no cluster was available): a machine like this one "
@@ -138,24 +144,25 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
+def sections(data: dict) -> dict[str, str]:
+    return {"ray": render(data)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pictures", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--readme-only", action="store_true")
-    parser.add_argument("--no-readme", action="store_true")
+    _report.add_flags(parser, RESULTS)
     args = parser.parse_args()
-    if args.readme_only:
-        results = json.loads(RESULTS.read_text())
+    if args.tables_only:
+        data = _report.read_results(args.out)
     else:
-        results = measure(args.pictures, args.repeat)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(render(results))
-    if not args.no_readme:
-        sys.path.insert(0, str(ROOT / "tools"))
-        from update_readme import README, replace_section
-
-        README.write_text(replace_section(README.read_text(), "ray", render(results)))
+        meta = _report.start_run(PAGE, SECTIONS, versions=("onnxruntime", "ray"), pictures=args.pictures,
+                                 repeat=args.repeat, model=str(MODEL.relative_to(ROOT)))
+        data = _report.write_results(args.out, meta, measure(args.pictures, args.repeat))
+    print(render(data))
+    if not args.no_docs:
+        _report.publish(PAGE, sections(data))
     return 0
 
 

@@ -3,7 +3,7 @@
     python bench/export_baseline.py --rev f082100 --out /tmp/gradmap-baseline   # optional, see --baseline
     python bench/bench_speed.py [--models resnet50 vgg19 ...] [--batches 1 8] [--threads 2]
                                 [--baseline /tmp/gradmap-baseline] [--compile]
-    python bench/bench_speed.py --readme-only     # README's tables again from bench/results/speed.json
+    python bench/bench_speed.py --tables-only     # the docs tables again from bench/results/speed.json
 
 In one process, per model and batch, medians after warm-up of (run in turn, round after round, so
 that a shared machine's load drifts hit all variants alike, each call 0.1 s after the previous one):
@@ -18,14 +18,13 @@ that a shared machine's load drifts hit all variants alike, each call 0.1 s afte
   with --baseline DIR, (f) the gradient models an earlier gradmap commit exported
       (bench/export_baseline.py: same weights), to show a change costs no speed.
 Random weights, random 224x224 inputs (the models' own input size), a fixed thread count for
-onnxruntime and torch. Writes bench/results/speed.json and README's speed tables.
+onnxruntime and torch. Writes bench/results/speed.json and the speed tables of docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -33,8 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import _report
+
+RESULTS = _report.RESULTS / "speed.json"
+PAGE, SECTIONS = "benchmarks.md", ("speed", "speed-targets")
 
 DEFAULT_MODELS = ["resnet50", "vgg19", "mobilenet_v3_large", "efficientnet_b0", "densenet121", "vit_b_16",
                   "convnext_tiny"]
@@ -222,7 +223,7 @@ def _ms(r: dict, key: str) -> str:
     return f"{r[key]:.1f}" if key in r else "–"
 
 
-def floor_ratios(path: Path = ROOT / "bench" / "results" / "floor.json") -> dict:
+def floor_ratios(path: Path = _report.RESULTS / "floor.json") -> dict:
     """floor ÷ forward per (model, batch) from bench/floor.py's last run, if there is one."""
     if not path.exists():
         return {}
@@ -232,9 +233,12 @@ def floor_ratios(path: Path = ROOT / "bench" / "results" / "floor.json") -> dict
 def render(rows: list[dict], meta: dict) -> str:
     floors = floor_ratios()
     lines = [
-        f"`python bench/bench_speed.py --baseline DIR --compile`: medians in ms of interleaved rounds (every "
-        f"variant once per round, {meta['pause_s']:g} s apart), {meta['threads']} threads, random weights, "
-        f"{meta['machine']}{'; ' + meta['note'] if meta.get('note') else ''}. ORT forward: the plain export, "
+        _report.machine_line(meta),
+        "",
+        f"`{meta.get('command', 'python bench/bench_speed.py --baseline DIR --compile')}`: medians in ms of "
+        "interleaved rounds (every "
+        f"variant once per round, {meta['pause_s']:g} s apart), {meta['threads']} threads, random weights"
+        f"{'; ' + meta['note'] if meta.get('note') else ''}. ORT forward: the plain export, "
         "onnxruntime's default session options; gradmap: the default `cpu` target with gradmap's runtime "
         "options; PyTorch eager autograd as in the ResNet-50 recipe; Captum's Saliency; torch.compile: the same "
         "autograd on `torch.compile(module, dynamic=False)` (inductor) in steady state, its first call "
@@ -271,6 +275,8 @@ def render_targets(rows: list[dict], meta: dict) -> str:
     the forward measured in the same rounds."""
     base = meta.get("baseline") or {}
     lines = [
+        _report.machine_line(meta),
+        "",
         f"From the same run: gradmap's graph as exported before the two-layer rewrite (commit "
         f"{base.get('commit', '?')[:7]}, `bench/export_baseline.py`, the same weights), the default `cpu` target "
         "and the `portable` target on onnxruntime's CPU provider with gradmap's session options, each over the "
@@ -289,6 +295,15 @@ def render_targets(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def sections(data: dict) -> dict[str, str]:
+    """The docs tables of a results file: the speed table and, when the run timed a baseline, the targets table."""
+    rows, meta = data["rows"], data["meta"]
+    out = {"speed": render(rows, meta)}
+    if any("baseline_ms" in r for r in rows):
+        out["speed-targets"] = render_targets(rows, meta)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
@@ -298,28 +313,27 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=90.0, help="seconds of rounds per model and batch at most")
     parser.add_argument("--pause", type=float, default=0.1,
                         help="seconds between two timed calls (onnxruntime's pool threads spin after a run)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "speed.json"))
-    parser.add_argument("--no-readme", action="store_true")
-    parser.add_argument("--readme-only", action="store_true", help="rewrite README's table from --out's file")
+    _report.add_flags(parser, RESULTS, note=True)
     parser.add_argument("--baseline", type=Path, default=None,
                         help="a folder of gradient models exported by an earlier commit (bench/export_baseline.py), "
                              "timed in the same rounds")
     parser.add_argument("--compile", action="store_true",
                         help="also time PyTorch autograd on torch.compile's module (steady state; compile time recorded)")
-    parser.add_argument("--note", default="", help="a note on the run for the targets table (e.g. the machine's load)")
     parser.add_argument("--update", action="store_true",
                         help="re-measure --models only and keep the other models' rows of --out (say so in --note)")
     args = parser.parse_args()
     if args.update and not args.note:
         parser.error("--update needs a --note saying which rows were re-measured when")
-    out = Path(args.out)
-    if args.readme_only:
-        saved = json.loads(out.read_text())
-        rows, meta = saved["rows"], saved["meta"]
+    if args.tables_only:
+        data = _report.read_results(args.out)
     else:
+        baseline = json.loads((args.baseline / "baseline.json").read_text()) if args.baseline else None
+        meta = _report.start_run(PAGE, SECTIONS, versions=("onnxruntime", "torch", "captum"), threads=args.threads,
+                                 baseline=baseline, pause_s=args.pause, gradmap_session_options="runtime",
+                                 note=args.note)
         previous = {}
-        if out.exists():
-            for r in json.loads(out.read_text())["rows"]:
+        if args.out.exists():
+            for r in _report.read_results(args.out)["rows"]:
                 previous[(r["model"], r["batch"])] = r["gradmap_over_forward"]
         rows = []
         for name in args.models:
@@ -327,23 +341,13 @@ def main() -> int:
                                 baseline=args.baseline, compile_torch=args.compile)
         for r in rows:
             r["previous_gradmap_over_forward"] = previous.get((r["model"], r["batch"]))
-        saved = json.loads(out.read_text()) if args.update else {"rows": [], "meta": {}}
         if args.update:
+            saved = _report.read_results(args.out)
             rows = merge_rows(saved["rows"], rows)
-        baseline = json.loads((args.baseline / "baseline.json").read_text()) if args.baseline else None
-        meta = {"threads": args.threads, "baseline": baseline, "pause_s": args.pause, "gradmap_session_options": "runtime", "note": args.note,
-                "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "python": platform.python_version()}
-        meta = {**saved["meta"], **meta}  # --update: the kept rows' other notes stay
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    if not args.no_readme:
-        sys.path.insert(0, str(ROOT / "tools"))
-        from update_readme import README, replace_section
-
-        text = replace_section(README.read_text(), "speed", render(rows, meta))
-        if any("baseline_ms" in r for r in rows):
-            text = replace_section(text, "speed-targets", render_targets(rows, meta))
-        README.write_text(text)
+            meta = _report.merge_update(meta, saved["meta"], args.models)
+        data = _report.write_results(args.out, meta, rows)
+    if not args.no_docs:
+        _report.publish(PAGE, sections(data))
     return 0
 
 

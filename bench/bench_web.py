@@ -7,8 +7,8 @@ creating the onnxruntime-web session, decoding, preprocessing, the model run and
 Configurations: WebAssembly with 1 and 2 threads (cross-origin isolated), and WebGPU on SwiftShader
 (Chromium's CPU Vulkan) for a portable export, reported as failed with its error if it does not run.
 
-    python bench/bench_web.py            # writes bench/results/web.json and README's section "web"
-    python bench/bench_web.py --readme-only
+    python bench/bench_web.py            # writes bench/results/web.json and the section "web-speed" of docs/web.md
+    python bench/bench_web.py --tables-only
 
 Needs torch for the resnet18 export, Playwright, /usr/bin/chromium and tests/web's npm install.
 """
@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
 import threading
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
+import _report
 
-ORT_DIST = ROOT / "tests" / "web" / "node_modules" / "onnxruntime-web" / "dist"
-RESULTS = ROOT / "bench" / "results" / "web.json"
+ORT_DIST = _report.ROOT / "tests" / "web" / "node_modules" / "onnxruntime-web" / "dist"
+RESULTS = _report.RESULTS / "web.json"
+PAGE, SECTIONS = "web.md", ("web-speed",)
 SWIFTSHADER = ["--enable-unsafe-webgpu", "--enable-features=Vulkan", "--use-vulkan=swiftshader",
                "--use-webgpu-adapter=swiftshader", "--use-angle=swiftshader"]
 
@@ -65,10 +63,10 @@ def measure(browser, url: str, repeats: int) -> dict:
             "map_ms_last": backend[2]}
 
 
-def run(repeats: int) -> dict:
+def run(repeats: int) -> list[dict]:
     from playwright.sync_api import sync_playwright
 
-    from gradmap.cli import demo_assets
+    from gradmap.demo import demo_assets
     from gradmap.web import build_site, make_server
 
     rows = []
@@ -110,14 +108,15 @@ def run(repeats: int) -> dict:
                     server.server_close()
             plain.close()
             gpu.close()
-    return {"rows": rows, "repeats": repeats, "machine": f"{platform.machine()}, {platform.system()}",
-            "chromium": "Debian chromium (headless)"}
+    return rows
 
 
 def render(results: dict) -> str:
     mb = lambda b: f"{b / 1e6:.1f} MB"  # noqa: E731
-    lines = [f"`python bench/bench_web.py`: time to first map in headless Chromium on this shared 2-core machine "
-             f"({results['machine']}), median of {results['repeats']} fresh page loads each: from navigation to the "
+    meta = results["meta"]
+    lines = [_report.machine_line(meta), "",
+             f"`python bench/bench_web.py`: time to first map in headless Chromium on a shared machine, "
+             f"median of {meta['repeats']} fresh page loads each: from navigation to the "
              "first map drawn (model download from 127.0.0.1, session creation, decoding, preprocessing, the "
              "vanilla gradient, postprocessing); the last column is the map alone on the last load. Page weight: what "
              "the browser downloads (model + onnxruntime-web's files + the page). Downloading the model and creating the "
@@ -136,18 +135,24 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
+def sections(data: dict) -> dict[str, str]:
+    return {"web-speed": render(data)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--readme-only", action="store_true")
+    _report.add_flags(parser, RESULTS)
     args = parser.parse_args()
-    if not args.readme_only:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(run(args.repeats), indent=1) + "\n")
-    from update_readme import README, replace_section
-
-    README.write_text(replace_section(README.read_text(), "web-speed", render(json.loads(RESULTS.read_text()))))
-    print(render(json.loads(RESULTS.read_text())))
+    if args.tables_only:
+        data = _report.read_results(args.out)
+    else:
+        meta = _report.start_run(PAGE, SECTIONS, versions=("onnxruntime", "torch", "playwright"), repeats=args.repeats,
+                                 chromium="Debian chromium (headless)")
+        data = _report.write_results(args.out, meta, run(args.repeats))
+    print(render(data))
+    if not args.no_docs:
+        _report.publish(PAGE, sections(data))
     return 0
 
 

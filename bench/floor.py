@@ -1,7 +1,7 @@
 """How close gradmap's gradient graphs are to the cheapest graph of the same shape: the floor.
 
     python bench/floor.py [--models mobilenet_v3_large ...] [--batches 1 8] [--threads 2]
-    python bench/floor.py --readme-only     # README's table again from bench/results/floor.json
+    python bench/floor.py --tables-only     # the docs table again from bench/results/floor.json
 
 The floor graph is gradmap's own gradient graph with every elementwise nonlinearity's rule and every
 max-pool routing replaced by the cheapest op that still touches the same tensors:
@@ -24,7 +24,7 @@ formulation of them can go below.
 Per model and batch, in one process, interleaved rounds (bench_speed's timing: medians, each call
 0.1 s after the previous one): (a) onnxruntime forward of the plain export with default options,
 (b) gradmap's gradient graph and (c) the floor graph, both with gradmap's runtime session options.
-Random weights and inputs. Writes bench/results/floor.json and the table in README.md.
+Random weights and inputs. Writes bench/results/floor.json and the table in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -32,21 +32,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import statistics
-import sys
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _report
 
 DEFAULT_MODELS = ["resnet50", "vgg19", "mobilenet_v3_large", "efficientnet_b0", "densenet121", "vit_b_16",
                   "convnext_tiny"]
-RESULTS = ROOT / "bench" / "results" / "floor.json"
+RESULTS = _report.RESULTS / "floor.json"
+PAGE, SECTIONS = "benchmarks.md", ("floor",)
 _ACTIVATIONS = ("Relu", "HardSigmoid", "Sigmoid", "Tanh", "Clip", "LeakyRelu", "Gelu", "HardSwish")
 
 
@@ -185,7 +180,9 @@ def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget
 
 def render(rows: list[dict], meta: dict) -> str:
     lines = [
-        f"Measured by `python bench/floor.py` ({meta['date']}, {meta['machine']}, {rows[0]['threads']} threads, "
+        _report.machine_line(meta),
+        "",
+        f"Measured by `python bench/floor.py` ({meta['date']}, {rows[0]['threads']} threads, "
         f"medians of interleaved rounds{'; ' + meta['note'] if meta.get('note') else ''}). The floor graph is gradmap's graph with every activation's rule cut "
         "to one product and every max pool's routing to one nearest Resize (a ReLU that only a max pool "
         "reads: its product at the pool's resolution, before the Resize; wrong gradients, the least "
@@ -210,11 +207,8 @@ def render(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def write_readme(rows: list[dict], meta: dict) -> None:
-    sys.path.insert(0, str(ROOT / "tools"))
-    from update_readme import README, replace_section
-
-    README.write_text(replace_section(README.read_text(), "floor", render(rows, meta)))
+def sections(data: dict) -> dict[str, str]:
+    return {"floor": render(data["rows"], data["meta"])}
 
 
 def main() -> int:
@@ -224,37 +218,27 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=30, help="rounds per model and batch")
     parser.add_argument("--budget", type=float, default=40.0, help="seconds per model and batch, after 3 rounds")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--no-readme", action="store_true")
-    parser.add_argument("--readme-only", action="store_true")
+    _report.add_flags(parser, RESULTS, note=True)
     parser.add_argument("--update", action="store_true",
                         help="re-measure --models only and keep the other models' rows of --out (say so in --note)")
-    parser.add_argument("--note", default="", help="a note on the run for the table's header")
     args = parser.parse_args()
     if args.update and not args.note:
         parser.error("--update needs a --note saying which rows were re-measured when")
-    if args.readme_only:
-        data = json.loads(args.out.read_text())
-        write_readme(data["rows"], data["meta"])
-        return 0
-    import datetime
+    if args.tables_only:
+        data = _report.read_results(args.out)
+    else:
+        meta = _report.start_run(PAGE, SECTIONS, note=args.note)
+        rows = []
+        for name in args.models:
+            rows += bench_model(name, args.batches, args.threads, args.repeat, args.budget)
+        if args.update:
+            from bench_speed import merge_rows
 
-    import onnxruntime
-
-    rows = []
-    for name in args.models:
-        rows += bench_model(name, args.batches, args.threads, args.repeat, args.budget)
-    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "onnxruntime": onnxruntime.__version__, "python": platform.python_version(), "note": args.note}
-    if args.update:
-        from bench_speed import merge_rows
-
-        saved = json.loads(args.out.read_text())
-        rows, meta = merge_rows(saved["rows"], rows), {**saved["meta"], **meta}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    if not args.no_readme:
-        write_readme(rows, meta)
+            saved = _report.read_results(args.out)
+            rows, meta = merge_rows(saved["rows"], rows), _report.merge_update(meta, saved["meta"], args.models)
+        data = _report.write_results(args.out, meta, rows)
+    if not args.no_docs:
+        _report.publish(PAGE, sections(data))
     return 0
 
 

@@ -1,7 +1,7 @@
 """What creating onnxruntime's session of a gradient model costs, and what changes it.
 
     python bench/load_memory.py [--model resnet50] [--repeat 3] [--threads 2]
-    python bench/load_memory.py --readme-only
+    python bench/load_memory.py --tables-only     # the docs table again from bench/results/load_memory.json
 
 A model's first run spends most of its time and its memory peak creating the session: onnxruntime
 parses the file, folds the adjoint kernels out of the forward weights and rewrites the graph into
@@ -21,7 +21,7 @@ RSS (``ru_maxrss``); medians of ``--repeat`` processes:
                                (gradmap/runtime/_session_cache.py)
 
 Random weights (``gradmap export MODEL --weights none``). Writes bench/results/load_memory.json and
-README's table.
+the table of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "load_memory.json"
+import _report
+
+RESULTS = _report.RESULTS / "load_memory.json"
+PAGE, SECTIONS = "benchmarks.md", ("load-memory",)
 VARIANTS = {
     "defaults": ({}, {}),
     "no prepacking": ({"session.disable_prepacking": "1"}, {}),
@@ -93,10 +95,12 @@ def _child(variant: str, model: str, threads: int, cache: str) -> None:
 
 
 def render(data: dict) -> str:
-    rows = data["rows"]
+    meta = data["meta"]
+    rows = {r["session"]: r for r in data["rows"]}
     base = rows["defaults"]
-    lines = [f"`python bench/load_memory.py` ({data['date']}, {data['model']}, random weights, {data['threads']} threads, "
-             f"onnxruntime {data['onnxruntime']}; medians of {data['repeat']} fresh processes, each importing gradmap's "
+    lines = [_report.machine_line(meta), "",
+             f"`python bench/load_memory.py` ({meta['date']}, {meta['model']}, random weights, {meta['threads']} threads, "
+             f"onnxruntime {meta['versions']['onnxruntime']}; medians of {meta['repeat']} fresh processes, each importing gradmap's "
              "runtime, creating the session, then running one picture): what creating the session costs, and what "
              "changes it.", "",
              "| session | creating it | RSS after it | first run | peak RSS | peak ÷ defaults |",
@@ -105,6 +109,10 @@ def render(data: dict) -> str:
         lines.append(f"| {name} | {r['load_s']:.2f} s | {r['loaded_mb']:.0f} MB | {r['first_run_s']:.2f} s | "
                      f"{r['peak_mb']:.0f} MB | {r['peak_mb'] / base['peak_mb']:.2f} |")
     return "\n".join(lines)
+
+
+def sections(data: dict) -> dict[str, str]:
+    return {"load-memory": render(data)}
 
 
 def main() -> int:
@@ -117,16 +125,20 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--python", default=sys.executable,
                         help="the interpreter of the children (a venv of the slim install, say)")
-    parser.add_argument("--no-readme", action="store_true")
-    parser.add_argument("--readme-only", action="store_true")
+    _report.add_flags(parser, RESULTS)
     args = parser.parse_args()
-    if args.readme_only:
-        _write_readme(render(json.loads(RESULTS.read_text())))
-        return 0
-    import datetime
+    if args.tables_only:
+        data = _report.read_results(args.out)
+    else:
+        data = measure(args)
+    print(render(data))
+    if not args.no_docs:
+        _report.publish(PAGE, sections(data))
+    return 0
 
-    import onnxruntime
 
+def measure(args) -> dict:
+    meta = _report.start_run(PAGE, SECTIONS, model=args.model, threads=args.threads, repeat=args.repeat)
     work = Path(tempfile.mkdtemp(prefix="gradmap-load-"))
     model = work / f"{args.model}.onnx"
     subprocess.run([sys.executable, "-m", "gradmap.cli", "export", args.model, "--weights", "none", "-o", str(model)],
@@ -146,23 +158,9 @@ def main() -> int:
                                                                                   "GRADMAP_CACHE_DIR": "off"}).stdout
             runs[name].append(json.loads(out.strip().splitlines()[-1]))
             print(name, runs[name][-1], flush=True)
-    rows = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
-    data = {"date": datetime.date.today().isoformat(), "model": args.model, "threads": args.threads,
-            "repeat": args.repeat, "onnxruntime": onnxruntime.__version__, "rows": rows, "runs": runs}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(data, indent=1) + "\n")
-    table = render(data)
-    print(table)
-    if not args.no_readme:
-        _write_readme(table)
-    return 0
-
-
-def _write_readme(table: str) -> None:
-    sys.path.insert(0, str(ROOT / "tools"))
-    from update_readme import README, replace_section
-
-    README.write_text(replace_section(README.read_text(), "load-memory", table))
+    rows = [{"session": name, **{key: statistics.median(r[key] for r in rs) for key in rs[0]}}
+            for name, rs in runs.items()]
+    return _report.write_results(args.out, meta, rows, runs=runs)
 
 
 if __name__ == "__main__":

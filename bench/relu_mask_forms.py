@@ -11,19 +11,19 @@ Add that keep it in onnxruntime's blocked layout) with each form of dX = dY [Y >
     sign        dY * Sign(Y)
 
 Medians of interleaved rounds (the order reversed every other round), 0.1 s apart. The exact forms
-are checked to give the same masked product before timing. Writes bench/results/relu_mask_forms.json.
+are checked to give the same masked product before timing. Writes bench/results/relu_mask_forms.json,
+which docs/benchmarks.md cites.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
+
+import _report
 
 FORMS = ("none", "floor", "conv_mask", "where", "sign")
 _HUGE = 2.0 ** 127
@@ -67,14 +67,15 @@ def main() -> int:
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--size", type=int, default=112)
     parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "relu_mask_forms.json"))
+    _report.add_flags(parser, _report.RESULTS / "relu_mask_forms.json", tables=False)
     args = parser.parse_args()
-    import sys
-
     import onnxruntime as ort
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_speed import cpu_session
+
+    meta = _report.start_run("benchmarks.md", versions=("onnxruntime",),
+                             shape=[args.batch, args.channels, args.size, args.size], threads=args.threads,
+                             rounds=args.rounds)
 
     def session(model: bytes) -> ort.InferenceSession:
         return cpu_session(model, args.threads)
@@ -99,10 +100,10 @@ def main() -> int:
     for form in FORMS:
         median = statistics.median(times[form])
         print(f"  {form:10s} {median:8.2f} ms  ({median - base:+.2f} ms over none)")
-    Path(args.out).write_text(json.dumps({
-        "shape": [args.batch, args.channels, args.size, args.size], "threads": args.threads, "rounds": args.rounds,
-        "onnxruntime": ort.__version__, "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"),
-        "median_ms": {form: statistics.median(times[form]) for form in FORMS}, "times_ms": times}, indent=1) + "\n")
+    _report.write_results(args.out, meta, [{"form": form, "median_ms": statistics.median(times[form]),
+                                            "times_ms": times[form]} for form in FORMS])
+    if not args.no_docs:
+        _report.publish("benchmarks.md", {})
     return 0
 
 

@@ -11,12 +11,66 @@ import sys
 import click
 
 from gradmap import __version__, contract
+from gradmap.demo import FIGURE_SETTINGS, demo_model, demo_pictures, tuned_settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gradmap")
 def main() -> None:
     """Gradient saliency maps for image classifiers, exported once and run without PyTorch."""
+
+
+def _numbers(kind: type, count: tuple[int, ...]):
+    """A click callback reading ``count`` comma-separated numbers (one number may stand for all)."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None):
+        if value is None:
+            return None
+        try:
+            numbers = tuple(kind(v) for v in value.replace(" ", "").split(","))
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not {' or '.join(map(str, count))} comma-separated numbers")
+        if len(numbers) not in count:
+            raise click.BadParameter(f"{value!r}: give {' or '.join(map(str, count))} numbers")
+        return numbers if len(numbers) > 1 or max(count) == 1 else numbers[0]
+
+    return parse
+
+
+def _preprocessing_options(command):
+    """``gradmap export``'s preprocessing options: a named convention and field-by-field overrides."""
+    from gradmap.export.presets import PRESETS
+
+    options = [
+        click.option("--preset", "preset_name", type=click.Choice(list(PRESETS)), default=None,
+                     help="Preprocessing convention instead of the source's own: "
+                          + "; ".join(f"{name}: {text}" for name, text in PRESETS.items()) + "."),
+        click.option("--crop", callback=_numbers(int, (1, 2)), metavar="SIZE|H,W",
+                     help="The model's input size after the crop (the center crop of the resized picture)."),
+        click.option("--resize", callback=_numbers(int, (1, 2)), metavar="SIZE|H,W",
+                     help="Resize before the crop: the shorter side (--resize-mode shorter) or H,W."),
+        click.option("--resize-mode", type=click.Choice(contract.RESIZE_MODES), default=None,
+                     help="shorter: shorter side to --resize; exact: to H,W; keep_ratio(_longest): "
+                          "scaled to cover (fit) H,W."),
+        click.option("--interpolation", type=click.Choice(contract.INTERPOLATIONS), default=None),
+        click.option("--antialias/--no-antialias", default=None,
+                     help="--no-antialias: tf.image.resize's bilinear resize (no antialiasing filter, float "
+                          "pixels) instead of Pillow's."),
+        click.option("--value-range", type=click.Choice(contract.VALUE_RANGES), default=None,
+                     help="The pixel scale mean and std apply to."),
+        click.option("--channel-order", type=click.Choice(contract.CHANNEL_ORDERS), default=None,
+                     help="The model input's channel order (mean and std in that order)."),
+        click.option("--mean", callback=_numbers(float, (3,)), metavar="A,B,C", help="Per-channel mean."),
+        click.option("--std", callback=_numbers(float, (3,)), metavar="A,B,C", help="Per-channel std."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _preprocessing_overrides(values: dict) -> dict:
+    """The preprocessing options the user gave (preset_name and field overrides), for the export."""
+    return {key: value for key, value in values.items() if value is not None}
 
 
 @main.command("export")
@@ -31,7 +85,8 @@ def main() -> None:
               show_default=True, help="What the gradient differentiates.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random weights (--weights none).")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset of the exported model.")
-@click.option("--backprop", "backprops", multiple=True, type=click.Choice(["guided", "deconvnet"]),
+@click.option("--backprop", "backprops", multiple=True,
+              type=click.Choice([b for b in contract.BACKPROP_OUTPUTS if b != contract.DEFAULT_BACKPROP]),
               help="Also emit the gradient under this ReLU rule (repeatable), sharing the forward pass: "
                    "guided backpropagation or deconvnet (Springenberg et al. 2015).")
 @click.option("--cam-layer", default=None, metavar="NAME|auto",
@@ -49,24 +104,58 @@ def main() -> None:
               help="Write the weights to OUTPUT.data beside OUTPUT: onnxruntime maps that file into memory "
                    "instead of parsing the weights out of the model, so creating a session peaks lower "
                    "(resnet50: about 40 MB). Keep the two files together; gradmap web needs a single file.")
-@click.option("--no-verify", is_flag=True, help="Skip the parity check against torch autograd (not recommended).")
+@click.option("--no-verify", is_flag=True,
+              help="Skip the parity check against the source's float64 reference (not recommended).")
+@click.option("--input-name", default=None, metavar="NAME",
+              help="onnx: the image input, where the graph has several candidates.")
+@click.option("--output-name", default=None, metavar="NAME",
+              help="onnx: the score output, where the graph has several candidates.")
+@click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None,
+              help="onnx: the image input's layout, where its shape does not tell (an NHWC input is fed from "
+                   "the NCHW image; the gradient and the maps stay NCHW).")
+@click.option("--input-size", callback=_numbers(int, (1, 2)), metavar="SIZE|H,W", default=None,
+              help="onnx: the input's height and width, where the graph leaves them symbolic (default: --crop).")
+@click.option("--labels", default=None, metavar="FILE|imagenet|imagenet-background",
+              help="onnx: class names, one per line (or a JSON list); 'imagenet' (the default for 1000 outputs) "
+                   "or 'imagenet-background' (1001 outputs, a background class first).")
+@_preprocessing_options
 def export_command(model_name: str, output: str, weights: str, score: str, seed: int, opset: int,
                    backprops: tuple[str, ...], cam_layer: str | None, engine_target: str,
-                   channel_multiple: int | None, external_data: bool, no_verify: bool) -> None:
+                   channel_multiple: int | None, external_data: bool, no_verify: bool,
+                   input_name: str | None, output_name: str | None, layout: str | None,
+                   input_size: "int | tuple[int, int] | None", labels: str | None,
+                   **preprocessing: object) -> None:
     """Export MODEL to an ONNX model with an input-gradient output.
 
     MODEL is a torchvision classifier name (resnet50), timm:NAME (any timm.list_models() name, pretrained
-    tags included: timm:convnext_tiny.fb_in22k_ft_in1k) or hf:MODEL_ID_OR_DIR (a Transformers
-    AutoModelForImageClassification: a local directory or a hub id in the Hugging Face cache).
+    tags included: timm:convnext_tiny.fb_in22k_ft_in1k), hf:MODEL_ID_OR_DIR (a Transformers
+    AutoModelForImageClassification: a local directory or a hub id in the Hugging Face cache) or
+    onnx:PATH (any ONNX image classifier file; needs --preset, as a file does not say how its pictures
+    were preprocessed; no torch needed).
     """
+    source_options = {}
+    foreign = {"--input-name": input_name, "--output-name": output_name, "--layout": layout,
+               "--input-size": input_size, "--labels": labels}
+    if model_name.startswith("onnx:"):
+        size = (input_size, input_size) if isinstance(input_size, int) else input_size
+        source_options = dict(input_name=input_name, output_name=output_name, layout=layout, input_size=size,
+                              labels=labels)
+    elif any(v is not None for v in foreign.values()):
+        given = ", ".join(k for k, v in foreign.items() if v is not None)
+        raise click.UsageError(f"{given}: only for onnx:PATH models")
     try:
         from gradmap.export import ExportError, export_named_model
 
         report = export_named_model(model_name, output, weights=weights, score=score, seed=seed,
-                                    opset=opset, verify=not no_verify, backprops=("vanilla", *backprops),
+                                    opset=opset, verify=not no_verify, backprops=(contract.DEFAULT_BACKPROP, *backprops),
                                     cam_layer=cam_layer, target=engine_target, channel_multiple=channel_multiple,
-                                    external_data=external_data)
+                                    external_data=external_data,
+                                    preprocessing_options=_preprocessing_overrides(preprocessing), **source_options)
     except ImportError as e:  # the source's framework, or onnx, is not installed
+        if model_name.startswith("onnx:"):
+            raise click.ClickException(
+                f"'gradmap export onnx:...' needs onnx and onnx-ir ({e.name or e}): pip install 'gradmap[onnx]'"
+            ) from e
         raise click.ClickException(
             f"'gradmap export' needs PyTorch and ONNX ({e.name or e}): pip install 'gradmap[export]'"
         ) from e
@@ -98,7 +187,42 @@ def _load_model(path: str, provider: str, threads: int | None, cache: bool = Tru
         raise click.BadParameter(str(e), param_hint="'--provider'") from e
 
 
-_METHODS = list(contract.METHODS)
+def _setting_option(setting: contract.Setting) -> dict:
+    """click's form of a method setting: its type, range or choices, default and help, from the table."""
+    users = contract.methods_using(setting.name)
+    defaults = {next(s.default for s in contract.method(m).all_settings if s.name == setting.name) for m in users}
+    if setting.type == "choice":
+        kind: click.ParamType = click.Choice(setting.choices)
+    else:
+        bounded = setting.minimum is not None or setting.maximum is not None
+        if setting.type == "int":
+            kind = click.IntRange(setting.minimum, setting.maximum) if bounded else click.INT
+        else:
+            kind = click.FloatRange(setting.minimum, setting.maximum) if bounded else click.FLOAT
+    scope = "" if len(users) == len(contract.METHODS) else f"{', '.join(users)}: "
+    if len(defaults) == 1:  # one default: shown; else each method's own applies
+        return {"type": kind, "default": setting.default, "show_default": True, "help": scope + setting.help}
+    per_method = ", ".join(f"{m} {next(s.default for s in contract.method(m).settings if s.name == setting.name)}"
+                           for m in users)
+    return {"type": kind, "default": None, "help": f"{scope}{setting.help} [default: {per_method}]"}
+
+
+def _method_setting_options(exclude: tuple[str, ...] = ()):
+    """One ``--NAME`` option per setting of the method table (see :data:`gradmap.contract.SETTINGS`);
+    the command receives them as keyword arguments named after the settings."""
+    def decorate(command):
+        for name, setting in reversed(contract.SETTINGS.items()):
+            if name not in exclude:
+                command = click.option(f"--{name.replace('_', '-')}", name, **_setting_option(setting))(command)
+        return command
+
+    return decorate
+
+
+def _given(settings: dict) -> dict:
+    """The method settings given on the command line or with one default (None: each method's own)."""
+    return {name: value for name, value in settings.items() if value is not None}
+
 
 
 @main.command("run")
@@ -106,9 +230,9 @@ _METHODS = list(contract.METHODS)
 @click.argument("inputs", metavar="INPUT...", nargs=-1, required=True)
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="out", show_default=True,
               help="Output directory; the inputs' folder tree is mirrored inside it.")
-@click.option("--target", default="top1", show_default=True,
+@click.option("--target", default=contract.DEFAULT_TARGET, show_default=True,
               help="Class to explain: top1, topK (one map per rank, e.g. top3), a class index or a class name.")
-@click.option("--reduce", type=click.Choice(["max", "sum", "l2"]), default="max", show_default=True,
+@click.option("--reduce", type=click.Choice(contract.REDUCTIONS), default=contract.DEFAULT_REDUCTION, show_default=True,
               help="Channel reduction: max of |gradient| (PyTorch/cs231n recipes), signed sum (TensorFlow "
                    "recipe) or L2 norm.")
 @click.option("--equalize/--no-equalize", default=True, show_default=True,
@@ -117,48 +241,35 @@ _METHODS = list(contract.METHODS)
               help="Clip the map at this upper percentile (e.g. 99) before normalizing.")
 @click.option("--no-crop", is_flag=True,
               help="Resize the whole picture to the input size instead of resize + center crop.")
-@click.option("--placement", type=click.Choice(["crop", "stretch"]), default="crop", show_default=True,
+@click.option("--placement", type=click.Choice(contract.PLACEMENTS), default=contract.DEFAULT_PLACEMENT,
+              show_default=True,
               help="Map back onto the crop window (crop) or stretch over the whole picture like the "
                    "ResNet-50 recipe (stretch).")
-@click.option("--colormap", type=click.Choice(["hot", "jet", "viridis", "gray"]), default="hot", show_default=True)
+@click.option("--colormap", type=click.Choice(contract.COLORMAPS), default=contract.DEFAULT_COLORMAP,
+              show_default=True)
 @click.option("--alpha", type=click.FloatRange(0, 1), default=None,
               help="Overlay opacity: at the map's highest values for peaks [default: 0.8], everywhere for flat "
                    "[default: 0.5].")
-@click.option("--overlay", type=click.Choice(["peaks", "flat"]), default="peaks", show_default=True,
+@click.option("--overlay", type=click.Choice(contract.OVERLAYS), default=contract.DEFAULT_OVERLAY, show_default=True,
               help="peaks: the map scaled to its 99th percentile, opacity growing with the value, so that only "
                    "where the map is high colours the picture; flat: the recipes' overlay, the heatmap's map at "
                    "one opacity.")
 @click.option("--format", "formats", multiple=True, callback=_split_formats,
               help="Outputs among heatmap, overlay, figure, npy; repeatable or comma-separated "
                    "[default: heatmap,overlay,figure].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=contract.DEFAULT_BATCH_SIZE, show_default=True)
 @click.option("--provider", default="auto", show_default=True,
               help="auto, cpu, cuda, or a comma-separated list of onnxruntime providers.")
 @click.option("--threads", type=click.IntRange(min=0), default=None,
               help="onnxruntime intra-op threads (default: onnxruntime decides).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout instead of text.")
-@click.option("--method", type=click.Choice(_METHODS), default="vanilla", show_default=True,
+@click.option("--method", type=click.Choice(contract.METHODS), default=contract.DEFAULT_METHOD, show_default=True,
               help="Attribution method; 'gradmap info' lists what a model supports.")
-@click.option("--modifier", type=click.Choice(["auto", "absolute", "positive", "negative", "none"]), default="auto",
-              show_default=True, help="Gradient modifier before the channel reduction: auto leaves the sign to "
-                                      "--reduce (max takes |values|, sum keeps the sign); negative shows "
-                                      "counter-evidence.")
-@click.option("--samples", type=click.IntRange(min=1), default=50, show_default=True, help="smoothgrad: noisy copies.")
-@click.option("--noise", type=click.FloatRange(min=0), default=0.15, show_default=True,
-              help="smoothgrad: noise sigma as a fraction of the input's value range.")
-@click.option("--variant", type=click.Choice(["plain", "squared", "vargrad"]), default="plain", show_default=True,
-              help="smoothgrad: mean gradient, mean squared gradient or variance.")
-@click.option("--steps", type=click.IntRange(min=2), default=32, show_default=True,
-              help="integrated-gradients: points on the path.")
-@click.option("--rule", type=click.Choice(["gauss-legendre", "trapezoid"]), default="gauss-legendre",
-              show_default=True, help="integrated-gradients: integration rule.")
-@click.option("--baseline", type=click.Choice(["black", "blurred", "uniform"]), default="black", show_default=True,
-              help="integrated-gradients: black (pixel 0), blurred picture or uniform noise.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of smoothgrad noise and uniform baselines.")
+@_method_setting_options()
 @click.option("--skip-existing", is_flag=True,
               help="Skip pictures whose requested outputs all exist (outputs are written atomically, so an "
                    "existing one is complete): resumes an interrupted run.")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+@click.option("--engine", type=click.Choice(contract.ENGINES), default=contract.DEFAULT_ENGINE, show_default=True,
               help="local: this process; ray: Ray Data actors, one model loaded per actor, which read, explain "
                    "and write the pictures (pip install 'gradmap[ray]').")
 @click.option("--address", default=None, metavar="auto|ray://HOST:PORT",
@@ -173,9 +284,8 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
                 clip_percentile: float | None, no_crop: bool, placement: str, colormap: str, alpha: float | None,
                 overlay: str,
                 formats: tuple[str, ...], batch_size: int, provider: str, threads: int | None,
-                as_json: bool, method: str, modifier: str, samples: int, noise: float, variant: str, steps: int,
-                rule: str, baseline: str, seed: int, skip_existing: bool, engine: str, address: str | None,
-                workers: int | None, parquet_dir: str | None) -> None:
+                as_json: bool, method: str, skip_existing: bool, engine: str, address: str | None,
+                workers: int | None, parquet_dir: str | None, **method_settings: object) -> None:
     """Compute gradient saliency maps of INPUT pictures (files, folders, globs) with MODEL.onnx.
 
     Prints the top-5 classes of every picture and writes the requested pictures and arrays under
@@ -183,11 +293,11 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
     """
     import json
 
-    from gradmap.runtime import (JobSettings, OutputLayout, RenderOptions, TargetError, expand_inputs,
-                                 explain_and_write, parse_target)
-    from gradmap.runtime.methods import MethodSpec
+    from gradmap.runtime import RenderOptions, TargetError
+    from gradmap.runtime.jobs import EngineError, make_engine, run_job
+    from gradmap.runtime.methods import MethodSpec, UnsupportedMethodError
 
-    if engine == "ray":
+    if engine == contract.ENGINE_RAY:
         _check_ray_options(skip_existing, parquet_dir)
     elif address or workers or parquet_dir:
         raise click.UsageError("--address, --workers and --to-parquet need --engine ray")
@@ -195,79 +305,36 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
     if model.target_notice:
         click.echo(f"note: {model.target_notice}", err=True)
     try:
-        wanted = parse_target(target, model.labels)
-    except TargetError as e:
-        raise click.BadParameter(str(e), param_hint="'--target'") from e
-    if method not in model.metadata.methods:
-        raise click.BadParameter(f"{model_path} does not support {method}; it supports "
-                                 f"{', '.join(model.metadata.methods)} (see 'gradmap export --help' for "
-                                 "--backprop and --cam-layer)", param_hint="'--method'")
-    method_spec = MethodSpec(method, samples=samples, noise=noise, variant=variant, steps=steps, rule=rule,
-                             baseline=baseline, seed=seed, modifier=modifier)
-    paths, problems = expand_inputs(inputs, exclude_dir=out_dir)
-    failures: list[dict] = []
-    for spec, reason in problems:
-        click.echo(f"error: {spec}: {reason}", err=True)
-        failures.append({"path": spec, "error": reason})
-    layout = OutputLayout(out_dir, paths)  # from every input, so that skipping changes no output path
-    n_inputs, skipped = len(paths) + len(problems), 0
-    if skip_existing:
-        remaining = [p for p in paths if not layout.complete(p, formats, wanted.count, method)]
-        skipped, paths = len(paths) - len(remaining), remaining
+        method_spec = MethodSpec(method, **_given(method_settings))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--method'") from e
     _unwind_on_sigterm()
     options = RenderOptions(equalize=equalize, placement=placement, colormap=colormap, alpha=alpha,
                             overlay=overlay)
-    clip = None if clip_percentile is None else (0.0, clip_percentile)
-    settings = JobSettings(target=wanted, method=method_spec, reduce=reduce, clip=clip, no_crop=no_crop,
-                           formats=() if parquet_dir else formats, render=options, batch_size=batch_size)
-    records: list[dict] = []
-    if engine == "ray":
-        from gradmap.distributed import RayConnectionError, run_records
-
-        try:
-            done = run_records(paths, model_path, settings, layout, address=address, workers=workers,
-                               threads=threads, provider=provider, parquet_dir=parquet_dir)
-        except RayConnectionError as e:
-            raise click.ClickException(str(e)) from e
-    else:
-        done = (d.record for d in explain_and_write(model, paths, layout, settings))
-    show_bar = len(paths) > _PROGRESS_THRESHOLD
-    with click.progressbar(length=len(paths), label="saliency", file=sys.stderr) if show_bar else _NoBar() as bar:
-        for record in _ray_failure_as_error(done) if engine == "ray" else done:
-            for note in record["notes"]:
-                click.echo(f"note: {record['path']}: {note}", err=True)
-            if record["error"] is not None:
-                click.echo(f"error: {record['path']}: {record['error']}", err=True)
-                failures.append({"path": record["path"], "error": record["error"]})
-            elif not as_json:
-                _print_record(record)
-            if as_json:  # only --json lists them at the end: a long run without it holds no record
-                records.append(record)
-            bar.update(1)
-    if engine == "ray":  # records arrive as pictures finish; --json lists them in input order
-        order = {path: i for i, path in enumerate(paths)}
-        records.sort(key=lambda r: order[r["path"]])
-    n_failed = len(failures)
-    if as_json:
-        click.echo(json.dumps({"model": model_path, "target": target, "output_dir": out_dir, "images": records,
-                               "input_errors": [f for f in failures if f["path"] not in {r["path"] for r in records}],
-                               "failed": n_failed, "skipped": skipped}, indent=2))
-    if skip_existing:
-        click.echo(f"skipped {skipped} of {n_inputs} inputs whose outputs exist already", err=True)
-    if n_failed:
-        click.echo(f"{n_failed} of {n_inputs} inputs failed", err=True)
-        sys.exit(1)
-
-
-def _ray_failure_as_error(records):
-    """Ray's failure during a run (a dead node, a lost ray:// connection) as one gradmap error."""
-    from gradmap.distributed import RayConnectionError
-
+    runner = make_engine(engine, model, address=address, workers=workers, threads=threads, provider=provider,
+                         parquet_dir=parquet_dir)
+    printer = _RunPrinter(as_json)
     try:
-        yield from records
-    except RayConnectionError as e:
-        click.echo("", err=True)  # end the progress bar's line
+        summary = run_job(model, inputs, out_dir=out_dir, target=target, method=method_spec, reduce=reduce,
+                          clip=None if clip_percentile is None else (0.0, clip_percentile), no_crop=no_crop,
+                          formats=formats, render=options, batch_size=batch_size, engine=runner,
+                          skip_existing=skip_existing, keep_records=as_json, reporter=printer)
+    except TargetError as e:
+        raise click.BadParameter(str(e), param_hint="'--target'") from e
+    except UnsupportedMethodError as e:
+        raise click.BadParameter(str(e), param_hint="'--method'") from e
+    except EngineError as e:
         raise click.ClickException(str(e)) from e
+    finally:
+        printer.close()
+    if as_json:
+        click.echo(json.dumps(summary.to_json(), indent=2))
+    if skip_existing:
+        click.echo(f"skipped {summary.skipped} of {summary.inputs} inputs whose outputs exist already", err=True)
+    if summary.failed:
+        click.echo(f"{summary.failed} of {summary.inputs} inputs failed", err=True)
+    if summary.exit_code:
+        sys.exit(summary.exit_code)
 
 
 def _check_ray_options(skip_existing: bool, parquet_dir: str | None) -> None:
@@ -307,15 +374,37 @@ def _unwind_on_sigterm() -> None:
     click.get_current_context().call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
 
 
-class _NoBar:
-    def __enter__(self) -> "_NoBar":
-        return self
+class _RunPrinter:
+    """What ``gradmap run`` prints as it goes: input errors, notes and failures on stderr, each picture's
+    top-5 and files on stdout (not with --json: the summary lists them), a progress bar on stderr
+    for more than a few pictures."""
 
-    def __exit__(self, *exc: object) -> None:
-        return None
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.bar = None
 
-    def update(self, n: int) -> None:
-        pass
+    def input_error(self, spec: str, reason: str) -> None:
+        click.echo(f"error: {spec}: {reason}", err=True)
+
+    def started(self, total: int) -> None:
+        if total > _PROGRESS_THRESHOLD:
+            self.bar = click.progressbar(length=total, label="saliency", file=sys.stderr)
+            self.bar.__enter__()
+
+    def picture_done(self, record: dict) -> None:
+        for note in record["notes"]:
+            click.echo(f"note: {record['path']}: {note}", err=True)
+        if record["error"] is not None:
+            click.echo(f"error: {record['path']}: {record['error']}", err=True)
+        elif not self.as_json:
+            _print_record(record)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
 
 
 def _print_record(record: dict) -> None:
@@ -325,22 +414,8 @@ def _print_record(record: dict) -> None:
     for m in record["maps"]:
         rank = f"top{m['rank']} " if m["rank"] is not None else ""
         gap = f" (completeness gap {m['completeness_gap']:.3g})" if m.get("completeness_gap") is not None else ""
-        click.echo(f"  {m.get('method', 'vanilla')} map {rank}for {m['target']['label']} ({m['target']['index']}){gap}: "
+        click.echo(f"  {m.get('method', contract.DEFAULT_METHOD)} map {rank}for {m['target']['label']} ({m['target']['index']}){gap}: "
                    + ", ".join(m["files"].values()))
-
-
-def demo_assets():
-    """The bundled demo model and pictures: installed package data, or models/demo in a checkout."""
-    from importlib import resources
-    from pathlib import Path
-
-    try:
-        assets = resources.files("gradmap.demo_assets")
-        if assets.joinpath("shapes.onnx").is_file():
-            return assets
-    except ModuleNotFoundError:
-        pass
-    return Path(__file__).resolve().parent.parent / "models" / "demo"
 
 
 @main.command("demo")
@@ -360,25 +435,19 @@ def demo_command(out_dir: str, threads: int | None) -> None:
     from gradmap.runtime.compare import explain_with_methods, render_comparison
     from gradmap.runtime.methods import MethodSpec
 
-    assets = demo_assets()
-    model_file = assets.joinpath("shapes.onnx")
+    model_file = demo_model()
     if not model_file.is_file():
         raise click.ClickException(f"the demo model is missing ({model_file}): reinstall gradmap")
     model = _load_model(str(model_file), "cpu", threads)
-    pictures = sorted((p for p in assets.joinpath("images").iterdir() if p.name.endswith(".png")),
-                      key=lambda p: p.name)
+    pictures = demo_pictures()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # SmoothGrad at the noise level models/evaluate_demo.py chose for this model on validation images
-    noise = MethodSpec.noise
-    quality = assets.joinpath("quality.json")
-    if quality.is_file():
-        import json
-
-        noise = json.loads(quality.read_text()).get("smoothgrad_noise_selection", {}).get("noise", noise)
-    methods = [MethodSpec(name, samples=25, steps=16, noise=noise) for name in model.metadata.methods]
+    # fewer samples and steps than gradmap run, and the settings tuned for this model (SmoothGrad's
+    # noise, chosen on validation images by models/evaluate_demo.py)
+    settings = {**FIGURE_SETTINGS, **tuned_settings()}
+    methods = [MethodSpec(name, **settings) for name in model.metadata.methods]
     click.echo(f"demo model: {model.metadata.source_model}; methods: {', '.join(m.name for m in methods)} "
-               f"(smoothgrad noise {noise:g})")
+               f"({', '.join(f'{k} {v:g}' for k, v in settings.items())})")
     for picture in pictures:
         shown, panels, caption = explain_with_methods(model, str(picture), methods)
         target = out / f"{Path(picture.name).stem}.methods.png"
@@ -399,13 +468,9 @@ def demo_command(out_dir: str, threads: int | None) -> None:
               help="The same network with more layers re-initialized (repeatable, shallowest first; Adebayo et "
                    "al.'s cascading randomization): rho against each is reported beside the check, labelled by "
                    "file name.")
-@click.option("--method", "method_names", multiple=True, type=click.Choice(_METHODS),
+@click.option("--method", "method_names", multiple=True, type=click.Choice(contract.METHODS),
               help="Evaluate only this method (repeatable); default: every method the model supports.")
-@click.option("--samples", type=click.IntRange(min=1), default=50, show_default=True, help="smoothgrad: noisy copies.")
-@click.option("--noise", type=click.FloatRange(min=0), default=0.15, show_default=True,
-              help="smoothgrad: noise sigma as a fraction of the image's value range.")
-@click.option("--steps", type=click.IntRange(min=2), default=32, show_default=True,
-              help="integrated-gradients: integration points.")
+@_method_setting_options(exclude=("seed",))
 @click.option("--curve-steps", type=click.IntRange(min=1), default=64, show_default=True,
               help="Deletion/insertion steps.")
 @click.option("--random-repeats", type=click.IntRange(min=1), default=2, show_default=True,
@@ -420,10 +485,9 @@ def demo_command(out_dir: str, threads: int | None) -> None:
               help="Also write the full results to this JSON file.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when a method fails the randomization check.")
 def evaluate_command(model_path: str, data_path: str, randomized_path: str | None, cascade_paths: tuple[str, ...],
-                     method_names: tuple[str, ...],
-                     samples: int, noise: float, steps: int, curve_steps: int, random_repeats: int,
+                     method_names: tuple[str, ...], curve_steps: int, random_repeats: int,
                      limit: int | None, tolerance: float, seed: int, threads: int | None, json_path: str | None,
-                     strict: bool) -> None:
+                     strict: bool, **method_settings: object) -> None:
     """Measure map quality per method on images with object masks: pointing game, energy pointing
     game, deletion/insertion AUC against random pixel orders, and (with --randomized) the
     model-parameter randomization sanity check."""
@@ -431,7 +495,8 @@ def evaluate_command(model_path: str, data_path: str, randomized_path: str | Non
     import os
 
     from gradmap.runtime import atomic_write
-    from gradmap.runtime.evaluate import EvaluationDataError, evaluate, format_report, load_evaluation_data
+    from gradmap.runtime.evaluate import (EvaluationDataError, check_methods, evaluate, format_report,
+                                          load_evaluation_data)
     from gradmap.runtime.methods import MethodSpec
 
     model = _load_model(model_path, "cpu", threads)
@@ -440,11 +505,11 @@ def evaluate_command(model_path: str, data_path: str, randomized_path: str | Non
     compared = [(randomized, randomized_path, "'--randomized'"),
                 *((m, path, "'--cascade'") for (_, m), path in zip(cascade, cascade_paths))]
     names = list(dict.fromkeys(method_names)) or list(model.metadata.methods)
-    for name in names:
-        for m, path, _ in ((model, model_path, None), *compared):
-            if m is not None and name not in m.metadata.methods:
-                raise click.BadParameter(f"{path} does not support {name} (it supports "
-                                         f"{', '.join(m.metadata.methods)})", param_hint="'--method'")
+    try:
+        specs = [MethodSpec(name, seed=seed, **_given(method_settings)) for name in names]
+        check_methods(specs, [model, *(m for m, _, _ in compared)])
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--method'") from e
     for m, path, hint in compared:
         if m is not None and m.metadata.labels != model.metadata.labels:
             raise click.BadParameter(f"{path} has other classes than {model_path}", param_hint=hint)
@@ -457,7 +522,6 @@ def evaluate_command(model_path: str, data_path: str, randomized_path: str | Non
         raise click.ClickException(str(e)) from e
     for note in data.notes:
         click.echo(f"note: {note}", err=True)
-    specs = [MethodSpec(name, samples=samples, noise=noise, steps=steps, seed=seed) for name in names]
     results = evaluate(model, data, specs, randomized=randomized, cascade=cascade, steps=curve_steps,
                        random_repeats=random_repeats,
                        seed=seed, tolerance=tolerance, progress=lambda message: click.echo(message, err=True))
@@ -497,6 +561,7 @@ def info_command(model_path: str, as_json: bool) -> None:
         "backprops": list(meta.backprops),
         "cam_layer": meta.cam_layer,
         "methods": list(meta.methods),
+        "other_methods": {m.name: list(m.export_options) for m in contract.METHOD_TABLE if m.name not in meta.methods},
         "preprocessing": meta.preprocessing.to_dict(),
         "num_classes": meta.num_classes,
         "labels_preview": list(meta.labels[:5]),
@@ -518,8 +583,12 @@ def info_command(model_path: str, as_json: bool) -> None:
                f"backprop: {', '.join(meta.backprops)}"
                + (f"; CAM layer: {meta.cam_layer}" if meta.cam_layer else ""))
     click.echo(f"methods:        {', '.join(meta.methods)}")
-    click.echo(f"preprocessing:  resize {p.resize} ({p.interpolation}), center crop {p.crop[0]}x{p.crop[1]}, "
-               f"mean {list(p.mean)}, std {list(p.std)}")
+    if info["other_methods"]:
+        click.echo("other methods:  " + "; ".join(f"{name} (export with {' '.join(options)})"
+                                                  for name, options in info["other_methods"].items()))
+    resize = f"resize {p.resize} ({p.resize_mode}, {p.interpolation}{'' if p.antialias else ', no antialiasing'})"
+    click.echo(f"preprocessing:  {resize}, center crop {p.crop[0]}x{p.crop[1]}, {p.channel_order.upper()} "
+               f"{p.value_range}, mean {list(p.mean)}, std {list(p.std)}")
     click.echo(f"classes:        {meta.num_classes} ({', '.join(meta.labels[:5])}{', ...' if meta.num_classes > 5 else ''})")
     click.echo(f"onnx:           IR {info['ir_version']}, opsets "
                + ", ".join(f"{d} {v}" for d, v in sorted(model.opsets.items())) + f", producer {info['producer'] or '?'}")
@@ -581,7 +650,7 @@ def cache_clear_command(stale: bool) -> None:
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
 @click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes, each with the models loaded and its own batching; one that dies is restarted.")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+@click.option("--engine", type=click.Choice(contract.ENGINES), default=contract.DEFAULT_ENGINE, show_default=True,
               help="local: uvicorn workers on this machine; ray: a Ray Serve deployment (pip install "
                    "'gradmap[serve-ray]').")
 @click.option("--address", default=None, metavar="auto|HOST:PORT",
@@ -642,10 +711,10 @@ def serve_command(model_paths: tuple[str, ...], names: tuple[str, ...], host: st
         raise click.ClickException(f"'gradmap serve' needs the [serve] extra ({e.name or e}): "
                                    "pip install 'gradmap[serve]'") from e
     ctx = click.get_current_context()
-    if engine == "local" and (address or ctx.get_parameter_source("replicas").name == "COMMANDLINE"
+    if engine == contract.ENGINE_LOCAL and (address or ctx.get_parameter_source("replicas").name == "COMMANDLINE"
                               or ctx.get_parameter_source("replica_cpus").name == "COMMANDLINE"):
         raise click.UsageError("--address, --replicas and --replica-cpus need --engine ray")
-    if engine == "ray" and ctx.get_parameter_source("processes").name == "COMMANDLINE":
+    if engine == contract.ENGINE_RAY and ctx.get_parameter_source("processes").name == "COMMANDLINE":
         raise click.UsageError("--processes is for --engine local; Ray Serve runs --replicas")
     try:
         limits_kw = {} if max_pixels is None else {"max_pixels": max_pixels}
@@ -660,12 +729,12 @@ def serve_command(model_paths: tuple[str, ...], names: tuple[str, ...], host: st
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     def listening(bound: int) -> None:
-        workers = (f"{replicas} Ray Serve replica{'s' if replicas > 1 else ''}" if engine == "ray" else
+        workers = (f"{replicas} Ray Serve replica{'s' if replicas > 1 else ''}" if engine == contract.ENGINE_RAY else
                    f"{processes} process{'es' if processes > 1 else ''}")
         click.echo(f"serving {', '.join(config.models)} on http://{host}:{bound} ({workers}; SIGTERM or Ctrl-C "
                    "drains and stops)", err=True)
 
-    if engine == "ray":
+    if engine == contract.ENGINE_RAY:
         try:
             from gradmap.serve.ray_serve import RayServeError, run_ray_serve
         except ImportError as e:
@@ -703,23 +772,17 @@ def web_command(model_path: str | None, out_dir: str, ort_dist: str | None, exam
                 port: int) -> None:
     """Write a static site that explains pictures in the browser with MODEL.onnx (default: the bundled
     demo model), computing maps with onnxruntime-web: no server-side code, no Python in the browser."""
-    import json
-
     from gradmap.runtime import GradmapModelError
     from gradmap.web import SiteError, build_site, make_server
 
-    noise = 0.15
+    settings = {}
     if model_path is None:
-        assets = demo_assets()
-        model_path = str(assets.joinpath("shapes.onnx"))
+        model_path = str(demo_model())
         if not examples:
-            examples = tuple(str(p) for p in sorted(assets.joinpath("images").iterdir(), key=lambda p: p.name)
-                             if p.name.endswith(".png"))
-        quality = assets.joinpath("quality.json")
-        if quality.is_file():
-            noise = json.loads(quality.read_text()).get("smoothgrad_noise_selection", {}).get("noise", noise)
+            examples = tuple(str(p) for p in demo_pictures())
+        settings = tuned_settings()
     try:
-        config = build_site(model_path, out_dir, ort_dist=ort_dist, examples=examples, smoothgrad_noise=noise)
+        config = build_site(model_path, out_dir, ort_dist=ort_dist, examples=examples, settings=settings)
     except (SiteError, GradmapModelError) as e:
         raise click.ClickException(str(e)) from e
     source = "ort/ (local copy)" if ort_dist else config["ort"]["base"]

@@ -4,9 +4,9 @@ An exported gradmap model is an ONNX file. This module names its inputs and outp
 metadata keys it carries, and (de)serializes that metadata. It imports nothing but the standard
 library so that both halves, torch-side and torch-free, can share it.
 
-Graph interface (format version 1):
+Graph interface (format versions 1 and 2):
 
-    inputs   image     float32 [N, 3, H, W]  normalized tensor, exactly what the torch model receives
+    inputs   image     float32 [N, 3, H, W]  normalized tensor, exactly what the source model receives
              target    int64   [N]           class per sample; -1 means that sample's top-1 class
     outputs  logits    float32 [N, K]
              target_index int64 [N]          the resolved target
@@ -16,6 +16,9 @@ Graph interface (format version 1):
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
@@ -26,31 +29,65 @@ __all__ = [
     "OUTPUT_LOGITS",
     "OUTPUT_TARGET_INDEX",
     "OUTPUT_GRADIENT",
+    "OUTPUT_GRADIENT_GUIDED",
+    "OUTPUT_GRADIENT_DECONVNET",
+    "OUTPUT_CAM_ACTIVATION",
+    "OUTPUT_CAM_GRADIENT",
+    "OUTPUTS",
+    "OUTPUT_EXPORT_OPTIONS",
+    "BACKPROP_OUTPUTS",
+    "DEFAULT_BACKPROP",
     "SCORE_KINDS",
     "TARGETS",
     "INTERPOLATIONS",
     "RESIZE_MODES",
     "CROP_ROUNDINGS",
-    "ContractError",
-    "OUTPUT_GRADIENT_GUIDED",
-    "OUTPUT_GRADIENT_DECONVNET",
-    "OUTPUT_CAM_ACTIVATION",
-    "OUTPUT_CAM_GRADIENT",
-    "BACKPROP_OUTPUTS",
-    "METHODS",
-    "WEB_METHODS",
-    "CAM_METHODS",
-    "METHOD_EXPORT_OPTIONS",
-    "ATTRIBUTION_KINDS",
+    "VALUE_RANGES",
+    "CHANNEL_ORDERS",
     "OUTPUT_FORMATS",
     "DEFAULT_OUTPUT_FORMATS",
+    "DEFAULT_TARGET",
+    "REDUCTIONS",
+    "DEFAULT_REDUCTION",
+    "PLACEMENTS",
+    "DEFAULT_PLACEMENT",
+    "COLORMAPS",
+    "DEFAULT_COLORMAP",
+    "OVERLAYS",
+    "DEFAULT_OVERLAY",
+    "DEFAULT_BATCH_SIZE",
+    "ENGINES",
+    "ENGINE_LOCAL",
+    "ENGINE_RAY",
+    "DEFAULT_ENGINE",
+    "METHOD_KINDS",
+    "KIND_GRADIENT",
+    "KIND_ATTRIBUTION",
+    "KIND_CAM",
+    "SETTING_TYPES",
+    "Setting",
+    "Method",
+    "MethodSettingError",
+    "COMMON_SETTINGS",
+    "METHOD_TABLE",
+    "METHODS",
+    "DEFAULT_METHOD",
+    "SETTINGS",
+    "method",
     "methods_for",
+    "methods_using",
+    "model_outputs",
+    "ContractError",
     "Preprocessing",
     "ModelMetadata",
     "METADATA_PREFIX",
 ]
 
-FORMAT_VERSION = 1
+#: The newest model format this gradmap reads and writes. A model is written with the lowest version
+#: that describes it: 2 only where its preprocessing uses a field version 1 lacks (``value_range``,
+#: ``channel_order``, ``antialias``), so that older gradmap still reads every other model, and refuses,
+#: rather than misreads, one whose pictures it would preprocess wrongly.
+FORMAT_VERSION = 2
 
 INPUT_IMAGE = "image"
 INPUT_TARGET = "target"
@@ -62,13 +99,6 @@ OUTPUT_GRADIENT_GUIDED = "gradient_guided"
 OUTPUT_GRADIENT_DECONVNET = "gradient_deconvnet"
 OUTPUT_CAM_ACTIVATION = "cam_activation"
 OUTPUT_CAM_GRADIENT = "cam_gradient"
-
-#: Backpropagation rules through ReLU (Springenberg et al. 2015) and the output each one fills.
-BACKPROP_OUTPUTS = {
-    "vanilla": OUTPUT_GRADIENT,
-    "guided": OUTPUT_GRADIENT_GUIDED,
-    "deconvnet": OUTPUT_GRADIENT_DECONVNET,
-}
 
 #: What the gradient differentiates: the raw logit, the softmax probability or its log.
 SCORE_KINDS = ("logit", "probability", "log_probability")
@@ -87,6 +117,12 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 RESIZE_MODES = ("shorter", "exact", "keep_ratio", "keep_ratio_longest")
 #: Where the center crop starts: torchvision's round((size - crop) / 2) or Hugging Face's floor.
 CROP_ROUNDINGS = ("round", "floor")
+#: The pixel scale ``mean`` and ``std`` apply to: ``0-1`` (x / 255, torchvision's ToTensor, Keras'
+#: ``torch`` and ``tf`` modes) or ``0-255`` (Keras' ``caffe`` mode and models that normalize inside).
+VALUE_RANGES = ("0-1", "0-255")
+#: The channel order of the ``image`` tensor: ``rgb``, or ``bgr`` (Keras' ``caffe`` mode, OpenCV-trained
+#: models); ``mean`` and ``std`` are given in the tensor's order.
+CHANNEL_ORDERS = ("rgb", "bgr")
 
 METADATA_PREFIX = "gradmap."
 _KEY_FORMAT = METADATA_PREFIX + "format_version"
@@ -102,39 +138,347 @@ _KEY_EXTRA = METADATA_PREFIX + "extra"
 _KEY_TARGET = METADATA_PREFIX + "target"
 
 
-#: Every attribution method, in the order ``gradmap run --method`` and ``gradmap info`` list them.
-METHODS = ("vanilla", "smoothgrad", "integrated-gradients", "gradient-x-input", "guided-backprop", "deconvnet",
-           "grad-cam", "grad-cam++", "guided-grad-cam")
-#: The methods the ``gradmap web`` page computes in the browser (integrated gradients stays in Python).
-WEB_METHODS = tuple(m for m in METHODS if m != "integrated-gradients")
-#: Methods whose map is a class activation map [1, H, W] rather than a per-channel pixel attribution.
-CAM_METHODS = ("grad-cam", "grad-cam++")
-#: What ``gradmap export`` needs for the methods that need more than the plain gradient output.
-METHOD_EXPORT_OPTIONS = {"guided-backprop": "--backprop guided", "deconvnet": "--backprop deconvnet",
-                         "grad-cam": "--cam-layer auto", "grad-cam++": "--cam-layer auto",
-                         "guided-grad-cam": "--backprop guided --cam-layer auto"}
-#: What a method's per-pixel values are, which names their ``.npy`` output: ``gradient`` (the gradient
-#: of the score, or SmoothGrad's statistics of it, or its guided/deconvnet variant), ``attribution``
-#: (integrated gradients, gradient x input, guided Grad-CAM: gradients weighted by something else) or
-#: ``cam`` (a class activation map).
-ATTRIBUTION_KINDS = {"vanilla": "gradient", "smoothgrad": "gradient", "guided-backprop": "gradient",
-                     "deconvnet": "gradient", "integrated-gradients": "attribution",
-                     "gradient-x-input": "attribution", "guided-grad-cam": "attribution",
-                     "grad-cam": "cam", "grad-cam++": "cam"}
+#: The gradient output of each backpropagation rule through ReLU (Springenberg et al. 2015); the
+#: default rule's output comes with every export, ``gradmap export --backprop RULE`` adds the others.
+BACKPROP_OUTPUTS = {
+    "vanilla": OUTPUT_GRADIENT,
+    "guided": OUTPUT_GRADIENT_GUIDED,
+    "deconvnet": OUTPUT_GRADIENT_DECONVNET,
+}
+DEFAULT_BACKPROP = "vanilla"
+#: Every output a gradmap model can have, in the order a model lists them.
+OUTPUTS = (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, *BACKPROP_OUTPUTS.values(), OUTPUT_CAM_ACTIVATION, OUTPUT_CAM_GRADIENT)
+#: The ``gradmap export`` option that adds each optional output (the others come with every export).
+OUTPUT_EXPORT_OPTIONS = {
+    **{output: f"--backprop {rule}" for rule, output in BACKPROP_OUTPUTS.items() if rule != DEFAULT_BACKPROP},
+    OUTPUT_CAM_ACTIVATION: "--cam-layer auto",
+    OUTPUT_CAM_GRADIENT: "--cam-layer auto",
+}
+
+
+def model_outputs(backprops: "tuple[str, ...] | list[str]", has_cam: bool) -> tuple[str, ...]:
+    """The outputs of a model exported with these backpropagation rules and, or without, a CAM layer."""
+    return (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, *(BACKPROP_OUTPUTS[b] for b in backprops if b in BACKPROP_OUTPUTS),
+            *((OUTPUT_CAM_ACTIVATION, OUTPUT_CAM_GRADIENT) if has_cam else ()))
+
+
+# -- gradmap run's options, shared by the CLI, the runtime and the web page --------------------------
 #: What ``gradmap run --format`` writes per picture, and its default.
 OUTPUT_FORMATS = ("heatmap", "overlay", "figure", "npy")
 DEFAULT_OUTPUT_FORMATS = ("heatmap", "overlay", "figure")
+#: Which class a map explains by default (``gradmap run --target``).
+DEFAULT_TARGET = "top1"
+#: Channel reductions of a [C, H, W] attribution to a map: max of |values|, signed sum, L2 norm.
+REDUCTIONS = ("max", "sum", "l2")
+DEFAULT_REDUCTION = "max"
+#: Where a map on the model's input goes on the original picture: the crop window, or stretched over it.
+PLACEMENTS = ("crop", "stretch")
+DEFAULT_PLACEMENT = "crop"
+#: Colormaps of heatmaps and overlays (``gradmap.runtime.colormaps`` holds their tables).
+COLORMAPS = ("hot", "jet", "viridis", "gray")
+DEFAULT_COLORMAP = "hot"
+#: Overlays: ``peaks`` (opacity grows with the value) or ``flat`` (the recipes' one opacity).
+OVERLAYS = ("peaks", "flat")
+DEFAULT_OVERLAY = "peaks"
+#: Pictures per model run.
+DEFAULT_BATCH_SIZE = 8
+#: Where ``gradmap run`` explains the pictures: this process, or Ray Data actors.
+ENGINES = ("local", "ray")
+ENGINE_LOCAL, ENGINE_RAY = ENGINES
+DEFAULT_ENGINE = ENGINE_LOCAL
+
+
+# -- the method table ---------------------------------------------------------------------------
+# One row per attribution method: what it computes, the model outputs it reads, where it is
+# implemented (in the runtime and, when the page computes it, in the web page) and its settings.
+# The CLI's --method choices and setting options, `gradmap info`, the runtime's dispatch, `gradmap
+# evaluate`, the web page (through model.json) and request validation all read it; no other file
+# under gradmap/ spells a method's name (tests/test_method_table.py). docs/methods.md says how to
+# add a method.
+
+#: What a method's per-pixel values are, which names the array ``gradmap run --format npy`` writes:
+#: ``gradient`` (the gradient of the score, SmoothGrad's statistics of it, or its guided/deconvnet
+#: variant, [3, H, W]), ``attribution`` (gradients weighted by something else, [3, H, W]) or ``cam``
+#: (a class activation map, [1, H, W]).
+METHOD_KINDS = ("gradient", "attribution", "cam")
+KIND_GRADIENT, KIND_ATTRIBUTION, KIND_CAM = METHOD_KINDS
+#: The types of method settings: whole numbers, real numbers, one of a list of names.
+SETTING_TYPES = ("int", "float", "choice")
+#: How a number setting is written as text (a query string, a form field): decimal, with an exponent.
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+class MethodSettingError(ValueError):
+    """A method setting has a wrong value, or the method has no such setting; the message names both."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of a method, as ``gradmap run --NAME``, a request's settings and the web page's
+    controls take it.
+
+    ``type`` is one of :data:`SETTING_TYPES`; ``choices`` lists the values of a ``choice``;
+    ``minimum`` and ``maximum`` bound an ``int`` or ``float`` (inclusive; None: unbounded).
+    ``help`` says what it does, for ``--help``, the docs and the page.
+    """
+
+    name: str
+    type: str
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"setting name {self.name!r} must be an identifier (it is a keyword argument)")
+        if self.type not in SETTING_TYPES:
+            raise ValueError(f"setting {self.name}: type {self.type!r} is not one of {', '.join(SETTING_TYPES)}")
+        if (self.type == "choice") != bool(self.choices):
+            raise ValueError(f"setting {self.name}: a choice needs choices, and only a choice has them")
+        object.__setattr__(self, "choices", tuple(self.choices))
+        self.check(self.default)
+
+    def check(self, value: Any, method: str | None = None) -> Any:
+        """``value`` as this setting's type (strings are parsed: query strings and form fields are
+        text), or :class:`MethodSettingError` naming the setting and what is wrong."""
+        where = f"{method} setting {self.name!r}" if method else f"setting {self.name!r}"
+        if self.type == "choice":
+            if not isinstance(value, str) or value not in self.choices:
+                raise MethodSettingError(f"{where}: {value!r} is not one of {', '.join(self.choices)}")
+            return value
+        wanted = "an integer" if self.type == "int" else "a number"
+        given = value
+        try:
+            if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)):
+                raise ValueError
+            if isinstance(value, str):  # decimal notation only, as the page's checkSetting reads it
+                if not _DECIMAL.fullmatch(value.strip()):
+                    raise ValueError
+                value = float(value) if self.type == "float" or not value.strip().lstrip("+-").isdigit() else int(value)
+            if self.type == "int":
+                if isinstance(value, numbers.Integral):
+                    value = int(value)
+                elif float(value).is_integer():
+                    value = int(value)
+                else:
+                    raise ValueError
+            else:
+                value = float(value)
+            if not math.isfinite(value):
+                raise ValueError
+        except (ValueError, OverflowError):
+            raise MethodSettingError(f"{where} must be {wanted}{self._range()}, got {given!r}") from None
+        if (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum):
+            raise MethodSettingError(f"{where} must be {wanted}{self._range()}, got {value!r}")
+        return value
+
+    def _range(self) -> str:
+        if self.minimum is not None and self.maximum is not None:
+            return f" in [{self.minimum:g}, {self.maximum:g}]"
+        if self.minimum is not None:
+            return f" >= {self.minimum:g}"
+        if self.maximum is not None:
+            return f" <= {self.maximum:g}"
+        return ""
+
+    def same_definition(self, other: "Setting") -> bool:
+        """Whether ``other`` is this setting (type, choices, range, help), its default aside."""
+        return (self.type, self.choices, self.minimum, self.maximum, self.help) == \
+            (other.type, other.choices, other.minimum, other.maximum, other.help)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: every field (``choices`` empty, ``minimum``/``maximum`` null where unused)."""
+        return {"name": self.name, "type": self.type, "default": self.default, "help": self.help,
+                "choices": list(self.choices), "minimum": self.minimum, "maximum": self.maximum}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the method table (see :data:`METHOD_TABLE` and docs/methods.md).
+
+    Args:
+        name: what ``gradmap run --method`` takes.
+        kind: what the per-pixel values are, one of :data:`METHOD_KINDS`.
+        summary: one line: what it computes, and the paper.
+        outputs: the model outputs it reads; a model has the method when it has all of them.
+        implementation: ``"module:function"`` of the runtime's implementation, called as
+            ``function(model, spec, images, targets, batch_size=...)`` and returning an
+            :class:`~gradmap.runtime.methods.Attribution` (see :mod:`gradmap.runtime.methods`).
+        web: the name of the web page's implementation, a function exported by
+            ``gradmap/web/methods.js``; None when the page does not compute the method.
+        settings: its settings; a setting of the same name in two methods is one setting (same
+            type, choices, range and help: one ``--NAME`` option), its default may differ.
+    """
+
+    name: str
+    kind: str
+    summary: str
+    outputs: tuple[str, ...]
+    implementation: str
+    web: str | None = None
+    settings: tuple[Setting, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in METHOD_KINDS:
+            raise ValueError(f"method {self.name}: kind {self.kind!r} is not one of {', '.join(METHOD_KINDS)}")
+        unknown = [o for o in self.outputs if o not in OUTPUTS]
+        if unknown:
+            raise ValueError(f"method {self.name}: unknown outputs {', '.join(unknown)}; outputs are {', '.join(OUTPUTS)}")
+        module, _, function = self.implementation.partition(":")
+        if not module or not function.isidentifier():
+            raise ValueError(f"method {self.name}: implementation {self.implementation!r} is not 'module:function'")
+        names = [s.name for s in self.settings]
+        clashes = sorted({n for n in names if names.count(n) > 1} | {s.name for s in COMMON_SETTINGS if s.name in names})
+        if clashes:
+            raise ValueError(f"method {self.name}: setting {', '.join(clashes)} given twice (or a common setting)")
+
+    @property
+    def export_options(self) -> tuple[str, ...]:
+        """The ``gradmap export`` options that give a model the outputs this method reads."""
+        return tuple(dict.fromkeys(OUTPUT_EXPORT_OPTIONS[o] for o in self.outputs if o in OUTPUT_EXPORT_OPTIONS))
+
+    @property
+    def all_settings(self) -> tuple[Setting, ...]:
+        """Its own settings, then the settings every method has (:data:`COMMON_SETTINGS`)."""
+        return (*self.settings, *COMMON_SETTINGS)
+
+    def resolve(self, values: Mapping[str, Any] | None = None, *, strict: bool = True) -> dict[str, Any]:
+        """Every setting of this method with ``values`` checked and the defaults filled in.
+
+        ``strict``: a setting this method does not have is an error (a request's settings). Else a
+        setting of another method is checked and left out, so that one set of options serves every
+        method, as ``gradmap run``'s options do; a name no method has is an error either way.
+
+        Raises:
+            MethodSettingError: naming the method, the setting and what is wrong with it.
+        """
+        values = dict(values or {})
+        own = {s.name: s for s in self.all_settings}
+        for name in values:
+            if strict and name not in own:
+                raise MethodSettingError(f"{self.name} has no setting {name!r}; its settings are {', '.join(own)}")
+            if name not in SETTINGS:
+                raise MethodSettingError(f"no method has a setting {name!r}; the settings are {', '.join(SETTINGS)}")
+        for name, value in values.items():
+            if name not in own:
+                SETTINGS[name].check(value)
+        return {name: setting.check(values[name], self.name) if name in values else setting.default
+                for name, setting in own.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (model.json, ``gradmap info --json``): every field, export options included."""
+        return {"name": self.name, "kind": self.kind, "summary": self.summary, "outputs": list(self.outputs),
+                "export_options": list(self.export_options), "implementation": self.implementation,
+                "web": self.web, "settings": [s.to_dict() for s in self.settings]}
+
+
+# The settings; a setting several methods have is defined once and listed by each.
+_SAMPLES = Setting("samples", "int", 50, "noisy copies.", minimum=1)
+_NOISE = Setting("noise", "float", 0.15, "noise sigma as a fraction of the input's value range.", minimum=0)
+_VARIANT = Setting("variant", "choice", "plain", "mean gradient, mean squared gradient or variance.",
+                   choices=("plain", "squared", "vargrad"))
+_SEED = Setting("seed", "int", 0, "seed of the random draws (noise, uniform baselines).")
+_STEPS = Setting("steps", "int", 32, "points on the path.", minimum=2)
+_RULE = Setting("rule", "choice", "gauss-legendre", "integration rule.", choices=("gauss-legendre", "trapezoid"))
+_BASELINE = Setting("baseline", "choice", "black", "black (pixel 0), blurred picture or uniform noise.",
+                    choices=("black", "blurred", "uniform"))
+#: Settings every method has: they act on its per-pixel values, after the method.
+COMMON_SETTINGS = (
+    Setting("modifier", "choice", "auto",
+            "Gradient modifier before the channel reduction: auto leaves the sign to --reduce (max takes |values|, "
+            "sum keeps the sign); negative shows counter-evidence.",
+            choices=("auto", "absolute", "positive", "negative", "none")),
+)
+
+_GRADIENT_OUTPUTS = (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_GRADIENT)
+_CAM_OUTPUTS = (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_CAM_ACTIVATION, OUTPUT_CAM_GRADIENT)
+_METHODS = "gradmap.runtime.methods:"
+_CAM = "gradmap.runtime.cam:"
+
+#: Every attribution method, in the order ``gradmap run --method`` and ``gradmap info`` list them.
+METHOD_TABLE: tuple[Method, ...] = (
+    Method("vanilla", KIND_GRADIENT, "the gradient of the class score (Simonyan et al. 2013)",
+           _GRADIENT_OUTPUTS, _METHODS + "model_gradient_method", web="modelGradient"),
+    Method("smoothgrad", KIND_GRADIENT, "the gradient averaged over noisy copies of the input (Smilkov et al. 2017)",
+           _GRADIENT_OUTPUTS, _METHODS + "smoothgrad_method", web="smoothGrad",
+           settings=(_SAMPLES, _NOISE, _VARIANT, _SEED)),
+    Method("integrated-gradients", KIND_ATTRIBUTION,
+           "(input - baseline) x the gradient integrated along the path between them (Sundararajan et al. 2017)",
+           _GRADIENT_OUTPUTS, _METHODS + "integrated_gradients_method", settings=(_STEPS, _RULE, _BASELINE, _SEED)),
+    Method("gradient-x-input", KIND_ATTRIBUTION, "the gradient times the input (Shrikumar et al. 2016)",
+           _GRADIENT_OUTPUTS, _METHODS + "gradient_x_input_method", web="gradientTimesInput"),
+    Method("guided-backprop", KIND_GRADIENT,
+           "the gradient with ReLUs passing positive gradients of positive inputs only (Springenberg et al. 2015)",
+           (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_GRADIENT_GUIDED), _METHODS + "model_gradient_method",
+           web="modelGradient"),
+    Method("deconvnet", KIND_GRADIENT, "the gradient with ReLUs passing positive gradients (Zeiler & Fergus 2014)",
+           (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_GRADIENT_DECONVNET), _METHODS + "model_gradient_method",
+           web="modelGradient"),
+    Method("grad-cam", KIND_CAM, "a feature map weighted by its mean gradient (Selvaraju et al. 2017)",
+           _CAM_OUTPUTS, _CAM + "grad_cam_method", web="gradCam"),
+    Method("grad-cam++", KIND_CAM, "a feature map weighted by higher-order gradient terms (Chattopadhay et al. 2018)",
+           _CAM_OUTPUTS, _CAM + "grad_cam_plus_plus_method", web="gradCamPlusPlus"),
+    Method("guided-grad-cam", KIND_ATTRIBUTION,
+           "guided backpropagation times the Grad-CAM map (Selvaraju et al. 2017)",
+           (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_GRADIENT_GUIDED, OUTPUT_CAM_ACTIVATION, OUTPUT_CAM_GRADIENT),
+           _CAM + "guided_grad_cam_method", web="guidedGradCam"),
+)
+#: The method ``gradmap run``, the Python API and the web page use when none is given.
+DEFAULT_METHOD = "vanilla"
+
+#: Method names, in table order: the choices of ``--method``.
+METHODS = tuple(m.name for m in METHOD_TABLE)
+_BY_NAME = {m.name: m for m in METHOD_TABLE}
+
+
+def _settings_by_name() -> dict[str, Setting]:
+    """Every setting by name, the common ones first: one definition per name."""
+    found: dict[str, Setting] = {}
+    for setting in (*COMMON_SETTINGS, *(s for m in METHOD_TABLE for s in m.settings)):
+        first = found.setdefault(setting.name, setting)
+        if not first.same_definition(setting):
+            raise ValueError(f"two settings named {setting.name!r} differ in type, choices, range or help; "
+                             "give one of them another name")
+    return found
+
+
+#: Every setting by name (one ``--NAME`` option each); a method's own default may differ.
+SETTINGS = _settings_by_name()
+if len(_BY_NAME) != len(METHOD_TABLE) or DEFAULT_METHOD not in _BY_NAME:
+    raise ValueError("method names must be unique and include the default method")
+
+
+def method(name: str) -> Method:
+    """The table's row for ``name``; ValueError naming the methods when there is none."""
+    try:
+        return _BY_NAME[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
+
+
+def methods_using(setting: str) -> tuple[str, ...]:
+    """The methods that have this setting (every method for a common setting), in table order."""
+    return tuple(m.name for m in METHOD_TABLE if any(s.name == setting for s in m.all_settings))
 
 
 def methods_for(backprops: "tuple[str, ...] | list[str]", has_cam: bool) -> tuple[str, ...]:
-    """The attribution methods a model with these gradient outputs supports, in :data:`METHODS` order."""
-    needs = {"guided-backprop": "guided" in backprops, "deconvnet": "deconvnet" in backprops,
-             "grad-cam": has_cam, "grad-cam++": has_cam, "guided-grad-cam": has_cam and "guided" in backprops}
-    return tuple(m for m in METHODS if needs.get(m, True))
+    """The methods a model with these gradient outputs supports, in table order: those whose
+    outputs it has (see :func:`model_outputs`)."""
+    available = set(model_outputs(backprops, has_cam))
+    return tuple(m.name for m in METHOD_TABLE if available.issuperset(m.outputs))
 
 
 class ContractError(ValueError):
     """A model file or metadata does not follow gradmap's model contract."""
+
+
+#: Preprocessing fields written only when they differ from these defaults (older readers read the rest).
+_OPTIONAL_DEFAULTS = {"resize_mode": "shorter", "crop_rounding": "round", "pad_fill": (0, 0, 0),
+                      "value_range": "0-1", "channel_order": "rgb", "antialias": True}
+#: The fields format version 1 lacks: a model that uses one is written as version 2.
+_VERSION_2_FIELDS = ("value_range", "channel_order", "antialias")
 
 
 @dataclass(frozen=True)
@@ -160,8 +504,16 @@ class Preprocessing:
     torchvision's ``CenterCrop``) or ``(size - crop) // 2`` (``floor``, as Hugging Face's
     ``center_crop``). ``mean``/``std`` are per-channel, applied after scaling pixels to [0, 1].
 
-    Metadata written before these fields existed reads as ``shorter``/``round``/zero fill; fields
-    at their defaults are not written, so models that don't use them read in older gradmap too.
+    ``value_range`` (see :data:`VALUE_RANGES`) is the pixel scale ``mean``/``std`` apply to, and
+    ``channel_order`` (:data:`CHANNEL_ORDERS`) the tensor's channel order, ``mean``/``std`` in that
+    order: Keras' ``caffe`` mode is ``0-255``, ``bgr``, mean (103.939, 116.779, 123.68), std 1.
+    ``antialias=False`` resizes as ``tf.image.resize`` does by default (bilinear, half-pixel centers,
+    no antialiasing filter when shrinking, float pixels not rounded to 8 bits); ``True`` is Pillow's
+    resize, as torchvision, timm, Hugging Face and ``keras.utils.load_img`` do.
+
+    Metadata written before these fields existed reads as ``shorter``/``round``/zero fill,
+    ``0-1``/``rgb``/antialiased; fields at their defaults are not written, so models that don't use
+    them read in older gradmap too (:attr:`format_version`).
     """
 
     crop: tuple[int, int] = (224, 224)
@@ -172,6 +524,9 @@ class Preprocessing:
     resize_mode: str = "shorter"
     crop_rounding: str = "round"
     pad_fill: tuple[int, int, int] = (0, 0, 0)
+    value_range: str = "0-1"
+    channel_order: str = "rgb"
+    antialias: bool = True
 
     def __post_init__(self) -> None:
         crop = tuple(int(c) for c in self.crop)
@@ -202,6 +557,17 @@ class Preprocessing:
             raise ContractError("preprocessing mean and std need three values each (RGB)")
         if min(std) <= 0:
             raise ContractError(f"preprocessing std must be positive, got {std}")
+        if self.value_range not in VALUE_RANGES:
+            raise ContractError(
+                f"preprocessing value_range {self.value_range!r} is not one of {', '.join(VALUE_RANGES)}")
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise ContractError(
+                f"preprocessing channel_order {self.channel_order!r} is not one of {', '.join(CHANNEL_ORDERS)}")
+        if not isinstance(self.antialias, bool):
+            raise ContractError(f"preprocessing antialias must be true or false, got {self.antialias!r}")
+        if not self.antialias and self.interpolation != "bilinear":
+            raise ContractError("preprocessing antialias=false is tf.image.resize's bilinear resize; "
+                                f"interpolation {self.interpolation!r} has no such mode: use 'bilinear'")
         fill = tuple(int(v) for v in self.pad_fill)
         if len(fill) != 3 or not all(0 <= v <= 255 for v in fill):
             raise ContractError(f"preprocessing pad_fill must be three values in 0..255, got {self.pad_fill!r}")
@@ -218,13 +584,17 @@ class Preprocessing:
         d["std"] = list(self.std)
         if isinstance(self.resize, tuple):
             d["resize"] = list(self.resize)
-        defaults = {"resize_mode": "shorter", "crop_rounding": "round", "pad_fill": (0, 0, 0)}
-        for key, default in defaults.items():  # written only when used: older readers keep reading the rest
+        for key, default in _OPTIONAL_DEFAULTS.items():  # written only when used: older readers keep reading the rest
             if getattr(self, key) == default:
                 del d[key]
         if "pad_fill" in d:
             d["pad_fill"] = list(self.pad_fill)
         return d
+
+    @property
+    def format_version(self) -> int:
+        """The lowest model format that describes this preprocessing: 2 where a field of version 2 is used."""
+        return 2 if any(getattr(self, key) != _OPTIONAL_DEFAULTS[key] for key in _VERSION_2_FIELDS) else 1
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Preprocessing":
@@ -239,6 +609,9 @@ class Preprocessing:
                 resize_mode=d.get("resize_mode", "shorter"),
                 crop_rounding=d.get("crop_rounding", "round"),
                 pad_fill=tuple(d.get("pad_fill", (0, 0, 0))),
+                value_range=d.get("value_range", "0-1"),
+                channel_order=d.get("channel_order", "rgb"),
+                antialias=d.get("antialias", True),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ContractError(f"preprocessing metadata is incomplete or malformed: {e}") from e
@@ -256,15 +629,17 @@ class ModelMetadata:
     backprops: tuple[str, ...] = ("vanilla",)
     cam_layer: str | None = None
     target: str = "cpu"
-    format_version: int = FORMAT_VERSION
+    format_version: int | None = None  # read: the file's; new: the lowest that describes the model
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.format_version is None:
+            object.__setattr__(self, "format_version", self.preprocessing.format_version)
         if self.score not in SCORE_KINDS:
             raise ContractError(f"score kind {self.score!r} is not one of {', '.join(SCORE_KINDS)}")
         unknown = [b for b in self.backprops if b not in BACKPROP_OUTPUTS]
-        if unknown or "vanilla" not in self.backprops:
-            raise ContractError(f"backprop rules must include 'vanilla' and be among {', '.join(BACKPROP_OUTPUTS)}; "
+        if unknown or DEFAULT_BACKPROP not in self.backprops:
+            raise ContractError(f"backprop rules must include {DEFAULT_BACKPROP!r} and be among {', '.join(BACKPROP_OUTPUTS)}; "
                                 f"got {list(self.backprops)}")
         object.__setattr__(self, "backprops", tuple(self.backprops))
         if self.target not in TARGETS:
@@ -278,6 +653,11 @@ class ModelMetadata:
         return len(self.labels)
 
     @property
+    def outputs(self) -> tuple[str, ...]:
+        """The outputs this model has (see :func:`model_outputs`)."""
+        return model_outputs(self.backprops, self.cam_layer is not None)
+
+    @property
     def methods(self) -> tuple[str, ...]:
         """Attribution methods this model supports (see :func:`methods_for`)."""
         return methods_for(self.backprops, self.cam_layer is not None)
@@ -285,7 +665,7 @@ class ModelMetadata:
     def to_props(self) -> dict[str, str]:
         """Serialize to the string key/value pairs of ONNX ``metadata_props``."""
         return {
-            _KEY_FORMAT: str(self.format_version),
+            _KEY_FORMAT: str(self.preprocessing.format_version),
             _KEY_SOURCE: self.source_model,
             _KEY_WEIGHTS: self.weights,
             _KEY_PREPROCESSING: json.dumps(self.preprocessing.to_dict()),

@@ -27,6 +27,7 @@ worker leaves no partial file under a final name (at most a hidden ``.NAME.XXXX.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -35,18 +36,20 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from gradmap.runtime.io import OutputLayout, RenderOptions
-from gradmap.runtime.jobs import JobSettings, explain_and_write
-from gradmap.runtime.methods import MethodSpec
+from gradmap import contract
+from gradmap.runtime.io import OutputLayout
+from gradmap.runtime.jobs import EngineError, JobSettings, explain_and_write
+from gradmap.runtime.methods import MethodSpec, check_supported
 from gradmap.runtime.model import SaliencyModel
 from gradmap.runtime.preprocess import EncodedPicture
+from gradmap.runtime.render import RenderOptions
 from gradmap.runtime.saliency import Target, parse_target
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
 
-__all__ = ["RAY_MISSING", "RayConnectionError", "RayNodeError", "explain_dataset", "import_ray", "iter_records", "ray_session",
-           "run_records"]
+__all__ = ["RAY_MISSING", "RayConnectionError", "RayEngine", "RayNodeError", "explain_dataset", "import_ray",
+           "iter_records", "ray_session", "run_records"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,12 +124,12 @@ def _read(path: str) -> bytes | None:
 
 
 def explain_dataset(dataset_or_paths: "ray.data.Dataset | Sequence[str | os.PathLike[str]]",
-                    model_path: str | os.PathLike[str], *, method: str | MethodSpec = "vanilla",
-                    target: str | int | Target = "top1", reduce: str = "max",
+                    model_path: str | os.PathLike[str], *, method: str | MethodSpec = contract.DEFAULT_METHOD,
+                    target: str | int | Target = contract.DEFAULT_TARGET, reduce: str = contract.DEFAULT_REDUCTION,
                     clip: tuple[float, float] | None = None, no_crop: bool = False,
                     out_dir: str | os.PathLike[str] | None = None, formats: Iterable[str] = (),
                     render: RenderOptions | None = None, layout: OutputLayout | None = None,
-                    batch_size: int = 8, workers: int | None = None, threads: int | None = 1,
+                    batch_size: int = contract.DEFAULT_BATCH_SIZE, workers: int | None = None, threads: int | None = 1,
                     provider: str = "cpu", keep_maps: bool = True, **method_options: Any) -> "ray.data.Dataset":
     """Explain every picture of a dataset on Ray, one model per actor; returns a lazy Ray Dataset.
 
@@ -138,10 +141,14 @@ def explain_dataset(dataset_or_paths: "ray.data.Dataset | Sequence[str | os.Path
         model_path: a model written by ``gradmap export``, at a path every worker can read.
         method: a method name (options such as ``samples=25`` or ``steps=16`` as keywords) or a
             :class:`~gradmap.runtime.methods.MethodSpec`.
-        target, reduce, clip, no_crop: as for :func:`gradmap.runtime.iter_saliency`.
-        out_dir, formats, render: write these outputs (``heatmap``, ``overlay``, ``figure``, ``npy``)
-            under ``out_dir``, as ``gradmap run`` does; ``out_dir`` must be shared by the workers.
-            Default: write nothing.
+        target: as for :func:`gradmap.runtime.iter_saliency`.
+        reduce: as for :func:`gradmap.runtime.iter_saliency`.
+        clip: as for :func:`gradmap.runtime.iter_saliency`.
+        no_crop: as for :func:`gradmap.runtime.iter_saliency`.
+        out_dir: write the outputs ``formats`` names under this folder, as ``gradmap run`` does; it
+            must be shared by the workers. Default: write nothing.
+        formats: the outputs to write (``heatmap``, ``overlay``, ``figure``, ``npy``).
+        render: how to draw them (colormap, overlay, placement).
         layout: the output layout, when it must come from more inputs than this dataset's (the CLI
             passes the layout of every input so that ``--skip-existing`` changes no path).
         batch_size: pictures per batch; a batch is what an actor that dies costs.
@@ -165,9 +172,7 @@ def explain_dataset(dataset_or_paths: "ray.data.Dataset | Sequence[str | os.Path
     if isinstance(method, MethodSpec) and method_options:
         raise ValueError("pass method options inside the MethodSpec, not as keywords")
     checked = SaliencyModel(model_path, provider="cpu", threads=1)
-    if spec.name not in checked.metadata.methods:
-        raise ValueError(f"{model_path} does not support {spec.name}; it supports "
-                         f"{', '.join(checked.metadata.methods)}")
+    check_supported(checked, spec, model_path)
     formats = tuple(dict.fromkeys(formats))
     if formats and out_dir is None and layout is None:
         raise ValueError("formats to write need an out_dir")
@@ -424,13 +429,34 @@ def _drive(**job: Any) -> list[dict]:
     return list(_records(**job))
 
 
-class RayConnectionError(ConnectionError):
+class RayConnectionError(EngineError, ConnectionError):
     """Ray could not be started or reached at the given address."""
 
 
 class RayNodeError(RayConnectionError):
     """Ray failed during a run (its node died, the Ray Client connection was lost): the message says
     how many pictures are written and how to finish the set."""
+
+
+class RayEngine:
+    """``gradmap run --engine ray`` for :func:`gradmap.runtime.jobs.run_job`: the pictures explained and
+    written by Ray Data actors (see :func:`run_records` for ``address``, ``workers``, ``threads``,
+    ``provider``; with ``parquet_dir``, one Parquet dataset instead of picture files). Records come
+    as pictures finish."""
+
+    ordered = False
+
+    def __init__(self, model_path: str | os.PathLike[str], *, address: str | None = None, workers: int | None = None,
+                 threads: int | None = None, provider: str = "cpu", parquet_dir: str | None = None) -> None:
+        self.model_path = os.fspath(model_path)
+        self.address, self.workers, self.threads, self.provider = address, workers, threads, provider
+        self.parquet_dir = parquet_dir
+
+    def records(self, paths: Sequence[str], settings: JobSettings, layout: OutputLayout) -> Iterator[dict]:
+        if self.parquet_dir is not None:  # the maps go to Parquet, not to picture files
+            settings = dataclasses.replace(settings, formats=())
+        return run_records(paths, self.model_path, settings, layout, address=self.address, workers=self.workers,
+                           threads=self.threads, provider=self.provider, parquet_dir=self.parquet_dir)
 
 
 def iter_records(dataset: "ray.data.Dataset") -> Iterator[dict]:

@@ -1,8 +1,9 @@
-"""Measure the demo model's map quality with ``gradmap evaluate`` and write it into README.md.
+"""Measure the demo model's map quality with ``gradmap evaluate`` and write it into docs/attribution.md.
 
 Usage (from the repository root, after ``python models/make_demo.py``; torch-free):
 
-    python models/evaluate_demo.py [--demo models/demo] [--no-readme]
+    python models/evaluate_demo.py [--demo models/demo] [--no-docs]
+    python models/evaluate_demo.py --tables-only     # the docs tables again from models/demo/quality.json
 
 Equivalent to
 
@@ -11,7 +12,9 @@ Equivalent to
         --cascade models/demo/cascade/shapes_randomized_blocks2.onnx ... --json models/demo/quality.json
 
 on the 200 held-out images of ``eval_set.npz`` (every method the demo model supports, default
-parameters), followed by the check of the targets below and the README table. Two settings differ
+parameters), followed by the check of the targets below and the docs tables. quality.json stays
+beside the demo model, not in bench/results/: the package ships it, and ``gradmap demo`` and
+``gradmap web`` read SmoothGrad's chosen noise from it. Two settings differ
 from ``gradmap evaluate``'s defaults, and both are written into quality.json:
 
 - the pointing game is also reported as Zhang et al. (2016) define it, with a tolerance:
@@ -31,10 +34,14 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import _report  # noqa: E402
 
-# Targets for the demo (gradmap's README states them): pointing game per method, and for every
+ROOT = _report.ROOT
+RESULTS = ROOT / "models" / "demo" / "quality.json"
+PAGE, SECTIONS = "attribution.md", ("quality",)
+
+# Targets for the demo (docs/attribution.md states them): pointing game per method, and for every
 # method a randomization rank correlation of at most 0.3 and a deletion AUC below random order.
 POINTING_TARGETS = {"vanilla": 0.8, "smoothgrad": 0.9, "grad-cam": 0.9}
 MAX_RHO = 0.3
@@ -131,6 +138,8 @@ def render(results: dict) -> str:
     noise = r["smoothgrad_noise_selection"]
     chosen = ", ".join(f"{k}: {v:.3f}" for k, v in noise["validation_pointing_game"].items())
     lines = [
+        _report.machine_line(r.get("meta", {})),
+        "",
         f"`python models/evaluate_demo.py` (= `gradmap evaluate` on the demo model and its {r['images']} held-out "
         f"images, `--tolerance {tol:g}`; accuracy {r['accuracy']:.3f}"
         + (f", held-out test accuracy {training['test_accuracy']:.3f} on {training['split_sizes']['test']} images"
@@ -178,27 +187,35 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
+def sections(data: dict) -> dict[str, str]:
+    return {"quality": render(data)}
+
+
+def load_results(path: Path = RESULTS) -> dict:
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file (run python models/evaluate_demo.py first)")
+    return json.loads(path.read_text())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", type=Path, default=ROOT / "models" / "demo")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--no-readme", action="store_true")
-    parser.add_argument("--readme-only", action="store_true", help="rewrite README's table from quality.json")
+    _report.add_flags(parser, RESULTS)
     args = parser.parse_args()
-    if args.readme_only:
-        results = json.loads((args.demo / "quality.json").read_text())
+    out = args.out if args.out != RESULTS else args.demo / "quality.json"
+    if args.tables_only:
+        results = load_results(out)
     else:
+        meta = _report.start_run(PAGE, SECTIONS, versions=("onnxruntime",), threads=args.threads)
         results = run(args.demo, args.threads)
         results["targets_missed"] = verdicts(results)
-        (args.demo / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
+        results = _report.write_json(out, {"meta": _report.finish_run(meta), **results}, indent=2)
     from gradmap.runtime.evaluate import format_report
 
     print(format_report(results))
-    if not args.no_readme:
-        sys.path.insert(0, str(ROOT / "tools"))
-        from update_readme import README, replace_section
-
-        README.write_text(replace_section(README.read_text(), "quality", render(results)))
+    if not args.no_docs:
+        _report.publish(PAGE, sections(results))
     return 0
 
 

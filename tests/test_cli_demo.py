@@ -6,7 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import image_info
-from gradmap.cli import demo_assets, main
+from gradmap.cli import main
+from gradmap.demo import demo_assets
 
 
 def test_demo_writes_a_figure_per_picture(tmp_path):

@@ -83,7 +83,7 @@ def test_saved_arrays_are_named_for_what_they_hold(tmp_path, photo_files, method
 
 
 def test_class_activation_maps_are_saved_as_cam(tmp_path):
-    from gradmap.cli import demo_assets
+    from gradmap.demo import demo_assets
 
     model = demo_assets().joinpath("shapes.onnx")
     if not model.is_file():

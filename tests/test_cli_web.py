@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from conftest import PLAIN_MODEL, LINEAR_MODEL
 from gradmap import contract
-from gradmap.cli import demo_assets, main
+from gradmap.cli import main
+from gradmap.demo import demo_assets
 from gradmap.web import ORT_CDN, ORT_FILES, PAGE_FILES, make_server
 
 
@@ -26,7 +27,7 @@ def test_demo_site_without_a_model(tmp_path):
         assert (out / name).is_file(), f"{name} missing from the site"
     config = json.loads((out / "model.json").read_text())
     assert config["labels"] == ["circle", "square", "triangle", "cross", "star"]
-    assert config["methods"] == [m for m in contract.WEB_METHODS]  # the demo model has every output
+    assert config["methods"] == [m.name for m in contract.METHOD_TABLE if m.web]  # the demo model has every output
     assert config["input_size"] == [64, 64] and config["preprocessing"]["crop"] == [64, 64]
     assert config["ort"]["base"] == ORT_CDN and config["ort"]["wasm_script"] == ORT_FILES["wasm"][0]
     assert config["target"] in contract.TARGETS
@@ -34,7 +35,8 @@ def test_demo_site_without_a_model(tmp_path):
     assert len(config["examples"]) == 10 and all((out / e).is_file() for e in config["examples"])
     # the SmoothGrad noise evaluate_demo.py chose for this model
     quality = json.loads(demo_assets().joinpath("quality.json").read_text())
-    assert config["smoothgrad"]["noise"] == quality["smoothgrad_noise_selection"]["noise"]
+    noise = {s["name"]: s["default"] for m in config["method_table"] for s in m["settings"]}["noise"]
+    assert noise == quality["smoothgrad_noise_selection"]["noise"]
     assert not (out / "ort").exists(), "without --ort-dist the page loads onnxruntime-web from the CDN"
 
 

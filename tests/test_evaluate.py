@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from gradmap.cli import demo_assets, main
+from gradmap.cli import main
+from gradmap.demo import demo_assets
 from gradmap.contract import Preprocessing
 from gradmap.runtime.evaluate import (
     EvaluationDataError,

@@ -126,6 +126,38 @@ def test_custom_module_with_labels_and_metadata(tmp_path):
     assert report.gradient_error is not None and report.gradient_error <= TOLERANCE
 
 
+def test_preprocessing_options_override_the_source_convention(tmp_path):
+    """gradmap export's --preset and field options: a Keras caffe-mode model takes BGR 0-255 input; the
+    file says so (format 2) and the runtime feeds it exactly that."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.ReLU(), torch.nn.Flatten(),
+                                 torch.nn.LazyLinear(3))
+    module(torch.zeros(1, 3, 16, 16))
+    report = export_module(module, tmp_path / "caffe.onnx", preprocessing=Preprocessing(crop=(20, 24)),
+                           preprocessing_options={"preset_name": "keras-caffe", "crop": 16})
+    meta = SaliencyModel(report.path).metadata
+    pre = meta.preprocessing
+    assert meta.format_version == 2 and (pre.crop, pre.resize, pre.resize_mode) == ((16, 16), (16, 16), "exact")
+    assert (pre.channel_order, pre.value_range, pre.mean) == ("bgr", "0-255", (103.939, 116.779, 123.68))
+    with pytest.raises(ExportError, match="value_range '0-9' is not one of"):
+        export_module(module, tmp_path / "bad.onnx", preprocessing=Preprocessing(crop=(16, 16)),
+                      preprocessing_options={"value_range": "0-9"})
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_export_cli_preprocessing_options(tmp_path):
+    out = tmp_path / "r.onnx"
+    result = CliRunner().invoke(main, ["export", "resnet18", "--weights", "none", "-o", str(out), "--no-verify",
+                                       "--crop", "32", "--resize", "40", "--interpolation", "bicubic",
+                                       "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "--channel-order", "bgr"])
+    assert result.exit_code == 0, result.output
+    pre = SaliencyModel(out).metadata.preprocessing
+    assert (pre.crop, pre.resize, pre.interpolation, pre.mean, pre.std, pre.channel_order) == (
+        (32, 32), 40, "bicubic", (0.5,) * 3, (0.25,) * 3, "bgr")
+    bad = CliRunner().invoke(main, ["export", "resnet18", "-o", str(tmp_path / "x.onnx"), "--std", "1,2"])
+    assert bad.exit_code == 2 and "'--std': '1,2': give 3 numbers" in bad.output
+
+
 def test_wrong_label_count_is_refused(tmp_path):
     module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
     with pytest.raises(ExportError, match="3 labels given for a model with 4 outputs"):

@@ -536,9 +536,10 @@ def test_rule_matches_torch_autograd(op, text, fn, inputs):
 
 
 def test_every_rule_is_tested():
+    from test_rules_foreign import TESTED_OPS as FOREIGN_OPS  # other exporters' and older opsets' ops
     from test_rules_norm import TESTED_OPS  # the normalization, Mod and TopK rules' cases
 
-    tested = {c[0] for c in CASES} | TESTED_OPS
+    tested = {c[0] for c in CASES} | TESTED_OPS | FOREIGN_OPS
     untested = sorted(set(RULES) - tested)
     assert not untested, f"gradient rules without a test against torch: {untested}"
 

@@ -11,7 +11,7 @@ from conftest import LINEAR_MODEL
 from gradmap.cli import main
 from gradmap.runtime import (EncodedPicture, ImageLoadError, JobSettings, OutputLayout, explain_and_write, open_picture,
                              parse_target)
-from gradmap.runtime.io import RenderOptions
+from gradmap.runtime.render import RenderOptions
 
 
 def _outputs(folder):
@@ -100,3 +100,110 @@ def test_overlapped_writes_give_the_sequential_files_and_records(linear_model, p
     for name, data in left.items():
         assert runs[False][1][name] == data, f"{name} is not whole"
     assert len(left) < len(runs[False][1]), "the writes not started when the caller stopped were dropped"
+
+
+class _Log:
+    """A RunReporter that writes down what it is told."""
+
+    def __init__(self):
+        self.events = []
+
+    def input_error(self, spec, reason):
+        self.events.append(("input_error", spec, reason))
+
+    def started(self, total):
+        self.events.append(("started", total))
+
+    def picture_done(self, record):
+        self.events.append(("picture_done", record["path"], record["error"] is None))
+
+
+def test_run_job_is_gradmap_run(linear_model, photo_files, tmp_path):
+    """run_job's summary is the document gradmap run --json prints, its exit code gradmap run's, and
+    its files gradmap run's; the reporter hears of every input as gradmap run prints it."""
+    from gradmap.runtime.jobs import run_job
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a picture")
+    inputs = [*map(str, photo_files), str(broken), str(tmp_path / "missing.png")]
+    cli = CliRunner().invoke(main, ["run", str(LINEAR_MODEL), *inputs, "--out", str(tmp_path / "cli"), "--json",
+                                    "--format", "npy,overlay", "--method", "smoothgrad", "--samples", "3",
+                                    "--provider", "cpu", "--threads", "1"])
+    assert cli.exit_code == 1, cli.output
+    from gradmap.runtime.methods import MethodSpec
+
+    log = _Log()
+    summary = run_job(linear_model, inputs, out_dir=tmp_path / "job", method=MethodSpec("smoothgrad", samples=3),
+                      formats=("npy", "overlay"), keep_records=True, reporter=log)
+    document = json.loads(json.dumps(summary.to_json()).replace(str(tmp_path / "job"), str(tmp_path / "cli")))
+    expected = json.loads(cli.stdout)
+    expected["model"] = linear_model.path
+    assert document == expected, "run_job's summary differs from gradmap run --json"
+    assert summary.exit_code == 1 and (summary.failed, summary.inputs, summary.skipped) == (2, 4, 0)
+    assert _outputs(tmp_path / "job") == _outputs(tmp_path / "cli")
+    assert log.events == [("input_error", str(tmp_path / "missing.png"), "no such file or directory"), ("started", 3),
+                          *(("picture_done", p, p != str(broken)) for p in inputs[:3])]
+    again = run_job(linear_model, inputs[:2], out_dir=tmp_path / "job", method=MethodSpec("smoothgrad", samples=3),
+                    formats=("npy", "overlay"), skip_existing=True)
+    assert (again.skipped, again.inputs, again.exit_code, again.records) == (2, 2, 0, [])
+
+
+def test_run_job_checks_target_and_method_before_anything(linear_model, photo_files, tmp_path):
+    from gradmap.runtime import TargetError
+    from gradmap.runtime.jobs import run_job
+    from gradmap.runtime.methods import UnsupportedMethodError
+
+    with pytest.raises(TargetError, match="no class named 'zebra'"):
+        run_job(linear_model, [str(photo_files[0])], out_dir=tmp_path / "a", target="zebra")
+    with pytest.raises(UnsupportedMethodError, match="export it with --cam-layer auto"):
+        run_job(linear_model, [str(photo_files[0])], out_dir=tmp_path / "b", method="grad-cam")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_run_job_lists_an_unordered_engines_records_in_input_order(linear_model, photo_files, tmp_path):
+    """Records of an engine that yields them as pictures finish (Ray's) are listed in input order."""
+    from gradmap.runtime.jobs import LocalEngine, run_job
+
+    class Reversed(LocalEngine):
+        ordered = False
+
+        def records(self, paths, settings, layout):
+            return reversed(list(super().records(paths, settings, layout)))
+
+    inputs = [str(p) for p in photo_files]
+    log = _Log()
+    summary = run_job(linear_model, inputs, out_dir=tmp_path, formats=("npy",), engine=Reversed(linear_model),
+                      keep_records=True, reporter=log)
+    assert [r["path"] for r in summary.records] == inputs
+    assert [e[1] for e in log.events if e[0] == "picture_done"] == inputs[::-1], "the reporter hears them as they come"
+
+
+def test_rendering_returns_what_io_writes(linear_model, photo_files, tmp_path):
+    """render_outputs draws every output and returns it; io writes it, byte for byte what was drawn,
+    and imports nothing that draws or computes maps."""
+    import ast
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from gradmap import contract
+    from gradmap.runtime import compute_saliency, render_outputs, write_outputs
+
+    result = compute_saliency(linear_model, str(photo_files[0]), target="top1")
+    drawn = dict(render_outputs(result, result.maps[0], contract.OUTPUT_FORMATS, caption="c"))
+    written = write_outputs(result, result.maps[0], OutputLayout(tmp_path, [str(photo_files[0])]),
+                            contract.OUTPUT_FORMATS, caption="c")
+    assert list(drawn) == list(written) == ["heatmap", "overlay", "figure", "gradient", "map"]
+    for kind, output in drawn.items():
+        if isinstance(output, Image.Image):
+            with Image.open(written[kind]) as saved:
+                assert saved.mode == output.mode and saved.tobytes() == output.tobytes(), kind
+        else:
+            assert np.array_equal(np.load(written[kind]), output), kind
+    with pytest.raises(ValueError, match="unknown output format gif"):
+        render_outputs(result, result.maps[0], ["gif"])
+    io = Path(__file__).resolve().parent.parent / "gradmap" / "runtime" / "io.py"
+    imported = {node.module for node in ast.walk(ast.parse(io.read_text())) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"gradmap.runtime.render", "gradmap.runtime.postprocess", "gradmap.runtime.colormaps",
+                           "gradmap.runtime.saliency"}, f"io draws or computes: it imports {sorted(imported)}"

@@ -211,8 +211,9 @@ def test_names_have_one_source_in_the_contract():
     params = {p.name: p for p in cli.run_command.params}
     assert tuple(params["method"].type.choices) == contract.METHODS
     assert tuple(next(p for p in cli.export_command.params if p.name == "score").type.choices) == contract.SCORE_KINDS
-    assert set(contract.ATTRIBUTION_KINDS) == set(contract.METHODS), "every method names its saved array"
-    assert set(contract.METHOD_EXPORT_OPTIONS) | set(contract.CAM_METHODS) <= set(contract.METHODS)
+    assert all(m.kind in contract.METHOD_KINDS for m in contract.METHOD_TABLE), "every method names its saved array"
+    assert all(m.export_options or set(m.outputs) <= set(contract.model_outputs((contract.DEFAULT_BACKPROP,), False))
+               for m in contract.METHOD_TABLE), "every method a default export lacks says what to export"
     assert contract.methods_for(("vanilla", "guided", "deconvnet"), True) == contract.METHODS
     assert contract.methods_for(("vanilla",), False) == ("vanilla", "smoothgrad", "integrated-gradients",
                                                          "gradient-x-input")

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gradmap.cli import demo_assets
+from gradmap.demo import demo_assets
 
 ORT_DIST = Path(__file__).resolve().parent / "web" / "node_modules" / "onnxruntime-web" / "dist"
 CHROMIUM = os.environ.get("GRADMAP_CHROMIUM", "/usr/bin/chromium")

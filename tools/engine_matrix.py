@@ -4,28 +4,29 @@ that engine's own max-pool and ReLU decisions (tests/engines/parity.py), toleran
 
     python tools/engine_matrix.py                       # all 21 families (slow: an hour or more)
     python tools/engine_matrix.py --families resnet,vit # a subset; other entries of the JSON stay
-    python tools/engine_matrix.py --readme-only         # rebuild README's table from the JSON
+    python tools/engine_matrix.py --tables-only         # the docs table again from the JSON
 
 The portable target runs on every engine, the cpu target on onnxruntime CPU. Each family runs in its
 own process (a crashed or exhausted engine takes only that family down). Results go to
-docs/engine_matrix.json after each family, and README.md's `engines` section is rebuilt from it.
+bench/results/engine_matrix.json after each family, and the `engines` section of docs/engines.md is
+rebuilt from it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "docs" / "engine_matrix.json"
-README = ROOT / "README.md"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import _report  # noqa: E402
+
+ROOT = _report.ROOT
+RESULTS = _report.RESULTS / "engine_matrix.json"
+PAGE, SECTIONS = "engines.md", ("engines",)
 TARGETS = {"portable": ("ort_cpu", "ort_wasm_node", "ort_wasm_chromium", "ort_webgpu", "openvino"),
            "cpu": ("ort_cpu",)}
 BROWSER_TIMEOUT_S = 300
@@ -102,27 +103,31 @@ def run_family(family: str, model: str, size: int | None, batch: int, work: Path
     return records
 
 
-def _git_commit() -> str | None:
-    out = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h"], capture_output=True, text=True)
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
 def _load(path: Path | None = None) -> dict:
     path = path or RESULTS
-    return json.loads(path.read_text()) if path.exists() else {"results": []}
+    return _report.read_results(path) if path.exists() else {"meta": {}, "rows": []}
 
 
-def _merge(records: list[dict], path: Path | None = None, code: str | None = None) -> None:
-    path = path or RESULTS
+def _merge(records: list[dict], path: Path, meta: dict, code: str | None = None) -> dict:
+    """``records`` into the results file at ``path``, replacing the entries of the same family, target
+    and engine. ``meta`` is this run's (:func:`_report.start_run`); the file's earlier runs stay beside
+    it, so that the table's header names every machine its rows came from."""
     data = _load(path)
     keys = {(r["family"], r["target"], r["engine"]) for r in records}
-    data["results"] = [r for r in data["results"] if (r["family"], r["target"], r["engine"]) not in keys] + records
-    data["results"].sort(key=lambda r: (r["family"], r["target"], r["engine"]))
-    data["updated"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    if code:
-        data["code"] = code
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, default=float) + "\n")
+    rows = [r for r in data["rows"] if (r["family"], r["target"], r["engine"]) not in keys] + records
+    rows.sort(key=lambda r: (r["family"], r["target"], r["engine"]))
+    run = {**meta, "updated": _report.start_run(PAGE)["started"], "code": code or meta["commit"]}
+    earlier = data["meta"]
+    if earlier.get("started") == meta["started"]:  # this run's own earlier families: keep what it kept
+        run = {**run, **{k: earlier[k] for k in ("remeasured", "earlier_runs") if k in earlier}}
+        run["remeasured"] = sorted(set(run.get("remeasured", [])) | {r["family"] for r in records})
+    elif earlier:
+        run = _report.merge_update(run, earlier, sorted({r["family"] for r in records}))
+    return _report.write_results(path, run, rows)
+
+
+def _run_meta() -> dict:
+    return _report.start_run(PAGE, SECTIONS, versions=("onnxruntime", "openvino", "torch"))
 
 
 def _short(reason: str, limit: int = 300) -> str:
@@ -153,19 +158,20 @@ def _cell(record: dict | None, footnotes: dict[str, int]) -> str:
     return f"right ({error:.1g}){time_text}"
 
 
-def readme_section() -> str:
-    data = _load()
-    by_key = {(r["family"], r["target"], r["engine"]): r for r in data["results"]}
-    fams = sorted({r["family"] for r in data["results"]})
+def render(data: dict) -> str:
+    results = data["rows"]
+    meta = data["meta"]
+    by_key = {(r["family"], r["target"], r["engine"]): r for r in results}
+    fams = sorted({r["family"] for r in results})
     if not fams:
-        return "## Engines\n\nNo engine results yet: run `python tools/engine_matrix.py`."
-    any_record = data["results"][0]
-    versions = next((r.get("versions") for r in data["results"] if r.get("versions")), {})
-    sizes = sorted({tuple(r["input_size"]) for r in data["results"] if r.get("input_size")})
-    notes = sorted({r.get("export_note", "") for r in data["results"] if r.get("export_note")})
+        return "No engine results yet: run `python tools/engine_matrix.py`."
+    any_record = results[0]
+    versions = next((r.get("versions") for r in results if r.get("versions")), {})
+    sizes = sorted({tuple(r["input_size"]) for r in results if r.get("input_size")})
+    notes = sorted({r.get("export_note", "") for r in results if r.get("export_note")})
     footnotes: dict[str, int] = {}
     lines = [
-        "## Engines",
+        _report.machine_line(meta),
         "",
         "The same exported file on five engines: onnxruntime's CPU provider in Python, onnxruntime-web's "
         "WebAssembly backend under Node.js and in headless Chromium, onnxruntime-web's WebGPU backend in headless "
@@ -175,7 +181,7 @@ def readme_section() -> str:
         "implementation of Vulkan, which checks the WebGPU kernels' semantics, not a GPU's arithmetic or speed), "
         "OpenVINO's GPU and NPU plugins, onnxruntime-node, browsers other than Chromium.",
         "",
-        f"`python tools/engine_matrix.py` ({data.get('updated', '')}{', gradmap ' + data['code'] if data.get('code') else ''}): "
+        f"`python tools/engine_matrix.py` ({meta.get('updated', '')}{', gradmap ' + meta['code'] if meta.get('code') else ''}): "
         f"{len(fams)} families, seeded random weights, "
         f"batch {any_record.get('batch', 2)}, input {', '.join('x'.join(map(str, s)) for s in sizes)}; exports: "
         f"{'; '.join(notes)}. Each cell: the engine's gradient against float64 torch autograd replaying that "
@@ -189,7 +195,7 @@ def readme_section() -> str:
         "|---|---|" + "---|" * len(COLUMNS),
     ]
     for fam in fams:
-        model = next(r["model"] for r in data["results"] if r["family"] == fam)
+        model = next(r["model"] for r in results if r["family"] == fam)
         cells = [_cell(by_key.get((fam, target, engine)), footnotes) for target, engine, _ in COLUMNS]
         lines.append(f"| {fam} | {model} | " + " | ".join(cells) + " |")
     if footnotes:
@@ -197,7 +203,7 @@ def readme_section() -> str:
         lines += [f"[{n}] {reason}  " for reason, n in footnotes.items()]
     from tests.engines import ENGINE_BUGS
 
-    lines += [f"{note}" for note in ([""] + data["notes"] if data.get("notes") else [])]
+    lines += [f"{note}" for note in ([""] + meta["notes"] if meta.get("notes") else [])]
     missing = [f for f in families() if f not in fams]
     if missing:
         lines += ["", f"Not run in this pass (time): {', '.join(missing)}; `python tools/engine_matrix.py --families "
@@ -208,10 +214,8 @@ def readme_section() -> str:
     return "\n".join(lines)
 
 
-def write_readme() -> None:
-    from tools.update_readme import replace_section
-
-    README.write_text(replace_section(README.read_text(), "engines", readme_section()))
+def sections(data: dict) -> dict[str, str]:
+    return {"engines": render(data)}
 
 
 def main() -> None:
@@ -219,21 +223,20 @@ def main() -> None:
     parser.add_argument("--families", help="comma-separated family names of tests/test_export.py FAMILIES")
     parser.add_argument("--size", type=int, help="square input size instead of each family's own")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--readme-only", action="store_true", help="rebuild README's table from the JSON")
-    parser.add_argument("--results", type=Path, help=f"write results to this JSON instead of {RESULTS.relative_to(ROOT)} "
-                        "(README untouched)")
-    parser.add_argument("--merge", type=Path, nargs="+", help="merge these results files into the JSON and README")
+    _report.add_flags(parser, RESULTS)
+    parser.add_argument("--merge", type=Path, nargs="+", help="merge these results files into --out and the docs")
     parser.add_argument("--code", help="which gradmap the results came from (a commit), recorded in the JSON")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # worker: one family, records as JSON on stdout's last line
     parser.add_argument("--work", default=None, help="folder for the exported models (default: a temporary one)")
     args = parser.parse_args()
     if args.merge:
         for path in args.merge:
-            _merge(_load(path)["results"], code=args.code)
-        write_readme()
+            data = _merge(_load(path)["rows"], args.out, _run_meta(), code=args.code)
+        if not args.no_docs:
+            _report.publish(PAGE, sections(data))
         return
-    if args.readme_only:
-        write_readme()
+    if args.tables_only:
+        _report.publish(PAGE, sections(_report.read_results(args.out)))
         return
     all_families = families()
     if args.one:
@@ -247,6 +250,7 @@ def main() -> None:
     unknown = [f for f in chosen if f not in all_families]
     if unknown:
         parser.error(f"unknown families {unknown}; choose from {', '.join(all_families)}")
+    meta = _run_meta()
     for family in chosen:
         print(f"{family} ({all_families[family]})", flush=True)
         cmd = [sys.executable, __file__, "--one", family, "--batch", str(args.batch)]
@@ -266,9 +270,9 @@ def main() -> None:
             records = [{"family": family, "model": all_families[family], "target": target, "engine": engine,
                         "status": "fails", "reason": f"the worker process died (exit status {proc.returncode})"}
                        for target, engines in TARGETS.items() for engine in engines]
-        _merge(records, args.results, code=args.code or _git_commit())
-        if not args.results:
-            write_readme()
+        data = _merge(records, args.out, meta, code=args.code)
+        if not args.no_docs:
+            _report.publish(PAGE, sections(data))
 
 
 if __name__ == "__main__":

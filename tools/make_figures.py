@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gradmap.cli import demo_assets  # noqa: E402
+from gradmap.demo import demo_assets  # noqa: E402
 from gradmap.runtime.compare import explain_with_methods, render_comparison  # noqa: E402
 from gradmap.runtime.methods import MethodSpec  # noqa: E402
 from gradmap.runtime.model import SaliencyModel  # noqa: E402

@@ -14,25 +14,30 @@ colormap, opacity 0.5 everywhere); "peaks" blends the map divided by its Nth per
 as PAIR saliency's VisualizeImageGrayscale) with opacity alpha * value. Object area share is the
 reference: colour spread evenly would put that share on the object.
 
-    python tools/overlay_criterion.py     # writes docs/overlay_criterion.json and README's section
+    python tools/overlay_criterion.py                 # writes bench/results/overlay_criterion.json and the
+                                                      # section "overlay" of docs/attribution.md
+    python tools/overlay_criterion.py --tables-only   # the docs table again from the results file
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import _report  # noqa: E402
 
-from gradmap.runtime import SaliencyModel, equalize_histogram, iter_saliency, render_overlay  # noqa: E402
+from gradmap.runtime import SaliencyModel, iter_saliency, render_overlay  # noqa: E402
 from gradmap.runtime.postprocess import scale_to_percentile  # noqa: E402
 from gradmap.runtime.render import OVERLAY_ALPHA, OVERLAY_PERCENTILE  # noqa: E402
+
+ROOT = _report.ROOT
+RESULTS = _report.RESULTS / "overlay_criterion.json"
+PAGE, SECTIONS = "attribution.md", ("overlay",)
 
 RECIPES = [("flat equalized, alpha 0.5 (before)", "equalized", None, 0.5, False),
            ("flat min-max, alpha 0.5", "normalized", None, 0.5, False)]
@@ -40,7 +45,8 @@ RECIPES += [(f"peaks p{p:g}, alpha {a:g}", "normalized", p, a, True)
             for p in (95.0, 99.0, 99.9) for a in (0.6, 0.8, 1.0)]
 
 
-def main() -> None:
+def measure(out: Path) -> dict:
+    meta = _report.start_run(PAGE, SECTIONS, versions=("onnxruntime",), method="vanilla")
     data = np.load(ROOT / "models" / "demo" / "eval_set.npz")
     model = SaliencyModel(ROOT / "models" / "demo" / "shapes.onnx", provider="cpu", threads=2)
     images, masks, labels = data["images"], data["masks"].astype(bool), data["labels"]
@@ -67,10 +73,16 @@ def main() -> None:
     rows = [{"recipe": name, "on_object": float(np.mean(shares[name])), "per_object_pixel": float(np.mean(on[name])),
              "off_object": float(np.mean(off[name]))}
             for name, *_ in RECIPES]
-    report = {"images": int(len(images)), "method": "vanilla", "object_area_share": area, "recipes": rows,
-              "chosen": f"peaks p{OVERLAY_PERCENTILE:g}, alpha {OVERLAY_ALPHA:g}"}
-    (ROOT / "docs" / "overlay_criterion.json").write_text(json.dumps(report, indent=1) + "\n")
-    lines = [f"Overlay recipes on the demo's {len(images)} evaluation images (vanilla gradient of the labelled class; "
+    meta.update(images=int(len(images)), object_area_share=area,
+                chosen=f"peaks p{OVERLAY_PERCENTILE:g}, alpha {OVERLAY_ALPHA:g}")
+    return _report.write_results(out, meta, rows)
+
+
+def render(data: dict) -> str:
+    meta, rows = data["meta"], data["rows"]
+    area = meta["object_area_share"]
+    lines = [_report.machine_line(meta), "",
+             f"Overlay recipes on the demo's {meta['images']} evaluation images (vanilla gradient of the labelled class; "
              f"`python tools/overlay_criterion.py`): share of the colour an overlay adds that falls on the object "
              f"(the object covers {area:.1%} of the pixels on average) and mean colour added per off-object pixel "
              "(0-255), and per object pixel. The share decides; the opacity scales all added colour alike and leaves "
@@ -79,15 +91,25 @@ def main() -> None:
              "| overlay | share of added colour on the object ↑ | per object pixel | per off-object pixel ↓ |",
              "|---|---|---|---|"]
     for row in rows:
-        name = f"**{row['recipe']}**" if row["recipe"] == report["chosen"] else row["recipe"]
+        name = f"**{row['recipe']}**" if row["recipe"] == meta["chosen"] else row["recipe"]
         lines.append(f"| {name} | {row['on_object']:.3f} | {row['per_object_pixel']:.1f} | {row['off_object']:.1f} |")
-    text = "\n".join(lines)
-    print(text)
-    from update_readme import replace_section
+    return "\n".join(lines)
 
-    readme = ROOT / "README.md"
-    readme.write_text(replace_section(readme.read_text(), "overlay", text))
+
+def sections(data: dict) -> dict[str, str]:
+    return {"overlay": render(data)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    _report.add_flags(parser, RESULTS)
+    args = parser.parse_args()
+    data = _report.read_results(args.out) if args.tables_only else measure(args.out)
+    print(render(data))
+    if not args.no_docs:
+        _report.publish(PAGE, sections(data))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""The README's screenshot of `gradmap web`: the demo site in headless Chromium, one example explained.
+"""The screenshot of `gradmap web` in docs/web.md: the demo site in headless Chromium, one example explained.
 
     python tools/web_screenshot.py     # writes docs/figures/web_page.png
 
@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gradmap.cli import demo_assets  # noqa: E402
+from gradmap.demo import demo_assets  # noqa: E402
 from gradmap.web import build_site, make_server  # noqa: E402
 
 ORT_DIST = ROOT / "tests" / "web" / "node_modules" / "onnxruntime-web" / "dist"

@@ -6,15 +6,16 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import onnx_ir as ir
 import torch
 
-from gradmap.contract import ModelMetadata, Preprocessing
+from gradmap.contract import ContractError, ModelMetadata, Preprocessing
 from gradmap.graph import ExportError, ExportReport, add_gradient, finish, op_histogram, write_atomic
 
 from ._parity import DEFAULT_TOLERANCE, verify_parity
+from .presets import resolve
 from ._torchvision import labels_of, load_torchvision, preprocessing_of
 from ._trace import trace_to_onnx
 
@@ -57,6 +58,7 @@ def export_module(
     target: str = "cpu",
     channel_multiple: int | None = None,
     external_data: bool = False,
+    preprocessing_options: Mapping[str, Any] | None = None,
 ) -> ExportReport:
     """Export any ``torch.nn.Module`` image classifier to a gradmap ONNX model.
 
@@ -79,6 +81,8 @@ def export_module(
         external_data: write the weights to ``OUTPUT.data`` beside ``output`` (onnxruntime maps that
             file into memory instead of parsing the weights: a lower peak when the session is
             created); the two files then travel together.
+        preprocessing_options: ``preset_name`` and field overrides applied to ``preprocessing``
+            (:func:`gradmap.export.presets.resolve`; ``gradmap export``'s preprocessing options).
 
     Returns:
         An :class:`ExportReport`.
@@ -88,6 +92,11 @@ def export_module(
         ...                        preprocessing=Preprocessing(crop=(224, 224), resize=256))
     """
     start = time.perf_counter()
+    if preprocessing_options:
+        try:
+            preprocessing = resolve(preprocessing, preprocessing.crop, **preprocessing_options)
+        except ContractError as e:
+            raise ExportError(str(e)) from e
     module = module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
@@ -136,6 +145,7 @@ def export_torchvision(
     target: str = "cpu",
     channel_multiple: int | None = None,
     external_data: bool = False,
+    preprocessing_options: Mapping[str, Any] | None = None,
 ) -> ExportReport:
     """Export a torchvision classifier by name (see ``gradmap export --help``)."""
     module, weights_desc = load_torchvision(model_name, weights, seed=seed)
@@ -144,5 +154,5 @@ def export_torchvision(
         labels=labels_of(model_name) or None, source_model=f"torchvision.models.{model_name}",
         weights=weights_desc, score=score, opset=opset, verify=verify, tolerance=tolerance,
         backprops=backprops, cam_layer=cam_layer, target=target, channel_multiple=channel_multiple,
-        external_data=external_data,
+        external_data=external_data, preprocessing_options=preprocessing_options,
     )

@@ -1,19 +1,18 @@
-"""Op-type histograms of the ONNX graphs torch.onnx emits for torchvision's classifiers.
+"""Op-type histogram of the ONNX graph torch.onnx emits for one torchvision classifier.
 
-Usage: python -m gradmap.export._ophist [MODEL ...] [--out docs/op_histogram.json]
+Usage: python -m gradmap.export._ophist MODEL [--opset 18]
 
-Each model is exported in a child process (big models need several GB) with seeded random
-weights and a dynamic batch dimension, exactly as ``gradmap export`` does before the gradient
-pass. The result maps model name to {op_type: count}; the gradient pass must cover the union.
+Prints {op_type: count} as JSON. The model is exported with seeded random weights and a dynamic
+batch dimension, exactly as ``gradmap export`` does before the gradient pass.
+``python tools/op_histogram.py`` runs this for every classifier, each in a process of its own (big
+models need several GB), and writes the table of ops the gradient pass must cover.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-from pathlib import Path
 
 
 def _histogram_of(name: str, opset: int) -> dict[str, int]:
@@ -33,34 +32,10 @@ def _histogram_of(name: str, opset: int) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*")
-    parser.add_argument("--out", default="docs/op_histogram.json")
+    parser.add_argument("model")
     parser.add_argument("--opset", type=int, default=18)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(_histogram_of(args.models[0], args.opset)))
-        return 0
-    import torchvision
-
-    names = args.models or torchvision.models.list_models(module=torchvision.models)
-    out = Path(args.out)
-    result = json.loads(out.read_text()) if out.exists() else {}
-    for name in names:
-        if name in result and "error" not in result[name]:
-            continue
-        proc = subprocess.run(
-            [sys.executable, "-m", "gradmap.export._ophist", "--child", "--opset", str(args.opset), name],
-            capture_output=True, text=True, timeout=args.timeout,
-        )
-        if proc.returncode == 0:
-            result[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        else:
-            result[name] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
-        print(name, result[name], flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    print(json.dumps(_histogram_of(args.model, args.opset)))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Where ``gradmap export MODEL`` finds MODEL: torchvision by name, ``timm:NAME``, ``hf:MODEL_ID_OR_DIR``."""
+"""Where ``gradmap export MODEL`` finds MODEL: torchvision by name, ``timm:NAME``, ``hf:MODEL_ID_OR_DIR``,
+``onnx:PATH``."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ __all__ = ["SOURCES", "export_named_model"]
 SOURCES = {
     "timm:": "a timm.list_models() name, optionally with a pretrained tag",
     "hf:": "a Hugging Face Transformers image classifier: a local directory or a hub id in the HF cache",
+    "onnx:": "any ONNX image classifier file (no torch needed)",
 }
 
 
 def export_named_model(model_name: str, output: str | os.PathLike | None, *, weights: str = "DEFAULT",
                        seed: int = 0, **options):
-    """Export MODEL from its source (see :data:`SOURCES`); ``options`` go to ``export_module``.
+    """Export MODEL from its source (see :data:`SOURCES`); ``options`` go to ``export_module``
+    (``export_onnx`` for ``onnx:PATH``).
 
     ``weights``: for torchvision a weights name, ``none`` or a file; for timm and Hugging Face
     ``DEFAULT``/``pretrained`` (the source's own weights and cache), ``none`` (random, seeded) or a
@@ -25,6 +28,10 @@ def export_named_model(model_name: str, output: str | os.PathLike | None, *, wei
         from ._timm import export_timm
 
         return export_timm(model_name[len("timm:"):], output, weights=_pretrained(weights), seed=seed, **options)
+    if model_name.startswith("onnx:"):
+        from ._onnx_file import export_onnx
+
+        return export_onnx(model_name[len("onnx:"):], output, weights=weights, seed=seed, **options)
     if model_name.startswith("hf:"):
         from ._hf import export_hf
 

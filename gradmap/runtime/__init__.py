@@ -17,12 +17,11 @@ from gradmap.runtime.io import (
     FORMATS,
     IMAGE_EXTENSIONS,
     OutputLayout,
-    RenderOptions,
     atomic_write,
     expand_inputs,
     save_npy,
     save_png,
-    write_outputs,
+    write_rendered,
 )
 from gradmap.runtime.model import ModelOutputs, SaliencyModel, TensorInfo, resolve_providers
 from gradmap.runtime.postprocess import (
@@ -37,7 +36,15 @@ from gradmap.runtime.postprocess import (
     softmax,
     top_k,
 )
-from gradmap.runtime.jobs import ExplainedPicture, JobSettings, explain_and_write, failed_record
+from gradmap.runtime.jobs import (
+    ExplainedPicture,
+    JobSettings,
+    RunSummary,
+    explain_and_write,
+    failed_record,
+    run_job,
+    write_outputs,
+)
 from gradmap.runtime.preprocess import (
     CropGeometry,
     EncodedPicture,
@@ -48,7 +55,7 @@ from gradmap.runtime.preprocess import (
     resized_size,
     to_rgb,
 )
-from gradmap.runtime.render import render_figure, render_heatmap, render_overlay
+from gradmap.runtime.render import RenderOptions, render_figure, render_heatmap, render_outputs, render_overlay
 from gradmap.runtime.saliency import (
     ImageSaliency,
     Prediction,
@@ -62,13 +69,14 @@ from gradmap.runtime.saliency import (
 __all__ = [
     "COLORMAPS", "DEFAULT_FORMATS", "FORMATS", "IMAGE_EXTENSIONS", "PLACEMENTS", "REDUCTIONS",
     "CropGeometry", "EncodedPicture", "ExplainedPicture", "GradmapModelError", "ImageLoadError", "ImageSaliency",
-    "JobSettings", "ModelOutputs",
+    "JobSettings", "ModelOutputs", "RunSummary",
     "NonFiniteGradientError", "OutputLayout", "Prediction", "RenderOptions", "SaliencyMap",
     "SaliencyModel", "Target", "TargetError", "TensorInfo",
     "apply_colormap", "atomic_write", "center_crop_offsets", "check_finite", "clip_percentile",
     "colormap_table", "compute_saliency", "equalize_histogram", "expand_inputs", "explain_and_write",
     "failed_record", "iter_saliency",
     "load_picture", "map_to_original", "normalize_min_max", "open_picture", "parse_target", "preprocess",
-    "reduce_channels", "render_figure", "render_heatmap", "render_overlay", "resized_size",
-    "resolve_providers", "save_npy", "save_png", "softmax", "to_rgb", "top_k", "write_outputs",
+    "reduce_channels", "render_figure", "render_heatmap", "render_outputs", "render_overlay", "resized_size",
+    "resolve_providers", "run_job", "save_npy", "save_png", "softmax", "to_rgb", "top_k", "write_outputs",
+    "write_rendered",
 ]

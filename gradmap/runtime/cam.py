@@ -6,14 +6,19 @@
                 cam = ReLU(sum_c w_c A_c)
     Guided Grad-CAM: guided backpropagation x the Grad-CAM map upsampled to the input size
 
-The feature map and its gradient come from models exported with ``--cam-layer``.
+The feature map and its gradient come from models exported with ``--cam-layer``. The ``*_method``
+functions are the method table's implementations (see :mod:`gradmap.runtime.methods`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["grad_cam", "grad_cam_plus_plus", "guided_grad_cam", "upsample"]
+from gradmap import contract
+from gradmap.runtime.methods import Attribution, MethodSpec
+
+__all__ = ["grad_cam", "grad_cam_plus_plus", "guided_grad_cam", "upsample", "grad_cam_method",
+           "grad_cam_plus_plus_method", "guided_grad_cam_method"]
 
 _EPS = 1e-6  # pytorch-grad-cam 1.5's guard in the Grad-CAM++ denominator (it dominates when |g| < 1e-3)
 
@@ -65,3 +70,36 @@ def guided_grad_cam(guided_gradient: np.ndarray, activation: np.ndarray, gradien
     upsampled by nearest neighbour to the input size, as Captum's GuidedGradCam does."""
     cam = upsample(grad_cam(activation, gradient, relu=True), guided_gradient.shape[2:], order=0)
     return (guided_gradient * cam[:, None]).astype(np.float32)
+
+
+def _cam_outputs(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
+    # one run for the whole batch: the feature maps are small beside the input gradient
+    return model.run_outputs(images, targets, spec.method.outputs)
+
+
+def _class_activation_map(cam, model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray) -> Attribution:
+    outs = _cam_outputs(model, spec, images, targets)
+    cams = cam(outs[contract.OUTPUT_CAM_ACTIVATION], outs[contract.OUTPUT_CAM_GRADIENT])
+    return Attribution(upsample(cams, images.shape[2:], order=1)[:, None], outs[contract.OUTPUT_TARGET_INDEX],
+                       outs[contract.OUTPUT_LOGITS])
+
+
+def grad_cam_method(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, *,
+                    batch_size: int = 16) -> Attribution:
+    """Grad-CAM [N, 1, H, W], upsampled (bilinear) to the input size."""
+    return _class_activation_map(grad_cam, model, spec, images, targets)
+
+
+def grad_cam_plus_plus_method(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, *,
+                              batch_size: int = 16) -> Attribution:
+    """Grad-CAM++ [N, 1, H, W], upsampled (bilinear) to the input size."""
+    return _class_activation_map(grad_cam_plus_plus, model, spec, images, targets)
+
+
+def guided_grad_cam_method(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, *,
+                           batch_size: int = 16) -> Attribution:
+    """Guided Grad-CAM [N, 3, H, W]."""
+    outs = _cam_outputs(model, spec, images, targets)
+    values = guided_grad_cam(outs[contract.OUTPUT_GRADIENT_GUIDED], outs[contract.OUTPUT_CAM_ACTIVATION],
+                             outs[contract.OUTPUT_CAM_GRADIENT])
+    return Attribution(values, outs[contract.OUTPUT_TARGET_INDEX], outs[contract.OUTPUT_LOGITS])

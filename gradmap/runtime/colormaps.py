@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from gradmap import contract
 from gradmap.runtime._colormap_data import VIRIDIS
 from gradmap.runtime.postprocess import check_finite
 
@@ -34,7 +35,7 @@ _SEGMENTS = {
     "gray": {channel: ((0.0, 0, 0), (1.0, 1, 1)) for channel in ("red", "green", "blue")},
 }
 
-COLORMAPS = ("hot", "jet", "viridis", "gray")
+COLORMAPS = contract.COLORMAPS
 
 
 def _segment_table(rows: tuple[tuple[float, float, float], ...], n: int) -> np.ndarray:
@@ -59,7 +60,7 @@ def colormap_table(name: str) -> np.ndarray:
     return np.stack([_segment_table(segments[c], N_COLORS) for c in ("red", "green", "blue")], axis=1)
 
 
-def apply_colormap(values: np.ndarray, name: str = "hot") -> np.ndarray:
+def apply_colormap(values: np.ndarray, name: str = contract.DEFAULT_COLORMAP) -> np.ndarray:
     """Colour a map with values in [0, 1] (clipped); returns uint8 [..., 3] RGB.
 
     Equal to ``matplotlib.colormaps[name](values, bytes=True)[..., :3]``.

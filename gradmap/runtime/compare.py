@@ -7,6 +7,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from gradmap import contract
 from gradmap.runtime.methods import MethodSpec
 from gradmap.runtime.model import SaliencyModel
 from gradmap.runtime.postprocess import scale_to_percentile
@@ -41,7 +42,7 @@ def explain_with_methods(model: SaliencyModel, picture: Image.Image | str, metho
 
 
 def render_comparison(picture: Image.Image, panels: Sequence[tuple[str, np.ndarray, np.ndarray]], *,
-                      caption: str = "", colormap: str = "hot", alpha: float = OVERLAY_ALPHA,
+                      caption: str = "", colormap: str = contract.DEFAULT_COLORMAP, alpha: float = OVERLAY_ALPHA,
                       panel_size: int = 220) -> Image.Image:
     """The original and one overlay per method in a row (opacity ``alpha * value``), titled, with an
     optional caption."""

@@ -25,7 +25,7 @@ given, else of the top-1 class):
                            as Adebayo et al. plot it; the verdict stays the top-randomized model's
 
 Maps are max over channels of |attribution| for pixel attributions (gradmap run's default reduction)
-and the class activation map itself for Grad-CAM and Grad-CAM++.
+and the class activation map itself for the methods of kind ``cam`` (Grad-CAM, Grad-CAM++).
 
 Data: a ``.npz`` file (``images`` uint8 [N, H, W, 3], ``masks`` [N, H, W], optional ``labels`` [N]
 of class indices or names) or a directory with ``images/`` (pictures), ``masks/`` (one picture per
@@ -50,7 +50,7 @@ from scipy import ndimage
 
 from gradmap import contract
 from gradmap.runtime.io import IMAGE_EXTENSIONS
-from gradmap.runtime.methods import MethodSpec, attribute
+from gradmap.runtime.methods import MethodSpec, attribute, check_supported
 from gradmap.runtime.metrics import (
     blurred_image,
     deletion_curve,
@@ -63,7 +63,7 @@ from gradmap.runtime.metrics import (
 from gradmap.runtime.postprocess import check_finite, reduce_channels
 from gradmap.runtime.preprocess import CropGeometry, crop_window, open_picture, preprocess
 
-__all__ = ["EvaluationData", "EvaluationDataError", "load_evaluation_data", "evaluate", "MAX_RANK_CORRELATION",
+__all__ = ["EvaluationData", "EvaluationDataError", "check_methods", "load_evaluation_data", "evaluate", "MAX_RANK_CORRELATION",
            "format_report"]
 
 logger = logging.getLogger(__name__)
@@ -223,9 +223,18 @@ def saliency_maps(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarr
     """(maps [N, h, w] float64, resolved targets [N]) of one method, as evaluated."""
     _, target_index, values, _ = attribute(model, spec, images, targets, batch_size=batch_size)
     check_finite(values, spec.name)
-    if spec.name in contract.CAM_METHODS:
+    if spec.method.kind == contract.KIND_CAM:
         return np.asarray(values[:, 0], dtype=np.float64), target_index
-    return reduce_channels(values, "max", channel_axis=1).astype(np.float64), target_index
+    return reduce_channels(values, contract.DEFAULT_REDUCTION, channel_axis=1).astype(np.float64), target_index
+
+
+def check_methods(methods: Sequence[MethodSpec], models: Sequence) -> None:
+    """Raise :class:`~gradmap.runtime.methods.UnsupportedMethodError` when a model (None: skipped)
+    lacks a method, before any work is done."""
+    for spec in methods:
+        for model in models:
+            if model is not None:
+                check_supported(model, spec, model.path)
 
 
 def _summary(values: Sequence[float]) -> dict[str, float]:
@@ -273,6 +282,7 @@ def evaluate(model, data: EvaluationData, methods: Sequence[MethodSpec], *, rand
     """
     if not np.isfinite(tolerance) or tolerance < 0:
         raise ValueError(f"tolerance must be a finite number of pixels >= 0, got {tolerance}")
+    check_methods(methods, [model, randomized, *(m for _, m in cascade)])
     say = progress or (lambda message: None)
     predict = model.probabilities
     started = time.perf_counter()
@@ -335,7 +345,7 @@ def evaluate(model, data: EvaluationData, methods: Sequence[MethodSpec], *, rand
             entry["rank_correlation_cascade"] = {
                 label: _rho_summary([_safe_rank_correlation(maps[i], other[i]) for i in range(n)])
                 for label, other in maps_cascade.items()}
-        entry["parameters"] = {k: v for k, v in vars(spec).items() if k != "name"}
+        entry["parameters"] = spec.settings
         deletion_ok = entry["deletion_auc"]["mean"] < results["random_order"]["deletion_auc"]["mean"]
         entry["deletion_beats_random"] = bool(deletion_ok)
         if maps_randomized is not None:

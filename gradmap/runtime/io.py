@@ -1,4 +1,5 @@
-"""Finding input pictures, naming output files and writing them atomically.
+"""Finding input pictures, naming output files and writing them atomically (what is written is
+drawn by :mod:`gradmap.runtime.render`; this module only writes).
 
 Output layout: the inputs' directory tree is mirrored under the output directory, relative to the
 deepest directory that holds all inputs, and every output keeps the input's full file name, so
@@ -7,9 +8,9 @@ deepest directory that holds all inputs, and every output keeps the input's full
     out/a/x.jpg.heatmap.png   out/a/x.jpg.overlay.png   out/a/x.jpg.figure.png
     out/a/x.jpg.gradient.npy  out/a/x.jpg.map.npy       (topK: out/a/x.jpg.top2.heatmap.png ...)
 
-The first array is named for what it holds (``contract.ATTRIBUTION_KINDS``): ``.gradient.npy`` for
-the gradient methods, ``.attribution.npy`` for integrated gradients, gradient x input and guided
-Grad-CAM, ``.cam.npy`` for Grad-CAM and Grad-CAM++.
+The first array is named for what it holds, the method's ``kind`` in the method table
+(``contract.METHOD_TABLE``): ``.gradient.npy`` for the gradient methods, ``.attribution.npy`` for
+integrated gradients, gradient x input and guided Grad-CAM, ``.cam.npy`` for Grad-CAM and Grad-CAM++.
 
 Every file is written to a temporary file in its destination directory and then ``os.replace``d, so a
 reader never sees half a file; an output path that is one of the inputs is refused.
@@ -22,7 +23,6 @@ import io
 import logging
 import os
 import secrets
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Sequence
 
@@ -30,26 +30,18 @@ import numpy as np
 from PIL import Image
 
 from gradmap import contract
-from gradmap.runtime.postprocess import map_to_original, scale_to_percentile
-from gradmap.runtime.render import OVERLAY_ALPHA, OVERLAY_PERCENTILE, render_figure, render_heatmap, render_overlay
-from gradmap.runtime.saliency import ImageSaliency, SaliencyMap
 
 __all__ = [
     "FORMATS",
     "DEFAULT_FORMATS",
     "IMAGE_EXTENSIONS",
-    "OVERLAYS",
     "OutputLayout",
-    "RenderOptions",
     "atomic_write",
     "expand_inputs",
-    "overlay_values",
-    "figure_caption",
     "png_bytes",
-    "render_pictures",
     "save_npy",
     "save_png",
-    "write_outputs",
+    "write_rendered",
 ]
 
 logger = logging.getLogger(__name__)
@@ -131,17 +123,19 @@ class OutputLayout:
         name = relative.name + (f".top{rank}" if rank is not None else "")
         return self.out_dir / relative.parent / name
 
-    def planned(self, source: str, formats: Iterable[str], maps: int = 1, method: str = "vanilla") -> list[Path]:
-        """Every file :func:`write_outputs` writes for ``source`` with these ``formats`` when the
+    def planned(self, source: str, formats: Iterable[str], maps: int = 1,
+                method: str = contract.DEFAULT_METHOD) -> list[Path]:
+        """Every file :func:`~gradmap.runtime.jobs.write_outputs` writes for ``source`` with these ``formats`` when the
         picture gets ``maps`` maps (topK: K) by ``method``. ``--skip-existing`` skips a picture whose
         planned files all exist: outputs are written atomically, so an existing file is a complete one."""
         ranks: list[int | None] = list(range(1, maps + 1)) if maps > 1 else [None]
         kinds = {"heatmap": [("heatmap", ".png")], "overlay": [("overlay", ".png")], "figure": [("figure", ".png")],
-                 "npy": [(contract.ATTRIBUTION_KINDS[method], ".npy"), ("map", ".npy")]}
+                 "npy": [(contract.method(method).kind, ".npy"), ("map", ".npy")]}
         return [self.path(source, kind, suffix, rank) for rank in ranks
                 for fmt in dict.fromkeys(formats) for kind, suffix in kinds[fmt]]
 
-    def complete(self, source: str, formats: Iterable[str], maps: int = 1, method: str = "vanilla") -> bool:
+    def complete(self, source: str, formats: Iterable[str], maps: int = 1,
+                 method: str = contract.DEFAULT_METHOD) -> bool:
         """Whether every planned output of ``source`` exists already (see :meth:`planned`). False when
         an output would overwrite an input: the picture is then processed and reports that error."""
         try:
@@ -190,14 +184,18 @@ def save_png(image: Image.Image, path: str | os.PathLike[str]) -> None:
     Pillow's default level 6 took 59 ms for a 512x512 heatmap and level 1 14 ms, for a file 10 %
     larger (350 and 384 kB): at the default, encoding the PNGs took a third of ``gradmap run``'s time
     over a folder (resnet50, batch 8), as long as the gradients themselves."""
-    atomic_write(path, lambda f: image.save(f, format="PNG", compress_level=1))
+    atomic_write(path, lambda f: _encode_png(image, f))
 
 
 def png_bytes(image: Image.Image) -> bytes:
     """The bytes :func:`save_png` writes for ``image``, in memory (``gradmap serve`` answers with them)."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)
+    _encode_png(image, buffer)
     return buffer.getvalue()
+
+
+def _encode_png(image: Image.Image, f: BinaryIO) -> None:
+    image.save(f, format="PNG", compress_level=1)
 
 
 def save_npy(array: np.ndarray, path: str | os.PathLike[str]) -> None:
@@ -205,117 +203,22 @@ def save_npy(array: np.ndarray, path: str | os.PathLike[str]) -> None:
     atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
-OVERLAYS = ("peaks", "flat")
-
-
-@dataclass(frozen=True)
-class RenderOptions:
-    """How pictures are drawn: ``equalize`` picks the equalized map for the heatmap (the figure shows
-    both), ``placement`` is ``"crop"`` or ``"stretch"`` (see ``map_to_original``).
-
-    ``overlay``: ``peaks`` (default) blends the min-max map scaled to its 99th percentile with opacity
-    ``alpha * value`` (``alpha`` None: :data:`~gradmap.runtime.render.OVERLAY_ALPHA`), so that only
-    where the map is high colours the picture; ``flat`` is the recipes' overlay, the heatmap's map
-    at opacity ``alpha`` (None: 0.5) everywhere.
-    """
-
-    equalize: bool = True
-    placement: str = "crop"
-    colormap: str = "hot"
-    alpha: float | None = None
-    overlay: str = "peaks"
-
-    def __post_init__(self) -> None:
-        if self.overlay not in OVERLAYS:
-            raise ValueError(f"unknown overlay {self.overlay!r}; choose one of {', '.join(OVERLAYS)}")
-
-    @property
-    def overlay_alpha(self) -> float:
-        if self.alpha is not None:
-            return self.alpha
-        return OVERLAY_ALPHA if self.overlay == "peaks" else 0.5
-
-
-def overlay_values(saliency: SaliencyMap, options: RenderOptions) -> np.ndarray:
-    """The map an overlay draws, on the model's input grid (see :class:`RenderOptions`)."""
-    if options.overlay == "peaks":
-        return scale_to_percentile(saliency.saliency_map, OVERLAY_PERCENTILE)
-    return saliency.equalized_map if options.equalize else saliency.saliency_map
-
-
-PICTURE_FORMATS = ("heatmap", "overlay", "figure")
-
-
-def figure_caption(result: ImageSaliency, saliency: SaliencyMap) -> str:
-    """The line above a figure's panels: the explained class and its probability."""
-    probability = float(result.probabilities[saliency.target_index])
-    return f"{saliency.target_label} ({saliency.target_index}): {probability:.1%}"
-
-
-def render_pictures(result: ImageSaliency, saliency: SaliencyMap, kinds: Iterable[str],
-                    options: RenderOptions = RenderOptions(), caption: str = "") -> dict[str, Image.Image]:
-    """The pictures among ``heatmap``, ``overlay`` and ``figure`` of one map of one picture, on the
-    original picture, as :func:`write_outputs` writes them (``gradmap serve`` answers with them)."""
-    kinds = [k for k in dict.fromkeys(kinds) if k in PICTURE_FORMATS]
-    if result.picture is None or result.geometry is None:
-        raise ValueError(f"{result.source}: nothing to draw (the picture failed: {result.error})")
-    pictures: dict[str, Image.Image] = {}
-    shown = saliency.equalized_map if options.equalize else saliency.saliency_map
-    shown_values, covered = map_to_original(shown, result.geometry, options.placement)
-    mask = None if options.placement == "stretch" else covered
-    weighted = options.overlay == "peaks"
-    if {"overlay", "figure"} & set(kinds):
-        overlaid, _ = map_to_original(overlay_values(saliency, options), result.geometry, options.placement)
-    for kind in kinds:
-        if kind == "heatmap":
-            pictures[kind] = render_heatmap(shown_values, mask, options.colormap)
-        elif kind == "overlay":
-            pictures[kind] = render_overlay(result.picture, overlaid, mask, options.colormap, options.overlay_alpha,
-                                            weighted=weighted)
-        else:
-            raw, _ = map_to_original(saliency.saliency_map, result.geometry, options.placement)
-            equalized, _ = map_to_original(saliency.equalized_map, result.geometry, options.placement)
-            pictures[kind] = render_figure(result.picture, raw, equalized, overlaid, mask, caption=caption,
-                                           colormap=options.colormap, alpha=options.overlay_alpha, weighted=weighted)
-    return pictures
-
-
-def write_outputs(result: ImageSaliency, saliency: SaliencyMap, layout: OutputLayout, formats: Iterable[str],
-                  options: RenderOptions = RenderOptions(), caption: str = "") -> dict[str, str]:
-    """Render and write the requested ``formats`` for one map of one picture.
-
-    ``npy`` writes two float32 arrays on the model's input grid: the attribution [3, h, w] ([1, h, w]
-    for a class activation map), named for what it holds (``.gradient.npy``, ``.attribution.npy`` or
-    ``.cam.npy``, see the module docstring), and ``.map.npy`` [h, w] (the min-max normalized map,
-    before equalization).
+def write_rendered(outputs: Iterable[tuple[str, Image.Image | np.ndarray]], layout: OutputLayout, source: str,
+                   rank: int | None = None) -> dict[str, str]:
+    """Write what :func:`~gradmap.runtime.render.render_outputs` gives for one map of ``source``, each
+    output as it comes: a picture as ``<base>.KIND.png``, an array as float32 ``<base>.KIND.npy``
+    (see :meth:`OutputLayout.path`; ``rank`` names a topK map's files).
 
     Returns:
-        ``{kind: path}`` for every file written (kinds heatmap, overlay, figure, gradient or
-        attribution or cam, map).
+        ``{kind: path}`` for every file written.
     """
-    formats = list(dict.fromkeys(formats))
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown:
-        raise ValueError(f"unknown output format {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
-    if result.picture is None or result.geometry is None:
-        raise ValueError(f"{result.source}: nothing to write (the picture failed: {result.error})")
-    rank = saliency.rank if saliency.rank is not None and _rank_in_name(result) else None
     written: dict[str, str] = {}
-    pictures = render_pictures(result, saliency, formats, options, caption)
-    for kind in formats:
-        if kind in pictures:
-            path = layout.path(result.source, kind, ".png", rank)
-            save_png(pictures[kind], path)
-            written[kind] = str(path)
-        elif kind == "npy":
-            kind_name = contract.ATTRIBUTION_KINDS.get(saliency.method, "attribution")
-            for name, array in ((kind_name, saliency.attribution), ("map", saliency.saliency_map)):
-                path = layout.path(result.source, name, ".npy", rank)
-                save_npy(np.asarray(array, dtype=np.float32), path)
-                written[name] = str(path)
+    for kind, output in outputs:
+        if isinstance(output, Image.Image):
+            path = layout.path(source, kind, ".png", rank)
+            save_png(output, path)
+        else:
+            path = layout.path(source, kind, ".npy", rank)
+            save_npy(np.asarray(output, dtype=np.float32), path)
+        written[kind] = str(path)
     return written
-
-
-def _rank_in_name(result: ImageSaliency) -> bool:
-    # Only topK with K > 1 puts the rank in file names; plain top-1 keeps the short names.
-    return len(result.maps) > 1

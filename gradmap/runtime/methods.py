@@ -12,12 +12,19 @@ A *gradient function* ``fn(images, targets) -> (logits, target_index, gradient)`
 methods call; :func:`gradient_function` makes one from a loaded model and a gradient output (through
 :meth:`SaliencyModel.run_outputs <gradmap.runtime.model.SaliencyModel.run_outputs>`, the runtime's one
 way into onnxruntime).
+
+Which method runs is the method table's business (:data:`gradmap.contract.METHOD_TABLE`): a row names
+its implementation, a function ``(model, spec, images, targets, *, batch_size) -> Attribution``
+(:data:`MethodImplementation`; the ``*_method`` functions here and in :mod:`gradmap.runtime.cam`), and
+:func:`attribute` checks that the model has the method, calls it and applies the modifier.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -25,15 +32,20 @@ from gradmap import contract
 from gradmap.contract import OUTPUT_GRADIENT, OUTPUT_LOGITS, OUTPUT_TARGET_INDEX
 
 __all__ = [
-    "METHODS", "MethodSpec", "attribute", "GradientFn", "Attribution", "gradient_function", "vanilla", "smoothgrad", "integrated_gradients",
-    "gradient_x_input", "modify", "baseline_image", "score_of", "SMOOTHGRAD_VARIANTS", "MODIFIERS",
+    "METHODS", "MethodSpec", "MethodImplementation", "UnsupportedMethodError", "attribute", "check_supported",
+    "implementation", "GradientFn", "Attribution", "gradient_function", "vanilla", "smoothgrad",
+    "integrated_gradients", "gradient_x_input", "modify", "baseline_image", "score_of", "SMOOTHGRAD_VARIANTS",
+    "MODIFIERS", "model_gradient_method", "smoothgrad_method", "integrated_gradients_method",
+    "gradient_x_input_method",
 ]
 
 GradientFn = Callable[[np.ndarray, np.ndarray], "tuple[np.ndarray, np.ndarray, np.ndarray]"]
-SMOOTHGRAD_VARIANTS = ("plain", "squared", "vargrad")
-MODIFIERS = ("absolute", "positive", "negative", "none")
-IG_RULES = ("trapezoid", "gauss-legendre")
-BASELINES = ("black", "blurred", "uniform")
+SMOOTHGRAD_VARIANTS = contract.SETTINGS["variant"].choices
+#: The modifiers :func:`modify` applies; the default setting, ``auto``, leaves the values to the reduction.
+AUTO_MODIFIER = contract.SETTINGS["modifier"].default
+MODIFIERS = tuple(m for m in contract.SETTINGS["modifier"].choices if m != AUTO_MODIFIER)
+IG_RULES = contract.SETTINGS["rule"].choices
+BASELINES = contract.SETTINGS["baseline"].choices
 
 
 @dataclass
@@ -110,10 +122,12 @@ def smoothgrad(fn: GradientFn, images: np.ndarray, targets: np.ndarray, *, sampl
     return Attribution(values.astype(np.float32), target_index, logits)
 
 
-def baseline_image(images: np.ndarray, kind: str, mean, std, *, seed: int | None = 0, blur_sigma: float = 20.0) -> np.ndarray:
+def baseline_image(images: np.ndarray, kind: str, mean, std, *, seed: int | None = 0, blur_sigma: float = 20.0,
+                   value_range: str = "0-1") -> np.ndarray:
     """Integrated-gradients baselines in the model's normalized space: ``black`` (pixel value 0,
     i.e. (0 - mean) / std), ``blurred`` (Gaussian blur of the image, sigma in pixels) or
-    ``uniform`` (uniform pixel noise in [0, 1], normalized)."""
+    ``uniform`` (uniform pixel noise over the whole pixel range, normalized). ``value_range`` is the
+    model's pixel scale (:data:`gradmap.contract.VALUE_RANGES`)."""
     mean = np.asarray(mean, np.float32)[None, :, None, None]
     std = np.asarray(std, np.float32)[None, :, None, None]
     if kind == "black":
@@ -124,7 +138,10 @@ def baseline_image(images: np.ndarray, kind: str, mean, std, *, seed: int | None
         return ndimage.gaussian_filter(images, sigma=(0, 0, blur_sigma, blur_sigma), mode="nearest").astype(np.float32)
     if kind == "uniform":
         rng = np.random.default_rng(seed)
-        return ((rng.random(images.shape, dtype=np.float32) - mean) / std).astype(np.float32)
+        noise = rng.random(images.shape, dtype=np.float32)
+        if value_range == "0-255":
+            noise = noise * np.float32(255)
+        return ((noise - mean) / std).astype(np.float32)
     raise ValueError(f"baseline {kind!r} is not one of {', '.join(BASELINES)}")
 
 
@@ -189,71 +206,144 @@ def modify(values: np.ndarray, modifier: str = "absolute") -> np.ndarray:
 METHODS = contract.METHODS
 
 
-@dataclass(frozen=True)
 class MethodSpec:
-    """A method and its parameters, as ``gradmap run --method`` takes them."""
+    """A method and its settings, as ``gradmap run --method NAME --SETTING VALUE`` takes them.
 
-    name: str = "vanilla"
-    samples: int = 50
-    noise: float = 0.15
-    variant: str = "plain"
-    steps: int = 32
-    rule: str = "gauss-legendre"
-    baseline: str = "black"
-    seed: int = 0
-    modifier: str = "auto"
+    ``MethodSpec("smoothgrad", samples=25)``: every setting is checked against the method table
+    (:data:`gradmap.contract.METHOD_TABLE`) and the others get their defaults; a setting of another
+    method is checked and left out, so that one set of options serves every method (use
+    :meth:`from_request` to refuse it). Settings read as attributes (``spec.samples``) or as the
+    :attr:`settings` dict.
 
-    def __post_init__(self) -> None:
-        if self.name not in METHODS:
-            raise ValueError(f"unknown method {self.name!r}; choose one of {', '.join(METHODS)}")
-        if self.modifier not in MODIFIERS + ("auto",):
-            raise ValueError(f"modifier {self.modifier!r} is not one of auto, {', '.join(MODIFIERS)}")
+    Raises:
+        ValueError: an unknown method; :class:`~gradmap.contract.MethodSettingError` (a ValueError)
+            for a setting with a wrong value or a name no method has.
+    """
+
+    __slots__ = ("name", "_values")
+
+    def __init__(self, name: str = contract.DEFAULT_METHOD, **settings: Any) -> None:
+        resolved = contract.method(name).resolve(settings, strict=False)
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "_values", tuple(resolved.items()))
+
+    @classmethod
+    def from_request(cls, name: str, settings: dict[str, Any] | None = None) -> "MethodSpec":
+        """Like the constructor, but a setting the method does not have is an error (a request's
+        settings are for one method)."""
+        contract.method(name).resolve(settings, strict=True)
+        return cls(name, **(settings or {}))
+
+    @property
+    def method(self) -> contract.Method:
+        """The method's row of the method table."""
+        return contract.method(self.name)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Every setting of the method (its own, then the common ones), defaults filled in."""
+        return dict(self._values)
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("_"):
+            raise AttributeError(key)
+        for name, value in self._values:
+            if name == key:
+                return value
+        raise AttributeError(f"method {self.name!r} has no setting {key!r}")
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("MethodSpec is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MethodSpec):
+            return NotImplemented
+        return (self.name, self._values) == (other.name, other._values)
+
+    def __hash__(self) -> int:
+        return hash((self.name, self._values))
+
+    def __repr__(self) -> str:
+        return f"MethodSpec({', '.join([repr(self.name), *(f'{k}={v!r}' for k, v in self._values)])})"
+
+    def __reduce__(self):  # pickled for Ray's workers
+        return (_method_spec, (self.name, self._values))
+
+
+def _method_spec(name: str, values: tuple) -> MethodSpec:
+    return MethodSpec(name, **dict(values))
+
+
+#: A method's implementation: ``(model, spec, images, targets, *, batch_size) -> Attribution``.
+MethodImplementation = Callable[..., Attribution]
+
+
+class UnsupportedMethodError(ValueError):
+    """The model lacks the outputs a method reads; the message names the export options that add them."""
+
+
+def check_supported(model, method: "str | MethodSpec | contract.Method", where: str = "this model") -> None:
+    """Raise :class:`UnsupportedMethodError` when ``model`` (a :class:`~gradmap.runtime.model.SaliencyModel`)
+    does not have ``method``, saying what it supports and how to export a model that has it."""
+    row = method if isinstance(method, contract.Method) else contract.method(getattr(method, "name", method))
+    supported = model.metadata.methods
+    if row.name not in supported:
+        raise UnsupportedMethodError(f"{where} does not support {row.name} (it supports {', '.join(supported)}); "
+                                     f"export it with {' '.join(row.export_options)}")
+
+
+@functools.lru_cache(maxsize=None)
+def implementation(method: str) -> MethodImplementation:
+    """The runtime's implementation of ``method``, from the table's ``module:function`` (imported on
+    first use, so that a method's modules load only when it runs)."""
+    module, _, function = contract.method(method).implementation.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def _gradient_output(method: contract.Method) -> str:
+    """The one gradient output among the outputs a method reads (``gradient``, ``gradient_guided``...)."""
+    (output,) = (o for o in method.outputs if o in contract.BACKPROP_OUTPUTS.values())
+    return output
+
+
+def model_gradient_method(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, *,
+                           batch_size: int = 16) -> Attribution:
+    """The gradient output the method reads, as the model computed it (vanilla, guided backprop, deconvnet)."""
+    return vanilla(gradient_function(model, _gradient_output(spec.method), batch_size), images, targets)
+
+
+def smoothgrad_method(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, *,
+                      batch_size: int = 16) -> Attribution:
+    fn = gradient_function(model, _gradient_output(spec.method), batch_size)
+    return smoothgrad(fn, images, targets, samples=spec.samples, noise=spec.noise, variant=spec.variant,
+                      seed=spec.seed)
+
+
+def integrated_gradients_method(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, *,
+                                batch_size: int = 16) -> Attribution:
+    pre = model.metadata.preprocessing
+    baselines = baseline_image(images, spec.baseline, pre.mean, pre.std, seed=spec.seed, value_range=pre.value_range)
+    fn = gradient_function(model, _gradient_output(spec.method), batch_size)
+    return integrated_gradients(fn, images, targets, baselines, steps=spec.steps, rule=spec.rule,
+                                score=model.metadata.score)
+
+
+def gradient_x_input_method(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, *,
+                            batch_size: int = 16) -> Attribution:
+    return gradient_x_input(gradient_function(model, _gradient_output(spec.method), batch_size), images, targets)
 
 
 def attribute(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, *, batch_size: int = 16):
     """Run ``spec`` on a loaded :class:`~gradmap.runtime.model.SaliencyModel`.
 
-    Returns (logits, target_index, values) with values [N, 3, H, W] for pixel attributions, or
-    [N, 1, H, W] for class activation maps upsampled (bilinear) to the input size. Raises
-    ``ValueError`` naming what to export when the model lacks the outputs a method needs.
+    Returns (logits, target_index, values, completeness gap or None) with values [N, 3, H, W] for
+    pixel attributions, or [N, 1, H, W] for class activation maps upsampled (bilinear) to the input
+    size. Raises :class:`UnsupportedMethodError` (a ValueError) naming what to export when the model
+    lacks the outputs the method reads.
     """
-    supported = model.metadata.methods
-    if spec.name not in supported:
-        hint = contract.METHOD_EXPORT_OPTIONS.get(spec.name, "")
-        raise ValueError(f"this model does not support {spec.name} (it supports {', '.join(supported)}); "
-                         f"export it with {hint}")
-    fn = gradient_function(model, batch_size=batch_size)
-    if spec.name == "vanilla":
-        result = vanilla(fn, images, targets)
-    elif spec.name == "smoothgrad":
-        result = smoothgrad(fn, images, targets, samples=spec.samples, noise=spec.noise, variant=spec.variant,
-                            seed=spec.seed)
-    elif spec.name == "integrated-gradients":
-        pre = model.metadata.preprocessing
-        baselines = baseline_image(images, spec.baseline, pre.mean, pre.std, seed=spec.seed)
-        result = integrated_gradients(fn, images, targets, baselines, steps=spec.steps, rule=spec.rule,
-                                      score=model.metadata.score)
-    elif spec.name == "gradient-x-input":
-        result = gradient_x_input(fn, images, targets)
-    elif spec.name in ("guided-backprop", "deconvnet"):
-        output = contract.OUTPUT_GRADIENT_GUIDED if spec.name == "guided-backprop" else contract.OUTPUT_GRADIENT_DECONVNET
-        result = vanilla(gradient_function(model, output, batch_size), images, targets)
-    else:
-        from .cam import grad_cam, grad_cam_plus_plus, guided_grad_cam, upsample
-
-        names = [contract.OUTPUT_LOGITS, contract.OUTPUT_TARGET_INDEX, contract.OUTPUT_CAM_ACTIVATION,
-                 contract.OUTPUT_CAM_GRADIENT]
-        if spec.name == "guided-grad-cam":
-            names.append(contract.OUTPUT_GRADIENT_GUIDED)
-        outs = model.run_outputs(images, targets, names)
-        logits, target_index, activation, cam_gradient = (outs[name] for name in names[:4])
-        if spec.name == "guided-grad-cam":
-            values = guided_grad_cam(outs[contract.OUTPUT_GRADIENT_GUIDED], activation, cam_gradient)
-        else:
-            cams = (grad_cam if spec.name == "grad-cam" else grad_cam_plus_plus)(activation, cam_gradient)
-            values = upsample(cams, images.shape[2:], order=1)[:, None]
-        result = Attribution(values, target_index, logits)
+    check_supported(model, spec)
+    result = implementation(spec.name)(model, spec, images, targets, batch_size=batch_size)
     # "auto" leaves the sign to the channel reduction: the default max reduction takes |values| (the
     # recipes' absolute gradient), the TensorFlow recipe's sum keeps it
-    values = result.values if spec.modifier == "auto" else modify(result.values, spec.modifier)
+    values = result.values if spec.modifier == AUTO_MODIFIER else modify(result.values, spec.modifier)
     return result.logits, result.target_index, values, result.completeness_gap

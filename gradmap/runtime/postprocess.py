@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 from skimage import exposure
 
+from gradmap import contract
 from gradmap.runtime.errors import NonFiniteGradientError
 from gradmap.runtime.preprocess import CropGeometry
 
@@ -38,8 +39,8 @@ __all__ = [
     "top_k",
 ]
 
-REDUCTIONS = ("max", "sum", "l2")
-PLACEMENTS = ("crop", "stretch")
+REDUCTIONS = contract.REDUCTIONS
+PLACEMENTS = contract.PLACEMENTS
 
 
 def _as_float(values: np.ndarray) -> np.ndarray:
@@ -60,7 +61,7 @@ def check_finite(values: np.ndarray, what: str = "gradient") -> None:
         raise NonFiniteGradientError(f"{what} has {nan} NaN and {inf} infinite values out of {values.size}")
 
 
-def reduce_channels(gradient: np.ndarray, method: str = "max", channel_axis: int = 0) -> np.ndarray:
+def reduce_channels(gradient: np.ndarray, method: str = contract.DEFAULT_REDUCTION, channel_axis: int = 0) -> np.ndarray:
     """Collapse the colour channels of a gradient into one saliency value per pixel.
 
     Args:
@@ -178,7 +179,7 @@ def scale_to_percentile(saliency_map: np.ndarray, percentile: float = 99.0) -> n
     return np.clip(m / level, 0.0, 1.0).astype(np.float32)
 
 
-def map_to_original(saliency_map: np.ndarray, geometry: CropGeometry, placement: str = "crop",
+def map_to_original(saliency_map: np.ndarray, geometry: CropGeometry, placement: str = contract.DEFAULT_PLACEMENT,
                     order: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Put a map computed on the model input back onto the original picture.
 

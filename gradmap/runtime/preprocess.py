@@ -38,8 +38,10 @@ __all__ = [
     "center_crop_offsets",
     "keep_ratio_size",
     "load_picture",
+    "normalize_pixels",
     "open_picture",
     "preprocess",
+    "resize_bilinear_no_antialias",
     "resized_size",
     "to_rgb",
 ]
@@ -214,6 +216,35 @@ def center_crop_offsets(height: int, width: int, crop_height: int, crop_width: i
     return offset(height, crop_height), offset(width, crop_width)
 
 
+def _half_pixel_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source rows (or columns) and weights of TensorFlow's half-pixel bilinear resize, in float32 as
+    its kernel computes them (resize_bilinear_op.cc: ``(x + 0.5f) * scale - 0.5f``, the lower tap
+    clamped at 0, the upper one ``ceil`` clamped at the last pixel)."""
+    scale = np.float32(in_size / out_size)
+    source = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    floor = np.floor(source)
+    lower = np.maximum(floor, 0).astype(np.int64)
+    upper = np.minimum(np.ceil(source), in_size - 1).astype(np.int64)
+    return lower, upper, (source - floor).astype(np.float32)
+
+
+def resize_bilinear_no_antialias(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``tf.image.resize(pixels, (height, width))`` with its defaults (bilinear, half-pixel centers, no
+    antialiasing): [H, W, C] pixels (any numeric type) to float32 [height, width, C], not rounded.
+
+    The same float32 operations in the same order as TensorFlow's CPU kernel:
+    ``top = tl + (tr - tl) * dx``, ``bottom = bl + (br - bl) * dx``, ``top + (bottom - top) * dy``.
+    """
+    pixels = np.asarray(pixels, dtype=np.float32)
+    y0, y1, dy = _half_pixel_taps(pixels.shape[0], height)
+    x0, x1, dx = _half_pixel_taps(pixels.shape[1], width)
+    dx = dx[None, :, None]
+    top_rows, bottom_rows = pixels[y0], pixels[y1]
+    top = top_rows[:, x0] + (top_rows[:, x1] - top_rows[:, x0]) * dx
+    bottom = bottom_rows[:, x0] + (bottom_rows[:, x1] - bottom_rows[:, x0]) * dx
+    return (top + (bottom - top) * dy[:, None, None]).astype(np.float32)
+
+
 def crop_window(pixels: np.ndarray, top: int, left: int, size: tuple[int, int], fill=0) -> np.ndarray:
     """The ``size`` window of ``pixels`` ([H, W, ...]) at (top, left), ``fill`` (zero, as
     torchvision's CenterCrop pads; per channel for timm's border mode) where it reaches past the
@@ -258,17 +289,36 @@ def preprocess(picture: Image.Image, preprocessing: Preprocessing, *, no_crop: b
                                    longest=preprocessing.resize_mode == "keep_ratio_longest")
     else:
         new_size = resized_size(height, width, preprocessing.resize)
-    if new_size != (height, width):  # torchvision returns the picture untouched when sizes agree
-        picture = picture.resize((new_size[1], new_size[0]), PIL_FILTERS[preprocessing.interpolation])
+    if not preprocessing.antialias:  # tf.image.resize: float pixels, not rounded to 8 bits
+        pixels = np.asarray(picture, dtype=np.uint8)
+        if new_size != (height, width):
+            pixels = resize_bilinear_no_antialias(pixels, *new_size)
+    else:
+        if new_size != (height, width):  # torchvision returns the picture untouched when sizes agree
+            picture = picture.resize((new_size[1], new_size[0]), PIL_FILTERS[preprocessing.interpolation])
+        pixels = np.asarray(picture, dtype=np.uint8)
     top, left = (0, 0) if no_crop else center_crop_offsets(new_size[0], new_size[1], crop_h, crop_w,
                                                           preprocessing.crop_rounding)
 
-    window = crop_window(np.asarray(picture, dtype=np.uint8), top, left, (crop_h, crop_w), preprocessing.pad_fill)
+    window = crop_window(pixels, top, left, (crop_h, crop_w), preprocessing.pad_fill)
+    geometry = CropGeometry((height, width), new_size, top, left, (crop_h, crop_w))
+    return normalize_pixels(window, preprocessing), geometry
 
-    # Same float32 operations, in the same order, as ToTensor (x / 255) and Normalize ((x - m) / s).
-    tensor = window.transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+
+def normalize_pixels(window: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
+    """[h, w, 3] RGB pixel values on the 0-255 scale to the model's float32 [3, h, w] tensor.
+
+    The same float32 operations, in the same order, as ToTensor (x / 255) and Normalize
+    ((x - m) / s), and as Keras' ``preprocess_input`` (``caffe``: channels reversed, then x - m on the
+    0-255 scale; ``tf``: x / 127.5 - 1, which equals (x / 255 - 0.5) / 0.5 bit for bit; ``torch``:
+    x / 255, then (x - m) / s).
+    """
+    tensor = window.transpose(2, 0, 1).astype(np.float32)
+    if preprocessing.value_range == "0-1":
+        tensor = tensor / np.float32(255)
+    if preprocessing.channel_order == "bgr":
+        tensor = tensor[::-1]
     mean = np.asarray(preprocessing.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(preprocessing.std, dtype=np.float32)[:, None, None]
     tensor = (tensor - mean) / std
-    geometry = CropGeometry((height, width), new_size, top, left, (crop_h, crop_w))
-    return np.ascontiguousarray(tensor, dtype=np.float32), geometry
+    return np.ascontiguousarray(tensor, dtype=np.float32)

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from gradmap.contract import ATTRIBUTION_KINDS
+from gradmap import contract
 from gradmap.runtime.errors import ImageLoadError, NonFiniteGradientError, TargetError
 from gradmap.runtime.methods import MethodSpec, attribute
 from gradmap.runtime.model import SaliencyModel
@@ -48,6 +48,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_DEFAULT_SPEC = MethodSpec()
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ class SaliencyMap:
     the model returned it (vanilla, guided backprop, deconvnet; SmoothGrad's mean, mean square or
     variance of gradients), gradients weighted by something else (integrated gradients, gradient x
     input, guided Grad-CAM), or [1, h, w] for a class activation map (Grad-CAM, Grad-CAM++);
-    ``contract.ATTRIBUTION_KINDS`` says which, and ``gradmap run`` names its ``.npy`` after it.
+    the method table's ``kind`` says which, and ``gradmap run`` names its ``.npy`` after it.
     ``saliency_map`` is the channel-reduced, min-max normalized map in [0, 1]; ``equalized_map`` its
     histogram-equalized version. ``rank`` is the class's rank (1 = top-1) when the target was topK,
     else None.
@@ -130,7 +131,7 @@ class SaliencyMap:
     attribution: np.ndarray
     saliency_map: np.ndarray
     equalized_map: np.ndarray
-    method: str = "vanilla"
+    method: str = contract.DEFAULT_METHOD
     #: integrated gradients only: |sum of attributions - (F(x) - F(baseline))|
     completeness_gap: float | None = None
 
@@ -166,7 +167,7 @@ class ImageSaliency:
         return [Prediction(int(i), self.labels[i], float(self.probabilities[i]))
                 for i in top_k(self.probabilities, min(k, len(self.probabilities)))]
 
-    def on_original(self, values: np.ndarray, placement: str = "crop") -> tuple[np.ndarray, np.ndarray]:
+    def on_original(self, values: np.ndarray, placement: str = contract.DEFAULT_PLACEMENT) -> tuple[np.ndarray, np.ndarray]:
         """Map an input-grid map onto the original picture; see :func:`map_to_original`."""
         if self.geometry is None:
             raise ValueError(f"{self.source}: no geometry (the picture failed: {self.error})")
@@ -182,8 +183,9 @@ def _name(source: object) -> str:
 
 
 def _make_map(attribution: np.ndarray, index: int, labels: Sequence[str], rank: int | None, reduce: str,
-              clip: tuple[float, float] | None, method: str = "vanilla", gap: float | None = None) -> SaliencyMap:
-    check_finite(attribution, f"{ATTRIBUTION_KINDS.get(method, 'attribution')} for class {index} ({labels[index]})")
+              clip: tuple[float, float] | None, method: str = contract.DEFAULT_METHOD,
+              gap: float | None = None) -> SaliencyMap:
+    check_finite(attribution, f"{contract.method(method).kind} for class {index} ({labels[index]})")
     reduced = reduce_channels(attribution, reduce)
     if clip is not None:
         reduced = clip_percentile(reduced, *clip)
@@ -193,7 +195,9 @@ def _make_map(attribution: np.ndarray, index: int, labels: Sequence[str], rank: 
 
 def _run(model: SaliencyModel, method: MethodSpec | None, images: np.ndarray, targets: np.ndarray):
     """(logits, target_index, attribution [N, C, H, W], completeness gap or None) of one method."""
-    if method is None or method.name == "vanilla" and method.modifier == "auto":
+    # The default method reads the gradient output that model.run returns (tests/test_method_table.py
+    # checks it): one run for the batch, where attribute() runs chunks of 16
+    if method is None or method == _DEFAULT_SPEC:
         out = model.run(images, targets)
         return out.logits, out.target_index, out.gradient, None
     return attribute(model, method, images, targets)
@@ -211,9 +215,10 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
 
 
 def iter_saliency(model: SaliencyModel, sources: Iterable[str | os.PathLike[str] | EncodedPicture | Image.Image], *,
-                  target: str | int | Target | None = "top1", reduce: str = "max",
+                  target: str | int | Target | None = contract.DEFAULT_TARGET, reduce: str = contract.DEFAULT_REDUCTION,
                   clip: tuple[float, float] | None = None, no_crop: bool = False,
-                  batch_size: int = 8, method: MethodSpec | None = None) -> Iterator[ImageSaliency]:
+                  batch_size: int = contract.DEFAULT_BATCH_SIZE, method: MethodSpec | None = None
+                  ) -> Iterator[ImageSaliency]:
     """Compute saliency maps for many pictures, ``batch_size`` at a time, in input order.
 
     Pictures are loaded batch by batch, never all at once. A picture that cannot be read, or whose
@@ -228,7 +233,7 @@ def iter_saliency(model: SaliencyModel, sources: Iterable[str | os.PathLike[str]
         clip: optional (low, high) percentiles applied before normalization.
         no_crop: resize the whole picture to the input size instead of resize + center crop.
         batch_size: pictures per model run.
-        method: the attribution method and its parameters (vanilla gradient when ``None``).
+        method: the attribution method and its settings (the default method when ``None``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -261,7 +266,7 @@ def _explain(model: SaliencyModel, images: np.ndarray, results: list[ImageSalien
              reduce: str, clip: tuple[float, float] | None, method: MethodSpec | None = None) -> None:
     labels = model.labels
     n = len(results)
-    name = "vanilla" if method is None else method.name
+    name = contract.DEFAULT_METHOD if method is None else method.name
     first_targets = np.full(n, -1 if wanted.kind == "top" else wanted.value, dtype=np.int64)
     logits, first_index, first_values, first_gap = _run(model, method, images, first_targets)
     # Ranks 2..K: the best classes after the one the graph resolved as top-1, so that rank 1 is
@@ -291,21 +296,27 @@ def _explain(model: SaliencyModel, images: np.ndarray, results: list[ImageSalien
 
 
 def compute_saliency(model: SaliencyModel | str | os.PathLike[str],
-                     picture: str | os.PathLike[str] | Image.Image, *, target: str | int | None = "top1",
-                     reduce: str = "max", clip: tuple[float, float] | None = None,
+                     picture: str | os.PathLike[str] | Image.Image, *, target: str | int | None = contract.DEFAULT_TARGET,
+                     reduce: str = contract.DEFAULT_REDUCTION, clip: tuple[float, float] | None = None,
                      no_crop: bool = False) -> ImageSaliency:
     """Saliency map(s) of one picture.
 
     Args:
         model: a :class:`SaliencyModel` or the path of a gradmap ``.onnx`` file.
         picture: a file path or a PIL image.
-        target, reduce, clip, no_crop: as in :func:`iter_saliency`.
+        target: as in :func:`iter_saliency`.
+        reduce: as in :func:`iter_saliency`.
+        clip: as in :func:`iter_saliency`.
+        no_crop: as in :func:`iter_saliency`.
 
     Returns:
         :class:`ImageSaliency` with one :class:`SaliencyMap` per explained class.
 
     Raises:
-        ImageLoadError, NonFiniteGradientError, TargetError, GradmapModelError.
+        ImageLoadError: the picture cannot be read.
+        NonFiniteGradientError: the model's gradient holds NaN or infinity.
+        TargetError: the target names no class of the model.
+        GradmapModelError: the model file is not a usable gradmap model.
 
     Example:
         >>> result = compute_saliency("resnet18.onnx", "cat.jpg")

@@ -19,20 +19,23 @@ from typing import Any, Callable, Mapping
 from gradmap import contract
 from gradmap.runtime.colormaps import COLORMAPS
 from gradmap.runtime.errors import TargetError
-from gradmap.runtime.io import OVERLAYS, PICTURE_FORMATS, RenderOptions
+from gradmap.runtime.render import OVERLAYS, RenderOptions
 from gradmap.runtime.methods import BASELINES, IG_RULES, MODIFIERS, SMOOTHGRAD_VARIANTS, MethodSpec
 from gradmap.runtime.postprocess import PLACEMENTS, REDUCTIONS
 from gradmap.runtime.saliency import Target, parse_target
 
-__all__ = ["ARRAY_OUTPUTS", "BadRequest", "BatchKey", "OUTPUTS", "PREDICT", "ResponseOptions", "read_settings"]
+__all__ = ["ARRAY_OUTPUTS", "BadRequest", "BatchKey", "OUTPUTS", "PICTURE_OUTPUTS", "PREDICT", "ResponseOptions",
+           "read_settings"]
 
 PREDICT = "predict"
 
 #: Arrays a response can carry, on the model's input grid: the min-max map [h, w] (``.map.npy``), its
 #: histogram-equalized form, and the method's attribution [C, h, w] (``.gradient.npy`` and its kin).
 ARRAY_OUTPUTS = ("map", "equalized", "attribution")
-#: Everything ``format`` may list: the arrays and ``gradmap run``'s pictures (PNG, on the original picture).
-OUTPUTS = ARRAY_OUTPUTS + PICTURE_FORMATS
+#: ``gradmap run``'s pictures (PNG, on the original picture): its output formats but the arrays.
+PICTURE_OUTPUTS = tuple(f for f in contract.OUTPUT_FORMATS if f != "npy")
+#: Everything ``format`` may list: the arrays and ``gradmap run``'s pictures.
+OUTPUTS = ARRAY_OUTPUTS + PICTURE_OUTPUTS
 DEFAULT_OUTPUTS = ("map",)
 
 

@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Iterator, Sequence
 from urllib.parse import quote
 
 import anyio.to_thread
@@ -39,15 +39,17 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.routing import Route
 
 from gradmap import __version__
-from gradmap.runtime import (EncodedPicture, GradmapModelError, ImageLoadError, ImageSaliency, SaliencyModel,
-                             iter_saliency, open_picture, preprocess)
+from gradmap.runtime import (EncodedPicture, GradmapModelError, ImageLoadError, ImageSaliency, SaliencyMap,
+                             SaliencyModel, iter_saliency, open_picture, preprocess)
 from gradmap.runtime.errors import NonFiniteGradientError
-from gradmap.runtime.io import figure_caption, png_bytes, render_pictures
+from gradmap.runtime.io import png_bytes
 from gradmap.runtime.jobs import TOP_PREDICTIONS
 from gradmap.runtime.postprocess import top_k
+from gradmap.runtime.render import RenderOptions, figure_caption, render_outputs
 from gradmap.serve._batching import DynamicBatcher, QueueFull
 from gradmap.serve._metrics import CONTENT_TYPE_LATEST, Metrics
-from gradmap.serve._settings import ARRAY_OUTPUTS, PREDICT, BatchKey, BadRequest, ResponseOptions, read_settings
+from gradmap.serve._settings import (ARRAY_OUTPUTS, PICTURE_OUTPUTS, PREDICT, BatchKey, BadRequest, ResponseOptions,
+                                     read_settings)
 from gradmap.serve.config import MODEL_NAME, ServeConfig
 
 __all__ = ["Served", "create_app"]
@@ -126,6 +128,17 @@ def _map_arrays(result: ImageSaliency) -> dict[str, list[np.ndarray]]:
             "attribution": [m.attribution for m in result.maps]}
 
 
+def _pngs(result: ImageSaliency, saliency: SaliencyMap, kinds: Sequence[str],
+          render: RenderOptions) -> Iterator[tuple[str, bytes]]:
+    """The pictures among ``kinds`` of one map as PNG bytes: drawn by the step that draws what
+    ``gradmap run`` writes (:func:`~gradmap.runtime.render.render_outputs`, the same caption), encoded
+    as :func:`~gradmap.runtime.io.save_png` encodes, one full-size picture held at a time."""
+    pictures = [kind for kind in kinds if kind in PICTURE_OUTPUTS]
+    if pictures:
+        for kind, picture in render_outputs(result, saliency, pictures, render, figure_caption(result, saliency)):
+            yield kind, png_bytes(picture)
+
+
 def explanation(result: ImageSaliency, options: ResponseOptions) -> dict:
     """One picture's explanation as JSON: its top classes and, per map, the outputs asked for."""
     doc = {"predictions": [{"index": p.index, "label": p.label, "probability": p.probability}
@@ -141,9 +154,8 @@ def explanation(result: ImageSaliency, options: ResponseOptions) -> dict:
         for name in options.outputs:
             if name in ARRAY_OUTPUTS:
                 entry[name] = _array(arrays[name])
-        pictures = render_pictures(result, saliency, options.outputs, options.render, figure_caption(result, saliency))
-        for kind, picture in pictures.items():
-            entry[kind] = {"b64": base64.b64encode(png_bytes(picture)).decode("ascii"), "content_type": "image/png"}
+        for kind, png in _pngs(result, saliency, options.outputs, options.render):
+            entry[kind] = {"b64": base64.b64encode(png).decode("ascii"), "content_type": "image/png"}
         doc["maps"].append(entry)
     return doc
 
@@ -393,9 +405,8 @@ class GradmapApp:
             saliency = result.maps[0]
 
             def draw() -> bytes:
-                pictures = render_pictures(result, saliency, options.outputs, options.render,
-                                           figure_caption(result, saliency))
-                return png_bytes(pictures[options.outputs[0]])
+                ((_, png),) = _pngs(result, saliency, options.outputs, options.render)
+                return png
 
             png = await anyio.to_thread.run_sync(draw)
             probability = float(result.probabilities[saliency.target_index])
@@ -493,9 +504,8 @@ class GradmapApp:
                                 "data": stacked.ravel().tolist()})
                 elif name in V2_OUTPUTS:
                     kind = V2_OUTPUTS[name]
-                    pngs = [base64.b64encode(png_bytes(render_pictures(r, m, [kind], options.render,
-                                                                       figure_caption(r, m))[kind])).decode("ascii")
-                            for r in results for m in r.maps]
+                    pngs = [base64.b64encode(png).decode("ascii")
+                            for r in results for m in r.maps for _, png in _pngs(r, m, [kind], options.render)]
                     out.append({"name": name, "datatype": "BYTES", "shape": [n, k], "data": pngs,
                                 "parameters": {"content_type": "image/png", "encoding": "base64"}})
                 elif name == "target_index":

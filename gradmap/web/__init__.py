@@ -1,10 +1,12 @@
 """``gradmap web``: a static site that explains pictures in the browser with onnxruntime-web.
 
 The site is ``index.html``, ``app.js`` (the page), ``gradmap.js`` (gradmap's preprocessing and
-postprocessing in JavaScript, equal to :mod:`gradmap.runtime`), ``style.css``, the model, and
-``model.json``: what the page needs from the model's metadata (preprocessing, labels, methods,
-input size, tensor names from :mod:`gradmap.contract`) and from the runtime (the colormap table, the
-overlay settings). onnxruntime-web is either copied into ``ort/`` from a local ``dist/`` folder or
+postprocessing in JavaScript, equal to :mod:`gradmap.runtime`), ``methods.js`` (the methods the
+page computes, one function per row of the method table that names one), ``style.css``, the model,
+and ``model.json``: what the page needs from the model's metadata (preprocessing, labels, input
+size), from :mod:`gradmap.contract` (tensor names; the method table's rows of the methods the model
+has and the page computes, with the page's setting defaults) and from the runtime (the colormap
+table, the overlay settings). onnxruntime-web is either copied into ``ort/`` from a local ``dist/`` folder or
 loaded from a public CDN at :data:`ORT_WEB_VERSION`.
 
 Torch-free: needs the slim runtime only (the model is loaded once with onnxruntime to check it).
@@ -20,11 +22,12 @@ import os
 import shutil
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from gradmap import contract
 
-__all__ = ["ORT_WEB_VERSION", "ORT_CDN", "SiteError", "build_site", "make_server", "PAGE_FILES"]
+__all__ = ["ORT_WEB_VERSION", "ORT_CDN", "PAGE_FILES", "PAGE_SETTINGS", "SiteError", "build_site", "make_server",
+           "page_method_table", "page_settings", "site_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +39,12 @@ ORT_FILES = {
     "wasm": ("ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm"),
     "webgpu": ("ort.webgpu.min.js", "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm"),
 }
-PAGE_FILES = ("index.html", "app.js", "gradmap.js", "style.css")
+PAGE_FILES = ("index.html", "app.js", "gradmap.js", "methods.js", "style.css")
 #: Pictures over this many pixels are refused, as PIL refuses decompression bombs in ``gradmap run``.
 MAX_PIXELS = 89_478_485
-SMOOTHGRAD_SAMPLES = 25
+#: The page's own setting defaults where they differ from the method table's: fewer noisy copies,
+#: for a first map in a few seconds in the browser.
+PAGE_SETTINGS = {"samples": 25}
 
 
 class SiteError(ValueError):
@@ -54,14 +59,40 @@ def _ort_version(dist: Path) -> str:
         return "(local copy)"
 
 
+def page_settings(settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """:data:`PAGE_SETTINGS` with ``settings`` over them, each checked against the method table;
+    :class:`SiteError` names a setting no method has or a wrong value."""
+    merged = {**PAGE_SETTINGS, **(settings or {})}
+    try:
+        return {name: contract.SETTINGS[name].check(value) for name, value in merged.items()}
+    except KeyError as e:
+        raise SiteError(f"no method has a setting {e.args[0]!r}; the settings are {', '.join(contract.SETTINGS)}") from None
+    except contract.MethodSettingError as e:
+        raise SiteError(str(e)) from None
+
+
+def page_method_table(methods: Sequence[str], settings: Mapping[str, Any]) -> list[dict]:
+    """The method table's rows of ``methods`` (JSON, see :meth:`gradmap.contract.Method.to_dict`),
+    their settings' defaults replaced by ``settings`` (the page's defaults)."""
+    rows = []
+    for name in methods:
+        row = contract.method(name).to_dict()
+        for setting in row["settings"]:
+            setting["default"] = settings.get(setting["name"], setting["default"])
+        rows.append(row)
+    return rows
+
+
 def site_config(model, *, model_file: str, ort_base: str, ort_version: str, examples: Sequence[str],
-                smoothgrad_noise: float) -> dict:
-    """model.json: everything the page reads, from the model's metadata and the runtime's tables."""
+                settings: Mapping[str, Any] | None = None) -> dict:
+    """model.json: everything the page reads, from the model's metadata and the runtime's tables.
+    ``settings``: the page's method setting defaults over :data:`PAGE_SETTINGS`, by name."""
     from gradmap.runtime.colormaps import colormap_table
     from gradmap.runtime.render import OVERLAY_ALPHA, OVERLAY_PERCENTILE
 
     meta = model.metadata
-    colormap = "hot"
+    methods = [m for m in meta.methods if contract.method(m).web]
+    colormap = contract.DEFAULT_COLORMAP
     table = (colormap_table(colormap) * 255).astype("uint8")
     return {
         "format": 1,
@@ -74,13 +105,15 @@ def site_config(model, *, model_file: str, ort_base: str, ort_version: str, exam
         "preprocessing": meta.preprocessing.to_dict(),
         "input_size": list(meta.preprocessing.crop),
         "fixed_batch": model.fixed_batch,
-        "methods": [m for m in contract.WEB_METHODS if m in meta.methods],
+        "methods": methods,
+        "default_method": contract.DEFAULT_METHOD,
+        "method_table": page_method_table(methods, page_settings(settings)),
         "inputs": {"image": contract.INPUT_IMAGE, "target": contract.INPUT_TARGET},
         "outputs": {"logits": contract.OUTPUT_LOGITS, "target_index": contract.OUTPUT_TARGET_INDEX,
                     "gradient": contract.OUTPUT_GRADIENT, "gradient_guided": contract.OUTPUT_GRADIENT_GUIDED,
                     "gradient_deconvnet": contract.OUTPUT_GRADIENT_DECONVNET,
                     "cam_activation": contract.OUTPUT_CAM_ACTIVATION, "cam_gradient": contract.OUTPUT_CAM_GRADIENT},
-        "smoothgrad": {"samples": SMOOTHGRAD_SAMPLES, "noise": smoothgrad_noise},
+        "gradient_outputs": list(contract.BACKPROP_OUTPUTS.values()),
         "colormap": {"name": colormap, "table": [int(v) for v in table.reshape(-1)]},
         "overlay": {"percentile": OVERLAY_PERCENTILE, "alpha": OVERLAY_ALPHA},
         "max_pixels": MAX_PIXELS,
@@ -93,7 +126,7 @@ def site_config(model, *, model_file: str, ort_base: str, ort_version: str, exam
 
 def build_site(model_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                ort_dist: str | os.PathLike[str] | None = None, examples: Sequence[str | os.PathLike[str]] = (),
-               smoothgrad_noise: float = 0.15) -> dict:
+               settings: Mapping[str, Any] | None = None) -> dict:
     """Write the static site for ``model_path`` into ``out_dir`` and return its model.json.
 
     Args:
@@ -102,16 +135,19 @@ def build_site(model_path: str | os.PathLike[str], out_dir: str | os.PathLike[st
         ort_dist: a local copy of onnxruntime-web's ``dist/`` folder to copy into ``out_dir/ort``;
             ``None``: the page loads onnxruntime-web :data:`ORT_WEB_VERSION` from :data:`ORT_CDN`.
         examples: pictures copied into ``out_dir/examples`` and offered on the page.
-        smoothgrad_noise: SmoothGrad's noise level, as a fraction of the input's value range.
+        settings: method settings' defaults on the page, by name (e.g. ``{"noise": 0.1}``), over
+            :data:`PAGE_SETTINGS` and the method table's defaults.
 
     Raises:
-        SiteError: the model has external data, ``ort_dist`` lacks files, an example is missing.
+        SiteError: the model has external data, ``ort_dist`` lacks files, an example is missing, a
+            setting is unknown or its value wrong.
         GradmapModelError: the model is not a valid gradmap model.
     """
     from gradmap.runtime import SaliencyModel
     from gradmap.runtime._onnx_header import read_external_data
 
     model_path = Path(model_path)
+    page_settings(settings)  # wrong settings are refused before anything is written
     model = SaliencyModel(model_path, provider="cpu", threads=1)
     if read_external_data(str(model_path)):
         raise SiteError(f"{model_path}: the model keeps tensors in external data files; the page fetches one file, "
@@ -152,7 +188,7 @@ def build_site(model_path: str | os.PathLike[str], out_dir: str | os.PathLike[st
             shutil.copyfile(example, out / "examples" / name)
             names.append(f"examples/{name}")
     config = site_config(model, model_file="model.onnx", ort_base=ort_base, ort_version=ort_version,
-                         examples=names, smoothgrad_noise=smoothgrad_noise)
+                         examples=names, settings=settings)
     (out / "model.json").write_text(json.dumps(config, indent=1) + "\n")
     return config
 

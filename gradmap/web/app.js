@@ -1,11 +1,15 @@
 // The page: loads model.json and the model, explains pictures, draws the maps, and answers the
-// test hook (?image=URL&method=NAME[&samples=N]) with a JSON document in <pre id="result">.
+// test hook (?image=URL&method=NAME[&SETTING=VALUE...]) with a JSON document in <pre id="result">.
+// Methods, their settings and their implementations (methods.js) come from the method table in
+// model.json (gradmap/contract.py): nothing here names a method.
 import * as G from "./gradmap.js";
+import * as M from "./methods.js";
 
 const params = new URLSearchParams(location.search);
 const testMode = params.has("image");
 const $ = (id) => document.getElementById(id);
-const state = { config: null, session: null, backend: null, threads: 1, loadMs: null, firstMapMs: null, busy: false, last: null };
+const state = { config: null, session: null, backend: null, threads: 1, loadMs: null, firstMapMs: null, busy: false, last: null,
+  table: {}, settingValues: {} };
 
 function setStatus(text, kind = "") {
   const el = $("status");
@@ -101,69 +105,34 @@ function feeds(config, images, n, targets) {
   };
 }
 
-async function run(images, n, targets, outputs) {
+/** Run the model on `n` images; `names` are the outputs wanted besides the logits (see methods.js). */
+async function run(images, n, targets, names) {
   const config = state.config;
-  const names = [config.outputs.logits, config.outputs.target_index, ...outputs.map((o) => config.outputs[o])];
-  const result = await state.session.run(feeds(config, images, n, targets), names);
+  const wanted = [...new Set([config.outputs.logits, ...names])];
+  const outputs = await state.session.run(feeds(config, images, n, targets), wanted);
+  const targetIndex = outputs[config.outputs.target_index];
   return {
-    logits: result[config.outputs.logits].data,
-    targetIndex: Array.from(result[config.outputs.target_index].data, Number),
-    ...Object.fromEntries(outputs.map((o) => [o, result[config.outputs[o]]])),
+    logits: outputs[config.outputs.logits].data,
+    targetIndex: targetIndex ? Array.from(targetIndex.data, Number) : [],
+    outputs,
   };
 }
 
 /** The method's attribution of one input: {logits, targetIndex, values [C, h, w], channels}. */
-async function attribute(method, tensor, options, progress) {
+async function attribute(method, tensor, settings, progress) {
   const config = state.config;
   const [h, w] = config.input_size;
-  const size = h * w;
-  if (method === "vanilla" || method === "gradient-x-input") {
-    const out = await run(tensor, 1, [-1], ["gradient"]);
-    let values = out.gradient.data;
-    if (method === "gradient-x-input") values = Float32Array.from(values, (g, i) => g * tensor[i]);
-    return { logits: out.logits, targetIndex: out.targetIndex[0], values, channels: 3 };
-  }
-  if (method === "guided-backprop" || method === "deconvnet") {
-    const output = method === "guided-backprop" ? "gradient_guided" : "gradient_deconvnet";
-    const out = await run(tensor, 1, [-1], [output]);
-    return { logits: out.logits, targetIndex: out.targetIndex[0], values: out[output].data, channels: 3 };
-  }
-  if (method === "smoothgrad") {
-    const first = await run(tensor, 1, [-1], []);
-    const target = first.targetIndex[0];
-    const samples = options.samples, noise = options.noise;
-    let low = Infinity, high = -Infinity;
-    for (const v of tensor) { low = Math.min(low, v); high = Math.max(high, v); }
-    const sigma = noise * (high - low);
-    const normal = G.normalStream(options.seed);
-    const sum = new Float64Array(tensor.length);
-    const batch = config.fixed_batch || Math.min(samples, 8);
-    for (let done = 0; done < samples; done += batch) {
-      const n = config.fixed_batch || Math.min(batch, samples - done);
-      const noisy = new Float32Array(n * tensor.length);
-      for (let i = 0; i < noisy.length; i++) noisy[i] = tensor[i % tensor.length] + Math.fround(normal() * sigma);
-      const out = await run(noisy, n, new Array(n).fill(target), ["gradient"]);
-      const g = out.gradient.data;
-      const used = Math.min(n, samples - done);
-      for (let s = 0; s < used; s++) for (let i = 0; i < tensor.length; i++) sum[i] += g[s * tensor.length + i];
-      progress(`SmoothGrad: ${Math.min(done + used, samples)} of ${samples} noisy copies`);
-    }
-    return { logits: first.logits, targetIndex: target, values: Float32Array.from(sum, (v) => v / samples), channels: 3 };
-  }
-  if (method === "grad-cam" || method === "grad-cam++" || method === "guided-grad-cam") {
-    const outputs = ["cam_activation", "cam_gradient", ...(method === "guided-grad-cam" ? ["gradient_guided"] : [])];
-    const out = await run(tensor, 1, [-1], outputs);
-    const [, channels, ch, cw] = out.cam_activation.dims;
-    const activation = out.cam_activation.data, gradient = out.cam_gradient.data;
-    if (method === "guided-grad-cam") {
-      const cam = G.upsampleNearest(G.gradCam(activation, gradient, channels, ch * cw), ch, cw, h, w);
-      const guided = out.gradient_guided.data;
-      return { logits: out.logits, targetIndex: out.targetIndex[0], values: Float32Array.from(guided, (g, i) => g * cam[i % size]), channels: 3 };
-    }
-    const cam = (method === "grad-cam" ? G.gradCam : G.gradCamPlusPlus)(activation, gradient, channels, ch * cw);
-    return { logits: out.logits, targetIndex: out.targetIndex[0], values: G.zoomBilinear(cam, ch, cw, h, w, true), channels: 1 };
-  }
-  throw new Error(`unknown method ${method}`);
+  const ctx = { run, outputs: config.outputs, gradientOutputs: config.gradient_outputs, inputSize: config.input_size,
+    fixedBatch: config.fixed_batch };
+  const implementation = M[method.web];
+  if (typeof implementation !== "function") throw new Error(`${method.name}: this page has no implementation ${method.web}`);
+  const a = await implementation(ctx, method, tensor, settings, progress);
+  return { ...a, channels: a.values.length / (h * w) };
+}
+
+/** The selected method's settings, from its controls, checked against the method table. */
+function settingsOf(method) {
+  return Object.fromEntries(method.settings.map((s) => [s.name, G.checkSetting(s, state.settingValues[s.name], method.name)]));
 }
 
 // ---------------------------------------------------------------- pictures in
@@ -211,17 +180,16 @@ async function explain(blob, name) {
   clearError();
   $("result").textContent = "";
   const config = state.config;
-  const method = $("method").value;
-  const samples = Math.max(1, parseInt($("samples").value, 10) || config.smoothgrad.samples);
+  const method = state.table[$("method").value];
   try {
+    const settings = settingsOf(method);
     const picture = await decode(blob, name);
-    setStatus(`explaining ${name} with ${method}…`, "busy");
+    setStatus(`explaining ${name} with ${method.name}…`, "busy");
     await new Promise((r) => setTimeout(r, 0)); // let the status show before the work starts
     const start = performance.now();
     const { tensor, geometry } = G.preprocess(picture.rgb, picture.width, picture.height, config.preprocessing);
     const [h, w] = config.input_size;
-    const noise = params.has("noise") ? Number(params.get("noise")) : config.smoothgrad.noise;
-    const a = await attribute(method, tensor, { samples, noise, seed: 0 }, (t) => setStatus(t, "busy"));
+    const a = await attribute(method, tensor, settings, (t) => setStatus(t, "busy"));
     G.checkFinite(a.logits, "logits");
     const reduced = G.reduceMax(a.values, a.channels, h * w);
     const normalized = G.normalizeMinMax(reduced);
@@ -241,15 +209,14 @@ async function explain(blob, name) {
       index: i, label: config.labels[i], probability: probabilities[i] }));
     showPredictions(predictions, a.targetIndex);
     const backendName = state.backend === "webgpu" ? "WebGPU" : `WebAssembly, ${state.threads} thread${state.threads > 1 ? "s" : ""}`;
-    setStatus(`${method} map of ${config.labels[a.targetIndex]} in ${ms.toFixed(0)} ms (${backendName})`, "done");
+    setStatus(`${method.name} map of ${config.labels[a.targetIndex]} in ${ms.toFixed(0)} ms (${backendName})`, "done");
     state.last = name;
     $("download").disabled = false;
     const result = {
-      source: name, method, predictions, target: { index: a.targetIndex, label: config.labels[a.targetIndex] },
+      source: name, method: method.name, predictions, target: { index: a.targetIndex, label: config.labels[a.targetIndex] },
       backend: state.backend, threads: state.threads, ms, load_ms: state.loadMs, first_map_ms: state.firstMapMs,
-      size: [height, width],
+      size: [height, width], ...settings,
     };
-    if (method === "smoothgrad") Object.assign(result, { samples, noise });
     if (testMode) result.map = { shape: [height, width], dtype: "float32", data: G.float32ToBase64(raw.values) };
     $("result").textContent = JSON.stringify(result);
     document.body.dataset.state = "done";
@@ -260,8 +227,38 @@ async function explain(blob, name) {
     state.busy = false;
   }
   // the method was switched while this map was computed: explain the picture again with the new one
-  if ($("method").value !== method && state.lastBlob && document.body.dataset.state === "done") {
+  if ($("method").value !== method.name && state.lastBlob && document.body.dataset.state === "done") {
     await explain(state.lastBlob, name);
+  }
+}
+
+/** One control per setting of the method: a number field (the table's range) or a list of choices. */
+function showSettings(method) {
+  const box = $("settings");
+  box.textContent = "";
+  for (const s of method.settings) {
+    const label = document.createElement("label");
+    label.title = s.help;
+    let control;
+    if (s.type === "choice") {
+      control = document.createElement("select");
+      for (const choice of s.choices) {
+        const option = document.createElement("option");
+        option.value = option.textContent = choice;
+        control.append(option);
+      }
+    } else {
+      control = document.createElement("input");
+      control.type = "number";
+      control.step = s.type === "int" ? "1" : "any";
+      if (s.minimum !== null) control.min = String(s.minimum);
+      if (s.maximum !== null) control.max = String(s.maximum);
+    }
+    control.id = `setting-${s.name}`;
+    control.value = state.settingValues[s.name];
+    control.addEventListener("change", () => { state.settingValues[s.name] = control.value; });
+    label.append(`${s.name} `, control);
+    box.append(label);
   }
 }
 
@@ -302,17 +299,24 @@ async function explainURL(url) {
 function setUp(config) {
   $("title").textContent = `gradmap: ${config.source_model}`;
   const select = $("method");
+  state.table = Object.fromEntries(config.method_table.map((m) => [m.name, m]));
   for (const m of config.methods) {
     const option = document.createElement("option");
     option.value = option.textContent = m;
+    option.title = state.table[m].summary;
     select.append(option);
   }
-  const wanted = params.get("method") || "vanilla";
-  select.value = config.methods.includes(wanted) ? wanted : "vanilla";
-  $("samples").value = params.get("samples") || config.smoothgrad.samples;
-  const syncSamples = () => { $("samples-label").hidden = select.value !== "smoothgrad"; };
-  select.addEventListener("change", () => { syncSamples(); if (state.lastBlob) explain(state.lastBlob, state.last); });
-  syncSamples();
+  const fallback = config.methods.includes(config.default_method) ? config.default_method : config.methods[0];
+  const wanted = params.get("method") || fallback;
+  select.value = config.methods.includes(wanted) ? wanted : fallback;
+  // every setting starts at the table's default (model.json's, for this page), or at ?NAME=VALUE
+  for (const m of config.method_table) {
+    for (const s of m.settings) {
+      if (!(s.name in state.settingValues)) state.settingValues[s.name] = params.has(s.name) ? params.get(s.name) : String(s.default);
+    }
+  }
+  showSettings(state.table[select.value]);
+  select.addEventListener("change", () => { showSettings(state.table[select.value]); if (state.lastBlob) explain(state.lastBlob, state.last); });
   $("file").addEventListener("change", (e) => {
     const file = e.target.files[0];
     if (file) { state.lastBlob = file; explain(file, file.name); }

@@ -487,6 +487,27 @@ export function normalStream(seed) {
   };
 }
 
+/**
+ * A method setting's value checked against its row of the method table (gradmap.contract.Setting.check):
+ * an int or float within [minimum, maximum], or one of the choices; throws an Error naming the
+ * setting and what is wrong.
+ */
+export function checkSetting(setting, value, method) {
+  const where = method ? `${method} setting '${setting.name}'` : `setting '${setting.name}'`;
+  if (setting.type === "choice") {
+    if (!setting.choices.includes(value)) throw new Error(`${where}: '${value}' is not one of ${setting.choices.join(", ")}`);
+    return value;
+  }
+  const text = String(value).trim();
+  const number = /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/.test(text) ? Number(text) : NaN; // decimal, as Setting.check
+  const low = setting.minimum, high = setting.maximum;
+  const range = low !== null && high !== null ? ` in [${low}, ${high}]` : low !== null ? ` >= ${low}` : high !== null ? ` <= ${high}` : "";
+  const ok = Number.isFinite(number) && (setting.type !== "int" || Number.isInteger(number))
+    && (low === null || number >= low) && (high === null || number <= high);
+  if (!ok) throw new Error(`${where} must be ${setting.type === "int" ? "an integer" : "a number"}${range}, got '${text}'`);
+  return number;
+}
+
 /** Little-endian float32 bytes as base64 (the test hook's map encoding). */
 export function float32ToBase64(values) {
   const bytes = new Uint8Array(values.buffer, values.byteOffset, values.byteLength);

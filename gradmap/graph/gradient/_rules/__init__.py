@@ -1,3 +1,3 @@
 """Gradient rules, one module per op family. Importing this package registers them all."""
 
-from . import composites, convolution, elementwise, linear, normalization, pooling, shape  # noqa: F401
+from . import activations, composites, convolution, elementwise, linear, normalization, pooling, shape  # noqa: F401

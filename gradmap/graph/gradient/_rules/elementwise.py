@@ -26,6 +26,7 @@
     Cast:         dX = Cast(dY) between float types
     Sum:          dX_i = dY
     Mod (float, fmod=1): dA = dY, dB = -dY * trunc(A / B)        (integer Mod: no gradient)
+    Mean:         dX_i = dY / n                                    (n inputs, broadcast)
 
 [c] is Cast(c, float): 1 where c holds, else 0. Activations written as several nodes (SiLU, the
 exported GELU, HardSwish as a product) have composite rules in composites.py.
@@ -317,3 +318,11 @@ def mod(ctx, node, dy):
         truncated = ctx.op("Mul", ctx.op("Sign", quotient), ctx.op("Floor", ctx.op("Abs", quotient)))
         grad_b = ctx.sum_to(ctx.op("Neg", ctx.op("Mul", dy[0], truncated)), y, b)
     return [ctx.sum_to(dy[0], y, a) if ctx.needs_grad(a) else None, grad_b]
+
+
+@register("Mean")
+def mean(ctx, node, dy):
+    """Mean (variadic, broadcasting): dX_i = sum_to(dY / n, X_i)."""
+    y = node.outputs[0]
+    g = ctx.op("Mul", dy[0], ctx.scalar(1.0 / len(node.inputs)))
+    return [ctx.sum_to(g, y, x) if ctx.needs_grad(x) else None for x in node.inputs]

@@ -8,6 +8,9 @@
     InstanceNormalization: g = dY * scale, LayerNormalization's dX over the spatial axes
     GroupNormalization: (opset 21) g = dY * scale, LayerNormalization's dX over
                         Reshape(X, [N, G, -1])'s last axis, reshaped back
+    LRN:                Y = X S^-beta, S = bias + alpha / size * W(X^2), W the sum over channels
+                        c - floor((size-1)/2) .. c + ceil((size-1)/2):
+                        dX = dY S^-beta - (2 alpha beta / size) X W'(dY Y / S), W' the mirrored window
 """
 
 from __future__ import annotations
@@ -140,3 +143,32 @@ def group_normalization(ctx, node, dy):
     dx = _normalized_input_grad(ctx, ctx.op("Reshape", x, grouped), ctx.op("Reshape", g, grouped),
                                 ctx.ints([2]), eps)
     return [ctx.reshape_like(dx, x), None, None]
+
+
+def _channel_window_sum(ctx, v, like, channels: int, before: int, after: int):
+    """out[:, c] = sum of v[:, c - before .. c + after] (zero outside), v shaped like the forward value
+    ``like``, as a Conv with a column of ones over v reshaped to [N, 1, C, -1]: one op for any spatial rank."""
+    size = before + after + 1
+    column = ctx.op("Reshape", v, ctx.ints([0, 1, channels, -1]))
+    ones = ctx.const(np.ones((1, 1, size, 1), dtype=np.float32))
+    summed = ctx.op("Conv", column, ones, kernel_shape=[size, 1], pads=[before, 0, after, 0])
+    return ctx.op("Reshape", summed, ctx.shape_of(like))
+
+
+@register("LRN")
+def lrn(ctx, node, dy):
+    """LRN (AlexNet, GoogLeNet, Caffe models): see the module doc; S is recomputed from X."""
+    x, y = node.inputs[0], node.outputs[0]
+    dims = ctx.dims(x)
+    if len(dims) < 3 or not all(isinstance(d, int) for d in dims[1:]):
+        raise ExportError(f"{node.name}: LRN needs static channel and spatial sizes, got {dims}")
+    size = int(ctx.attr(node, "size"))
+    alpha, beta, bias = ctx.attr(node, "alpha", 1e-4), ctx.attr(node, "beta", 0.75), ctx.attr(node, "bias", 1.0)
+    before = (size - 1) // 2
+    after = size - 1 - before
+    squares = _channel_window_sum(ctx, ctx.op("Mul", x, x), x, dims[1], before, after)
+    s = ctx.op("Add", ctx.scalar(bias), ctx.op("Mul", squares, ctx.scalar(alpha / size)))
+    direct = ctx.op("Mul", dy[0], ctx.op("Pow", s, ctx.scalar(-beta)))
+    through_s = _channel_window_sum(ctx, ctx.op("Div", ctx.op("Mul", dy[0], y), s), x, dims[1], after, before)
+    cross = ctx.op("Mul", ctx.op("Mul", x, through_s), ctx.scalar(2.0 * alpha * beta / size))
+    return [ctx.op("Sub", direct, cross)]

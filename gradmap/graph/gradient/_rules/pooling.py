@@ -17,9 +17,15 @@
     Resize (nearest, integer scales, each output a copy of input floor(i / s)):
                        dX = sum of dY over each s_h x s_w block = AveragePool(dY, s, stride s) * s_h s_w
                        (GlobalAveragePool from a 1 x 1 input)
-    Resize (linear, cubic): Y = A_h X A_w^T per channel (A from ONNX's reference Resize of the identity);
-                       dX = A_h^T dY A_w
+    Resize (linear, cubic; nearest at other scales): Y = A_h X A_w^T per channel (A from ONNX's
+                       reference Resize of the identity); dX = A_h^T dY A_w
     TopK:              dX = ScatterElements(zeros, Indices, dValues, axis)   (distinct indices)
+    GlobalMaxPool:     dX = [X == Y] dY / (number of maxima)   (ReduceMax's rule over the spatial axes)
+    ReduceMin:         ReduceMax's rule
+    ReduceSumSquare:   dX = 2 X Unsqueeze(dY, axes)
+    ReduceL1:          dX = Sign(X) Unsqueeze(dY, axes)
+    ReduceLogSumExp:   dX = Unsqueeze(dY, axes) Exp(X - Unsqueeze(Y, axes))
+    ReduceLogSum:      dX = Expand(Unsqueeze(dY / Exp(Y), axes), Shape(X))
 
 The Expands are deferred (GradContext.broadcastable): where X has other consumers, as the input of
 a squeeze-excitation block does, the small gradient is added to theirs by a broadcasting Add.
@@ -323,14 +329,18 @@ def _resize_matrix(node, axis_in: int, axis_out: int, scale, size) -> np.ndarray
 
 @register("Resize")
 def resize_any_mode(ctx, node, dy):
-    """Resize, linear and cubic (any coordinate transformation, cubic_coeff_a, antialias):
+    """Resize, linear and cubic (any coordinate transformation, cubic_coeff_a, antialias), and nearest
+    where the nearest rule refuses (other scales or rounding: A is then a selection matrix):
     Y = A_h X A_w^T per channel, so dX = A_h^T dY A_w (two MatMuls with constant matrices)."""
     mode = ctx.attr(node, "mode", "nearest")
     if mode == "nearest":
-        return _resize_nearest(ctx, node, dy)
+        try:
+            return _resize_nearest(ctx, node, dy)
+        except ExportError:  # it refuses before emitting anything
+            pass
     x = node.inputs[0]
     where = f"{node.name}: Resize"
-    if mode not in ("linear", "cubic") or ctx.attr(node, "coordinate_transformation_mode", "") == "tf_crop_and_resize":
+    if mode not in ("nearest", "linear", "cubic") or ctx.attr(node, "coordinate_transformation_mode", "") == "tf_crop_and_resize":
         raise ExportError(f"{where} with mode={mode}, coordinate_transformation_mode="
                           f"{ctx.attr(node, 'coordinate_transformation_mode', 'half_pixel')} has no gradient rule")
     xdims, ydims = ctx.dims(x), ctx.dims(node.outputs[0])
@@ -354,3 +364,54 @@ def resize_any_mode(ctx, node, dy):
                               f"the graph {ydims[axis]}")
     rows = ctx.op("MatMul", ctx.const(matrices[0].T.astype(np.float32)), dy[0])
     return [ctx.op("MatMul", rows, ctx.const(matrices[1].astype(np.float32)))] + [None] * (len(node.inputs) - 1)
+
+
+@register("GlobalMaxPool")
+def global_max_pool(ctx, node, dy):
+    """GlobalMaxPool: Y keeps the spatial axes as 1, so X == Y broadcasts: dX = [X == Y] dY / count."""
+    x, y = node.inputs[0], node.outputs[0]
+    hit = ctx.op("Cast", ctx.op("Equal", x, y), to=ir.DataType.FLOAT)
+    count = ctx.op("ReduceSum", hit, ctx.ints(list(range(2, ctx.rank(x)))), keepdims=1)
+    return [ctx.op("Mul", hit, ctx.op("Div", dy[0], count))]
+
+
+@register("ReduceMin")
+def reduce_min(ctx, node, dy):
+    """ReduceMin: the gradient splits evenly among the minima, as ReduceMax's among the maxima."""
+    return reduce_max(ctx, node, dy)
+
+
+@register("ReduceSumSquare")
+def reduce_sum_square(ctx, node, dy):
+    axes = _reduced_axes(ctx, node)
+    x = node.inputs[0]
+    g = dy[0] if axes is None else _keepdims(ctx, node, dy[0], axes)
+    return [ctx.op("Mul", ctx.op("Mul", x, ctx.scalar(2.0)), g), None]
+
+
+@register("ReduceL1")
+def reduce_l1(ctx, node, dy):
+    axes = _reduced_axes(ctx, node)
+    x = node.inputs[0]
+    g = dy[0] if axes is None else _keepdims(ctx, node, dy[0], axes)
+    return [ctx.op("Mul", ctx.op("Sign", x), g), None]
+
+
+@register("ReduceLogSumExp")
+def reduce_log_sum_exp(ctx, node, dy):
+    axes = _reduced_axes(ctx, node)
+    x, y = node.inputs[0], node.outputs[0]
+    if axes is None:
+        return [dy[0], None]
+    g, y = _keepdims(ctx, node, dy[0], axes), _keepdims(ctx, node, y, axes)
+    return [ctx.op("Mul", g, ctx.op("Exp", ctx.op("Sub", x, y))), None]
+
+
+@register("ReduceLogSum")
+def reduce_log_sum(ctx, node, dy):
+    axes = _reduced_axes(ctx, node)
+    x, y = node.inputs[0], node.outputs[0]
+    if axes is None:
+        return [ctx.op("Div", dy[0], x), None]
+    g = _keepdims(ctx, node, ctx.op("Div", dy[0], ctx.op("Exp", y)), axes)
+    return [ctx.broadcastable(g, per_channel=_spatial(ctx, node, axes)), None]

@@ -15,6 +15,9 @@
     ScatterND:  dData = ScatterND(dY, indices, 0), dUpdates = GatherND(dY, indices)
     GatherND:   dX = ScatterND(zeros, indices, dY, reduction=add)
     Tile:       dX = sum over the tiles of dY
+    DepthToSpace: DCR: dX = SpaceToDepth(dY, b); CRD: the inverse Reshape-Transpose-Reshape of dY
+    SpaceToDepth: dX = DepthToSpace(dY, b, DCR)
+    GatherElements: dX = ScatterElements(zeros, indices, dY, axis, reduction=add)
 """
 
 from __future__ import annotations
@@ -324,3 +327,32 @@ def tile(ctx, node, dy):
     g = ctx.op("Reshape", dy[0], ctx.ints(split_shape))
     g = ctx.op("ReduceSum", g, ctx.ints(list(range(0, 2 * len(dims), 2))), keepdims=0)
     return [g, None]
+
+
+@register("DepthToSpace")
+def depth_to_space(ctx, node, dy):
+    """DepthToSpace moves values without arithmetic: its gradient is the inverse move of dY."""
+    x = node.inputs[0]
+    block = int(ctx.attr(node, "blocksize"))
+    if ctx.attr(node, "mode", "DCR") == "DCR":
+        return [ctx.op("SpaceToDepth", dy[0], blocksize=block)]
+    n, c_in, h, w = ctx.dims(x)
+    if not all(isinstance(d, int) for d in (c_in, h, w)):
+        raise ExportError(f"{node.name}: DepthToSpace (CRD) needs static channel and spatial sizes")
+    c = c_in // (block * block)
+    # CRD: X [N, C b b, H, W] -> [N, C, b, b, H, W] -> [N, C, H, b, W, b] -> [N, C, H b, W b]
+    g = ctx.op("Reshape", dy[0], ctx.ints([0, c, h, block, w, block]))
+    g = ctx.op("Transpose", g, perm=[0, 1, 3, 5, 2, 4])
+    return [ctx.op("Reshape", g, ctx.ints([0, c_in, h, w]))]
+
+
+@register("SpaceToDepth")
+def space_to_depth(ctx, node, dy):
+    return [ctx.op("DepthToSpace", dy[0], blocksize=int(ctx.attr(node, "blocksize")), mode="DCR")]
+
+
+@register("GatherElements")
+def gather_elements(ctx, node, dy):
+    data, indices = node.inputs
+    axis = ctx.attr(node, "axis", 0) % ctx.rank(data)
+    return [ctx.op("ScatterElements", ctx.zeros_like(data), indices, dy[0], axis=axis, reduction="add"), None]
