@@ -308,12 +308,14 @@ BAD_REQUESTS = {
     "unknown-target": ("POST", "/explain/shapes?target=zebra", {"content": GOOD}, 400, "no class named 'zebra'"),
     "target-out-of-range": ("POST", "/explain/shapes?target=7", {"content": GOOD}, 400, "out of range"),
     "unknown-parameter": ("POST", "/explain/shapes?sample=5", {"content": GOOD}, 400, "unknown parameter 'sample'"),
-    "wrong-type": ("POST", "/v1/models/shapes:explain", {"json": {**_v1(GOOD), "parameters": {"samples": "many"}}},
-                   400, "'samples' must be an integer"),
+    "wrong-type": ("POST", "/v1/models/shapes:explain", {"json": {**_v1(GOOD), "parameters": {
+        "method": "smoothgrad", "samples": "many"}}}, 400, "smoothgrad setting 'samples' must be an integer >= 1"),
+    "setting-of-another-method": ("POST", "/explain/shapes?method=integrated-gradients&samples=5",
+                                  {"content": GOOD}, 400, "integrated-gradients has no setting 'samples'"),
     "too-many-passes": ("POST", "/explain/shapes?method=smoothgrad&samples=100000", {"content": GOOD}, 400,
                         "at most 256"),
     "bad-choice": ("POST", "/explain/shapes?method=smoothgrad&variant=loud", {"content": GOOD}, 400,
-                   "choose one of plain, squared, vargrad"),
+                   "'loud' is not one of plain, squared, vargrad"),
     "predict-settings": ("POST", "/v1/models/shapes:predict", {"json": {**_v1(GOOD), "parameters": {"method": "x"}}},
                          400, "predict takes no parameters"),
     "v2-wrong-input": ("POST", "/v2/models/shapes/infer", {"json": {"inputs": [
@@ -574,7 +576,9 @@ def test_serve_imports_no_torch():
     assert "TORCH []" in done.stdout, done.stdout + done.stderr
 
 
-def test_settings_are_gradmap_runs_options():
+def test_settings_are_gradmap_runs_options_and_the_method_tables_settings():
+    import dataclasses
+
     from gradmap.runtime import SaliencyModel
     from gradmap.serve._settings import BadRequest, read_settings
 
@@ -583,15 +587,86 @@ def test_settings_are_gradmap_runs_options():
                                  max_top=3, max_passes=10)
     assert (key.method.name, key.method.samples, key.target.value) == ("smoothgrad", 7, 0)
     assert options.outputs == ("map",)
-    # a setting the method does not read does not split batches
-    vanilla = [read_settings({"samples": s}, "shapes", meta, max_top=3, max_passes=10)[0] for s in (3, 9)]
-    assert vanilla[0] == vanilla[1]
-    for params, words in (({"target": "top4"}, "at most top3"), ({"steps": 1, "method": "integrated-gradients"},
-                                                                 "at least 2"),
-                          ({"alpha": 2}, "in [0, 1]"), ({"format": "jpeg"}, "list some of"),
-                          ({"no_crop": "maybe"}, "true or false"), ({"noise": "nan"}, "NaN")):
-        with pytest.raises(BadRequest, match=re.escape(words)):
-            read_settings(params, "shapes", meta, max_top=3, max_passes=10)
+    # settings the request leaves out (or sends as null) take the table's defaults: equal keys, one batch
+    keys = [read_settings(p, "shapes", meta, max_top=3, max_passes=100)[0]
+            for p in ({"method": "smoothgrad"}, {"method": "smoothgrad", "samples": 50, "seed": None})]
+    assert keys[0] == keys[1] and keys[0].method.samples == 50
+    plain = dataclasses.replace(meta, backprops=("vanilla",), cam_layer=None)
+    for params, words, metadata in (
+            ({"target": "top4"}, "at most top3", meta),
+            ({"steps": 1, "method": "integrated-gradients"}, "integrated-gradients setting 'steps' must be an "
+                                                              "integer >= 2, got 1", meta),
+            ({"samples": 11, "method": "smoothgrad"}, "smoothgrad setting 'samples' is 11; this server allows at "
+                                                      "most 10 (--max-passes)", meta),
+            ({"samples": 3}, "vanilla has no setting 'samples'; its settings are modifier", meta),
+            ({"method": "grad-cam"}, "model 'shapes' does not support grad-cam (it supports vanilla, smoothgrad, "
+                                     "integrated-gradients, gradient-x-input); export it with --cam-layer", plain),
+            ({"method": ["smoothgrad"]}, "unknown method ['smoothgrad']", meta),
+            ({"alpha": 2}, "in [0, 1]", meta), ({"format": "jpeg"}, "list some of", meta),
+            ({"no_crop": "maybe"}, "true or false", meta),
+            ({"method": "smoothgrad", "noise": "nan"}, "smoothgrad setting 'noise' must be a number >= 0, got 'nan'",
+             meta),
+            ({"modifier": True}, "vanilla setting 'modifier': True is not one of", meta)):
+        with pytest.raises(BadRequest, match=re.escape(words)) as refused:
+            read_settings(params, "shapes", metadata, max_top=3, max_passes=10)
+        assert refused.value.status == 400
+
+
+def test_every_method_and_setting_of_the_table_is_accepted():
+    """The server's parameters are the method table's: each method the model has, with each of its
+    settings given as a query string would give it, gives the MethodSpec gradmap run builds."""
+    from gradmap import contract
+    from gradmap.runtime import SaliencyModel
+    from gradmap.runtime.methods import MethodSpec
+    from gradmap.serve._settings import KNOWN, read_settings
+
+    meta = SaliencyModel(DEMO_MODEL, provider="cpu", threads=1).metadata
+    assert set(contract.SETTINGS) <= set(KNOWN)
+    assert set(meta.methods) == set(contract.METHODS), "the demo model should have every method"
+    for row in contract.METHOD_TABLE:
+        for setting in row.all_settings:
+            value = setting.choices[-1] if setting.type == "choice" else (setting.minimum or 0) + 2
+            key, _ = read_settings({"method": row.name, setting.name: str(value)}, "shapes", meta,
+                                   max_top=3, max_passes=256)
+            assert key.method == MethodSpec(row.name, **{setting.name: value}), (row.name, setting.name)
+
+
+_NEW_ROW = """    Method("scaled-gradient", KIND_GRADIENT, "a test's method", _GRADIENT_OUTPUTS, _METHODS + "model_gradient_method",
+           settings=(Setting("scale", "float", 2.0, "factor.", minimum=0.5, maximum=10),)),
+"""
+
+
+def test_a_method_added_to_the_table_is_served(tmp_path):
+    """A copy of the package with one more row in the method table (and nothing else changed): the
+    server accepts the new method and its setting, and checks the setting's range from the row."""
+    import shutil
+
+    shutil.copytree(REPO / "gradmap", tmp_path / "gradmap", ignore=shutil.ignore_patterns("__pycache__"))
+    table = tmp_path / "gradmap" / "contract.py"
+    lines = table.read_text().splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.startswith("METHOD_TABLE"))
+    end = next(i for i in range(start, len(lines)) if lines[i] == ")\n")
+    table.write_text("".join(lines[:end]) + _NEW_ROW + "".join(lines[end:]))
+    script = f"""
+import gradmap
+from gradmap.runtime import SaliencyModel
+from gradmap.serve._settings import BadRequest, read_settings
+assert gradmap.__file__.startswith({str(tmp_path)!r}), gradmap.__file__
+meta = SaliencyModel({str(DEMO_MODEL)!r}, provider="cpu", threads=1).metadata
+key, _ = read_settings({{"method": "scaled-gradient", "scale": "2.5"}}, "shapes", meta, max_top=3, max_passes=8)
+print("spec", key.method.name, key.method.scale)
+for params in ({{"method": "scaled-gradient", "scale": 11}}, {{"method": "vanilla", "scale": 3}}):
+    try:
+        read_settings(params, "shapes", meta, max_top=3, max_passes=8)
+    except BadRequest as e:
+        print("refused", e.status, e.reason)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert "spec scaled-gradient 2.5" in done.stdout, done.stdout
+    assert "refused 400 scaled-gradient setting 'scale' must be a number in [0.5, 10], got 11" in done.stdout
+    assert "refused 400 vanilla has no setting 'scale'" in done.stdout
 
 
 def test_batcher_runs_only_equal_keys_together_and_drops_callers_that_left():

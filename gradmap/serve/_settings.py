@@ -1,10 +1,13 @@
 """What a request may ask for, checked in one place: the method, its settings, the target and the response.
 
-The names, choices and defaults are ``gradmap run``'s (``--method``, ``--samples``, ``--target``,
-``--reduce``, ``--format``...), taken from :mod:`gradmap.contract` and the runtime, not spelled again
-here. A request gives them as JSON ``parameters`` (KServe V1, Open Inference Protocol) or as query
-parameters (``POST /explain/NAME?method=smoothgrad&samples=25``); either way they go through
-:func:`read_settings`, which raises :class:`BadRequest` naming the parameter and the reason.
+The names, choices and defaults are ``gradmap run``'s (``--method``, ``--target``, ``--reduce``,
+``--format``...), taken from :mod:`gradmap.contract`, not spelled again here; the method and its
+settings (``samples``, ``steps``...) are the method table's (``contract.METHOD_TABLE``), checked by
+:meth:`MethodSpec.from_request`: every method and setting the table has is accepted, and a setting
+the requested method does not have is refused. A request gives them as JSON ``parameters`` (KServe
+V1, Open Inference Protocol) or as query parameters (``POST /explain/NAME?method=smoothgrad&samples=25``);
+either way they go through :func:`read_settings`, which raises :class:`BadRequest` naming the
+parameter and the reason.
 
 The result splits in two: :class:`BatchKey` (what decides the numbers: only requests with equal keys
 share a model run) and :class:`ResponseOptions` (how the numbers are shown, drawn per request).
@@ -12,7 +15,6 @@ share a model run) and :class:`ResponseOptions` (how the numbers are shown, draw
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -20,7 +22,7 @@ from gradmap import contract
 from gradmap.runtime.colormaps import COLORMAPS
 from gradmap.runtime.errors import TargetError
 from gradmap.runtime.render import OVERLAYS, RenderOptions
-from gradmap.runtime.methods import BASELINES, IG_RULES, MODIFIERS, SMOOTHGRAD_VARIANTS, MethodSpec
+from gradmap.runtime.methods import MethodSpec
 from gradmap.runtime.postprocess import PLACEMENTS, REDUCTIONS
 from gradmap.runtime.saliency import Target, parse_target
 
@@ -56,7 +58,7 @@ class BatchKey:
     kind: str  # "explain" or PREDICT
     method: MethodSpec = MethodSpec()
     target: Target = Target("top", 1)
-    reduce: str = "max"
+    reduce: str = contract.DEFAULT_REDUCTION
     clip: tuple[float, float] | None = None
     no_crop: bool = False
 
@@ -69,57 +71,49 @@ class ResponseOptions:
     render: RenderOptions = RenderOptions()
 
 
-# -- the method part: the one place that knows how methods and their settings are described --------
-# Today: MethodSpec's fields and defaults, the choice lists and lower bounds `gradmap run` declares,
-# and which method reads which setting. With contract's method table this block becomes: the
-# setting names of the table's rows, `Setting.check` for types and ranges, and
-# `MethodSpec.from_request(method, settings)` in `_method_spec`.
-_METHOD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MethodSpec) if f.name != "name"}
-_METHOD_CHOICES = {"variant": SMOOTHGRAD_VARIANTS, "rule": IG_RULES, "baseline": BASELINES,
-                   "modifier": ("auto",) + MODIFIERS}
-_METHOD_MINIMUM = {"samples": 1, "steps": 2, "noise": 0.0}
-_SETTINGS_READ_BY = {"smoothgrad": ("samples", "noise", "variant", "seed"),
-                     "integrated-gradients": ("steps", "rule", "baseline", "seed")}
-#: Settings whose value multiplies the work of one picture (model runs per picture).
+# -- the method part: the method table (contract.METHOD_TABLE) describes methods and settings --------
+#: Settings whose value multiplies the work of one picture (model runs per picture): --max-passes caps them.
 _PASSES = ("samples", "steps")
+if not set(_PASSES) <= set(contract.SETTINGS):  # pragma: no cover - a renamed setting must not slip the cap
+    raise ImportError(f"gradmap serve caps settings the method table lacks: {set(_PASSES) - set(contract.SETTINGS)}")
 
 
-def _method_spec(method: str, values: Mapping[str, Any], model_name: str, metadata: contract.ModelMetadata,
+def _method_spec(method: Any, settings: Mapping[str, Any], model_name: str, metadata: contract.ModelMetadata,
                  max_passes: int) -> MethodSpec:
-    """The method with its settings from ``values`` (typed already), checked against the model and
-    the server's limit on passes. A setting the method does not read takes its default, so that it
-    does not split batches (``gradmap run`` ignores it too)."""
-    if method not in contract.METHODS:
-        raise BadRequest(f"unknown method {method!r}; choose one of {', '.join(contract.METHODS)}")
-    if method not in metadata.methods:
-        raise BadRequest(f"model {model_name!r} does not support {method}; it supports {', '.join(metadata.methods)}")
-    settings = {}
-    for name, default in _METHOD_DEFAULTS.items():
-        if name not in _SETTINGS_READ_BY.get(method, ()) and name != "modifier":
-            settings[name] = default
-            continue
-        value = values[name]
-        if name in _METHOD_MINIMUM and value < _METHOD_MINIMUM[name]:
-            raise BadRequest(f"parameter {name!r} must be at least {_METHOD_MINIMUM[name]}, got {value}")
-        if name in _PASSES and value > max_passes:
-            raise BadRequest(f"parameter {name!r} is {value}; this server allows at most {max_passes} "
-                             "(--max-passes)")
-        settings[name] = value
+    """The method with the request's ``settings``, checked by the method table
+    (:meth:`MethodSpec.from_request`: a setting the method does not have, a wrong type or a value out
+    of range is refused, naming the setting), against the model and the server's limit on passes."""
     try:
-        return MethodSpec(method, **settings)
+        row = contract.method(method)
     except ValueError as e:
         raise BadRequest(str(e)) from None
+    if row.name not in metadata.methods:  # as gradmap run's check_supported says it
+        raise BadRequest(f"model {model_name!r} does not support {row.name} (it supports "
+                         f"{', '.join(metadata.methods)}); export it with {' '.join(row.export_options)}")
+    try:
+        spec = MethodSpec.from_request(row.name, dict(settings))
+    except ValueError as e:  # contract.MethodSettingError
+        raise BadRequest(str(e)) from None
+    for name in _PASSES:
+        value = spec.settings.get(name)
+        if value is not None and value > max_passes:
+            raise BadRequest(f"{row.name} setting {name!r} is {value}; this server allows at most {max_passes} "
+                             "(--max-passes)")
+    return spec
 
 
 # -- the other parameters: gradmap run's options of the same names ---------------------------------
 _RENDER_DEFAULTS = RenderOptions()
-_COMMON = {"method": "vanilla", "target": "top1", "reduce": "max", "clip_percentile": None, "no_crop": False,
+_COMMON = {"method": contract.DEFAULT_METHOD, "target": contract.DEFAULT_TARGET, "reduce": contract.DEFAULT_REDUCTION,
+           "clip_percentile": None, "no_crop": False,
            "format": ",".join(DEFAULT_OUTPUTS), "colormap": _RENDER_DEFAULTS.colormap,
            "overlay": _RENDER_DEFAULTS.overlay, "alpha": None, "placement": _RENDER_DEFAULTS.placement,
            "equalize": _RENDER_DEFAULTS.equalize}
-_CHOICES = {"reduce": REDUCTIONS, "colormap": tuple(COLORMAPS), "overlay": OVERLAYS, "placement": PLACEMENTS,
-            **_METHOD_CHOICES}
-KNOWN = tuple(_COMMON) + tuple(_METHOD_DEFAULTS)
+_CHOICES = {"reduce": REDUCTIONS, "colormap": tuple(COLORMAPS), "overlay": OVERLAYS, "placement": PLACEMENTS}
+#: Every parameter a request may give: gradmap run's options, then the method table's settings.
+KNOWN = tuple(_COMMON) + tuple(contract.SETTINGS)
+if set(_COMMON) & set(contract.SETTINGS):  # pragma: no cover - the table must not take a parameter's name
+    raise ImportError(f"method settings named like gradmap serve's parameters: {set(_COMMON) & set(contract.SETTINGS)}")
 
 
 def _boolean(name: str, value: Any) -> bool:
@@ -185,9 +179,10 @@ def read_settings(params: Mapping[str, Any], model_name: str, metadata: contract
         raise BadRequest(f"predict takes no parameters ({', '.join(map(repr, params))}): it returns the classes "
                          "only; explain computes maps")
     values = {name: (default if params.get(name) is None else _typed(name, params[name], default))
-              for name, default in {**_COMMON, **_METHOD_DEFAULTS}.items()}
+              for name, default in _COMMON.items()}
+    settings = {name: params[name] for name in contract.SETTINGS if params.get(name) is not None}
 
-    method = _method_spec(values["method"], values, model_name, metadata, max_passes)
+    method = _method_spec(values["method"], settings, model_name, metadata, max_passes)
     try:
         target = parse_target(values["target"] if not isinstance(values["target"], bool) else str(values["target"]),
                               metadata.labels)
