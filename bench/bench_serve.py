@@ -3,7 +3,7 @@ and soaks that show memory staying flat.
 
     python bench/bench_serve.py --resnet18 resnet18.onnx              # sweep + both 10-minute soaks
     python bench/bench_serve.py --resnet18 resnet18.onnx --quick      # a few seconds per step
-    python bench/bench_serve.py --docs-only                           # docs/serve.md's table from the JSON
+    python bench/bench_serve.py --tables-only                         # docs/serve.md's table from the JSON
 
 Run it with a Python that has ``gradmap[serve,test]`` (httpx is the load client); the resnet18 model
 is ``gradmap export resnet18 --weights none -o resnet18.onnx`` (seeded random weights: its speed is
@@ -23,8 +23,11 @@ a trained model's). Traffic goes to 127.0.0.1 only; every loop is bounded in req
   headers, wrong JSON, unknown models and methods), each of which must get its 4xx.
 
 The load client shares the machine's cores with the server, and this machine is shared with other
-work: the load average is recorded beside every figure. Writes bench/results/serve.json and the
-table between the ``bench_serve`` markers of docs/serve.md.
+work: the load average is recorded beside every figure. Writes bench/results/serve.json (through
+bench/_report.py: ``{"meta", "rows"}``, a row per sweep step, with ``gradmap_run``, ``soaks`` and
+``soaks_before_fix`` beside them) and the generated section ``serve`` of docs/serve.md. A run that
+keeps part of the previous results (``--skip-sweep``, ``--soaks clean|bad``, ``--skip-soak``) names
+what it re-measured and the earlier run in the table's "Ran on:" header.
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ import base64
 import io
 import json
 import os
-import platform
 import re
 import signal
 import struct
@@ -50,10 +52,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+import _report
+
+ROOT = _report.ROOT
 DEMO = ROOT / "models" / "demo" / "shapes.onnx"
-RESULTS = ROOT / "bench" / "results" / "serve.json"
-DOCS = ROOT / "docs" / "serve.md"
+RESULTS = _report.RESULTS / "serve.json"
+PAGE, SECTIONS = "serve.md", ("serve",)
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 
 
@@ -277,22 +281,23 @@ def soak(name: str, path: Path, pictures: list[bytes], seconds: float, bad_every
 
 
 # -- the docs table ---------------------------------------------------------------------------------
-def table(results: dict) -> str:
-    lines = [f"Measured {results['date']} on {results['machine']}, {results['cpus']} cores shared with the load "
-             f"client and with other work on this machine (load average beside each row: 1, 5, 15 min). "
-             f"One server process, onnxruntime's default threads; responses carry the top-5 classes and the "
-             f"map as float32 (`format=map`). From `bench/bench_serve.py`"
-             + (" (--quick: short steps, not the full run)" if results.get("quick") else "") + ".", ""]
-    lines += ["| model | batching | clients | requests/s | p50 ms | p95 ms | p99 ms | mean batch | failures | load avg |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for row in results["sweep"]:
-        failures = sum(row["failures"].values())
-        lines.append(f"| {row['model']} | {row['batching']} | {row['clients']} | {row['requests_per_s']:.1f} | "
-                     f"{row['p50_ms']:.0f} | {row['p95_ms']:.0f} | {row['p99_ms']:.0f} | "
-                     f"{row['mean_batch_all'] if row['mean_batch_all'] is not None else '-'} | {failures} | "
-                     f"{' / '.join(map(str, row['loadavg']))} |")
+def render(results: dict) -> str:
+    meta = results["meta"]
+    lines = [_report.machine_line(meta), "",
+             f"{_report.cores(meta) or 'All the'} cores shared with the load client and with other work on this "
+             "machine (load average beside each row: 1, 5, 15 min). One server process, onnxruntime's default "
+             "threads; responses carry the top-5 classes and the map as float32 (`format=map`). From "
+             "`bench/bench_serve.py`" + (" (--quick: short steps, not the full run)" if meta.get("quick") else "")
+             + ".", ""]
+    lines += _report.table(
+        ["model", "batching", "clients", "requests/s", "p50 ms", "p95 ms", "p99 ms", "mean batch", "failures",
+         "load avg"],
+        [[row["model"], row["batching"], row["clients"], f"{row['requests_per_s']:.1f}", f"{row['p50_ms']:.0f}",
+          f"{row['p95_ms']:.0f}", f"{row['p99_ms']:.0f}",
+          row["mean_batch_all"] if row["mean_batch_all"] is not None else "-", sum(row["failures"].values()),
+          " / ".join(map(str, row["loadavg"]))] for row in results["rows"]])
     lines.append("")
-    for row in results["sweep"]:
+    for row in results["rows"]:
         if row["failures"]:
             said = ", ".join(f"{n} x {what}" for what, n in row["failures"].items())
             lines.append(f"- Failures, {row['model']}, batching {row['batching']}, {row['clients']} clients: {said} "
@@ -300,7 +305,7 @@ def table(results: dict) -> str:
                          if set(row["failures"]) == {"good: 504"} else
                          f"- Failures, {row['model']}, batching {row['batching']}, {row['clients']} clients: {said}")
     for name, run in results["gradmap_run"].items():
-        best = max((r for r in results["sweep"] if r["model"] == name and r["clients"] == 32),
+        best = max((r for r in results["rows"] if r["model"] == name and r["clients"] == 32),
                    key=lambda r: r["requests_per_s"], default=None)
         if best is None:
             continue
@@ -334,14 +339,8 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_docs(results: dict) -> None:
-    text = DOCS.read_text()
-    begin, end = "<!-- bench_serve:begin -->", "<!-- bench_serve:end -->"
-    if begin not in text or end not in text:
-        raise SystemExit(f"{DOCS} has no {begin} ... {end} section")
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    DOCS.write_text(f"{head}{begin}\n{table(results)}\n{end}{tail}")
+def sections(data: dict) -> dict[str, str]:
+    return {"serve": render(data)}
 
 
 def main() -> None:
@@ -350,47 +349,60 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds per concurrency level")
     parser.add_argument("--levels", default="1,8,32")
     parser.add_argument("--soak-seconds", type=float, default=600.0)
-    parser.add_argument("--skip-soak", action="store_true")
+    parser.add_argument("--skip-soak", action="store_true", help="keep the soaks of the existing results file")
     parser.add_argument("--soaks", choices=["both", "clean", "bad"], default="both",
-                        help="which soaks to run; the other keeps its figures from the existing JSON")
-    parser.add_argument("--skip-sweep", action="store_true", help="keep the sweep of the existing JSON")
+                        help="which soaks to run; the other keeps its figures from the existing results file")
+    parser.add_argument("--skip-sweep", action="store_true", help="keep the sweep of the existing results file")
     parser.add_argument("--quick", action="store_true", help="3 s per level, 20 s soaks: a smoke run")
-    parser.add_argument("--docs-only", action="store_true")
+    _report.add_flags(parser, RESULTS)
     args = parser.parse_args()
-    if args.docs_only:
-        write_docs(json.loads(RESULTS.read_text()))
-        return
+    if args.tables_only:
+        data = _report.read_results(args.out)
+    else:
+        data = measure(args)
+    if not args.no_docs:
+        _report.publish(PAGE, sections(data))
+
+
+def measure(args: argparse.Namespace) -> dict:
     if args.quick:
         args.seconds, args.soak_seconds = 3.0, 20.0
     models = {"demo": DEMO}
     if args.resnet18:
         models["resnet18"] = args.resnet18.resolve()
     pictures = photographs()
-    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}",
-               "cpus": os.cpu_count(), "quick": args.quick, "python": platform.python_version(),
-               "loadavg_at_start": loadavg()}
+    previous = _report.read_results(args.out) if args.out.exists() else None
+    meta = _report.start_run(PAGE, SECTIONS, versions=("onnxruntime", "starlette", "uvicorn", "httpx"),
+                             quick=args.quick, seconds_per_level=args.seconds, soak_seconds=args.soak_seconds)
+    remeasured: list[str] = []  # what this run measured
+    kept = False  # whether some figures come from the previous results file
+    extra: dict = {}
     if args.skip_sweep and previous:
-        results["gradmap_run"], results["sweep"] = previous["gradmap_run"], previous["sweep"]
+        extra["gradmap_run"], rows = previous["gradmap_run"], previous["rows"]
+        kept = True
     else:
         n1, n2 = (8, 24) if args.quick else (16, 80)
-        results["gradmap_run"] = {name: run_rate(path, pictures, n1, n2) for name, path in models.items()}
-        print("gradmap run:", results["gradmap_run"], flush=True)
-        results["sweep"] = sweep(models, pictures, [int(c) for c in args.levels.split(",")], args.seconds)
-    if not args.skip_soak:
-        name = "resnet18" if "resnet18" in models else "demo"
-        kept = {row["bad_share"]: row for row in previous.get("soaks", [])}
-        results["soaks"] = [soak(name, models[name], pictures, args.soak_seconds, every)
-                            if args.soaks in ("both", kind) else kept[share]
-                            for kind, every, share in (("clean", 0, 0.0), ("bad", 5, 0.2))]
-    elif previous.get("soaks"):
-        results["soaks"] = previous["soaks"]
-    if previous.get("soaks_before_fix"):
-        results["soaks_before_fix"] = previous["soaks_before_fix"]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    write_docs(results)
-    print(f"wrote {RESULTS} and {DOCS}")
+        extra["gradmap_run"] = {name: run_rate(path, pictures, n1, n2) for name, path in models.items()}
+        print("gradmap run:", extra["gradmap_run"], flush=True)
+        rows = sweep(models, pictures, [int(c) for c in args.levels.split(",")], args.seconds)
+        remeasured.append("the sweep and gradmap run's rates")
+    earlier_soaks = {row["bad_share"]: row for row in (previous or {}).get("soaks", [])}
+    extra["soaks"] = []
+    name = "resnet18" if "resnet18" in models else "demo"
+    for kind, every, share in (("clean", 0, 0.0), ("bad", 5, 0.2)):
+        if not args.skip_soak and args.soaks in ("both", kind):
+            extra["soaks"].append(soak(name, models[name], pictures, args.soak_seconds, every))
+            remeasured.append(f"the soak with {share:.0%} bad requests")
+        elif share in earlier_soaks:
+            extra["soaks"].append(earlier_soaks[share])
+            kept = True
+    if previous and previous.get("soaks_before_fix"):
+        extra["soaks_before_fix"] = previous["soaks_before_fix"]
+    if kept:
+        meta = _report.merge_update(meta, previous["meta"], remeasured)
+    data = _report.write_results(args.out, meta, rows, **extra)
+    print(f"wrote {args.out}")
+    return data
 
 
 if __name__ == "__main__":
