@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import gc
+import io
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from conftest import LINEAR_MODEL
 from gradmap.cli import main
-from gradmap.runtime import (EncodedPicture, ImageLoadError, JobSettings, OutputLayout, explain_and_write, open_picture,
+from gradmap.runtime import (EncodedPicture, ImageLoadError, JobSettings, NonFiniteGradientError, OutputLayout,
+                             SaliencyModel, compute_saliency, explain_and_write, iter_saliency, open_picture,
                              parse_target)
+from gradmap.runtime.model import ModelOutputs
 from gradmap.runtime.render import RenderOptions
 
 
@@ -207,3 +213,88 @@ def test_rendering_returns_what_io_writes(linear_model, photo_files, tmp_path):
     imported = {node.module for node in ast.walk(ast.parse(io.read_text())) if isinstance(node, ast.ImportFrom)}
     assert not imported & {"gradmap.runtime.render", "gradmap.runtime.postprocess", "gradmap.runtime.colormaps",
                            "gradmap.runtime.saliency"}, f"io draws or computes: it imports {sorted(imported)}"
+
+
+# -- a failed picture is freed with its result ---------------------------------------------------------------------
+def _alive(*kinds: type) -> list:
+    """Errors of ``kinds`` and pictures of the truncated photo's size that are still alive."""
+    return [o for o in gc.get_objects() if isinstance(o, kinds) or (isinstance(o, Image.Image) and o.size == TRUNCATED)]
+
+
+@pytest.fixture
+def no_cyclic_collector():
+    """The cyclic garbage collector off: what is still alive then is held, or in a reference cycle."""
+    gc.collect()
+    gc.disable()
+    yield
+    gc.enable()
+
+
+TRUNCATED = (1600, 1200)
+
+
+def _truncated_photo(photos) -> bytes:
+    buffer = io.BytesIO()  # 1200 x 1600: PIL allocates the whole 5.8 MB picture before the data runs out
+    Image.fromarray(np.tile(photos["chelsea"], (4, 4, 1))[:TRUNCATED[1], :TRUNCATED[0]]).save(buffer, format="JPEG",
+                                                                                           quality=90)
+    return buffer.getvalue()[: len(buffer.getvalue()) // 2]
+
+
+def test_no_error_outlives_its_picture(linear_model, photos, photo_files, tmp_path, monkeypatch,
+                                       no_cyclic_collector):
+    """A picture that fails (truncated, or a NaN gradient) gives a result whose error is freed with the
+    result, and the partly decoded picture with it, with the cyclic collector off. Before, the error's
+    traceback reached the frame that stored it beside the batch (a reference cycle) and, through its
+    cause, PIL's frames holding the partly decoded picture: each batch with a failure stayed in memory
+    until the collector ran: the last batch of every call, and gradmap serve and Ray's actors make one
+    call per batch."""
+
+    truncated = _truncated_photo(photos)
+    good = photo_files[0].read_bytes()
+    # batches of 3: good, bad, bad | good, bad, bad | good, bad -- the last batch too has a failure
+    sources = [EncodedPicture(f"p{i}.jpg", truncated if i % 3 else good) for i in range(8)]
+    assert _alive(ImageLoadError) == []
+    failed = 0
+    for result in iter_saliency(linear_model, sources, batch_size=3):
+        failed += not result.ok
+        del result
+    assert failed == 5
+    assert _alive(ImageLoadError) == [], "iter_saliency: a failed picture outlived its result"
+
+    # gradmap run's job, from files (the error becomes the record's text; the result is dropped)
+    for i, source in enumerate(sources):
+        (tmp_path / source.path).write_bytes(source.data)
+    paths = [str(tmp_path / s.path) for s in sources]
+    settings = JobSettings(target=parse_target("top1", linear_model.labels), formats=("npy",))
+    records = [d.record for d in explain_and_write(linear_model, paths, OutputLayout(tmp_path / "out", paths),
+                                                   settings)]
+    assert sum(r["error"] is not None for r in records) == 5
+    assert _alive(ImageLoadError) == [], "explain_and_write: a failed picture outlived its record"
+
+    # a NaN gradient: the error raised inside the batch's postprocessing, which holds the batch's arrays
+    original = SaliencyModel.run
+
+    def nan_run(self, images, targets=None):
+        out = original(self, images, targets)
+        gradient = out.gradient.copy()
+        gradient[-1, 0, 0, 0] = np.nan
+        return ModelOutputs(out.logits, out.target_index, gradient)
+
+    monkeypatch.setattr(SaliencyModel, "run", nan_run)
+    for result in iter_saliency(linear_model, photo_files[:2], batch_size=2):
+        failed = isinstance(result.error, NonFiniteGradientError) or failed
+        del result
+    assert failed is True
+    assert _alive(NonFiniteGradientError) == [], "a NaN gradient's error outlived its result"
+
+
+def test_a_kept_error_still_says_what_failed_and_why(photos, tmp_path):
+    """The error on a failed result has no traceback (errors.detached), but its message and its
+    cause's type and message stay; raising it again gives a traceback from there."""
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(_truncated_photo(photos))
+    with pytest.raises(ImageLoadError, match="cannot decode image: image file is truncated") as info:
+        compute_saliency(LINEAR_MODEL, str(broken))
+    assert isinstance(info.value.__cause__, OSError) and "truncated" in str(info.value.__cause__)
+    assert info.value.__cause__.__traceback__ is None
+    assert info.value.__traceback__ is not None, "the raise in compute_saliency gives a traceback of its own"

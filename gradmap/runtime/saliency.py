@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from gradmap import contract
-from gradmap.runtime.errors import ImageLoadError, NonFiniteGradientError, TargetError
+from gradmap.runtime.errors import ImageLoadError, NonFiniteGradientError, TargetError, detached
 from gradmap.runtime.methods import MethodSpec, attribute
 from gradmap.runtime.model import SaliencyModel
 from gradmap.runtime.postprocess import (
@@ -251,8 +251,8 @@ def iter_saliency(model: SaliencyModel, sources: Iterable[str | os.PathLike[str]
                 else:
                     picture, result.notes = open_picture(source)
                 tensor, geometry = preprocess(picture, model.metadata.preprocessing, no_crop=no_crop)
-            except ImageLoadError as e:
-                result.error = e
+            except ImageLoadError as e:  # kept without its traceback: see errors.detached
+                result.error = detached(e)
                 continue
             result.picture, result.geometry = picture, geometry
             tensors.append(tensor)
@@ -290,9 +290,9 @@ def _explain(model: SaliencyModel, images: np.ndarray, results: list[ImageSalien
                 result.maps.append(_make_map(values[i], int(target_index[i]), labels, rank, reduce, clip, name,
                                              None if gap is None else float(gap[i])))
         except NonFiniteGradientError as e:
-            logger.warning("%s: %s", result.source, e)
+            logger.warning("%s: %s", result.source, str(e))  # a log record keeps its arguments
             result.maps = []
-            result.error = e
+            result.error = detached(e)
 
 
 def compute_saliency(model: SaliencyModel | str | os.PathLike[str],

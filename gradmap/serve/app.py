@@ -41,7 +41,7 @@ from starlette.routing import Route
 from gradmap import __version__
 from gradmap.runtime import (EncodedPicture, GradmapModelError, ImageLoadError, ImageSaliency, SaliencyMap,
                              SaliencyModel, iter_saliency, open_picture, preprocess)
-from gradmap.runtime.errors import NonFiniteGradientError
+from gradmap.runtime.errors import NonFiniteGradientError, detached
 from gradmap.runtime.io import png_bytes
 from gradmap.runtime.jobs import TOP_PREDICTIONS
 from gradmap.runtime.postprocess import top_k
@@ -76,17 +76,6 @@ class Served:
     batcher: DynamicBatcher
 
 
-def _detached(error: BaseException) -> BaseException:
-    """A picture's error without its traceback and chained causes. The traceback reaches the frame
-    that stored the error next to the batch's results (a reference cycle), and the causes reach PIL's
-    frames and the partly decoded picture: kept, each failed picture would hold its pixels until the
-    cyclic garbage collector runs (a truncated 12-megapixel JPEG: 36 MB, hundreds of them in a row
-    grew a worker by gigabytes). The message already says what went wrong."""
-    error.__traceback__ = None
-    error.__cause__ = error.__context__ = None
-    return error
-
-
 def _predict_batch(model: SaliencyModel, pictures: Sequence[EncodedPicture]) -> list[Any]:
     """Top classes of each picture, decoded and preprocessed as ``gradmap run`` does."""
     tensors, results = [], []
@@ -95,8 +84,8 @@ def _predict_batch(model: SaliencyModel, pictures: Sequence[EncodedPicture]) -> 
             image, _ = open_picture(picture.path, picture.data)
             tensors.append(preprocess(image, model.metadata.preprocessing)[0])
             results.append(None)
-        except ImageLoadError as e:
-            results.append(_detached(e))
+        except ImageLoadError as e:  # a value, without the traceback that would hold the picture
+            results.append(detached(e))
     if tensors:
         probabilities = iter(model.probabilities(np.stack(tensors)))
         results = [r if r is not None else next(probabilities) for r in results]
@@ -107,7 +96,7 @@ def _explain_batch(model: SaliencyModel, key: BatchKey, pictures: Sequence[Encod
     """One model run for all ``pictures`` (one batch of :func:`~gradmap.runtime.iter_saliency`)."""
     results = list(iter_saliency(model, pictures, target=key.target, reduce=key.reduce, clip=key.clip,
                                  no_crop=key.no_crop, batch_size=len(pictures), method=key.method))
-    return [_detached(r.error) if r.error is not None else r for r in results]
+    return [r.error if r.error is not None else r for r in results]  # errors come detached (errors.detached)
 
 
 def _classes(model: SaliencyModel, probabilities: np.ndarray, k: int = TOP_PREDICTIONS) -> list[dict]:
