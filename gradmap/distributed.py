@@ -442,7 +442,8 @@ class RayEngine:
     """``gradmap run --engine ray`` for :func:`gradmap.runtime.jobs.run_job`: the pictures explained and
     written by Ray Data actors (see :func:`run_records` for ``address``, ``workers``, ``threads``,
     ``provider``; with ``parquet_dir``, one Parquet dataset instead of picture files). Records come
-    as pictures finish."""
+    as pictures finish; a failure of Ray during the run ends them with :class:`RayNodeError` (an
+    :class:`~gradmap.runtime.jobs.EngineError`: ``run_job`` raises it, ``gradmap run`` prints it)."""
 
     ordered = False
 
