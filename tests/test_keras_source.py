@@ -211,6 +211,25 @@ def test_guided_deconvnet_portable_target_and_a_grey_model(tmp_path):
     np.testing.assert_allclose(logits, grey(luma.astype(np.float32)).numpy(), rtol=1e-5, atol=1e-4)
 
 
+def test_exact_gelu_and_dense_on_feature_maps_as_in_convnext(tmp_path):
+    """ConvNeXt's block: LayerNormalization, Dense on a feature map, exact GELU (tf2onnx leaves its Erfc as
+    it is; the export writes it as 1 - Erf), a residual sum, global pooling."""
+    keras.utils.set_random_seed(6)
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 4, strides=4)(inputs)
+    x = keras.layers.LayerNormalization(epsilon=1e-6)(x)
+    y = keras.layers.DepthwiseConv2D(3, padding="same")(x)
+    y = keras.layers.Dense(16)(keras.layers.LayerNormalization(epsilon=1e-6)(y))
+    y = keras.layers.Dense(8)(keras.layers.Activation("gelu")(y))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Add()([x, y]))
+    outputs = keras.layers.Dense(5, activation="softmax")(keras.layers.LayerNormalization(epsilon=1e-6)(x))
+    path = tmp_path / "convnext_block.keras"
+    keras.Model(inputs, outputs).save(path)
+    _, report = _export(tmp_path, str(path), preprocessing_options={"preset_name": "none"})
+    assert report.gradient_error < 1e-4 and "tf.GradientTape" in report.summary()
+    assert "Erf" in report.op_types
+
+
 def test_keras_file_with_lambda_code_is_refused_in_safe_mode(tmp_path):
     path = tmp_path / "lambda.keras"
     _small_model(lambda_layer=True).save(path)
