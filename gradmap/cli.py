@@ -92,7 +92,8 @@ def _preprocessing_overrides(values: dict) -> dict:
                    "guided backpropagation or deconvnet (Springenberg et al. 2015).")
 @click.option("--cam-layer", default=None, metavar="NAME|auto",
               help="Add a feature map and its gradient as outputs for Grad-CAM: 'auto' (the last feature map "
-                   "before global pooling), a torch module name (e.g. layer4) or an ONNX value name.")
+                   "before global pooling; on a vision transformer the last block's first LayerNorm, its tokens "
+                   "on the patch grid), a torch module name (e.g. layer4, blocks.11.norm1) or an ONNX value name.")
 @click.option("--target", "engine_target", type=click.Choice(["cpu", "portable"]), default="cpu", show_default=True,
               help="The engine the graph is written for: 'cpu' is lowered for onnxruntime's CPU provider "
                    "(fastest there); 'portable' is the plain gradient graph every engine computes alike "
