@@ -44,6 +44,9 @@ import onnxruntime as ort  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import _report  # noqa: E402  (the machine's CPU, as every bench/ results file records it)
 
 from gradmap import contract  # noqa: E402
 from gradmap.runtime.providers import CUDA, find_webgpu_devices  # noqa: E402
@@ -69,7 +72,7 @@ def environment() -> dict:
         "onnxruntime": ort.__version__, "onnxruntime_providers": ort.get_available_providers(),
         "cuda": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "machine": _report.machine(),
         "webgpu": {"devices": [f"{d.device.type.name} {d.device.vendor}" for d in webgpu.devices], "gpu": webgpu.gpu,
                    "reason": webgpu.reason, "vulkan_icds": os.environ.get("VK_ICD_FILENAMES", "").split(":") if
                    os.environ.get("VK_ICD_FILENAMES") else icds},
