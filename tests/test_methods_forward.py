@@ -84,6 +84,9 @@ def test_rise_of_a_constant_score_is_the_mean_mask_over_p(batch):
             logits = np.tile(np.array([[0.0, np.log(3.0)]], np.float32), (len(images), 1))
             return {self.OUTPUT_LOGITS: logits, self.OUTPUT_TARGET_INDEX: np.full(len(images), 1, np.int64)}
 
+        def logits(self, images):
+            return self.run_outputs(images, None, ())[self.OUTPUT_LOGITS]
+
     images = batch[0][:1]
     result = perturbation.rise(Constant(), images, np.array([1]), np.zeros_like(images), masks=3000, grid=4,
                                probability=0.3, seed=0)
@@ -235,3 +238,44 @@ def test_cam_family_from_the_cli(tmp_path, demo_model, method):
     files = json.loads(result.stdout)["images"][0]["maps"][0]["files"]
     cam = np.load(files["cam"])
     assert cam.shape == (1, 64, 64) and cam.min() >= 0 and cam.max() > 0
+
+
+def test_the_forward_part_is_cut_out_of_the_file(demo_model):
+    """Masked copies run the forward part alone: the cut session reads only the picture and writes only the
+    logits, equal to the whole graph's up to float32 rounding; the other outputs are gone from it."""
+    from gradmap.runtime import SaliencyModel
+    from gradmap.runtime._onnx_header import ProtobufError
+    from gradmap.runtime._onnx_prune import prune_to_outputs
+
+    model = SaliencyModel(demo_model[0], provider="cpu", threads=1)
+    images = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    logits = model.logits(images)
+    assert model._forward is not model.session
+    assert [t.name for t in model._forward.get_inputs()] == ["image"]
+    assert [t.name for t in model._forward.get_outputs()] == ["logits"]
+    full = model.run_outputs(images, None, ("logits",))["logits"]
+    np.testing.assert_allclose(logits, full, rtol=1e-5, atol=1e-5 * np.abs(full).max())
+    data = demo_model[0].read_bytes()
+    cut = prune_to_outputs(data, ("logits",))
+    assert len(cut) < len(data)
+    with pytest.raises(ProtobufError, match="no output attention"):
+        prune_to_outputs(data, ("attention",))
+    with pytest.raises(ProtobufError):
+        prune_to_outputs(b"\xff\xff\xff", ("logits",))
+
+
+def test_a_graph_with_subgraphs_is_not_cut():
+    pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from gradmap.runtime._onnx_header import ProtobufError
+    from gradmap.runtime._onnx_prune import prune_to_outputs
+
+    branch = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "branch", [],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph([helper.make_node("If", ["c"], ["logits"], then_branch=branch, else_branch=branch)],
+                              "g", [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                                    helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1])])
+    with pytest.raises(ProtobufError, match="subgraphs"):
+        prune_to_outputs(helper.make_model(graph).SerializeToString(), ("logits",))
