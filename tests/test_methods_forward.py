@@ -279,3 +279,17 @@ def test_a_graph_with_subgraphs_is_not_cut():
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1])])
     with pytest.raises(ProtobufError, match="subgraphs"):
         prune_to_outputs(helper.make_model(graph).SerializeToString(), ("logits",))
+
+
+def test_gradmap_run_shows_the_progress_of_long_calls(capsys):
+    from gradmap.cli import _MaskProgress
+
+    now = [0.0]
+    report = _MaskProgress()
+    report.clock = lambda: now[0]
+    for done, at in ((10, 1.0), (20, 4.0), (30, 6.0), (40, 8.0), (50, 11.5), (60, 12.0)):
+        now[0] = at
+        report("RISE masks", done, 60)
+    # the clock starts at the first report: nothing in its first 5 s, then a line at most every 5 s, and the last
+    assert capsys.readouterr().err.splitlines() == ["RISE masks: 30/60 (5 s)", "RISE masks: 50/60 (10 s)",
+                                                    "RISE masks: 60/60 (11 s)"]
