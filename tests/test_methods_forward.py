@@ -293,3 +293,21 @@ def test_gradmap_run_shows_the_progress_of_long_calls(capsys):
     # the clock starts at the first report: nothing in its first 5 s, then a line at most every 5 s, and the last
     assert capsys.readouterr().err.splitlines() == ["RISE masks: 30/60 (5 s)", "RISE masks: 50/60 (10 s)",
                                                     "RISE masks: 60/60 (11 s)"]
+
+
+def test_gradmap_evaluate_runs_the_new_methods(demo_model, tmp_path):
+    from gradmap.demo import demo_assets
+
+    data = demo_assets().joinpath("eval_set.npz")
+    if not data.is_file():
+        pytest.skip("demo evaluation set not generated")
+    out = tmp_path / "quality.json"
+    result = CliRunner().invoke(main, ["evaluate", str(demo_model[0]), "--data", str(data), "--limit", "2",
+                                       "--method", "layer-cam", "--method", "rise", "--masks", "20",
+                                       "--method", "occlusion", "--window", "16", "--stride", "16",
+                                       "--threads", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    methods = json.loads(out.read_text())["methods"]
+    assert set(methods) == {"layer-cam", "rise", "occlusion"}
+    for name, m in methods.items():
+        assert 0 <= m["deletion_auc"]["mean"] <= 1 and 0 <= m["insertion_auc"]["mean"] <= 1, name
