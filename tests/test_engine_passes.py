@@ -181,3 +181,57 @@ def test_repeated_scatter_as_matmul_leaves_distinct_indices_alone():
     text = graph("float[4,5] X", "float[3,5] Y", "Y = GatherND(X, I)", [init("I", np.int64([[3], [0], [1]]))])
     models, _ = with_and_without(text, {"X": randn(4, 5)})
     assert backward_ops(models[0]) == backward_ops(models[1]) and "ScatterND" in backward_ops(models[1])
+
+
+# -- the bugs themselves, where the engine is installed ---------------------------------------------------------
+
+
+def test_own_weight_copy_works_around_openvino_on_a_shared_square_gemm_weight(tmp_path):
+    """openvino-shared-square-constant on its minimal graph: with W shared by the forward Gemm(X, W^T)
+    and the gradient's Gemm(dY, W), OpenVINO's f32 CPU plugin gives dY W^T for the plain rule and
+    the right dY W after own_weight_copy. If the plain form comes out right, OpenVINO fixed the bug
+    and the pass can go."""
+    from tests.engines import available, run
+
+    ok, why = available("openvino")
+    if not ok:
+        pytest.skip(why)
+    w = randn(16, 16)
+    text = graph("float[3,16] X", "float[3,16] Y", "Y = Gemm<transB=1>(X, W)", [init("W", w)])
+    proto = onnx.shape_inference.infer_shapes(onnx.parser.parse_model(text), strict_mode=True)
+    x, dy = randn(3, 16), randn(3, 16)
+    errors = {}
+    for passes in (False, True):
+        model = ir.serde.deserialize_model(proto)
+        append_vjp(model, model.graph.inputs[0], model.graph.outputs[0], engine_passes=passes)
+        path = tmp_path / f"passes_{passes}.onnx"
+        onnx.save(ir.serde.serialize_model(model), str(path))
+        (dx,) = run("openvino", path, {"X": x, "grad_output": dy}, ["grad_input"]).values()
+        errors[passes] = float(np.abs(dx - dy @ w).max())
+    scale = float(np.abs(dy @ w).max())
+    assert errors[True] <= 1e-5 * scale, f"OpenVINO with own_weight_copy: error {errors[True]:.3g}"
+    assert errors[False] > 1e-2 * scale, f"OpenVINO computes the plain form right now (error {errors[False]:.3g})"
+
+
+def test_drop_empty_concat_pieces_lets_openvino_load_a_dynamic_gather_gradient(tmp_path):
+    """openvino-empty-concat on the Gather rule's shapes for a 1-D input of dynamic size: the plain
+    graph does not load in OpenVINO; with the pass it loads and gives the scattered sums. If the plain
+    graph loads, OpenVINO fixed the bug and the pass can go."""
+    from tests.engines import EngineError, available, run
+
+    ok, why = available("openvino")
+    if not ok:
+        pytest.skip(why)
+    text = graph("float[N] X", "float[M] Y", "Y = Gather(X, I)", [init("I", np.int64([0, 2, 2, 1]))])
+    proto = onnx.shape_inference.infer_shapes(onnx.parser.parse_model(text), strict_mode=True)
+    feeds = {"X": np.arange(5, dtype=np.float32), "grad_output": np.float32([1, 2, 3, 4])}
+    paths = {}
+    for passes in (False, True):
+        model = ir.serde.deserialize_model(proto)
+        append_vjp(model, model.graph.inputs[0], model.graph.outputs[0], engine_passes=passes)
+        paths[passes] = tmp_path / f"passes_{passes}.onnx"
+        onnx.save(ir.serde.serialize_model(model), str(paths[passes]))
+    (dx,) = run("openvino", paths[True], feeds, ["grad_input"]).values()
+    np.testing.assert_array_equal(dx, np.float32([1, 4, 5, 0, 0]))
+    with pytest.raises(EngineError, match="Concat"):
+        run("openvino", paths[False], feeds, ["grad_input"])
