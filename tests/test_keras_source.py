@@ -183,6 +183,53 @@ def test_saved_keras_model_needs_a_preset_then_exports_with_parity(tmp_path):
     assert meta.preprocessing == preset("keras-tf", (12, 12))
 
 
+def test_guided_deconvnet_portable_target_and_a_grey_model(tmp_path):
+    """--backprop guided/deconvnet (compared with the float64 converted graph), --target portable, and a
+    1-channel model, which reads the luma of the RGB image (TensorFlow's reference does the same)."""
+    path = tmp_path / "small.keras"
+    _small_model().save(path)
+    out, report = _export(tmp_path, str(path), preprocessing_options={"preset_name": "keras-tf"},
+                          backprops=("vanilla", "guided", "deconvnet"), target="portable")
+    assert report.gradient_error < 1e-4 and "guided, deconvnet: compared with the float64 evaluation" in \
+        report.summary()
+    assert {contract.BACKPROP_OUTPUTS["guided"], contract.BACKPROP_OUTPUTS["deconvnet"]} <= \
+        {o.name for o in _session(out).get_outputs()}
+
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((10, 10, 1))
+    x = keras.layers.Conv2D(4, 3, activation="tanh")(inputs)
+    x = keras.layers.Flatten()(x)
+    grey = keras.Model(inputs, keras.layers.Dense(3)(x))
+    grey_path = tmp_path / "grey.keras"
+    grey.save(grey_path)
+    out, report = _export(tmp_path, str(grey_path), preprocessing_options={"preset_name": "none"})
+    assert report.gradient_error < 1e-4 and _metadata(out).extra.get("cut") is None
+    x = np.random.default_rng(3).uniform(0, 255, (1, 3, 10, 10)).astype(np.float32)
+    logits = _session(out).run([contract.OUTPUT_LOGITS], {contract.INPUT_IMAGE: x,
+                                                           contract.INPUT_TARGET: np.array([-1])})[0]
+    luma = np.tensordot(np.asarray([0.299, 0.587, 0.114]), x[0], axes=1)[None, :, :, None]
+    np.testing.assert_allclose(logits, grey(luma.astype(np.float32)).numpy(), rtol=1e-5, atol=1e-4)
+
+
+def test_exact_gelu_and_dense_on_feature_maps_as_in_convnext(tmp_path):
+    """ConvNeXt's block: LayerNormalization, Dense on a feature map, exact GELU (tf2onnx leaves its Erfc as
+    it is; the export writes it as 1 - Erf), a residual sum, global pooling."""
+    keras.utils.set_random_seed(6)
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 4, strides=4)(inputs)
+    x = keras.layers.LayerNormalization(epsilon=1e-6)(x)
+    y = keras.layers.DepthwiseConv2D(3, padding="same")(x)
+    y = keras.layers.Dense(16)(keras.layers.LayerNormalization(epsilon=1e-6)(y))
+    y = keras.layers.Dense(8)(keras.layers.Activation("gelu")(y))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Add()([x, y]))
+    outputs = keras.layers.Dense(5, activation="softmax")(keras.layers.LayerNormalization(epsilon=1e-6)(x))
+    path = tmp_path / "convnext_block.keras"
+    keras.Model(inputs, outputs).save(path)
+    _, report = _export(tmp_path, str(path), preprocessing_options={"preset_name": "none"})
+    assert report.gradient_error < 1e-4 and "tf.GradientTape" in report.summary()
+    assert "Erf" in report.op_types
+
+
 def test_keras_file_with_lambda_code_is_refused_in_safe_mode(tmp_path):
     path = tmp_path / "lambda.keras"
     _small_model(lambda_layer=True).save(path)
@@ -303,6 +350,16 @@ def test_load_reference_rebuilds_the_export_from_its_metadata(tmp_path):
                                          {contract.INPUT_IMAGE: x, contract.INPUT_TARGET: target})
     assert run.logits.dtype == np.float64 and _relative(logits, run.logits) < 1e-5
     assert _relative(gradient, run.gradients["vanilla"]) < 1e-5
+    # as gradmap verify calls it: DEFAULT and 0 defer to the weights and seed the export recorded
+    donor = _small_model()
+    donor.set_weights([w + 0.05 * (i + 1) for i, w in enumerate(donor.get_weights())])  # not the file's own
+    weights = tmp_path / "w.weights.h5"
+    donor.save_weights(weights)
+    out2, _ = _export(tmp_path, str(path), weights=str(weights), preprocessing_options={"preset_name": "keras-tf"})
+    again = load_reference(f"keras:{path}", weights="DEFAULT", seed=0, metadata=_metadata(out2))
+    logits2 = _session(out2).run([contract.OUTPUT_LOGITS], {contract.INPUT_IMAGE: x, contract.INPUT_TARGET: target})[0]
+    assert _relative(logits2, again.run(x, target, score="logit").logits) < 1e-5
+    assert _relative(logits2, logits) > 1e-2, "the weights file's weights were not the file's own"
     info = json.loads(CliRunner().invoke(main, ["info", str(out), "--json"]).output)
     assert info["extra"]["keras_kind"] == "keras" and info["extra"]["cut"] == "Softmax"
 

@@ -347,7 +347,39 @@ def to_onnx(loaded: KerasModel, opset: int = TF2ONNX_OPSET):
                           f"{str(e).strip()[:400]}") from e
     finally:
         quiet.setLevel(level)
+    _rewrite_tensorflow_ops(proto, loaded.source)
     return proto
+
+
+def _rewrite_tensorflow_ops(proto, source: str) -> None:
+    """TensorFlow ops tf2onnx leaves as they are (no ONNX op of that name), written in ONNX ops; any
+    other such op is an ExportError naming it.
+
+        Erfc(x) = 1 - Erf(x)   (Keras' exact GELU, as in ConvNeXt; the difference from erfc in float32
+                                is below 1e-7 absolute, where GELU multiplies it by x)
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    unknown = sorted({n.op_type for n in graph.node if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)
+                      and n.op_type != "Erfc"})
+    if unknown:
+        raise ExportError(f"{source}: tf2onnx left TensorFlow ops it cannot convert: {', '.join(unknown)}")
+    nodes = []
+    one = None
+    for node in graph.node:
+        if node.op_type != "Erfc" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        if one is None:
+            one = f"{node.name}__gradmap_one"
+            graph.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), one))
+        erf = f"{node.output[0]}__gradmap_erf"
+        nodes.append(helper.make_node("Erf", [node.input[0]], [erf], name=f"{node.name}__erf"))
+        nodes.append(helper.make_node("Sub", [one, erf], list(node.output), name=node.name))
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _serving_function(loaded: KerasModel):
@@ -679,13 +711,15 @@ def load_reference(spec: str, *, metadata=None, weights: str | None = None, seed
     """The float64 reference of ``keras:NAME|PATH`` for ``gradmap verify`` (the interface of
     :func:`gradmap.export._onnx_file.load_reference`): the Keras model rebuilt as the export built it
     (the written model's metadata names its weights, seed and input size, and whether a softmax was
-    cut), as a :class:`KerasReference`."""
+    cut), as a :class:`KerasReference`. ``weights`` ``DEFAULT`` and ``seed`` 0 take the recorded ones."""
     extra = dict(metadata.extra) if metadata is not None else {}
     if metadata is not None:
         input_size = input_size or tuple(metadata.preprocessing.crop)
-    if weights is None:
+    # the defaults (``gradmap verify`` passes DEFAULT and 0 when not told otherwise) defer to what the
+    # export recorded: random weights are rebuilt from their seed, a weights file from its path
+    if weights is None or str(weights).upper() == "DEFAULT":
         weights = extra.get("keras_weights", "DEFAULT")
-    if seed is None:
+    if seed is None or (seed == 0 and "keras_seed" in extra):
         seed = int(extra.get("keras_seed", 0))
     loaded = load_keras(spec, weights=weights, seed=seed, input_size=input_size, trust_model=trust_model)
     if loaded.kind == "savedmodel":
