@@ -80,8 +80,9 @@ def _preprocessing_overrides(values: dict) -> dict:
               help="Where to write the ONNX model.")
 @click.option("--weights", default="DEFAULT", show_default=True,
               help="torchvision weights name (e.g. DEFAULT, IMAGENET1K_V2); for timm: and hf: models DEFAULT "
-                   "or 'pretrained' (their own weights and cache); 'none' for seeded random weights; or a path "
-                   "to a state-dict or .safetensors file.")
+                   "or 'pretrained' (their own weights and cache); for keras: names DEFAULT or 'imagenet' (Keras' cache); "
+                   "'none' for seeded random weights; or a path to a state-dict or .safetensors file (keras: a "
+                   ".weights.h5 file or a .keras model).")
 @click.option("--score", type=click.Choice(contract.SCORE_KINDS), default="logit",
               show_default=True, help="What the gradient differentiates.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random weights (--weights none).")
@@ -92,7 +93,8 @@ def _preprocessing_overrides(values: dict) -> dict:
                    "guided backpropagation or deconvnet (Springenberg et al. 2015).")
 @click.option("--cam-layer", default=None, metavar="NAME|auto",
               help="Add a feature map and its gradient as outputs for Grad-CAM: 'auto' (the last feature map "
-                   "before global pooling), a torch module name (e.g. layer4) or an ONNX value name.")
+                   "before global pooling; on a vision transformer the last block's first LayerNorm, its tokens "
+                   "on the patch grid), a torch module name (e.g. layer4, blocks.11.norm1) or an ONNX value name.")
 @click.option("--target", "engine_target", type=click.Choice(["cpu", "portable"]), default="cpu", show_default=True,
               help="The engine the graph is written for: 'cpu' is lowered for onnxruntime's CPU provider "
                    "(fastest there); 'portable' is the plain gradient graph every engine computes alike "
@@ -107,6 +109,9 @@ def _preprocessing_overrides(values: dict) -> dict:
                    "(resnet50: about 40 MB). Keep the two files together; gradmap web needs a single file.")
 @click.option("--no-verify", is_flag=True,
               help="Skip the parity check against the source's float64 reference (not recommended).")
+@click.option("--trust-model", is_flag=True,
+              help="keras: load a legacy .h5 model, a TensorFlow SavedModel directory or a .keras file with Lambda "
+                   "layers: these can run code when they are loaded, so only from a source you trust.")
 @click.option("--input-name", default=None, metavar="NAME",
               help="onnx: the image input, where the graph has several candidates.")
 @click.option("--output-name", default=None, metavar="NAME",
@@ -115,14 +120,15 @@ def _preprocessing_overrides(values: dict) -> dict:
               help="onnx: the image input's layout, where its shape does not tell (an NHWC input is fed from "
                    "the NCHW image; the gradient and the maps stay NCHW).")
 @click.option("--input-size", callback=_numbers(int, (1, 2)), metavar="SIZE|H,W", default=None,
-              help="onnx: the input's height and width, where the graph leaves them symbolic (default: --crop).")
+              help="onnx: the input's height and width, where the graph leaves them symbolic (default: --crop); "
+                   "keras: the size to build an application at (where Keras allows it) or a saved model's free size.")
 @click.option("--labels", default=None, metavar="FILE|imagenet|imagenet-background",
-              help="onnx: class names, one per line (or a JSON list); 'imagenet' (the default for 1000 outputs) "
+              help="onnx:, keras: class names, one per line (or a JSON list); 'imagenet' (the default for 1000 outputs) "
                    "or 'imagenet-background' (1001 outputs, a background class first).")
 @_preprocessing_options
 def export_command(model_name: str, output: str, weights: str, score: str, seed: int, opset: int,
                    backprops: tuple[str, ...], cam_layer: str | None, engine_target: str,
-                   channel_multiple: int | None, external_data: bool, no_verify: bool,
+                   channel_multiple: int | None, external_data: bool, no_verify: bool, trust_model: bool,
                    input_name: str | None, output_name: str | None, layout: str | None,
                    input_size: "int | tuple[int, int] | None", labels: str | None,
                    **preprocessing: object) -> None:
@@ -132,18 +138,28 @@ def export_command(model_name: str, output: str, weights: str, score: str, seed:
     tags included: timm:convnext_tiny.fb_in22k_ft_in1k), hf:MODEL_ID_OR_DIR (a Transformers
     AutoModelForImageClassification: a local directory or a hub id in the Hugging Face cache) or
     onnx:PATH (any ONNX image classifier file; needs --preset, as a file does not say how its pictures
-    were preprocessed; no torch needed).
+    were preprocessed; no torch needed) or keras:NAME|PATH (a keras.applications name with its own
+    preprocessing, or a saved .keras/.h5/SavedModel model, which needs --preset; --weights imagenet, none
+    or a .weights.h5 file; converted with tf2onnx, no torch needed: pip install 'gradmap[keras]').
     """
     source_options = {}
+    size = (input_size, input_size) if isinstance(input_size, int) else input_size
     foreign = {"--input-name": input_name, "--output-name": output_name, "--layout": layout,
                "--input-size": input_size, "--labels": labels}
     if model_name.startswith("onnx:"):
-        size = (input_size, input_size) if isinstance(input_size, int) else input_size
         source_options = dict(input_name=input_name, output_name=output_name, layout=layout, input_size=size,
                               labels=labels)
+    elif model_name.startswith("keras:"):
+        onnx_only = {k: foreign[k] for k in ("--input-name", "--output-name", "--layout")}
+        if any(v is not None for v in onnx_only.values()):
+            given = ", ".join(k for k, v in onnx_only.items() if v is not None)
+            raise click.UsageError(f"{given}: only for onnx:PATH models")
+        source_options = dict(input_size=size, labels=labels, trust_model=trust_model)
     elif any(v is not None for v in foreign.values()):
         given = ", ".join(k for k, v in foreign.items() if v is not None)
-        raise click.UsageError(f"{given}: only for onnx:PATH models")
+        raise click.UsageError(f"{given}: only for onnx:PATH and keras: models")
+    if trust_model and not model_name.startswith("keras:"):
+        raise click.UsageError("--trust-model: only for keras: models")
     try:
         from gradmap.export import ExportError, export_named_model
 
@@ -153,6 +169,10 @@ def export_command(model_name: str, output: str, weights: str, score: str, seed:
                                     external_data=external_data,
                                     preprocessing_options=_preprocessing_overrides(preprocessing), **source_options)
     except ImportError as e:  # the source's framework, or onnx, is not installed
+        if model_name.startswith("keras:"):
+            raise click.ClickException(
+                f"'gradmap export keras:...' needs TensorFlow, Keras and tf2onnx ({e.name or e}): "
+                "pip install 'gradmap[keras]'") from e
         if model_name.startswith("onnx:"):
             raise click.ClickException(
                 f"'gradmap export onnx:...' needs onnx and onnx-ir ({e.name or e}): pip install 'gradmap[onnx]'"

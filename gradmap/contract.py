@@ -19,7 +19,7 @@ import json
 import math
 import numbers
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
 __all__ = [
@@ -64,6 +64,7 @@ __all__ = [
     "KIND_GRADIENT",
     "KIND_ATTRIBUTION",
     "KIND_CAM",
+    "KIND_REGION",
     "SETTING_TYPES",
     "Setting",
     "Method",
@@ -198,10 +199,11 @@ DEFAULT_ENGINE = ENGINE_LOCAL
 
 #: What a method's per-pixel values are, which names the array ``gradmap run --format npy`` writes:
 #: ``gradient`` (the gradient of the score, SmoothGrad's statistics of it, or its guided/deconvnet
-#: variant, [3, H, W]), ``attribution`` (gradients weighted by something else, [3, H, W]) or ``cam``
-#: (a class activation map, [1, H, W]).
-METHOD_KINDS = ("gradient", "attribution", "cam")
-KIND_GRADIENT, KIND_ATTRIBUTION, KIND_CAM = METHOD_KINDS
+#: variant, [3, H, W]), ``attribution`` (gradients weighted by something else, [3, H, W]), ``cam``
+#: (a class activation map, [1, H, W]) or ``region`` (each pixel valued by the image region it belongs
+#: to, [1, H, W], signed: higher is more important, taken as it is by every reduction).
+METHOD_KINDS = ("gradient", "attribution", "cam", "region")
+KIND_GRADIENT, KIND_ATTRIBUTION, KIND_CAM, KIND_REGION = METHOD_KINDS
 #: The types of method settings: whole numbers, real numbers, one of a list of names.
 SETTING_TYPES = ("int", "float", "choice")
 #: How a number setting is written as text (a query string, a form field): decimal, with an exponent.
@@ -381,9 +383,33 @@ _VARIANT = Setting("variant", "choice", "plain", "mean gradient, mean squared gr
                    choices=("plain", "squared", "vargrad"))
 _SEED = Setting("seed", "int", 0, "seed of the random draws (noise, uniform baselines).")
 _STEPS = Setting("steps", "int", 32, "points on the path.", minimum=2)
-_RULE = Setting("rule", "choice", "gauss-legendre", "integration rule.", choices=("gauss-legendre", "trapezoid"))
+_RULE = Setting("rule", "choice", "gauss-legendre", "integration rule.",
+                choices=("gauss-legendre", "trapezoid", "equal-weights"))
 _BASELINE = Setting("baseline", "choice", "black", "black (pixel 0), blurred picture or uniform noise.",
                     choices=("black", "blurred", "uniform"))
+_WINDOW = Setting("window", "int", 16, "side of the occluding square, in pixels of the model's input.", minimum=1)
+_STRIDE = Setting("stride", "int", 8, "step between occlusion windows, in pixels (at most the window).", minimum=1)
+_MASKS = Setting("masks", "int", 4000, "random masks.", minimum=1)
+_GRID = Setting("grid", "int", 7, "cells per side of a random mask's grid (the RISE paper's s).", minimum=1)
+_PROBABILITY = Setting("probability", "float", 0.5, "chance that a mask's cell keeps the picture.", minimum=0,
+                       maximum=1)
+_MASK_BATCH = Setting("mask_batch", "int", 0,
+                      "masked copies per onnxruntime run (memory grows with it); 0: as many as fit in 512 MiB.",
+                      minimum=0)
+_MAX_SIGMA = Setting("max_sigma", "float", 50.0, "Blur IG's strongest blur, the path's start (Gaussian sigma, pixels).",
+                     minimum=0.01)
+_GRAD_STEP = Setting("grad_step", "float", 0.01, "sigma step of the forward difference giving the blur path's direction.",
+                     minimum=1e-6, maximum=1)
+_FRACTION = Setting("fraction", "float", 0.25, "share of features, smallest |gradient| first, moved at a time.",
+                    minimum=0.01, maximum=1)
+_MAX_DIST = Setting("max_dist", "float", 0.02, "how far a feature may run ahead of the straight path (0: plain IG, "
+                    "1: unbounded), as a fraction of the path.", minimum=0, maximum=1)
+_BASELINES = Setting("baselines", "choice", "black-white", "XRAI's two IG baselines: black and white pictures, or "
+                     "constants at the input's min and max.", choices=("black-white", "input-range"))
+_SEARCH = Setting("search", "choice", "full", "XRAI's region search: full re-scores regions after each one added, "
+                  "fast ranks them once.", choices=("full", "fast"))
+_AREA = Setting("area", "float", 1.0, "share of the picture XRAI ranks regions for; the rest is one region.",
+                minimum=0, maximum=1)
 #: Settings every method has: they act on its per-pixel values, after the method.
 COMMON_SETTINGS = (
     Setting("modifier", "choice", "auto",
@@ -394,8 +420,11 @@ COMMON_SETTINGS = (
 
 _GRADIENT_OUTPUTS = (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_GRADIENT)
 _CAM_OUTPUTS = (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_CAM_ACTIVATION, OUTPUT_CAM_GRADIENT)
+_FORWARD_OUTPUTS = (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX)
 _METHODS = "gradmap.runtime.methods:"
 _CAM = "gradmap.runtime.cam:"
+_PERTURBATION = "gradmap.runtime.perturbation:"
+_PATHS = "gradmap.runtime.paths:"
 
 #: Every attribution method, in the order ``gradmap run --method`` and ``gradmap info`` list them.
 METHOD_TABLE: tuple[Method, ...] = (
@@ -424,6 +453,39 @@ METHOD_TABLE: tuple[Method, ...] = (
            "guided backpropagation times the Grad-CAM map (Selvaraju et al. 2017)",
            (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_GRADIENT_GUIDED, OUTPUT_CAM_ACTIVATION, OUTPUT_CAM_GRADIENT),
            _CAM + "guided_grad_cam_method", web="guidedGradCam"),
+    Method("hirescam", KIND_CAM, "the feature map times its gradient, summed over channels (Draelos & Carin 2020)",
+           _CAM_OUTPUTS, _CAM + "hires_cam_method", web="hiResCam"),
+    Method("xgrad-cam", KIND_CAM, "a feature map weighted by its activation-weighted gradient (Fu et al. 2020)",
+           _CAM_OUTPUTS, _CAM + "xgrad_cam_method", web="xGradCam"),
+    Method("layer-cam", KIND_CAM, "the feature map weighted per position by its positive gradient (Jiang et al. 2021)",
+           _CAM_OUTPUTS, _CAM + "layer_cam_method", web="layerCam"),
+    Method("eigen-cam", KIND_CAM, "the feature map's first principal component, class-agnostic (Muhammad & Yeasin 2020)",
+           (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_CAM_ACTIVATION), _CAM + "eigen_cam_method"),
+    Method("score-cam", KIND_CAM,
+           "feature-map channels weighted by the scores of the input masked by each (Wang et al. 2020); forward only",
+           (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_CAM_ACTIVATION), _PERTURBATION + "score_cam_method",
+           settings=(_MASK_BATCH,)),
+    Method("occlusion", KIND_ATTRIBUTION,
+           "the score's drop when a sliding window of the baseline hides each region (Zeiler & Fergus 2014); "
+           "forward only", _FORWARD_OUTPUTS, _PERTURBATION + "occlusion_method",
+           settings=(_WINDOW, _STRIDE, _BASELINE, _SEED, _MASK_BATCH)),
+    Method("rise", KIND_CAM,
+           "random masks weighted by the class probability of the masked input (Petsiuk et al. 2018); forward only",
+           _FORWARD_OUTPUTS, _PERTURBATION + "rise_method",
+           settings=(_MASKS, _GRID, _PROBABILITY, _BASELINE, _SEED, _MASK_BATCH)),
+    # Blur IG, Guided IG and XRAI take 100-200 gradients per map (or a segmentation): slower than
+    # the page's ~10 s budget for a resnet18 map, so the page does not offer them
+    Method("blur-ig", KIND_ATTRIBUTION,
+           "integrated gradients along a path from a blurred copy of the input to the input (Xu et al. 2020)",
+           _GRADIENT_OUTPUTS, _PATHS + "blur_ig_method",
+           settings=(replace(_STEPS, default=100), _MAX_SIGMA, _GRAD_STEP)),
+    Method("guided-ig", KIND_ATTRIBUTION,
+           "integrated gradients along a path that moves low-gradient features first (Kapishnikov et al. 2021)",
+           _GRADIENT_OUTPUTS, _PATHS + "guided_ig_method",
+           settings=(replace(_STEPS, default=200), _FRACTION, _MAX_DIST, _BASELINE, _SEED)),
+    Method("xrai", KIND_REGION,
+           "integrated gradients summed into image regions, ranked by attribution density (Kapishnikov et al. 2019)",
+           _GRADIENT_OUTPUTS, _PATHS + "xrai_method", settings=(_STEPS, _RULE, _BASELINES, _SEARCH, _AREA)),
 )
 #: The method ``gradmap run``, the Python API and the web page use when none is given.
 DEFAULT_METHOD = "vanilla"
