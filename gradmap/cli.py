@@ -190,10 +190,13 @@ def export_command(model_name: str, output: str, weights: str, score: str, seed:
 @click.option("--reference", "spec", required=True, metavar="SPEC",
               help="The source MODEL.onnx was exported from, as gradmap export took it: a torchvision name, "
                    "timm:NAME, hf:ID_OR_DIR, onnx:FILE or keras:NAME|PATH.")
-@click.option("--weights", default="DEFAULT", show_default=True,
+@click.option("--weights", default=None,
               help="The source's weights, as given to gradmap export: DEFAULT/pretrained, none (random, with "
-                   "--seed) or a file.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights (--weights none).")
+                   "--seed) or a file. Default: what MODEL.onnx's metadata records where its source records "
+                   "them there (keras:), else DEFAULT.")
+@click.option("--seed", type=int, default=None, help="Seed of random weights (--weights none); default as --weights, else 0.")
+@click.option("--trust-model", is_flag=True,
+              help="keras: only: load a legacy .h5 model or a SavedModel, which can run code when loaded.")
 @click.option("--images", "images", multiple=True, metavar="DIR|FILE",
               help="Pictures to check (folders, files, globs; repeatable), each preprocessed as MODEL.onnx's "
                    "metadata says, for its top class. Default: random batches, as the export's check.")
@@ -201,8 +204,8 @@ def export_command(model_name: str, output: str, weights: str, score: str, seed:
               help="onnxruntime execution provider(s) MODEL.onnx runs on: auto, cpu, cuda or a comma-separated list.")
 @click.option("--threads", type=click.IntRange(min=0), default=None,
               help="onnxruntime intra-op threads (default: onnxruntime's choice).")
-def verify_command(model_path: str, spec: str, weights: str, seed: int, images: tuple[str, ...], provider: str,
-                   threads: int | None) -> None:
+def verify_command(model_path: str, spec: str, weights: str | None, seed: int | None, trust_model: bool,
+                   images: tuple[str, ...], provider: str, threads: int | None) -> None:
     """Check MODEL.onnx's logits and gradients against the float64 reference of its source.
 
     Runs the export's parity check again, on your pictures: the same limits (from the reference's own
@@ -227,7 +230,7 @@ def verify_command(model_path: str, spec: str, weights: str, seed: int, images: 
                                      f"{len(problems)} of the inputs matched no picture", param_hint="'--images'")
     try:
         checks, result = verify_file(model_path, spec, pictures, weights=weights, seed=seed, provider=provider,
-                                     threads=threads)
+                                     threads=threads, trust_model=trust_model)
     except ImportError as e:
         raise click.ClickException(f"--reference {spec}: needs {e.name or e}, which is not installed") from e
     except ValueError as e:  # an unavailable provider

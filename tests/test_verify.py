@@ -3,7 +3,6 @@ mismatch; onnx: references run without torch; a source whose reference loader is
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import textwrap
@@ -118,15 +117,6 @@ def test_a_reference_without_its_loader_names_the_missing_piece(monkeypatch):
     with pytest.raises(ExportError, match=r"no keras reference \(gradmap.export._no_such_source:load_reference is "
                                           "missing"):
         load_reference("keras:ResNet50")
-
-
-@pytest.mark.skipif(importlib.util.find_spec("gradmap.export._keras") is not None,
-                    reason="the keras source exists: its reference is tested with it")
-def test_keras_references_name_the_keras_source_until_it_exists(exported):
-    _, model = exported
-    result = CliRunner().invoke(main, ["verify", str(model), "--reference", "keras:ResNet50"])
-    assert result.exit_code == 1
-    assert "gradmap.export._keras:load_reference is missing" in result.output
 
 
 def test_an_onnx_reference_runs_with_torch_unimportable(exported):

@@ -226,9 +226,9 @@ def export_hf(source: str, output, *, weights: str = "pretrained", seed: int = 0
                          source_model=f"hf:{source}", weights=weights_desc, **options)
 
 
-def load_reference(spec: str, *, weights: str = "DEFAULT", seed: int = 0, metadata=None):
+def load_reference(spec: str, *, weights: str | None = None, seed: int | None = 0, metadata=None, **_ignored):
     """torch autograd of ``hf:MODEL_ID_OR_DIR`` (``gradmap verify --reference hf:...``)."""
     from ._parity import TorchReference
 
-    weights = "pretrained" if weights.upper() == "DEFAULT" else weights
-    return TorchReference(load_hf(spec[len("hf:"):], weights, seed=seed)[0])
+    weights = "pretrained" if (weights or "DEFAULT").upper() == "DEFAULT" else weights
+    return TorchReference(load_hf(spec[len("hf:"):], weights, seed=seed or 0)[0])

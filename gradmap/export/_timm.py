@@ -228,11 +228,11 @@ def export_timm(name: str, output, *, weights: str = "pretrained", seed: int = 0
                          source_model=f"timm:{name}", weights=weights_desc, **options)
 
 
-def load_reference(spec: str, *, weights: str = "DEFAULT", seed: int = 0, metadata=None):
+def load_reference(spec: str, *, weights: str | None = None, seed: int | None = 0, metadata=None, **_ignored):
     """torch autograd of ``timm:NAME`` (``gradmap verify --reference timm:NAME``), built for the input size
     of the file's ``metadata`` where the architecture takes one."""
     from ._parity import TorchReference
 
     size = tuple(metadata.preprocessing.crop) if metadata is not None else None
-    weights = "pretrained" if weights.upper() == "DEFAULT" else weights
-    return TorchReference(load_timm(spec[len("timm:"):], weights, seed=seed, img_size=size)[0])
+    weights = "pretrained" if (weights or "DEFAULT").upper() == "DEFAULT" else weights
+    return TorchReference(load_timm(spec[len("timm:"):], weights, seed=seed or 0, img_size=size)[0])

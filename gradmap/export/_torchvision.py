@@ -192,8 +192,8 @@ def _drop_aux(module: torch.nn.Module) -> None:
                 setattr(module, attr, None)
 
 
-def load_reference(spec: str, *, weights: str = "DEFAULT", seed: int = 0, metadata=None):
+def load_reference(spec: str, *, weights: str | None = None, seed: int | None = 0, metadata=None, **_ignored):
     """torch autograd of the torchvision model ``spec`` (``gradmap verify --reference resnet50``)."""
     from ._parity import TorchReference
 
-    return TorchReference(load_torchvision(spec, weights, seed=seed)[0])
+    return TorchReference(load_torchvision(spec, weights or "DEFAULT", seed=seed or 0)[0])

@@ -10,9 +10,10 @@ its prefix to the source's reference loader, imported only when that prefix is a
     onnx:FILE       the source ONNX file   gradmap.export._onnx_file:load_reference     its float64 graph
     keras:NAME|PATH Keras                  gradmap.export._keras:load_reference         tf.GradientTape
 
-A loader is ``load_reference(spec, *, weights, seed, metadata) -> Reference``
+A loader is ``load_reference(spec, *, weights, seed, metadata, **options) -> Reference``
 (:class:`gradmap.graph.parity.Reference`; ``metadata``: the file's
-:class:`~gradmap.contract.ModelMetadata`). Each picture is preprocessed as the file's metadata says,
+:class:`~gradmap.contract.ModelMetadata`; ``weights`` None: what the metadata records where the
+source records it there, else the source's default; ``options``: ``trust_model`` for ``keras:``). Each picture is preprocessed as the file's metadata says,
 run through the file (with its float32 decisions exposed) and compared with the reference under
 the shared policy (:func:`gradmap.graph.parity.check_batch`).
 """
@@ -48,7 +49,7 @@ def _prefix(spec: str) -> str:
     return next((p for p in REFERENCES if p and spec.startswith(p)), "")
 
 
-def load_reference(spec: str, *, weights: str = "DEFAULT", seed: int = 0, metadata=None):
+def load_reference(spec: str, *, weights: str | None = None, seed: int | None = None, metadata=None, **options):
     """The float64 reference of SPEC (see the module doc).
 
     Raises:
@@ -70,7 +71,7 @@ def load_reference(spec: str, *, weights: str = "DEFAULT", seed: int = 0, metada
     if loader is None:
         raise ExportError(f"--reference {spec}: this gradmap has no {kind} reference ({module_name} has no "
                           f"{function})")
-    return loader(spec, weights=weights, seed=seed, metadata=metadata)
+    return loader(spec, weights=weights, seed=seed, metadata=metadata, **options)
 
 
 @dataclass
@@ -98,15 +99,17 @@ def _read_model(path: str, provider: str | Sequence[str], threads: int | None):
     return model.metadata, proto, resolve_providers(provider)
 
 
-def verify_file(path: str | os.PathLike, spec: str, pictures: Sequence[str] = (), *, weights: str = "DEFAULT",
-                seed: int = 0, provider: str | Sequence[str] = "auto", threads: int | None = None,
-                attempts: int = 8) -> tuple[list[PictureCheck], object]:
+def verify_file(path: str | os.PathLike, spec: str, pictures: Sequence[str] = (), *, weights: str | None = None,
+                seed: int | None = None, provider: str | Sequence[str] = "auto", threads: int | None = None,
+                attempts: int = 8, trust_model: bool = False) -> tuple[list[PictureCheck], object]:
     """Compare the gradmap model at ``path`` with the float64 reference of ``spec``.
 
     Args:
         pictures: picture files; each is preprocessed by the file's metadata and checked for its top
             class. None: random batches, as the export's check draws them (``attempts`` of them).
-        weights, seed: the source's weights, as ``gradmap export`` took them.
+        weights, seed: the source's weights, as ``gradmap export`` took them (None: as the file's metadata
+            records them where the source records them there, else the source's default and seed 0).
+        trust_model: load a ``keras:`` file that can run code (legacy ``.h5``, SavedModel).
 
     Returns:
         (one :class:`PictureCheck` per picture, the reference) ; with no pictures, ([], the
@@ -120,7 +123,8 @@ def verify_file(path: str | os.PathLike, spec: str, pictures: Sequence[str] = ()
 
     path = os.fspath(path)
     metadata, proto, providers = _read_model(path, provider, threads)
-    reference = load_reference(spec, weights=weights, seed=seed, metadata=metadata)
+    options = {"trust_model": True} if trust_model else {}
+    reference = load_reference(spec, weights=weights, seed=seed, metadata=metadata, **options)
     backprops = tuple(metadata.backprops)
     if not pictures:
         result = parity.verify_model(proto, reference, input_size=tuple(metadata.preprocessing.crop),
