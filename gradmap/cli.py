@@ -356,7 +356,9 @@ def _given(settings: dict) -> dict:
                    "[default: heatmap,overlay,figure].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=contract.DEFAULT_BATCH_SIZE, show_default=True)
 @click.option("--provider", default="auto", show_default=True,
-              help="auto, cpu, cuda, or a comma-separated list of onnxruntime providers.")
+              help=f"{', '.join(contract.PROVIDERS)}, or a comma-separated list of onnxruntime providers. auto: CUDA "
+                   "when onnxruntime has it (onnxruntime-gpu), then WebGPU when its plugin (onnxruntime-ep-webgpu) "
+                   "finds a GPU, then the CPU.")
 @click.option("--threads", type=click.IntRange(min=0), default=None,
               help="onnxruntime intra-op threads (default: onnxruntime decides).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout instead of text.")
@@ -756,7 +758,8 @@ def cache_clear_command(stale: bool) -> None:
               help="--engine ray: replicas of the deployment.")
 @click.option("--replica-cpus", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="--engine ray: CPUs each replica reserves (fractions allowed).")
-@click.option("--provider", default="cpu", show_default=True, help="onnxruntime provider: cpu, cuda, auto...")
+@click.option("--provider", default="cpu", show_default=True, help=f"onnxruntime provider: {', '.join(contract.PROVIDERS)} (see gradmap run --help), or a "
+                   "comma-separated list of onnxruntime providers.")
 @click.option("--threads", type=click.IntRange(min=0), default=None,
               help="onnxruntime intra-op threads per model (default: onnxruntime decides).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
