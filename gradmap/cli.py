@@ -648,7 +648,10 @@ def info_command(model_path: str, as_json: bool) -> None:
 
     import onnxruntime
 
+    from gradmap.runtime.providers import plan_providers
+
     model = _load_model(model_path, "cpu", 1, cache=False)  # a look at a model saves no session for it
+    auto = plan_providers("auto")  # what --provider auto would take here, and why
     meta = model.metadata
     info = {
         "path": model_path,
@@ -671,6 +674,7 @@ def info_command(model_path: str, as_json: bool) -> None:
         "inputs": [{"name": t.name, "type": t.type, "shape": list(t.shape)} for t in model.inputs],
         "outputs": [{"name": t.name, "type": t.type, "shape": list(t.shape)} for t in model.outputs],
         "available_providers": onnxruntime.get_available_providers(),
+        "auto_provider": {"providers": list(auto.names), "why": auto.why},
     }
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -696,6 +700,7 @@ def info_command(model_path: str, as_json: bool) -> None:
         for t in info[kind]:
             click.echo(f"  {t['name']:<16} {t['type']:<16} {t['shape']}")
     click.echo("providers:      " + ", ".join(info["available_providers"]))
+    click.echo(f"--provider auto: {', '.join(auto.names)} ({auto.why})")
 
 
 @main.group("cache")
