@@ -421,6 +421,9 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
     runner = make_engine(engine, model, address=address, workers=workers, threads=threads, provider=provider,
                          parquet_dir=parquet_dir)
     printer = _RunPrinter(as_json)
+    from gradmap.runtime import perturbation  # long forward-only runs say how far they are
+
+    reporting = perturbation.progress.set(_MaskProgress())
     try:
         summary = run_job(model, inputs, out_dir=out_dir, target=target, method=method_spec, reduce=reduce,
                           clip=None if clip_percentile is None else (0.0, clip_percentile), no_crop=no_crop,
@@ -433,6 +436,7 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
     except EngineError as e:
         raise click.ClickException(str(e)) from e
     finally:
+        perturbation.progress.reset(reporting)
         printer.close()
     if as_json:
         click.echo(json.dumps(summary.to_json(), indent=2))
@@ -463,6 +467,26 @@ def _check_ray_options(skip_existing: bool, parquet_dir: str | None) -> None:
         raise click.UsageError("--skip-existing resumes picture files, not a Parquet dataset")
     if Path(parquet_dir).exists() and any(Path(parquet_dir).iterdir()):
         raise click.UsageError(f"--to-parquet {parquet_dir}: the folder is not empty; give a new one")
+
+
+class _MaskProgress:
+    """Progress of occlusion, RISE and Score-CAM on stderr: a line every 5 s once a call has run 5 s."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.clock = time.monotonic
+        self.started: dict[tuple[str, int], float] = {}
+        self.shown = 0.0
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        now = self.clock()
+        started = self.started.setdefault((what, total), now)
+        if now - started >= 5 and (now - self.shown >= 5 or done == total):
+            self.shown = now
+            click.echo(f"{what}: {done}/{total} ({now - started:.0f} s)", err=True)
+        if done == total:
+            self.started.pop((what, total), None)
 
 
 def _unwind_on_sigterm() -> None:
@@ -801,7 +825,7 @@ def cache_clear_command(stale: bool) -> None:
 @click.option("--max-top", type=click.IntRange(min=1), default=10, show_default=True,
               help="Largest K of a topK target.")
 @click.option("--max-passes", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Largest smoothgrad samples or integrated-gradients steps a request may ask for.")
+              help="Largest samples, steps or masks setting (model runs per picture) a request may ask for.")
 @click.option("--max-connections", type=click.IntRange(min=1), default=128, show_default=True,
               help="Open connections per process (503 above).")
 @click.option("--image-formats", default="JPEG,PNG,WEBP", show_default=True,
