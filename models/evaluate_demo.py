@@ -4,6 +4,7 @@ Usage (from the repository root, after ``python models/make_demo.py``; torch-fre
 
     python models/evaluate_demo.py [--demo models/demo] [--no-docs]
     python models/evaluate_demo.py --tables-only     # the docs tables again from models/demo/quality.json
+    python models/evaluate_demo.py --methods xrai    # measure these methods only, keep the others' rows
 
 Equivalent to
 
@@ -88,7 +89,9 @@ def cascade_label(path: Path) -> str:
     return f"{path.stem.removeprefix('shapes_randomized_blocks')} blocks"
 
 
-def run(demo: Path, threads: int) -> dict:
+def run(demo: Path, threads: int, only: list[str] | None = None, selection: dict | None = None) -> dict:
+    """``gradmap evaluate`` of every method the demo model supports, or of ``only`` (then with
+    SmoothGrad's earlier noise ``selection`` rather than a new one)."""
     from gradmap.runtime import SaliencyModel
     from gradmap.runtime.evaluate import evaluate, load_evaluation_data
     from gradmap.runtime.methods import MethodSpec
@@ -98,9 +101,9 @@ def run(demo: Path, threads: int) -> dict:
     cascade_paths = {cascade_label(path): path for path in cascade_files(demo)}
     cascade = [(label, SaliencyModel(path, provider="cpu", threads=threads)) for label, path in cascade_paths.items()]
     data = load_evaluation_data(demo / "eval_set.npz", model.metadata.preprocessing, model.metadata.labels)
-    selection = choose_noise(model)
+    selection = selection or choose_noise(model)
     specs = [MethodSpec(name, noise=selection["noise"]) if name == "smoothgrad" else MethodSpec(name)
-             for name in model.metadata.methods]
+             for name in model.metadata.methods if only is None or name in only]
     results = evaluate(model, data, specs, randomized=randomized, cascade=cascade, tolerance=TOLERANCE_PX,
                        progress=lambda m: print(m, flush=True))
     results["smoothgrad_noise_selection"] = selection
@@ -201,6 +204,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", type=Path, default=ROOT / "models" / "demo")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="evaluate only these methods and keep the other methods' rows of the results file "
+                             "(and SmoothGrad's noise selection); the run's metadata records which were re-measured")
     _report.add_flags(parser, RESULTS)
     args = parser.parse_args()
     out = args.out if args.out != RESULTS else args.demo / "quality.json"
@@ -208,7 +214,18 @@ def main() -> int:
         results = load_results(out)
     else:
         meta = _report.start_run(PAGE, SECTIONS, versions=("onnxruntime",), threads=args.threads)
-        results = run(args.demo, args.threads)
+        if args.methods:
+            saved = load_results(out)
+            results = run(args.demo, args.threads, args.methods, saved["smoothgrad_noise_selection"])
+            from gradmap.runtime import SaliencyModel
+
+            order = SaliencyModel(args.demo / "shapes.onnx", provider="cpu").metadata.methods
+            measured = {**saved["methods"], **results["methods"]}
+            results = {**saved, "methods": {name: measured[name] for name in order if name in measured}}
+            meta = _report.merge_update(meta, saved.get("meta", {}), args.methods)
+        else:
+            results = run(args.demo, args.threads)
+        results.pop("meta", None)
         results["targets_missed"] = verdicts(results)
         results = _report.write_json(out, {"meta": _report.finish_run(meta), **results}, indent=2)
     from gradmap.runtime.evaluate import format_report
