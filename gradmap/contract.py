@@ -387,6 +387,15 @@ _RULE = Setting("rule", "choice", "gauss-legendre", "integration rule.",
                 choices=("gauss-legendre", "trapezoid", "equal-weights"))
 _BASELINE = Setting("baseline", "choice", "black", "black (pixel 0), blurred picture or uniform noise.",
                     choices=("black", "blurred", "uniform"))
+_WINDOW = Setting("window", "int", 16, "side of the occluding square, in pixels of the model's input.", minimum=1)
+_STRIDE = Setting("stride", "int", 8, "step between occlusion windows, in pixels (at most the window).", minimum=1)
+_MASKS = Setting("masks", "int", 4000, "random masks.", minimum=1)
+_GRID = Setting("grid", "int", 7, "cells per side of a random mask's grid (the RISE paper's s).", minimum=1)
+_PROBABILITY = Setting("probability", "float", 0.5, "chance that a mask's cell keeps the picture.", minimum=0,
+                       maximum=1)
+_MASK_BATCH = Setting("mask_batch", "int", 0,
+                      "masked copies per onnxruntime run (memory grows with it); 0: as many as fit in 512 MiB.",
+                      minimum=0)
 _MAX_SIGMA = Setting("max_sigma", "float", 50.0, "Blur IG's strongest blur, the path's start (Gaussian sigma, pixels).",
                      minimum=0.01)
 _GRAD_STEP = Setting("grad_step", "float", 0.01, "sigma step of the forward difference giving the blur path's direction.",
@@ -411,8 +420,10 @@ COMMON_SETTINGS = (
 
 _GRADIENT_OUTPUTS = (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_GRADIENT)
 _CAM_OUTPUTS = (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_CAM_ACTIVATION, OUTPUT_CAM_GRADIENT)
+_FORWARD_OUTPUTS = (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX)
 _METHODS = "gradmap.runtime.methods:"
 _CAM = "gradmap.runtime.cam:"
+_PERTURBATION = "gradmap.runtime.perturbation:"
 _PATHS = "gradmap.runtime.paths:"
 
 #: Every attribution method, in the order ``gradmap run --method`` and ``gradmap info`` list them.
@@ -442,6 +453,26 @@ METHOD_TABLE: tuple[Method, ...] = (
            "guided backpropagation times the Grad-CAM map (Selvaraju et al. 2017)",
            (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_GRADIENT_GUIDED, OUTPUT_CAM_ACTIVATION, OUTPUT_CAM_GRADIENT),
            _CAM + "guided_grad_cam_method", web="guidedGradCam"),
+    Method("hirescam", KIND_CAM, "the feature map times its gradient, summed over channels (Draelos & Carin 2020)",
+           _CAM_OUTPUTS, _CAM + "hires_cam_method", web="hiResCam"),
+    Method("xgrad-cam", KIND_CAM, "a feature map weighted by its activation-weighted gradient (Fu et al. 2020)",
+           _CAM_OUTPUTS, _CAM + "xgrad_cam_method", web="xGradCam"),
+    Method("layer-cam", KIND_CAM, "the feature map weighted per position by its positive gradient (Jiang et al. 2021)",
+           _CAM_OUTPUTS, _CAM + "layer_cam_method", web="layerCam"),
+    Method("eigen-cam", KIND_CAM, "the feature map's first principal component, class-agnostic (Muhammad & Yeasin 2020)",
+           (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_CAM_ACTIVATION), _CAM + "eigen_cam_method"),
+    Method("score-cam", KIND_CAM,
+           "feature-map channels weighted by the scores of the input masked by each (Wang et al. 2020); forward only",
+           (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_CAM_ACTIVATION), _PERTURBATION + "score_cam_method",
+           settings=(_MASK_BATCH,)),
+    Method("occlusion", KIND_ATTRIBUTION,
+           "the score's drop when a sliding window of the baseline hides each region (Zeiler & Fergus 2014); "
+           "forward only", _FORWARD_OUTPUTS, _PERTURBATION + "occlusion_method",
+           settings=(_WINDOW, _STRIDE, _BASELINE, _SEED, _MASK_BATCH)),
+    Method("rise", KIND_CAM,
+           "random masks weighted by the class probability of the masked input (Petsiuk et al. 2018); forward only",
+           _FORWARD_OUTPUTS, _PERTURBATION + "rise_method",
+           settings=(_MASKS, _GRID, _PROBABILITY, _BASELINE, _SEED, _MASK_BATCH)),
     # Blur IG, Guided IG and XRAI take 100-200 gradients per map (or a segmentation): slower than
     # the page's ~10 s budget for a resnet18 map, so the page does not offer them
     Method("blur-ig", KIND_ATTRIBUTION,

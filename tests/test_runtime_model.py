@@ -216,7 +216,8 @@ def test_names_have_one_source_in_the_contract():
                for m in contract.METHOD_TABLE), "every method a default export lacks says what to export"
     assert contract.methods_for(("vanilla", "guided", "deconvnet"), True) == contract.METHODS
     assert contract.methods_for(("vanilla",), False) == ("vanilla", "smoothgrad", "integrated-gradients",
-                                                         "gradient-x-input", "blur-ig", "guided-ig", "xrai")
+                                                         "gradient-x-input", "occlusion", "rise", "blur-ig",
+                                                         "guided-ig", "xrai")
     special = ("guided-backprop", "deconvnet", "grad-cam", "grad-cam++", "guided-grad-cam")
     assert tuple(m for m in contract.methods_for(("vanilla", "deconvnet"), True) if m in special) == \
         ("deconvnet", "grad-cam", "grad-cam++")

@@ -106,7 +106,7 @@ class Site:
 
     def explain(self, picture: Path, method: str = "vanilla", extra: str = "", canvases: bool = False):
         """The page's result for ``picture``; with ``canvases`` also its heatmap and overlay pixels."""
-        page = self.open(f"image={quote(self.add(picture))}&method={method}{extra}")
+        page = self.open(f"image={quote(self.add(picture))}&method={quote(method, safe='')}{extra}")
         try:
             result = self.result(page)
             return (result, _canvas(page, "heatmap"), _canvas(page, "overlay")) if canvases else result
@@ -196,6 +196,23 @@ def test_demo_maps_equal_gradmap_run(demo_site, photo_pngs, tmp_path):
             assert abs(result["predictions"][0]["probability"] - record["predictions"][0]["probability"]) < 1e-4
             assert_maps_match(page_map(result), python, f"{picture.name} {method}")
             assert_pictures_match(heatmap, overlay, record["maps"][0]["files"], f"{picture.name} {method}")
+
+
+def test_cam_family_maps_equal_gradmap_run(demo_site, tmp_path):
+    """Every class activation map the page computes (the table's cam rows with a page function)."""
+    from gradmap import contract
+
+    site, model = demo_site
+    methods = [m.name for m in contract.METHOD_TABLE if m.kind == contract.KIND_CAM and m.web]
+    assert len(methods) >= 5, methods  # Grad-CAM, Grad-CAM++, HiResCAM, XGradCAM, LayerCAM
+    assets = demo_assets()
+    for name in ("star_0.png", "cross_0.png"):
+        picture = Path(str(assets.joinpath("images", name)))
+        for method in methods:
+            result = site.explain(picture, method)
+            record, python = python_run(model, picture, tmp_path / f"{picture.stem}-{method}", method)
+            assert result["method"] == method
+            assert_maps_match(page_map(result), python, f"{picture.name} {method}")
 
 
 def assert_pictures_match(heatmap: np.ndarray, overlay: np.ndarray, files: dict, what: str) -> None:

@@ -116,12 +116,21 @@ def _build_application(constructor, name: str, weights: str | None, input_size, 
     except Exception as e:  # the download: urllib / OSError / tf errors, whatever Keras raises offline
         if weights != "imagenet":
             raise
-        cache = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "models")
+        cache = os.path.join(_keras_home(), "models")
         raise ExportError(
             f"keras:{name} --weights imagenet: the ImageNet weights are not in Keras' cache ({cache}) and Keras "
             f"could not download them ({type(e).__name__}: {str(e).strip()[:200]}). Download them where the network "
             f"is reachable (python -c 'import keras; keras.applications.{name}()') and copy the cache folder, or "
             "give a weights file with --weights PATH, or random weights with --weights none") from e
+
+
+def _keras_home() -> str:
+    try:
+        from keras.src.backend import config
+
+        return os.path.expanduser(config.keras_home())
+    except (ImportError, AttributeError):
+        return os.path.expanduser(os.environ.get("KERAS_HOME", "~/.keras"))
 
 
 def _load_weights_into(model, path: str, trust_model: bool) -> str:
@@ -330,8 +339,7 @@ def to_onnx(loaded: KerasModel, opset: int = TF2ONNX_OPSET):
     quiet.setLevel(logging.ERROR)
     try:
         if loaded.kind == "savedmodel":
-            function = loaded.model
-            proto, _ = tf2onnx.convert.from_function(function, input_signature=None, opset=opset)
+            proto, _ = tf2onnx.convert.from_function(_serving_function(loaded), input_signature=spec, opset=opset)
         else:
             proto, _ = tf2onnx.convert.from_keras(loaded.model, input_signature=spec, opset=opset)
     except Exception as e:
@@ -339,7 +347,58 @@ def to_onnx(loaded: KerasModel, opset: int = TF2ONNX_OPSET):
                           f"{str(e).strip()[:400]}") from e
     finally:
         quiet.setLevel(level)
+    _rewrite_tensorflow_ops(proto, loaded.source)
     return proto
+
+
+def _rewrite_tensorflow_ops(proto, source: str) -> None:
+    """TensorFlow ops tf2onnx leaves as they are (no ONNX op of that name), written in ONNX ops; any
+    other such op is an ExportError naming it.
+
+        Erfc(x) = 1 - Erf(x)   (Keras' exact GELU, as in ConvNeXt; the difference from erfc in float32
+                                is below 1e-7 absolute, where GELU multiplies it by x)
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    unknown = sorted({n.op_type for n in graph.node if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)
+                      and n.op_type != "Erfc"})
+    if unknown:
+        raise ExportError(f"{source}: tf2onnx left TensorFlow ops it cannot convert: {', '.join(unknown)}")
+    nodes = []
+    one = None
+    for node in graph.node:
+        if node.op_type != "Erfc" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        if one is None:
+            one = f"{node.name}__gradmap_one"
+            graph.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), one))
+        erf = f"{node.output[0]}__gradmap_erf"
+        nodes.append(helper.make_node("Erf", [node.input[0]], [erf], name=f"{node.name}__erf"))
+        nodes.append(helper.make_node("Sub", [one, erf], list(node.output), name=node.name))
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _serving_function(loaded: KerasModel):
+    """A SavedModel's serving signature as a tf.function of one image tensor and one output."""
+    tf, _ = _frameworks()
+    signature = loaded.model
+    args, kwargs = signature.structured_input_signature
+    (key,) = kwargs.keys() if kwargs else (None,)
+    outputs = signature.structured_outputs
+    if isinstance(outputs, dict) and len(outputs) != 1:
+        raise ExportError(f"{loaded.source}: the serving signature has {len(outputs)} outputs "
+                          f"({', '.join(outputs)}); gradmap needs the one score output")
+
+    @tf.function
+    def serve(image):
+        result = signature(**{key: image}) if key is not None else signature(image)
+        return next(iter(result.values())) if isinstance(result, dict) else result
+
+    return serve
 
 
 # -- the float64 reference ------------------------------------------------------------------------
@@ -416,7 +475,7 @@ def _float64_keras():
         keras.config.set_dtype_policy(policy)
 
 
-def float64_copy(model, *, linear_head: bool, source: str = "keras"):
+def float64_copy(model, *, linear_head: bool, source: str = "keras", trust_model: bool = False):
     """A float64 copy of the Keras ``model`` with the same weights (cast), optionally stopped before
     its softmax; an ExportError when Keras keeps a float32 layer."""
     _, keras = _frameworks()
@@ -426,7 +485,7 @@ def float64_copy(model, *, linear_head: bool, source: str = "keras"):
         _linear_head(config, source)
     with _float64_keras():
         try:
-            copy64 = keras.saving.deserialize_keras_object(config)
+            copy64 = keras.saving.deserialize_keras_object(config, safe_mode=not trust_model)
         except Exception as e:
             raise ExportError(f"{source}: Keras cannot rebuild the model in float64 for the parity reference "
                               f"({str(e).strip()[:300]}); export with --no-verify") from e
@@ -455,10 +514,11 @@ class KerasReference:
 
     name = "float64 Keras model (tf.GradientTape)"
 
-    def __init__(self, model, *, cut: str | None = None, channels: int = 3, forward=None, source: str = "keras"):
+    def __init__(self, model, *, cut: str | None = None, channels: int = 3, forward=None, source: str = "keras",
+                 trust_model: bool = False):
         self._model32 = model
-        self._model64 = float64_copy(model, linear_head=cut is not None, source=source)
-        self._linear32 = None if cut is None else _float32_twin(model, self._model64)
+        self._model64 = float64_copy(model, linear_head=cut is not None, source=source, trust_model=trust_model)
+        self._linear32 = None if cut is None else _float32_twin(model, self._model64, trust_model)
         self._channels = channels
         self._forward = forward
         self._onnx = None
@@ -532,7 +592,7 @@ class KerasReference:
         return self._runs(model, images, target_index, score, backprops, np.float32)
 
 
-def _float32_twin(model, like):
+def _float32_twin(model, like, trust_model: bool = False):
     """The float32 twin of ``like`` (a float64 copy, maybe stopped before the softmax) with ``model``'s
     weights: TensorFlow's own float32 logits where the export cut a softmax."""
     _, keras = _frameworks()
@@ -553,7 +613,7 @@ def _float32_twin(model, like):
             return [to32(v) for v in c]
         return c
 
-    twin = keras.saving.deserialize_keras_object(to32(copy.deepcopy(config)))
+    twin = keras.saving.deserialize_keras_object(to32(copy.deepcopy(config)), safe_mode=not trust_model)
     twin.set_weights(model.get_weights())
     return twin
 
@@ -630,7 +690,7 @@ def export_keras(
                                "evaluation of the converted graph")
         else:
             reference = KerasReference(loaded.model, cut=graph.cut, channels=loaded.channels,
-                                       forward=_forward_copy(graph), source=loaded.source)
+                                       forward=_forward_copy(graph), source=loaded.source, trust_model=trust_model)
     extra = {"keras_kind": loaded.kind, "keras_weights": str(weights), "keras_seed": int(seed)}
     report = export_graph(graph, output, preprocessing=preprocessing, labels=_labels(labels),
                           source_model=loaded.source, weights=loaded.weights, score=score, backprops=backprops,
@@ -671,4 +731,5 @@ def load_reference(spec: str, *, metadata=None, weights: str | None = None, seed
         from ._foreign import prepare_classifier
 
         cut = prepare_classifier(to_onnx(loaded), layout="nhwc", input_size=loaded.input_size).cut
-    return KerasReference(loaded.model, cut=cut, channels=loaded.channels, source=loaded.source)
+    return KerasReference(loaded.model, cut=cut, channels=loaded.channels, source=loaded.source,
+                          trust_model=trust_model)

@@ -295,12 +295,22 @@ class UnsupportedMethodError(ValueError):
 
 def check_supported(model, method: "str | MethodSpec | contract.Method", where: str = "this model") -> None:
     """Raise :class:`UnsupportedMethodError` when ``model`` (a :class:`~gradmap.runtime.model.SaliencyModel`)
-    does not have ``method``, saying what it supports and how to export a model that has it."""
+    does not have ``method``, saying what it supports and how to export a model that has it, or, for a
+    :class:`MethodSpec`, when its settings do not fit the model: the implementation's optional
+    ``check(model, spec)`` attribute raises a ValueError saying why (an occlusion window larger than
+    the input)."""
     row = method if isinstance(method, contract.Method) else contract.method(getattr(method, "name", method))
     supported = model.metadata.methods
     if row.name not in supported:
         raise UnsupportedMethodError(f"{where} does not support {row.name} (it supports {', '.join(supported)}); "
                                      f"export it with {' '.join(row.export_options)}")
+    # settings that depend on the model (a window larger than its input): the implementation's own check
+    check = getattr(implementation(row.name), "check", None)
+    if isinstance(method, MethodSpec) and check is not None:
+        try:
+            check(model, method)
+        except ValueError as e:
+            raise UnsupportedMethodError(f"{where}: {e}") from None
 
 
 @functools.lru_cache(maxsize=None)

@@ -529,6 +529,39 @@ export function gradCamPlusPlus(activation, gradient, channels, size) {
   return Float32Array.from(cam, (v) => Math.max(v, 0));
 }
 
+/** HiResCAM [h, w]: sum over channels of gradient x activation, ReLU (as cam.hires_cam). */
+export function hiResCam(activation, gradient, channels, size) {
+  const cam = new Float64Array(size);
+  for (let c = 0; c < channels; c++) {
+    for (let i = 0; i < size; i++) cam[i] += gradient[c * size + i] * activation[c * size + i];
+  }
+  return Float32Array.from(cam, (v) => Math.max(v, 0));
+}
+
+/** XGradCAM [h, w]: channel weights sum(g A) / (sum(A) + 1e-7), ReLU (as cam.xgrad_cam). */
+export function xGradCam(activation, gradient, channels, size) {
+  const cam = new Float64Array(size);
+  for (let c = 0; c < channels; c++) {
+    let ga = 0, sumA = 0;
+    for (let i = 0; i < size; i++) {
+      ga += gradient[c * size + i] * activation[c * size + i];
+      sumA += activation[c * size + i];
+    }
+    const weight = ga / (sumA + 1e-7);
+    for (let i = 0; i < size; i++) cam[i] += weight * activation[c * size + i];
+  }
+  return Float32Array.from(cam, (v) => Math.max(v, 0));
+}
+
+/** LayerCAM [h, w]: sum over channels of ReLU(gradient) x activation, ReLU (as cam.layer_cam). */
+export function layerCam(activation, gradient, channels, size) {
+  const cam = new Float64Array(size);
+  for (let c = 0; c < channels; c++) {
+    for (let i = 0; i < size; i++) cam[i] += Math.max(gradient[c * size + i], 0) * activation[c * size + i];
+  }
+  return Float32Array.from(cam, (v) => Math.max(v, 0));
+}
+
 /** Nearest upsampling as cam.upsample(order=0): rows floor(i * h / H). */
 export function upsampleNearest(m, h, w, outH, outW) {
   const out = new Float32Array(outH * outW);
