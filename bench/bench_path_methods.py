@@ -146,8 +146,8 @@ def render(rows: list[dict], meta: dict) -> str:
         "weights; `--baselines input-range --rule equal-weights`), full search. gradmap: "
         "`gradmap.runtime.methods.attribute` on the exported model (what `gradmap run --method` calls); "
         "PAIR: `saliency.core` with its PyTorch example's call_model_function (autograd on the torch "
-        "module); each with its fastest batch size of the candidates (in brackets; Guided IG takes one "
-        "point at a time). *difference*: max |gradmap - PAIR| / max |PAIR| on this picture. Target: gradmap "
+        "module); batch sizes in brackets (each side's fastest when several were tried; PAIR's Guided IG "
+        "takes one point at a time). *difference*: max |gradmap - PAIR| / max |PAIR| on this picture. Target: gradmap "
         "at least 1.5x faster than PAIR.",
         "",
         "| model | method | gradmap | PAIR + torch | speed-up | difference | met |",
