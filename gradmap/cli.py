@@ -92,7 +92,8 @@ def _preprocessing_overrides(values: dict) -> dict:
                    "guided backpropagation or deconvnet (Springenberg et al. 2015).")
 @click.option("--cam-layer", default=None, metavar="NAME|auto",
               help="Add a feature map and its gradient as outputs for Grad-CAM: 'auto' (the last feature map "
-                   "before global pooling), a torch module name (e.g. layer4) or an ONNX value name.")
+                   "before global pooling; on a vision transformer the last block's first LayerNorm, its tokens "
+                   "on the patch grid), a torch module name (e.g. layer4, blocks.11.norm1) or an ONNX value name.")
 @click.option("--target", "engine_target", type=click.Choice(["cpu", "portable"]), default="cpu", show_default=True,
               help="The engine the graph is written for: 'cpu' is lowered for onnxruntime's CPU provider "
                    "(fastest there); 'portable' is the plain gradient graph every engine computes alike "
@@ -278,7 +279,9 @@ def _given(settings: dict) -> dict:
                    "[default: heatmap,overlay,figure].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=contract.DEFAULT_BATCH_SIZE, show_default=True)
 @click.option("--provider", default="auto", show_default=True,
-              help="auto, cpu, cuda, or a comma-separated list of onnxruntime providers.")
+              help=f"{', '.join(contract.PROVIDERS)}, or a comma-separated list of onnxruntime providers. auto: CUDA "
+                   "when onnxruntime has it (onnxruntime-gpu), then WebGPU when its plugin (onnxruntime-ep-webgpu) "
+                   "finds a GPU, then the CPU.")
 @click.option("--threads", type=click.IntRange(min=0), default=None,
               help="onnxruntime intra-op threads (default: onnxruntime decides).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout instead of text.")
@@ -678,7 +681,8 @@ def cache_clear_command(stale: bool) -> None:
               help="--engine ray: replicas of the deployment.")
 @click.option("--replica-cpus", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="--engine ray: CPUs each replica reserves (fractions allowed).")
-@click.option("--provider", default="cpu", show_default=True, help="onnxruntime provider: cpu, cuda, auto...")
+@click.option("--provider", default="cpu", show_default=True, help=f"onnxruntime provider: {', '.join(contract.PROVIDERS)} (see gradmap run --help), or a "
+                   "comma-separated list of onnxruntime providers.")
 @click.option("--threads", type=click.IntRange(min=0), default=None,
               help="onnxruntime intra-op threads per model (default: onnxruntime decides).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,

@@ -57,6 +57,7 @@ __all__ = [
     "DEFAULT_OVERLAY",
     "DEFAULT_BATCH_SIZE",
     "ENGINES",
+    "PROVIDERS",
     "ENGINE_LOCAL",
     "ENGINE_RAY",
     "DEFAULT_ENGINE",
@@ -185,6 +186,9 @@ DEFAULT_OVERLAY = "peaks"
 DEFAULT_BATCH_SIZE = 8
 #: Where ``gradmap run`` explains the pictures: this process, or Ray Data actors.
 ENGINES = ("local", "ray")
+#: ``--provider``'s named choices (gradmap.runtime.providers): auto, onnxruntime's CPU provider, CUDA
+#: (the onnxruntime-gpu wheel), and onnxruntime's WebGPU plugin provider (onnxruntime-ep-webgpu).
+PROVIDERS = ("auto", "cpu", "cuda", "webgpu")
 ENGINE_LOCAL, ENGINE_RAY = ENGINES
 DEFAULT_ENGINE = ENGINE_LOCAL
 

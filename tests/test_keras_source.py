@@ -350,6 +350,16 @@ def test_load_reference_rebuilds_the_export_from_its_metadata(tmp_path):
                                          {contract.INPUT_IMAGE: x, contract.INPUT_TARGET: target})
     assert run.logits.dtype == np.float64 and _relative(logits, run.logits) < 1e-5
     assert _relative(gradient, run.gradients["vanilla"]) < 1e-5
+    # as gradmap verify calls it: DEFAULT and 0 defer to the weights and seed the export recorded
+    donor = _small_model()
+    donor.set_weights([w + 0.05 * (i + 1) for i, w in enumerate(donor.get_weights())])  # not the file's own
+    weights = tmp_path / "w.weights.h5"
+    donor.save_weights(weights)
+    out2, _ = _export(tmp_path, str(path), weights=str(weights), preprocessing_options={"preset_name": "keras-tf"})
+    again = load_reference(f"keras:{path}", weights="DEFAULT", seed=0, metadata=_metadata(out2))
+    logits2 = _session(out2).run([contract.OUTPUT_LOGITS], {contract.INPUT_IMAGE: x, contract.INPUT_TARGET: target})[0]
+    assert _relative(logits2, again.run(x, target, score="logit").logits) < 1e-5
+    assert _relative(logits2, logits) > 1e-2, "the weights file's weights were not the file's own"
     info = json.loads(CliRunner().invoke(main, ["info", str(out), "--json"]).output)
     assert info["extra"]["keras_kind"] == "keras" and info["extra"]["cut"] == "Softmax"
 

@@ -225,7 +225,9 @@ def test_names_have_one_source_in_the_contract():
 
 def test_the_runtime_reaches_onnxruntime_only_through_saliency_model():
     """model.py is the one module that creates or runs onnxruntime sessions (with _session_cache.py,
-    which creates SaliencyModel's session through the cache of optimized graphs)."""
+    which creates SaliencyModel's session through the cache of optimized graphs, providers.py, which
+    creates a session for a provider choice, and device.py, which runs SaliencyModel's session with
+    its images on the GPU through I/O binding)."""
     import re
     from pathlib import Path
 
@@ -233,7 +235,7 @@ def test_the_runtime_reaches_onnxruntime_only_through_saliency_model():
 
     offenders = []
     for path in sorted(Path(gradmap.runtime.__file__).parent.glob("*.py")):
-        if path.name in ("model.py", "_session_cache.py"):
+        if path.name in ("model.py", "_session_cache.py", "providers.py", "device.py"):
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if re.search(r"import onnxruntime|InferenceSession|session\.run\(|\.session\b", line):

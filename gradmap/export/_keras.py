@@ -711,13 +711,15 @@ def load_reference(spec: str, *, metadata=None, weights: str | None = None, seed
     """The float64 reference of ``keras:NAME|PATH`` for ``gradmap verify`` (the interface of
     :func:`gradmap.export._onnx_file.load_reference`): the Keras model rebuilt as the export built it
     (the written model's metadata names its weights, seed and input size, and whether a softmax was
-    cut), as a :class:`KerasReference`."""
+    cut), as a :class:`KerasReference`. ``weights`` ``DEFAULT`` and ``seed`` 0 take the recorded ones."""
     extra = dict(metadata.extra) if metadata is not None else {}
     if metadata is not None:
         input_size = input_size or tuple(metadata.preprocessing.crop)
-    if weights is None:
+    # the defaults (``gradmap verify`` passes DEFAULT and 0 when not told otherwise) defer to what the
+    # export recorded: random weights are rebuilt from their seed, a weights file from its path
+    if weights is None or str(weights).upper() == "DEFAULT":
         weights = extra.get("keras_weights", "DEFAULT")
-    if seed is None:
+    if seed is None or (seed == 0 and "keras_seed" in extra):
         seed = int(extra.get("keras_seed", 0))
     loaded = load_keras(spec, weights=weights, seed=seed, input_size=input_size, trust_model=trust_model)
     if loaded.kind == "savedmodel":

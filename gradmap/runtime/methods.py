@@ -333,20 +333,57 @@ def model_gradient_method(model, spec: MethodSpec, images: np.ndarray, targets: 
     return vanilla(gradient_function(model, _gradient_output(spec.method), batch_size), images, targets)
 
 
+def _on_device(model, spec: MethodSpec, batch_size: int):
+    """The model's :class:`~gradmap.runtime.device.DeviceGradients` when its images stay on a device
+    (``model.io_device``, set on the CUDA provider), else None."""
+    device = getattr(model, "io_device", None)
+    if device is None or getattr(model, "fixed_batch", None) is not None:
+        return None
+    from gradmap.runtime.device import device_gradients
+
+    return device_gradients(model, device, _gradient_output(spec.method), batch_size)
+
+
 def smoothgrad_method(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, *,
                       batch_size: int = 16) -> Attribution:
-    fn = gradient_function(model, _gradient_output(spec.method), batch_size)
-    return smoothgrad(fn, images, targets, samples=spec.samples, noise=spec.noise, variant=spec.variant,
-                      seed=spec.seed)
+    on_device = _on_device(model, spec, batch_size)
+    if on_device is None:
+        fn = gradient_function(model, _gradient_output(spec.method), batch_size)
+        return smoothgrad(fn, images, targets, samples=spec.samples, noise=spec.noise, variant=spec.variant,
+                          seed=spec.seed)
+    if spec.variant not in SMOOTHGRAD_VARIANTS:
+        raise ValueError(f"smoothgrad variant {spec.variant!r} is not one of {', '.join(SMOOTHGRAD_VARIANTS)}")
+    n = len(images)
+    targets = np.full(n, -1, np.int64) if targets is None else np.asarray(targets, np.int64)
+    logits, target_index = on_device.logits_and_targets(images, targets)
+    sigma = spec.noise * (images.reshape(n, -1).max(1) - images.reshape(n, -1).min(1))
+    total, squares = on_device.smoothgrad_sums(images, target_index, sigma, spec.samples, spec.seed)
+    mean, mean_squares = total / spec.samples, squares / spec.samples
+    values = {"plain": mean, "squared": mean_squares, "vargrad": mean_squares - mean ** 2}[spec.variant]
+    return Attribution(values.astype(np.float32), target_index, logits)
 
 
 def integrated_gradients_method(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, *,
                                 batch_size: int = 16) -> Attribution:
     pre = model.metadata.preprocessing
     baselines = baseline_image(images, spec.baseline, pre.mean, pre.std, seed=spec.seed, value_range=pre.value_range)
-    fn = gradient_function(model, _gradient_output(spec.method), batch_size)
-    return integrated_gradients(fn, images, targets, baselines, steps=spec.steps, rule=spec.rule,
-                                score=model.metadata.score)
+    on_device = _on_device(model, spec, batch_size)
+    if on_device is None:
+        fn = gradient_function(model, _gradient_output(spec.method), batch_size)
+        return integrated_gradients(fn, images, targets, baselines, steps=spec.steps, rule=spec.rule,
+                                    score=model.metadata.score)
+    alphas, weights = _alphas(spec.steps, spec.rule)
+    n = len(images)
+    targets = np.full(n, -1, np.int64) if targets is None else np.asarray(targets, np.int64)
+    logits, target_index = on_device.logits_and_targets(images, targets)
+    base_logits, _ = on_device.logits_and_targets(baselines, target_index)
+    average = on_device.path_sums(images, baselines, target_index, alphas, weights)
+    delta = (images - baselines).astype(np.float32)
+    values = (delta * average).astype(np.float32)
+    score = model.metadata.score
+    gap = np.abs(values.reshape(n, -1).astype(np.float64).sum(1)
+                 - (score_of(logits, target_index, score) - score_of(base_logits, target_index, score)))
+    return Attribution(values, target_index, logits, completeness_gap=gap)
 
 
 def gradient_x_input_method(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, *,

@@ -24,9 +24,10 @@ from gradmap import contract
 from ..errors import ExportError, UnsupportedOpsError
 from . import _rules  # noqa: F401 - registers the rules
 from ._context import GradContext
+from ._layers import CamLayer, find_cam_layer, to_feature_map
 from ._registry import COMPOSITES, NON_DIFFERENTIABLE, RULES
 
-__all__ = ["append_gradient", "append_vjp", "differentiable_nodes", "find_cam_layer"]
+__all__ = ["CamLayer", "append_gradient", "append_vjp", "differentiable_nodes", "find_cam_layer"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +73,11 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
     ``backprops`` lists the ReLU rules to emit, one gradient output each (``vanilla`` is
     ``gradient``); all share the forward pass. ``cam_layer`` (``auto``, a torch module name or an
     ONNX value name) adds that feature map and its vanilla gradient as ``cam_activation`` and
-    ``cam_gradient``. ``target`` is the engine the graph is written for (:data:`contract.TARGETS`):
+    ``cam_gradient``, as [N, C, h, w] (a ViT's tokens on their patch grid: :mod:`._layers`). ``target`` is the engine the graph is written for (:data:`contract.TARGETS`):
     ``portable`` keeps the rules' plain vector-Jacobian products, ``cpu`` lowers the graph for
     onnxruntime's CPU provider (:mod:`gradmap.graph.lowering`) with feature maps padded to
     ``channel_multiple`` channels (default: its block size; 0: no padding). The model is modified in
-    place; returns the resolved CAM value's name.
+    place; returns the resolved CAM value's name and its reshape, if any.
     """
     from gradmap.graph import lowering  # imported here: the lowering passes import the rules of this package
 
@@ -91,7 +92,8 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
     image, logits = graph.inputs[0], graph.outputs[0]
     nodes, needs_grad = differentiable_nodes(graph, image, logits)
     _check_rules(nodes)
-    cam_value = find_cam_layer(graph, nodes, cam_layer) if cam_layer else None
+    layer = find_cam_layer(graph, nodes, cam_layer) if cam_layer else None
+    cam_value = layer.value if layer is not None else None
     keep = {cam_value} if cam_value is not None else set()
     if plan.lower_forward(graph, needs_grad, keep):
         nodes, needs_grad = differentiable_nodes(graph, image, logits)
@@ -114,12 +116,11 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
         gradient.name = contract.BACKPROP_OUTPUTS[backprop]
         outputs.append(gradient)
         if cam_value is not None and backprop == "vanilla":
-            cam_gradient = ctx.op("Identity", captured[cam_value])
+            # token and channels-last maps become [N, C, h, w] here, so every CAM method reads one layout
+            cam_gradient = to_feature_map(ctx, captured[cam_value], layer, logits.shape[0])
             cam_gradient.name = contract.OUTPUT_CAM_GRADIENT
-            cam_gradient.shape, cam_gradient.type = ir.Shape(cam_value.shape), cam_value.type
-            cam_activation = ctx.op("Identity", cam_value)
+            cam_activation = to_feature_map(ctx, cam_value, layer, logits.shape[0])
             cam_activation.name = contract.OUTPUT_CAM_ACTIVATION
-            cam_activation.shape, cam_activation.type = ir.Shape(cam_value.shape), cam_value.type
             cam_outputs = [cam_activation, cam_gradient]
     ctx.backprop = "vanilla"
     graph.extend(ctx.tape.nodes)
@@ -127,53 +128,7 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
     if cam_value is not None:
         graph.outputs.extend(cam_outputs)
     plan.lower_backward(graph, ctx.regions, forward_nodes=forward_nodes, keep=keep)
-    return cam_value.name if cam_value is not None else None
-
-
-_GLOBAL_POOLS = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax")
-
-
-def find_cam_layer(graph: ir.Graph, nodes: list[ir.Node], name: str) -> ir.Value:
-    """The feature map for Grad-CAM: ``auto`` = the input of the last global spatial pooling on the
-    path to the logits, or else the last [N, C, H, W] map flattened into the classifier; otherwise a torch module name (its last output, from the exporter's
-    ``pkg.torch.onnx.name_scopes``) or an ONNX value name."""
-    if name == "auto":
-        for node in reversed(nodes):
-            if node.op_type not in _GLOBAL_POOLS:
-                continue
-            x = node.inputs[0]
-            dims = x.shape
-            if dims is None or len(dims) != 4 or not all(isinstance(d, int) and d > 1 for d in list(dims)[2:]):
-                continue
-            if node.op_type.startswith("Reduce"):
-                axes = GradContext.constant_of(node.inputs[1]) if len(node.inputs) > 1 else None
-                if axes is None or sorted(int(a) % 4 for a in axes.reshape(-1)) != [2, 3]:
-                    continue
-            return x
-        # no global pooling (VGG flattens its last 7x7 map into the classifier): the map that is flattened
-        for node in reversed(nodes):
-            if node.op_type not in ("Reshape", "Flatten"):
-                continue
-            x, y = node.inputs[0], node.outputs[0]
-            if (x.shape is not None and y.shape is not None and len(x.shape) == 4 and len(y.shape) == 2
-                    and all(isinstance(d, int) and d > 1 for d in list(x.shape)[2:])):
-                return x
-        raise ExportError("--cam-layer auto: no [N, C, H, W] feature map is pooled or flattened on the way to the "
-                          "logits (a ViT pools a class token, not a feature map): name a layer instead")
-    for value in (v for n in nodes for v in n.outputs):
-        if value.name == name:
-            return value
-    found = None
-    for node in nodes:
-        scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
-        if f"'{name}'" in scopes:
-            found = node.outputs[0]
-    if found is None:
-        raise ExportError(f"--cam-layer {name!r}: no module or value of that name on the path to the logits")
-    if found.shape is None or len(found.shape) != 4:
-        raise ExportError(f"--cam-layer {name!r}: its output {found.name} has shape {found.shape}, "
-                          "not a [N, C, H, W] feature map")
-    return found
+    return layer.describe() if layer is not None else None
 
 
 def append_vjp(model: ir.Model, source: ir.Value, sink: ir.Value, grad_name: str = "grad_output",
