@@ -27,9 +27,8 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
-import json
 import sys
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))

@@ -11,7 +11,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
-carry="$here/carry"
+carry="${GPU_CARRY:-$here/carry}"   # GPU_CARRY: another folder (tests)
 PY="${GPU_PYTHON:-python3}"
 stash="${GPU_STASH:-/tmp/gradmap-gpu-stash}"   # outside the tree: kept between calls on a warm machine
 work="$(mktemp -d /tmp/gradmap-gpu.XXXXXX)"

@@ -25,9 +25,9 @@ from ..errors import ExportError, UnsupportedOpsError
 from . import _rules  # noqa: F401 - registers the rules
 from ._context import GradContext
 from ._layers import CamLayer, find_cam_layer, to_feature_map
-from ._registry import COMPOSITES, NON_DIFFERENTIABLE, RULES
+from ._registry import NON_DIFFERENTIABLE, RuleTable
 
-__all__ = ["CamLayer", "append_gradient", "append_vjp", "differentiable_nodes", "find_cam_layer"]
+__all__ = ["CamLayer", "append_gradient", "append_vjp", "differentiable_nodes", "find_cam_layer", "score_seed"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ def differentiable_nodes(graph: ir.Graph, source: ir.Value, sink: ir.Value) -> t
 
 
 def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[str, ...] = ("vanilla",),
-                    cam_layer: str | None = None, target: str = "cpu", channel_multiple: int | None = None) -> str | None:
+                    cam_layer: str | None = None, target: str = "cpu", channel_multiple: int | None = None,
+                    rules: RuleTable | None = None, seed=None, skip_lowering: tuple[str, ...] = ()) -> str | None:
     """Add the ``target`` input and the ``target_index`` and gradient outputs to ``model``.
 
     ``model`` has one input ``image`` and one output ``logits`` (see :mod:`gradmap.contract`).
@@ -78,8 +79,13 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
     onnxruntime's CPU provider (:mod:`gradmap.graph.lowering`) with feature maps padded to
     ``channel_multiple`` channels (default: its block size; 0: no padding). The model is modified in
     place; returns the resolved CAM value's name and its reshape, if any.
+
+    For graphs other than gradmap's own (``bench/floor.py``'s floor): ``rules`` replaces the rule
+    table (:meth:`RuleTable.replaced`), ``seed`` the function that builds the output gradient
+    (:func:`score_seed`'s signature), and ``skip_lowering`` names cpu lowering passes not to run.
     """
     from gradmap.graph import lowering  # imported here: the lowering passes import the rules of this package
+    from gradmap.graph.lowering import engines
 
     if score not in contract.SCORE_KINDS:
         raise ExportError(f"unknown score kind {score!r}; choose one of {', '.join(contract.SCORE_KINDS)}")
@@ -87,11 +93,12 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
     if unknown or "vanilla" not in backprops:
         raise ExportError(f"backprop rules must include 'vanilla' and be among "
                           f"{', '.join(contract.BACKPROP_OUTPUTS)}; got {list(backprops)}")
-    plan = lowering.plan(target, channel_multiple)
+    plan = lowering.plan(target, channel_multiple, skip=skip_lowering)
+    rules = rules or RuleTable.default()
     graph = model.graph
     image, logits = graph.inputs[0], graph.outputs[0]
     nodes, needs_grad = differentiable_nodes(graph, image, logits)
-    _check_rules(nodes)
+    _check_rules(nodes, rules)
     layer = find_cam_layer(graph, nodes, cam_layer) if cam_layer else None
     cam_value = layer.value if layer is not None else None
     keep = {cam_value} if cam_value is not None else set()
@@ -102,7 +109,7 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
     target_input = ir.Value(name=contract.INPUT_TARGET, shape=ir.Shape([logits.shape[0]]),
                             type=ir.TensorType(ir.DataType.INT64))
     graph.inputs.append(target_input)
-    seed, target_index = _seed(ctx, logits, target_input, score)
+    seed, target_index = (seed or score_seed)(ctx, logits, target_input, score)
     target_index.name = contract.OUTPUT_TARGET_INDEX
     target_index.shape = ir.Shape([logits.shape[0]])
     target_index.type = ir.TensorType(ir.DataType.INT64)
@@ -110,7 +117,7 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
     for backprop in backprops:
         ctx.backprop = backprop
         captured: dict[ir.Value, ir.Value] = {}
-        gradient = _reverse_walk(ctx, nodes, image, logits, seed,
+        gradient = _reverse_walk(ctx, rules, nodes, image, logits, seed,
                                  capture={cam_value} if (cam_value is not None and backprop == "vanilla") else None,
                                  captured=captured)
         gradient.name = contract.BACKPROP_OUTPUTS[backprop]
@@ -127,38 +134,47 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
     graph.outputs.extend(outputs)
     if cam_value is not None:
         graph.outputs.extend(cam_outputs)
+    engines.apply(graph, ctx.regions, forward_nodes)
     plan.lower_backward(graph, ctx.regions, forward_nodes=forward_nodes, keep=keep)
     return layer.describe() if layer is not None else None
 
 
 def append_vjp(model: ir.Model, source: ir.Value, sink: ir.Value, grad_name: str = "grad_output",
-               result_name: str = "grad_input") -> ir.Model:
+               result_name: str = "grad_input", *, engine_passes: bool = True) -> ir.Model:
     """Generic vector-Jacobian product: add input ``grad_name`` (shaped like ``sink``) and output
-    ``result_name`` = grad_name^T d sink / d source. Used to test rules one op at a time."""
+    ``result_name`` = grad_name^T d sink / d source. Used to test rules one op at a time.
+    ``engine_passes``: run the engine workarounds (:mod:`gradmap.graph.lowering.engines`) over the
+    result, as every export does; without them the graph is the rules' plain formulas."""
+    from gradmap.graph.lowering import engines
+
     graph = model.graph
+    forward_nodes = set(graph)
     nodes, needs_grad = differentiable_nodes(graph, source, sink)
-    _check_rules(nodes)
+    rules = RuleTable.default()
+    _check_rules(nodes, rules)
     ctx = GradContext(graph, needs_grad)
     seed = ir.Value(name=grad_name, shape=sink.shape, type=sink.type)
     graph.inputs.append(seed)
-    result = _reverse_walk(ctx, nodes, source, sink, seed)
+    result = _reverse_walk(ctx, rules, nodes, source, sink, seed)
     result.name = result_name
     graph.extend(ctx.tape.nodes)
     graph.outputs.append(result)
+    if engine_passes:
+        engines.apply(graph, ctx.regions, forward_nodes)
     return model
 
 
-def _check_rules(nodes: list[ir.Node]) -> None:
+def _check_rules(nodes: list[ir.Node], rules: RuleTable) -> None:
     missing: dict[str, list[str]] = defaultdict(list)
     for node in nodes:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in RULES:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in rules.rules:
             key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
             missing[key].append(node.name or "<unnamed>")
     if missing:
         raise UnsupportedOpsError(dict(missing))
 
 
-def _reverse_walk(ctx: GradContext, nodes: list[ir.Node], source: ir.Value, sink: ir.Value,
+def _reverse_walk(ctx: GradContext, rules: RuleTable, nodes: list[ir.Node], source: ir.Value, sink: ir.Value,
                   seed: ir.Value, capture: set[ir.Value] | None = None,
                   captured: dict[ir.Value, ir.Value] | None = None) -> ir.Value:
     """Emit the backward nodes; return an Identity-named value holding d sink / d source.
@@ -175,8 +191,8 @@ def _reverse_walk(ctx: GradContext, nodes: list[ir.Node], source: ir.Value, sink
         if all(g is None for g in grad_outputs):
             continue
         ctx.node = node
-        kind, rule, parts = node.op_type, RULES[node.op_type], None
-        for name, match, composite_rule in COMPOSITES.get(node.op_type, ()):
+        kind, rule, parts = node.op_type, rules.rules[node.op_type], None
+        for name, match, composite_rule in rules.composites.get(node.op_type, ()):
             parts = match(node)
             if parts is not None:
                 kind, rule = name, composite_rule
@@ -184,7 +200,7 @@ def _reverse_walk(ctx: GradContext, nodes: list[ir.Node], source: ir.Value, sink
         with ctx.region(kind, node, grad_outputs) as region:
             grad_inputs = list(rule(ctx, node, grad_outputs) if parts is None
                                else rule(ctx, node, grad_outputs, parts))
-        region.parts = parts or {}
+        region.parts = {**(parts or {}), **region.parts}  # a composite's match, and what the rule published
         region.grad_inputs = grad_inputs
         for value, grad in zip(node.inputs, grad_inputs):
             if grad is None or not ctx.needs_grad(value):
@@ -215,7 +231,9 @@ def _annotate(grad: ir.Value | None, value: ir.Value) -> None:
         grad.type = value.type
 
 
-def _seed(ctx: GradContext, logits: ir.Value, target: ir.Value, score: str) -> tuple[ir.Value, ir.Value]:
+def score_seed(ctx: GradContext, logits: ir.Value, target: ir.Value, score: str) -> tuple[ir.Value, ir.Value]:
+    """The gradient of the selected score with respect to the logits (the walk's seed) and the
+    target index, as the module doc writes them."""
     num_classes = ctx.dims(logits)[1]
     if not isinstance(num_classes, int):
         raise ExportError(f"the number of classes must be static, got {num_classes!r}")

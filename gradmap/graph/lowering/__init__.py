@@ -12,6 +12,9 @@ forms that engine runs faster. ``--target cpu`` (the default) is onnxruntime's C
   ``conv_adjoint``, ``relu_pool_mask``, ``max_pool_indices``, ``relu_mask``, ``hard_swish_steps``, ``silu_affine``,
   ``resize_sum_scale``, ``spread_per_channel``, ``concat_split``.
 
+Before either target's output, the engine passes (:mod:`.engines`) rewrite the forms of the
+portable graph that an engine is known to compute wrongly, one pass per engine bug.
+
 One setting, the block (``channel_multiple``: 16 for AVX-512, 8 for AVX2), reaches every pass.
 """
 
@@ -40,6 +43,7 @@ class Plan:
 
     target: str
     block: int
+    skip: frozenset[str] = frozenset()  # cpu backward passes not to run (bench/floor.py)
 
     def lower_forward(self, graph: ir.Graph, needs_grad: set[ir.Value], keep: set[ir.Value]) -> int:
         """The forward rewrites, in place; returns how many nodes or channel groups changed."""
@@ -59,15 +63,21 @@ class Plan:
         rewriter = Rewriter(graph, self.block or BLOCK, forward_nodes, keep)
         counts = {}
         for lowering_pass in cpu_backward.PASSES:
+            if lowering_pass.__name__ in self.skip:
+                continue
             counts[lowering_pass.__name__] = lowering_pass(rewriter, regions)
         prune(graph)
         logger.debug("cpu lowering: %s", counts)
         return counts
 
 
-def plan(target: str, channel_multiple: int | None = None) -> Plan:
+def plan(target: str, channel_multiple: int | None = None, skip=()) -> Plan:
     """The lowering for ``target`` (``cpu`` or ``portable``); ``channel_multiple`` defaults to the
-    block for ``cpu`` and must be 0 or unset for ``portable`` (padding is a CPU-layout rewrite)."""
+    block for ``cpu`` and must be 0 or unset for ``portable`` (padding is a CPU-layout rewrite);
+    ``skip`` names backward passes (of ``cpu_backward.PASSES``) not to run."""
+    known = {p.__name__ for p in cpu_backward.PASSES}
+    if set(skip) - known:
+        raise ExportError(f"unknown lowering passes {sorted(set(skip) - known)}; the cpu target's are {sorted(known)}")
     if target not in contract.TARGETS:
         raise ExportError(f"unknown target {target!r}; choose one of {', '.join(contract.TARGETS)}")
     if channel_multiple is not None and channel_multiple < 0:
@@ -76,5 +86,5 @@ def plan(target: str, channel_multiple: int | None = None) -> Plan:
         if channel_multiple:
             raise ExportError("channel padding (--channel-multiple) is part of the cpu target's lowering; "
                               "a portable export has none: leave it unset or 0")
-        return Plan("portable", 0)
-    return Plan("cpu", BLOCK if channel_multiple is None else channel_multiple)
+        return Plan("portable", 0, frozenset(skip))
+    return Plan("cpu", BLOCK if channel_multiple is None else channel_multiple, frozenset(skip))
