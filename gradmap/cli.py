@@ -94,6 +94,10 @@ def _preprocessing_overrides(values: dict) -> dict:
               help="Add a feature map and its gradient as outputs for Grad-CAM: 'auto' (the last feature map "
                    "before global pooling; on a vision transformer the last block's first LayerNorm, its tokens "
                    "on the patch grid), a torch module name (e.g. layer4, blocks.11.norm1) or an ONNX value name.")
+@click.option("--attention", is_flag=True, default=False,
+              help="Add every self-attention layer's probabilities and their gradient as outputs, for "
+                   "the attention methods (vision transformers with global attention: ViT, DeiT, BEiT; "
+                   "torchvision, timm: and hf: models).")
 @click.option("--target", "engine_target", type=click.Choice(["cpu", "portable"]), default="cpu", show_default=True,
               help="The engine the graph is written for: 'cpu' is lowered for onnxruntime's CPU provider "
                    "(fastest there); 'portable' is the plain gradient graph every engine computes alike "
@@ -126,7 +130,7 @@ def _preprocessing_overrides(values: dict) -> dict:
                    "or 'imagenet-background' (1001 outputs, a background class first).")
 @_preprocessing_options
 def export_command(model_name: str, output: str, weights: str, score: str, seed: int, opset: int,
-                   backprops: tuple[str, ...], cam_layer: str | None, engine_target: str,
+                   backprops: tuple[str, ...], cam_layer: str | None, attention: bool, engine_target: str,
                    channel_multiple: int | None, external_data: bool, no_verify: bool, trust_model: bool,
                    input_name: str | None, output_name: str | None, layout: str | None,
                    input_size: "int | tuple[int, int] | None", labels: str | None,
@@ -157,6 +161,10 @@ def export_command(model_name: str, output: str, weights: str, score: str, seed:
     elif any(v is not None for v in foreign.values()):
         given = ", ".join(k for k, v in foreign.items() if v is not None)
         raise click.UsageError(f"{given}: only for onnx:PATH and keras: models")
+    if attention:
+        if model_name.startswith(("onnx:", "keras:")):
+            raise click.UsageError("--attention: only for torchvision, timm: and hf: models")
+        source_options["attention"] = True
     if trust_model and not model_name.startswith("keras:"):
         raise click.UsageError("--trust-model: only for keras: models")
     try:
@@ -571,7 +579,10 @@ def info_command(model_path: str, as_json: bool) -> None:
 
     import onnxruntime
 
+    from gradmap.runtime.providers import plan_providers
+
     model = _load_model(model_path, "cpu", 1, cache=False)  # a look at a model saves no session for it
+    auto = plan_providers("auto")  # what --provider auto would take here, and why
     meta = model.metadata
     info = {
         "path": model_path,
@@ -582,6 +593,7 @@ def info_command(model_path: str, as_json: bool) -> None:
         "target": meta.target,
         "backprops": list(meta.backprops),
         "cam_layer": meta.cam_layer,
+        "attention": dict(meta.attention) if meta.attention is not None else None,
         "methods": list(meta.methods),
         "other_methods": {m.name: list(m.export_options) for m in contract.METHOD_TABLE if m.name not in meta.methods},
         "preprocessing": meta.preprocessing.to_dict(),
@@ -594,6 +606,7 @@ def info_command(model_path: str, as_json: bool) -> None:
         "inputs": [{"name": t.name, "type": t.type, "shape": list(t.shape)} for t in model.inputs],
         "outputs": [{"name": t.name, "type": t.type, "shape": list(t.shape)} for t in model.outputs],
         "available_providers": onnxruntime.get_available_providers(),
+        "auto_provider": {"providers": list(auto.names), "why": auto.why},
     }
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -604,6 +617,11 @@ def info_command(model_path: str, as_json: bool) -> None:
     click.echo(f"gradmap format: {meta.format_version}; target: {meta.target}; score: {meta.score}; "
                f"backprop: {', '.join(meta.backprops)}"
                + (f"; CAM layer: {meta.cam_layer}" if meta.cam_layer else ""))
+    if meta.attention is not None:
+        a = meta.attention
+        click.echo(f"attention:      {a['layers']} layers x {a['heads']} heads over {a['tokens']} tokens "
+                   f"({a['prefix_tokens']} prefix + {a['grid'][0]}x{a['grid'][1]} patches; the classifier reads "
+                   f"token{'s' if len(a['readout']) > 1 else ''} {', '.join(map(str, a['readout']))})")
     click.echo(f"methods:        {', '.join(meta.methods)}")
     if info["other_methods"]:
         click.echo("other methods:  " + "; ".join(f"{name} (export with {' '.join(options)})"
@@ -619,6 +637,7 @@ def info_command(model_path: str, as_json: bool) -> None:
         for t in info[kind]:
             click.echo(f"  {t['name']:<16} {t['type']:<16} {t['shape']}")
     click.echo("providers:      " + ", ".join(info["available_providers"]))
+    click.echo(f"--provider auto: {', '.join(auto.names)} ({auto.why})")
 
 
 @main.group("cache")

@@ -33,6 +33,8 @@ __all__ = [
     "OUTPUT_GRADIENT_DECONVNET",
     "OUTPUT_CAM_ACTIVATION",
     "OUTPUT_CAM_GRADIENT",
+    "OUTPUT_ATTENTION",
+    "OUTPUT_ATTENTION_GRADIENT",
     "OUTPUTS",
     "OUTPUT_EXPORT_OPTIONS",
     "BACKPROP_OUTPUTS",
@@ -101,6 +103,10 @@ OUTPUT_GRADIENT_GUIDED = "gradient_guided"
 OUTPUT_GRADIENT_DECONVNET = "gradient_deconvnet"
 OUTPUT_CAM_ACTIVATION = "cam_activation"
 OUTPUT_CAM_GRADIENT = "cam_gradient"
+#: Extra outputs of models exported with ``--attention``: every self-attention layer's probabilities
+#: and their gradient, float32 [N, layers, heads, T, T] (see :attr:`ModelMetadata.attention`).
+OUTPUT_ATTENTION = "attention"
+OUTPUT_ATTENTION_GRADIENT = "attention_gradient"
 
 #: What the gradient differentiates: the raw logit, the softmax probability or its log.
 SCORE_KINDS = ("logit", "probability", "log_probability")
@@ -138,6 +144,7 @@ _KEY_CAM_LAYER = METADATA_PREFIX + "cam_layer"
 _KEY_METHODS = METADATA_PREFIX + "methods"
 _KEY_EXTRA = METADATA_PREFIX + "extra"
 _KEY_TARGET = METADATA_PREFIX + "target"
+_KEY_ATTENTION = METADATA_PREFIX + "attention"
 
 
 #: The gradient output of each backpropagation rule through ReLU (Springenberg et al. 2015); the
@@ -149,19 +156,25 @@ BACKPROP_OUTPUTS = {
 }
 DEFAULT_BACKPROP = "vanilla"
 #: Every output a gradmap model can have, in the order a model lists them.
-OUTPUTS = (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, *BACKPROP_OUTPUTS.values(), OUTPUT_CAM_ACTIVATION, OUTPUT_CAM_GRADIENT)
+OUTPUTS = (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, *BACKPROP_OUTPUTS.values(), OUTPUT_CAM_ACTIVATION, OUTPUT_CAM_GRADIENT,
+           OUTPUT_ATTENTION, OUTPUT_ATTENTION_GRADIENT)
 #: The ``gradmap export`` option that adds each optional output (the others come with every export).
 OUTPUT_EXPORT_OPTIONS = {
     **{output: f"--backprop {rule}" for rule, output in BACKPROP_OUTPUTS.items() if rule != DEFAULT_BACKPROP},
     OUTPUT_CAM_ACTIVATION: "--cam-layer auto",
     OUTPUT_CAM_GRADIENT: "--cam-layer auto",
+    OUTPUT_ATTENTION: "--attention",
+    OUTPUT_ATTENTION_GRADIENT: "--attention",
 }
 
 
-def model_outputs(backprops: "tuple[str, ...] | list[str]", has_cam: bool) -> tuple[str, ...]:
-    """The outputs of a model exported with these backpropagation rules and, or without, a CAM layer."""
+def model_outputs(backprops: "tuple[str, ...] | list[str]", has_cam: bool, has_attention: bool = False
+                  ) -> tuple[str, ...]:
+    """The outputs of a model exported with these backpropagation rules and, or without, a CAM layer
+    and the attention outputs."""
     return (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, *(BACKPROP_OUTPUTS[b] for b in backprops if b in BACKPROP_OUTPUTS),
-            *((OUTPUT_CAM_ACTIVATION, OUTPUT_CAM_GRADIENT) if has_cam else ()))
+            *((OUTPUT_CAM_ACTIVATION, OUTPUT_CAM_GRADIENT) if has_cam else ()),
+            *((OUTPUT_ATTENTION, OUTPUT_ATTENTION_GRADIENT) if has_attention else ()))
 
 
 # -- gradmap run's options, shared by the CLI, the runtime and the web page --------------------------
@@ -429,6 +442,9 @@ _METHODS = "gradmap.runtime.methods:"
 _CAM = "gradmap.runtime.cam:"
 _PERTURBATION = "gradmap.runtime.perturbation:"
 _PATHS = "gradmap.runtime.paths:"
+_ATTENTION = "gradmap.runtime.attention:"
+_HEAD_FUSION = Setting("head_fusion", "choice", "mean", "how attention rollout combines the heads of a layer "
+                       "(the paper: mean).", choices=("mean", "max", "min"))
 
 #: Every attribution method, in the order ``gradmap run --method`` and ``gradmap info`` list them.
 METHOD_TABLE: tuple[Method, ...] = (
@@ -490,6 +506,14 @@ METHOD_TABLE: tuple[Method, ...] = (
     Method("xrai", KIND_REGION,
            "integrated gradients summed into image regions, ranked by attribution density (Kapishnikov et al. 2019)",
            _GRADIENT_OUTPUTS, _PATHS + "xrai_method", settings=(_STEPS, _RULE, _BASELINES, _SEARCH, _AREA)),
+    Method("attention-rollout", KIND_CAM,
+           "the attention of the class token, rolled out through the layers with the residual (Abnar & Zuidema "
+           "2020); class-agnostic", (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_ATTENTION),
+           _ATTENTION + "attention_rollout_method", settings=(_HEAD_FUSION,)),
+    Method("attention-relevance", KIND_CAM,
+           "attention weighted by its positive gradient, averaged over heads and rolled out (Chefer, Gur & Wolf "
+           "2021)", (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_ATTENTION, OUTPUT_ATTENTION_GRADIENT),
+           _ATTENTION + "attention_relevance_method"),
 )
 #: The method ``gradmap run``, the Python API and the web page use when none is given.
 DEFAULT_METHOD = "vanilla"
@@ -529,15 +553,19 @@ def methods_using(setting: str) -> tuple[str, ...]:
     return tuple(m.name for m in METHOD_TABLE if any(s.name == setting for s in m.all_settings))
 
 
-def methods_for(backprops: "tuple[str, ...] | list[str]", has_cam: bool) -> tuple[str, ...]:
+def methods_for(backprops: "tuple[str, ...] | list[str]", has_cam: bool, has_attention: bool = False
+                ) -> tuple[str, ...]:
     """The methods a model with these gradient outputs supports, in table order: those whose
     outputs it has (see :func:`model_outputs`)."""
-    available = set(model_outputs(backprops, has_cam))
+    available = set(model_outputs(backprops, has_cam, has_attention))
     return tuple(m.name for m in METHOD_TABLE if available.issuperset(m.outputs))
 
 
 class ContractError(ValueError):
     """A model file or metadata does not follow gradmap's model contract."""
+
+
+_ATTENTION_FIELDS = frozenset({"layers", "heads", "tokens", "prefix_tokens", "grid", "readout"})
 
 
 #: Preprocessing fields written only when they differ from these defaults (older readers read the rest).
@@ -696,6 +724,10 @@ class ModelMetadata:
     cam_layer: str | None = None
     target: str = "cpu"
     format_version: int | None = None  # read: the file's; new: the lowest that describes the model
+    #: ``--attention``: what the attention outputs hold: ``layers``, ``heads``, ``tokens`` (T),
+    #: ``prefix_tokens`` (class, distillation and register tokens before the patches), ``grid``
+    #: ([h, w] of the patch tokens) and ``readout`` (the token indices the classifier reads).
+    attention: Mapping[str, Any] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -721,12 +753,12 @@ class ModelMetadata:
     @property
     def outputs(self) -> tuple[str, ...]:
         """The outputs this model has (see :func:`model_outputs`)."""
-        return model_outputs(self.backprops, self.cam_layer is not None)
+        return model_outputs(self.backprops, self.cam_layer is not None, self.attention is not None)
 
     @property
     def methods(self) -> tuple[str, ...]:
         """Attribution methods this model supports (see :func:`methods_for`)."""
-        return methods_for(self.backprops, self.cam_layer is not None)
+        return methods_for(self.backprops, self.cam_layer is not None, self.attention is not None)
 
     def to_props(self) -> dict[str, str]:
         """Serialize to the string key/value pairs of ONNX ``metadata_props``."""
@@ -742,6 +774,7 @@ class ModelMetadata:
             _KEY_METHODS: json.dumps(list(self.methods)),
             _KEY_TARGET: self.target,
             _KEY_EXTRA: json.dumps(dict(self.extra)),
+            **({_KEY_ATTENTION: json.dumps(dict(self.attention))} if self.attention is not None else {}),
         }
 
     @classmethod
@@ -769,10 +802,13 @@ class ModelMetadata:
             labels = json.loads(props[_KEY_LABELS])
             extra = json.loads(props.get(_KEY_EXTRA, "{}"))
             backprops = json.loads(props.get(_KEY_BACKPROP, '["vanilla"]'))
+            attention = json.loads(props[_KEY_ATTENTION]) if props.get(_KEY_ATTENTION) else None
         except json.JSONDecodeError as e:
             raise ContractError(f"gradmap metadata is not valid JSON: {e}") from e
         if not isinstance(labels, list):
             raise ContractError("gradmap.labels must be a JSON list of class names")
+        if attention is not None and not (isinstance(attention, dict) and _ATTENTION_FIELDS <= set(attention)):
+            raise ContractError(f"gradmap.attention must be a JSON object with {', '.join(sorted(_ATTENTION_FIELDS))}")
         return cls(
             source_model=props[_KEY_SOURCE],
             weights=props.get(_KEY_WEIGHTS, ""),
@@ -784,4 +820,5 @@ class ModelMetadata:
             target=props.get(_KEY_TARGET) or "cpu",
             format_version=version,
             extra=extra if isinstance(extra, dict) else {},
+            attention=attention,
         )

@@ -234,9 +234,11 @@ def test_the_default_method_reads_what_saliency_model_run_returns():
 def test_export_options_and_supported_methods_follow_the_outputs():
     assert contract.method("guided-grad-cam").export_options == ("--backprop guided", "--cam-layer auto")
     assert contract.method("integrated-gradients").export_options == ()
-    full = contract.model_outputs(tuple(contract.BACKPROP_OUTPUTS), True)
+    assert contract.method("attention-relevance").export_options == ("--attention",)
+    full = contract.model_outputs(tuple(contract.BACKPROP_OUTPUTS), True, True)
     assert set(full) == set(contract.OUTPUTS)
-    assert contract.methods_for(tuple(contract.BACKPROP_OUTPUTS), True) == contract.METHODS
+    assert contract.methods_for(tuple(contract.BACKPROP_OUTPUTS), True, True) == contract.METHODS
+    assert "attention-rollout" not in contract.methods_for(tuple(contract.BACKPROP_OUTPUTS), True)
     assert "guided-grad-cam" not in contract.methods_for((contract.DEFAULT_BACKPROP,), True)
 
 

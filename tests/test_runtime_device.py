@@ -89,6 +89,8 @@ def test_cli_names_the_provider_choices_and_refuses_webgpu_here(tmp_path):
 
     help_text = CliRunner().invoke(main, ["run", "--help"]).output
     assert "auto, cpu, cuda, webgpu" in help_text
+    info = CliRunner().invoke(main, ["info", str(demo_assets().joinpath("shapes.onnx"))]).output
+    assert "--provider auto: " in info and "auto: " in info.split("--provider auto: ")[1], info
     if find_webgpu_devices().devices:
         pytest.skip("the WebGPU plugin found a device here")
     from PIL import Image

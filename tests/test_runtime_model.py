@@ -214,7 +214,7 @@ def test_names_have_one_source_in_the_contract():
     assert all(m.kind in contract.METHOD_KINDS for m in contract.METHOD_TABLE), "every method names its saved array"
     assert all(m.export_options or set(m.outputs) <= set(contract.model_outputs((contract.DEFAULT_BACKPROP,), False))
                for m in contract.METHOD_TABLE), "every method a default export lacks says what to export"
-    assert contract.methods_for(("vanilla", "guided", "deconvnet"), True) == contract.METHODS
+    assert contract.methods_for(("vanilla", "guided", "deconvnet"), True, True) == contract.METHODS
     assert contract.methods_for(("vanilla",), False) == ("vanilla", "smoothgrad", "integrated-gradients",
                                                          "gradient-x-input", "occlusion", "rise", "blur-ig",
                                                          "guided-ig", "xrai")

@@ -243,3 +243,171 @@ def test_a_token_map_of_no_patch_grid_is_refused():
     value = ir.Value(name="t", shape=ir.Shape(["batch", 7, 32]), type=ir.TensorType(ir.DataType.FLOAT))
     with pytest.raises(ExportError, match="7 tokens are not up to 16 class or register tokens plus a patch grid"):
         _as_layer(value, (64, 48), "'t'")
+
+
+# -- attention rollout and attention relevance -------------------------------------------------------
+_ATTENTION_NAMES = [contract.OUTPUT_LOGITS, contract.OUTPUT_TARGET_INDEX, contract.OUTPUT_ATTENTION,
+                    contract.OUTPUT_ATTENTION_GRADIENT]
+
+
+def _timm_probabilities(module, image, targets):
+    """Each block's attention probabilities and d logit[target] / d probabilities, float64 torch:
+    timm's unfused attention path (the exported model uses F.scaled_dot_product_attention) with a
+    hook on its attention dropout, whose input is the softmax."""
+    module = module.double()
+    kept = []
+    hooks = []
+    for block in module.blocks:
+        block.attn.fused_attn = False
+        hooks.append(block.attn.attn_drop.register_forward_hook(lambda _, inputs, __: kept.append(inputs[0])))
+    try:
+        logits = module(torch.from_numpy(image).double())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    score = logits.gather(1, torch.from_numpy(targets)[:, None]).sum()
+    return kept, list(torch.autograd.grad(score, kept))
+
+
+def _hf_probabilities(module, image, targets):
+    module = module.double()
+    out = module.model(pixel_values=torch.from_numpy(image).double(), output_attentions=True)
+    score = out.logits.gather(1, torch.from_numpy(targets)[:, None]).sum()
+    attentions = list(out.attentions)
+    return attentions, list(torch.autograd.grad(score, attentions))
+
+
+ATTENTION_MODELS = {
+    "timm-vit_tiny": (_timm("vit_tiny_patch16_224", depth=4), _timm_probabilities),
+    "hf-vit": (_hf_vit, _hf_probabilities),
+}
+
+
+def _rollout_reference(attentions, head_fusion):
+    """Abnar & Zuidema 2020, as the paper states it: average the heads (or take their max/min),
+    add the identity for the residual connection, renormalize the rows, multiply layer by layer."""
+    fuse = {"mean": lambda a: a.mean(dim=1), "max": lambda a: a.amax(dim=1), "min": lambda a: a.amin(dim=1)}
+    tokens = attentions[0].shape[-1]
+    eye = torch.eye(tokens, dtype=torch.float64)
+    result = eye.expand(attentions[0].shape[0], tokens, tokens)
+    for a in attentions:
+        a = (fuse[head_fusion](a) + eye) / 2
+        result = (a / a.sum(dim=-1, keepdim=True)) @ result
+    return result[:, 0, 1:]
+
+
+def _relevance_reference(attentions, gradients):
+    """Chefer, Gur & Wolf 2021, eq. 5-6 for self-attention: R += E_h[(∇A ⊙ A)+] R, from R = I."""
+    tokens = attentions[0].shape[-1]
+    relevance = torch.eye(tokens, dtype=torch.float64).expand(attentions[0].shape[0], tokens, tokens)
+    for a, g in zip(attentions, gradients):
+        relevance = relevance + (g * a).clamp(min=0).mean(dim=1) @ relevance
+    return relevance[:, 0, 1:]
+
+
+@pytest.fixture(scope="module", params=list(ATTENTION_MODELS))
+def with_attention(request, tmp_path_factory):
+    name = request.param
+    build, probabilities_of = ATTENTION_MODELS[name]
+    path = tmp_path_factory.mktemp("attention") / f"{name}.onnx"
+    _export(build(), path, attention=True)
+    image = _image()
+    out = _run(path, image, np.array([-1, 3], dtype=np.int64), _ATTENTION_NAMES)
+    attentions, gradients = probabilities_of(build(), image, out[contract.OUTPUT_TARGET_INDEX])
+    return name, path, image, out, attentions, gradients
+
+
+@pytest.mark.slow
+def test_attention_outputs_are_the_probabilities_and_their_gradients(with_attention):
+    name, _, _, out, attentions, gradients = with_attention
+    expected = torch.stack(attentions, dim=1).detach().numpy()
+    assert rel(out[contract.OUTPUT_ATTENTION], expected, f"{name} attention") <= TOLERANCE
+    expected = torch.stack(gradients, dim=1).detach().numpy()
+    assert rel(out[contract.OUTPUT_ATTENTION_GRADIENT], expected, f"{name} attention gradient") <= TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head_fusion", ["mean", "max", "min"])
+def test_attention_rollout_matches_the_papers_rule(with_attention, head_fusion):
+    from gradmap.runtime.attention import attention_rollout, token_map
+    from gradmap.runtime.model import SaliencyModel
+
+    name, path, _, out, attentions, _ = with_attention
+    layout = SaliencyModel(path, provider="cpu", threads=1).metadata.attention
+    ours = token_map(attention_rollout(out[contract.OUTPUT_ATTENTION], head_fusion), layout)
+    expected = _rollout_reference([a.detach() for a in attentions], head_fusion).reshape(ours.shape).numpy()
+    err = rel(ours, expected, f"{name} rollout")
+    assert err <= TOLERANCE, f"{name} attention rollout ({head_fusion}): {err:.3g}"
+
+
+@pytest.mark.slow
+def test_attention_relevance_matches_chefer_et_al(with_attention):
+    from gradmap.runtime.attention import attention_relevance, token_map
+    from gradmap.runtime.model import SaliencyModel
+
+    name, path, _, out, attentions, gradients = with_attention
+    layout = SaliencyModel(path, provider="cpu", threads=1).metadata.attention
+    ours = token_map(attention_relevance(out[contract.OUTPUT_ATTENTION], out[contract.OUTPUT_ATTENTION_GRADIENT]),
+                     layout)
+    expected = _relevance_reference([a.detach() for a in attentions], gradients).reshape(ours.shape).numpy()
+    err = rel(ours, expected, f"{name} relevance")
+    assert err <= TOLERANCE, f"{name} attention relevance: {err:.3g}"
+    # the class matters: another target gives another map
+    assert not np.allclose(ours[0], ours[1] * ours[0].max() / ours[1].max())
+
+
+@pytest.mark.slow
+def test_attention_methods_run_from_gradmap_run(with_attention, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from gradmap.cli import main
+
+    name, path, *_ = with_attention
+    if name != "timm-vit_tiny":
+        pytest.skip("one ViT is enough for the command line")
+    pictures = tmp_path / "in"
+    pictures.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((80, 96, 3)) * 255).astype(np.uint8)).save(pictures / "a.png")
+    for method in ("attention-rollout", "attention-relevance"):
+        out = tmp_path / method
+        result = CliRunner().invoke(main, ["run", str(path), str(pictures), "-o", str(out), "--method", method,
+                                           "--format", "npy"])
+        assert result.exit_code == 0, result.output
+        cams = list(out.rglob("*.cam.npy"))
+        assert len(cams) == 1, f"{method}: expected one .cam.npy, got {cams}"
+        values = np.load(cams[0])
+        assert values.shape[-2:] == (SIZE, SIZE) and np.isfinite(values).all() and values.max() > 0, method
+
+
+@pytest.mark.slow
+def test_distilled_deit_reads_its_class_and_distillation_tokens(tmp_path):
+    from gradmap.runtime.model import SaliencyModel
+
+    path = tmp_path / "deit.onnx"
+    _export(_timm("deit_tiny_distilled_patch16_224", depth=1)(), path, attention=True, verify=False)
+    layout = SaliencyModel(path, provider="cpu", threads=1).metadata.attention
+    assert layout == {"layers": 1, "heads": 3, "tokens": 18, "prefix_tokens": 2, "grid": [4, 4], "readout": [0, 1]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,message", [
+    ("swin", "windowed attention"),
+    ("cnn", "no self-attention"),
+])
+def test_attention_on_a_model_without_global_attention_is_refused(tmp_path, model, message):
+    if model == "swin":
+        module = MODELS["timm-swin"][0]()
+    else:
+        module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                     torch.nn.Linear(4, 3)).eval()
+    with pytest.raises(ExportError, match=message):
+        _export(module, tmp_path / "x.onnx", attention=True, verify=False)
+
+
+def test_attention_methods_refuse_a_model_exported_without_attention(linear_model):
+    from gradmap.runtime.methods import MethodSpec, UnsupportedMethodError, attribute
+
+    with pytest.raises(UnsupportedMethodError, match="export it with --attention"):
+        attribute(linear_model, MethodSpec("attention-relevance"), np.zeros((1, 3, 32, 32), np.float32),
+                  np.array([-1]))

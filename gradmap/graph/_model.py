@@ -69,11 +69,13 @@ class ExportReport:
 
 
 def add_gradient(model: ir.Model, *, score: str = "logit", backprops: tuple[str, ...] = ("vanilla",),
-                 cam_layer: str | None = None, target: str = "cpu", channel_multiple: int | None = None) -> str | None:
+                 cam_layer: str | None = None, target: str = "cpu", channel_multiple: int | None = None,
+                 attention: bool = False) -> str | None:
     """Append the gradient outputs to a forward graph (in place) and check that every node is in the
-    default ONNX domain. Returns the resolved CAM value's name (``None`` without ``cam_layer``)."""
+    default ONNX domain. Returns the resolved CAM value's name (``None`` without ``cam_layer``);
+    ``attention`` adds the attention outputs (see :func:`~gradmap.graph.gradient.append_gradient`)."""
     resolved = append_gradient(model, score=score, backprops=backprops, cam_layer=cam_layer, target=target,
-                               channel_multiple=channel_multiple)
+                               channel_multiple=channel_multiple, attention=attention)
     foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.all_nodes() if n.domain not in ("", "ai.onnx")})
     if foreign or model.functions:
         raise ExportError(f"the exported model uses ops outside the default ONNX domain: {', '.join(foreign)}")

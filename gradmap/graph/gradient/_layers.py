@@ -24,7 +24,8 @@ import onnx_ir as ir
 from ..errors import ExportError
 from ._context import GradContext
 
-__all__ = ["CamLayer", "MAX_PREFIX_TOKENS", "find_cam_layer", "token_grid", "to_feature_map"]
+__all__ = ["AttentionLayers", "CamLayer", "MAX_PREFIX_TOKENS", "find_attention", "find_cam_layer", "token_grid",
+           "to_feature_map"]
 
 _GLOBAL_POOLS = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax")
 #: The most tokens before the patch grid that a token map may have (class, distillation and
@@ -171,31 +172,32 @@ def _pooled_map(nodes: list[ir.Node]) -> tuple[ir.Value, ir.Node] | None:
 
 
 def _attention_input(nodes: list[ir.Node]) -> ir.Value | None:
-    """The output of the LayerNorm nearest upstream of the last attention Softmax (over the last
-    axis of a rank-4 [N, heads, T, T] or rank-3 tensor) on the path: the last block's first LayerNorm.
-    LayerNorms that are no token map (a query/key norm over the head dimension) are passed by."""
+    """The output of the LayerNorm that feeds the last attention Softmax on the path: the last
+    block's first LayerNorm."""
     on_path = set(nodes)
     for node in reversed(nodes):
-        if node.op_type != "Softmax" or node.outputs[0].shape is None or len(node.outputs[0].shape) not in (3, 4):
-            continue
-        frontier, seen = [node], {node}
-        while frontier:
-            found = []
-            following = []
-            for current in frontier:
-                for value in current.inputs:
-                    producer = value.producer() if value is not None else None
-                    if producer is None or producer in seen or producer not in on_path:
-                        continue
-                    seen.add(producer)
-                    if producer.op_type == "LayerNormalization" and _is_token_map(producer.outputs[0]):
-                        found.append(producer.outputs[0])
-                    else:
-                        following.append(producer)
-            if found:
-                return found[0]
-            frontier = following
-        return None
+        if node.op_type == "Softmax" and node.outputs[0].shape is not None and len(node.outputs[0].shape) in (3, 4):
+            return _norm_before(node, on_path)
+    return None
+
+
+def _norm_before(softmax: ir.Node, on_path: set[ir.Node]) -> ir.Value | None:
+    """The output of the LayerNorm nearest upstream of an attention Softmax (over the last axis of
+    rank-4 [N, heads, T, T] or rank-3 scores), breadth first. LayerNorms that are no token map (a
+    query/key norm over the head dimension) are passed by."""
+    frontier, seen = [softmax], {softmax}
+    while frontier:
+        following = []
+        for current in frontier:
+            for value in current.inputs:
+                producer = value.producer() if value is not None else None
+                if producer is None or producer in seen or producer not in on_path:
+                    continue
+                seen.add(producer)
+                if producer.op_type == "LayerNormalization" and _is_token_map(producer.outputs[0]):
+                    return producer.outputs[0]
+                following.append(producer)
+        frontier = following
     return None
 
 
@@ -227,3 +229,100 @@ def to_feature_map(ctx: GradContext, value: ir.Value, layer: CamLayer, batch) ->
         out.shape = ir.Shape([batch, channels, h, w])
     out.type = layer.value.type
     return out
+
+
+# -- attention probabilities (--attention) ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class AttentionLayers:
+    """Every self-attention's probabilities on the path, in graph order: Softmax outputs
+    [N, heads, T, T] over the ``tokens`` = ``prefix`` + h*w tokens of a token map, and the tokens
+    the classifier reads (``readout``: the class token, DeiT's class and distillation tokens, or
+    the pooled ones)."""
+
+    probabilities: tuple[ir.Value, ...]
+    heads: int
+    tokens: int
+    prefix: int
+    grid: tuple[int, int]
+    readout: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        """The model metadata's ``attention`` entry: what the runtime needs to read the outputs."""
+        return {"layers": len(self.probabilities), "heads": self.heads, "tokens": self.tokens,
+                "prefix_tokens": self.prefix, "grid": list(self.grid), "readout": list(self.readout)}
+
+
+def find_attention(graph: ir.Graph, nodes: list[ir.Node]) -> AttentionLayers:
+    """The attention probabilities for attention rollout and attention relevance: each Softmax on
+    the path whose input is queries times keys of one [N, T, C] token map (ViT, DeiT, BEiT,
+    DINOv2). ExportError saying why for a graph without them (a CNN) or with windowed attention
+    (Swin), whose maps do not chain from layer to layer."""
+    image_size = _image_size(graph)
+    on_path = set(nodes)
+    found: list[tuple[ir.Value, ir.Value | None]] = []  # (probabilities, the token map feeding them)
+    for node in nodes:
+        if node.op_type != "Softmax" or node.outputs[0].shape is None or len(node.outputs[0].shape) != 4:
+            continue
+        found.append((node.outputs[0], _norm_before(node, on_path)))
+    if not found:
+        raise ExportError("--attention: no self-attention (a Softmax over [N, heads, T, T] scores) on the path to "
+                          "the logits: attention rollout and relevance are for vision transformers")
+    maps = {t for _, t in found}
+    if any(t is None or t.shape is None or len(t.shape) != 3 for t in maps):
+        raise ExportError("--attention: the attention layers do not all read a [N, tokens, C] token map "
+                          "(windowed attention, as in Swin, or a hybrid): attention rollout needs global "
+                          "self-attention over one token set, layer after layer")
+    counts = {int(t.shape[1]) for t in maps}
+    if len(counts) != 1:
+        raise ExportError(f"--attention: the attention layers see different token counts ({sorted(counts)}): "
+                          "attention rollout needs one token set through every layer")
+    tokens = counts.pop()
+    heads = set()
+    for probabilities, _ in found:
+        dims = list(probabilities.shape)
+        if not isinstance(dims[1], int) or any(isinstance(d, int) and d != tokens for d in dims[2:]):
+            raise ExportError(f"--attention: attention probabilities {probabilities.name} have shape {dims}, "
+                              f"not [N, heads, {tokens}, {tokens}]")
+        heads.add(dims[1])
+    if len(heads) != 1:
+        raise ExportError(f"--attention: the attention layers have different head counts ({sorted(heads)})")
+    fit = token_grid(tokens, image_size)
+    if fit is None:
+        raise ExportError(f"--attention: {tokens} tokens are not up to {MAX_PREFIX_TOKENS} class or register tokens "
+                          f"plus a patch grid of the {image_size[0]}x{image_size[1]} input")
+    prefix, grid = fit
+    last = found[-1][0].producer()
+    readout = _readout(nodes[nodes.index(last) + 1:], tokens)
+    if not readout:
+        raise ExportError("--attention: cannot tell which tokens the classifier reads after the last attention "
+                          "(a class token taken with Gather or Slice, or tokens averaged with ReduceMean)")
+    return AttentionLayers(tuple(p for p, _ in found), heads.pop(), tokens, prefix, grid, readout)
+
+
+def _readout(nodes: list[ir.Node], tokens: int) -> tuple[int, ...]:
+    """The token indices the classifier reads from an [N, tokens, C] map: Gather(axis=1) of
+    constant indices, Slice over axis 1 (a class token kept as [N, 1, C], or a range then
+    averaged) or ReduceMean over axis 1 (every token)."""
+    read: set[int] = set()
+    for node in nodes:
+        x = node.inputs[0] if node.inputs else None
+        if x is None or x.shape is None or len(x.shape) != 3 or x.shape[1] != tokens:
+            continue
+        if node.op_type == "Gather":
+            axis = node.attributes.get("axis")
+            index = GradContext.constant_of(node.inputs[1])
+            if axis is not None and axis.as_int() % 3 == 1 and index is not None:
+                read.update(int(i) % tokens for i in index.reshape(-1))
+        elif node.op_type == "Slice" and len(node.inputs) >= 4:
+            starts, ends, axes = (GradContext.constant_of(v) for v in node.inputs[1:4])
+            if starts is None or ends is None or axes is None:
+                continue
+            for start, end, axis in zip(starts.reshape(-1), ends.reshape(-1), axes.reshape(-1)):
+                if int(axis) % 3 == 1:
+                    read.update(range(*slice(int(start), int(end)).indices(tokens)))
+        elif node.op_type == "ReduceMean" and len(node.inputs) > 1:
+            axes = GradContext.constant_of(node.inputs[1])
+            if axes is not None and [int(a) % 3 for a in axes.reshape(-1)] == [1]:
+                read.update(range(tokens))
+    return tuple(sorted(read))

@@ -13,6 +13,7 @@ scores over the batch is, per sample, the gradient of that sample's score.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
 
@@ -24,12 +25,17 @@ from gradmap import contract
 from ..errors import ExportError, UnsupportedOpsError
 from . import _rules  # noqa: F401 - registers the rules
 from ._context import GradContext
-from ._layers import CamLayer, find_cam_layer, to_feature_map
+from ._layers import AttentionLayers, CamLayer, find_attention, find_cam_layer, to_feature_map
 from ._registry import NON_DIFFERENTIABLE, RuleTable
 
-__all__ = ["CamLayer", "append_gradient", "append_vjp", "differentiable_nodes", "find_cam_layer", "score_seed"]
+__all__ = ["ATTENTION_KEY", "AttentionLayers", "CamLayer", "append_gradient", "append_vjp", "differentiable_nodes",
+           "find_cam_layer", "score_seed"]
 
 logger = logging.getLogger(__name__)
+
+#: The model metadata_props entry where the pass leaves what the attention outputs hold (JSON of
+#: :meth:`AttentionLayers.to_dict`) for the exporter's :class:`~gradmap.contract.ModelMetadata`.
+ATTENTION_KEY = contract.METADATA_PREFIX + "attention"
 
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
 
@@ -67,7 +73,8 @@ def differentiable_nodes(graph: ir.Graph, source: ir.Value, sink: ir.Value) -> t
 
 def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[str, ...] = ("vanilla",),
                     cam_layer: str | None = None, target: str = "cpu", channel_multiple: int | None = None,
-                    rules: RuleTable | None = None, seed=None, skip_lowering: tuple[str, ...] = ()) -> str | None:
+                    rules: RuleTable | None = None, seed=None, skip_lowering: tuple[str, ...] = (),
+                    attention: bool = False) -> str | None:
     """Add the ``target`` input and the ``target_index`` and gradient outputs to ``model``.
 
     ``model`` has one input ``image`` and one output ``logits`` (see :mod:`gradmap.contract`).
@@ -78,7 +85,10 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
     ``portable`` keeps the rules' plain vector-Jacobian products, ``cpu`` lowers the graph for
     onnxruntime's CPU provider (:mod:`gradmap.graph.lowering`) with feature maps padded to
     ``channel_multiple`` channels (default: its block size; 0: no padding). The model is modified in
-    place; returns the resolved CAM value's name and its reshape, if any.
+    place; returns the resolved CAM value's name and its reshape, if any. ``attention`` adds every
+    self-attention's probabilities and their vanilla gradients, stacked [N, layers, heads, T, T], as
+    ``attention`` and ``attention_gradient`` (:func:`._layers.find_attention`), and what they hold
+    as JSON in ``model.metadata_props[ATTENTION_KEY]``.
 
     For graphs other than gradmap's own (``bench/floor.py``'s floor): ``rules`` replaces the rule
     table (:meth:`RuleTable.replaced`), ``seed`` the function that builds the output gradient
@@ -101,7 +111,9 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
     _check_rules(nodes, rules)
     layer = find_cam_layer(graph, nodes, cam_layer) if cam_layer else None
     cam_value = layer.value if layer is not None else None
-    keep = {cam_value} if cam_value is not None else set()
+    attention_layers = find_attention(graph, nodes) if attention else None
+    probabilities = list(attention_layers.probabilities) if attention_layers is not None else []
+    keep = ({cam_value} if cam_value is not None else set()) | set(probabilities)
     if plan.lower_forward(graph, needs_grad, keep):
         nodes, needs_grad = differentiable_nodes(graph, image, logits)
     forward_nodes = set(graph)
@@ -117,9 +129,8 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
     for backprop in backprops:
         ctx.backprop = backprop
         captured: dict[ir.Value, ir.Value] = {}
-        gradient = _reverse_walk(ctx, rules, nodes, image, logits, seed,
-                                 capture={cam_value} if (cam_value is not None and backprop == "vanilla") else None,
-                                 captured=captured)
+        capture = (keep if backprop == "vanilla" else set()) or None
+        gradient = _reverse_walk(ctx, rules, nodes, image, logits, seed, capture=capture, captured=captured)
         gradient.name = contract.BACKPROP_OUTPUTS[backprop]
         outputs.append(gradient)
         if cam_value is not None and backprop == "vanilla":
@@ -129,14 +140,36 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
             cam_activation = to_feature_map(ctx, cam_value, layer, logits.shape[0])
             cam_activation.name = contract.OUTPUT_CAM_ACTIVATION
             cam_outputs = [cam_activation, cam_gradient]
+        if probabilities and backprop == "vanilla":
+            missing = [p.name for p in probabilities if p not in captured]
+            if missing:
+                raise ExportError(f"--attention: the score does not depend on the attention probabilities {missing}")
+            attention_outputs = [_stacked(ctx, probabilities, attention_layers, logits, contract.OUTPUT_ATTENTION),
+                                 _stacked(ctx, [captured[p] for p in probabilities], attention_layers, logits,
+                                          contract.OUTPUT_ATTENTION_GRADIENT)]
     ctx.backprop = "vanilla"
     graph.extend(ctx.tape.nodes)
     graph.outputs.extend(outputs)
     if cam_value is not None:
         graph.outputs.extend(cam_outputs)
+    if attention_layers is not None:
+        graph.outputs.extend(attention_outputs)
+        model.metadata_props[ATTENTION_KEY] = json.dumps(attention_layers.to_dict())
     engines.apply(graph, ctx.regions, forward_nodes)
     plan.lower_backward(graph, ctx.regions, forward_nodes=forward_nodes, keep=keep)
     return layer.describe() if layer is not None else None
+
+
+def _stacked(ctx: GradContext, values: list[ir.Value], layers: AttentionLayers, logits: ir.Value,
+             name: str) -> ir.Value:
+    """[N, heads, T, T] per layer -> one [N, layers, heads, T, T] output."""
+    axis = ctx.ints([1])
+    parts = [ctx.op("Unsqueeze", v, axis) for v in values]
+    out = ctx.op("Concat", *parts, axis=1) if len(parts) > 1 else ctx.op("Identity", parts[0])
+    out.name = name
+    out.shape = ir.Shape([logits.shape[0], len(values), layers.heads, layers.tokens, layers.tokens])
+    out.type = ir.TensorType(ir.DataType.FLOAT)
+    return out
 
 
 def append_vjp(model: ir.Model, source: ir.Value, sink: ir.Value, grad_name: str = "grad_output",
