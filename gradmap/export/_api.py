@@ -55,7 +55,7 @@ def export_module(
     tolerance: float = DEFAULT_TOLERANCE,
     backprops: Sequence[str] = ("vanilla",),
     cam_layer: str | None = None,
-    target: str = "cpu",
+    target: str = "portable",
     channel_multiple: int | None = None,
     external_data: bool = False,
     preprocessing_options: Mapping[str, Any] | None = None,
@@ -72,11 +72,13 @@ def export_module(
             (always), ``guided`` (guided backpropagation), ``deconvnet``.
         cam_layer: ``auto``, a torch module name or an ONNX value name: adds that feature map and
             its gradient as outputs, for Grad-CAM, Grad-CAM++ and Guided Grad-CAM.
-        target: ``cpu`` (default): lowered for onnxruntime's CPU provider; ``portable``: the plain
-            gradient graph every engine computes alike (onnxruntime web and WebGPU, OpenVINO, GPUs).
+        target: ``portable`` (default): the plain gradient graph every engine computes alike
+            (onnxruntime CPU, web and WebGPU, OpenVINO, GPUs); gradmap's runtime lowers it for
+            onnxruntime's CPU provider when it loads it, for the CPU it runs on. ``cpu``: lowered at
+            export for onnxruntime's CPU provider (channel block ``channel_multiple``).
         channel_multiple: ``cpu`` only: pad feature maps with zero channels to a multiple of this
-            (exact; the block of onnxruntime's CPU layout: 16 with AVX-512, the default, 8 with
-            AVX2), 0 for none.
+            (exact; the block of onnxruntime's CPU layout: 16 with AVX-512, the default whatever the
+            exporting machine, 8 with AVX2), 0 for none.
         verify: compare logits and gradient with torch autograd before writing (recommended).
         external_data: write the weights to ``OUTPUT.data`` beside ``output`` (onnxruntime maps that
             file into memory instead of parsing the weights: a lower peak when the session is
@@ -142,7 +144,7 @@ def export_torchvision(
     tolerance: float = DEFAULT_TOLERANCE,
     backprops: Sequence[str] = ("vanilla",),
     cam_layer: str | None = None,
-    target: str = "cpu",
+    target: str = "portable",
     channel_multiple: int | None = None,
     external_data: bool = False,
     preprocessing_options: Mapping[str, Any] | None = None,

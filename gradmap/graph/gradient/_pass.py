@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -26,7 +27,8 @@ from . import _rules  # noqa: F401 - registers the rules
 from ._context import GradContext
 from ._registry import COMPOSITES, NON_DIFFERENTIABLE, RULES
 
-__all__ = ["append_gradient", "append_vjp", "differentiable_nodes", "find_cam_layer"]
+__all__ = ["Appended", "append_gradient", "append_vjp", "check_rules", "check_settings", "differentiable_nodes",
+           "find_cam_layer"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,37 +66,48 @@ def differentiable_nodes(graph: ir.Graph, source: ir.Value, sink: ir.Value) -> t
     return on_path, needed & depends
 
 
-def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[str, ...] = ("vanilla",),
-                    cam_layer: str | None = None, target: str = "cpu", channel_multiple: int | None = None) -> str | None:
-    """Add the ``target`` input and the ``target_index`` and gradient outputs to ``model``.
+@dataclass
+class Appended:
+    """What :func:`append_gradient` added: the Grad-CAM feature map's name (None without one), the
+    regions of the rules' calls (the anchors of a backward lowering) and the forward nodes."""
 
-    ``model`` has one input ``image`` and one output ``logits`` (see :mod:`gradmap.contract`).
-    ``backprops`` lists the ReLU rules to emit, one gradient output each (``vanilla`` is
-    ``gradient``); all share the forward pass. ``cam_layer`` (``auto``, a torch module name or an
-    ONNX value name) adds that feature map and its vanilla gradient as ``cam_activation`` and
-    ``cam_gradient``. ``target`` is the engine the graph is written for (:data:`contract.TARGETS`):
-    ``portable`` keeps the rules' plain vector-Jacobian products, ``cpu`` lowers the graph for
-    onnxruntime's CPU provider (:mod:`gradmap.graph.lowering`) with feature maps padded to
-    ``channel_multiple`` channels (default: its block size; 0: no padding). The model is modified in
-    place; returns the resolved CAM value's name.
-    """
-    from gradmap.graph import lowering  # imported here: the lowering passes import the rules of this package
+    cam_value: str | None
+    regions: list
+    forward_nodes: set
 
+
+def check_settings(score: str, backprops: tuple[str, ...]) -> None:
+    """Refuse an unknown score kind or backprop rule, and backprops without ``vanilla``."""
     if score not in contract.SCORE_KINDS:
         raise ExportError(f"unknown score kind {score!r}; choose one of {', '.join(contract.SCORE_KINDS)}")
     unknown = [b for b in backprops if b not in contract.BACKPROP_OUTPUTS]
     if unknown or "vanilla" not in backprops:
         raise ExportError(f"backprop rules must include 'vanilla' and be among "
                           f"{', '.join(contract.BACKPROP_OUTPUTS)}; got {list(backprops)}")
-    plan = lowering.plan(target, channel_multiple)
+
+
+def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[str, ...] = ("vanilla",),
+                    cam_layer: "str | ir.Value | None" = None) -> Appended:
+    """Add the ``target`` input and the ``target_index`` and gradient outputs to ``model``: the
+    rules' plain vector-Jacobian products (the portable graph).
+
+    ``model`` has one input ``image`` and one output ``logits`` (see :mod:`gradmap.contract`).
+    ``backprops`` lists the ReLU rules to emit, one gradient output each (``vanilla`` is
+    ``gradient``); all share the forward pass. ``cam_layer`` (``auto``, a torch module name, an
+    ONNX value name or the value) adds that feature map and its vanilla gradient as
+    ``cam_activation`` and ``cam_gradient``. The model is modified in place. An engine's lowering
+    is not this pass's business: :func:`gradmap.graph.add_gradient` runs the steps (forward
+    lowering, this pass, backward lowering over the returned regions).
+    """
+    check_settings(score, backprops)
     graph = model.graph
     image, logits = graph.inputs[0], graph.outputs[0]
     nodes, needs_grad = differentiable_nodes(graph, image, logits)
-    _check_rules(nodes)
-    cam_value = find_cam_layer(graph, nodes, cam_layer) if cam_layer else None
-    keep = {cam_value} if cam_value is not None else set()
-    if plan.lower_forward(graph, needs_grad, keep):
-        nodes, needs_grad = differentiable_nodes(graph, image, logits)
+    check_rules(nodes)
+    if isinstance(cam_layer, ir.Value):
+        cam_value = cam_layer
+    else:
+        cam_value = find_cam_layer(graph, nodes, cam_layer) if cam_layer else None
     forward_nodes = set(graph)
     ctx = GradContext(graph, needs_grad)
     target_input = ir.Value(name=contract.INPUT_TARGET, shape=ir.Shape([logits.shape[0]]),
@@ -126,8 +139,7 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
     graph.outputs.extend(outputs)
     if cam_value is not None:
         graph.outputs.extend(cam_outputs)
-    plan.lower_backward(graph, ctx.regions, forward_nodes=forward_nodes, keep=keep)
-    return cam_value.name if cam_value is not None else None
+    return Appended(cam_value.name if cam_value is not None else None, ctx.regions, forward_nodes)
 
 
 _GLOBAL_POOLS = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax")
@@ -182,7 +194,7 @@ def append_vjp(model: ir.Model, source: ir.Value, sink: ir.Value, grad_name: str
     ``result_name`` = grad_name^T d sink / d source. Used to test rules one op at a time."""
     graph = model.graph
     nodes, needs_grad = differentiable_nodes(graph, source, sink)
-    _check_rules(nodes)
+    check_rules(nodes)
     ctx = GradContext(graph, needs_grad)
     seed = ir.Value(name=grad_name, shape=sink.shape, type=sink.type)
     graph.inputs.append(seed)
@@ -193,7 +205,8 @@ def append_vjp(model: ir.Model, source: ir.Value, sink: ir.Value, grad_name: str
     return model
 
 
-def _check_rules(nodes: list[ir.Node]) -> None:
+def check_rules(nodes: list[ir.Node]) -> None:
+    """Refuse nodes without a rule, all of them in one :class:`UnsupportedOpsError`."""
     missing: dict[str, list[str]] = defaultdict(list)
     for node in nodes:
         if node.domain not in ("", "ai.onnx") or node.op_type not in RULES:

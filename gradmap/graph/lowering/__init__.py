@@ -1,9 +1,13 @@
 """Lowering: engine-specific rewrites of gradmap's portable gradient graph.
 
 The gradient pass (:mod:`gradmap.graph.gradient`) writes each rule as its plain vector-Jacobian
-product in standard ONNX ops, a graph every engine computes alike (``--target portable``). A
-lowering rewrites that graph for one engine, exactly: the same logits and gradients, computed in
-forms that engine runs faster. ``--target cpu`` (the default) is onnxruntime's CPU provider:
+product in standard ONNX ops, a graph every engine computes alike (``--target portable``, the file
+``gradmap export`` writes). A lowering rewrites that graph for one engine, exactly: the same logits
+and gradients, computed in forms that engine runs faster. ``cpu`` is onnxruntime's CPU provider,
+written into the file by ``--target cpu`` or applied by the runtime when it loads a portable file
+(:mod:`.at_load`, for the block of the CPU that runs it). The export's steps
+(:func:`gradmap.graph.add_gradient`) are the forward rewrites, the gradient pass, then the backward
+passes over the regions of the rules' calls:
 
 - before the gradient pass, on the forward graph (:mod:`.cpu_forward`): ``split_hard_swish``,
   ``pad_channels`` (zero channels up to a multiple of the block), ``spread_channel_scales``
@@ -12,7 +16,8 @@ forms that engine runs faster. ``--target cpu`` (the default) is onnxruntime's C
   ``conv_adjoint``, ``relu_pool_mask``, ``max_pool_indices``, ``relu_mask``, ``hard_swish_steps``, ``silu_affine``,
   ``resize_sum_scale``, ``spread_per_channel``, ``concat_split``.
 
-One setting, the block (``channel_multiple``: 16 for AVX-512, 8 for AVX2), reaches every pass.
+One setting, the block (``channel_multiple``: 16 for AVX-512, 8 for AVX2), reaches every pass. The
+passes use what the gradient pass publishes for them (:data:`gradmap.graph.gradient.LOWERING_INTERFACE`).
 """
 
 from __future__ import annotations

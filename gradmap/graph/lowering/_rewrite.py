@@ -11,8 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ..gradient._builder import Builder
-from ..gradient._context import VJP_KEY, Region
+from ..gradient import VJP_KEY, Builder, Region
 
 __all__ = ["Rewriter", "prune"]
 
