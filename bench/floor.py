@@ -30,7 +30,6 @@ Random weights and inputs. Writes bench/results/floor.json and the table in docs
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 
@@ -45,68 +44,70 @@ PAGE, SECTIONS = "benchmarks.md", ("floor",)
 _ACTIVATIONS = ("Relu", "HardSigmoid", "Sigmoid", "Tanh", "Clip", "LeakyRelu", "Gelu", "HardSwish")
 
 
-@contextlib.contextmanager
+#: The cpu lowering passes that would rewrite the floor's stand-ins into exact forms again.
+FLOOR_SKIPPED_LOWERING = ("relu_pool_mask", "relu_mask", "hard_swish_steps", "silu_affine", "max_pool_indices")
+
+
+def floor_seed(ctx, logits, target, score):
+    """gradmap's seed times 2^100.
+
+    The stand-ins multiply the gradient by forward activations at every nonlinearity, which shrinks
+    it layer after layer: with random weights, mobilenet_v3_large's floor gradient was subnormal
+    (below 1.2e-38) from the middle of the network on, and x86 computes subnormals many times slower
+    (floor 58 ms against gradmap's 15 ms, batch 1). A seed of 2^100 instead of 1 keeps the floor's
+    values in the normal range; one product on the [N, classes] seed."""
+    from gradmap.graph.gradient import score_seed
+
+    onehot, target_index = score_seed(ctx, logits, target, score)
+    return ctx.op("Mul", onehot, ctx.const(np.float32(2.0 ** 100))), target_index
+
+
+def _pooled_only(value) -> bool:
+    """A ReLU output whose one reader is a max pool: an exact graph can mask the pool's gradient at
+    the pool's resolution (gradmap's relu_pool_mask), so the floor's product goes there too."""
+    uses = value.uses()
+    return len(uses) == 1 and uses[0].node.op_type == "MaxPool" and value.producer() is not None \
+        and value.producer().op_type == "Relu"
+
+
+def _activation(ctx, node, dy):
+    if _pooled_only(node.outputs[0]):
+        return [dy[0]] + [None] * (len(node.inputs) - 1)
+    return [ctx.op("Mul", dy[0], node.outputs[0])] + [None] * (len(node.inputs) - 1)
+
+
+def _composite(ctx, node, dy, parts):
+    x = parts["x"]
+    return [ctx.op("Mul", dy[0], x) if v is x else None for v in node.inputs]
+
+
+def _max_pool(ctx, node, dy):
+    x, y = node.inputs[0], node.outputs[0]
+    xdims, ydims = ctx.dims(x), ctx.dims(y)
+    scales = [1.0, 1.0] + [xd / yd for xd, yd in zip(xdims[2:], ydims[2:])]
+    g = ctx.op("Mul", dy[0], y) if _pooled_only(x) else dy[0]  # the pooled ReLU's product
+    up = ctx.op("Resize", g, None, ctx.const(np.asarray(scales, dtype=np.float32)), mode="nearest",
+                coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+    return [up]
+
+
 def floor_rules():
-    """gradmap's rule table with the floor's stand-ins for activations and max pools, and the cpu
-    lowering without the passes that would rewrite those stand-ins into exact forms again."""
-    from gradmap.graph.gradient import _pass
-    from gradmap.graph.gradient._registry import COMPOSITES, RULES
-    from gradmap.graph.lowering import cpu_backward
+    """gradmap's rule table with the floor's stand-ins for activations and max pools."""
+    from gradmap.graph.gradient import RuleTable
 
-    saved, saved_composites, saved_passes = dict(RULES), {k: list(v) for k, v in COMPOSITES.items()}, cpu_backward.PASSES
-    saved_seed = _pass._seed
+    return RuleTable.default().replaced({**{op: _activation for op in _ACTIVATIONS}, "MaxPool": _max_pool},
+                                        composite_rule=_composite)
 
-    def seed(ctx, logits, target, score):
-        # The stand-ins multiply the gradient by forward activations at every nonlinearity, which
-        # shrinks it layer after layer: with random weights, mobilenet_v3_large's floor gradient was
-        # subnormal (below 1.2e-38) from the middle of the network on, and x86 computes subnormals many
-        # times slower (floor 58 ms against gradmap's 15 ms, batch 1). A seed of 2^100 instead of 1
-        # keeps the floor's values in the normal range; one product on the [N, classes] seed.
-        onehot, target_index = saved_seed(ctx, logits, target, score)
-        return ctx.op("Mul", onehot, ctx.const(np.float32(2.0 ** 100))), target_index
 
-    def pooled_only(value) -> bool:
-        # a ReLU output whose one reader is a max pool: an exact graph can mask the pool's gradient
-        # at the pool's resolution (gradmap's relu_pool_mask), so the floor's product goes there too
-        uses = value.uses()
-        return len(uses) == 1 and uses[0].node.op_type == "MaxPool" and value.producer() is not None \
-            and value.producer().op_type == "Relu"
+def build_floor_model(module, size):
+    """The floor graph of ``module``: traced as gradmap exports it, its gradient appended with the
+    floor's rules and seed, lowered for the cpu target without the passes of FLOOR_SKIPPED_LOWERING."""
+    from gradmap.export._trace import trace_to_onnx
+    from gradmap.graph.gradient import append_gradient
 
-    def activation(ctx, node, dy):
-        if pooled_only(node.outputs[0]):
-            return [dy[0]] + [None] * (len(node.inputs) - 1)
-        return [ctx.op("Mul", dy[0], node.outputs[0])] + [None] * (len(node.inputs) - 1)
-
-    def composite(ctx, node, dy, parts):
-        x = parts["x"]
-        return [ctx.op("Mul", dy[0], x) if v is x else None for v in node.inputs]
-
-    def max_pool(ctx, node, dy):
-        x, y = node.inputs[0], node.outputs[0]
-        xdims, ydims = ctx.dims(x), ctx.dims(y)
-        scales = [1.0, 1.0] + [xd / yd for xd, yd in zip(xdims[2:], ydims[2:])]
-        g = ctx.op("Mul", dy[0], y) if pooled_only(x) else dy[0]  # the pooled ReLU's product
-        up = ctx.op("Resize", g, None, ctx.const(np.asarray(scales, dtype=np.float32)), mode="nearest",
-                    coordinate_transformation_mode="asymmetric", nearest_mode="floor")
-        return [up]
-
-    try:
-        for op in _ACTIVATIONS:
-            RULES[op] = activation
-        for root, entries in COMPOSITES.items():
-            COMPOSITES[root] = [(name, match, composite) for name, match, _ in entries]
-        RULES["MaxPool"] = max_pool
-        _pass._seed = seed
-        cpu_backward.PASSES = tuple(p for p in saved_passes if p.__name__ not in (
-            "relu_pool_mask", "relu_mask", "hard_swish_steps", "silu_affine", "max_pool_indices"))
-        yield
-    finally:
-        RULES.clear()
-        RULES.update(saved)
-        COMPOSITES.clear()
-        COMPOSITES.update(saved_composites)
-        cpu_backward.PASSES = saved_passes
-        _pass._seed = saved_seed
+    model = trace_to_onnx(module, size)
+    append_gradient(model, rules=floor_rules(), seed=floor_seed, skip_lowering=FLOOR_SKIPPED_LOWERING)
+    return model
 
 
 def export_three(name: str):
@@ -114,11 +115,9 @@ def export_three(name: str):
     import onnx_ir as ir
 
     from bench_speed import export_pair
-    from gradmap.export._api import build_gradient_model
 
     module, size, forward, gradient = export_pair(name)
-    with floor_rules():
-        floor_model, _ = build_gradient_model(module, size)
+    floor_model = build_floor_model(module, size)
     return size, forward, gradient, ir.serde.serialize_model(floor_model).SerializeToString()
 
 

@@ -79,8 +79,9 @@ def _preprocessing_overrides(values: dict) -> dict:
               help="Where to write the ONNX model.")
 @click.option("--weights", default="DEFAULT", show_default=True,
               help="torchvision weights name (e.g. DEFAULT, IMAGENET1K_V2); for timm: and hf: models DEFAULT "
-                   "or 'pretrained' (their own weights and cache); 'none' for seeded random weights; or a path "
-                   "to a state-dict or .safetensors file.")
+                   "or 'pretrained' (their own weights and cache); for keras: names DEFAULT or 'imagenet' (Keras' cache); "
+                   "'none' for seeded random weights; or a path to a state-dict or .safetensors file (keras: a "
+                   ".weights.h5 file or a .keras model).")
 @click.option("--score", type=click.Choice(contract.SCORE_KINDS), default="logit",
               show_default=True, help="What the gradient differentiates.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random weights (--weights none).")
@@ -91,7 +92,12 @@ def _preprocessing_overrides(values: dict) -> dict:
                    "guided backpropagation or deconvnet (Springenberg et al. 2015).")
 @click.option("--cam-layer", default=None, metavar="NAME|auto",
               help="Add a feature map and its gradient as outputs for Grad-CAM: 'auto' (the last feature map "
-                   "before global pooling), a torch module name (e.g. layer4) or an ONNX value name.")
+                   "before global pooling; on a vision transformer the last block's first LayerNorm, its tokens "
+                   "on the patch grid), a torch module name (e.g. layer4, blocks.11.norm1) or an ONNX value name.")
+@click.option("--attention", is_flag=True, default=False,
+              help="Add every self-attention layer's probabilities and their gradient as outputs, for "
+                   "the attention methods (vision transformers with global attention: ViT, DeiT, BEiT; "
+                   "torchvision, timm: and hf: models).")
 @click.option("--target", "engine_target", type=click.Choice(list(contract.TARGETS)), default="portable",
               show_default=True,
               help="The engine the graph is written for: 'portable' is the plain gradient graph every engine "
@@ -109,6 +115,9 @@ def _preprocessing_overrides(values: dict) -> dict:
                    "(resnet50: about 40 MB). Keep the two files together; gradmap web needs a single file.")
 @click.option("--no-verify", is_flag=True,
               help="Skip the parity check against the source's float64 reference (not recommended).")
+@click.option("--trust-model", is_flag=True,
+              help="keras: load a legacy .h5 model, a TensorFlow SavedModel directory or a .keras file with Lambda "
+                   "layers: these can run code when they are loaded, so only from a source you trust.")
 @click.option("--input-name", default=None, metavar="NAME",
               help="onnx: the image input, where the graph has several candidates.")
 @click.option("--output-name", default=None, metavar="NAME",
@@ -117,14 +126,15 @@ def _preprocessing_overrides(values: dict) -> dict:
               help="onnx: the image input's layout, where its shape does not tell (an NHWC input is fed from "
                    "the NCHW image; the gradient and the maps stay NCHW).")
 @click.option("--input-size", callback=_numbers(int, (1, 2)), metavar="SIZE|H,W", default=None,
-              help="onnx: the input's height and width, where the graph leaves them symbolic (default: --crop).")
+              help="onnx: the input's height and width, where the graph leaves them symbolic (default: --crop); "
+                   "keras: the size to build an application at (where Keras allows it) or a saved model's free size.")
 @click.option("--labels", default=None, metavar="FILE|imagenet|imagenet-background",
-              help="onnx: class names, one per line (or a JSON list); 'imagenet' (the default for 1000 outputs) "
+              help="onnx:, keras: class names, one per line (or a JSON list); 'imagenet' (the default for 1000 outputs) "
                    "or 'imagenet-background' (1001 outputs, a background class first).")
 @_preprocessing_options
 def export_command(model_name: str, output: str, weights: str, score: str, seed: int, opset: int,
-                   backprops: tuple[str, ...], cam_layer: str | None, engine_target: str,
-                   channel_multiple: int | None, external_data: bool, no_verify: bool,
+                   backprops: tuple[str, ...], cam_layer: str | None, attention: bool, engine_target: str,
+                   channel_multiple: int | None, external_data: bool, no_verify: bool, trust_model: bool,
                    input_name: str | None, output_name: str | None, layout: str | None,
                    input_size: "int | tuple[int, int] | None", labels: str | None,
                    **preprocessing: object) -> None:
@@ -134,18 +144,32 @@ def export_command(model_name: str, output: str, weights: str, score: str, seed:
     tags included: timm:convnext_tiny.fb_in22k_ft_in1k), hf:MODEL_ID_OR_DIR (a Transformers
     AutoModelForImageClassification: a local directory or a hub id in the Hugging Face cache) or
     onnx:PATH (any ONNX image classifier file; needs --preset, as a file does not say how its pictures
-    were preprocessed; no torch needed).
+    were preprocessed; no torch needed) or keras:NAME|PATH (a keras.applications name with its own
+    preprocessing, or a saved .keras/.h5/SavedModel model, which needs --preset; --weights imagenet, none
+    or a .weights.h5 file; converted with tf2onnx, no torch needed: pip install 'gradmap[keras]').
     """
     source_options = {}
+    size = (input_size, input_size) if isinstance(input_size, int) else input_size
     foreign = {"--input-name": input_name, "--output-name": output_name, "--layout": layout,
                "--input-size": input_size, "--labels": labels}
     if model_name.startswith("onnx:"):
-        size = (input_size, input_size) if isinstance(input_size, int) else input_size
         source_options = dict(input_name=input_name, output_name=output_name, layout=layout, input_size=size,
                               labels=labels)
+    elif model_name.startswith("keras:"):
+        onnx_only = {k: foreign[k] for k in ("--input-name", "--output-name", "--layout")}
+        if any(v is not None for v in onnx_only.values()):
+            given = ", ".join(k for k, v in onnx_only.items() if v is not None)
+            raise click.UsageError(f"{given}: only for onnx:PATH models")
+        source_options = dict(input_size=size, labels=labels, trust_model=trust_model)
     elif any(v is not None for v in foreign.values()):
         given = ", ".join(k for k, v in foreign.items() if v is not None)
-        raise click.UsageError(f"{given}: only for onnx:PATH models")
+        raise click.UsageError(f"{given}: only for onnx:PATH and keras: models")
+    if attention:
+        if model_name.startswith(("onnx:", "keras:")):
+            raise click.UsageError("--attention: only for torchvision, timm: and hf: models")
+        source_options["attention"] = True
+    if trust_model and not model_name.startswith("keras:"):
+        raise click.UsageError("--trust-model: only for keras: models")
     try:
         from gradmap.export import ExportError, export_named_model
 
@@ -155,6 +179,10 @@ def export_command(model_name: str, output: str, weights: str, score: str, seed:
                                     external_data=external_data,
                                     preprocessing_options=_preprocessing_overrides(preprocessing), **source_options)
     except ImportError as e:  # the source's framework, or onnx, is not installed
+        if model_name.startswith("keras:"):
+            raise click.ClickException(
+                f"'gradmap export keras:...' needs TensorFlow, Keras and tf2onnx ({e.name or e}): "
+                "pip install 'gradmap[keras]'") from e
         if model_name.startswith("onnx:"):
             raise click.ClickException(
                 f"'gradmap export onnx:...' needs onnx and onnx-ir ({e.name or e}): pip install 'gradmap[onnx]'"
@@ -264,7 +292,9 @@ def _given(settings: dict) -> dict:
                    "[default: heatmap,overlay,figure].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=contract.DEFAULT_BATCH_SIZE, show_default=True)
 @click.option("--provider", default="auto", show_default=True,
-              help="auto, cpu, cuda, or a comma-separated list of onnxruntime providers.")
+              help=f"{', '.join(contract.PROVIDERS)}, or a comma-separated list of onnxruntime providers. auto: CUDA "
+                   "when onnxruntime has it (onnxruntime-gpu), then WebGPU when its plugin (onnxruntime-ep-webgpu) "
+                   "finds a GPU, then the CPU.")
 @click.option("--threads", type=click.IntRange(min=0), default=None,
               help="onnxruntime intra-op threads (default: onnxruntime decides).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout instead of text.")
@@ -555,9 +585,11 @@ def info_command(model_path: str, as_json: bool) -> None:
     import onnxruntime
 
     from gradmap.runtime._lowering import CpuBlockError, cpu_block
+    from gradmap.runtime.providers import plan_providers
 
     # a look at a model saves no session for it, and does not lower it: it says what a run would do
     model = _load_model(model_path, "cpu", 1, cache=False, cpu_block="off")
+    auto = plan_providers("auto")  # what --provider auto would take here, and why
     meta = model.metadata
     try:
         block, reason = cpu_block()
@@ -576,6 +608,7 @@ def info_command(model_path: str, as_json: bool) -> None:
         "target": meta.target,
         "backprops": list(meta.backprops),
         "cam_layer": meta.cam_layer,
+        "attention": dict(meta.attention) if meta.attention is not None else None,
         "methods": list(meta.methods),
         "other_methods": {m.name: list(m.export_options) for m in contract.METHOD_TABLE if m.name not in meta.methods},
         "preprocessing": meta.preprocessing.to_dict(),
@@ -589,6 +622,7 @@ def info_command(model_path: str, as_json: bool) -> None:
         "outputs": [{"name": t.name, "type": t.type, "shape": list(t.shape)} for t in model.outputs],
         "available_providers": onnxruntime.get_available_providers(),
         "cpu_lowering": lowering,
+        "auto_provider": {"providers": list(auto.names), "why": auto.why},
     }
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -605,6 +639,11 @@ def info_command(model_path: str, as_json: bool) -> None:
         click.echo(f"cpu lowering:   off ({reason}): the portable graph runs as written")
     else:
         click.echo(f"cpu lowering:   {lowering['where']}")
+    if meta.attention is not None:
+        a = meta.attention
+        click.echo(f"attention:      {a['layers']} layers x {a['heads']} heads over {a['tokens']} tokens "
+                   f"({a['prefix_tokens']} prefix + {a['grid'][0]}x{a['grid'][1]} patches; the classifier reads "
+                   f"token{'s' if len(a['readout']) > 1 else ''} {', '.join(map(str, a['readout']))})")
     click.echo(f"methods:        {', '.join(meta.methods)}")
     if info["other_methods"]:
         click.echo("other methods:  " + "; ".join(f"{name} (export with {' '.join(options)})"
@@ -620,6 +659,7 @@ def info_command(model_path: str, as_json: bool) -> None:
         for t in info[kind]:
             click.echo(f"  {t['name']:<16} {t['type']:<16} {t['shape']}")
     click.echo("providers:      " + ", ".join(info["available_providers"]))
+    click.echo(f"--provider auto: {', '.join(auto.names)} ({auto.why})")
 
 
 @main.group("cache")
@@ -682,7 +722,8 @@ def cache_clear_command(stale: bool) -> None:
               help="--engine ray: replicas of the deployment.")
 @click.option("--replica-cpus", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="--engine ray: CPUs each replica reserves (fractions allowed).")
-@click.option("--provider", default="cpu", show_default=True, help="onnxruntime provider: cpu, cuda, auto...")
+@click.option("--provider", default="cpu", show_default=True, help=f"onnxruntime provider: {', '.join(contract.PROVIDERS)} (see gradmap run --help), or a "
+                   "comma-separated list of onnxruntime providers.")
 @click.option("--threads", type=click.IntRange(min=0), default=None,
               help="onnxruntime intra-op threads per model (default: onnxruntime decides).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,

@@ -19,7 +19,7 @@ import json
 import math
 import numbers
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
 __all__ = [
@@ -33,6 +33,8 @@ __all__ = [
     "OUTPUT_GRADIENT_DECONVNET",
     "OUTPUT_CAM_ACTIVATION",
     "OUTPUT_CAM_GRADIENT",
+    "OUTPUT_ATTENTION",
+    "OUTPUT_ATTENTION_GRADIENT",
     "OUTPUTS",
     "OUTPUT_EXPORT_OPTIONS",
     "BACKPROP_OUTPUTS",
@@ -57,6 +59,7 @@ __all__ = [
     "DEFAULT_OVERLAY",
     "DEFAULT_BATCH_SIZE",
     "ENGINES",
+    "PROVIDERS",
     "ENGINE_LOCAL",
     "ENGINE_RAY",
     "DEFAULT_ENGINE",
@@ -64,6 +67,7 @@ __all__ = [
     "KIND_GRADIENT",
     "KIND_ATTRIBUTION",
     "KIND_CAM",
+    "KIND_REGION",
     "SETTING_TYPES",
     "Setting",
     "Method",
@@ -99,6 +103,10 @@ OUTPUT_GRADIENT_GUIDED = "gradient_guided"
 OUTPUT_GRADIENT_DECONVNET = "gradient_deconvnet"
 OUTPUT_CAM_ACTIVATION = "cam_activation"
 OUTPUT_CAM_GRADIENT = "cam_gradient"
+#: Extra outputs of models exported with ``--attention``: every self-attention layer's probabilities
+#: and their gradient, float32 [N, layers, heads, T, T] (see :attr:`ModelMetadata.attention`).
+OUTPUT_ATTENTION = "attention"
+OUTPUT_ATTENTION_GRADIENT = "attention_gradient"
 
 #: What the gradient differentiates: the raw logit, the softmax probability or its log.
 SCORE_KINDS = ("logit", "probability", "log_probability")
@@ -136,6 +144,7 @@ _KEY_CAM_LAYER = METADATA_PREFIX + "cam_layer"
 _KEY_METHODS = METADATA_PREFIX + "methods"
 _KEY_EXTRA = METADATA_PREFIX + "extra"
 _KEY_TARGET = METADATA_PREFIX + "target"
+_KEY_ATTENTION = METADATA_PREFIX + "attention"
 
 
 #: The gradient output of each backpropagation rule through ReLU (Springenberg et al. 2015); the
@@ -147,19 +156,25 @@ BACKPROP_OUTPUTS = {
 }
 DEFAULT_BACKPROP = "vanilla"
 #: Every output a gradmap model can have, in the order a model lists them.
-OUTPUTS = (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, *BACKPROP_OUTPUTS.values(), OUTPUT_CAM_ACTIVATION, OUTPUT_CAM_GRADIENT)
+OUTPUTS = (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, *BACKPROP_OUTPUTS.values(), OUTPUT_CAM_ACTIVATION, OUTPUT_CAM_GRADIENT,
+           OUTPUT_ATTENTION, OUTPUT_ATTENTION_GRADIENT)
 #: The ``gradmap export`` option that adds each optional output (the others come with every export).
 OUTPUT_EXPORT_OPTIONS = {
     **{output: f"--backprop {rule}" for rule, output in BACKPROP_OUTPUTS.items() if rule != DEFAULT_BACKPROP},
     OUTPUT_CAM_ACTIVATION: "--cam-layer auto",
     OUTPUT_CAM_GRADIENT: "--cam-layer auto",
+    OUTPUT_ATTENTION: "--attention",
+    OUTPUT_ATTENTION_GRADIENT: "--attention",
 }
 
 
-def model_outputs(backprops: "tuple[str, ...] | list[str]", has_cam: bool) -> tuple[str, ...]:
-    """The outputs of a model exported with these backpropagation rules and, or without, a CAM layer."""
+def model_outputs(backprops: "tuple[str, ...] | list[str]", has_cam: bool, has_attention: bool = False
+                  ) -> tuple[str, ...]:
+    """The outputs of a model exported with these backpropagation rules and, or without, a CAM layer
+    and the attention outputs."""
     return (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, *(BACKPROP_OUTPUTS[b] for b in backprops if b in BACKPROP_OUTPUTS),
-            *((OUTPUT_CAM_ACTIVATION, OUTPUT_CAM_GRADIENT) if has_cam else ()))
+            *((OUTPUT_CAM_ACTIVATION, OUTPUT_CAM_GRADIENT) if has_cam else ()),
+            *((OUTPUT_ATTENTION, OUTPUT_ATTENTION_GRADIENT) if has_attention else ()))
 
 
 # -- gradmap run's options, shared by the CLI, the runtime and the web page --------------------------
@@ -184,6 +199,9 @@ DEFAULT_OVERLAY = "peaks"
 DEFAULT_BATCH_SIZE = 8
 #: Where ``gradmap run`` explains the pictures: this process, or Ray Data actors.
 ENGINES = ("local", "ray")
+#: ``--provider``'s named choices (gradmap.runtime.providers): auto, onnxruntime's CPU provider, CUDA
+#: (the onnxruntime-gpu wheel), and onnxruntime's WebGPU plugin provider (onnxruntime-ep-webgpu).
+PROVIDERS = ("auto", "cpu", "cuda", "webgpu")
 ENGINE_LOCAL, ENGINE_RAY = ENGINES
 DEFAULT_ENGINE = ENGINE_LOCAL
 
@@ -198,10 +216,11 @@ DEFAULT_ENGINE = ENGINE_LOCAL
 
 #: What a method's per-pixel values are, which names the array ``gradmap run --format npy`` writes:
 #: ``gradient`` (the gradient of the score, SmoothGrad's statistics of it, or its guided/deconvnet
-#: variant, [3, H, W]), ``attribution`` (gradients weighted by something else, [3, H, W]) or ``cam``
-#: (a class activation map, [1, H, W]).
-METHOD_KINDS = ("gradient", "attribution", "cam")
-KIND_GRADIENT, KIND_ATTRIBUTION, KIND_CAM = METHOD_KINDS
+#: variant, [3, H, W]), ``attribution`` (gradients weighted by something else, [3, H, W]), ``cam``
+#: (a class activation map, [1, H, W]) or ``region`` (each pixel valued by the image region it belongs
+#: to, [1, H, W], signed: higher is more important, taken as it is by every reduction).
+METHOD_KINDS = ("gradient", "attribution", "cam", "region")
+KIND_GRADIENT, KIND_ATTRIBUTION, KIND_CAM, KIND_REGION = METHOD_KINDS
 #: The types of method settings: whole numbers, real numbers, one of a list of names.
 SETTING_TYPES = ("int", "float", "choice")
 #: How a number setting is written as text (a query string, a form field): decimal, with an exponent.
@@ -381,9 +400,33 @@ _VARIANT = Setting("variant", "choice", "plain", "mean gradient, mean squared gr
                    choices=("plain", "squared", "vargrad"))
 _SEED = Setting("seed", "int", 0, "seed of the random draws (noise, uniform baselines).")
 _STEPS = Setting("steps", "int", 32, "points on the path.", minimum=2)
-_RULE = Setting("rule", "choice", "gauss-legendre", "integration rule.", choices=("gauss-legendre", "trapezoid"))
+_RULE = Setting("rule", "choice", "gauss-legendre", "integration rule.",
+                choices=("gauss-legendre", "trapezoid", "equal-weights"))
 _BASELINE = Setting("baseline", "choice", "black", "black (pixel 0), blurred picture or uniform noise.",
                     choices=("black", "blurred", "uniform"))
+_WINDOW = Setting("window", "int", 16, "side of the occluding square, in pixels of the model's input.", minimum=1)
+_STRIDE = Setting("stride", "int", 8, "step between occlusion windows, in pixels (at most the window).", minimum=1)
+_MASKS = Setting("masks", "int", 4000, "random masks.", minimum=1)
+_GRID = Setting("grid", "int", 7, "cells per side of a random mask's grid (the RISE paper's s).", minimum=1)
+_PROBABILITY = Setting("probability", "float", 0.5, "chance that a mask's cell keeps the picture.", minimum=0,
+                       maximum=1)
+_MASK_BATCH = Setting("mask_batch", "int", 0,
+                      "masked copies per onnxruntime run (memory grows with it); 0: as many as fit in 512 MiB.",
+                      minimum=0)
+_MAX_SIGMA = Setting("max_sigma", "float", 50.0, "Blur IG's strongest blur, the path's start (Gaussian sigma, pixels).",
+                     minimum=0.01)
+_GRAD_STEP = Setting("grad_step", "float", 0.01, "sigma step of the forward difference giving the blur path's direction.",
+                     minimum=1e-6, maximum=1)
+_FRACTION = Setting("fraction", "float", 0.25, "share of features, smallest |gradient| first, moved at a time.",
+                    minimum=0.01, maximum=1)
+_MAX_DIST = Setting("max_dist", "float", 0.02, "how far a feature may run ahead of the straight path (0: plain IG, "
+                    "1: unbounded), as a fraction of the path.", minimum=0, maximum=1)
+_BASELINES = Setting("baselines", "choice", "black-white", "XRAI's two IG baselines: black and white pictures, or "
+                     "constants at the input's min and max.", choices=("black-white", "input-range"))
+_SEARCH = Setting("search", "choice", "full", "XRAI's region search: full re-scores regions after each one added, "
+                  "fast ranks them once.", choices=("full", "fast"))
+_AREA = Setting("area", "float", 1.0, "share of the picture XRAI ranks regions for; the rest is one region.",
+                minimum=0, maximum=1)
 #: Settings every method has: they act on its per-pixel values, after the method.
 COMMON_SETTINGS = (
     Setting("modifier", "choice", "auto",
@@ -394,8 +437,14 @@ COMMON_SETTINGS = (
 
 _GRADIENT_OUTPUTS = (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_GRADIENT)
 _CAM_OUTPUTS = (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_CAM_ACTIVATION, OUTPUT_CAM_GRADIENT)
+_FORWARD_OUTPUTS = (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX)
 _METHODS = "gradmap.runtime.methods:"
 _CAM = "gradmap.runtime.cam:"
+_PERTURBATION = "gradmap.runtime.perturbation:"
+_PATHS = "gradmap.runtime.paths:"
+_ATTENTION = "gradmap.runtime.attention:"
+_HEAD_FUSION = Setting("head_fusion", "choice", "mean", "how attention rollout combines the heads of a layer "
+                       "(the paper: mean).", choices=("mean", "max", "min"))
 
 #: Every attribution method, in the order ``gradmap run --method`` and ``gradmap info`` list them.
 METHOD_TABLE: tuple[Method, ...] = (
@@ -424,6 +473,47 @@ METHOD_TABLE: tuple[Method, ...] = (
            "guided backpropagation times the Grad-CAM map (Selvaraju et al. 2017)",
            (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_GRADIENT_GUIDED, OUTPUT_CAM_ACTIVATION, OUTPUT_CAM_GRADIENT),
            _CAM + "guided_grad_cam_method", web="guidedGradCam"),
+    Method("hirescam", KIND_CAM, "the feature map times its gradient, summed over channels (Draelos & Carin 2020)",
+           _CAM_OUTPUTS, _CAM + "hires_cam_method", web="hiResCam"),
+    Method("xgrad-cam", KIND_CAM, "a feature map weighted by its activation-weighted gradient (Fu et al. 2020)",
+           _CAM_OUTPUTS, _CAM + "xgrad_cam_method", web="xGradCam"),
+    Method("layer-cam", KIND_CAM, "the feature map weighted per position by its positive gradient (Jiang et al. 2021)",
+           _CAM_OUTPUTS, _CAM + "layer_cam_method", web="layerCam"),
+    Method("eigen-cam", KIND_CAM, "the feature map's first principal component, class-agnostic (Muhammad & Yeasin 2020)",
+           (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_CAM_ACTIVATION), _CAM + "eigen_cam_method"),
+    Method("score-cam", KIND_CAM,
+           "feature-map channels weighted by the scores of the input masked by each (Wang et al. 2020); forward only",
+           (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_CAM_ACTIVATION), _PERTURBATION + "score_cam_method",
+           settings=(_MASK_BATCH,)),
+    Method("occlusion", KIND_ATTRIBUTION,
+           "the score's drop when a sliding window of the baseline hides each region (Zeiler & Fergus 2014); "
+           "forward only", _FORWARD_OUTPUTS, _PERTURBATION + "occlusion_method",
+           settings=(_WINDOW, _STRIDE, _BASELINE, _SEED, _MASK_BATCH)),
+    Method("rise", KIND_CAM,
+           "random masks weighted by the class probability of the masked input (Petsiuk et al. 2018); forward only",
+           _FORWARD_OUTPUTS, _PERTURBATION + "rise_method",
+           settings=(_MASKS, _GRID, _PROBABILITY, _BASELINE, _SEED, _MASK_BATCH)),
+    # Blur IG, Guided IG and XRAI take 100-200 gradients per map (or a segmentation): slower than
+    # the page's ~10 s budget for a resnet18 map, so the page does not offer them
+    Method("blur-ig", KIND_ATTRIBUTION,
+           "integrated gradients along a path from a blurred copy of the input to the input (Xu et al. 2020)",
+           _GRADIENT_OUTPUTS, _PATHS + "blur_ig_method",
+           settings=(replace(_STEPS, default=100), _MAX_SIGMA, _GRAD_STEP)),
+    Method("guided-ig", KIND_ATTRIBUTION,
+           "integrated gradients along a path that moves low-gradient features first (Kapishnikov et al. 2021)",
+           _GRADIENT_OUTPUTS, _PATHS + "guided_ig_method",
+           settings=(replace(_STEPS, default=200), _FRACTION, _MAX_DIST, _BASELINE, _SEED)),
+    Method("xrai", KIND_REGION,
+           "integrated gradients summed into image regions, ranked by attribution density (Kapishnikov et al. 2019)",
+           _GRADIENT_OUTPUTS, _PATHS + "xrai_method", settings=(_STEPS, _RULE, _BASELINES, _SEARCH, _AREA)),
+    Method("attention-rollout", KIND_CAM,
+           "the attention of the class token, rolled out through the layers with the residual (Abnar & Zuidema "
+           "2020); class-agnostic", (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_ATTENTION),
+           _ATTENTION + "attention_rollout_method", settings=(_HEAD_FUSION,)),
+    Method("attention-relevance", KIND_CAM,
+           "attention weighted by its positive gradient, averaged over heads and rolled out (Chefer, Gur & Wolf "
+           "2021)", (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_ATTENTION, OUTPUT_ATTENTION_GRADIENT),
+           _ATTENTION + "attention_relevance_method"),
 )
 #: The method ``gradmap run``, the Python API and the web page use when none is given.
 DEFAULT_METHOD = "vanilla"
@@ -463,15 +553,19 @@ def methods_using(setting: str) -> tuple[str, ...]:
     return tuple(m.name for m in METHOD_TABLE if any(s.name == setting for s in m.all_settings))
 
 
-def methods_for(backprops: "tuple[str, ...] | list[str]", has_cam: bool) -> tuple[str, ...]:
+def methods_for(backprops: "tuple[str, ...] | list[str]", has_cam: bool, has_attention: bool = False
+                ) -> tuple[str, ...]:
     """The methods a model with these gradient outputs supports, in table order: those whose
     outputs it has (see :func:`model_outputs`)."""
-    available = set(model_outputs(backprops, has_cam))
+    available = set(model_outputs(backprops, has_cam, has_attention))
     return tuple(m.name for m in METHOD_TABLE if available.issuperset(m.outputs))
 
 
 class ContractError(ValueError):
     """A model file or metadata does not follow gradmap's model contract."""
+
+
+_ATTENTION_FIELDS = frozenset({"layers", "heads", "tokens", "prefix_tokens", "grid", "readout"})
 
 
 #: Preprocessing fields written only when they differ from these defaults (older readers read the rest).
@@ -630,6 +724,10 @@ class ModelMetadata:
     cam_layer: str | None = None
     target: str = "cpu"
     format_version: int | None = None  # read: the file's; new: the lowest that describes the model
+    #: ``--attention``: what the attention outputs hold: ``layers``, ``heads``, ``tokens`` (T),
+    #: ``prefix_tokens`` (class, distillation and register tokens before the patches), ``grid``
+    #: ([h, w] of the patch tokens) and ``readout`` (the token indices the classifier reads).
+    attention: Mapping[str, Any] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -655,12 +753,12 @@ class ModelMetadata:
     @property
     def outputs(self) -> tuple[str, ...]:
         """The outputs this model has (see :func:`model_outputs`)."""
-        return model_outputs(self.backprops, self.cam_layer is not None)
+        return model_outputs(self.backprops, self.cam_layer is not None, self.attention is not None)
 
     @property
     def methods(self) -> tuple[str, ...]:
         """Attribution methods this model supports (see :func:`methods_for`)."""
-        return methods_for(self.backprops, self.cam_layer is not None)
+        return methods_for(self.backprops, self.cam_layer is not None, self.attention is not None)
 
     def to_props(self) -> dict[str, str]:
         """Serialize to the string key/value pairs of ONNX ``metadata_props``."""
@@ -676,6 +774,7 @@ class ModelMetadata:
             _KEY_METHODS: json.dumps(list(self.methods)),
             _KEY_TARGET: self.target,
             _KEY_EXTRA: json.dumps(dict(self.extra)),
+            **({_KEY_ATTENTION: json.dumps(dict(self.attention))} if self.attention is not None else {}),
         }
 
     @classmethod
@@ -703,10 +802,13 @@ class ModelMetadata:
             labels = json.loads(props[_KEY_LABELS])
             extra = json.loads(props.get(_KEY_EXTRA, "{}"))
             backprops = json.loads(props.get(_KEY_BACKPROP, '["vanilla"]'))
+            attention = json.loads(props[_KEY_ATTENTION]) if props.get(_KEY_ATTENTION) else None
         except json.JSONDecodeError as e:
             raise ContractError(f"gradmap metadata is not valid JSON: {e}") from e
         if not isinstance(labels, list):
             raise ContractError("gradmap.labels must be a JSON list of class names")
+        if attention is not None and not (isinstance(attention, dict) and _ATTENTION_FIELDS <= set(attention)):
+            raise ContractError(f"gradmap.attention must be a JSON object with {', '.join(sorted(_ATTENTION_FIELDS))}")
         return cls(
             source_model=props[_KEY_SOURCE],
             weights=props.get(_KEY_WEIGHTS, ""),
@@ -718,4 +820,5 @@ class ModelMetadata:
             target=props.get(_KEY_TARGET) or "cpu",
             format_version=version,
             extra=extra if isinstance(extra, dict) else {},
+            attention=attention,
         )

@@ -308,7 +308,8 @@ def test_variants_share_one_forward_pass_and_list_methods(tmp_path):
         n.op_type == "Conv" for n in onnx.load(str(plain.path)).graph.node) + 2 * 2, "one forward, three backward passes"
     meta = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
     assert meta.methods == ("vanilla", "smoothgrad", "integrated-gradients", "gradient-x-input", "guided-backprop",
-                            "deconvnet", "grad-cam", "grad-cam++", "guided-grad-cam")
+                            "deconvnet", "grad-cam", "grad-cam++", "guided-grad-cam", "hirescam", "xgrad-cam",
+                            "layer-cam", "eigen-cam", "score-cam", "occlusion", "rise", "blur-ig", "guided-ig", "xrai")
     assert meta.cam_layer.startswith("auto (")
     cli = CliRunner().invoke(main, ["export", "nonexistent", "--backprop", "sideways", "-o", str(tmp_path / "y.onnx")])
     assert cli.exit_code == 2 and "sideways" in cli.output

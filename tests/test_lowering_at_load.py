@@ -56,7 +56,7 @@ def _families():
     }
 
 
-def _export_pair(module, out: Path, name: str, blocks=(16,), backprops=("vanilla",), cam_layer=None):
+def _export_pair(module, out: Path, name: str, blocks=(16,), backprops=("vanilla",), cam_layer=None, attention=False):
     """The portable export and the cpu target for each block, from one trace; returns their paths."""
     import onnx_ir as ir
 
@@ -70,7 +70,8 @@ def _export_pair(module, out: Path, name: str, blocks=(16,), backprops=("vanilla
     paths = {}
     for target, block in [("portable", None), *(("cpu", b) for b in blocks)]:
         model = ir.serde.deserialize_model(forward)
-        cam = add_gradient(model, target=target, channel_multiple=block, backprops=backprops, cam_layer=cam_layer)
+        cam = add_gradient(model, target=target, channel_multiple=block, backprops=backprops, cam_layer=cam_layer,
+                           attention=attention)
         meta = contract.ModelMetadata(source_model=name, weights="random", preprocessing=contract.Preprocessing(
             crop=SIZE, resize=None), labels=tuple(str(i) for i in range(10)), backprops=backprops, target=target,
             cam_layer=None if cam is None else f"{cam_layer} ({cam})")
@@ -85,17 +86,24 @@ def _outputs(model: SaliencyModel, names=(contract.OUTPUT_LOGITS, contract.OUTPU
     return model.run_outputs(image, np.asarray([-1, 4]), names)
 
 
+#: the vision transformer also carries its Grad-CAM tokens (on the patch grid) and its attention outputs
+_VIT_OUTPUTS = (contract.OUTPUT_LOGITS, contract.OUTPUT_GRADIENT, contract.OUTPUT_CAM_ACTIVATION,
+                contract.OUTPUT_CAM_GRADIENT, contract.OUTPUT_ATTENTION, contract.OUTPUT_ATTENTION_GRADIENT)
+
+
 @pytest.mark.parametrize("family", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext", "vit"])
 def test_lowered_at_load_is_the_cpu_target(family, tmp_path):
-    paths = _export_pair(_families()[family](), tmp_path, family)
+    vit = family == "vit"
+    paths = _export_pair(_families()[family](), tmp_path, family, cam_layer="auto" if vit else None, attention=vit)
+    names = _VIT_OUTPUTS if vit else (contract.OUTPUT_LOGITS, contract.OUTPUT_GRADIENT)
     lowered = SaliencyModel(paths["portable"], provider="cpu", threads=1, cache_dir=tmp_path / "cache", cpu_block=16)
     assert lowered.lowering.state == "written" and lowered.lowering.block == 16
     # node for node the cpu target's graph, not the portable one
     lowered_graph, cpu_graph = ir.load(lowered.lowering.path), ir.load(paths[16])
     assert _histogram(lowered_graph) == _histogram(cpu_graph)
     assert _histogram(lowered_graph) != _histogram(ir.load(paths["portable"])) or family == "vit"
-    cpu = _outputs(SaliencyModel(paths[16], provider="cpu", threads=1, cache_dir=False))
-    for name, value in _outputs(lowered).items():
+    cpu = _outputs(SaliencyModel(paths[16], provider="cpu", threads=1, cache_dir=False), names)
+    for name, value in _outputs(lowered, names).items():
         assert _relative_error(value, cpu[name]) <= TOLERANCE, (family, name)
     assert lowered.metadata.target == "portable"  # the file is what it is; the session is lowered
 

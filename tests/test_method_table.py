@@ -234,9 +234,11 @@ def test_the_default_method_reads_what_saliency_model_run_returns():
 def test_export_options_and_supported_methods_follow_the_outputs():
     assert contract.method("guided-grad-cam").export_options == ("--backprop guided", "--cam-layer auto")
     assert contract.method("integrated-gradients").export_options == ()
-    full = contract.model_outputs(tuple(contract.BACKPROP_OUTPUTS), True)
+    assert contract.method("attention-relevance").export_options == ("--attention",)
+    full = contract.model_outputs(tuple(contract.BACKPROP_OUTPUTS), True, True)
     assert set(full) == set(contract.OUTPUTS)
-    assert contract.methods_for(tuple(contract.BACKPROP_OUTPUTS), True) == contract.METHODS
+    assert contract.methods_for(tuple(contract.BACKPROP_OUTPUTS), True, True) == contract.METHODS
+    assert "attention-rollout" not in contract.methods_for(tuple(contract.BACKPROP_OUTPUTS), True)
     assert "guided-grad-cam" not in contract.methods_for((contract.DEFAULT_BACKPROP,), True)
 
 
@@ -291,7 +293,15 @@ def test_cli_options_come_from_the_table():
             if name in own:
                 continue
             option = params[name]
-            assert option.default == setting.default, name
+            defaults = {s.default for m in contract.methods_using(name) for s in contract.method(m).all_settings
+                        if s.name == name}
+            if len(defaults) == 1:
+                assert option.default == setting.default, name
+            else:  # each method's own default: the option's help lists them
+                assert option.default is None, name
+                for m in contract.methods_using(name):
+                    own_default = next(s.default for s in contract.method(m).all_settings if s.name == name)
+                    assert f"{m} {own_default}" in option.help, (name, option.help)
             if setting.type == "choice":
                 assert tuple(option.type.choices) == setting.choices, name
             elif setting.minimum is not None:

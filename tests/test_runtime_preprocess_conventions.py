@@ -3,7 +3,7 @@ order and tf.image.resize's bilinear resize without antialiasing, with the named
 
 The references here are written independently from the conventions' own definitions (Keras'
 ``imagenet_utils._preprocess_numpy_input`` formulas, a float64 half-pixel bilinear resize through
-``scipy.ndimage.map_coordinates``); tests/test_keras.py compares the same steps with Keras and
+``scipy.ndimage.map_coordinates``); tests/test_keras_source.py compares the same steps with Keras and
 TensorFlow themselves where TensorFlow is installed.
 """
 

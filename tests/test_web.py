@@ -5,7 +5,9 @@ page's numbers are compared with the Python runtime's.
   ``.map.npy`` put on the picture by ``map_to_original``: within 2/255 on >= 99.9 % of pixels;
   top-1 equal to ``gradmap run --json``; for the demo model and an exported resnet18;
 - preprocessing: the page's JavaScript (Pillow's resampling filters, crop, normalization) against
-  ``gradmap.runtime.preprocess`` on the four skimage photographs, within 1/255 of a pixel step;
+  ``gradmap.runtime.preprocess`` on the four skimage photographs, within 1/255 of a pixel step; model
+  format 2's conventions (0-255 scale, BGR, tf.image.resize without antialiasing) for every preset
+  within 1e-6, and a model.json the page does not implement refused by name;
 - equalization and colours: the page's ``equalize_hist`` and heatmap against the runtime's;
 - bad files: a corrupt PNG and a text file give a message on the page, which then still works.
 
@@ -104,7 +106,7 @@ class Site:
 
     def explain(self, picture: Path, method: str = "vanilla", extra: str = "", canvases: bool = False):
         """The page's result for ``picture``; with ``canvases`` also its heatmap and overlay pixels."""
-        page = self.open(f"image={quote(self.add(picture))}&method={method}{extra}")
+        page = self.open(f"image={quote(self.add(picture))}&method={quote(method, safe='')}{extra}")
         try:
             result = self.result(page)
             return (result, _canvas(page, "heatmap"), _canvas(page, "overlay")) if canvases else result
@@ -194,6 +196,23 @@ def test_demo_maps_equal_gradmap_run(demo_site, photo_pngs, tmp_path):
             assert abs(result["predictions"][0]["probability"] - record["predictions"][0]["probability"]) < 1e-4
             assert_maps_match(page_map(result), python, f"{picture.name} {method}")
             assert_pictures_match(heatmap, overlay, record["maps"][0]["files"], f"{picture.name} {method}")
+
+
+def test_cam_family_maps_equal_gradmap_run(demo_site, tmp_path):
+    """Every class activation map the page computes (the table's cam rows with a page function)."""
+    from gradmap import contract
+
+    site, model = demo_site
+    methods = [m.name for m in contract.METHOD_TABLE if m.kind == contract.KIND_CAM and m.web]
+    assert len(methods) >= 5, methods  # Grad-CAM, Grad-CAM++, HiResCAM, XGradCAM, LayerCAM
+    assets = demo_assets()
+    for name in ("star_0.png", "cross_0.png"):
+        picture = Path(str(assets.joinpath("images", name)))
+        for method in methods:
+            result = site.explain(picture, method)
+            record, python = python_run(model, picture, tmp_path / f"{picture.stem}-{method}", method)
+            assert result["method"] == method
+            assert_maps_match(page_map(result), python, f"{picture.name} {method}")
 
 
 def assert_pictures_match(heatmap: np.ndarray, overlay: np.ndarray, files: dict, what: str) -> None:
@@ -361,6 +380,137 @@ def test_preprocessing_equals_the_runtime(demo_site, photo_pngs, interpolation):
             assert steps.max() <= 1.0 + 1e-4, f"{picture.name} {pre}: {steps.max():.3f} pixel steps apart"
             assert np.mean(steps < 1e-3) > 0.999, f"{picture.name} {pre}: {np.mean(steps >= 1e-3):.3%} of values differ"
     page.close()
+
+
+def _convention_settings() -> list[tuple[str, "Preprocessing"]]:
+    """Every named preset (gradmap.export.presets) at a square and a non-square input, each again with
+    tf.image.resize's bilinear resize without antialiasing, and the format 2 fields combined with
+    shorter-side resizing, upsampling and a padded crop."""
+    from gradmap.contract import Preprocessing
+    from gradmap.export.presets import KERAS_CAFFE_MEAN, PRESETS, override, preset
+
+    settings = []
+    for name in PRESETS:
+        for size in ((224, 224), (96, 128)):
+            settings.append((f"{name} {size}", preset(name, size)))
+            settings.append((f"{name} {size} tf.image.resize",
+                             override(preset(name, size), antialias=False, interpolation="bilinear")))
+    settings += [
+        ("tf.image.resize shorter side, padded crop, bgr 0-255",
+         Preprocessing(crop=(100, 120), resize=90, antialias=False, value_range="0-255", channel_order="bgr",
+                       mean=KERAS_CAFFE_MEAN, std=(1.0, 1.0, 1.0), pad_fill=(124, 116, 104))),
+        ("tf.image.resize upsampling, bgr 0-1",
+         Preprocessing(crop=(560, 700), resize=(600, 760), resize_mode="exact", antialias=False, channel_order="bgr")),
+        ("Pillow bicubic shorter side, bgr 0-255 with std",
+         Preprocessing(crop=(96, 96), resize=110, interpolation="bicubic", value_range="0-255", channel_order="bgr",
+                       mean=(100.0, 110.0, 120.0), std=(58.4, 57.1, 57.4))),
+    ]
+    return settings
+
+
+def test_preprocessing_conventions_equal_the_runtime(demo_site, photo_pngs):
+    """Model format 2's preprocessing (0-255 scale, BGR, tf.image.resize without antialiasing): the
+    page's tensor equals gradmap.runtime.preprocess's to 1e-6 for every preset, on the four photographs."""
+    from gradmap.runtime import open_picture, preprocess
+
+    site, _ = demo_site
+    page = site.open()
+    page.wait_for_function("document.body.dataset.state === 'ready'", timeout=PAGE_TIMEOUT_MS)
+    worst = 0.0
+    for picture in photo_pngs:
+        url = site.add(picture)
+        rgb = open_picture(picture)[0]
+        for name, pre in _convention_settings():
+            expected, _ = preprocess(rgb, pre)
+            got = _preprocess_in_page(page, url, pre.to_dict())
+            assert got.shape == expected.shape, f"{picture.name} {name}: {got.shape} != {expected.shape}"
+            difference = float(np.abs(got - expected).max())
+            worst = max(worst, difference)
+            assert difference <= 1e-6, f"{picture.name} {name}: the page's tensor differs by {difference:.3g}"
+    page.close()
+    print(f"largest difference over {len(photo_pngs) * len(_convention_settings())} tensors: {worst:.3g}")
+
+
+def test_page_knows_the_contracts_preprocessing(demo_site):
+    """The page's list of preprocessing fields and choices is the contract's: a field or value added to
+    gradmap.contract.Preprocessing fails here until gradmap.js implements it."""
+    import dataclasses
+
+    from gradmap import contract
+
+    site, _ = demo_site
+    page = site.open()
+    page.wait_for_function("document.body.dataset.state === 'ready'", timeout=PAGE_TIMEOUT_MS)
+    known = page.evaluate("async () => { const G = await import('./gradmap.js'); "
+                          "return [G.FORMAT_VERSION, G.PREPROCESSING]; }")
+    page.close()
+    version, table = known
+    assert version == contract.FORMAT_VERSION, "gradmap.js FORMAT_VERSION is not gradmap.contract.FORMAT_VERSION"
+    assert table["fields"] == [f.name for f in dataclasses.fields(contract.Preprocessing)], "preprocessing fields"
+    contract_choices = {"interpolation": contract.INTERPOLATIONS, "resize_mode": contract.RESIZE_MODES,
+                        "crop_rounding": contract.CROP_ROUNDINGS, "value_range": contract.VALUE_RANGES,
+                        "channel_order": contract.CHANNEL_ORDERS}
+    for key, values in contract_choices.items():
+        assert sorted(table["choices"][key]) == sorted(values), f"{key}: page {table['choices'][key]} != {values}"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"format_version": 3}, "format version 3; this page reads up to 2"),
+    ({"format_version": "2"}, "format_version must be a positive integer"),
+    ({"preprocessing": {"gamma": 2.2}}, "does not implement: gamma"),
+    ({"preprocessing": {"value_range": "0-65535"}}, 'value_range "0-65535" is not one of 0-1, 0-255'),
+    ({"preprocessing": {"channel_order": "gbr"}}, 'channel_order "gbr" is not one of rgb, bgr'),
+    ({"preprocessing": {"antialias": "no"}}, 'antialias must be true or false, got "no"'),
+    ({"preprocessing": {"antialias": False, "interpolation": "bicubic"}}, "antialias false is tf.image.resize"),
+])
+def test_page_refuses_a_model_format_it_does_not_implement(demo_site, tmp_path, change, message):
+    """A model.json from a newer gradmap (format version, preprocessing field or value) is refused
+    with a message naming it, before the model loads."""
+    site, _ = demo_site
+    config = json.loads((site.root / "model.json").read_text())
+    assert config["format_version"] == 1, "the demo model is format 1"
+    edited = dict(config, **{k: v for k, v in change.items() if k != "preprocessing"})
+    edited["preprocessing"] = dict(config["preprocessing"], **change.get("preprocessing", {}))
+    folder = tmp_path / "site"
+    shutil.copytree(site.root, folder, ignore=shutil.ignore_patterns("inputs"))
+    (folder / "model.json").write_text(json.dumps(edited))
+    other = Site(folder, site.browser)
+    try:
+        page = other.open()
+        result = other.result(page)
+        page.close()
+    finally:
+        other.close()
+    assert message in result.get("error", ""), f"expected an error with {message!r}, got {result}"
+
+
+@pytest.mark.export
+def test_keras_convention_model_maps_equal_gradmap_run(browser, photo_pngs, tmp_path):
+    """A format 2 model (Keras caffe: BGR at 0-255, with tf.image.resize without antialiasing) explained
+    on the page: its map and top-1 equal gradmap run's."""
+    torch = pytest.importorskip("torch")
+    from gradmap.export import export_module
+    from gradmap.export.presets import override, preset
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, stride=2),
+                                 torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5))
+    with torch.no_grad():  # inputs span about +-150 here: keep the logits in a readable range
+        module[0].weight.mul_(0.02)
+    model = tmp_path / "caffe.onnx"
+    pre = override(preset("keras-caffe", (64, 64)), antialias=False, interpolation="bilinear")
+    export_module(module.eval(), model, preprocessing=pre, labels=[f"class {i}" for i in range(5)],
+                  source_model="tests.keras_caffe_convention", weights="seeded")
+    site = _build(model, tmp_path / "site", browser)
+    try:
+        assert json.loads((site.root / "model.json").read_text())["format_version"] == 2
+        for picture in photo_pngs[:2]:
+            result = site.explain(picture, "vanilla")
+            record, python = python_run(model, picture, tmp_path / picture.stem)
+            assert [p["index"] for p in result["predictions"]] == [p["index"] for p in record["predictions"]]
+            assert_maps_match(page_map(result), python, f"keras-caffe convention {picture.name}")
+    finally:
+        site.close()
 
 
 def test_equalization_and_heatmap_equal_the_runtime(demo_site):

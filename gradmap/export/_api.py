@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -12,6 +13,7 @@ import onnx_ir as ir
 import torch
 
 from gradmap.contract import ContractError, ModelMetadata, Preprocessing
+from gradmap.graph.gradient import ATTENTION_KEY
 from gradmap.graph import ExportError, ExportReport, add_gradient, finish, op_histogram, write_atomic
 
 from ._parity import DEFAULT_TOLERANCE, verify_parity
@@ -29,14 +31,14 @@ MIN_OPSET = 18
 def build_gradient_model(module: torch.nn.Module, input_size: tuple[int, int], *, score: str = "logit",
                          opset: int = MIN_OPSET, backprops: tuple[str, ...] = ("vanilla",),
                          cam_layer: str | None = None, target: str = "cpu",
-                         channel_multiple: int | None = None) -> tuple[ir.Model, int]:
+                         channel_multiple: int | None = None, attention: bool = False) -> tuple[ir.Model, int]:
     """Trace ``module`` and append its input gradient(s). Returns the model and its forward node count."""
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old: gradmap exports with opset {MIN_OPSET} or newer")
     model = trace_to_onnx(module, input_size, opset=opset)
     forward_nodes = sum(1 for _ in model.graph.all_nodes())
     resolved = add_gradient(model, score=score, backprops=backprops, cam_layer=cam_layer, target=target,
-                            channel_multiple=channel_multiple)
+                            channel_multiple=channel_multiple, attention=attention)
     model.metadata_props["gradmap.cam_value"] = resolved or ""
     return model, forward_nodes
 
@@ -59,6 +61,7 @@ def export_module(
     channel_multiple: int | None = None,
     external_data: bool = False,
     preprocessing_options: Mapping[str, Any] | None = None,
+    attention: bool = False,
 ) -> ExportReport:
     """Export any ``torch.nn.Module`` image classifier to a gradmap ONNX model.
 
@@ -71,7 +74,10 @@ def export_module(
         backprops: ReLU rules to emit, each a gradient output sharing the forward pass: ``vanilla``
             (always), ``guided`` (guided backpropagation), ``deconvnet``.
         cam_layer: ``auto``, a torch module name or an ONNX value name: adds that feature map and
-            its gradient as outputs, for Grad-CAM, Grad-CAM++ and Guided Grad-CAM.
+            its gradient as outputs, for Grad-CAM, Grad-CAM++ and Guided Grad-CAM. On a vision
+            transformer ``auto`` takes the last block's first LayerNorm, its tokens on the patch grid.
+        attention: add every self-attention layer's probabilities and their gradient as outputs,
+            for attention rollout and attention relevance (ViT, DeiT, BEiT: global attention).
         target: ``portable`` (default): the plain gradient graph every engine computes alike
             (onnxruntime CPU, web and WebGPU, OpenVINO, GPUs); gradmap's runtime lowers it for
             onnxruntime's CPU provider when it loads it, for the CPU it runs on. ``cpu``: lowered at
@@ -106,8 +112,9 @@ def export_module(
     backprops = tuple(dict.fromkeys(["vanilla", *backprops]))
     model, forward_nodes = build_gradient_model(module, input_size, score=score, opset=opset, backprops=backprops,
                                                 cam_layer=cam_layer, target=target,
-                                                channel_multiple=channel_multiple)
+                                                channel_multiple=channel_multiple, attention=attention)
     cam_value = model.metadata_props.pop("gradmap.cam_value") or None
+    attention_layers = model.metadata_props.pop(ATTENTION_KEY, None)
     num_classes = model.graph.outputs[0].shape[1]
     if labels is None:
         labels = [str(i) for i in range(num_classes)]
@@ -115,7 +122,8 @@ def export_module(
         raise ExportError(f"{len(labels)} labels given for a model with {num_classes} outputs")
     metadata = ModelMetadata(source_model=source_model, weights=weights, preprocessing=preprocessing,
                              labels=tuple(labels), score=score, backprops=backprops, target=target,
-                             cam_layer=None if cam_value is None else f"{cam_layer} ({cam_value})")
+                             cam_layer=None if cam_value is None else f"{cam_layer} ({cam_value})",
+                             attention=json.loads(attention_layers) if attention_layers else None)
     proto = finish(model, metadata)
     report = ExportReport(
         path=None, source_model=source_model, weights=weights, score=score, forward_nodes=forward_nodes, target=target,
@@ -148,6 +156,7 @@ def export_torchvision(
     channel_multiple: int | None = None,
     external_data: bool = False,
     preprocessing_options: Mapping[str, Any] | None = None,
+    attention: bool = False,
 ) -> ExportReport:
     """Export a torchvision classifier by name (see ``gradmap export --help``)."""
     module, weights_desc = load_torchvision(model_name, weights, seed=seed)
@@ -156,5 +165,5 @@ def export_torchvision(
         labels=labels_of(model_name) or None, source_model=f"torchvision.models.{model_name}",
         weights=weights_desc, score=score, opset=opset, verify=verify, tolerance=tolerance,
         backprops=backprops, cam_layer=cam_layer, target=target, channel_multiple=channel_multiple,
-        external_data=external_data, preprocessing_options=preprocessing_options,
+        external_data=external_data, preprocessing_options=preprocessing_options, attention=attention,
     )

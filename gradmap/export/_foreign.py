@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -840,7 +840,7 @@ def export_graph(graph: ClassifierGraph, output: str | os.PathLike | None, *, pr
                  labels: Sequence[str] | None = None, source_model: str = "onnx", weights: str = "from the file",
                  score: str = "logit", backprops: Sequence[str] = ("vanilla",), cam_layer: str | None = None,
                  target: str = "portable", channel_multiple: int | None = None, external_data: bool = False,
-                 verify: bool = True, reference=None) -> ExportReport:
+                 verify: bool = True, reference=None, extra: Mapping[str, object] | None = None) -> ExportReport:
     """Append the gradient to a prepared foreign graph, check it against ``reference`` and write it.
 
     Args:
@@ -851,6 +851,7 @@ def export_graph(graph: ClassifierGraph, output: str | os.PathLike | None, *, pr
         reference: a float64 reference of the same classifier (:class:`gradmap.graph.parity.Reference`
             protocol: ``run`` and ``run_float32``); ``None``: the float64 evaluation of the graph itself
             (:mod:`gradmap.export._onnx_reference`).
+        extra: more entries for the metadata's ``extra`` (what a source needs to rebuild its reference).
         The other arguments are ``export_module``'s.
 
     Returns:
@@ -880,7 +881,7 @@ def export_graph(graph: ClassifierGraph, output: str | os.PathLike | None, *, pr
     cam_value = add_gradient(model, score=score, backprops=backprops, cam_layer=cam_name, target=target,
                              channel_multiple=channel_multiple)
     extra = {"source_input": graph.input_name, "source_output": graph.output_name, "source_layout": graph.layout,
-             "source_opset": graph.source_opset}
+             "source_opset": graph.source_opset, **(extra or {})}
     if graph.cut:
         extra["cut"] = graph.cut
     metadata = ModelMetadata(source_model=source_model, weights=weights, preprocessing=preprocessing, labels=labels,

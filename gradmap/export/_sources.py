@@ -1,5 +1,5 @@
 """Where ``gradmap export MODEL`` finds MODEL: torchvision by name, ``timm:NAME``, ``hf:MODEL_ID_OR_DIR``,
-``onnx:PATH``."""
+``onnx:PATH``, ``keras:NAME|PATH``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ SOURCES = {
     "timm:": "a timm.list_models() name, optionally with a pretrained tag",
     "hf:": "a Hugging Face Transformers image classifier: a local directory or a hub id in the HF cache",
     "onnx:": "any ONNX image classifier file (no torch needed)",
+    "keras:": "a keras.applications name or a saved Keras model (.keras; .h5 and SavedModel with --trust-model)",
 }
 
 
@@ -32,6 +33,10 @@ def export_named_model(model_name: str, output: str | os.PathLike | None, *, wei
         from ._onnx_file import export_onnx
 
         return export_onnx(model_name[len("onnx:"):], output, weights=weights, seed=seed, **options)
+    if model_name.startswith("keras:"):
+        from ._keras import export_keras
+
+        return export_keras(model_name[len("keras:"):], output, weights=weights, seed=seed, **options)
     if model_name.startswith("hf:"):
         from ._hf import export_hf
 

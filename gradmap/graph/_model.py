@@ -24,8 +24,7 @@ from gradmap import __version__
 from gradmap.contract import ModelMetadata
 
 from .errors import ExportError
-from . import lowering
-from .gradient import append_gradient, check_rules, check_settings, differentiable_nodes, find_cam_layer
+from .gradient import append_gradient
 
 __all__ = ["ExportReport", "add_gradient", "finish", "op_histogram", "write_atomic"]
 
@@ -70,31 +69,17 @@ class ExportReport:
 
 
 def add_gradient(model: ir.Model, *, score: str = "logit", backprops: tuple[str, ...] = ("vanilla",),
-                 cam_layer: str | None = None, target: str = "cpu", channel_multiple: int | None = None) -> str | None:
-    """Append the gradient outputs to a forward graph for ``target`` (in place), in three steps:
-
-    1. the target's forward lowering (:meth:`gradmap.graph.lowering.Plan.lower_forward`: for ``cpu``,
-       channel padding to ``channel_multiple`` and the other rewrites the rules then see);
-    2. the gradient pass (:func:`gradmap.graph.gradient.append_gradient`): the rules' portable
-       vector-Jacobian products, each rule call a region;
-    3. the target's backward lowering over those regions (:meth:`~gradmap.graph.lowering.Plan.lower_backward`).
-
-    ``portable`` has no lowering steps. Then checks that every node is in the default ONNX domain.
-    Returns the resolved CAM value's name (``None`` without ``cam_layer``)."""
-    check_settings(score, backprops)
-    plan = lowering.plan(target, channel_multiple)
-    graph = model.graph
-    nodes, needs_grad = differentiable_nodes(graph, graph.inputs[0], graph.outputs[0])
-    check_rules(nodes)
-    cam_value = find_cam_layer(graph, nodes, cam_layer) if cam_layer else None
-    keep = {cam_value} if cam_value is not None else set()
-    plan.lower_forward(graph, needs_grad, keep)
-    appended = append_gradient(model, score, backprops=backprops, cam_layer=cam_value)
-    plan.lower_backward(graph, appended.regions, forward_nodes=appended.forward_nodes, keep=keep)
+                 cam_layer: str | None = None, target: str = "cpu", channel_multiple: int | None = None,
+                 attention: bool = False) -> str | None:
+    """Append the gradient outputs to a forward graph (in place) and check that every node is in the
+    default ONNX domain. Returns the resolved CAM value's name (``None`` without ``cam_layer``);
+    ``attention`` adds the attention outputs (see :func:`~gradmap.graph.gradient.append_gradient`)."""
+    resolved = append_gradient(model, score=score, backprops=backprops, cam_layer=cam_layer, target=target,
+                               channel_multiple=channel_multiple, attention=attention)
     foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.all_nodes() if n.domain not in ("", "ai.onnx")})
     if foreign or model.functions:
         raise ExportError(f"the exported model uses ops outside the default ONNX domain: {', '.join(foreign)}")
-    return appended.cam_value
+    return resolved
 
 
 def finish(model: ir.Model, metadata: ModelMetadata) -> onnx.ModelProto:

@@ -5,6 +5,13 @@
                 a = g^2 / (2 g^2 + sum_hw(A) g^3)  (0 where g = 0);  w_c = sum_hw a ReLU(g);
                 cam = ReLU(sum_c w_c A_c)
     Guided Grad-CAM: guided backpropagation x the Grad-CAM map upsampled to the input size
+    HiResCAM    (Draelos & Carin 2020):    cam = ReLU(sum_c dS/dA_c * A_c)   (no spatial averaging)
+    XGradCAM    (Fu et al. 2020):          w_c = sum_hw(dS/dA_c A_c) / (sum_hw A_c + 1e-7);
+                                           cam = ReLU(sum_c w_c A_c)
+    LayerCAM    (Jiang et al. 2021):       cam = ReLU(sum_c ReLU(dS/dA_c) * A_c)
+    EigenCAM    (Muhammad & Yeasin 2020):  the activations [hw, C], centred per channel, projected on
+                                           their first right singular vector; no gradient, no class
+    Score-CAM   (Wang et al. 2020):        see :mod:`gradmap.runtime.perturbation` (forward passes)
 
 The feature map and its gradient come from models exported with ``--cam-layer``. The ``*_method``
 functions are the method table's implementations (see :mod:`gradmap.runtime.methods`).
@@ -17,14 +24,20 @@ import numpy as np
 from gradmap import contract
 from gradmap.runtime.methods import Attribution, MethodSpec
 
-__all__ = ["grad_cam", "grad_cam_plus_plus", "guided_grad_cam", "upsample", "grad_cam_method",
-           "grad_cam_plus_plus_method", "guided_grad_cam_method"]
+__all__ = ["grad_cam", "grad_cam_plus_plus", "guided_grad_cam", "hires_cam", "xgrad_cam", "layer_cam", "eigen_cam",
+           "upsample", "grad_cam_method", "grad_cam_plus_plus_method", "guided_grad_cam_method", "hires_cam_method",
+           "xgrad_cam_method", "layer_cam_method", "eigen_cam_method"]
 
 _EPS = 1e-6  # pytorch-grad-cam 1.5's guard in the Grad-CAM++ denominator (it dominates when |g| < 1e-3)
+_XGRAD_EPS = 1e-7  # pytorch-grad-cam's guard in XGradCAM's sum of activations
 
 
-def _check(activation: np.ndarray, gradient: np.ndarray) -> None:
-    if activation.shape != gradient.shape or activation.ndim != 4:
+def _check(activation: np.ndarray, gradient: np.ndarray | None = None) -> None:
+    if activation.ndim != 4:
+        raise ValueError(f"the CAM layer's activation must be a feature map [N, C, h, w], got shape "
+                         f"{list(activation.shape)}: export the model with a --cam-layer that is a convolutional "
+                         "feature map")
+    if gradient is not None and activation.shape != gradient.shape:
         raise ValueError(f"activation {activation.shape} and gradient {gradient.shape} must both be [N, C, h, w]")
 
 
@@ -47,6 +60,52 @@ def grad_cam_plus_plus(activation: np.ndarray, gradient: np.ndarray) -> np.ndarr
     alpha = np.where(g != 0, alpha, 0.0)
     weights = (np.maximum(g, 0) * alpha).sum(axis=(2, 3), keepdims=True)
     return np.maximum((weights * a).sum(axis=1), 0).astype(np.float32)
+
+
+def hires_cam(activation: np.ndarray, gradient: np.ndarray, *, relu: bool = True) -> np.ndarray:
+    """HiResCAM maps [N, h, w]: the element-wise product of gradient and activation summed over
+    channels (Grad-CAM without averaging the gradient over the map, Draelos & Carin 2020)."""
+    _check(activation, gradient)
+    cam = (gradient.astype(np.float64) * activation).sum(axis=1)
+    return (np.maximum(cam, 0) if relu else cam).astype(np.float32)
+
+
+def xgrad_cam(activation: np.ndarray, gradient: np.ndarray, *, relu: bool = True) -> np.ndarray:
+    """XGradCAM maps [N, h, w]: channel weights sum(g A) / sum(A) (Fu et al. 2020), as pytorch-grad-cam
+    computes them (1e-7 added to the sum of activations)."""
+    _check(activation, gradient)
+    a = activation.astype(np.float64)
+    weights = (gradient * a).sum(axis=(2, 3), keepdims=True) / (a.sum(axis=(2, 3), keepdims=True) + _XGRAD_EPS)
+    cam = (weights * a).sum(axis=1)
+    return (np.maximum(cam, 0) if relu else cam).astype(np.float32)
+
+
+def layer_cam(activation: np.ndarray, gradient: np.ndarray, *, relu: bool = True) -> np.ndarray:
+    """LayerCAM maps [N, h, w]: activations weighted per position by their positive gradient, summed
+    over channels (Jiang et al. 2021)."""
+    _check(activation, gradient)
+    cam = (np.maximum(gradient.astype(np.float64), 0) * activation).sum(axis=1)
+    return (np.maximum(cam, 0) if relu else cam).astype(np.float32)
+
+
+def eigen_cam(activation: np.ndarray, gradient: np.ndarray | None = None, *, relu: bool = True) -> np.ndarray:
+    """EigenCAM maps [N, h, w] (Muhammad & Yeasin 2020): each position's activation vector, centred
+    per channel over the map, projected on the first principal direction (the first right singular
+    vector). The gradient is not used: the map is the same for every class.
+
+    A singular vector's sign is arbitrary; it is chosen as LAPACK's SVD returns it, as
+    pytorch-grad-cam does (``get_2d_projection``), so that the maps agree with it. ``relu`` keeps the
+    positive part, as pytorch-grad-cam's ``BaseCAM`` does for every method.
+    """
+    _check(activation)
+    maps = []
+    for a in activation.astype(np.float64):
+        x = np.nan_to_num(a).reshape(a.shape[0], -1).T  # [hw, C]
+        x = x - x.mean(axis=0)
+        _, _, vt = np.linalg.svd(x, full_matrices=False)
+        maps.append((x @ vt[0]).reshape(a.shape[1:]))
+    cam = np.stack(maps) if maps else np.zeros((0, *activation.shape[2:]))
+    return (np.maximum(cam, 0) if relu else cam).astype(np.float32)
 
 
 def upsample(maps: np.ndarray, size: tuple[int, int], *, order: int = 0) -> np.ndarray:
@@ -94,6 +153,33 @@ def grad_cam_plus_plus_method(model, spec: MethodSpec, images: np.ndarray, targe
                               batch_size: int = 16) -> Attribution:
     """Grad-CAM++ [N, 1, H, W], upsampled (bilinear) to the input size."""
     return _class_activation_map(grad_cam_plus_plus, model, spec, images, targets)
+
+
+def hires_cam_method(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, *,
+                     batch_size: int = 16) -> Attribution:
+    """HiResCAM [N, 1, H, W], upsampled (bilinear) to the input size."""
+    return _class_activation_map(hires_cam, model, spec, images, targets)
+
+
+def xgrad_cam_method(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, *,
+                     batch_size: int = 16) -> Attribution:
+    """XGradCAM [N, 1, H, W], upsampled (bilinear) to the input size."""
+    return _class_activation_map(xgrad_cam, model, spec, images, targets)
+
+
+def layer_cam_method(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, *,
+                     batch_size: int = 16) -> Attribution:
+    """LayerCAM [N, 1, H, W], upsampled (bilinear) to the input size."""
+    return _class_activation_map(layer_cam, model, spec, images, targets)
+
+
+def eigen_cam_method(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, *,
+                     batch_size: int = 16) -> Attribution:
+    """EigenCAM [N, 1, H, W], upsampled (bilinear) to the input size; reads the activation only."""
+    outs = model.run_outputs(images, targets, spec.method.outputs)
+    cams = eigen_cam(outs[contract.OUTPUT_CAM_ACTIVATION])
+    return Attribution(upsample(cams, images.shape[2:], order=1)[:, None], outs[contract.OUTPUT_TARGET_INDEX],
+                       outs[contract.OUTPUT_LOGITS])
 
 
 def guided_grad_cam_method(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, *,

@@ -25,7 +25,7 @@ given, else of the top-1 class):
                            as Adebayo et al. plot it; the verdict stays the top-randomized model's
 
 Maps are max over channels of |attribution| for pixel attributions (gradmap run's default reduction)
-and the class activation map itself for the methods of kind ``cam`` (Grad-CAM, Grad-CAM++).
+and the map itself for the methods of kind ``cam`` (Grad-CAM, Grad-CAM++) and ``region`` (XRAI).
 
 Data: a ``.npz`` file (``images`` uint8 [N, H, W, 3], ``masks`` [N, H, W], optional ``labels`` [N]
 of class indices or names) or a directory with ``images/`` (pictures), ``masks/`` (one picture per
@@ -223,7 +223,7 @@ def saliency_maps(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarr
     """(maps [N, h, w] float64, resolved targets [N]) of one method, as evaluated."""
     _, target_index, values, _ = attribute(model, spec, images, targets, batch_size=batch_size)
     check_finite(values, spec.name)
-    if spec.method.kind == contract.KIND_CAM:
+    if spec.method.kind in (contract.KIND_CAM, contract.KIND_REGION):
         return np.asarray(values[:, 0], dtype=np.float64), target_index
     return reduce_channels(values, contract.DEFAULT_REDUCTION, channel_axis=1).astype(np.float64), target_index
 

@@ -3,8 +3,9 @@
     vanilla               dS/dx                                        (Simonyan et al. 2013)
     smoothgrad            mean_k dS/dx(x + e_k), e_k ~ N(0, sigma^2),   sigma = noise * (max x - min x)
                           variants: plain, squared (mean of squares), vargrad (variance)   (Smilkov et al. 2017)
-    integrated-gradients  (x - x0) * sum_k w_k dS/dx(x0 + a_k (x - x0)),  Riemann trapezoid or Gauss-Legendre
-                          (a_k, w_k) on [0, 1]; baselines black, blurred, uniform noise  (Sundararajan et al. 2017)
+    integrated-gradients  (x - x0) * sum_k w_k dS/dx(x0 + a_k (x - x0)),  Riemann trapezoid, Gauss-Legendre or
+                          equal weights 1/steps at evenly spaced a_k (both ends included) on [0, 1];
+                          baselines black, blurred, uniform noise  (Sundararajan et al. 2017)
     gradient-x-input      x * dS/dx
     modifiers             absolute (default), positive, negative: applied to the attribution before maps
 
@@ -36,7 +37,7 @@ __all__ = [
     "implementation", "GradientFn", "Attribution", "gradient_function", "vanilla", "smoothgrad",
     "integrated_gradients", "gradient_x_input", "modify", "baseline_image", "score_of", "SMOOTHGRAD_VARIANTS",
     "MODIFIERS", "model_gradient_method", "smoothgrad_method", "integrated_gradients_method",
-    "gradient_x_input_method",
+    "gradient_x_input_method", "path_gradients",
 ]
 
 GradientFn = Callable[[np.ndarray, np.ndarray], "tuple[np.ndarray, np.ndarray, np.ndarray]"]
@@ -156,7 +157,21 @@ def _alphas(steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
     if rule == "gauss-legendre":
         x, w = np.polynomial.legendre.leggauss(steps)
         return 0.5 * (x + 1), 0.5 * w
+    if rule == "equal-weights":  # both ends and the points between, each weighted 1/steps (PAIR saliency's)
+        return np.linspace(0, 1, steps), np.full(steps, 1.0 / steps)
     raise ValueError(f"integration rule {rule!r} is not one of {', '.join(IG_RULES)}")
+
+
+def path_gradients(fn: GradientFn, images: np.ndarray, baselines: np.ndarray, target_index: np.ndarray,
+                   alphas: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """sum_k w_k dS/dx(x0 + a_k (x - x0)) per image, float64 [N, 3, H, W]: the gradient integrated along
+    the straight path (times x - x0, the integrated-gradients attribution)."""
+    n, steps = len(images), len(alphas)
+    delta = (images - baselines).astype(np.float32)
+    path = (baselines[:, None] + alphas.astype(np.float32)[None, :, None, None, None] * delta[:, None])
+    _, _, grads = fn(path.reshape(n * steps, *images.shape[1:]), np.repeat(target_index, steps))
+    grads = grads.reshape(n, steps, *images.shape[1:]).astype(np.float64)
+    return (grads * weights[None, :, None, None, None]).sum(1)
 
 
 def integrated_gradients(fn: GradientFn, images: np.ndarray, targets: np.ndarray, baselines: np.ndarray, *,
@@ -173,11 +188,7 @@ def integrated_gradients(fn: GradientFn, images: np.ndarray, targets: np.ndarray
     base_logits, _, _ = fn(baselines, target_index)
     n = len(images)
     delta = (images - baselines).astype(np.float32)
-    path = (baselines[:, None] + alphas.astype(np.float32)[None, :, None, None, None] * delta[:, None])
-    _, _, grads = fn(path.reshape(n * steps, *images.shape[1:]), np.repeat(target_index, steps))
-    grads = grads.reshape(n, steps, *images.shape[1:]).astype(np.float64)
-    average = (grads * weights[None, :, None, None, None]).sum(1)
-    values = (delta * average).astype(np.float32)
+    values = (delta * path_gradients(fn, images, baselines, target_index, alphas, weights)).astype(np.float32)
     gap = np.abs(values.reshape(n, -1).astype(np.float64).sum(1)
                  - (score_of(logits, target_index, score) - score_of(base_logits, target_index, score)))
     return Attribution(values, target_index, logits, completeness_gap=gap)
@@ -284,12 +295,22 @@ class UnsupportedMethodError(ValueError):
 
 def check_supported(model, method: "str | MethodSpec | contract.Method", where: str = "this model") -> None:
     """Raise :class:`UnsupportedMethodError` when ``model`` (a :class:`~gradmap.runtime.model.SaliencyModel`)
-    does not have ``method``, saying what it supports and how to export a model that has it."""
+    does not have ``method``, saying what it supports and how to export a model that has it, or, for a
+    :class:`MethodSpec`, when its settings do not fit the model: the implementation's optional
+    ``check(model, spec)`` attribute raises a ValueError saying why (an occlusion window larger than
+    the input)."""
     row = method if isinstance(method, contract.Method) else contract.method(getattr(method, "name", method))
     supported = model.metadata.methods
     if row.name not in supported:
         raise UnsupportedMethodError(f"{where} does not support {row.name} (it supports {', '.join(supported)}); "
                                      f"export it with {' '.join(row.export_options)}")
+    # settings that depend on the model (a window larger than its input): the implementation's own check
+    check = getattr(implementation(row.name), "check", None)
+    if isinstance(method, MethodSpec) and check is not None:
+        try:
+            check(model, method)
+        except ValueError as e:
+            raise UnsupportedMethodError(f"{where}: {e}") from None
 
 
 @functools.lru_cache(maxsize=None)
@@ -312,20 +333,57 @@ def model_gradient_method(model, spec: MethodSpec, images: np.ndarray, targets: 
     return vanilla(gradient_function(model, _gradient_output(spec.method), batch_size), images, targets)
 
 
+def _on_device(model, spec: MethodSpec, batch_size: int):
+    """The model's :class:`~gradmap.runtime.device.DeviceGradients` when its images stay on a device
+    (``model.io_device``, set on the CUDA provider), else None."""
+    device = getattr(model, "io_device", None)
+    if device is None or getattr(model, "fixed_batch", None) is not None:
+        return None
+    from gradmap.runtime.device import device_gradients
+
+    return device_gradients(model, device, _gradient_output(spec.method), batch_size)
+
+
 def smoothgrad_method(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, *,
                       batch_size: int = 16) -> Attribution:
-    fn = gradient_function(model, _gradient_output(spec.method), batch_size)
-    return smoothgrad(fn, images, targets, samples=spec.samples, noise=spec.noise, variant=spec.variant,
-                      seed=spec.seed)
+    on_device = _on_device(model, spec, batch_size)
+    if on_device is None:
+        fn = gradient_function(model, _gradient_output(spec.method), batch_size)
+        return smoothgrad(fn, images, targets, samples=spec.samples, noise=spec.noise, variant=spec.variant,
+                          seed=spec.seed)
+    if spec.variant not in SMOOTHGRAD_VARIANTS:
+        raise ValueError(f"smoothgrad variant {spec.variant!r} is not one of {', '.join(SMOOTHGRAD_VARIANTS)}")
+    n = len(images)
+    targets = np.full(n, -1, np.int64) if targets is None else np.asarray(targets, np.int64)
+    logits, target_index = on_device.logits_and_targets(images, targets)
+    sigma = spec.noise * (images.reshape(n, -1).max(1) - images.reshape(n, -1).min(1))
+    total, squares = on_device.smoothgrad_sums(images, target_index, sigma, spec.samples, spec.seed)
+    mean, mean_squares = total / spec.samples, squares / spec.samples
+    values = {"plain": mean, "squared": mean_squares, "vargrad": mean_squares - mean ** 2}[spec.variant]
+    return Attribution(values.astype(np.float32), target_index, logits)
 
 
 def integrated_gradients_method(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, *,
                                 batch_size: int = 16) -> Attribution:
     pre = model.metadata.preprocessing
     baselines = baseline_image(images, spec.baseline, pre.mean, pre.std, seed=spec.seed, value_range=pre.value_range)
-    fn = gradient_function(model, _gradient_output(spec.method), batch_size)
-    return integrated_gradients(fn, images, targets, baselines, steps=spec.steps, rule=spec.rule,
-                                score=model.metadata.score)
+    on_device = _on_device(model, spec, batch_size)
+    if on_device is None:
+        fn = gradient_function(model, _gradient_output(spec.method), batch_size)
+        return integrated_gradients(fn, images, targets, baselines, steps=spec.steps, rule=spec.rule,
+                                    score=model.metadata.score)
+    alphas, weights = _alphas(spec.steps, spec.rule)
+    n = len(images)
+    targets = np.full(n, -1, np.int64) if targets is None else np.asarray(targets, np.int64)
+    logits, target_index = on_device.logits_and_targets(images, targets)
+    base_logits, _ = on_device.logits_and_targets(baselines, target_index)
+    average = on_device.path_sums(images, baselines, target_index, alphas, weights)
+    delta = (images - baselines).astype(np.float32)
+    values = (delta * average).astype(np.float32)
+    score = model.metadata.score
+    gap = np.abs(values.reshape(n, -1).astype(np.float64).sum(1)
+                 - (score_of(logits, target_index, score) - score_of(base_logits, target_index, score)))
+    return Attribution(values, target_index, logits, completeness_gap=gap)
 
 
 def gradient_x_input_method(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, *,

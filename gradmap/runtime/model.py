@@ -30,16 +30,12 @@ from gradmap.runtime._onnx_header import OnnxHeader, ProtobufError, read_externa
 from gradmap.runtime._lowering import Lowered, lowered_model
 from gradmap.runtime._session_cache import cache_root, cached_session
 from gradmap.runtime.errors import GradmapModelError
+from gradmap.runtime.providers import CPU, CUDA, PROVIDER_ALIASES, ProviderPlan, plan_providers
 from gradmap.runtime.postprocess import softmax
 
 __all__ = ["ModelOutputs", "SaliencyModel", "TensorInfo", "check_external_data", "resolve_providers", "PROVIDER_ALIASES"]
 
 logger = logging.getLogger(__name__)
-
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-#: Short provider names accepted besides onnxruntime's own (e.g. "CPUExecutionProvider").
-PROVIDER_ALIASES = {"cpu": CPU, "cuda": CUDA}
 
 # (name, onnxruntime type, rank) of every tensor the contract requires.
 _INPUTS = ((INPUT_IMAGE, "tensor(float)", 4), (INPUT_TARGET, "tensor(int64)", 1))
@@ -69,34 +65,18 @@ class ModelOutputs:
 
 
 def resolve_providers(provider: str | Sequence[str] = "auto") -> list[str]:
-    """Turn a provider choice into onnxruntime's provider list.
+    """Turn a provider choice into onnxruntime's provider names, in priority order.
 
     Args:
-        provider: ``"auto"`` (CUDA when onnxruntime has it, then CPU; onnxruntime itself falls back to
-            CPU when no device is usable), ``"cpu"``, ``"cuda"``, a comma-separated list, or a list of
-            onnxruntime provider names (``"CPUExecutionProvider"``) or aliases.
+        provider: ``"auto"`` (CUDA when onnxruntime has it, then WebGPU when its plugin finds a GPU,
+            then CPU), ``"cpu"``, ``"cuda"``, ``"webgpu"``, a comma-separated list, or a list of
+            onnxruntime provider names (``"CPUExecutionProvider"``) or aliases; see
+            :mod:`gradmap.runtime.providers`.
 
     Raises:
-        ValueError: a requested provider is not available in this onnxruntime build.
+        ValueError: a requested provider is not available, saying what to install.
     """
-    available = ort.get_available_providers()
-    if isinstance(provider, str):
-        if provider.strip().lower() == "auto":
-            return [CUDA, CPU] if CUDA in available else [CPU]
-        names = [p for p in (s.strip() for s in provider.split(",")) if p]
-    else:
-        names = list(provider)
-    if not names:
-        raise ValueError("no execution provider given")
-    resolved = [PROVIDER_ALIASES.get(name.lower(), name) for name in names]
-    missing = [name for name in resolved if name not in available]
-    if missing:
-        hint = " (install onnxruntime-gpu for CUDA)" if CUDA in missing else ""
-        raise ValueError(
-            f"execution provider {', '.join(missing)} is not available in this onnxruntime; "
-            f"available: {', '.join(available)}{hint}"
-        )
-    return resolved
+    return list(plan_providers(provider).names)
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -252,35 +232,43 @@ class SaliencyModel:
             raise ValueError(f"threads must be >= 0, got {threads}")
         self.header: OnnxHeader = self._read_header()
         data_files = check_external_data(self.path)
-        providers = resolve_providers(provider)
+        #: The providers chosen for ``provider`` and why (:func:`gradmap.runtime.providers.plan_providers`).
+        self.plan: ProviderPlan = plan_providers(provider)
+        names = list(self.plan.names)
         #: The lowering of a portable model for the CPU provider (None: the file runs as written).
         self.lowering: Lowered | None = None
         session_path, session_data = self.path, data_files
-        if providers == [CPU] and self.header.metadata.get("gradmap.target") == "portable":
+        if not self.plan.plugin_devices and names == [CPU] and self.header.metadata.get("gradmap.target") == "portable":
             self.lowering = lowered_model(self.path, data_files, cpu_block, cache_root(cache_dir))
             if self.lowering.message:
                 logger.warning("%s: %s", self.path, self.lowering.message)
             if self.lowering.path is not None:
                 session_path, session_data = self.lowering.path, list(self.lowering.data_files)
         try:
-            if self.lowering is not None and self.lowering.model_bytes is not None:
-                self.session = ort.InferenceSession(self.lowering.model_bytes, session_options(threads),
-                                                    providers=providers)
+            if self.plan.plugin_devices:  # a plugin provider (WebGPU): no session cache, CPU sessions only
+                self.session, self.cache_state = self.plan.session(self.path, session_options(threads)), "off"
+            elif self.lowering is not None and self.lowering.model_bytes is not None:
+                self.session = ort.InferenceSession(self.lowering.model_bytes, session_options(threads), providers=names)
                 self.lowering.model_bytes = None
                 self.cache_state = "off"
             else:
                 #: What the session cache did: read, written, unwritable or off.
-                self.session, self.cache_state = cached_session(session_path, session_options(threads), providers,
+                self.session, self.cache_state = cached_session(session_path, session_options(threads), names,
                                                                 cache_dir, data_files=session_data)
         except Exception as e:  # onnxruntime raises its own pybind exception types
             raise GradmapModelError(self.path, _load_failure(str(e), self.header)) from e
         finally:
             if self.lowering is not None and self.lowering.state == "memory" and self.lowering.path is not None:
                 shutil.rmtree(os.path.dirname(self.lowering.path), ignore_errors=True)
-        if providers[0] == CUDA and CUDA not in self.session.get_providers():
+        first = self.plan.first
+        if first != CPU and first not in self.session.get_providers():
             if not (isinstance(provider, str) and provider.strip().lower() == "auto"):
-                raise ValueError("CUDA was requested but onnxruntime could not use a CUDA device")
-            logger.info("CUDA provider present but unusable; running on CPU")
+                raise ValueError(f"{first} was requested but onnxruntime could not use its device "
+                                 f"(the session has {', '.join(self.session.get_providers())})")
+            logger.info("%s present but unusable; running on CPU", first)
+        #: Where SmoothGrad's noisy and IG's path images are made and kept (gradmap.runtime.device):
+        #: "cuda" on the CUDA provider, None (host memory, plain runs) otherwise.
+        self.io_device: str | None = "cuda" if self.session.get_providers()[0] == CUDA else None
         try:
             self.metadata = ModelMetadata.from_props(self.session.get_modelmeta().custom_metadata_map)
         except ContractError as e:
@@ -426,7 +414,7 @@ class SaliencyModel:
 
             forward = onnx.utils.Extractor(onnx.load(self.path)).extract_model([INPUT_IMAGE], [OUTPUT_LOGITS])
             options = session_options(self.session.get_session_options().intra_op_num_threads)
-            return ort.InferenceSession(forward.SerializeToString(), options, providers=self.session.get_providers())
+            return self.plan.session(forward.SerializeToString(), options)
         except Exception as e:  # onnx missing, or a model the extractor cannot cut: the full model is exact too
             logger.debug("running the full model for class probabilities (%s)", e)
             return self.session

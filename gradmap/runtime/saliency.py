@@ -118,7 +118,8 @@ class SaliencyMap:
     ``attribution`` is what the method computed per input pixel, float32 [3, h, w]: the gradient as
     the model returned it (vanilla, guided backprop, deconvnet; SmoothGrad's mean, mean square or
     variance of gradients), gradients weighted by something else (integrated gradients, gradient x
-    input, guided Grad-CAM), or [1, h, w] for a class activation map (Grad-CAM, Grad-CAM++);
+    input, guided Grad-CAM), or [1, h, w] for a class activation map (Grad-CAM, Grad-CAM++) or a
+    region map (XRAI: each pixel its region's attribution density, signed, not reduced);
     the method table's ``kind`` says which, and ``gradmap run`` names its ``.npy`` after it.
     ``saliency_map`` is the channel-reduced, min-max normalized map in [0, 1]; ``equalized_map`` its
     histogram-equalized version. ``rank`` is the class's rank (1 = top-1) when the target was topK,
@@ -185,8 +186,10 @@ def _name(source: object) -> str:
 def _make_map(attribution: np.ndarray, index: int, labels: Sequence[str], rank: int | None, reduce: str,
               clip: tuple[float, float] | None, method: str = contract.DEFAULT_METHOD,
               gap: float | None = None) -> SaliencyMap:
-    check_finite(attribution, f"{contract.method(method).kind} for class {index} ({labels[index]})")
-    reduced = reduce_channels(attribution, reduce)
+    kind = contract.method(method).kind
+    check_finite(attribution, f"{kind} for class {index} ({labels[index]})")
+    # a region map is signed and has one channel: every reduction takes it as it is
+    reduced = attribution[0] if kind == contract.KIND_REGION else reduce_channels(attribution, reduce)
     if clip is not None:
         reduced = clip_percentile(reduced, *clip)
     return SaliencyMap(index, labels[index], rank, attribution, normalize_min_max(reduced),

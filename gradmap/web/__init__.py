@@ -102,6 +102,7 @@ def site_config(model, *, model_file: str, ort_base: str, ort_version: str, exam
         "target": getattr(meta, "target", "cpu"),  # absent in models written before the key: cpu
         "score": meta.score,
         "labels": list(meta.labels),
+        "format_version": meta.format_version,  # the model's: the page refuses one newer than it implements
         "preprocessing": meta.preprocessing.to_dict(),
         "input_size": list(meta.preprocessing.crop),
         "fixed_batch": model.fixed_batch,

@@ -367,6 +367,7 @@ async function main() {
     const response = await fetch("model.json");
     if (!response.ok) throw new Error(`cannot fetch model.json: HTTP ${response.status}`);
     const config = await response.json();
+    G.checkModelFormat(config.format_version, config.preprocessing);
     state.config = config;
     setUp(config);
     const start = performance.now();

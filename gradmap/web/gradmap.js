@@ -3,8 +3,10 @@
 // and works on typed arrays, so that tests can call it from the page and compare with Python.
 //
 //   preprocess:   Pillow's Image.resize (libImaging/Resample.c, 8-bit fixed point, horizontal pass
-//                 then vertical pass; nearest as ImagingScaleAffine) -> torchvision CenterCrop (zero
-//                 padding, Python's round) -> ToTensor (x / 255) -> Normalize ((x - mean) / std), float32
+//                 then vertical pass; nearest as ImagingScaleAffine), or tf.image.resize's half-pixel
+//                 bilinear without antialiasing (float32, not rounded) -> torchvision CenterCrop (zero
+//                 or pad_fill padding, Python's round) -> ToTensor (x / 255, or the 0-255 scale) ->
+//                 RGB or BGR -> Normalize ((x - mean) / std), float32
 //   postprocess:  max_c |g_c| -> min-max to [0, 1] (float64, flat map -> zeros) ->
 //                 skimage.exposure.equalize_hist (numpy's float32 histogram, float64 interp) ->
 //                 scipy.ndimage.zoom(order=1) onto the crop window in the original picture
@@ -198,27 +200,147 @@ export function resizeTarget(height, width, pre) {
   return resizedSize(height, width, pre.resize);
 }
 
+// ---------------------------------------------------------------- the model format this page reads
+/** The newest gradmap model format (gradmap.contract.FORMAT_VERSION) whose preprocessing this page implements. */
+export const FORMAT_VERSION = 2;
+
+/** Every preprocessing field this page implements, and the values of those that are choices
+ * (gradmap.contract.Preprocessing and its RESIZE_MODES, INTERPOLATIONS, ... tables). */
+export const PREPROCESSING = {
+  fields: ["crop", "resize", "interpolation", "mean", "std", "resize_mode", "crop_rounding", "pad_fill",
+    "value_range", "channel_order", "antialias"],
+  required: ["crop", "mean", "std"],
+  choices: {
+    interpolation: Object.keys(FILTERS).concat(["nearest"]),
+    resize_mode: ["shorter", "exact", "keep_ratio", "keep_ratio_longest"],
+    crop_rounding: ["round", "floor"],
+    value_range: ["0-1", "0-255"],
+    channel_order: ["rgb", "bgr"],
+  },
+};
+
+/**
+ * Refuse a model this page cannot preprocess exactly as gradmap's runtime does: a newer model format,
+ * or a preprocessing field or value it does not implement. Throws an Error naming the field and why.
+ */
+export function checkModelFormat(formatVersion, pre) {
+  if (formatVersion != null && !(Number.isInteger(formatVersion) && formatVersion >= 1)) {
+    throw new Error(`model.json: format_version must be a positive integer, got ${JSON.stringify(formatVersion)}`);
+  }
+  if (formatVersion > FORMAT_VERSION) {
+    throw new Error(`the model uses gradmap format version ${formatVersion}; this page reads up to ${FORMAT_VERSION}: ` +
+      "build the site again with the gradmap that exported the model (gradmap web)");
+  }
+  checkPreprocessing(pre);
+}
+
+/** Throw an Error naming the first preprocessing field this page does not know or whose value it cannot apply. */
+export function checkPreprocessing(pre) {
+  const where = "the model's preprocessing";
+  if (pre === null || typeof pre !== "object" || Array.isArray(pre)) throw new Error(`${where} is missing or not an object`);
+  const unknown = Object.keys(pre).filter((k) => !PREPROCESSING.fields.includes(k));
+  if (unknown.length) {
+    throw new Error(`${where} has field(s) this page does not implement: ${unknown.join(", ")} ` +
+      "(written by a newer gradmap: build the site again with it)");
+  }
+  for (const key of PREPROCESSING.required) if (!(key in pre)) throw new Error(`${where} lacks its '${key}' field`);
+  for (const [key, values] of Object.entries(PREPROCESSING.choices)) {
+    if (key in pre && !values.includes(pre[key])) {
+      throw new Error(`${where}: ${key} ${JSON.stringify(pre[key])} is not one of ${values.join(", ")}`);
+    }
+  }
+  const triple = (key) => {
+    const v = pre[key];
+    if (!Array.isArray(v) || v.length !== 3 || !v.every(Number.isFinite)) {
+      throw new Error(`${where}: ${key} must be three numbers, got ${JSON.stringify(v)}`);
+    }
+  };
+  triple("mean");
+  triple("std");
+  if (!pre.std.every((v) => v > 0)) throw new Error(`${where}: std must be positive, got ${JSON.stringify(pre.std)}`);
+  if ("pad_fill" in pre) triple("pad_fill");
+  if (!Array.isArray(pre.crop) || pre.crop.length !== 2 || !pre.crop.every((v) => Number.isInteger(v) && v > 0)) {
+    throw new Error(`${where}: crop must be two positive sizes, got ${JSON.stringify(pre.crop)}`);
+  }
+  if ("antialias" in pre && typeof pre.antialias !== "boolean") {
+    throw new Error(`${where}: antialias must be true or false, got ${JSON.stringify(pre.antialias)}`);
+  }
+  if (pre.antialias === false && (pre.interpolation || "bilinear") !== "bilinear") {
+    throw new Error(`${where}: antialias false is tf.image.resize's bilinear resize; interpolation ` +
+      `${JSON.stringify(pre.interpolation)} has no such mode`);
+  }
+}
+
+// ---------------------------------------------------------------- preprocessing
+// Source rows (or columns) and weights of TensorFlow's half-pixel bilinear resize in float32, as
+// gradmap.runtime.preprocess._half_pixel_taps: (x + 0.5) * scale - 0.5, lower tap clamped at 0,
+// upper tap ceil clamped at the last pixel.
+function halfPixelTaps(inSize, outSize) {
+  const scale = f32(inSize / outSize);
+  const lower = new Int32Array(outSize), upper = new Int32Array(outSize), weight = new Float32Array(outSize);
+  for (let i = 0; i < outSize; i++) {
+    const source = f32(f32(f32(i + 0.5) * scale) - 0.5);
+    const floor = Math.floor(source);
+    lower[i] = Math.max(floor, 0);
+    upper[i] = Math.min(Math.ceil(source), inSize - 1);
+    weight[i] = f32(source - floor);
+  }
+  return { lower, upper, weight };
+}
+
+/**
+ * ``tf.image.resize`` with its defaults (bilinear, half-pixel centers, no antialiasing) of an RGB
+ * picture (Uint8Array [h, w, 3]) to Float32Array [outH, outW, 3], not rounded; the same float32
+ * operations in the same order as gradmap.runtime.preprocess.resize_bilinear_no_antialias.
+ */
+export function resizeBilinearNoAntialias(rgb, width, height, outW, outH) {
+  const ys = halfPixelTaps(height, outH), xs = halfPixelTaps(width, outW);
+  const out = new Float32Array(outW * outH * 3);
+  for (let y = 0; y < outH; y++) {
+    const r0 = ys.lower[y] * width, r1 = ys.upper[y] * width, dy = ys.weight[y];
+    for (let x = 0; x < outW; x++) {
+      const c0 = xs.lower[x], c1 = xs.upper[x], dx = xs.weight[x];
+      for (let c = 0; c < 3; c++) {
+        const tl = rgb[(r0 + c0) * 3 + c], tr = rgb[(r0 + c1) * 3 + c];
+        const bl = rgb[(r1 + c0) * 3 + c], br = rgb[(r1 + c1) * 3 + c];
+        const top = f32(tl + f32(f32(tr - tl) * dx));
+        const bottom = f32(bl + f32(f32(br - bl) * dx));
+        out[(y * outW + x) * 3 + c] = f32(top + f32(f32(bottom - top) * dy));
+      }
+    }
+  }
+  return out;
+}
+
 /**
  * The model input of an RGB picture, as gradmap.runtime.preprocess computes it.
  * Returns {tensor: Float32Array [3, h, w], geometry: {originalSize, resizedSize, cropTop, cropLeft, cropSize}}.
  */
 export function preprocess(rgb, width, height, pre) {
+  checkPreprocessing(pre);
   const [cropH, cropW] = pre.crop;
   const newSize = resizeTarget(height, width, pre);
-  const pixels = resizeRGB(rgb, width, height, newSize[1], newSize[0], pre.interpolation || "bilinear");
+  const same = newSize[0] === height && newSize[1] === width;
+  const pixels = pre.antialias === false
+    ? (same ? rgb : resizeBilinearNoAntialias(rgb, width, height, newSize[1], newSize[0]))
+    : resizeRGB(rgb, width, height, newSize[1], newSize[0], pre.interpolation || "bilinear");
   const [top, left] = centerCropOffsets(newSize[0], newSize[1], cropH, cropW, pre.crop_rounding || "round");
   const fill = pre.pad_fill || [0, 0, 0];
   const tensor = new Float32Array(3 * cropH * cropW);
   const mean = pre.mean.map(f32), std = pre.std.map(f32);
-  // Same float32 operations, in the same order, as ToTensor (x / 255) and Normalize ((x - m) / s).
-  const normalize = (v, c) => f32(f32(f32(v / 255) - mean[c]) / std[c]);
+  const unit = (pre.value_range || "0-1") === "0-1";
+  // tensor channel c holds picture channel source[c]: BGR reverses them, mean/std are in tensor order
+  const source = (pre.channel_order || "rgb") === "bgr" ? [2, 1, 0] : [0, 1, 2];
+  // Same float32 operations, in the same order, as normalize_pixels: x / 255 on the 0-1 scale, then (x - m) / s.
+  const normalize = (v, c) => f32(f32((unit ? f32(v / 255) : v) - mean[c]) / std[c]);
   for (let y = 0; y < cropH; y++) {
     const sy = y + top;
     for (let x = 0; x < cropW; x++) {
       const sx = x + left;
       const inside = sy >= 0 && sy < newSize[0] && sx >= 0 && sx < newSize[1];
       for (let c = 0; c < 3; c++) {
-        tensor[(c * cropH + y) * cropW + x] = normalize(inside ? pixels[(sy * newSize[1] + sx) * 3 + c] : fill[c], c);
+        const s = source[c];
+        tensor[(c * cropH + y) * cropW + x] = normalize(inside ? pixels[(sy * newSize[1] + sx) * 3 + s] : fill[s], c);
       }
     }
   }
@@ -403,6 +525,39 @@ export function gradCamPlusPlus(activation, gradient, channels, size) {
       weight += Math.max(g, 0) * alpha;
     }
     for (let i = 0; i < size; i++) cam[i] += weight * activation[c * size + i];
+  }
+  return Float32Array.from(cam, (v) => Math.max(v, 0));
+}
+
+/** HiResCAM [h, w]: sum over channels of gradient x activation, ReLU (as cam.hires_cam). */
+export function hiResCam(activation, gradient, channels, size) {
+  const cam = new Float64Array(size);
+  for (let c = 0; c < channels; c++) {
+    for (let i = 0; i < size; i++) cam[i] += gradient[c * size + i] * activation[c * size + i];
+  }
+  return Float32Array.from(cam, (v) => Math.max(v, 0));
+}
+
+/** XGradCAM [h, w]: channel weights sum(g A) / (sum(A) + 1e-7), ReLU (as cam.xgrad_cam). */
+export function xGradCam(activation, gradient, channels, size) {
+  const cam = new Float64Array(size);
+  for (let c = 0; c < channels; c++) {
+    let ga = 0, sumA = 0;
+    for (let i = 0; i < size; i++) {
+      ga += gradient[c * size + i] * activation[c * size + i];
+      sumA += activation[c * size + i];
+    }
+    const weight = ga / (sumA + 1e-7);
+    for (let i = 0; i < size; i++) cam[i] += weight * activation[c * size + i];
+  }
+  return Float32Array.from(cam, (v) => Math.max(v, 0));
+}
+
+/** LayerCAM [h, w]: sum over channels of ReLU(gradient) x activation, ReLU (as cam.layer_cam). */
+export function layerCam(activation, gradient, channels, size) {
+  const cam = new Float64Array(size);
+  for (let c = 0; c < channels; c++) {
+    for (let i = 0; i < size; i++) cam[i] += Math.max(gradient[c * size + i], 0) * activation[c * size + i];
   }
   return Float32Array.from(cam, (v) => Math.max(v, 0));
 }

@@ -96,6 +96,21 @@ export async function gradCamPlusPlus(ctx, method, tensor) {
   return classActivationMap(ctx, method, tensor, G.gradCamPlusPlus);
 }
 
+/** HiResCAM (runtime.cam.hires_cam_method). */
+export async function hiResCam(ctx, method, tensor) {
+  return classActivationMap(ctx, method, tensor, G.hiResCam);
+}
+
+/** XGradCAM (runtime.cam.xgrad_cam_method). */
+export async function xGradCam(ctx, method, tensor) {
+  return classActivationMap(ctx, method, tensor, G.xGradCam);
+}
+
+/** LayerCAM (runtime.cam.layer_cam_method). */
+export async function layerCam(ctx, method, tensor) {
+  return classActivationMap(ctx, method, tensor, G.layerCam);
+}
+
 /** Guided backpropagation times the Grad-CAM map upsampled by nearest neighbour (runtime.cam.guided_grad_cam_method). */
 export async function guidedGradCam(ctx, method, tensor) {
   const [h, w] = ctx.inputSize;

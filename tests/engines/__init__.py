@@ -57,7 +57,8 @@ GRAPH_OPTIMIZATION = {
 
 
 #: Engine bugs the matrix met, each isolated to a minimal graph (python -m tests.engines.diverge finds the
-#: first diverging node; the repros are described here so they can be reported upstream).
+#: first diverging node; the repros are described here so they can be reported upstream). Each pass of
+#: gradmap/graph/lowering/engines.py names the bug it works around by its key here.
 ENGINE_BUGS = {
     "openvino-shared-square-constant": (
         "OpenVINO 2026.4.1 CPU plugin with INFERENCE_PRECISION_HINT f32: an initializer read by two ops that need "
@@ -65,10 +66,13 @@ ENGINE_BUGS = {
         "for both: with W shared by Conv(X, W) and ConvTranspose(G, W), the ConvTranspose computes with W's first "
         "two axes swapped; with W shared by Gemm(X, W, transB=1) and Gemm(G, W, transB=0) (or MatMul(G, W)), the "
         "second gives G W^T. Non-square weights, unshared copies and the default (bf16) precision are right; an "
-        "in-graph Identity, Transpose or Mul by 1 folds back to the same constant and does not help."),
+        "in-graph Identity, Transpose or Mul by 1 folds back to the same constant and does not help. gradmap's "
+        "engine pass own_weight_copy reads such weights through two reversals of the first axis, which OpenVINO "
+        "folds into a constant of its own."),
     "openvino-empty-concat": (
         "OpenVINO 2026.4.1 ONNX frontend: a Concat one of whose inputs is an empty Gather(Shape(X), indices=[]) "
-        "fails to convert ('Accessing out-of-range dimension', shape_util.cpp:66); the model does not load."),
+        "fails to convert ('Accessing out-of-range dimension', shape_util.cpp:66); the model does not load. gradmap's "
+        "engine pass drop_empty_concat_pieces drops such pieces (the Gather rule's shapes for a 1-D dynamic input)."),
     "webgpu-split-outputs": (
         "onnxruntime-web 1.31.1 WebGPU: a Split with 10 or more outputs fails ('Too many storage buffers in shader. "
         "Current: 11, Max is 10', shader_helper.cc:354, SwiftShader adapter); Concat chunks its inputs and runs "
@@ -76,8 +80,15 @@ ENGINE_BUGS = {
     "webgpu-grouped-convtranspose-2x2": (
         "onnxruntime-web 1.31.1 WebGPU: a grouped ConvTranspose with one-hot 2x2 kernels and stride 2 (the "
         "portable MaxPool gradient's col2im for 2x2 stride-2 pools) gives a wrong result (gradient error 0.8 "
-        "against onnxruntime CPU; 3x3 kernels with stride 2 or 3 are right), so googlenet was wrong. The portable "
-        "graph places the gradients of pools whose windows tile the input with DepthToSpace instead."),
+        "against onnxruntime CPU; 3x3 kernels with stride 2 or 3 are right), so googlenet was wrong. gradmap's engine "
+        "pass tiled_pool_depth_to_space places the gradients of pools whose windows tile the input with "
+        "DepthToSpace instead."),
+    "onnxruntime-cpu-scatternd-repeated-indices": (
+        "onnxruntime CPU provider: ScatterND(reduction=add) with repeated indices lost updates when it ran on several "
+        "threads (4096 rows summed into 4 came out off by 5.8 on 2 threads, found with adaptive average pooling to a "
+        "larger map, which exports as a GatherND). Not reproduced with onnxruntime 1.32.0 (2026-12-07: 40 runs each "
+        "on 2 and 4 threads, largest error 1.1e-4, float32 rounding of the sums). gradmap's engine pass "
+        "repeated_scatter_as_matmul computes such sums with constant indices as a MatMul with the count matrix."),
 }
 
 

@@ -81,9 +81,33 @@ class GradContext(Builder):
                 self._region.like.name if self._region.like is not None else "")
             node.metadata_props[VJP_KEY] = f"{self._region.kind}:{origin}"
 
+    def publish(self, **parts) -> None:
+        """Name values of the current rule's nodes that a lowering or engine pass may rewrite
+        (``region.parts``, as a composite's match names its forward values)."""
+        if self._region is None:
+            raise ExportError(f"{self._where()}: publish() outside a rule call")
+        self._region.parts.update(parts)
+
     # -- reading the forward graph -------------------------------------------------------------
     def needs_grad(self, value: ir.Value | None) -> bool:
         return value is not None and value in self._needs_grad
+
+    def optional_outputs(self, node: ir.Node, wanted: dict[int, str], shape=None,
+                         dtype: ir.DataType = ir.DataType.FLOAT) -> list[ir.Value]:
+        """The optional outputs ``wanted`` (position: name suffix) of forward ``node``, which it
+        computes anyway (LayerNormalization's Mean and InvStdDev): where the forward graph does not
+        use them yet, the context adds them to the node, named after its first output, typed
+        ``dtype`` and shaped ``shape``. The only change to a forward node the gradient pass makes."""
+        present = len(node.outputs)
+        if present <= max(wanted):
+            node.resize_outputs(max(wanted) + 1)
+            for i, suffix in wanted.items():
+                if i >= present:
+                    out = node.outputs[i]
+                    out.name = f"{node.outputs[0].name}_{suffix}"
+                    out.type = ir.TensorType(dtype)
+                    out.shape = ir.Shape(shape) if shape is not None else None
+        return [node.outputs[i] for i in wanted]
 
     # -- common building blocks ------------------------------------------------------------------
     def sum_to(self, grad: ir.Value, source: "ir.Value | tuple", like: ir.Value) -> ir.Value:

@@ -13,9 +13,9 @@ scores over the batch is, per sample, the gradient of that sample's score.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -25,12 +25,17 @@ from gradmap import contract
 from ..errors import ExportError, UnsupportedOpsError
 from . import _rules  # noqa: F401 - registers the rules
 from ._context import GradContext
-from ._registry import COMPOSITES, NON_DIFFERENTIABLE, RULES
+from ._layers import AttentionLayers, CamLayer, find_attention, find_cam_layer, to_feature_map
+from ._registry import NON_DIFFERENTIABLE, RuleTable
 
-__all__ = ["Appended", "append_gradient", "append_vjp", "check_rules", "check_settings", "differentiable_nodes",
-           "find_cam_layer"]
+__all__ = ["ATTENTION_KEY", "AttentionLayers", "CamLayer", "append_gradient", "append_vjp", "differentiable_nodes",
+           "find_cam_layer", "score_seed"]
 
 logger = logging.getLogger(__name__)
+
+#: The model metadata_props entry where the pass leaves what the attention outputs hold (JSON of
+#: :meth:`AttentionLayers.to_dict`) for the exporter's :class:`~gradmap.contract.ModelMetadata`.
+ATTENTION_KEY = contract.METADATA_PREFIX + "attention"
 
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
 
@@ -66,54 +71,57 @@ def differentiable_nodes(graph: ir.Graph, source: ir.Value, sink: ir.Value) -> t
     return on_path, needed & depends
 
 
-@dataclass
-class Appended:
-    """What :func:`append_gradient` added: the Grad-CAM feature map's name (None without one), the
-    regions of the rules' calls (the anchors of a backward lowering) and the forward nodes."""
+def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[str, ...] = ("vanilla",),
+                    cam_layer: str | None = None, target: str = "cpu", channel_multiple: int | None = None,
+                    rules: RuleTable | None = None, seed=None, skip_lowering: tuple[str, ...] = (),
+                    attention: bool = False) -> str | None:
+    """Add the ``target`` input and the ``target_index`` and gradient outputs to ``model``.
 
-    cam_value: str | None
-    regions: list
-    forward_nodes: set
+    ``model`` has one input ``image`` and one output ``logits`` (see :mod:`gradmap.contract`).
+    ``backprops`` lists the ReLU rules to emit, one gradient output each (``vanilla`` is
+    ``gradient``); all share the forward pass. ``cam_layer`` (``auto``, a torch module name or an
+    ONNX value name) adds that feature map and its vanilla gradient as ``cam_activation`` and
+    ``cam_gradient``, as [N, C, h, w] (a ViT's tokens on their patch grid: :mod:`._layers`). ``target`` is the engine the graph is written for (:data:`contract.TARGETS`):
+    ``portable`` keeps the rules' plain vector-Jacobian products, ``cpu`` lowers the graph for
+    onnxruntime's CPU provider (:mod:`gradmap.graph.lowering`) with feature maps padded to
+    ``channel_multiple`` channels (default: its block size; 0: no padding). The model is modified in
+    place; returns the resolved CAM value's name and its reshape, if any. ``attention`` adds every
+    self-attention's probabilities and their vanilla gradients, stacked [N, layers, heads, T, T], as
+    ``attention`` and ``attention_gradient`` (:func:`._layers.find_attention`), and what they hold
+    as JSON in ``model.metadata_props[ATTENTION_KEY]``.
 
+    For graphs other than gradmap's own (``bench/floor.py``'s floor): ``rules`` replaces the rule
+    table (:meth:`RuleTable.replaced`), ``seed`` the function that builds the output gradient
+    (:func:`score_seed`'s signature), and ``skip_lowering`` names cpu lowering passes not to run.
+    """
+    from gradmap.graph import lowering  # imported here: the lowering passes import the rules of this package
+    from gradmap.graph.lowering import engines
 
-def check_settings(score: str, backprops: tuple[str, ...]) -> None:
-    """Refuse an unknown score kind or backprop rule, and backprops without ``vanilla``."""
     if score not in contract.SCORE_KINDS:
         raise ExportError(f"unknown score kind {score!r}; choose one of {', '.join(contract.SCORE_KINDS)}")
     unknown = [b for b in backprops if b not in contract.BACKPROP_OUTPUTS]
     if unknown or "vanilla" not in backprops:
         raise ExportError(f"backprop rules must include 'vanilla' and be among "
                           f"{', '.join(contract.BACKPROP_OUTPUTS)}; got {list(backprops)}")
-
-
-def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[str, ...] = ("vanilla",),
-                    cam_layer: "str | ir.Value | None" = None) -> Appended:
-    """Add the ``target`` input and the ``target_index`` and gradient outputs to ``model``: the
-    rules' plain vector-Jacobian products (the portable graph).
-
-    ``model`` has one input ``image`` and one output ``logits`` (see :mod:`gradmap.contract`).
-    ``backprops`` lists the ReLU rules to emit, one gradient output each (``vanilla`` is
-    ``gradient``); all share the forward pass. ``cam_layer`` (``auto``, a torch module name, an
-    ONNX value name or the value) adds that feature map and its vanilla gradient as
-    ``cam_activation`` and ``cam_gradient``. The model is modified in place. An engine's lowering
-    is not this pass's business: :func:`gradmap.graph.add_gradient` runs the steps (forward
-    lowering, this pass, backward lowering over the returned regions).
-    """
-    check_settings(score, backprops)
+    plan = lowering.plan(target, channel_multiple, skip=skip_lowering)
+    rules = rules or RuleTable.default()
     graph = model.graph
     image, logits = graph.inputs[0], graph.outputs[0]
     nodes, needs_grad = differentiable_nodes(graph, image, logits)
-    check_rules(nodes)
-    if isinstance(cam_layer, ir.Value):
-        cam_value = cam_layer
-    else:
-        cam_value = find_cam_layer(graph, nodes, cam_layer) if cam_layer else None
+    _check_rules(nodes, rules)
+    layer = find_cam_layer(graph, nodes, cam_layer) if cam_layer else None
+    cam_value = layer.value if layer is not None else None
+    attention_layers = find_attention(graph, nodes) if attention else None
+    probabilities = list(attention_layers.probabilities) if attention_layers is not None else []
+    keep = ({cam_value} if cam_value is not None else set()) | set(probabilities)
+    if plan.lower_forward(graph, needs_grad, keep):
+        nodes, needs_grad = differentiable_nodes(graph, image, logits)
     forward_nodes = set(graph)
     ctx = GradContext(graph, needs_grad)
     target_input = ir.Value(name=contract.INPUT_TARGET, shape=ir.Shape([logits.shape[0]]),
                             type=ir.TensorType(ir.DataType.INT64))
     graph.inputs.append(target_input)
-    seed, target_index = _seed(ctx, logits, target_input, score)
+    seed, target_index = (seed or score_seed)(ctx, logits, target_input, score)
     target_index.name = contract.OUTPUT_TARGET_INDEX
     target_index.shape = ir.Shape([logits.shape[0]])
     target_index.type = ir.TensorType(ir.DataType.INT64)
@@ -121,102 +129,85 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
     for backprop in backprops:
         ctx.backprop = backprop
         captured: dict[ir.Value, ir.Value] = {}
-        gradient = _reverse_walk(ctx, nodes, image, logits, seed,
-                                 capture={cam_value} if (cam_value is not None and backprop == "vanilla") else None,
-                                 captured=captured)
+        capture = (keep if backprop == "vanilla" else set()) or None
+        gradient = _reverse_walk(ctx, rules, nodes, image, logits, seed, capture=capture, captured=captured)
         gradient.name = contract.BACKPROP_OUTPUTS[backprop]
         outputs.append(gradient)
         if cam_value is not None and backprop == "vanilla":
-            cam_gradient = ctx.op("Identity", captured[cam_value])
+            # token and channels-last maps become [N, C, h, w] here, so every CAM method reads one layout
+            cam_gradient = to_feature_map(ctx, captured[cam_value], layer, logits.shape[0])
             cam_gradient.name = contract.OUTPUT_CAM_GRADIENT
-            cam_gradient.shape, cam_gradient.type = ir.Shape(cam_value.shape), cam_value.type
-            cam_activation = ctx.op("Identity", cam_value)
+            cam_activation = to_feature_map(ctx, cam_value, layer, logits.shape[0])
             cam_activation.name = contract.OUTPUT_CAM_ACTIVATION
-            cam_activation.shape, cam_activation.type = ir.Shape(cam_value.shape), cam_value.type
             cam_outputs = [cam_activation, cam_gradient]
+        if probabilities and backprop == "vanilla":
+            missing = [p.name for p in probabilities if p not in captured]
+            if missing:
+                raise ExportError(f"--attention: the score does not depend on the attention probabilities {missing}")
+            attention_outputs = [_stacked(ctx, probabilities, attention_layers, logits, contract.OUTPUT_ATTENTION),
+                                 _stacked(ctx, [captured[p] for p in probabilities], attention_layers, logits,
+                                          contract.OUTPUT_ATTENTION_GRADIENT)]
     ctx.backprop = "vanilla"
     graph.extend(ctx.tape.nodes)
     graph.outputs.extend(outputs)
     if cam_value is not None:
         graph.outputs.extend(cam_outputs)
-    return Appended(cam_value.name if cam_value is not None else None, ctx.regions, forward_nodes)
+    if attention_layers is not None:
+        graph.outputs.extend(attention_outputs)
+        model.metadata_props[ATTENTION_KEY] = json.dumps(attention_layers.to_dict())
+    engines.apply(graph, ctx.regions, forward_nodes)
+    plan.lower_backward(graph, ctx.regions, forward_nodes=forward_nodes, keep=keep)
+    return layer.describe() if layer is not None else None
 
 
-_GLOBAL_POOLS = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax")
-
-
-def find_cam_layer(graph: ir.Graph, nodes: list[ir.Node], name: str) -> ir.Value:
-    """The feature map for Grad-CAM: ``auto`` = the input of the last global spatial pooling on the
-    path to the logits, or else the last [N, C, H, W] map flattened into the classifier; otherwise a torch module name (its last output, from the exporter's
-    ``pkg.torch.onnx.name_scopes``) or an ONNX value name."""
-    if name == "auto":
-        for node in reversed(nodes):
-            if node.op_type not in _GLOBAL_POOLS:
-                continue
-            x = node.inputs[0]
-            dims = x.shape
-            if dims is None or len(dims) != 4 or not all(isinstance(d, int) and d > 1 for d in list(dims)[2:]):
-                continue
-            if node.op_type.startswith("Reduce"):
-                axes = GradContext.constant_of(node.inputs[1]) if len(node.inputs) > 1 else None
-                if axes is None or sorted(int(a) % 4 for a in axes.reshape(-1)) != [2, 3]:
-                    continue
-            return x
-        # no global pooling (VGG flattens its last 7x7 map into the classifier): the map that is flattened
-        for node in reversed(nodes):
-            if node.op_type not in ("Reshape", "Flatten"):
-                continue
-            x, y = node.inputs[0], node.outputs[0]
-            if (x.shape is not None and y.shape is not None and len(x.shape) == 4 and len(y.shape) == 2
-                    and all(isinstance(d, int) and d > 1 for d in list(x.shape)[2:])):
-                return x
-        raise ExportError("--cam-layer auto: no [N, C, H, W] feature map is pooled or flattened on the way to the "
-                          "logits (a ViT pools a class token, not a feature map): name a layer instead")
-    for value in (v for n in nodes for v in n.outputs):
-        if value.name == name:
-            return value
-    found = None
-    for node in nodes:
-        scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
-        if f"'{name}'" in scopes:
-            found = node.outputs[0]
-    if found is None:
-        raise ExportError(f"--cam-layer {name!r}: no module or value of that name on the path to the logits")
-    if found.shape is None or len(found.shape) != 4:
-        raise ExportError(f"--cam-layer {name!r}: its output {found.name} has shape {found.shape}, "
-                          "not a [N, C, H, W] feature map")
-    return found
+def _stacked(ctx: GradContext, values: list[ir.Value], layers: AttentionLayers, logits: ir.Value,
+             name: str) -> ir.Value:
+    """[N, heads, T, T] per layer -> one [N, layers, heads, T, T] output."""
+    axis = ctx.ints([1])
+    parts = [ctx.op("Unsqueeze", v, axis) for v in values]
+    out = ctx.op("Concat", *parts, axis=1) if len(parts) > 1 else ctx.op("Identity", parts[0])
+    out.name = name
+    out.shape = ir.Shape([logits.shape[0], len(values), layers.heads, layers.tokens, layers.tokens])
+    out.type = ir.TensorType(ir.DataType.FLOAT)
+    return out
 
 
 def append_vjp(model: ir.Model, source: ir.Value, sink: ir.Value, grad_name: str = "grad_output",
-               result_name: str = "grad_input") -> ir.Model:
+               result_name: str = "grad_input", *, engine_passes: bool = True) -> ir.Model:
     """Generic vector-Jacobian product: add input ``grad_name`` (shaped like ``sink``) and output
-    ``result_name`` = grad_name^T d sink / d source. Used to test rules one op at a time."""
+    ``result_name`` = grad_name^T d sink / d source. Used to test rules one op at a time.
+    ``engine_passes``: run the engine workarounds (:mod:`gradmap.graph.lowering.engines`) over the
+    result, as every export does; without them the graph is the rules' plain formulas."""
+    from gradmap.graph.lowering import engines
+
     graph = model.graph
+    forward_nodes = set(graph)
     nodes, needs_grad = differentiable_nodes(graph, source, sink)
-    check_rules(nodes)
+    rules = RuleTable.default()
+    _check_rules(nodes, rules)
     ctx = GradContext(graph, needs_grad)
     seed = ir.Value(name=grad_name, shape=sink.shape, type=sink.type)
     graph.inputs.append(seed)
-    result = _reverse_walk(ctx, nodes, source, sink, seed)
+    result = _reverse_walk(ctx, rules, nodes, source, sink, seed)
     result.name = result_name
     graph.extend(ctx.tape.nodes)
     graph.outputs.append(result)
+    if engine_passes:
+        engines.apply(graph, ctx.regions, forward_nodes)
     return model
 
 
-def check_rules(nodes: list[ir.Node]) -> None:
-    """Refuse nodes without a rule, all of them in one :class:`UnsupportedOpsError`."""
+def _check_rules(nodes: list[ir.Node], rules: RuleTable) -> None:
     missing: dict[str, list[str]] = defaultdict(list)
     for node in nodes:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in RULES:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in rules.rules:
             key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
             missing[key].append(node.name or "<unnamed>")
     if missing:
         raise UnsupportedOpsError(dict(missing))
 
 
-def _reverse_walk(ctx: GradContext, nodes: list[ir.Node], source: ir.Value, sink: ir.Value,
+def _reverse_walk(ctx: GradContext, rules: RuleTable, nodes: list[ir.Node], source: ir.Value, sink: ir.Value,
                   seed: ir.Value, capture: set[ir.Value] | None = None,
                   captured: dict[ir.Value, ir.Value] | None = None) -> ir.Value:
     """Emit the backward nodes; return an Identity-named value holding d sink / d source.
@@ -233,8 +224,8 @@ def _reverse_walk(ctx: GradContext, nodes: list[ir.Node], source: ir.Value, sink
         if all(g is None for g in grad_outputs):
             continue
         ctx.node = node
-        kind, rule, parts = node.op_type, RULES[node.op_type], None
-        for name, match, composite_rule in COMPOSITES.get(node.op_type, ()):
+        kind, rule, parts = node.op_type, rules.rules[node.op_type], None
+        for name, match, composite_rule in rules.composites.get(node.op_type, ()):
             parts = match(node)
             if parts is not None:
                 kind, rule = name, composite_rule
@@ -242,7 +233,7 @@ def _reverse_walk(ctx: GradContext, nodes: list[ir.Node], source: ir.Value, sink
         with ctx.region(kind, node, grad_outputs) as region:
             grad_inputs = list(rule(ctx, node, grad_outputs) if parts is None
                                else rule(ctx, node, grad_outputs, parts))
-        region.parts = parts or {}
+        region.parts = {**(parts or {}), **region.parts}  # a composite's match, and what the rule published
         region.grad_inputs = grad_inputs
         for value, grad in zip(node.inputs, grad_inputs):
             if grad is None or not ctx.needs_grad(value):
@@ -273,7 +264,9 @@ def _annotate(grad: ir.Value | None, value: ir.Value) -> None:
         grad.type = value.type
 
 
-def _seed(ctx: GradContext, logits: ir.Value, target: ir.Value, score: str) -> tuple[ir.Value, ir.Value]:
+def score_seed(ctx: GradContext, logits: ir.Value, target: ir.Value, score: str) -> tuple[ir.Value, ir.Value]:
+    """The gradient of the selected score with respect to the logits (the walk's seed) and the
+    target index, as the module doc writes them."""
     num_classes = ctx.dims(logits)[1]
     if not isinstance(num_classes, int):
         raise ExportError(f"the number of classes must be static, got {num_classes!r}")

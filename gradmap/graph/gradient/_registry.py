@@ -9,14 +9,16 @@ an op in neither table stops the export.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import onnx_ir as ir
 
 if TYPE_CHECKING:
     from ._context import GradContext
 
-__all__ = ["Rule", "RULES", "COMPOSITES", "NON_DIFFERENTIABLE", "register", "register_composite", "is_supported"]
+__all__ = ["Rule", "RULES", "COMPOSITES", "NON_DIFFERENTIABLE", "RuleTable", "register", "register_composite",
+           "is_supported"]
 
 Grads = Sequence["ir.Value | None"]
 Rule = Callable[["GradContext", ir.Node, Grads], Sequence["ir.Value | None"]]
@@ -69,3 +71,27 @@ def register_composite(name: str, root: str, match: Callable) -> Callable:
 
 def is_supported(op_type: str) -> bool:
     return op_type in RULES or op_type in NON_DIFFERENTIABLE
+
+
+@dataclass(frozen=True)
+class RuleTable:
+    """The rules one gradient pass uses: gradmap's own (:meth:`default`, the registered ones) or those
+    with some replaced (:meth:`replaced`), as ``bench/floor.py`` builds its floor graph."""
+
+    rules: Mapping[str, Rule] = field(default_factory=lambda: RULES)
+    composites: Mapping[str, Sequence[tuple[str, Callable, Callable]]] = field(default_factory=lambda: COMPOSITES)
+
+    @classmethod
+    def default(cls) -> "RuleTable":
+        return cls(RULES, COMPOSITES)
+
+    def replaced(self, rules: Mapping[str, Rule] | None = None, composite_rule: Callable | None = None) -> "RuleTable":
+        """A copy with ``rules`` (op type: rule; each op type must have a rule already) in place of
+        the registered ones and, if given, ``composite_rule`` as the rule of every composite."""
+        rules = dict(rules or {})
+        unknown = sorted(set(rules) - set(self.rules))
+        if unknown:
+            raise ValueError(f"no registered gradient rule to replace for {', '.join(unknown)}")
+        composites = {root: [(name, match, composite_rule or rule) for name, match, rule in entries]
+                      for root, entries in self.composites.items()}
+        return RuleTable({**self.rules, **rules}, composites)

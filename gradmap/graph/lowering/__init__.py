@@ -1,13 +1,10 @@
 """Lowering: engine-specific rewrites of gradmap's portable gradient graph.
 
 The gradient pass (:mod:`gradmap.graph.gradient`) writes each rule as its plain vector-Jacobian
-product in standard ONNX ops, a graph every engine computes alike (``--target portable``, the file
-``gradmap export`` writes). A lowering rewrites that graph for one engine, exactly: the same logits
-and gradients, computed in forms that engine runs faster. ``cpu`` is onnxruntime's CPU provider,
-written into the file by ``--target cpu`` or applied by the runtime when it loads a portable file
-(:mod:`.at_load`, for the block of the CPU that runs it). The export's steps
-(:func:`gradmap.graph.add_gradient`) are the forward rewrites, the gradient pass, then the backward
-passes over the regions of the rules' calls:
+product in standard ONNX ops, a graph every engine computes alike (``--target portable``). A
+lowering rewrites that graph for one engine, exactly: the same logits and gradients, computed in
+forms that engine runs faster. ``cpu`` is onnxruntime's CPU provider, written into the file by ``--target cpu`` or applied by
+the runtime when it loads a portable file (:mod:`.at_load`, for the block of the CPU that runs it):
 
 - before the gradient pass, on the forward graph (:mod:`.cpu_forward`): ``split_hard_swish``,
   ``pad_channels`` (zero channels up to a multiple of the block), ``spread_channel_scales``
@@ -16,8 +13,10 @@ passes over the regions of the rules' calls:
   ``conv_adjoint``, ``relu_pool_mask``, ``max_pool_indices``, ``relu_mask``, ``hard_swish_steps``, ``silu_affine``,
   ``resize_sum_scale``, ``spread_per_channel``, ``concat_split``.
 
-One setting, the block (``channel_multiple``: 16 for AVX-512, 8 for AVX2), reaches every pass. The
-passes use what the gradient pass publishes for them (:data:`gradmap.graph.gradient.LOWERING_INTERFACE`).
+Before either target's output, the engine passes (:mod:`.engines`) rewrite the forms of the
+portable graph that an engine is known to compute wrongly, one pass per engine bug.
+
+One setting, the block (``channel_multiple``: 16 for AVX-512, 8 for AVX2), reaches every pass.
 """
 
 from __future__ import annotations
@@ -45,6 +44,7 @@ class Plan:
 
     target: str
     block: int
+    skip: frozenset[str] = frozenset()  # cpu backward passes not to run (bench/floor.py)
 
     def lower_forward(self, graph: ir.Graph, needs_grad: set[ir.Value], keep: set[ir.Value]) -> int:
         """The forward rewrites, in place; returns how many nodes or channel groups changed."""
@@ -64,15 +64,21 @@ class Plan:
         rewriter = Rewriter(graph, self.block or BLOCK, forward_nodes, keep)
         counts = {}
         for lowering_pass in cpu_backward.PASSES:
+            if lowering_pass.__name__ in self.skip:
+                continue
             counts[lowering_pass.__name__] = lowering_pass(rewriter, regions)
         prune(graph)
         logger.debug("cpu lowering: %s", counts)
         return counts
 
 
-def plan(target: str, channel_multiple: int | None = None) -> Plan:
+def plan(target: str, channel_multiple: int | None = None, skip=()) -> Plan:
     """The lowering for ``target`` (``cpu`` or ``portable``); ``channel_multiple`` defaults to the
-    block for ``cpu`` and must be 0 or unset for ``portable`` (padding is a CPU-layout rewrite)."""
+    block for ``cpu`` and must be 0 or unset for ``portable`` (padding is a CPU-layout rewrite);
+    ``skip`` names backward passes (of ``cpu_backward.PASSES``) not to run."""
+    known = {p.__name__ for p in cpu_backward.PASSES}
+    if set(skip) - known:
+        raise ExportError(f"unknown lowering passes {sorted(set(skip) - known)}; the cpu target's are {sorted(known)}")
     if target not in contract.TARGETS:
         raise ExportError(f"unknown target {target!r}; choose one of {', '.join(contract.TARGETS)}")
     if channel_multiple is not None and channel_multiple < 0:
@@ -81,5 +87,5 @@ def plan(target: str, channel_multiple: int | None = None) -> Plan:
         if channel_multiple:
             raise ExportError("channel padding (--channel-multiple) is part of the cpu target's lowering; "
                               "a portable export has none: leave it unset or 0")
-        return Plan("portable", 0)
-    return Plan("cpu", BLOCK if channel_multiple is None else channel_multiple)
+        return Plan("portable", 0, frozenset(skip))
+    return Plan("cpu", BLOCK if channel_multiple is None else channel_multiple, frozenset(skip))

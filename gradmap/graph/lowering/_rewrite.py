@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ..gradient import VJP_KEY, Builder, Region
+from ..gradient._builder import Builder
+from ..gradient._context import VJP_KEY, Region
 
 __all__ = ["Rewriter", "prune"]
 

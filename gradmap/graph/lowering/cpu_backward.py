@@ -41,8 +41,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ..gradient import (HARD_SWISH_ALPHA, Region, adjoint_conv, batch_norm_factor, flipped_transposed, producer,
-                        single_use)
+from ..gradient._context import Region
+from ..gradient._match import producer, single_use
+from ..gradient._rules.convolution import adjoint_conv, flipped_transposed
+from ..gradient._rules.normalization import batch_norm_factor
 from ._rewrite import Rewriter
 
 __all__ = ["PASSES"]
@@ -297,6 +299,8 @@ def hard_swish_steps(rw: Rewriter, regions: list[Region]) -> int:
     from 0, so Clip(., -1/2, 0) gives -1/2 [x > t] exactly (t = -3, and the float below 3 for
     [x >= 3]). 2 h is a Conv of weight 2 into which onnxruntime folds the Add after it: five
     activation-sized ops in the blocked layout."""
+    from ..gradient._rules.elementwise import HARD_SWISH_ALPHA
+
     done = 0
     for region in _regions(regions, "HardSwish"):
         node = region.node

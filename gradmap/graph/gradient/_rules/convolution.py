@@ -6,8 +6,7 @@
            dX = Conv(Z(dY), W', pads (k-1)d - p), cropped to X's size, where Z inserts s-1 zeros
            after each value along each strided axis (Unsqueeze, Pad, Reshape) and is dY itself
            for stride 1
-    ConvTranspose: dX = Conv(dY, W, strides, dilations, pads, group), W read through two reversals
-           of axis 0 (a value of its own for OpenVINO, folded at load)
+    ConvTranspose: dX = Conv(dY, W, strides, dilations, pads, group)
     Col2Im: dX = im2col(dY) = Reshape(Conv(dY, one-hot kernels, group=C, strides, dilations, pads), [N, C k, L])
 
     Conv, 2-D, group 1, stride s in both axes, kernel <= s, dilation 1 (patches that do not overlap:
@@ -17,9 +16,8 @@
            window, so the gradient is a per-position product, not a convolution over zeros
 
 A convolution with the flipped kernel is the textbook adjoint and the op every engine runs
-fastest. It also avoids ConvTranspose reading a forward Conv's weight: OpenVINO 2026.4.1 (CPU,
-f32 precision hint) then computes the ConvTranspose with the Conv's re-laid-out copy of the shared
-weight (its input and output channels swapped), a wrong gradient.
+fastest; the adjoint reads the flipped kernel, a value of its own, never the forward's weight in
+another layout (docs/engines.md lists the engine bugs this avoids).
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ import numpy as np
 
 from ...errors import ExportError
 from .._registry import register
-from .linear import own_copy
 
 _INT64_MIN = int(np.iinfo(np.int64).min)
 
@@ -172,7 +169,5 @@ def conv_transpose(ctx, node, dy):
         if size != xdims[2 + i]:
             raise ExportError(f"{node.name}: ConvTranspose from {xdims} to {ydims}: its adjoint convolution gives "
                               f"{size} along axis {2 + i}, not {xdims[2 + i]}")
-    # W as a value of its own: OpenVINO 2026.4.1 would otherwise hand the adjoint the layout it
-    # prepared for the forward ConvTranspose (see linear._own_buffer)
-    dx = ctx.op("Conv", dy[0], own_copy(ctx, w), kernel_shape=kernel, strides=strides, dilations=dilations, pads=pads, group=group)
+    dx = ctx.op("Conv", dy[0], w, kernel_shape=kernel, strides=strides, dilations=dilations, pads=pads, group=group)
     return [dx, None, None]

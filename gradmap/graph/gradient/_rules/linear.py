@@ -1,47 +1,19 @@
 """Matrix products.
 
     MatMul:  dA = sum_to(dY @ B^T, A),  dB = sum_to(A^T @ dY, B)       (batched, broadcast)
-             (a square constant operand is read through a copy of its own: see _own_buffer)
     Gemm:    Y = alpha A' B' + beta C:  dA' = alpha dY B'^T,  dB' = alpha A'^T dY,  dC = beta sum_to(dY, C)
     Einsum:  d operand_i = Einsum(out, other -> operand_i)                (two operands, or one without reduction)
 """
 
 from __future__ import annotations
 
-import numpy as np
-
 from ...errors import ExportError
 from .._registry import register
-
-_INT64_MIN = int(np.iinfo(np.int64).min)
 
 
 def _swap_last(ctx, x, rank):
     perm = list(range(rank - 2)) + [rank - 1, rank - 2]
-    return ctx.op("Transpose", _own_buffer(ctx, x), perm=perm)
-
-
-def _own_buffer(ctx, weight):
-    """A square constant matrix as a value of its own, equal to ``weight``.
-
-    OpenVINO 2026.4.1 (CPU plugin, f32 precision hint) gives every reader of one constant the
-    layout it prepared for the first reader when the shapes coincide: the adjoint of a forward
-    Gemm or MatMul with a square weight then multiplies by W where it needs W^T (gradient errors
-    of order 1). A Transpose, an identity or a Transpose pair is folded back onto the shared
-    constant; two reversals of the first axis are folded into a new one, by OpenVINO and
-    onnxruntime alike, at load time (the file still stores W once)."""
-    value = ctx.constant_of(weight)
-    if value is None or value.ndim < 2 or value.shape[-1] != value.shape[-2]:
-        return weight
-    return own_copy(ctx, weight)
-
-
-def own_copy(ctx, weight):
-    """``weight`` through two reversals of its first axis: equal to it, and folded at load into a
-    constant of its own (see :func:`_own_buffer`)."""
-    for _ in range(2):
-        weight = ctx.op("Slice", weight, ctx.ints([-1]), ctx.ints([_INT64_MIN]), ctx.ints([0]), ctx.ints([-1]))
-    return weight
+    return ctx.op("Transpose", x, perm=perm)
 
 
 @register("MatMul")
@@ -74,17 +46,15 @@ def gemm(ctx, node, dy):
     g = dy[0]
     da = db = dc = None
     if ctx.needs_grad(a):
-        b_own = _own_buffer(ctx, b)
         if trans_a:
-            da = ctx.op("Gemm", b_own, g, alpha=alpha, transA=trans_b, transB=1)
+            da = ctx.op("Gemm", b, g, alpha=alpha, transA=trans_b, transB=1)
         else:
-            da = ctx.op("Gemm", g, b_own, alpha=alpha, transB=1 - trans_b)
+            da = ctx.op("Gemm", g, b, alpha=alpha, transB=1 - trans_b)
     if ctx.needs_grad(b):
-        a_own = _own_buffer(ctx, a)
         if trans_b:
-            db = ctx.op("Gemm", g, a_own, alpha=alpha, transA=1, transB=trans_a)
+            db = ctx.op("Gemm", g, a, alpha=alpha, transA=1, transB=trans_a)
         else:
-            db = ctx.op("Gemm", a_own, g, alpha=alpha, transA=1 - trans_a)
+            db = ctx.op("Gemm", a, g, alpha=alpha, transA=1 - trans_a)
     if c is not None and ctx.needs_grad(c):
         dc = ctx.sum_to(g, node.outputs[0], c)
         if beta != 1.0:

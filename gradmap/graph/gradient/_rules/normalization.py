@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx_ir as ir
 
 from ...errors import ExportError
 from .._registry import register
@@ -60,16 +59,9 @@ def layer_normalization(ctx, node, dy):
     rank = ctx.rank(x)
     axis = ctx.attr(node, "axis", -1) % rank
     axes = ctx.ints(list(range(axis, rank)))
-    if len(node.outputs) < 3:
-        # The forward node already computes the statistics; expose them instead of recomputing.
-        node.resize_outputs(3)
-        stat_shape = ir.Shape(list(x.shape)[:axis] + [1] * (rank - axis)) if x.shape is not None else None
-        for i, suffix in ((1, "mean"), (2, "inv_std")):
-            out = node.outputs[i]
-            out.name = f"{node.outputs[0].name}_{suffix}"
-            out.type = ir.TensorType(ir.DataType.FLOAT)
-            out.shape = stat_shape
-    mean, inv_std = node.outputs[1], node.outputs[2]
+    # the forward node computes the statistics anyway: its optional outputs Mean and InvStdDev
+    stat_shape = list(x.shape)[:axis] + [1] * (rank - axis) if x.shape is not None else None
+    mean, inv_std = ctx.optional_outputs(node, {1: "mean", 2: "inv_std"}, stat_shape)
     xh = ctx.op("Mul", ctx.op("Sub", x, mean), inv_std)
     g = ctx.op("Mul", dy[0], scale)
     g_mean = ctx.op("ReduceMean", g, axes, keepdims=1)

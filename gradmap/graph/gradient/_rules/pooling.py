@@ -5,8 +5,8 @@
                        to the first maximum of each window (torch's rule for ties):
                          hit_o = [X_o == Y],  sel_o = hit_o * (1 - sum of sel_p for p before o)
                          dX = ConvTranspose(Concat_o(dY * sel_o), one-hot kernels, group=C, strides,
-                                            dilations), cropped to X     (col2im of the routed dY)
-                       windows that tile the input (kernel = stride): dX = DepthToSpace(Concat_o(dY * sel_o))
+                                            dilations), cropped to X     (col2im of the routed dY;
+                                            the rule publishes ``routed`` and ``spread``)
     AveragePool:       Y(o) = 1/D(o) * sum of X over window(o) inside X;
                        dX = ConvTranspose(dY / D, ones, group=C)   (D per torch's count_include_pad rule)
     GlobalAveragePool: dX = Expand(dY, Shape(X)) / (H W)
@@ -80,22 +80,15 @@ def max_pool(ctx, node, dy):
         if n + 1 < len(offsets):
             taken = selected if taken is None else ctx.op("Add", taken, selected)
         routed.append(ctx.op("Mul", dy[0], selected))
-    if spatial == 2 and kernel[0] == kernel[1] == strides[0] == strides[1] and dilations == [1, 1]:
-        # windows that tile the input (VGG's 2x2 stride-2 pools): each routed gradient is one
-        # position of every block, so DepthToSpace places them (offset-major channels, DCR order).
-        # onnxruntime-web 1.31.1's WebGPU computes the grouped ConvTranspose below wrongly for a
-        # 2x2 stride-2 kernel (gradient error 0.8; 3x3 stride 3 is right)
-        spread = ctx.op("DepthToSpace", ctx.op("Concat", *routed, axis=1) if len(routed) > 1 else routed[0],
-                        blocksize=kernel[0], mode="DCR")
-    else:
-        routed = [ctx.op("Unsqueeze", r, ctx.ints([2])) for r in routed]
-        stacked = ctx.op("Concat", *routed, axis=2) if len(routed) > 1 else routed[0]
-        stacked = ctx.op("Reshape", stacked, ctx.ints([0, channels * len(offsets), *ydims[2:]]))
-        one_hot = np.zeros((len(offsets), 1, *kernel), dtype=np.float32)
-        for n, offset in enumerate(offsets):
-            one_hot[(n, 0, *offset)] = 1.0
-        spread = ctx.op("ConvTranspose", stacked, ctx.const(np.tile(one_hot, (channels,) + (1,) * (1 + spatial))),
-                        group=channels, strides=strides, dilations=dilations, kernel_shape=kernel)
+    unsqueezed = [ctx.op("Unsqueeze", r, ctx.ints([2])) for r in routed]
+    stacked = ctx.op("Concat", *unsqueezed, axis=2) if len(unsqueezed) > 1 else unsqueezed[0]
+    stacked = ctx.op("Reshape", stacked, ctx.ints([0, channels * len(offsets), *ydims[2:]]))
+    one_hot = np.zeros((len(offsets), 1, *kernel), dtype=np.float32)
+    for n, offset in enumerate(offsets):
+        one_hot[(n, 0, *offset)] = 1.0
+    spread = ctx.op("ConvTranspose", stacked, ctx.const(np.tile(one_hot, (channels,) + (1,) * (1 + spatial))),
+                    group=channels, strides=strides, dilations=dilations, kernel_shape=kernel)
+    ctx.publish(routed=routed, spread=spread)
     # ``spread`` covers the padded input [0, span): crop the padding, restore rows no window reads
     stops = [min(span[i], begin[i] + xdims[2 + i]) for i in range(spatial)]
     if any(begin) or stops != span:
@@ -258,32 +251,6 @@ def reduce_l2(ctx, node, dy):
     return [ctx.op("Mul", x, _keepdims(ctx, node, ctx.op("Div", dy[0], safe), axes)), None]
 
 
-@register("Resize")
-def resize(ctx, node, dy):
-    x = node.inputs[0]
-    where = f"{node.name}: Resize"
-    if ctx.attr(node, "mode", "nearest") != "nearest":
-        raise ExportError(f"{where} with mode={ctx.attr(node, 'mode')} has no gradient rule (nearest only)")
-    coordinates = ctx.attr(node, "coordinate_transformation_mode", "half_pixel")
-    rounding = ctx.attr(node, "nearest_mode", "round_prefer_floor")
-    # with an integer scale, both of these pick input floor(i / s) for output i
-    if (coordinates, rounding) not in (("asymmetric", "floor"), ("half_pixel", "round_prefer_floor")):
-        raise ExportError(f"{where} with coordinate_transformation_mode={coordinates}, nearest_mode={rounding} "
-                          "has no gradient rule")
-    xdims, ydims = ctx.dims(x), ctx.dims(node.outputs[0])
-    if len(xdims) != 4 or ctx.attr(node, "axes", None) is not None:
-        raise ExportError(f"{where} of a rank {len(xdims)} tensor or with axes has no gradient rule")
-    if not all(isinstance(d, int) for d in xdims[1:] + ydims[1:]) or xdims[1] != ydims[1] \
-            or any(y % x for x, y in zip(xdims[2:], ydims[2:])):
-        raise ExportError(f"{where} from {xdims} to {ydims}: only integer spatial scales have a gradient rule")
-    sh, sw = ydims[2] // xdims[2], ydims[3] // xdims[3]
-    if xdims[2:] == (1, 1):
-        pooled = ctx.op("GlobalAveragePool", dy[0])
-    else:
-        pooled = ctx.op("AveragePool", dy[0], kernel_shape=[sh, sw], strides=[sh, sw])
-    return [ctx.op("Mul", pooled, ctx.scalar(float(sh * sw)))] + [None] * (len(node.inputs) - 1)
-
-
 @register("TopK")
 def top_k(ctx, node, dy):
     """TopK: dX = ScatterElements(zeros, Indices, dValues, axis); the k indices along the axis are
@@ -296,11 +263,27 @@ def top_k(ctx, node, dy):
     return [ctx.op("ScatterElements", ctx.zeros_like(x), indices, dy[0], axis=axis), None]
 
 
-# Resize in linear and cubic modes. The nearest-mode rule above stays as it is; this one takes over
-# the registration and hands nearest-mode nodes to it.
-from .._registry import RULES  # noqa: E402
-
-_resize_nearest = RULES.pop("Resize")
+def _resize_nearest_blocks(ctx, node, dy):
+    """Nearest Resize by integer scales with each output a copy of input floor(i / s): the sum of dY
+    over each s_h x s_w block; None (nothing emitted) for any other nearest Resize."""
+    x = node.inputs[0]
+    coordinates = ctx.attr(node, "coordinate_transformation_mode", "half_pixel")
+    rounding = ctx.attr(node, "nearest_mode", "round_prefer_floor")
+    # with an integer scale, both of these pick input floor(i / s) for output i
+    if (coordinates, rounding) not in (("asymmetric", "floor"), ("half_pixel", "round_prefer_floor")):
+        return None
+    xdims, ydims = ctx.dims(x), ctx.dims(node.outputs[0])
+    if len(xdims) != 4 or ctx.attr(node, "axes", None) is not None:
+        return None
+    if not all(isinstance(d, int) for d in xdims[1:] + ydims[1:]) or xdims[1] != ydims[1] \
+            or any(y % x for x, y in zip(xdims[2:], ydims[2:])):
+        return None
+    sh, sw = ydims[2] // xdims[2], ydims[3] // xdims[3]
+    if xdims[2:] == (1, 1):
+        pooled = ctx.op("GlobalAveragePool", dy[0])
+    else:
+        pooled = ctx.op("AveragePool", dy[0], kernel_shape=[sh, sw], strides=[sh, sw])
+    return [ctx.op("Mul", pooled, ctx.scalar(float(sh * sw)))] + [None] * (len(node.inputs) - 1)
 
 
 def _resize_matrix(node, axis_in: int, axis_out: int, scale, size) -> np.ndarray:
@@ -328,16 +311,16 @@ def _resize_matrix(node, axis_in: int, axis_out: int, scale, size) -> np.ndarray
 
 
 @register("Resize")
-def resize_any_mode(ctx, node, dy):
-    """Resize, linear and cubic (any coordinate transformation, cubic_coeff_a, antialias), and nearest
-    where the nearest rule refuses (other scales or rounding: A is then a selection matrix):
-    Y = A_h X A_w^T per channel, so dX = A_h^T dY A_w (two MatMuls with constant matrices)."""
+def resize(ctx, node, dy):
+    """Resize: nearest by integer scales, the block sums of :func:`_resize_nearest_blocks`; linear and
+    cubic (any coordinate transformation, cubic_coeff_a, antialias) and any other nearest (A is then
+    a selection matrix): Y = A_h X A_w^T per channel, so dX = A_h^T dY A_w (two MatMuls with constant
+    matrices)."""
     mode = ctx.attr(node, "mode", "nearest")
     if mode == "nearest":
-        try:
-            return _resize_nearest(ctx, node, dy)
-        except ExportError:  # it refuses before emitting anything
-            pass
+        blocks = _resize_nearest_blocks(ctx, node, dy)
+        if blocks is not None:
+            return blocks
     x = node.inputs[0]
     where = f"{node.name}: Resize"
     if mode not in ("nearest", "linear", "cubic") or ctx.attr(node, "coordinate_transformation_mode", "") == "tf_crop_and_resize":

@@ -158,16 +158,12 @@ def gather(ctx, node, dy):
     rest = [dims[i] for i in rest_perm[1:]]
     if all(isinstance(d, int) for d in [size, *rest]):
         axis_size, rows_shape, zeros_shape = ctx.ints([size]), ctx.ints([-1, *rest]), ctx.ints([size, *rest])
-    else:
-        # Shapes computed in the graph; no empty Gather joins a Concat (OpenVINO 2026.4.1's ONNX reader
-        # fails on a Concat with an empty shape piece: "Accessing out-of-range dimension")
+    else:  # shapes computed in the graph
         data_shape = ctx.op("Shape", data)
         axis_size = ctx.op("Gather", data_shape, ctx.ints([axis]))
-        rows_shape, zeros_shape = ctx.ints([-1]), axis_size
-        if rest:
-            rest_shape = ctx.op("Gather", data_shape, ctx.ints(rest_perm[1:]))
-            rows_shape = ctx.op("Concat", rows_shape, rest_shape, axis=0)
-            zeros_shape = ctx.op("Concat", axis_size, rest_shape, axis=0)
+        rest_shape = ctx.op("Gather", data_shape, ctx.ints(rest_perm[1:]))
+        rows_shape = ctx.op("Concat", ctx.ints([-1]), rest_shape, axis=0)
+        zeros_shape = ctx.op("Concat", axis_size, rest_shape, axis=0)
     g = ctx.op("Reshape", g, rows_shape)
     idx = ctx.op("Reshape", indices, ctx.ints([-1, 1]))
     if indices.dtype != ir.DataType.INT64:
@@ -279,36 +275,12 @@ def scatter_nd(ctx, node, dy):
     return [d_data, None, d_updates]
 
 
-# Largest constant one-hot matrix the GatherND rule builds (float32 entries: 64 MB).
-_GATHER_MATRIX_LIMIT = 1 << 24
-
-
 @register("GatherND")
 def gather_nd(ctx, node, dy):
-    """dX = ScatterND(0, I, dY, reduction=add), except where the indices repeat: onnxruntime's CPU
-    ScatterND loses updates to repeated indices when it runs on several threads (4096 rows summed
-    into 4 came out off by 5.8 on 2 threads), so constant repeated indices become a MatMul with a constant
-    count matrix, dX[i] = sum_j [I_j = i] dY[j], exact and deterministic (adaptive average pooling
-    to a larger map exports as such a GatherND)."""
+    """dX = ScatterND(0, I, dY, reduction=add): repeated indices add up."""
     data, indices = node.inputs
     if ctx.attr(node, "batch_dims", 0) != 0:
         raise ExportError(f"{node.name}: GatherND with batch_dims has no gradient rule")
-    index = ctx.constant_of(indices)
-    dims = ctx.dims(data)
-    if index is not None and index.size:
-        depth = index.shape[-1]
-        lead = dims[:depth]
-        flat = index.reshape(-1, depth)
-        if all(isinstance(d, int) for d in lead):
-            flat = np.where(flat < 0, flat + np.asarray(lead), flat)  # negative indices count from the end
-            positions = np.ravel_multi_index(tuple(flat.T), lead)
-            rows, count = int(np.prod(lead)), len(positions)
-            if len(np.unique(positions)) < count and rows * count <= _GATHER_MATRIX_LIMIT:
-                matrix = np.zeros((rows, count), dtype=np.float32)
-                np.add.at(matrix, (positions, np.arange(count)), 1.0)
-                g = ctx.op("Reshape", dy[0], ctx.ints([count, -1]))
-                g = ctx.op("MatMul", ctx.const(matrix), g)
-                return [ctx.reshape_like(g, data), None]
     zeros = ctx.op("ConstantOfShape", ctx.op("Shape", data), value=ir.tensor(np.zeros(1, dtype=np.float32)))
     return [ctx.op("ScatterND", zeros, indices, dy[0], reduction="add"), None]
 

@@ -1,0 +1,328 @@
+"""Which forward value is the CAM layer, and how it becomes an [N, C, h, w] feature map.
+
+    CNN         the input of the last global spatial pooling, or the [N, C, H, W] map flattened
+                into the classifier                                   [N, C, h, w] as it is
+    Swin-style  a LayerNorm output [N, h, w, C] (channels last)       Transpose(perm=[0, 3, 1, 2])
+    ViT-style   a token map [N, p + h*w, C]: p class, distillation or register tokens first, then
+                the patch tokens in row-major order                   Slice(p:) -> Reshape(N, h, w, C)
+                                                                      -> Transpose(perm=[0, 3, 1, 2])
+
+``auto`` picks the CNN map or, when an attention Softmax comes after it on the path to the logits
+(or there is none), the output of the LayerNorm that feeds the last attention: the last block's
+first LayerNorm (timm ``blocks[-1].norm1``, Transformers ``layernorm_before``), the layer
+pytorch-grad-cam's ViT example uses with its ``reshape_transform``. Doing the reshape in the graph
+gives every CAM method, in the runtime and in the web page, the same [N, C, h, w] map a CNN gives.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from ..errors import ExportError
+from ._context import GradContext
+
+__all__ = ["AttentionLayers", "CamLayer", "MAX_PREFIX_TOKENS", "find_attention", "find_cam_layer", "token_grid",
+           "to_feature_map"]
+
+_GLOBAL_POOLS = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax")
+#: The most tokens before the patch grid that a token map may have (class, distillation and
+#: register tokens: timm's vit_*_reg4 has 5, DINOv2 with registers 5).
+MAX_PREFIX_TOKENS = 16
+#: Producers whose rank-4 output is channels last: a LayerNorm over the last axis (Swin's blocks).
+_CHANNELS_LAST_PRODUCERS = ("LayerNormalization",)
+
+
+@dataclass(frozen=True)
+class CamLayer:
+    """A CAM layer: the forward ``value`` and how it maps to [N, C, h, w].
+
+    ``layout`` is ``nchw`` (as it is), ``nhwc`` (channels last) or ``tokens`` ([N, T, C] with
+    ``prefix`` tokens before an ``grid`` = (h, w) grid of patch tokens).
+    """
+
+    value: ir.Value
+    layout: str = "nchw"
+    prefix: int = 0
+    grid: tuple[int, int] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.value.name
+
+    def describe(self) -> str:
+        """The value's name, with the reshape for a token or channels-last map."""
+        if self.layout == "tokens":
+            return f"{self.name}, {self.prefix} prefix token(s) + {self.grid[0]}x{self.grid[1]} patch grid"
+        if self.layout == "nhwc":
+            return f"{self.name}, channels last"
+        return self.name
+
+
+def _static(dims) -> bool:
+    return dims is not None and all(isinstance(d, int) for d in list(dims)[1:])
+
+
+def token_grid(tokens: int, image_size: tuple[int, int]) -> tuple[int, tuple[int, int]] | None:
+    """(prefix tokens p, patch grid (h, w)) with ``tokens = p + h*w``, the grid of the image's aspect
+    (``h / w = H / W``, ``H / h`` a whole number), and the fewest prefix tokens; None if none fits."""
+    height, width = image_size
+    for prefix in range(0, min(MAX_PREFIX_TOKENS, tokens - 1) + 1):
+        patches = tokens - prefix
+        h = round(math.sqrt(patches * height / width))
+        if h < 1 or patches % h:
+            continue
+        w = patches // h
+        if h * width == w * height and height % h == 0 and width % w == 0:
+            return prefix, (h, w)
+    return None
+
+
+def _image_size(graph: ir.Graph) -> tuple[int, int]:
+    dims = graph.inputs[0].shape
+    if dims is None or len(dims) != 4 or not _static(dims):
+        raise ExportError(f"the image input's shape {dims} is not [N, 3, H, W] with a static H and W")
+    return int(dims[2]), int(dims[3])
+
+
+def _as_layer(value: ir.Value, image_size: tuple[int, int], what: str) -> CamLayer:
+    """``value`` as a CAM layer: an NCHW map, a channels-last LayerNorm output or a token map;
+    ExportError naming ``what`` (the --cam-layer given) otherwise."""
+    dims = value.shape
+    producer = value.producer()
+    if dims is not None and len(dims) == 3 and _static(dims):
+        fit = token_grid(int(dims[1]), image_size)
+        if fit is None:
+            raise ExportError(
+                f"--cam-layer {what}: its output {value.name} [N, {dims[1]}, {dims[2]}] is not a token map of the "
+                f"{image_size[0]}x{image_size[1]} input: {dims[1]} tokens are not up to {MAX_PREFIX_TOKENS} class or "
+                "register tokens plus a patch grid of the input's aspect")
+        prefix, grid = fit
+        return CamLayer(value, "tokens", prefix, grid)
+    if dims is not None and len(dims) == 4 and _static(dims):
+        if producer is not None and producer.op_type in _CHANNELS_LAST_PRODUCERS and _channels_last(producer):
+            h, w = int(dims[1]), int(dims[2])
+            if h * image_size[1] == w * image_size[0]:
+                return CamLayer(value, "nhwc", grid=(h, w))
+        return CamLayer(value)
+    raise ExportError(f"--cam-layer {what}: its output {value.name} has shape {dims}, not a [N, C, H, W] feature "
+                      "map, a channels-last [N, H, W, C] LayerNorm output nor a [N, tokens, C] token map")
+
+
+def _channels_last(layer_norm: ir.Node) -> bool:
+    axis = layer_norm.attributes.get("axis")
+    rank = len(layer_norm.outputs[0].shape)
+    return (axis.as_int() if axis is not None else -1) % rank == rank - 1
+
+
+def find_cam_layer(graph: ir.Graph, nodes: list[ir.Node], name: str) -> CamLayer:
+    """The CAM layer: ``auto`` (see the module docstring), a torch module name (its last output,
+    from the exporter's ``pkg.torch.onnx.name_scopes``) or an ONNX value name."""
+    image_size = _image_size(graph)
+    if name == "auto":
+        position = {node: i for i, node in enumerate(nodes)}
+        pooled = _pooled_map(nodes)
+        attention = _attention_input(nodes)
+        if attention is not None and (pooled is None or position[attention.producer()] > position[pooled[1]]):
+            return _as_layer(attention, image_size, "auto")
+        if pooled is not None:
+            return CamLayer(pooled[0])
+        raise ExportError("--cam-layer auto: no [N, C, H, W] feature map is pooled or flattened on the way to the "
+                          "logits and no attention layer reads a token map: name a layer instead")
+    for value in (v for n in nodes for v in n.outputs):
+        if value.name == name:
+            return _as_layer(value, image_size, repr(name))
+    found = None
+    for node in nodes:
+        scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
+        if f"'{name}'" in scopes:
+            found = node.outputs[0]
+    if found is None:
+        raise ExportError(f"--cam-layer {name!r}: no module or value of that name on the path to the logits")
+    return _as_layer(found, image_size, repr(name))
+
+
+def _pooled_map(nodes: list[ir.Node]) -> tuple[ir.Value, ir.Node] | None:
+    """(map, node) of the last global spatial pooling of an [N, C, H, W] map on the path, or else of
+    the last such map flattened into the classifier (VGG)."""
+    for node in reversed(nodes):
+        if node.op_type not in _GLOBAL_POOLS:
+            continue
+        x = node.inputs[0]
+        dims = x.shape
+        if dims is None or len(dims) != 4 or not all(isinstance(d, int) and d > 1 for d in list(dims)[2:]):
+            continue
+        if node.op_type.startswith("Reduce"):
+            axes = GradContext.constant_of(node.inputs[1]) if len(node.inputs) > 1 else None
+            if axes is None or sorted(int(a) % 4 for a in axes.reshape(-1)) != [2, 3]:
+                continue
+        return x, node
+    for node in reversed(nodes):
+        if node.op_type not in ("Reshape", "Flatten"):
+            continue
+        x, y = node.inputs[0], node.outputs[0]
+        # the whole map per sample: torchvision's attention flattens [T, N, heads, d] to [T*N, C]
+        if (x.shape is not None and y.shape is not None and len(x.shape) == 4 and len(y.shape) == 2
+                and all(isinstance(d, int) and d > 1 for d in list(x.shape)[1:]) and x.shape[0] == y.shape[0]
+                and y.shape[1] == math.prod(list(x.shape)[1:])):
+            return x, node
+    return None
+
+
+def _attention_input(nodes: list[ir.Node]) -> ir.Value | None:
+    """The output of the LayerNorm that feeds the last attention Softmax on the path: the last
+    block's first LayerNorm."""
+    on_path = set(nodes)
+    for node in reversed(nodes):
+        if node.op_type == "Softmax" and node.outputs[0].shape is not None and len(node.outputs[0].shape) in (3, 4):
+            return _norm_before(node, on_path)
+    return None
+
+
+def _norm_before(softmax: ir.Node, on_path: set[ir.Node]) -> ir.Value | None:
+    """The output of the LayerNorm nearest upstream of an attention Softmax (over the last axis of
+    rank-4 [N, heads, T, T] or rank-3 scores), breadth first. LayerNorms that are no token map (a
+    query/key norm over the head dimension) are passed by."""
+    frontier, seen = [softmax], {softmax}
+    while frontier:
+        following = []
+        for current in frontier:
+            for value in current.inputs:
+                producer = value.producer() if value is not None else None
+                if producer is None or producer in seen or producer not in on_path:
+                    continue
+                seen.add(producer)
+                if producer.op_type == "LayerNormalization" and _is_token_map(producer.outputs[0]):
+                    return producer.outputs[0]
+                following.append(producer)
+        frontier = following
+    return None
+
+
+def _is_token_map(value: ir.Value) -> bool:
+    dims = value.shape
+    if dims is None or not _static(dims):
+        return False
+    if len(dims) == 3:
+        return True
+    return len(dims) == 4 and _channels_last(value.producer())
+
+
+def to_feature_map(ctx: GradContext, value: ir.Value, layer: CamLayer, batch) -> ir.Value:
+    """``value`` (the layer's activation or its gradient, shaped like it) as [N, C, h, w]."""
+    dims = layer.value.shape
+    if layer.layout == "nchw":
+        out = ctx.op("Identity", value)
+        out.shape = ir.Shape(dims)
+    elif layer.layout == "nhwc":
+        out = ctx.op("Transpose", value, perm=[0, 3, 1, 2])
+        out.shape = ir.Shape([batch, dims[3], dims[1], dims[2]])
+    else:
+        tokens, channels = int(dims[1]), int(dims[2])
+        patches = ctx.op("Slice", value, ctx.ints([layer.prefix]), ctx.ints([tokens]), ctx.ints([1])) \
+            if layer.prefix else value
+        h, w = layer.grid
+        grid = ctx.op("Reshape", patches, ctx.ints([-1, h, w, channels]))
+        out = ctx.op("Transpose", grid, perm=[0, 3, 1, 2])
+        out.shape = ir.Shape([batch, channels, h, w])
+    out.type = layer.value.type
+    return out
+
+
+# -- attention probabilities (--attention) ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class AttentionLayers:
+    """Every self-attention's probabilities on the path, in graph order: Softmax outputs
+    [N, heads, T, T] over the ``tokens`` = ``prefix`` + h*w tokens of a token map, and the tokens
+    the classifier reads (``readout``: the class token, DeiT's class and distillation tokens, or
+    the pooled ones)."""
+
+    probabilities: tuple[ir.Value, ...]
+    heads: int
+    tokens: int
+    prefix: int
+    grid: tuple[int, int]
+    readout: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        """The model metadata's ``attention`` entry: what the runtime needs to read the outputs."""
+        return {"layers": len(self.probabilities), "heads": self.heads, "tokens": self.tokens,
+                "prefix_tokens": self.prefix, "grid": list(self.grid), "readout": list(self.readout)}
+
+
+def find_attention(graph: ir.Graph, nodes: list[ir.Node]) -> AttentionLayers:
+    """The attention probabilities for attention rollout and attention relevance: each Softmax on
+    the path whose input is queries times keys of one [N, T, C] token map (ViT, DeiT, BEiT,
+    DINOv2). ExportError saying why for a graph without them (a CNN) or with windowed attention
+    (Swin), whose maps do not chain from layer to layer."""
+    image_size = _image_size(graph)
+    on_path = set(nodes)
+    found: list[tuple[ir.Value, ir.Value | None]] = []  # (probabilities, the token map feeding them)
+    for node in nodes:
+        if node.op_type != "Softmax" or node.outputs[0].shape is None or len(node.outputs[0].shape) != 4:
+            continue
+        found.append((node.outputs[0], _norm_before(node, on_path)))
+    if not found:
+        raise ExportError("--attention: no self-attention (a Softmax over [N, heads, T, T] scores) on the path to "
+                          "the logits: attention rollout and relevance are for vision transformers")
+    maps = {t for _, t in found}
+    if any(t is None or t.shape is None or len(t.shape) != 3 for t in maps):
+        raise ExportError("--attention: the attention layers do not all read a [N, tokens, C] token map "
+                          "(windowed attention, as in Swin, or a hybrid): attention rollout needs global "
+                          "self-attention over one token set, layer after layer")
+    counts = {int(t.shape[1]) for t in maps}
+    if len(counts) != 1:
+        raise ExportError(f"--attention: the attention layers see different token counts ({sorted(counts)}): "
+                          "attention rollout needs one token set through every layer")
+    tokens = counts.pop()
+    heads = set()
+    for probabilities, _ in found:
+        dims = list(probabilities.shape)
+        if not isinstance(dims[1], int) or any(isinstance(d, int) and d != tokens for d in dims[2:]):
+            raise ExportError(f"--attention: attention probabilities {probabilities.name} have shape {dims}, "
+                              f"not [N, heads, {tokens}, {tokens}]")
+        heads.add(dims[1])
+    if len(heads) != 1:
+        raise ExportError(f"--attention: the attention layers have different head counts ({sorted(heads)})")
+    fit = token_grid(tokens, image_size)
+    if fit is None:
+        raise ExportError(f"--attention: {tokens} tokens are not up to {MAX_PREFIX_TOKENS} class or register tokens "
+                          f"plus a patch grid of the {image_size[0]}x{image_size[1]} input")
+    prefix, grid = fit
+    last = found[-1][0].producer()
+    readout = _readout(nodes[nodes.index(last) + 1:], tokens)
+    if not readout:
+        raise ExportError("--attention: cannot tell which tokens the classifier reads after the last attention "
+                          "(a class token taken with Gather or Slice, or tokens averaged with ReduceMean)")
+    return AttentionLayers(tuple(p for p, _ in found), heads.pop(), tokens, prefix, grid, readout)
+
+
+def _readout(nodes: list[ir.Node], tokens: int) -> tuple[int, ...]:
+    """The token indices the classifier reads from an [N, tokens, C] map: Gather(axis=1) of
+    constant indices, Slice over axis 1 (a class token kept as [N, 1, C], or a range then
+    averaged) or ReduceMean over axis 1 (every token)."""
+    read: set[int] = set()
+    for node in nodes:
+        x = node.inputs[0] if node.inputs else None
+        if x is None or x.shape is None or len(x.shape) != 3 or x.shape[1] != tokens:
+            continue
+        if node.op_type == "Gather":
+            axis = node.attributes.get("axis")
+            index = GradContext.constant_of(node.inputs[1])
+            if axis is not None and axis.as_int() % 3 == 1 and index is not None:
+                read.update(int(i) % tokens for i in index.reshape(-1))
+        elif node.op_type == "Slice" and len(node.inputs) >= 4:
+            starts, ends, axes = (GradContext.constant_of(v) for v in node.inputs[1:4])
+            if starts is None or ends is None or axes is None:
+                continue
+            for start, end, axis in zip(starts.reshape(-1), ends.reshape(-1), axes.reshape(-1)):
+                if int(axis) % 3 == 1:
+                    read.update(range(*slice(int(start), int(end)).indices(tokens)))
+        elif node.op_type == "ReduceMean" and len(node.inputs) > 1:
+            axes = GradContext.constant_of(node.inputs[1])
+            if axes is not None and [int(a) % 3 for a in axes.reshape(-1)] == [1]:
+                read.update(range(tokens))
+    return tuple(sorted(read))

@@ -1,0 +1,426 @@
+"""``gradmap export keras:NAME|PATH``: Keras models through tf2onnx, without torch.
+
+Runs where TensorFlow, Keras and tf2onnx are installed (CI's torch-free keras venv: ``pip install
+'.[keras,test]'``) and skips elsewhere. The references are TensorFlow's own: ``tf.GradientTape`` on
+float64 models built here as a Keras user would (``keras.config.set_dtype_policy("float64")`` before
+the constructor, the exported weights cast), independently of the exporter's own reference, and
+``keras.utils.load_img`` + each application's ``preprocess_input`` for the preprocessing.
+Models are built at 32x32 (Keras' smallest size for these applications) with random weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+pytest.importorskip("tf2onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from click.testing import CliRunner  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from conftest import PHOTO_NAMES  # noqa: E402
+from gradmap import contract  # noqa: E402
+from gradmap.cli import main  # noqa: E402
+from gradmap.contract import ModelMetadata  # noqa: E402
+from gradmap.export.presets import preset  # noqa: E402
+from gradmap.graph import ExportError  # noqa: E402
+from gradmap.runtime import preprocess  # noqa: E402
+
+SIZE = 32
+# name, the preset its preprocess_input is, what its module is called in keras.applications
+APPLICATIONS = [("MobileNetV3Small", "none"), ("ResNet50", "keras-caffe"), ("DenseNet121", "keras-torch")]
+
+
+def _export(tmp_path, spec, **options):
+    from gradmap.export._keras import export_keras
+
+    out = tmp_path / "model.onnx"
+    report = export_keras(spec, out, **options)
+    return out, report
+
+
+def _session(path):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _metadata(path) -> ModelMetadata:
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return ModelMetadata.from_props(props)
+
+
+@contextlib.contextmanager
+def _float64_policy():
+    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    try:
+        yield
+    finally:
+        keras.config.set_floatx(floatx)
+        keras.config.set_dtype_policy(policy)
+
+
+def _tape(model, images_nchw, target, dtype=np.float64):
+    """logits [N, K] and d logit[target] / d image (NCHW) with tf.GradientTape."""
+    x = tf.constant(np.transpose(images_nchw, (0, 2, 3, 1)).astype(dtype))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        logits = model(x, training=False)
+        chosen = tf.reduce_sum(tf.gather(logits, np.asarray(target)[:, None], axis=1, batch_dims=1))
+    gradient = tape.gradient(chosen, x).numpy()
+    return logits.numpy().astype(np.float64), np.transpose(gradient, (0, 3, 1, 2)).astype(np.float64)
+
+
+def _relative(actual, expected) -> float:
+    return float(np.abs(np.asarray(actual, np.float64) - expected).max() / np.abs(expected).max())
+
+
+# -- applications against float64 GradientTape --------------------------------------------------------------
+
+@pytest.mark.parametrize("name,expected_preset", APPLICATIONS)
+def test_application_gradients_equal_float64_gradient_tape(tmp_path, name, expected_preset):
+    out, report = _export(tmp_path, name, weights="none", seed=3, input_size=(SIZE, SIZE))
+    assert report.logits_error is not None and report.gradient_error < 1e-4, report.summary()
+    meta = _metadata(out)
+    assert meta.source_model == f"keras:{name}" and meta.weights == "random (seed 3)"
+    assert meta.preprocessing == preset(expected_preset, (SIZE, SIZE)), "the application's own preprocessing"
+    assert len(meta.labels) == 1000 and meta.labels[0] == "tench"
+
+    # the same weights, in a float64 model the Keras user's way, stopped at the logits
+    keras.utils.set_random_seed(3)
+    model32 = getattr(keras.applications, name)(weights=None, input_shape=(SIZE, SIZE, 3))
+    with _float64_policy():
+        model64 = getattr(keras.applications, name)(weights=None, input_shape=(SIZE, SIZE, 3),
+                                                    classifier_activation=None)
+    model64.set_weights([w.astype(np.float64) for w in model32.get_weights()])
+    rng = np.random.default_rng(0)
+    scale = 255.0 if expected_preset == "none" else 1.0  # the 0-255 input of a model that normalizes inside
+    images = (rng.uniform(0, scale, (2, 3, SIZE, SIZE)) if scale > 1 else rng.standard_normal((2, 3, SIZE, SIZE)))
+    images = images.astype(np.float32)
+    target = np.array([7, 412])
+    logits, gradient, target_index = _session(out).run(
+        [contract.OUTPUT_LOGITS, contract.BACKPROP_OUTPUTS["vanilla"], contract.OUTPUT_TARGET_INDEX],
+        {contract.INPUT_IMAGE: images, contract.INPUT_TARGET: target})
+    assert list(target_index) == [7, 412]
+    ref_logits, ref_gradient = _tape(model64, images, target)
+    # gradmap's float32 graph is as close to float64 TensorFlow as a float32 computation gets (TensorFlow's own
+    # float32 gradient of these models: 4e-7 to 8e-7 relative)
+    assert _relative(logits, ref_logits) < 1e-5, _relative(logits, ref_logits)
+    assert _relative(gradient, ref_gradient) < 1e-5, _relative(gradient, ref_gradient)
+
+
+def test_every_application_module_maps_to_a_preset():
+    from gradmap.export._keras import application_names, application_preset
+
+    expected = {"ResNet50": "keras-caffe", "VGG16": "keras-caffe", "MobileNetV2": "keras-tf",
+                "InceptionV3": "keras-tf", "Xception": "keras-tf", "ResNet50V2": "keras-tf",
+                "DenseNet121": "keras-torch", "EfficientNetB0": "none", "ConvNeXtTiny": "none",
+                "MobileNetV3Small": "none", "EfficientNetV2B0": "none"}
+    names = application_names()
+    for name, wanted in expected.items():
+        assert application_preset(names[name]) == wanted, name
+    unmatched = [n for n, f in names.items() if application_preset(f) is None]
+    assert not unmatched, f"applications whose preprocess_input no preset equals: {unmatched}"
+
+
+@pytest.mark.parametrize("photo", PHOTO_NAMES)
+def test_application_presets_equal_load_img_and_preprocess_input(tmp_path, photos, photo):
+    """gradmap's preprocessing of the preset each application gets equals keras.utils.load_img(target_size)
+    (nearest) + the application module's preprocess_input, on the photo as a file."""
+    from gradmap.export._keras import application_names, application_preset
+
+    path = tmp_path / f"{photo}.png"
+    Image.fromarray(photos[photo]).save(path)
+    names = application_names()
+    for name, size in (("ResNet50", (224, 224)), ("MobileNetV2", (160, 192)), ("DenseNet121", (224, 224)),
+                       ("EfficientNetB0", (96, 128))):
+        constructor = names[name]
+        module = sys.modules[constructor.__module__]
+        pixels = keras.utils.img_to_array(keras.utils.load_img(path, target_size=size))
+        expected = np.asarray(module.preprocess_input(pixels[None].copy()))[0].transpose(2, 0, 1)
+        with Image.open(path) as picture:
+            tensor, _ = preprocess(picture.convert("RGB"), preset(application_preset(constructor), size))
+        diff = np.abs(np.asarray(tensor, np.float64) - expected).max()
+        assert diff <= 1e-6, (name, photo, diff)
+
+
+# -- saved models and untrusted files ----------------------------------------------------------------------
+
+def _small_model(lambda_layer: bool = False):
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(6, 3, activation="relu")(inputs)
+    if lambda_layer:
+        x = keras.layers.Lambda(lambda t: t * 2.0)(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(5, activation="softmax")(x)
+    return keras.Model(inputs, outputs)
+
+
+def test_saved_keras_model_needs_a_preset_then_exports_with_parity(tmp_path):
+    path = tmp_path / "small.keras"
+    _small_model().save(path)
+    with pytest.raises(ExportError, match="--preset"):
+        _export(tmp_path, str(path))
+    out, report = _export(tmp_path, str(path), preprocessing_options={"preset_name": "keras-tf"},
+                          score="probability")
+    assert "tf.GradientTape" in report.summary() and report.gradient_error < 1e-4
+    meta = _metadata(out)
+    assert meta.labels == ("0", "1", "2", "3", "4") and meta.extra["cut"] == "Softmax"
+    assert meta.preprocessing == preset("keras-tf", (12, 12))
+
+
+def test_guided_deconvnet_portable_target_and_a_grey_model(tmp_path):
+    """--backprop guided/deconvnet (compared with the float64 converted graph), --target portable, and a
+    1-channel model, which reads the luma of the RGB image (TensorFlow's reference does the same)."""
+    path = tmp_path / "small.keras"
+    _small_model().save(path)
+    out, report = _export(tmp_path, str(path), preprocessing_options={"preset_name": "keras-tf"},
+                          backprops=("vanilla", "guided", "deconvnet"), target="portable")
+    assert report.gradient_error < 1e-4 and "guided, deconvnet: compared with the float64 evaluation" in \
+        report.summary()
+    assert {contract.BACKPROP_OUTPUTS["guided"], contract.BACKPROP_OUTPUTS["deconvnet"]} <= \
+        {o.name for o in _session(out).get_outputs()}
+
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((10, 10, 1))
+    x = keras.layers.Conv2D(4, 3, activation="tanh")(inputs)
+    x = keras.layers.Flatten()(x)
+    grey = keras.Model(inputs, keras.layers.Dense(3)(x))
+    grey_path = tmp_path / "grey.keras"
+    grey.save(grey_path)
+    out, report = _export(tmp_path, str(grey_path), preprocessing_options={"preset_name": "none"})
+    assert report.gradient_error < 1e-4 and _metadata(out).extra.get("cut") is None
+    x = np.random.default_rng(3).uniform(0, 255, (1, 3, 10, 10)).astype(np.float32)
+    logits = _session(out).run([contract.OUTPUT_LOGITS], {contract.INPUT_IMAGE: x,
+                                                           contract.INPUT_TARGET: np.array([-1])})[0]
+    luma = np.tensordot(np.asarray([0.299, 0.587, 0.114]), x[0], axes=1)[None, :, :, None]
+    np.testing.assert_allclose(logits, grey(luma.astype(np.float32)).numpy(), rtol=1e-5, atol=1e-4)
+
+
+def test_exact_gelu_and_dense_on_feature_maps_as_in_convnext(tmp_path):
+    """ConvNeXt's block: LayerNormalization, Dense on a feature map, exact GELU (tf2onnx leaves its Erfc as
+    it is; the export writes it as 1 - Erf), a residual sum, global pooling."""
+    keras.utils.set_random_seed(6)
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 4, strides=4)(inputs)
+    x = keras.layers.LayerNormalization(epsilon=1e-6)(x)
+    y = keras.layers.DepthwiseConv2D(3, padding="same")(x)
+    y = keras.layers.Dense(16)(keras.layers.LayerNormalization(epsilon=1e-6)(y))
+    y = keras.layers.Dense(8)(keras.layers.Activation("gelu")(y))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Add()([x, y]))
+    outputs = keras.layers.Dense(5, activation="softmax")(keras.layers.LayerNormalization(epsilon=1e-6)(x))
+    path = tmp_path / "convnext_block.keras"
+    keras.Model(inputs, outputs).save(path)
+    _, report = _export(tmp_path, str(path), preprocessing_options={"preset_name": "none"})
+    assert report.gradient_error < 1e-4 and "tf.GradientTape" in report.summary()
+    assert "Erf" in report.op_types
+
+
+def test_keras_file_with_lambda_code_is_refused_in_safe_mode(tmp_path):
+    path = tmp_path / "lambda.keras"
+    _small_model(lambda_layer=True).save(path)
+    with pytest.raises(ExportError, match="safe mode refused it.*--trust-model"):
+        _export(tmp_path, str(path), preprocessing_options={"preset_name": "keras-tf"})
+    _, report = _export(tmp_path, str(path), preprocessing_options={"preset_name": "keras-tf"}, trust_model=True)
+    assert report.gradient_error < 1e-4
+
+
+def test_legacy_h5_and_saved_model_need_trust(tmp_path):
+    model = _small_model()
+    h5 = tmp_path / "small.h5"
+    model.save(h5)
+    with pytest.raises(ExportError, match=r"legacy HDF5 Keras model can run code .*--trust-model"):
+        _export(tmp_path, str(h5), preprocessing_options={"preset_name": "keras-tf"})
+    out, report = _export(tmp_path, str(h5), preprocessing_options={"preset_name": "keras-tf"}, trust_model=True)
+    assert report.gradient_error < 1e-4
+    saved = tmp_path / "saved"
+    model.export(saved, verbose=False)
+    with pytest.raises(ExportError, match=r"SavedModel runs the graph functions .*--trust-model"):
+        _export(tmp_path, str(saved), preprocessing_options={"preset_name": "keras-tf"})
+    out, report = _export(tmp_path, str(saved), preprocessing_options={"preset_name": "keras-tf"}, trust_model=True)
+    assert "float64 evaluation of the converted graph" in report.summary()
+    x = np.random.default_rng(2).standard_normal((1, 3, 12, 12)).astype(np.float32)
+    logits = _session(out).run([contract.OUTPUT_LOGITS], {contract.INPUT_IMAGE: x,
+                                                           contract.INPUT_TARGET: np.array([-1])})[0]
+    probabilities = model(np.transpose(x, (0, 2, 3, 1))).numpy()
+    np.testing.assert_allclose(tf.nn.softmax(logits).numpy(), probabilities, atol=1e-6)
+
+
+def test_bad_names_paths_and_weights_get_named_errors(tmp_path):
+    from gradmap.export._keras import load_keras
+
+    with pytest.raises(ExportError, match="NoSuchNet: not a keras.applications model"):
+        load_keras("NoSuchNet")
+    with pytest.raises(ExportError, match="missing.keras: no such file"):
+        load_keras(str(tmp_path / "missing.keras"))
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ExportError, match="not a TensorFlow SavedModel"):
+        load_keras(str(tmp_path / "folder"))
+    (tmp_path / "broken.keras").write_bytes(b"not a zip")
+    with pytest.raises(ExportError, match="broken.keras: Keras cannot load it"):
+        load_keras(str(tmp_path / "broken.keras"))
+    with pytest.raises(ExportError, match="--weights .*nothing.weights.h5: no such file"):
+        load_keras("MobileNetV3Small", weights=str(tmp_path / "nothing.weights.h5"), input_size=(SIZE, SIZE))
+    with pytest.raises(ExportError, match="Keras refuses it"):
+        load_keras("MobileNetV3Small", weights="none", input_size=(8, 8))
+
+
+def test_weights_from_a_weights_file_and_imagenet_offline(tmp_path, monkeypatch):
+    from gradmap.export._keras import load_keras
+
+    keras.utils.set_random_seed(4)
+    donor = keras.applications.MobileNetV3Small(weights=None, input_shape=(SIZE, SIZE, 3))
+    path = tmp_path / "w.weights.h5"
+    donor.save_weights(path)
+    loaded = load_keras("mobilenetv3small", weights=str(path), input_size=(SIZE, SIZE))
+    assert loaded.weights == "file w.weights.h5" and loaded.source == "keras:MobileNetV3Small"
+    for a, b in zip(loaded.model.get_weights(), donor.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+    import urllib.error
+
+    from keras.src.backend import config
+    from keras.src.utils import file_utils
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("network unreachable")
+
+    monkeypatch.setattr(config, "keras_home", lambda: str(tmp_path / "empty-keras-home"))
+    monkeypatch.setattr(file_utils, "urlretrieve", offline)
+    with pytest.raises(ExportError, match=r"ImageNet weights are not in Keras' cache .*empty-keras-home.*--weights none"):
+        load_keras("MobileNetV3Small", weights="imagenet")
+
+
+# -- the CLI, torch-free, and what runs downstream -----------------------------------------------------------
+
+def test_cli_exports_keras_and_runs_every_method_with_nhwc_grad_cam(tmp_path, photos):
+    out = tmp_path / "m.onnx"
+    runner = CliRunner()
+    result = runner.invoke(main, ["export", "keras:MobileNetV3Small", "--weights", "none", "--input-size",
+                                  str(SIZE), "--cam-layer", "auto", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "tf.GradientTape" in result.output and "Softmax" in result.output, result.output
+    cam = _session(out).run([contract.OUTPUT_CAM_ACTIVATION, contract.OUTPUT_CAM_GRADIENT], {
+        contract.INPUT_IMAGE: np.random.default_rng(0).uniform(0, 255, (1, 3, SIZE, SIZE)).astype(np.float32),
+        contract.INPUT_TARGET: np.array([-1])})
+    assert cam[0].ndim == 4 and cam[0].shape[2] < SIZE and cam[0].shape == cam[1].shape, \
+        f"an NCHW feature map: {cam[0].shape}"
+    picture = tmp_path / "chelsea.png"
+    Image.fromarray(photos["chelsea"]).save(picture)
+    for method in ("vanilla", "smoothgrad", "integrated-gradients", "grad-cam"):
+        maps = tmp_path / method
+        args = ["run", str(out), str(picture), "--out", str(maps), "--method", method, "--format", "npy"]
+        args += {"smoothgrad": ["--samples", "3"], "integrated-gradients": ["--steps", "4"]}.get(method, [])
+        result = runner.invoke(main, args)
+        assert result.exit_code == 0, (method, result.output)
+        (saved,) = maps.glob("*.map.npy")
+        values = np.load(saved)
+        assert np.all(np.isfinite(values)) and values.std() > 0, method
+    result = runner.invoke(main, ["export", "keras:MobileNetV3Small", "--layout", "nhwc", "-o", str(out)])
+    assert result.exit_code == 2 and "only for onnx:PATH" in result.output
+    result = runner.invoke(main, ["export", "keras:NoSuchNet", "-o", str(out)])
+    assert result.exit_code == 1 and "not a keras.applications model" in result.output
+
+
+def test_load_reference_rebuilds_the_export_from_its_metadata(tmp_path):
+    from gradmap.export._keras import load_reference
+
+    path = tmp_path / "small.keras"
+    _small_model().save(path)
+    out, _ = _export(tmp_path, str(path), preprocessing_options={"preset_name": "keras-tf"})
+    reference = load_reference(f"keras:{path}", metadata=_metadata(out))
+    x = np.random.default_rng(5).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    target = np.array([1, 3])
+    run = reference.run(x, target, score="logit")
+    logits, gradient = _session(out).run([contract.OUTPUT_LOGITS, contract.BACKPROP_OUTPUTS["vanilla"]],
+                                         {contract.INPUT_IMAGE: x, contract.INPUT_TARGET: target})
+    assert run.logits.dtype == np.float64 and _relative(logits, run.logits) < 1e-5
+    assert _relative(gradient, run.gradients["vanilla"]) < 1e-5
+    # as gradmap verify calls it: DEFAULT and 0 defer to the weights and seed the export recorded
+    donor = _small_model()
+    donor.set_weights([w + 0.05 * (i + 1) for i, w in enumerate(donor.get_weights())])  # not the file's own
+    weights = tmp_path / "w.weights.h5"
+    donor.save_weights(weights)
+    out2, _ = _export(tmp_path, str(path), weights=str(weights), preprocessing_options={"preset_name": "keras-tf"})
+    again = load_reference(f"keras:{path}", weights="DEFAULT", seed=0, metadata=_metadata(out2))
+    logits2 = _session(out2).run([contract.OUTPUT_LOGITS], {contract.INPUT_IMAGE: x, contract.INPUT_TARGET: target})[0]
+    assert _relative(logits2, again.run(x, target, score="logit").logits) < 1e-5
+    assert _relative(logits2, logits) > 1e-2, "the weights file's weights were not the file's own"
+    info = json.loads(CliRunner().invoke(main, ["info", str(out), "--json"]).output)
+    assert info["extra"]["keras_kind"] == "keras" and info["extra"]["cut"] == "Softmax"
+
+
+# -- the TensorFlow recipe (../shared/recipes/tensorflow2-gradienttape-resnet50.md), reproduced -----------------
+
+#: The options docs/keras.md gives for the recipe (the test swaps --weights imagenet for the recipe model's
+#: own random weights, and 224 for a smaller size: the computation is the same at every size).
+RECIPE_EXPORT = ["--preset", "keras-torch", "--resize-mode", "exact", "--interpolation", "bilinear",
+                 "--no-antialias", "--score", "probability"]
+RECIPE_RUN = ["--reduce", "sum"]
+
+
+def test_tensorflow_recipe_map_is_reproduced(tmp_path, photos):
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "keras.md").read_text()
+    assert " ".join(RECIPE_EXPORT) in docs and "gradmap run resnet50.onnx stork.png " + " ".join(RECIPE_RUN) in docs
+
+    size = 64
+    picture = tmp_path / "stork.png"
+    Image.fromarray(photos["astronaut"]).save(picture)
+    keras.utils.set_random_seed(11)
+    test_model = keras.applications.resnet50.ResNet50(weights=None, input_shape=(size, size, 3))
+    weights = tmp_path / "recipe.weights.h5"
+    test_model.save_weights(weights)
+
+    # the recipe, as written (input_img, densenet.preprocess_input, GradientTape, normalize_image)
+    image = tf.image.decode_png(tf.io.read_file(str(picture)))
+    image = tf.expand_dims(image, axis=0)
+    image = tf.cast(image, tf.float32)
+    input_img = tf.image.resize(image, [size, size])
+    input_img = keras.applications.densenet.preprocess_input(input_img)
+    result = test_model(input_img)
+    max_idx = tf.argmax(result, axis=1)
+    with tf.GradientTape() as tape:
+        tape.watch(input_img)
+        result = test_model(input_img)
+        max_score = result[0, max_idx[0]]
+    grads = tape.gradient(max_score, input_img)
+    g = grads[0]
+    grads_norm = g[:, :, 0] + g[:, :, 1] + g[:, :, 2]
+    recipe_map = ((grads_norm - tf.reduce_min(grads_norm)) / (tf.reduce_max(grads_norm) - tf.reduce_min(grads_norm)))
+    recipe_map = recipe_map.numpy()
+
+    # gradmap, with the options docs/keras.md gives
+    out = tmp_path / "resnet50.onnx"
+    runner = CliRunner()
+    result = runner.invoke(main, ["export", "keras:ResNet50", "--weights", str(weights), "--input-size", str(size),
+                                  *RECIPE_EXPORT, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    maps = tmp_path / "maps"
+    result = runner.invoke(main, ["run", str(out), str(picture), *RECIPE_RUN, "--format", "npy", "--json",
+                                  "--out", str(maps)])
+    assert result.exit_code == 0, result.output
+    (record,) = json.loads(result.output)["images"]
+    assert record["predictions"][0]["index"] == int(max_idx[0]), (record["predictions"][0], int(max_idx[0]))
+    (map_file,) = maps.glob("*.map.npy")
+    ours = np.load(map_file)
+    assert ours.shape == recipe_map.shape
+    # both are float32 computations of the same map: they differ by float32 rounding of the gradient
+    # (1e-6 relative, measured) carried through the min-max scaling
+    diff = np.abs(ours.astype(np.float64) - recipe_map).max()
+    assert diff < 1e-4, diff
