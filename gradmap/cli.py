@@ -6,6 +6,7 @@ that needs them so that ``gradmap --help`` starts fast and the runtime never tou
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -195,6 +196,82 @@ def export_command(model_name: str, output: str, weights: str, score: str, seed:
     click.echo(report.summary())
 
 
+@main.command("verify")
+@click.argument("model_path", metavar="MODEL.onnx", type=click.Path(exists=True, dir_okay=False))
+@click.option("--reference", "spec", required=True, metavar="SPEC",
+              help="The source MODEL.onnx was exported from, as gradmap export took it: a torchvision name, "
+                   "timm:NAME, hf:ID_OR_DIR, onnx:FILE or keras:NAME|PATH.")
+@click.option("--weights", default=None,
+              help="The source's weights, as given to gradmap export: DEFAULT/pretrained, none (random, with "
+                   "--seed) or a file. Default: what MODEL.onnx's metadata records where its source records "
+                   "them there (keras:), else DEFAULT.")
+@click.option("--seed", type=int, default=None, help="Seed of random weights (--weights none); default as --weights, else 0.")
+@click.option("--trust-model", is_flag=True,
+              help="keras: only: load a legacy .h5 model or a SavedModel, which can run code when loaded.")
+@click.option("--images", "images", multiple=True, metavar="DIR|FILE",
+              help="Pictures to check (folders, files, globs; repeatable), each preprocessed as MODEL.onnx's "
+                   "metadata says, for its top class. Default: random batches, as the export's check.")
+@click.option("--provider", default="auto", show_default=True,
+              help="onnxruntime execution provider(s) MODEL.onnx runs on: auto, cpu, cuda or a comma-separated list.")
+@click.option("--threads", type=click.IntRange(min=0), default=None,
+              help="onnxruntime intra-op threads (default: onnxruntime's choice).")
+def verify_command(model_path: str, spec: str, weights: str | None, seed: int | None, trust_model: bool,
+                   images: tuple[str, ...], provider: str, threads: int | None) -> None:
+    """Check MODEL.onnx's logits and gradients against the float64 reference of its source.
+
+    Runs the export's parity check again, on your pictures: the same limits (from the reference's own
+    float32 error on each picture, with the model's ReLU and max-pooling decisions replayed). Prints a
+    table per picture; exits 1 when a picture differs beyond its limit or cannot be verified.
+    """
+    try:
+        from gradmap.export._verify import verify_file
+        from gradmap.graph import ExportError
+    except ImportError as e:
+        raise click.ClickException(f"'gradmap verify' needs onnx and onnx-ir ({e.name or e}): "
+                                   "pip install 'gradmap[onnx]'") from e
+    pictures: list[str] = []
+    if images:
+        from gradmap.runtime.io import expand_inputs
+
+        pictures, problems = expand_inputs(images)
+        for given, reason in problems:
+            click.echo(f"{given}: {reason}", err=True)
+        if problems or not pictures:
+            raise click.BadParameter("no pictures to check" if not problems else
+                                     f"{len(problems)} of the inputs matched no picture", param_hint="'--images'")
+    try:
+        checks, result = verify_file(model_path, spec, pictures, weights=weights, seed=seed, provider=provider,
+                                     threads=threads, trust_model=trust_model)
+    except ImportError as e:
+        raise click.ClickException(f"--reference {spec}: needs {e.name or e}, which is not installed") from e
+    except ValueError as e:  # an unavailable provider
+        raise click.BadParameter(str(e), param_hint="'--provider'") from e
+    except ExportError as e:  # ParityError included
+        raise click.ClickException(str(e)) from e
+    if not pictures:
+        check = result.passed
+        click.echo(f"{model_path} matches {spec} on a random batch (batch {len(result.batches)} of up to 8): "
+                   f"logits {check.logits_error:.3g} (limit {check.logits_limit:.3g}), gradient "
+                   f"{check.gradient_error:.3g} (limit {check.gradient_limit:.3g}), max|Δ| / max|reference|")
+        return
+    click.echo(f"{'picture':<32} {'class':<24} {'logits':>9} {'limit':>9} {'gradient':>9} {'limit':>9}  "
+               f"{'replayed':<11} result")
+    failed = []
+    for item in checks:
+        c = item.check
+        verdict = "ok" if c.passed else ("cannot verify" if c.unverifiable else "MISMATCH")
+        name = os.path.basename(item.picture)
+        label = f"{item.target_index} {item.label}"
+        click.echo(f"{name[:32]:<32} {label[:24]:<24} {c.logits_error:>9.2e} {c.logits_limit:>9.2e} "
+                   f"{c.gradient_error:>9.2e} {c.gradient_limit:>9.2e}  {c.replayed:<11} {verdict}")
+        if not c.passed:
+            failed.append(f"{item.picture}: {c.unverifiable or '; '.join(c.problems)}")
+    if failed:
+        raise click.ClickException(f"{len(failed)} of {len(checks)} pictures differ from {spec} beyond the "
+                                   "limits or cannot be verified (max|Δ| / max|reference|):\n  " + "\n  ".join(failed))
+    click.echo(f"all {len(checks)} pictures match {spec}")
+
+
 _FORMAT_NAMES = contract.OUTPUT_FORMATS
 _PROGRESS_THRESHOLD = 3  # show a progress bar when there are more pictures than this
 
@@ -349,6 +426,9 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
     runner = make_engine(engine, model, address=address, workers=workers, threads=threads, provider=provider,
                          parquet_dir=parquet_dir)
     printer = _RunPrinter(as_json)
+    from gradmap.runtime import perturbation  # long forward-only runs say how far they are
+
+    reporting = perturbation.progress.set(_MaskProgress())
     try:
         summary = run_job(model, inputs, out_dir=out_dir, target=target, method=method_spec, reduce=reduce,
                           clip=None if clip_percentile is None else (0.0, clip_percentile), no_crop=no_crop,
@@ -361,6 +441,7 @@ def run_command(model_path: str, inputs: tuple[str, ...], out_dir: str, target: 
     except EngineError as e:
         raise click.ClickException(str(e)) from e
     finally:
+        perturbation.progress.reset(reporting)
         printer.close()
     if as_json:
         click.echo(json.dumps(summary.to_json(), indent=2))
@@ -391,6 +472,26 @@ def _check_ray_options(skip_existing: bool, parquet_dir: str | None) -> None:
         raise click.UsageError("--skip-existing resumes picture files, not a Parquet dataset")
     if Path(parquet_dir).exists() and any(Path(parquet_dir).iterdir()):
         raise click.UsageError(f"--to-parquet {parquet_dir}: the folder is not empty; give a new one")
+
+
+class _MaskProgress:
+    """Progress of occlusion, RISE and Score-CAM on stderr: a line every 5 s once a call has run 5 s."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.clock = time.monotonic
+        self.started: dict[tuple[str, int], float] = {}
+        self.shown = 0.0
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        now = self.clock()
+        started = self.started.setdefault((what, total), now)
+        if now - started >= 5 and (now - self.shown >= 5 or done == total):
+            self.shown = now
+            click.echo(f"{what}: {done}/{total} ({now - started:.0f} s)", err=True)
+        if done == total:
+            self.started.pop((what, total), None)
 
 
 def _unwind_on_sigterm() -> None:
@@ -746,7 +847,7 @@ def cache_clear_command(stale: bool) -> None:
 @click.option("--max-top", type=click.IntRange(min=1), default=10, show_default=True,
               help="Largest K of a topK target.")
 @click.option("--max-passes", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Largest smoothgrad samples or integrated-gradients steps a request may ask for.")
+              help="Largest samples, steps or masks setting (model runs per picture) a request may ask for.")
 @click.option("--max-connections", type=click.IntRange(min=1), default=128, show_default=True,
               help="Open connections per process (503 above).")
 @click.option("--image-formats", default="JPEG,PNG,WEBP", show_default=True,

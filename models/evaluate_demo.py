@@ -88,7 +88,15 @@ def cascade_label(path: Path) -> str:
     return f"{path.stem.removeprefix('shapes_randomized_blocks')} blocks"
 
 
-def run(demo: Path, threads: int) -> dict:
+def parse_method(text: str) -> tuple[str, dict]:
+    """``NAME`` or ``NAME:setting=value,setting=value`` (values as the method table reads text)."""
+    name, _, rest = text.partition(":")
+    settings = dict(item.split("=", 1) for item in rest.split(",") if item)
+    return name, settings
+
+
+def run(demo: Path, threads: int, only: list[tuple[str, dict]] | None = None,
+        selection: dict | None = None) -> dict:
     from gradmap.runtime import SaliencyModel
     from gradmap.runtime.evaluate import evaluate, load_evaluation_data
     from gradmap.runtime.methods import MethodSpec
@@ -98,9 +106,14 @@ def run(demo: Path, threads: int) -> dict:
     cascade_paths = {cascade_label(path): path for path in cascade_files(demo)}
     cascade = [(label, SaliencyModel(path, provider="cpu", threads=threads)) for label, path in cascade_paths.items()]
     data = load_evaluation_data(demo / "eval_set.npz", model.metadata.preprocessing, model.metadata.labels)
-    selection = choose_noise(model)
-    specs = [MethodSpec(name, noise=selection["noise"]) if name == "smoothgrad" else MethodSpec(name)
-             for name in model.metadata.methods]
+    if only is None or any(name == "smoothgrad" for name, _ in only) or selection is None:
+        selection = choose_noise(model)
+    if only is None:
+        specs = [MethodSpec(name, noise=selection["noise"]) if name == "smoothgrad" else MethodSpec(name)
+                 for name in model.metadata.methods]
+    else:
+        specs = [MethodSpec(name, **({"noise": selection["noise"]} if name == "smoothgrad" else {}), **settings)
+                 for name, settings in only]
     results = evaluate(model, data, specs, randomized=randomized, cascade=cascade, tolerance=TOLERANCE_PX,
                        progress=lambda m: print(m, flush=True))
     results["smoothgrad_noise_selection"] = selection
@@ -201,11 +214,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", type=Path, default=ROOT / "models" / "demo")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--method", action="append", metavar="NAME[:SETTING=VALUE,...]",
+                        help="evaluate only this method (repeatable), with these settings, and merge its rows into "
+                             "the existing quality.json")
     _report.add_flags(parser, RESULTS)
     args = parser.parse_args()
     out = args.out if args.out != RESULTS else args.demo / "quality.json"
     if args.tables_only:
         results = load_results(out)
+    elif args.method:
+        # some methods again (or new ones), their rows merged into the results of the full run
+        results = load_results(out)
+        only = [parse_method(text) for text in args.method]
+        meta = _report.start_run(PAGE, SECTIONS, versions=("onnxruntime",), threads=args.threads)
+        partial = run(args.demo, args.threads, only, results.get("smoothgrad_noise_selection"))
+        record = _report.finish_run(meta)
+        for name, settings in only:
+            results["methods"][name] = partial["methods"][name]
+            results.setdefault("method_runs", {})[name] = {"settings": settings, "seconds": partial.get("seconds"),
+                                                           "meta": record}
+        results["targets_missed"] = verdicts(results)
+        results = _report.write_json(out, results, indent=2)
     else:
         meta = _report.start_run(PAGE, SECTIONS, versions=("onnxruntime",), threads=args.threads)
         results = run(args.demo, args.threads)

@@ -364,6 +364,25 @@ def test_load_reference_rebuilds_the_export_from_its_metadata(tmp_path):
     assert info["extra"]["keras_kind"] == "keras" and info["extra"]["cut"] == "Softmax"
 
 
+def test_gradmap_verify_checks_a_keras_export_against_gradient_tape_without_torch(tmp_path, photo_files):
+    """gradmap verify --reference keras:PATH rebuilds the float64 Keras model (its registry entry is this
+    source's load_reference) and checks the file on pictures; with another model's weights it exits 1."""
+    path = tmp_path / "small.keras"
+    _small_model().save(path)
+    out, _ = _export(tmp_path, str(path), preprocessing_options={"preset_name": "keras-tf"})
+    pictures = [a for p in photo_files[:2] for a in ("--images", str(p))]
+    result = CliRunner().invoke(main, ["verify", str(out), "--reference", f"keras:{path}", *pictures])
+    assert result.exit_code == 0, result.output
+    assert "all 2 pictures match" in result.output and result.output.count(" ok") == 2, result.output
+    assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None], "verify imported torch"
+    other = tmp_path / "other.keras"  # the same architecture with other weights
+    model = _small_model()
+    model.set_weights([w * 1.5 for w in model.get_weights()])
+    model.save(other)
+    wrong = CliRunner().invoke(main, ["verify", str(out), "--reference", f"keras:{other}", *pictures])
+    assert wrong.exit_code == 1 and "MISMATCH" in wrong.output, wrong.output
+
+
 # -- the TensorFlow recipe (../shared/recipes/tensorflow2-gradienttape-resnet50.md), reproduced -----------------
 
 #: The options docs/keras.md gives for the recipe (the test swaps --weights imagenet for the recipe model's

@@ -84,6 +84,9 @@ def test_rise_of_a_constant_score_is_the_mean_mask_over_p(batch):
             logits = np.tile(np.array([[0.0, np.log(3.0)]], np.float32), (len(images), 1))
             return {self.OUTPUT_LOGITS: logits, self.OUTPUT_TARGET_INDEX: np.full(len(images), 1, np.int64)}
 
+        def logits(self, images):
+            return self.run_outputs(images, None, ())[self.OUTPUT_LOGITS]
+
     images = batch[0][:1]
     result = perturbation.rise(Constant(), images, np.array([1]), np.zeros_like(images), masks=3000, grid=4,
                                probability=0.3, seed=0)
@@ -235,3 +238,76 @@ def test_cam_family_from_the_cli(tmp_path, demo_model, method):
     files = json.loads(result.stdout)["images"][0]["maps"][0]["files"]
     cam = np.load(files["cam"])
     assert cam.shape == (1, 64, 64) and cam.min() >= 0 and cam.max() > 0
+
+
+def test_the_forward_part_is_cut_out_of_the_file(demo_model):
+    """Masked copies run the forward part alone: the cut session reads only the picture and writes only the
+    logits, equal to the whole graph's up to float32 rounding; the other outputs are gone from it."""
+    from gradmap.runtime import SaliencyModel
+    from gradmap.runtime._onnx_header import ProtobufError
+    from gradmap.runtime._onnx_prune import prune_to_outputs
+
+    model = SaliencyModel(demo_model[0], provider="cpu", threads=1)
+    images = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    logits = model.logits(images)
+    assert model._forward is not model.session
+    assert [t.name for t in model._forward.get_inputs()] == ["image"]
+    assert [t.name for t in model._forward.get_outputs()] == ["logits"]
+    full = model.run_outputs(images, None, ("logits",))["logits"]
+    np.testing.assert_allclose(logits, full, rtol=1e-5, atol=1e-5 * np.abs(full).max())
+    data = demo_model[0].read_bytes()
+    cut = prune_to_outputs(data, ("logits",))
+    assert len(cut) < len(data)
+    with pytest.raises(ProtobufError, match="no output attention"):
+        prune_to_outputs(data, ("attention",))
+    with pytest.raises(ProtobufError):
+        prune_to_outputs(b"\xff\xff\xff", ("logits",))
+
+
+def test_a_graph_with_subgraphs_is_not_cut():
+    pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from gradmap.runtime._onnx_header import ProtobufError
+    from gradmap.runtime._onnx_prune import prune_to_outputs
+
+    branch = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "branch", [],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph([helper.make_node("If", ["c"], ["logits"], then_branch=branch, else_branch=branch)],
+                              "g", [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                                    helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1])])
+    with pytest.raises(ProtobufError, match="subgraphs"):
+        prune_to_outputs(helper.make_model(graph).SerializeToString(), ("logits",))
+
+
+def test_gradmap_run_shows_the_progress_of_long_calls(capsys):
+    from gradmap.cli import _MaskProgress
+
+    now = [0.0]
+    report = _MaskProgress()
+    report.clock = lambda: now[0]
+    for done, at in ((10, 1.0), (20, 4.0), (30, 6.0), (40, 8.0), (50, 11.5), (60, 12.0)):
+        now[0] = at
+        report("RISE masks", done, 60)
+    # the clock starts at the first report: nothing in its first 5 s, then a line at most every 5 s, and the last
+    assert capsys.readouterr().err.splitlines() == ["RISE masks: 30/60 (5 s)", "RISE masks: 50/60 (10 s)",
+                                                    "RISE masks: 60/60 (11 s)"]
+
+
+def test_gradmap_evaluate_runs_the_new_methods(demo_model, tmp_path):
+    from gradmap.demo import demo_assets
+
+    data = demo_assets().joinpath("eval_set.npz")
+    if not data.is_file():
+        pytest.skip("demo evaluation set not generated")
+    out = tmp_path / "quality.json"
+    result = CliRunner().invoke(main, ["evaluate", str(demo_model[0]), "--data", str(data), "--limit", "2",
+                                       "--method", "layer-cam", "--method", "rise", "--masks", "20",
+                                       "--method", "occlusion", "--window", "16", "--stride", "16",
+                                       "--threads", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    methods = json.loads(out.read_text())["methods"]
+    assert set(methods) == {"layer-cam", "rise", "occlusion"}
+    for name, m in methods.items():
+        assert 0 <= m["deletion_auc"]["mean"] <= 1 and 0 <= m["insertion_auc"]["mean"] <= 1, name

@@ -277,8 +277,40 @@ def _hf_probabilities(module, image, targets):
     return attentions, list(torch.autograd.grad(score, attentions))
 
 
+def _torchvision_probabilities(module, image, targets):
+    """torchvision's nn.MultiheadAttention, written out (in-projection, per-head softmax(q k^T / sqrt(d)),
+    out-projection) so that its probabilities are tensors of the autograd graph; the logits must
+    still be the module's own (checked)."""
+    module = module.double()
+    kept = []
+
+    def attention(mha):
+        def forward(query, key, value, need_weights=False):
+            n, tokens, channels = query.shape
+            heads = mha.num_heads
+            q, k, v = (query @ mha.in_proj_weight.T + mha.in_proj_bias).chunk(3, dim=-1)
+            q, k, v = (t.reshape(n, tokens, heads, channels // heads).transpose(1, 2) for t in (q, k, v))
+            probabilities = torch.softmax(q @ k.transpose(-2, -1) / (channels // heads) ** 0.5, dim=-1)
+            kept.append(probabilities)
+            out = (probabilities @ v).transpose(1, 2).reshape(n, tokens, channels)
+            return mha.out_proj(out), None
+        return forward
+
+    x = torch.from_numpy(image).double()
+    with torch.no_grad():
+        expected = module(x)
+    for layer in module.encoder.layers:
+        layer.self_attention.forward = attention(layer.self_attention)
+    logits = module(x)
+    assert torch.allclose(logits, expected, rtol=0, atol=1e-9 * float(expected.abs().max())), \
+        "the written-out attention does not reproduce torchvision's"
+    score = logits.gather(1, torch.from_numpy(targets)[:, None]).sum()
+    return kept, list(torch.autograd.grad(score, kept))
+
+
 ATTENTION_MODELS = {
     "timm-vit_tiny": (_timm("vit_tiny_patch16_224", depth=4), _timm_probabilities),
+    "torchvision-vit_b_16": (_torchvision_vit, _torchvision_probabilities),
     "hf-vit": (_hf_vit, _hf_probabilities),
 }
 

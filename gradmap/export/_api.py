@@ -16,7 +16,9 @@ from gradmap.contract import ContractError, ModelMetadata, Preprocessing
 from gradmap.graph.gradient import ATTENTION_KEY
 from gradmap.graph import ExportError, ExportReport, add_gradient, finish, op_histogram, write_atomic
 
-from ._parity import DEFAULT_TOLERANCE, verify_parity
+from gradmap.graph.parity import TOLERANCE, Tolerance
+
+from ._parity import verify_parity
 from .presets import resolve
 from ._torchvision import labels_of, load_torchvision, preprocessing_of
 from ._trace import trace_to_onnx
@@ -54,7 +56,7 @@ def export_module(
     score: str = "logit",
     opset: int = MIN_OPSET,
     verify: bool = True,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: Tolerance = TOLERANCE,
     backprops: Sequence[str] = ("vanilla",),
     cam_layer: str | None = None,
     target: str = "portable",
@@ -86,6 +88,8 @@ def export_module(
             (exact; the block of onnxruntime's CPU layout: 16 with AVX-512, the default whatever the
             exporting machine, 8 with AVX2), 0 for none.
         verify: compare logits and gradient with torch autograd before writing (recommended).
+        tolerance: the parity policy (:class:`gradmap.graph.parity.Tolerance`: limits from torch's own
+            float32 error on each batch, with a floor and a cap).
         external_data: write the weights to ``OUTPUT.data`` beside ``output`` (onnxruntime maps that
             file into memory instead of parsing the weights: a lower peak when the session is
             created); the two files then travel together.
@@ -149,7 +153,7 @@ def export_torchvision(
     seed: int = 0,
     opset: int = MIN_OPSET,
     verify: bool = True,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: Tolerance = TOLERANCE,
     backprops: Sequence[str] = ("vanilla",),
     cam_layer: str | None = None,
     target: str = "portable",

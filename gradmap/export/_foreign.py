@@ -33,7 +33,7 @@ from onnx import numpy_helper
 
 from gradmap import contract
 from gradmap.contract import ModelMetadata, Preprocessing
-from gradmap.graph import ExportError, ExportReport, ParityError, add_gradient, finish, op_histogram, write_atomic
+from gradmap.graph import ExportError, ExportReport, add_gradient, finish, op_histogram, write_atomic
 from gradmap.graph.gradient import NON_DIFFERENTIABLE
 
 __all__ = ["ClassifierGraph", "MIN_OPSET", "export_graph", "imagenet_labels", "prepare_classifier", "read_labels"]
@@ -906,91 +906,15 @@ def export_graph(graph: ClassifierGraph, output: str | os.PathLike | None, *, pr
 
 # -- parity ---------------------------------------------------------------------------------------
 
-def _relative(actual: np.ndarray, expected: np.ndarray) -> float:
-    if not np.all(np.isfinite(actual)):
-        return float("inf")
-    scale = float(np.max(np.abs(expected)))
-    diff = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64))))
-    return diff / scale if scale > 0 else diff
-
-
-#: The largest tolerance the parity check grants from the reference's own float32 error (as
-#: gradmap.graph.parity's Tolerance.cap): beyond it the model is unverifiable, not accepted.
-_TOLERANCE_CAP = 1e-2
-
-
 def check_parity(proto: onnx.ModelProto, reference, input_size: tuple[int, int], *, score: str,
                  backprops: tuple[str, ...], fixed_batch: int | None = None, attempts: int = 6, seed: int = 0,
                  notes: list[str] | None = None) -> tuple[float, float]:
     """Logits and gradients of the written model (onnxruntime, CPU) against ``reference`` in float64
-    on random batches; the tolerance is ten times the reference's own float32 error, at least 1e-4, and
-    a model whose own float32 error would need more than 1e-2 is refused as unverifiable.
-    A batch whose gradient misses it is drawn again (near-ties of ReLU and max pooling move a
-    float32 gradient on some batches, a wrong rule on every one). Returns (logits error, gradient error).
+    on random batches, under the policy every source shares (:func:`gradmap.graph.parity.verify_model`:
+    limits from the reference's own float32 error on each batch, a batch that misses drawn again).
+    Returns (logits error, gradient error)."""
+    from gradmap.graph.parity import verify_model
 
-    With :mod:`gradmap.graph.parity` (the framework-neutral check every source shares), its
-    ``verify_model`` decides instead; this function's own comparison serves where it is absent."""
-    try:
-        from gradmap.graph.parity import verify_model
-    except ImportError:
-        verify_model = None
-    if verify_model is not None:
-        result = verify_model(proto, reference, input_size=input_size, score=score, backprops=backprops,
-                              batch=fixed_batch or 2, seed=seed, attempts=attempts)
-        return result.logits_error, result.gradient_error
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(seed)
-    batch = fixed_batch or 2
-    names = [contract.OUTPUT_LOGITS, contract.OUTPUT_TARGET_INDEX, *(contract.BACKPROP_OUTPUTS[b] for b in backprops)]
-    errors = []
-    logits_error = 0.0
-    for attempt in range(attempts):
-        images = rng.standard_normal((batch, 3, *input_size), dtype=np.float32)
-        plain = session.run([contract.OUTPUT_LOGITS],
-                            {contract.INPUT_IMAGE: images, contract.INPUT_TARGET: np.full(batch, -1, np.int64)})[0]
-        num_classes = plain.shape[1]
-        target = np.full(batch, -1, dtype=np.int64)
-        for i in range(1, batch):  # explicit classes other than the top one
-            target[i] = (int(plain[i].argmax()) + 1 + 7 * i) % num_classes
-        values = dict(zip(names, session.run(names, {contract.INPUT_IMAGE: images, contract.INPUT_TARGET: target})))
-        target_index = values[contract.OUTPUT_TARGET_INDEX]
-        ref = reference.run(images, target_index, score=score, backprops=backprops)
-        own = reference.run_float32(images, target_index, score=score, backprops=backprops)
-        own_logits = _relative(own.logits, ref.logits) if own is not None else 0.0
-        own_gradient = max((_relative(own.gradients[b], ref.gradients[b]) for b in backprops), default=0.0) \
-            if own is not None else 0.0
-        for what, own_error in (("logits", own_logits), ("gradient", own_gradient)):
-            if 10 * own_error > _TOLERANCE_CAP:
-                raise ParityError(
-                    f"parity check cannot verify the model: the {reference.name}'s own float32 run differs from its "
-                    f"float64 run by {own_error:.3g} ({what}), so a comparison at ten times that could not tell a "
-                    f"wrong rule from rounding (activations vanishing towards float32's subnormal range in random "
-                    f"weights?). The model was not written; --no-verify exports it unchecked.")
-        logits_tolerance = max(1e-4, 10 * own_logits)
-        gradient_tolerance = max(1e-4, 10 * own_gradient)
-        error = _relative(values[contract.OUTPUT_LOGITS], ref.logits)
-        logits_error = max(logits_error, error)
-        if error > logits_tolerance:
-            raise ParityError(f"parity check failed: logits differ from the {reference.name} by {error:.3g} "
-                              f"(max|Δ| / max|reference|; tolerance {logits_tolerance:.3g}, the reference's own "
-                              f"float32 run: {own_logits:.3g}). The model was not written.")
-        expected_top = np.argmax(ref.logits, axis=1)
-        if target[0] < 0 and target_index[0] != expected_top[0]:
-            top = np.sort(ref.logits[0])[::-1]
-            if top[0] - top[1] > 10 * logits_tolerance * np.abs(ref.logits).max():
-                raise ParityError(f"parity check failed: the model's top class {target_index[0]} is not the "
-                                  f"reference's {expected_top[0]}. The model was not written.")
-        gradient_errors = [_relative(values[contract.BACKPROP_OUTPUTS[b]], ref.gradients[b]) for b in backprops]
-        errors.append(max(gradient_errors))
-        if errors[-1] <= gradient_tolerance:
-            if attempt:
-                logger.info("gradient parity reached on batch %d (earlier: %s)", attempt + 1,
-                            ", ".join(f"{e:.2g}" for e in errors[:-1]))
-            return logits_error, errors[-1]
-    raise ParityError(f"parity check failed: the gradient differs from the {reference.name} by {min(errors):.3g} at "
-                      f"best over {len(errors)} random batches (max|Δ| / max|reference|; all: "
-                      f"{', '.join(f'{e:.2g}' for e in errors)}). The model was not written.")
+    result = verify_model(proto, reference, input_size=input_size, score=score, backprops=backprops,
+                          batch=fixed_batch or 2, seed=seed, attempts=attempts)
+    return result.logits_error, result.gradient_error

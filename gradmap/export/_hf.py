@@ -29,7 +29,7 @@ import torch
 from gradmap.contract import Preprocessing
 from gradmap.graph.errors import ExportError
 
-__all__ = ["export_hf", "load_hf", "hf_preprocessing", "hf_labels"]
+__all__ = ["export_hf", "load_hf", "hf_preprocessing", "hf_labels", "load_reference"]
 
 logger = logging.getLogger(__name__)
 
@@ -224,3 +224,11 @@ def export_hf(source: str, output, *, weights: str = "pretrained", seed: int = 0
     labels = hf_labels(config)
     return export_module(module, output, preprocessing=preprocessing, labels=labels or None,
                          source_model=f"hf:{source}", weights=weights_desc, **options)
+
+
+def load_reference(spec: str, *, weights: str | None = None, seed: int | None = 0, metadata=None, **_ignored):
+    """torch autograd of ``hf:MODEL_ID_OR_DIR`` (``gradmap verify --reference hf:...``)."""
+    from ._parity import TorchReference
+
+    weights = "pretrained" if (weights or "DEFAULT").upper() == "DEFAULT" else weights
+    return TorchReference(load_hf(spec[len("hf:"):], weights, seed=seed or 0)[0])

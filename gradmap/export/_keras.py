@@ -513,6 +513,7 @@ class KerasReference:
     """
 
     name = "float64 Keras model (tf.GradientTape)"
+    own = "TensorFlow"  # whose float32 run the parity policy measures
 
     def __init__(self, model, *, cut: str | None = None, channels: int = 3, forward=None, source: str = "keras",
                  trust_model: bool = False):

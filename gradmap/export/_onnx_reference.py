@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -39,17 +38,7 @@ logger = logging.getLogger(__name__)
 _FLOAT_ONLY_INPUTS = {"Resize": (2,), "Upsample": (1,)}
 
 
-try:  # the framework-neutral parity module's own class, where this gradmap has it
-    from gradmap.graph.parity import ReferenceRun
-except ImportError:
-    @dataclass
-    class ReferenceRun:
-        """A reference's logits [N, K] and gradients (backprop name -> [N, 3, H, W] w.r.t. ``image``)."""
-
-        logits: np.ndarray
-        gradients: dict[str, np.ndarray]
-        replayed: str = "none"
-        gaps: list[float] = field(default_factory=list)
+from gradmap.graph.parity import ReferenceRun
 
 
 def _double_tensor(tensor: TensorProto) -> TensorProto:
@@ -270,6 +259,7 @@ class OnnxReference:
     """
 
     name = "float64 evaluation of the ONNX graph"
+    own = "the ONNX graph"  # whose float32 run the parity policy measures
 
     def __init__(self, forward: ir.Model | onnx.ModelProto, *, directions: int = 1, rtol: float = 1e-3, seed: int = 0):
         proto = ir.serde.serialize_model(forward) if isinstance(forward, ir.Model) else forward

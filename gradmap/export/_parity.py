@@ -1,14 +1,16 @@
-"""Parity of an exported model with torch autograd: logits, resolved targets and the gradient.
+"""Parity of an exported model with torch autograd: the torch sources' reference for the shared policy.
 
-The reference is torch autograd in float64. The gradient of a network with max pooling or ReLU is
-piecewise constant in its input: where two pooled values, or a ReLU input and zero, lie within
-float32 rounding of each other, any float32 implementation (torch's own included) may take the
-other branch, which moves the gradient by a few percent around that pixel. For a random GoogLeNet,
-a relative input change of 1e-6 moves torch's float64 gradient by 3.4%, and a random 224x224 image
-meets such a near-tie in an early max pool about every other time; wide_resnet50_2 meets ~5 ReLU
-near-zeros per batch of 2. So the reference replays the decisions onnxruntime took (values still
-come from torch in float64), and a batch that still misses the tolerance is drawn again: a wrong
-rule misses on every batch, a near-tie only on some.
+The policy (limits from the reference's own float32 error, retries, refusals) is gradmap.graph.parity's,
+shared with the ``onnx:`` and ``keras:`` sources; this module is its torch reference. The reference is
+torch autograd in float64, and the same module in float32 for torch's own rounding on the batch. The
+gradient of a network with max pooling or ReLU is piecewise constant in its input: where two pooled
+values, or a ReLU input and zero, lie within float32 rounding of each other, any float32
+implementation (torch's own included) may take the other branch, which moves the gradient by a few
+percent around that pixel. For a random GoogLeNet, a relative input change of 1e-6 moves torch's
+float64 gradient by 3.4%, and a random 224x224 image meets such a near-tie in an early max pool about
+every other time; wide_resnet50_2 meets ~5 ReLU near-zeros per batch of 2. So both of torch's runs
+replay the decisions onnxruntime took (values stay torch's own), and a batch that still misses is
+drawn again: a wrong rule misses on every batch, a near-tie only on some.
 
 The decisions are read from the forward part alone (the nodes ``logits`` depends on): each ReLU's
 output, and each max pool's input, from which torch recomputes the pooled element (first maximum on
@@ -23,109 +25,29 @@ import contextlib
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
-from gradmap import contract
-from gradmap.graph.errors import ParityError
+from gradmap.graph.parity import (TOLERANCE, Decisions, ExposedModel, ReferenceRun, Tolerance, expose_decisions,
+                                  relative_error, verify_model)
 
-__all__ = ["DEFAULT_TOLERANCE", "Decisions", "ExposedModel", "Reference", "expose_decisions", "relative_error",
-           "replay_reference", "verify_parity"]
+__all__ = ["DEFAULT_TOLERANCE", "Decisions", "ExposedModel", "Reference", "TorchReference", "expose_decisions",
+           "relative_error", "replay_reference", "verify_parity"]
 
 logger = logging.getLogger(__name__)
 
-#: Largest accepted max|ORT - torch| / max|torch|, for logits and for the gradient.
-DEFAULT_TOLERANCE = 1e-4
-
-
-def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    """max|actual - expected| / max|expected| (inf when ``actual`` is not finite)."""
-    if not np.all(np.isfinite(actual)):
-        return float("inf")
-    scale = float(np.max(np.abs(expected)))
-    diff = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64))))
-    return diff / scale if scale > 0 else diff
-
-
-def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-@dataclass
-class ExposedModel:
-    """A copy of a gradmap model that also outputs the values its discrete choices were made on."""
-
-    proto: onnx.ModelProto
-    pool_inputs: list[str]  # the input of each forward MaxPool, in forward order
-    relu_outputs: list[str]  # the output of each forward Relu, in forward order
-
-    @property
-    def names(self) -> list[str]:
-        """The extra outputs to fetch, each once."""
-        return list(dict.fromkeys([*self.pool_inputs, *self.relu_outputs]))
-
-    def split(self, values: Mapping[str, np.ndarray]) -> "Decisions":
-        """The :class:`Decisions` among ``values`` (output name -> array, :attr:`names` at least)."""
-        missing = [n for n in self.names if n not in values]
-        if missing:
-            raise ValueError(f"decision values missing for {missing[:3]}")
-        return Decisions([values[n] for n in self.pool_inputs], [values[n] for n in self.relu_outputs])
-
-
-@dataclass
-class Decisions:
-    """What one float32 run computed where a gradient takes a discrete choice: each forward MaxPool's
-    input (the pooled element follows from it, first maximum on ties) and each forward Relu's output
-    (which inputs pass)."""
-
-    pool_inputs: list[np.ndarray] | None
-    relu_outputs: list[np.ndarray] | None
-
-
-def _forward_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """The nodes ``logits`` depends on, in graph order: the forward part, whatever the gradient
-    part (which may hold its own MaxPool and Relu nodes, e.g. Relu(dY) of guided backprop) adds."""
-    nodes = list(graph.node)
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    needed: set[int] = set()
-    stack = [contract.OUTPUT_LOGITS]
-    seen: set[str] = set()
-    while stack:
-        name = stack.pop()
-        if name in seen or name not in producer:
-            continue
-        seen.add(name)
-        needed.add(producer[name])
-        stack.extend(i for i in nodes[producer[name]].input if i)
-    return [nodes[i] for i in sorted(needed)]
+#: The least limit of the shared policy (gradmap.graph.parity.TOLERANCE.floor): a limit the engine tests
+#: (tests/engines) hold every engine's gradient to, with the decisions replayed.
+DEFAULT_TOLERANCE = TOLERANCE.floor
 
 
 def _expose_decisions(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], list[str]]:
     """(model, pool input names, relu output names): :func:`expose_decisions` as a tuple."""
     exposed = expose_decisions(proto)
     return exposed.proto, exposed.pool_inputs, exposed.relu_outputs
-
-
-def expose_decisions(proto: onnx.ModelProto) -> ExposedModel:
-    """A copy of ``proto`` that also outputs the input of every forward MaxPool (once per distinct
-    input: the gradient part may pool the same tensor again, once per backprop rule) and the output
-    of every forward Relu, in graph order: what a float32 run's discrete choices were made on."""
-    proto = copy.deepcopy(proto)
-    outputs = {o.name for o in proto.graph.output}
-    forward = _forward_nodes(proto.graph)
-    pools = list(dict.fromkeys(n.input[0] for n in forward if n.op_type == "MaxPool"))
-    relus = [n.output[0] for n in forward if n.op_type == "Relu"]
-    for name, elem in [*((p, onnx.TensorProto.FLOAT) for p in pools), *((r, onnx.TensorProto.FLOAT) for r in relus)]:
-        if name not in outputs:
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
-            outputs.add(name)
-    return ExposedModel(proto, pools, relus)
 
 
 class _ReplayMismatch(Exception):
@@ -287,87 +209,43 @@ def replay_reference(module: torch.nn.Module, image: np.ndarray, target: np.ndar
     return Reference(*_torch_reference(module, image, target, score), replayed="none")
 
 
-VANISHING = 1e-30  # logits this small come from activations that passed through float32's subnormals
+class TorchReference:
+    """torch autograd of a module as the parity reference (:class:`gradmap.graph.parity.Reference`): float64
+    for the values, a float32 copy for its own rounding, both replaying the model's decisions."""
+
+    name = "torch autograd (float64)"
+    own = "torch"
+
+    def __init__(self, module: torch.nn.Module):
+        self._double = copy.deepcopy(module).double()
+        self._single = copy.deepcopy(module).float()
+
+    def _run(self, module, images, target_index, score, backprops, decisions) -> ReferenceRun:
+        decisions = decisions or Decisions(None, None)
+        runs = [replay_reference(module, images, np.asarray(target_index, np.int64), score, decisions, mode)
+                for mode in backprops]
+        return ReferenceRun(logits=runs[0].logits.astype(np.float64), replayed=runs[0].replayed,
+                            gradients={b: r.gradient.astype(np.float64) for b, r in zip(backprops, runs)})
+
+    def run(self, images, target_index, *, score, backprops=("vanilla",), decisions=None) -> ReferenceRun:
+        return self._run(self._double, images, target_index, score, backprops, decisions)
+
+    def run_float32(self, images, target_index, *, score, backprops=("vanilla",), decisions=None) -> ReferenceRun:
+        return self._run(self._single, images, target_index, score, backprops, decisions)
 
 
 def verify_parity(module: torch.nn.Module, proto: onnx.ModelProto, input_size: tuple[int, int], *,
-                  score: str = "logit", batch: int = 2, seed: int = 0, backprops: tuple[str, ...] = ("vanilla",),
-                  tolerance: float = DEFAULT_TOLERANCE, attempts: int = 8) -> tuple[float, float]:
-    """Compare the ONNX model with float64 torch autograd on random batches (see the module doc).
+                  score: str = "logit", batch: int = 2, seed: int = 0, backprops: Sequence[str] = ("vanilla",),
+                  tolerance: Tolerance = TOLERANCE, attempts: int = 8) -> tuple[float, float]:
+    """Compare the ONNX model with torch autograd of ``module`` on random batches, under the shared
+    policy (:func:`gradmap.graph.parity.verify_model`): the limits come from torch's own float32 error
+    on each batch, with the decisions of the model's float32 run replayed in both of torch's runs.
 
-    The first sample of a batch uses target -1 (its top-1 class), the others explicit classes
-    that are not their top-1. Logits and resolved targets must match on every batch.
-    Every gradient output of ``backprops`` is compared, each with the same replayed decisions;
-    guided and deconvnet ReLU rules apply to every F.relu call of the torch module (nn.ReLU
+    Guided and deconvnet ReLU rules apply to every F.relu call of the torch module (nn.ReLU
     included), as to every forward Relu node of the graph.
     Raises :class:`ParityError` with the deviation when no batch passes.
-    Returns (logits error, largest gradient error) as max|Δ| / max|torch|.
+    Returns (logits error, gradient error of the batch that passed) as max|Δ| / max|torch|.
     """
-    rng = np.random.default_rng(seed)
-    exposed = expose_decisions(proto)
-    session = _session(exposed.proto)
-    reference = copy.deepcopy(module).double()
-    errors: list[float] = []
-    logits_error = 0.0
-    gradient_names = [contract.BACKPROP_OUTPUTS[b] for b in backprops]
-    fetch = list(dict.fromkeys([contract.OUTPUT_LOGITS, contract.OUTPUT_TARGET_INDEX, *gradient_names, *exposed.names]))
-    for attempt in range(attempts):
-        image = rng.standard_normal((batch, 3, *input_size), dtype=np.float32)
-        with torch.no_grad():
-            plain = reference(torch.from_numpy(image).double()).numpy()
-        num_classes = plain.shape[1]
-        target = np.full(batch, -1, dtype=np.int64)
-        for i in range(1, batch):  # an explicit class different from the top-1 class
-            target[i] = (int(plain[i].argmax()) + 1 + 7 * i) % num_classes
-        values = dict(zip(fetch, session.run(fetch, {contract.INPUT_IMAGE: image, contract.INPUT_TARGET: target})))
-        decisions = exposed.split(values)
-        references = [replay_reference(reference, image, target, score, decisions, mode) for mode in backprops]
-        ref = references[0]
-        if not np.any(ref.gradient):
-            raise ParityError("torch autograd gives an identically zero gradient on random inputs, so parity "
-                              "cannot be checked (a zero-initialized classifier head?). The model was not written; "
-                              "pass --no-verify to export it unchecked.")
-        error = relative_error(values[contract.OUTPUT_LOGITS], ref.logits)
-        logits_error = max(logits_error, error)
-        problems = []
-        if error > tolerance:
-            problems.append(f"logits differ from torch by {error:.3g} (max|Δ| / max|torch|)")
-            hint = _vanishing(ref.logits, "logits")
-            if hint:
-                problems.append(hint)
-            else:
-                with torch.no_grad():  # the module's own float32 run, on a float32 copy (not the reference)
-                    own = copy.deepcopy(module).float()(torch.from_numpy(image)).numpy()
-                own_error = relative_error(own, ref.logits)
-                if own_error > tolerance / 2:
-                    problems.append(f"torch's own float32 run differs from its float64 one by {own_error:.3g} on "
-                                    "this batch: the model's float32 rounding is near the tolerance, so this may be "
-                                    "rounding rather than a wrong graph (--no-verify exports it unchecked)")
-        target_index = values[contract.OUTPUT_TARGET_INDEX]
-        if not np.array_equal(target_index, ref.target_index):
-            problems.append(f"resolved targets {target_index.tolist()} differ from torch's {ref.target_index.tolist()}")
-        if problems:
-            raise ParityError(f"parity check failed (tolerance {tolerance:g}): " + "; ".join(problems)
-                              + ". The model was not written.")
-        errors.append(max(relative_error(values[name], r.gradient) for name, r in zip(gradient_names, references)))
-        if errors[-1] <= tolerance:
-            if attempt:
-                logger.info("gradient parity reached on batch %d (earlier batches: %s)", attempt + 1,
-                            ", ".join(f"{e:.2g}" for e in errors[:-1]))
-            return logits_error, errors[-1]
-    hint = _vanishing(ref.logits, "logits") or _vanishing(ref.gradient, "gradient")
-    raise ParityError(
-        f"parity check failed (tolerance {tolerance:g}): the gradient differs from torch autograd by "
-        f"{min(errors):.3g} at best over {len(errors)} random batches (max|Δ| / max|torch|; "
-        f"all: {', '.join(f'{e:.2g}' for e in errors)}){'; ' + hint if hint else ''}. The model was not written."
-    )
-
-
-def _vanishing(values: np.ndarray, what: str) -> str:
-    """Why a deviation may be float32's, not the graph's: values near float32's subnormal range."""
-    largest = float(np.abs(values).max())
-    if largest >= VANISHING:
-        return ""
-    return (f"torch's {what} {'are' if what == 'logits' else 'is'} at most {largest:.2g}: the weights make activations vanish towards float32's "
-            "subnormal range (below 1.2e-38), where float32 keeps few digits (random weights from an "
-            "initializer that shrinks every layer?)")
+    result = verify_model(proto, TorchReference(module), input_size=input_size, score=score, backprops=backprops,
+                          batch=batch, seed=seed, attempts=attempts, tolerance=tolerance)
+    return result.logits_error, result.gradient_error

@@ -26,7 +26,7 @@ from gradmap.contract import INTERPOLATIONS, Preprocessing
 from gradmap.graph.errors import ExportError
 
 __all__ = ["export_timm", "load_timm", "preprocessing_from_config", "read_state_dict", "timm_labels",
-           "timm_preprocessing"]
+           "timm_preprocessing", "load_reference"]
 
 logger = logging.getLogger(__name__)
 
@@ -226,3 +226,13 @@ def export_timm(name: str, output, *, weights: str = "pretrained", seed: int = 0
     preprocessing = timm_preprocessing(module, input_size)
     return export_module(module, output, preprocessing=preprocessing, labels=timm_labels(module) or None,
                          source_model=f"timm:{name}", weights=weights_desc, **options)
+
+
+def load_reference(spec: str, *, weights: str | None = None, seed: int | None = 0, metadata=None, **_ignored):
+    """torch autograd of ``timm:NAME`` (``gradmap verify --reference timm:NAME``), built for the input size
+    of the file's ``metadata`` where the architecture takes one."""
+    from ._parity import TorchReference
+
+    size = tuple(metadata.preprocessing.crop) if metadata is not None else None
+    weights = "pretrained" if (weights or "DEFAULT").upper() == "DEFAULT" else weights
+    return TorchReference(load_timm(spec[len("timm:"):], weights, seed=seed or 0, img_size=size)[0])

@@ -12,7 +12,7 @@ import torchvision
 from gradmap.contract import Preprocessing
 from gradmap.graph.errors import ExportError
 
-__all__ = ["classifier_names", "load_torchvision", "preprocessing_of", "labels_of", "input_size_of"]
+__all__ = ["classifier_names", "load_torchvision", "preprocessing_of", "labels_of", "input_size_of", "load_reference"]
 
 logger = logging.getLogger(__name__)
 
@@ -190,3 +190,10 @@ def _drop_aux(module: torch.nn.Module) -> None:
         for attr in ("aux1", "aux2", "AuxLogits"):
             if hasattr(module, attr):
                 setattr(module, attr, None)
+
+
+def load_reference(spec: str, *, weights: str | None = None, seed: int | None = 0, metadata=None, **_ignored):
+    """torch autograd of the torchvision model ``spec`` (``gradmap verify --reference resnet50``)."""
+    from ._parity import TorchReference
+
+    return TorchReference(load_torchvision(spec, weights or "DEFAULT", seed=seed or 0)[0])

@@ -13,8 +13,9 @@
                 the channel's weight is the softmax over channels of the scores of those masked inputs;
                 cam = ReLU(sum_c w_c A_c), as pytorch-grad-cam's ScoreCAM computes it.
 
-They read only the ``logits`` output (Score-CAM also ``cam_activation``), so onnxruntime runs the
-forward part of the graph only. Masked copies go to onnxruntime ``mask_batch`` at a time (0: as many
+The masked copies are scored by the forward part of the graph alone
+(:meth:`SaliencyModel.logits <gradmap.runtime.model.SaliencyModel.logits>`, cut out of the file once):
+onnxruntime would otherwise compute the gradient outputs for each copy too. Masked copies go to onnxruntime ``mask_batch`` at a time (0: as many
 as fit :data:`MEMORY_BUDGET`); ``batch_size`` (pictures per batch) does not change them. Long runs
 report progress through :data:`progress` (the CLI shows it on stderr) and log it at INFO.
 """
@@ -83,7 +84,7 @@ def _scores(model, batches: Iterator[np.ndarray], target: int, score: str, bar: 
     """The score of class ``target`` for every masked copy the iterator yields, in order."""
     found = []
     for batch in batches:
-        logits = model.run_outputs(batch, np.full(len(batch), target, np.int64), (OUTPUT_LOGITS,))[OUTPUT_LOGITS]
+        logits = model.logits(batch)  # the forward part of the graph alone
         found.append(score_of(logits, np.full(len(batch), target), score))
         bar.add(len(batch))
     return np.concatenate(found) if found else np.zeros(0)
@@ -124,7 +125,9 @@ def occlusion(model, images: np.ndarray, targets: np.ndarray, baselines: np.ndar
     n, _, h, w = images.shape
     windows = occlusion_windows((h, w), window, stride)
     logits, target_index = _forward(model, images, targets)
-    clean = score_of(logits, target_index, score)
+    # the clean score from the same forward graph as the occluded ones: onnxruntime may fuse the
+    # forward nodes of the whole graph differently, a float32 rounding that would not cancel
+    clean = score_of(model.logits(images), target_index, score)
     per_run = masks_per_run(mask_batch, images.shape[1:], len(windows))
     bar = _Progress("occluded copies", n * len(windows))
     values = np.zeros((n, 1, h, w))

@@ -73,7 +73,7 @@ class ResponseOptions:
 
 # -- the method part: the method table (contract.METHOD_TABLE) describes methods and settings --------
 #: Settings whose value multiplies the work of one picture (model runs per picture): --max-passes caps them.
-_PASSES = ("samples", "steps")
+_PASSES = ("samples", "steps", "masks")
 if not set(_PASSES) <= set(contract.SETTINGS):  # pragma: no cover - a renamed setting must not slip the cap
     raise ImportError(f"gradmap serve caps settings the method table lacks: {set(_PASSES) - set(contract.SETTINGS)}")
 
