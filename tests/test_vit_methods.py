@@ -73,7 +73,7 @@ def _torchvision_vit():
 
 # name -> (module builder, the layer pytorch-grad-cam's examples hook, its reshape_transform)
 MODELS = {
-    "timm-vit_tiny": (_timm("vit_tiny_patch16_224"), lambda m: m.blocks[-1].norm1, _tokens_to_grid(1)),
+    "timm-vit_tiny": (_timm("vit_tiny_patch16_224", depth=4), lambda m: m.blocks[-1].norm1, _tokens_to_grid(1)),
     "timm-deit_tiny_distilled": (_timm("deit_tiny_distilled_patch16_224", depth=2),
                                  lambda m: m.blocks[-1].norm1, _tokens_to_grid(2)),
     "timm-swin": (_timm("swin_tiny_patch4_window7_224", window_size=2, embed_dim=24, depths=(1, 1, 2, 1),
@@ -124,22 +124,34 @@ _CAM_NAMES = [contract.OUTPUT_LOGITS, contract.OUTPUT_TARGET_INDEX, contract.OUT
               contract.OUTPUT_CAM_GRADIENT]
 
 
+_FILES: dict = {}
+
+
+def _model_file(name, tmp_path_factory):
+    """Each model exported once for this module, with the CAM layer and, where it has global
+    attention, the attention outputs."""
+    if name not in _FILES:
+        path = tmp_path_factory.mktemp("vit") / f"{name}.onnx"
+        _export(MODELS[name][0](), path, cam_layer="auto", attention=name in ATTENTION_MODELS)
+        _FILES[name] = path
+    return _FILES[name]
+
+
 @pytest.fixture(scope="module", params=list(MODELS))
 def exported(request, tmp_path_factory):
     name = request.param
     build, layer_of, reshape = MODELS[name]
-    path = tmp_path_factory.mktemp("vit") / f"{name}.onnx"
-    report = _export(build(), path, cam_layer="auto")
+    path = _model_file(name, tmp_path_factory)
     image = _image()
     out = _run(path, image, np.array([-1, 3], dtype=np.int64), _CAM_NAMES)
     module = build()
     activation, gradient, logits = _hooked(module, layer_of(module), reshape, image, out[contract.OUTPUT_TARGET_INDEX])
-    return name, report, path, module, layer_of(module), image, out, activation, gradient, logits
+    return name, path, module, layer_of(module), image, out, activation, gradient, logits
 
 
 @pytest.mark.slow
 def test_cam_layer_auto_is_the_last_blocks_first_layer_norm_on_its_patch_grid(exported):
-    name, report, _, _, _, _, out, activation, gradient, logits = exported
+    name, _, _, _, _, out, activation, gradient, logits = exported
     assert rel(out[contract.OUTPUT_LOGITS], logits, "logits") <= TOLERANCE
     err_a = rel(out[contract.OUTPUT_CAM_ACTIVATION], activation, f"{name} cam_activation")
     err_g = rel(out[contract.OUTPUT_CAM_GRADIENT], gradient, f"{name} cam_gradient")
@@ -152,7 +164,7 @@ def test_grad_cam_on_a_vit_matches_pytorch_grad_cams_reshape_transform_recipe(ex
     pgc = require("pytorch_grad_cam")
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    name, _, _, module, layer, image, out, _, _, _ = exported
+    name, _, module, layer, image, out, _, _, _ = exported
     activation = out[contract.OUTPUT_CAM_ACTIVATION]
     cam = pgc.GradCAM(model=module.double(), target_layers=[layer], reshape_transform=MODELS[name][2])
     # compare on the patch grid: pytorch-grad-cam min-max scales, then resizes to this size
@@ -180,7 +192,7 @@ def test_grad_cam_runs_from_gradmap_run_on_a_vit(exported, tmp_path):
 
     from gradmap.cli import main
 
-    name, _, path, *_ = exported
+    name, path, *_ = exported
     if name != "timm-vit_tiny":
         pytest.skip("one ViT is enough for the command line")
     pictures = tmp_path / "in"
@@ -308,10 +320,11 @@ def _torchvision_probabilities(module, image, targets):
     return kept, list(torch.autograd.grad(score, kept))
 
 
+# the models of MODELS with global attention, and how to take their probabilities in torch
 ATTENTION_MODELS = {
-    "timm-vit_tiny": (_timm("vit_tiny_patch16_224", depth=4), _timm_probabilities),
-    "torchvision-vit_b_16": (_torchvision_vit, _torchvision_probabilities),
-    "hf-vit": (_hf_vit, _hf_probabilities),
+    "timm-vit_tiny": _timm_probabilities,
+    "torchvision-vit_b_16": _torchvision_probabilities,
+    "hf-vit": _hf_probabilities,
 }
 
 
@@ -340,9 +353,8 @@ def _relevance_reference(attentions, gradients):
 @pytest.fixture(scope="module", params=list(ATTENTION_MODELS))
 def with_attention(request, tmp_path_factory):
     name = request.param
-    build, probabilities_of = ATTENTION_MODELS[name]
-    path = tmp_path_factory.mktemp("attention") / f"{name}.onnx"
-    _export(build(), path, attention=True)
+    build, probabilities_of = MODELS[name][0], ATTENTION_MODELS[name]
+    path = _model_file(name, tmp_path_factory)
     image = _image()
     out = _run(path, image, np.array([-1, 3], dtype=np.int64), _ATTENTION_NAMES)
     attentions, gradients = probabilities_of(build(), image, out[contract.OUTPUT_TARGET_INDEX])
