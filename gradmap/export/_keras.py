@@ -362,10 +362,17 @@ def _rewrite_tensorflow_ops(proto, source: str) -> None:
     from onnx import helper, numpy_helper
 
     graph = proto.graph
-    unknown = sorted({n.op_type for n in graph.node if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)
-                      and n.op_type != "Erfc"})
+    unknown: dict[str, str] = {}
+    for n in graph.node:
+        if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type) and n.op_type != "Erfc":
+            unknown.setdefault(n.op_type, n.name)
     if unknown:
-        raise ExportError(f"{source}: tf2onnx left TensorFlow ops it cannot convert: {', '.join(unknown)}")
+        why = ""
+        if "StatefulPartitionedCall" in unknown:
+            why = (" (a TensorFlow function call tf2onnx cannot inline, such as the XLA-compiled function Keras runs "
+                   "a grouped Conv2D in)")
+        raise ExportError(f"{source}: tf2onnx left TensorFlow ops it cannot convert: "
+                          + ", ".join(f"{op} (first: {name})" for op, name in sorted(unknown.items())) + why)
     nodes = []
     one = None
     for node in graph.node:
