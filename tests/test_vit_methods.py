@@ -455,3 +455,14 @@ def test_attention_methods_refuse_a_model_exported_without_attention(linear_mode
     with pytest.raises(UnsupportedMethodError, match="export it with --attention"):
         attribute(linear_model, MethodSpec("attention-relevance"), np.zeros((1, 3, 32, 32), np.float32),
                   np.array([-1]))
+
+
+@pytest.mark.parametrize("model", ["onnx:model.onnx", "keras:MobileNetV3Small"])
+def test_export_attention_is_refused_for_sources_without_it(model):
+    from click.testing import CliRunner
+
+    from gradmap.cli import main
+
+    result = CliRunner().invoke(main, ["export", model, "-o", "x.onnx", "--attention"])
+    assert result.exit_code == 2, result.output
+    assert "--attention: only for torchvision, timm: and hf: models" in result.output
