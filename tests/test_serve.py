@@ -599,8 +599,10 @@ def test_settings_are_gradmap_runs_options_and_the_method_tables_settings():
             ({"samples": 11, "method": "smoothgrad"}, "smoothgrad setting 'samples' is 11; this server allows at "
                                                       "most 10 (--max-passes)", meta),
             ({"samples": 3}, "vanilla has no setting 'samples'; its settings are modifier", meta),
-            ({"method": "grad-cam"}, "model 'shapes' does not support grad-cam (it supports vanilla, smoothgrad, "
-                                     "integrated-gradients, gradient-x-input); export it with --cam-layer", plain),
+            ({"method": "rise", "masks": 11}, "rise setting 'masks' is 11; this server allows at most 10 "
+                                               "(--max-passes)", meta),
+            ({"method": "grad-cam"}, f"model 'shapes' does not support grad-cam (it supports {', '.join(plain.methods)}"
+                                     "); export it with --cam-layer", plain),
             ({"method": ["smoothgrad"]}, "unknown method ['smoothgrad']", meta),
             ({"alpha": 2}, "in [0, 1]", meta), ({"format": "jpeg"}, "list some of", meta),
             ({"no_crop": "maybe"}, "true or false", meta),
