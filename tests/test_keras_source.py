@@ -230,6 +230,36 @@ def test_exact_gelu_and_dense_on_feature_maps_as_in_convnext(tmp_path):
     assert "Erf" in report.op_types
 
 
+def test_tensorflow_ops_tf2onnx_leaves_are_rewritten_or_named():
+    import onnx
+    from onnx import helper
+    from scipy import special
+
+    from gradmap.export._keras import _rewrite_tensorflow_ops
+
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [7])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [7])
+    erfc = helper.make_node("Erfc", ["x"], ["y"], name="gelu/Erfc")
+    proto = helper.make_model(helper.make_graph([erfc], "g", [x], [y]), opset_imports=[helper.make_opsetid("", 18)])
+    _rewrite_tensorflow_ops(proto, "keras:m")
+    onnx.checker.check_model(proto)
+    values = np.array([-4, -1.5, -0.3, 0, 0.2, 1, 3], np.float32)
+    got = _session_bytes(proto).run(None, {"x": values})[0]
+    np.testing.assert_allclose(got, special.erfc(values.astype(np.float64)), atol=2e-7)
+
+    call = helper.make_node("StatefulPartitionedCall", ["x"], ["y"], name="block/depthwise_conv/Call")
+    proto = helper.make_model(helper.make_graph([call], "g", [x], [y]), opset_imports=[helper.make_opsetid("", 18)])
+    with pytest.raises(ExportError, match=r"keras:m: tf2onnx left TensorFlow ops it cannot convert: "
+                                          r"StatefulPartitionedCall \(first: block/depthwise_conv/.*grouped Conv2D"):
+        _rewrite_tensorflow_ops(proto, "keras:m")
+
+
+def _session_bytes(proto):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 def test_keras_file_with_lambda_code_is_refused_in_safe_mode(tmp_path):
     path = tmp_path / "lambda.keras"
     _small_model(lambda_layer=True).save(path)
@@ -301,7 +331,7 @@ def test_weights_from_a_weights_file_and_imagenet_offline(tmp_path, monkeypatch)
 
     monkeypatch.setattr(config, "keras_home", lambda: str(tmp_path / "empty-keras-home"))
     monkeypatch.setattr(file_utils, "urlretrieve", offline)
-    with pytest.raises(ExportError, match=r"ImageNet weights are not in Keras' cache .*empty-keras-home.*--weights none"):
+    with pytest.raises(ExportError, match=r"ImageNet weights are not in Keras' cache .*empty-keras-home.*--weights"):
         load_keras("MobileNetV3Small", weights="imagenet")
 
 

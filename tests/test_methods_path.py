@@ -89,6 +89,7 @@ def test_blur_ig_matches_pair(demo, pair):
         expected = pair.BlurIG().GetMask(_hwc(images[i]), _call_model(pair, fn, target_index[i]), max_sigma=20,
                                          steps=12, grad_step=0.05, batch_size=5)
         err = rel(_hwc(ours.values[i]), expected)
+        print(f"vs PAIR: Blur IG, picture {i}: {err:.3g}")
         assert err <= TOLERANCE, f"Blur IG, picture {i}: {err:.3g}"
 
 
@@ -102,6 +103,7 @@ def test_guided_ig_matches_pair(demo, pair, max_dist):
         expected = pair.GuidedIG().GetMask(_hwc(images[i]), _call_model(pair, fn, target_index[i]),
                                            x_baseline=_hwc(baselines[i]), x_steps=16, fraction=0.1, max_dist=max_dist)
         err = rel(_hwc(ours.values[i]), expected)
+        print(f"vs PAIR: Guided IG (max_dist {max_dist}), picture {i}: {err:.3g}")
         assert err <= TOLERANCE, f"Guided IG (max_dist {max_dist}), picture {i}: {err:.3g}"
 
 
@@ -118,6 +120,7 @@ def test_xrai_matches_pair(demo, pair, search):
         expected = pair.XRAI().GetMask(_hwc(images[i]), _call_model(pair, fn, target_index[i]), batch_size=6,
                                        extra_parameters=parameters)
         err = rel(ours.values[i, 0], expected)
+        print(f"vs PAIR: XRAI ({search}), picture {i}: {err:.3g}")
         assert err <= TOLERANCE, f"XRAI ({search}), picture {i}: {err:.3g}"
 
 

@@ -362,10 +362,17 @@ def _rewrite_tensorflow_ops(proto, source: str) -> None:
     from onnx import helper, numpy_helper
 
     graph = proto.graph
-    unknown = sorted({n.op_type for n in graph.node if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)
-                      and n.op_type != "Erfc"})
+    unknown: dict[str, str] = {}
+    for n in graph.node:
+        if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type) and n.op_type != "Erfc":
+            unknown.setdefault(n.op_type, n.name)
     if unknown:
-        raise ExportError(f"{source}: tf2onnx left TensorFlow ops it cannot convert: {', '.join(unknown)}")
+        why = ""
+        if "StatefulPartitionedCall" in unknown:
+            why = (" (a TensorFlow function call tf2onnx cannot inline, such as the XLA-compiled function Keras runs "
+                   "a grouped Conv2D in)")
+        raise ExportError(f"{source}: tf2onnx left TensorFlow ops it cannot convert: "
+                          + ", ".join(f"{op} (first: {name})" for op, name in sorted(unknown.items())) + why)
     nodes = []
     one = None
     for node in graph.node:
@@ -637,7 +644,7 @@ def export_keras(
     verify: bool = True,
     backprops: Sequence[str] = ("vanilla",),
     cam_layer: str | None = None,
-    target: str = "cpu",
+    target: str = "portable",
     channel_multiple: int | None = None,
     external_data: bool = False,
     input_name: str | None = None,

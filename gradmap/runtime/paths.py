@@ -18,7 +18,10 @@ depends on the last), XRAI its two integrated-gradient paths.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import OrderedDict
+from typing import Callable
 
 import numpy as np
 
@@ -82,13 +85,16 @@ def _blur(images: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def blur_ig(fn: GradientFn, images: np.ndarray, targets: np.ndarray, *, steps: int = 100, max_sigma: float = 50.0,
-            grad_step: float = 0.01, batch_size: int = 16, score: str = "logit") -> Attribution:
+            grad_step: float = 0.01, batch_size: int = 16, score: str = "logit",
+            logits_fn: Callable[[np.ndarray], np.ndarray] | None = None) -> Attribution:
     """Blur integrated gradients: attribution along the path from the picture blurred with
     ``max_sigma`` (pixels) to the picture, in ``steps`` steps.
 
     Args:
         grad_step: the sigma step of the forward difference that gives the path's direction.
         batch_size: pictures x steps per gradient call.
+        logits_fn: logits of a batch from the forward pass alone (``SaliencyModel.logits``), for the
+            blurred end's score; ``fn`` by default.
 
     The completeness gap reported is |sum attribution - (F(x) - F(blurred x))|, F the model's score
     (``score``: logit, probability or log-probability, :func:`~gradmap.runtime.methods.score_of`).
@@ -99,12 +105,13 @@ def blur_ig(fn: GradientFn, images: np.ndarray, targets: np.ndarray, *, steps: i
         raise ValueError(f"Blur IG's max_sigma must be > 0 pixels, got {max_sigma}")
     if not grad_step > 0:
         raise ValueError(f"Blur IG's grad_step must be > 0, got {grad_step}")
-    logits, target_index, _ = fn(images, targets)
     n = len(images)
     sigmas = [i * max_sigma / steps for i in range(steps + 1)]
-    total = np.zeros(images.shape, np.float64)
+    # the path's first point (sigma 0) is the picture: its gradient call also resolves the targets
+    logits, target_index, first = fn(images, targets)
+    total = (sigmas[1] - sigmas[0]) * (_blur(images, grad_step) - images) / grad_step * first
     chunk = max(1, batch_size // max(n, 1))
-    for start in range(0, steps, chunk):
+    for start in range(1, steps, chunk):
         idx = range(start, min(start + chunk, steps))
         points = np.stack([_blur(images, sigmas[i]) for i in idx], axis=1)               # [N, k, 3, H, W]
         direction = np.stack([(_blur(images, sigmas[i] + grad_step) - points[:, j]) / grad_step
@@ -114,7 +121,8 @@ def blur_ig(fn: GradientFn, images: np.ndarray, targets: np.ndarray, *, steps: i
         widths = np.array([sigmas[i + 1] - sigmas[i] for i in idx])[None, :, None, None, None]
         total += (widths * direction * grads).sum(1)
     values = -total
-    blurred_logits, _, _ = fn(_blur(images, max_sigma).astype(np.float32), target_index)
+    blurred = _blur(images, max_sigma).astype(np.float32)
+    blurred_logits = logits_fn(blurred) if logits_fn is not None else fn(blurred, target_index)[0]
     gap = np.abs(values.reshape(n, -1).sum(1) - (score_of(logits, target_index, score)
                                                  - score_of(blurred_logits, target_index, score)))
     return Attribution(values.astype(np.float32), target_index, logits, completeness_gap=gap)
@@ -164,7 +172,8 @@ def _guided_step(x, x_input, x_baseline, grad_actual, step, steps, fraction, max
 
 
 def guided_ig(fn: GradientFn, images: np.ndarray, targets: np.ndarray, baselines: np.ndarray, *, steps: int = 200,
-              fraction: float = 0.25, max_dist: float = 0.02, score: str = "logit") -> Attribution:
+              fraction: float = 0.25, max_dist: float = 0.02, score: str = "logit",
+              logits_fn: Callable[[np.ndarray], np.ndarray] | None = None) -> Attribution:
     """Guided integrated gradients from ``baselines`` (same shape as ``images``).
 
     Args:
@@ -172,6 +181,7 @@ def guided_ig(fn: GradientFn, images: np.ndarray, targets: np.ndarray, baselines
         fraction: the share of features (those with the smallest |gradient|) moved at a time.
         max_dist: how far (as a fraction of the path) a feature may run ahead of the straight line;
             0 gives integrated gradients on the straight line, 1 an unbounded path.
+        logits_fn: logits from the forward pass alone, for the baseline's score; ``fn`` by default.
 
     The completeness gap reported is |sum attribution - (F(x) - F(x0))|, F the model's score (``score``).
     """
@@ -184,7 +194,7 @@ def guided_ig(fn: GradientFn, images: np.ndarray, targets: np.ndarray, baselines
     if not 0 <= max_dist <= 1:
         raise ValueError(f"Guided IG's max_dist must be in [0, 1], got {max_dist}")
     logits, target_index, _ = fn(images, targets)
-    base_logits, _, _ = fn(baselines, target_index)
+    base_logits = logits_fn(baselines) if logits_fn is not None else fn(baselines, target_index)[0]
     n = len(images)
     x_input = images.reshape(n, -1).astype(np.float64)
     x_baseline = baselines.reshape(n, -1).astype(np.float64)
@@ -205,9 +215,29 @@ def guided_ig(fn: GradientFn, images: np.ndarray, targets: np.ndarray, baselines
 
 
 # -- XRAI ------------------------------------------------------------------------------------------
+# Segments of recent pictures, by their bytes: ``gradmap evaluate`` explains each picture with the
+# model and its randomized copies, and the segmentation (six Felzenszwalb runs at 224 x 224) costs
+# more than a short integration path. Bounded by the index arrays' bytes.
+_SEGMENT_CACHE: "OrderedDict[bytes, list[np.ndarray]]" = OrderedDict()
+_SEGMENT_CACHE_BYTES = 256 * 2 ** 20
+
+
 def xrai_segments(image: np.ndarray) -> list[np.ndarray]:
     """XRAI's candidate regions of one picture [3, H, W] (the model's input): flat pixel indices
     of each Felzenszwalb segment, six scales, each segment dilated by a disk of radius 5."""
+    image = np.ascontiguousarray(image)
+    key = hashlib.blake2b(image.tobytes(), digest_size=16, person=str(image.shape).encode()[:16]).digest()
+    if key in _SEGMENT_CACHE:
+        _SEGMENT_CACHE.move_to_end(key)
+        return _SEGMENT_CACHE[key]
+    regions = _felzenszwalb_regions(image)
+    _SEGMENT_CACHE[key] = regions
+    while sum(r.nbytes for rs in _SEGMENT_CACHE.values() for r in rs) > _SEGMENT_CACHE_BYTES and len(_SEGMENT_CACHE) > 1:
+        _SEGMENT_CACHE.popitem(last=False)
+    return regions
+
+
+def _felzenszwalb_regions(image: np.ndarray) -> list[np.ndarray]:
     from scipy import ndimage
     from skimage import segmentation
     from skimage.morphology import disk
@@ -349,11 +379,10 @@ def xrai(fn: GradientFn, images: np.ndarray, targets: np.ndarray, baselines: lis
         raise ValueError(f"segments are given for {len(segments)} pictures, not {n}")
     alphas, weights = _alphas(steps, rule)
     logits, target_index, _ = fn(images, targets)
-    k = len(baselines)
-    stacked = np.concatenate(baselines)
-    ig = path_gradients(fn, np.concatenate([images] * k), stacked, np.tile(target_index, k), alphas, weights)
-    ig = ig * (np.concatenate([images] * k) - stacked)
-    attr = ig.reshape(k, n, *images.shape[1:]).mean(0).max(1)  # mean over baselines, max over channels
+    # one path per baseline at a time (a path holds steps copies of the batch); mean over baselines,
+    # then max over channels
+    attr = sum((images - b) * path_gradients(fn, images, b, target_index, alphas, weights) for b in baselines)
+    attr = (attr / len(baselines)).max(1)
     maps = np.empty((n, 1, h, w), np.float32)
     for i in range(n):
         regions = segments[i] if segments is not None else xrai_segments(images[i])
@@ -366,7 +395,7 @@ def blur_ig_method(model, spec: MethodSpec, images: np.ndarray, targets: np.ndar
                    batch_size: int = 16) -> Attribution:
     fn = gradient_function(model, _gradient_output(spec.method), batch_size)
     return blur_ig(fn, images, targets, steps=spec.steps, max_sigma=spec.max_sigma, grad_step=spec.grad_step,
-                   batch_size=batch_size, score=model.metadata.score)
+                   batch_size=batch_size, score=model.metadata.score, logits_fn=model.logits)
 
 
 def guided_ig_method(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, *,
@@ -375,7 +404,7 @@ def guided_ig_method(model, spec: MethodSpec, images: np.ndarray, targets: np.nd
     baselines = baseline_image(images, spec.baseline, pre.mean, pre.std, seed=spec.seed, value_range=pre.value_range)
     fn = gradient_function(model, _gradient_output(spec.method), batch_size)
     return guided_ig(fn, images, targets, baselines, steps=spec.steps, fraction=spec.fraction,
-                     max_dist=spec.max_dist, score=model.metadata.score)
+                     max_dist=spec.max_dist, score=model.metadata.score, logits_fn=model.logits)
 
 
 def xrai_method(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, *,
