@@ -23,6 +23,8 @@ so once in the log. Other providers (CUDA) always get the file as written.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -177,11 +179,15 @@ def lowered_model(path: str, data_files: list[str], override: int | str | None, 
     block, reason = cpu_block(override)
     if block is None:
         return Lowered("off", None, reason)
+    # onnx-ir's version from its metadata: importing it (with onnx) takes seconds, which a load that
+    # reads its cached lowering does not pay
     try:
-        import onnx_ir
-    except ImportError as e:
+        if importlib.util.find_spec("onnx_ir") is None:
+            raise ImportError("onnx_ir")
+        onnx_ir_version = importlib.metadata.version("onnx-ir")
+    except (ImportError, ValueError, importlib.metadata.PackageNotFoundError):
         return Lowered("unavailable", block, reason,
-                       message=f"lowering a portable model for onnxruntime's CPU provider needs onnx-ir ({e.name}): "
+                       message="lowering a portable model for onnxruntime's CPU provider needs onnx-ir: "
                                "pip install 'gradmap[onnx]'; running the portable graph as written (slower)")
     start = time.perf_counter()
     external = bool(data_files)
@@ -194,7 +200,7 @@ def lowered_model(path: str, data_files: list[str], override: int | str | None, 
                                data_files=(str(staging / f"{_MODEL}.data"),), seconds=time.perf_counter() - start)
             return Lowered("memory", block, reason, model_bytes=_lower(path, block, None, False),
                            seconds=time.perf_counter() - start)
-        prefix, name = _entry_name(path, list(data_files), block, onnx_ir.__version__)
+        prefix, name = _entry_name(path, list(data_files), block, onnx_ir_version)
         entry = root / name
         files = (str(entry / f"{_MODEL}.data"),) if external else ()
         if (entry / _MODEL).is_file() and (entry / _SOURCE).is_file():
