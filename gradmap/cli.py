@@ -99,14 +99,17 @@ def _preprocessing_overrides(values: dict) -> dict:
               help="Add every self-attention layer's probabilities and their gradient as outputs, for "
                    "the attention methods (vision transformers with global attention: ViT, DeiT, BEiT; "
                    "torchvision, timm: and hf: models).")
-@click.option("--target", "engine_target", type=click.Choice(["cpu", "portable"]), default="cpu", show_default=True,
-              help="The engine the graph is written for: 'cpu' is lowered for onnxruntime's CPU provider "
-                   "(fastest there); 'portable' is the plain gradient graph every engine computes alike "
-                   "(onnxruntime-web WebAssembly and WebGPU, OpenVINO, GPU providers).")
+@click.option("--target", "engine_target", type=click.Choice(list(contract.TARGETS)), default="portable",
+              show_default=True,
+              help="The engine the graph is written for: 'portable' is the plain gradient graph every engine "
+                   "computes alike (onnxruntime CPU, onnxruntime-web WebAssembly and WebGPU, OpenVINO, GPU "
+                   "providers); gradmap's runtime lowers it for onnxruntime's CPU provider when it loads it, "
+                   "for the CPU it runs on. 'cpu' writes that lowering into the file (for onnxruntime's CPU "
+                   "provider only).")
 @click.option("--channel-multiple", type=click.IntRange(min=0), default=None,
               help="--target cpu: pad feature maps with zero channels to a multiple of this: exact, and "
                    "onnxruntime's CPU provider keeps them in its blocked layout (blocks of 16 with AVX-512, "
-                   "the default; 8 with AVX2). 0: no padding.")
+                   "the default on any exporting machine; 8 with AVX2). 0: no padding.")
 @click.option("--external-data", is_flag=True,
               help="Write the weights to OUTPUT.data beside OUTPUT: onnxruntime maps that file into memory "
                    "instead of parsing the weights out of the model, so creating a session peaks lower "
@@ -281,12 +284,14 @@ def _split_formats(ctx: click.Context, param: click.Parameter, values: tuple[str
     return tuple(dict.fromkeys(formats)) or contract.DEFAULT_OUTPUT_FORMATS
 
 
-def _load_model(path: str, provider: str, threads: int | None, cache: bool = True):
+def _load_model(path: str, provider: str, threads: int | None, cache: bool = True, cpu_block: str | None = None):
     from gradmap.runtime import GradmapModelError, SaliencyModel
+    from gradmap.runtime._lowering import CpuBlockError
 
     try:
-        return SaliencyModel(path, provider=provider, threads=threads, cache_dir=None if cache else False)
-    except GradmapModelError as e:
+        return SaliencyModel(path, provider=provider, threads=threads, cache_dir=None if cache else False,
+                             cpu_block=cpu_block)
+    except (GradmapModelError, CpuBlockError) as e:
         raise click.ClickException(str(e)) from e
     except ValueError as e:  # provider not available
         raise click.BadParameter(str(e), param_hint="'--provider'") from e
@@ -680,11 +685,21 @@ def info_command(model_path: str, as_json: bool) -> None:
 
     import onnxruntime
 
+    from gradmap.runtime._lowering import CpuBlockError, cpu_block
     from gradmap.runtime.providers import plan_providers
 
-    model = _load_model(model_path, "cpu", 1, cache=False)  # a look at a model saves no session for it
+    # a look at a model saves no session for it, and does not lower it: it says what a run would do
+    model = _load_model(model_path, "cpu", 1, cache=False, cpu_block="off")
     auto = plan_providers("auto")  # what --provider auto would take here, and why
     meta = model.metadata
+    try:
+        block, reason = cpu_block()
+    except CpuBlockError as e:
+        raise click.ClickException(str(e)) from e
+    if meta.target == "portable":
+        lowering = {"where": "at load" if block is not None else "off", "block": block, "reason": reason}
+    else:
+        lowering = {"where": "in the file (--target cpu)", "block": None, "reason": ""}
     info = {
         "path": model_path,
         "source_model": meta.source_model,
@@ -707,6 +722,7 @@ def info_command(model_path: str, as_json: bool) -> None:
         "inputs": [{"name": t.name, "type": t.type, "shape": list(t.shape)} for t in model.inputs],
         "outputs": [{"name": t.name, "type": t.type, "shape": list(t.shape)} for t in model.outputs],
         "available_providers": onnxruntime.get_available_providers(),
+        "cpu_lowering": lowering,
         "auto_provider": {"providers": list(auto.names), "why": auto.why},
     }
     if as_json:
@@ -718,6 +734,12 @@ def info_command(model_path: str, as_json: bool) -> None:
     click.echo(f"gradmap format: {meta.format_version}; target: {meta.target}; score: {meta.score}; "
                f"backprop: {', '.join(meta.backprops)}"
                + (f"; CAM layer: {meta.cam_layer}" if meta.cam_layer else ""))
+    if lowering["where"] == "at load":
+        click.echo(f"cpu lowering:   at load, for onnxruntime's CPU provider, channel block {block} ({reason})")
+    elif lowering["where"] == "off":
+        click.echo(f"cpu lowering:   off ({reason}): the portable graph runs as written")
+    else:
+        click.echo(f"cpu lowering:   {lowering['where']}")
     if meta.attention is not None:
         a = meta.attention
         click.echo(f"attention:      {a['layers']} layers x {a['heads']} heads over {a['tokens']} tokens "

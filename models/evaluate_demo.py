@@ -182,6 +182,12 @@ def render(results: dict) -> str:
                   "what a layout shared by every map gives by itself: a randomized model's map as unrelated to the trained one "
                   "as another picture's map scores about this. "
                   "Figures from models/demo/quality.json."]
+    later = r.get("method_runs", {})
+    if later:
+        dates = sorted({(run.get("meta") or {}).get("started", "")[:10] for run in later.values()} - {""})
+        lines[-1] += (f" The rows of {', '.join(later)} were measured in a later run "
+                      f"(`python models/evaluate_demo.py --method NAME`{', ' + ', '.join(dates) if dates else ''}; "
+                      "`method_runs` in quality.json records it), the others in the run named above.")
     labels = list(next(iter(r["methods"].values())).get("rank_correlation_cascade", {}))
     if labels:
         lines += ["", "Randomization cascade (Adebayo et al.'s cascading form): ρ between the trained model's maps and "

@@ -97,7 +97,7 @@ def test_pads_the_groups_that_gain_and_keeps_the_rest(module):
 
 def test_padded_gradient_model_matches_torch_autograd(module, tmp_path):
     report = export_module(module, tmp_path / "m.onnx", preprocessing=Preprocessing(crop=(32, 32)),
-                           backprops=("guided", "deconvnet"))
+                           backprops=("guided", "deconvnet"), target="cpu")
     assert report.logits_error <= TOLERANCE and report.gradient_error <= TOLERANCE
     proto = onnx.load(str(report.path))
     convs = {tuple(i.dims) for i in proto.graph.initializer if len(i.dims) == 4}
@@ -136,7 +136,7 @@ def test_hard_swish_split_without_padding(module, tmp_path):
     """With --channel-multiple 0 the stem has 24 channels, and the split HardSwish takes the rule's
     plain-layout form."""
     report = export_module(module, tmp_path / "plain.onnx", preprocessing=Preprocessing(crop=(32, 32)),
-                           channel_multiple=0)
+                           target="cpu", channel_multiple=0)
     assert report.logits_error <= TOLERANCE and report.gradient_error <= TOLERANCE
     proto = onnx.load(str(report.path))
     assert (24, 3, 3, 3) in {tuple(i.dims) for i in proto.graph.initializer}
@@ -145,7 +145,7 @@ def test_hard_swish_split_without_padding(module, tmp_path):
 
 def test_the_grad_cam_layer_keeps_its_channels(module, tmp_path):
     report = export_module(module, tmp_path / "cam.onnx", preprocessing=Preprocessing(crop=(32, 32)),
-                           cam_layer="project")
+                           cam_layer="project", target="cpu")
     session = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
     image = np.random.default_rng(1).standard_normal((2, 3, 32, 32), dtype=np.float32)
     activation, gradient = session.run(["cam_activation", "cam_gradient"],
@@ -222,5 +222,6 @@ def test_only_means_over_both_spatial_axes_become_global_pools(tmp_path):
     assert "GlobalAveragePool" not in [node.op_type for node in model.graph], \
         "a mean over one spatial axis was rewritten as a global pool"
     assert sum(node.op_type == "ReduceMean" for node in model.graph) == len(means)
-    report = export_module(module, tmp_path / "m.onnx", preprocessing=Preprocessing(crop=(8, 12), resize=None))
+    report = export_module(module, tmp_path / "m.onnx", preprocessing=Preprocessing(crop=(8, 12), resize=None),
+                           target="cpu")
     assert report.gradient_error <= TOLERANCE

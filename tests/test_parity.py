@@ -307,7 +307,7 @@ def test_a_planted_wrong_rule_is_refused_on_the_torch_path(op, factor, target, m
     _plant(monkeypatch, op, factor)
     with pytest.raises(ParityError, match=r"the gradient differs from torch autograd \(float64\) by") as refused:
         export(tmp_path / "wrong.onnx")
-    assert "all 8 random batches" in str(refused.value)
+    assert "all 8 random batches it could decide" in str(refused.value)
     assert not (tmp_path / "wrong.onnx").exists(), "a refused model must not be written"
 
 

@@ -74,6 +74,8 @@ def _torchvision_vit():
 # name -> (module builder, the layer pytorch-grad-cam's examples hook, its reshape_transform)
 MODELS = {
     "timm-vit_tiny": (_timm("vit_tiny_patch16_224", depth=4), lambda m: m.blocks[-1].norm1, _tokens_to_grid(1)),
+    "timm-vit_registers": (_timm("vit_tiny_patch16_224", depth=2, reg_tokens=4), lambda m: m.blocks[-1].norm1,
+                           _tokens_to_grid(5)),
     "timm-deit_tiny_distilled": (_timm("deit_tiny_distilled_patch16_224", depth=2),
                                  lambda m: m.blocks[-1].norm1, _tokens_to_grid(2)),
     "timm-swin": (_timm("swin_tiny_patch4_window7_224", window_size=2, embed_dim=24, depths=(1, 1, 2, 1),
@@ -320,15 +322,18 @@ def _torchvision_probabilities(module, image, targets):
     return kept, list(torch.autograd.grad(score, kept))
 
 
+#: tokens before the patches where there is more than the class token (4 register tokens)
+PREFIX = {"timm-vit_registers": 5}
 # the models of MODELS with global attention, and how to take their probabilities in torch
 ATTENTION_MODELS = {
     "timm-vit_tiny": _timm_probabilities,
+    "timm-vit_registers": _timm_probabilities,
     "torchvision-vit_b_16": _torchvision_probabilities,
     "hf-vit": _hf_probabilities,
 }
 
 
-def _rollout_reference(attentions, head_fusion):
+def _rollout_reference(attentions, head_fusion, prefix):
     """Abnar & Zuidema 2020, as the paper states it: average the heads (or take their max/min),
     add the identity for the residual connection, renormalize the rows, multiply layer by layer."""
     fuse = {"mean": lambda a: a.mean(dim=1), "max": lambda a: a.amax(dim=1), "min": lambda a: a.amin(dim=1)}
@@ -338,16 +343,16 @@ def _rollout_reference(attentions, head_fusion):
     for a in attentions:
         a = (fuse[head_fusion](a) + eye) / 2
         result = (a / a.sum(dim=-1, keepdim=True)) @ result
-    return result[:, 0, 1:]
+    return result[:, 0, prefix:]  # the class token's row over the patch tokens
 
 
-def _relevance_reference(attentions, gradients):
+def _relevance_reference(attentions, gradients, prefix):
     """Chefer, Gur & Wolf 2021, eq. 5-6 for self-attention: R += E_h[(∇A ⊙ A)+] R, from R = I."""
     tokens = attentions[0].shape[-1]
     relevance = torch.eye(tokens, dtype=torch.float64).expand(attentions[0].shape[0], tokens, tokens)
     for a, g in zip(attentions, gradients):
         relevance = relevance + (g * a).clamp(min=0).mean(dim=1) @ relevance
-    return relevance[:, 0, 1:]
+    return relevance[:, 0, prefix:]
 
 
 @pytest.fixture(scope="module", params=list(ATTENTION_MODELS))
@@ -379,7 +384,8 @@ def test_attention_rollout_matches_the_papers_rule(with_attention, head_fusion):
     name, path, _, out, attentions, _ = with_attention
     layout = SaliencyModel(path, provider="cpu", threads=1).metadata.attention
     ours = token_map(attention_rollout(out[contract.OUTPUT_ATTENTION], head_fusion), layout)
-    expected = _rollout_reference([a.detach() for a in attentions], head_fusion).reshape(ours.shape).numpy()
+    expected = _rollout_reference([a.detach() for a in attentions], head_fusion, PREFIX.get(name, 1))
+    expected = expected.reshape(ours.shape).numpy()
     err = rel(ours, expected, f"{name} rollout")
     assert err <= TOLERANCE, f"{name} attention rollout ({head_fusion}): {err:.3g}"
 
@@ -393,7 +399,8 @@ def test_attention_relevance_matches_chefer_et_al(with_attention):
     layout = SaliencyModel(path, provider="cpu", threads=1).metadata.attention
     ours = token_map(attention_relevance(out[contract.OUTPUT_ATTENTION], out[contract.OUTPUT_ATTENTION_GRADIENT]),
                      layout)
-    expected = _relevance_reference([a.detach() for a in attentions], gradients).reshape(ours.shape).numpy()
+    expected = _relevance_reference([a.detach() for a in attentions], gradients, PREFIX.get(name, 1))
+    expected = expected.reshape(ours.shape).numpy()
     err = rel(ours, expected, f"{name} relevance")
     assert err <= TOLERANCE, f"{name} attention relevance: {err:.3g}"
     # the class matters: another target gives another map
@@ -455,3 +462,14 @@ def test_attention_methods_refuse_a_model_exported_without_attention(linear_mode
     with pytest.raises(UnsupportedMethodError, match="export it with --attention"):
         attribute(linear_model, MethodSpec("attention-relevance"), np.zeros((1, 3, 32, 32), np.float32),
                   np.array([-1]))
+
+
+@pytest.mark.parametrize("model", ["onnx:model.onnx", "keras:MobileNetV3Small"])
+def test_export_attention_is_refused_for_sources_without_it(model):
+    from click.testing import CliRunner
+
+    from gradmap.cli import main
+
+    result = CliRunner().invoke(main, ["export", model, "-o", "x.onnx", "--attention"])
+    assert result.exit_code == 2, result.output
+    assert "--attention: only for torchvision, timm: and hf: models" in result.output

@@ -59,7 +59,7 @@ def export_module(
     tolerance: Tolerance = TOLERANCE,
     backprops: Sequence[str] = ("vanilla",),
     cam_layer: str | None = None,
-    target: str = "cpu",
+    target: str = "portable",
     channel_multiple: int | None = None,
     external_data: bool = False,
     preprocessing_options: Mapping[str, Any] | None = None,
@@ -80,11 +80,13 @@ def export_module(
             transformer ``auto`` takes the last block's first LayerNorm, its tokens on the patch grid.
         attention: add every self-attention layer's probabilities and their gradient as outputs,
             for attention rollout and attention relevance (ViT, DeiT, BEiT: global attention).
-        target: ``cpu`` (default): lowered for onnxruntime's CPU provider; ``portable``: the plain
-            gradient graph every engine computes alike (onnxruntime web and WebGPU, OpenVINO, GPUs).
+        target: ``portable`` (default): the plain gradient graph every engine computes alike
+            (onnxruntime CPU, web and WebGPU, OpenVINO, GPUs); gradmap's runtime lowers it for
+            onnxruntime's CPU provider when it loads it, for the CPU it runs on. ``cpu``: lowered at
+            export for onnxruntime's CPU provider (channel block ``channel_multiple``).
         channel_multiple: ``cpu`` only: pad feature maps with zero channels to a multiple of this
-            (exact; the block of onnxruntime's CPU layout: 16 with AVX-512, the default, 8 with
-            AVX2), 0 for none.
+            (exact; the block of onnxruntime's CPU layout: 16 with AVX-512, the default whatever the
+            exporting machine, 8 with AVX2), 0 for none.
         verify: compare logits and gradient with torch autograd before writing (recommended).
         tolerance: the parity policy (:class:`gradmap.graph.parity.Tolerance`: limits from torch's own
             float32 error on each batch, with a floor and a cap).
@@ -154,7 +156,7 @@ def export_torchvision(
     tolerance: Tolerance = TOLERANCE,
     backprops: Sequence[str] = ("vanilla",),
     cam_layer: str | None = None,
-    target: str = "cpu",
+    target: str = "portable",
     channel_multiple: int | None = None,
     external_data: bool = False,
     preprocessing_options: Mapping[str, Any] | None = None,

@@ -839,7 +839,7 @@ def _nchw_side(graph: ir.Graph, value: ir.Value, nhwc: bool = False) -> str:
 def export_graph(graph: ClassifierGraph, output: str | os.PathLike | None, *, preprocessing: Preprocessing,
                  labels: Sequence[str] | None = None, source_model: str = "onnx", weights: str = "from the file",
                  score: str = "logit", backprops: Sequence[str] = ("vanilla",), cam_layer: str | None = None,
-                 target: str = "cpu", channel_multiple: int | None = None, external_data: bool = False,
+                 target: str = "portable", channel_multiple: int | None = None, external_data: bool = False,
                  verify: bool = True, reference=None, extra: Mapping[str, object] | None = None) -> ExportReport:
     """Append the gradient to a prepared foreign graph, check it against ``reference`` and write it.
 

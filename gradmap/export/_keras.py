@@ -644,7 +644,7 @@ def export_keras(
     verify: bool = True,
     backprops: Sequence[str] = ("vanilla",),
     cam_layer: str | None = None,
-    target: str = "cpu",
+    target: str = "portable",
     channel_multiple: int | None = None,
     external_data: bool = False,
     input_name: str | None = None,

@@ -97,7 +97,7 @@ def export_onnx(
     verify: bool = True,
     backprops: Sequence[str] = ("vanilla",),
     cam_layer: str | None = None,
-    target: str = "cpu",
+    target: str = "portable",
     channel_multiple: int | None = None,
     external_data: bool = False,
     weights: str = "DEFAULT",

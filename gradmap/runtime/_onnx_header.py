@@ -43,6 +43,7 @@ class OnnxHeader:
     producer_version: str = ""
     opsets: dict[str, int] = field(default_factory=dict)
     has_graph: bool = False
+    metadata: dict[str, str] = field(default_factory=dict)  # metadata_props
 
 
 def _varint(stream: BinaryIO) -> int:
@@ -123,6 +124,17 @@ def read_onnx_header(path: str) -> OnnxHeader:
                     elif sub == 2 and sub_wire == _VARINT:
                         version = sub_value
                 header.opsets[domain or "ai.onnx"] = version
+                f.seek(here)
+            elif number == 14 and wire == _LEN:
+                here = f.tell()
+                f.seek(value[0])
+                key, text = "", ""
+                for sub, sub_wire, sub_value in _fields(f, value[0] + value[1]):
+                    if sub == 1 and sub_wire == _LEN:
+                        key = _string(f, sub_value)
+                    elif sub == 2 and sub_wire == _LEN:
+                        text = _string(f, sub_value)
+                header.metadata[key] = text
                 f.seek(here)
     return header
 

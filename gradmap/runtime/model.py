@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -26,8 +27,9 @@ from gradmap.contract import (
     ModelMetadata,
 )
 from gradmap.runtime._onnx_header import OnnxHeader, ProtobufError, read_external_data, read_onnx_header
+from gradmap.runtime._lowering import Lowered, lowered_model
 from gradmap.runtime._onnx_prune import prune_to_outputs
-from gradmap.runtime._session_cache import cached_session
+from gradmap.runtime._session_cache import cache_root, cached_session
 from gradmap.runtime.errors import GradmapModelError
 from gradmap.runtime.providers import CPU, CUDA, PROVIDER_ALIASES, ProviderPlan, plan_providers
 from gradmap.runtime.postprocess import softmax
@@ -201,6 +203,10 @@ class SaliencyModel:
         cache_dir: where onnxruntime's optimized graph of the model is kept for later sessions
             (:mod:`gradmap.runtime._session_cache`): ``None`` for ``$GRADMAP_CACHE_DIR`` or the
             user's cache folder, a folder, or False for no cache.
+        cpu_block: for a portable model on the CPU provider, the channel block it is lowered for
+            (:mod:`gradmap.runtime._lowering`): ``None`` for ``$GRADMAP_CPU_BLOCK`` or the block of
+            this CPU (16 with AVX-512, 8 with AVX2), a number (0: no channel padding), or ``off`` to
+            run the file as written.
 
     Raises:
         GradmapModelError: the file is missing, not ONNX, too new for the installed onnxruntime, points
@@ -216,7 +222,8 @@ class SaliencyModel:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, provider: str | Sequence[str] = "auto",
-                 threads: int | None = None, cache_dir: str | os.PathLike[str] | bool | None = None) -> None:
+                 threads: int | None = None, cache_dir: str | os.PathLike[str] | bool | None = None,
+                 cpu_block: int | str | None = None) -> None:
         self.path = os.fspath(path)
         if not os.path.exists(self.path):
             raise GradmapModelError(self.path, "no such file")
@@ -229,15 +236,32 @@ class SaliencyModel:
         self._data_files = data_files
         #: The providers chosen for ``provider`` and why (:func:`gradmap.runtime.providers.plan_providers`).
         self.plan: ProviderPlan = plan_providers(provider)
+        names = list(self.plan.names)
+        #: The lowering of a portable model for the CPU provider (None: the file runs as written).
+        self.lowering: Lowered | None = None
+        session_path, session_data = self.path, data_files
+        if not self.plan.plugin_devices and names == [CPU] and self.header.metadata.get("gradmap.target") == "portable":
+            self.lowering = lowered_model(self.path, data_files, cpu_block, cache_root(cache_dir))
+            if self.lowering.message:
+                logger.warning("%s: %s", self.path, self.lowering.message)
+            if self.lowering.path is not None:
+                session_path, session_data = self.lowering.path, list(self.lowering.data_files)
         try:
             if self.plan.plugin_devices:  # a plugin provider (WebGPU): no session cache, CPU sessions only
                 self.session, self.cache_state = self.plan.session(self.path, session_options(threads)), "off"
+            elif self.lowering is not None and self.lowering.model_bytes is not None:
+                self.session = ort.InferenceSession(self.lowering.model_bytes, session_options(threads), providers=names)
+                self.lowering.model_bytes = None
+                self.cache_state = "off"
             else:
                 #: What the session cache did: read, written, unwritable or off.
-                self.session, self.cache_state = cached_session(self.path, session_options(threads),
-                                                                list(self.plan.names), cache_dir, data_files=data_files)
+                self.session, self.cache_state = cached_session(session_path, session_options(threads), names,
+                                                                cache_dir, data_files=session_data)
         except Exception as e:  # onnxruntime raises its own pybind exception types
             raise GradmapModelError(self.path, _load_failure(str(e), self.header)) from e
+        finally:
+            if self.lowering is not None and self.lowering.state == "memory" and self.lowering.path is not None:
+                shutil.rmtree(os.path.dirname(self.lowering.path), ignore_errors=True)
         first = self.plan.first
         if first != CPU and first not in self.session.get_providers():
             if not (isinstance(provider, str) and provider.strip().lower() == "auto"):

@@ -149,7 +149,7 @@ def build_site(model_path: str | os.PathLike[str], out_dir: str | os.PathLike[st
 
     model_path = Path(model_path)
     page_settings(settings)  # wrong settings are refused before anything is written
-    model = SaliencyModel(model_path, provider="cpu", threads=1)
+    model = SaliencyModel(model_path, provider="cpu", threads=1, cpu_block="off")  # checked, not lowered: the page gets the file
     if read_external_data(str(model_path)):
         raise SiteError(f"{model_path}: the model keeps tensors in external data files; the page fetches one file, "
                         "so save it as a single .onnx (onnx.save with save_as_external_data=False, under 2 GB)")

@@ -3,7 +3,8 @@
 The gradient pass (:mod:`gradmap.graph.gradient`) writes each rule as its plain vector-Jacobian
 product in standard ONNX ops, a graph every engine computes alike (``--target portable``). A
 lowering rewrites that graph for one engine, exactly: the same logits and gradients, computed in
-forms that engine runs faster. ``--target cpu`` (the default) is onnxruntime's CPU provider:
+forms that engine runs faster. ``cpu`` is onnxruntime's CPU provider, written into the file by ``--target cpu`` or applied by
+the runtime when it loads a portable file (:mod:`.at_load`, for the block of the CPU that runs it):
 
 - before the gradient pass, on the forward graph (:mod:`.cpu_forward`): ``split_hard_swish``,
   ``pad_channels`` (zero channels up to a multiple of the block), ``spread_channel_scales``
