@@ -8,41 +8,22 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnx_ir")
 from click.testing import CliRunner  # noqa: E402
-from onnx import numpy_helper  # noqa: E402
 
 from gradmap.cli import main  # noqa: E402
 from gradmap.export._verify import REFERENCES, load_reference  # noqa: E402
 from gradmap.graph import ExportError  # noqa: E402
+from _onnx_cnn import cnn_file  # noqa: E402
 
 PICTURES = Path(__file__).resolve().parent.parent / "models" / "demo" / "images"
 
 
 def _cnn_file(folder: Path) -> Path:
-    """A small ONNX classifier (Conv, Relu, MaxPool, Conv, Relu, GlobalAveragePool, Gemm) taking 64x64."""
-    rng = np.random.default_rng(3)
-    proto = onnx.parser.parse_model('''<ir_version: 8, opset_import: ["" : 18]>
-        g (float[N, 3, 64, 64] pixels) => (float[N, 5] scores) {
-            c1 = Conv <pads = [1, 1, 1, 1]> (pixels, w1, b1)
-            r1 = Relu (c1)
-            p1 = MaxPool <kernel_shape = [3, 3], strides = [2, 2], pads = [1, 1, 1, 1]> (r1)
-            c2 = Conv <pads = [1, 1, 1, 1]> (p1, w2, b2)
-            r2 = Relu (c2)
-            g2 = GlobalAveragePool (r2)
-            f = Flatten (g2)
-            scores = Gemm <transB = 1> (f, fc, fb)
-        }''')
-    weights = {"w1": (6, 3, 3, 3), "b1": (6,), "w2": (8, 6, 3, 3), "b2": (8,), "fc": (5, 8), "fb": (5,)}
-    proto.graph.initializer.extend(numpy_helper.from_array((rng.standard_normal(s) * 0.4).astype(np.float32), k)
-                                   for k, s in weights.items())
-    path = folder / "cnn.onnx"
-    onnx.save(proto, str(path))
-    return path
+    return cnn_file(folder)
 
 
 def _export(source: Path, out: Path, *extra: str):
