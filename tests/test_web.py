@@ -455,7 +455,7 @@ def test_page_knows_the_contracts_preprocessing(demo_site):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"format_version": 3}, "format version 3; this page reads up to 2"),
+    ({"format_version": 4}, "format version 4; this page reads up to 3"),
     ({"format_version": "2"}, "format_version must be a positive integer"),
     ({"preprocessing": {"gamma": 2.2}}, "does not implement: gamma"),
     ({"preprocessing": {"value_range": "0-65535"}}, 'value_range "0-65535" is not one of 0-1, 0-255'),
