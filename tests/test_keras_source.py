@@ -494,6 +494,37 @@ def test_gradmap_verify_checks_a_keras_export_against_gradient_tape_without_torc
     assert wrong.exit_code == 1 and "MISMATCH" in wrong.output, wrong.output
 
 
+def test_forward_only_keras_export_gives_the_full_exports_forward_maps(tmp_path, photo_files):
+    """--no-gradient on a Keras model: logits checked against the float64 Keras model, occlusion and
+    Score-CAM (NHWC feature map) equal to the full export's, gradient methods refused, and gradmap
+    verify checks the logits on pictures."""
+    from gradmap.runtime import SaliencyModel
+    from gradmap.runtime.methods import MethodSpec, UnsupportedMethodError, attribute, check_supported
+
+    path = tmp_path / "small.keras"
+    _small_model().save(path)
+    options = dict(preprocessing_options={"preset_name": "keras-tf"}, cam_layer="auto")
+    (tmp_path / "full").mkdir()
+    full_path, _ = _export(tmp_path / "full", str(path), **options)
+    out, report = _export(tmp_path, str(path), gradient=False, **options)
+    assert report.gradient_error is None and report.logits_error < 1e-5, report.summary()
+    assert "tf.GradientTape" in report.summary()
+    full, forward = SaliencyModel(full_path, provider="cpu"), SaliencyModel(out, provider="cpu")
+    assert forward.metadata.format_version == 3 and not forward.metadata.gradient
+    images = np.random.default_rng(1).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    targets = np.array([-1, 2])
+    for spec in (MethodSpec("occlusion", window=4, stride=2), MethodSpec("score-cam")):
+        expected = attribute(full, spec, images, targets)[2]
+        actual = attribute(forward, spec, images, targets)[2]
+        assert np.abs(expected).max() > 0, spec.name
+        assert _relative(actual, expected) < 1e-5, spec.name
+    with pytest.raises(UnsupportedMethodError, match="--no-gradient"):
+        check_supported(forward, "vanilla")
+    pictures = [a for p in photo_files[:2] for a in ("--images", str(p))]
+    result = CliRunner().invoke(main, ["verify", str(out), "--reference", f"keras:{path}", *pictures])
+    assert result.exit_code == 0 and "all 2 pictures match" in result.output, result.output
+
+
 # -- the TensorFlow recipe (../shared/recipes/tensorflow2-gradienttape-resnet50.md), reproduced -----------------
 
 #: The options docs/keras.md gives for the recipe (the test swaps --weights imagenet for the recipe model's

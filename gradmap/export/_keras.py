@@ -674,14 +674,16 @@ class KerasReference:
             gradients.update({b: run.gradients[b] for b in others})
         return ReferenceRun(logits=logits, gradients=gradients)
 
-    def logits(self, images: np.ndarray) -> np.ndarray:
-        tf, _ = _frameworks()
-        nhwc = np.transpose(np.asarray(images, np.float64), (0, 2, 3, 1))
+    def logits(self, images: np.ndarray, *, float32: bool = False) -> np.ndarray:
+        """float64 logits of ``images``; ``float32``: TensorFlow's own float32 run of the model as exported."""
+        dtype = np.float32 if float32 else np.float64
+        model = (self._linear32 if self._linear32 is not None else self._model32) if float32 else self._model64
+        nhwc = np.transpose(np.asarray(images, dtype), (0, 2, 3, 1))
         if self._channels == 1:
             from ._foreign import LUMA
 
-            nhwc = (nhwc * np.asarray(LUMA)).sum(axis=-1, keepdims=True)
-        return np.asarray(self._model64(nhwc, training=False), np.float64).reshape(len(images), -1)
+            nhwc = (nhwc * np.asarray(LUMA, dtype)).sum(axis=-1, keepdims=True)
+        return np.asarray(model(nhwc, training=False), np.float64).reshape(len(images), -1)
 
     def run(self, images: np.ndarray, target_index: np.ndarray, *, score: str, backprops=("vanilla",),
             decisions=None):
@@ -748,6 +750,7 @@ def export_keras(
     input_name: str | None = None,
     output_name: str | None = None,
     layout: str | None = None,
+    gradient: bool = True,
 ) -> ExportReport:
     """Export the Keras model ``spec`` (``NAME`` or ``PATH``, see the module doc; ``gradmap export --help``).
 
@@ -802,7 +805,8 @@ def export_keras(
     report = export_graph(graph, output, preprocessing=preprocessing, labels=_labels(labels),
                           source_model=loaded.source, weights=loaded.weights, score=score, backprops=backprops,
                           cam_layer=cam_layer, target=target, channel_multiple=channel_multiple,
-                          external_data=external_data, verify=verify, reference=reference, extra=extra)
+                          external_data=external_data, verify=verify, reference=reference, extra=extra,
+                          gradient=gradient)
     report.seconds = time.perf_counter() - start
     return report
 
