@@ -115,6 +115,16 @@ def sections(data: dict) -> dict[str, str]:
     lines = [_report.machine_line(data["meta"]), "",
              f"{exported} of {len(rows)} applications export. Errors are max|Δ| / max|reference| against "
              "tf.GradientTape on the float64 Keras model.", ""]
+    measured = [r for r in rows if r["status"] == "exported" and r["gradient_error"] is not None]
+    if measured:
+        worst = max(measured, key=lambda r: r["gradient_error"])
+        worst_logits = max(measured, key=lambda r: r["logits_error"])
+        lines += [f"Largest errors of the exported applications: gradient {worst['gradient_error']:.1e} "
+                  f"({worst['model']}), logits {worst_logits['logits_error']:.1e} ({worst_logits['model']}).", ""]
+    refused = [r for r in rows if r["status"] != "exported"]
+    if refused:
+        lines += [f"Not exported ({len(refused)}): " + "; ".join(f"{r['model']} ({r['status']})" for r in refused)
+                  + ". The reason column says why.", ""]
     missing = [name for name in data.get("applications", []) if name not in {r["model"] for r in rows}]
     if missing:
         lines += [f"Not run yet ({len(missing)} of {len(data['applications'])}; `tools/keras_coverage.py` resumes "
