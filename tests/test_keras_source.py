@@ -479,9 +479,10 @@ def test_tensorflow_recipe_map_is_reproduced(tmp_path, photos):
 
 def _cam_model():
     """NHWC feature maps of every kind the converted graph has: a Conv2D's (NCHW in the ONNX graph, beside
-    tf2onnx's Transposes), one whose height, width and channels are equal (12x12x12: its layout is not in its
-    shape), and a Dense on a feature map (ConvNeXt's pointwise layers: a MatMul on the NHWC map itself)."""
-    inputs = keras.Input((24, 24, 3))
+    tf2onnx's Transposes), one whose height and channels are equal (12x16x12: the shape alone does not tell
+    an NHWC map from an NCHW one), and a Dense on a feature map (ConvNeXt's pointwise layers: a MatMul on the
+    NHWC map itself). Not square, so that a height/width swap shows."""
+    inputs = keras.Input((24, 32, 3))
     x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv")(inputs)
     x = keras.layers.MaxPooling2D(name="pool")(x)
     x = keras.layers.Conv2D(12, 3, padding="same", activation="relu", name="block")(x)
@@ -509,7 +510,7 @@ def test_grad_cam_equals_gradient_tape_on_the_nhwc_layer(tmp_path, cam_layer, la
     model64.set_weights([w.astype(np.float64) for w in model.get_weights()])
     model64.get_layer("scores").activation = keras.activations.linear
     both = keras.Model(model64.inputs, [model64.get_layer(layer).output, model64.output])
-    images = np.random.default_rng(4).uniform(-1, 1, (2, 3, 24, 24)).astype(np.float32)
+    images = np.random.default_rng(4).uniform(-1, 1, (2, 3, 24, 32)).astype(np.float32)
     target = np.array([1, 3])
     x = tf.constant(images.transpose(0, 2, 3, 1).astype(np.float64))
     with tf.GradientTape() as tape:
