@@ -807,14 +807,9 @@ def export_keras(
     extra = {"keras_kind": loaded.kind, "keras_weights": str(weights), "keras_seed": int(seed)}
     report = export_graph(graph, output, preprocessing=preprocessing, labels=_labels(labels),
                           source_model=loaded.source, weights=loaded.weights, score=score, backprops=backprops,
-<<<<<<< HEAD
                           cam_layer=cam_layer, cam_label=cam_label, target=target, channel_multiple=channel_multiple,
-                          external_data=external_data, verify=verify, reference=reference, extra=extra)
-=======
-                          cam_layer=cam_layer, target=target, channel_multiple=channel_multiple,
                           external_data=external_data, verify=verify, reference=reference, extra=extra,
                           gradient=gradient)
->>>>>>> main
     report.seconds = time.perf_counter() - start
     return report
 
