@@ -455,7 +455,7 @@ def test_page_knows_the_contracts_preprocessing(demo_site):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"format_version": 3}, "format version 3; this page reads up to 2"),
+    ({"format_version": 4}, "format version 4; this page reads up to 3"),
     ({"format_version": "2"}, "format_version must be a positive integer"),
     ({"preprocessing": {"gamma": 2.2}}, "does not implement: gamma"),
     ({"preprocessing": {"value_range": "0-65535"}}, 'value_range "0-65535" is not one of 0-1, 0-255'),
@@ -509,6 +509,41 @@ def test_keras_convention_model_maps_equal_gradmap_run(browser, photo_pngs, tmp_
             record, python = python_run(model, picture, tmp_path / picture.stem)
             assert [p["index"] for p in result["predictions"]] == [p["index"] for p in record["predictions"]]
             assert_maps_match(page_map(result), python, f"keras-caffe convention {picture.name}")
+    finally:
+        site.close()
+
+
+KERAS_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "keras"
+
+
+@pytest.mark.parametrize("name", ["cnn.gradmap.onnx", "cnn_cpu.gradmap.onnx"], ids=["portable", "cpu-target"])
+def test_keras_export_maps_equal_gradmap_run(browser, photo_pngs, tmp_path, name):
+    """A ``gradmap export keras:PATH`` file (tests/fixtures/keras, made by tools/make_keras_fixtures.py: tf2onnx's
+    NHWC graph, Keras' caffe preprocessing, BGR at 0-255, Grad-CAM on an NHWC feature map, guided and
+    deconvnet ReLU rules), portable and --target cpu, explained on the page by every method the page computes
+    for it (the cpu target: three): maps, top-5 and probabilities equal gradmap run's."""
+    from gradmap import contract
+
+    model = KERAS_FIXTURES / name
+    site = _build(model, tmp_path / "site", browser)
+    try:
+        config = json.loads((site.root / "model.json").read_text())
+        assert config["format_version"] == 2 and config["preprocessing"]["channel_order"] == "bgr"
+        methods = [m for m in config["methods"] if contract.method(m).web and m != "smoothgrad"]
+        assert {"vanilla", "gradient-x-input", "guided-backprop", "deconvnet", "grad-cam", "guided-grad-cam",
+                "layer-cam"} <= set(methods), methods
+        # every method on one picture; the main three on another (the cpu target: on one)
+        runs = [(photo_pngs[0], m) for m in methods]
+        runs += [(photo_pngs[1], m) for m in ("vanilla", "guided-backprop", "grad-cam")]
+        if name.startswith("cnn_cpu"):
+            runs = [(photo_pngs[0], m) for m in ("vanilla", "deconvnet", "grad-cam")]
+        for picture, method in runs:
+            result = site.explain(picture, method)
+            record, python = python_run(model, picture, tmp_path / f"{picture.stem}-{method}", method)
+            assert result["backend"] == "wasm" and result["method"] == method
+            assert [p["index"] for p in result["predictions"]] == [p["index"] for p in record["predictions"]]
+            assert abs(result["predictions"][0]["probability"] - record["predictions"][0]["probability"]) < 1e-4
+            assert_maps_match(page_map(result), python, f"keras {name} {picture.name} {method}")
     finally:
         site.close()
 

@@ -6,6 +6,7 @@ bare ONNX file) hands over an ``ir.Model`` whose first input is ``image`` and fi
 
     add_gradient(model, ...)          in place: the target's forward lowering, the gradient pass
                                       (rules and engine passes), the target's backward lowering
+    add_forward_outputs(model, ...)   or, for a forward-only model (--no-gradient), its outputs alone
     finish(model, metadata)           metadata, producer, onnx.checker -> ModelProto
     write_atomic(proto, path)         no reader ever sees half a model
 """
@@ -27,9 +28,10 @@ from gradmap.contract import ModelMetadata
 
 from . import gradient, lowering
 from .errors import ExportError
-from .gradient import RuleTable
+from .gradient import RuleTable, append_forward_outputs
 
-__all__ = ["ExportReport", "add_gradient", "finish", "op_histogram", "write_atomic"]
+__all__ = ["ExportReport", "add_forward_outputs", "add_gradient", "check_forward_only", "finish", "op_histogram",
+           "write_atomic"]
 
 
 @dataclass
@@ -50,17 +52,21 @@ class ExportReport:
     data_path: Path | None = None  # the weights' file beside ``path`` (``external_data=True``)
     reference: str = "torch"  # what the parity check compared with
     notes: list[str] = field(default_factory=list)  # what the source did to the graph (a Softmax cut, ...)
+    gradient: bool = True  # False: a forward-only model (--no-gradient); ``backward_nodes`` are its output nodes
 
     def summary(self) -> str:
         wrote = f"wrote {self.path}" + (f" and its weights {self.data_path}" if self.data_path else "")
         lines = [
             wrote if self.path else "model built (not written)",
             f"  model {self.source_model}, weights {self.weights}, score {self.score}, target {self.target}",
-            f"  {self.forward_nodes} forward nodes + {self.backward_nodes} gradient nodes, "
+            f"  {self.forward_nodes} forward nodes + {self.backward_nodes} "
+            f"{'gradient nodes' if self.gradient else 'output nodes, no gradient (--no-gradient)'}, "
             f"{len(self.op_types)} op types, all in the default ONNX domain",
         ]
         lines.extend(f"  {note}" for note in self.notes)
-        if self.gradient_error is not None:
+        if not self.gradient and self.logits_error is not None:
+            lines.append(f"  parity with {self.reference}: logits {self.logits_error:.2e} (max|Δ| / max|reference|)")
+        elif self.gradient_error is not None:
             lines.append(
                 f"  parity with {self.reference}: logits {self.logits_error:.2e}, gradient {self.gradient_error:.2e} "
                 f"(max|Δ| / max|reference|)"
@@ -96,6 +102,31 @@ def add_gradient(model: ir.Model, *, score: str = "logit", backprops: tuple[str,
     if foreign or model.functions:
         raise ExportError(f"the exported model uses ops outside the default ONNX domain: {', '.join(foreign)}")
     return appended.cam
+
+
+def add_forward_outputs(model: ir.Model, *, cam_layer: str | None = None, attention: bool = False) -> str | None:
+    """A forward-only model's outputs (``target_index``, and ``cam_activation``, ``attention`` where
+    asked) on a forward graph (in place), no backward pass; every node must be in the default ONNX
+    domain, as for :func:`add_gradient`. Returns the resolved CAM value's name (see
+    :func:`~gradmap.graph.gradient.append_forward_outputs`)."""
+    resolved = append_forward_outputs(model, cam_layer=cam_layer, attention=attention)
+    foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.all_nodes() if n.domain not in ("", "ai.onnx")})
+    if foreign or model.functions:
+        raise ExportError(f"the exported model uses ops outside the default ONNX domain: {', '.join(foreign)}")
+    return resolved
+
+
+def check_forward_only(backprops: "tuple[str, ...] | list[str]", target: str) -> tuple[str, ...]:
+    """The backprop rules of a forward-only model, ``()``; ExportError for options that need a
+    gradient: ``--backprop`` rules other than the default, and ``--target cpu`` (a lowering of the
+    gradient graph; a forward-only model is plain forward ops, the same for every engine)."""
+    other = [b for b in backprops if b != "vanilla"]
+    if other:
+        raise ExportError(f"--backprop {' '.join(other)}: a rule of the gradient, which --no-gradient leaves out")
+    if target != "portable":
+        raise ExportError(f"--target {target}: the lowering of the gradient graph, which --no-gradient leaves out "
+                          "(a forward-only model is written portable)")
+    return ()
 
 
 def finish(model: ir.Model, metadata: ModelMetadata) -> onnx.ModelProto:

@@ -201,8 +201,9 @@ export function resizeTarget(height, width, pre) {
 }
 
 // ---------------------------------------------------------------- the model format this page reads
-/** The newest gradmap model format (gradmap.contract.FORMAT_VERSION) whose preprocessing this page implements. */
-export const FORMAT_VERSION = 2;
+/** The newest gradmap model format (gradmap.contract.FORMAT_VERSION) whose preprocessing this page implements
+ * (version 3 adds forward-only models, whose methods model.json lists like any other's). */
+export const FORMAT_VERSION = 3;
 
 /** Every preprocessing field this page implements, and the values of those that are choices
  * (gradmap.contract.Preprocessing and its RESIZE_MODES, INTERPOLATIONS, ... tables). */

@@ -31,8 +31,9 @@ from ._context import GradContext, Region
 from ._layers import AttentionLayers, CamLayer, find_attention, find_cam_layer, to_feature_map
 from ._registry import NON_DIFFERENTIABLE, RuleTable
 
-__all__ = ["ATTENTION_KEY", "AppendedGradient", "AttentionLayers", "CamLayer", "GradientRequest", "append_gradient",
-           "append_vjp", "differentiable_nodes", "find_cam_layer", "prepare", "score_seed"]
+__all__ = ["ATTENTION_KEY", "AppendedGradient", "AttentionLayers", "CamLayer", "GradientRequest", "append_forward_outputs",
+           "append_gradient", "append_vjp", "differentiable_nodes", "find_cam_layer", "forward_path", "prepare",
+           "score_seed"]
 
 logger = logging.getLogger(__name__)
 
@@ -213,6 +214,66 @@ def append_gradient(model: ir.Model, request: GradientRequest | None = None) -> 
     engines.apply(graph, ctx.regions, forward_nodes)
     return AppendedGradient(regions=ctx.regions, forward_nodes=forward_nodes, keep=keep,
                             cam=layer.describe() if layer is not None else None)
+
+
+def forward_path(graph: ir.Graph, source: ir.Value, sink: ir.Value) -> list[ir.Node]:
+    """Nodes on a path from ``source`` to ``sink``, in graph order, whatever their values' types (a
+    quantized graph's integer tensors too): the forward graph a forward-only model reads."""
+    depends: set[ir.Value] = {source}
+    nodes = list(graph)
+    for node in nodes:
+        if any(v is not None and v in depends for v in node.inputs):
+            depends.update(node.outputs)
+    if sink not in depends:
+        raise ExportError(f"the output {sink.name!r} does not depend on the input {source.name!r}")
+    needed: set[ir.Value] = {sink}
+    on_path: list[ir.Node] = []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.outputs) and any(v is not None and v in depends for v in node.inputs):
+            on_path.append(node)
+            needed.update(v for v in node.inputs if v is not None and v in depends)
+    on_path.reverse()
+    return on_path
+
+
+def append_forward_outputs(model: ir.Model, *, cam_layer: str | None = None, attention: bool = False) -> str | None:
+    """Add the ``target`` input and the ``target_index`` output to ``model``, and the CAM layer's and
+    the attention's forward outputs, without the backward pass: a forward-only model (``gradmap export
+    --no-gradient``, see :mod:`gradmap.contract`)::
+
+        target_index   = Where(target < 0, ArgMax(logits, axis=1), target)     as append_gradient's
+        cam_activation = the layer's map as [N, C, h, w]                         (``cam_layer``)
+        attention      = every self-attention's probabilities, [N, layers, heads, T, T]  (``attention``)
+
+    No gradient rule is looked up, so a classifier whose ops gradmap cannot differentiate gets one
+    too. The model is modified in place; returns the resolved CAM value's name (None without
+    ``cam_layer``); what the attention output holds goes to ``model.metadata_props[ATTENTION_KEY]``."""
+    graph = model.graph
+    image, logits = graph.inputs[0], graph.outputs[0]
+    nodes = forward_path(graph, image, logits)
+    layer = find_cam_layer(graph, nodes, cam_layer) if cam_layer else None
+    attention_layers = find_attention(graph, nodes) if attention else None
+    ctx = GradContext(graph, set())
+    target_input = ir.Value(name=contract.INPUT_TARGET, shape=ir.Shape([logits.shape[0]]),
+                            type=ir.TensorType(ir.DataType.INT64))
+    graph.inputs.append(target_input)
+    top1 = ctx.op("ArgMax", logits, axis=1, keepdims=0)
+    target_index = ctx.op("Where", ctx.op("Less", target_input, ctx.const(np.int64(0))), top1, target_input)
+    target_index.name = contract.OUTPUT_TARGET_INDEX
+    target_index.shape = ir.Shape([logits.shape[0]])
+    target_index.type = ir.TensorType(ir.DataType.INT64)
+    outputs = [target_index]
+    if layer is not None:
+        cam_activation = to_feature_map(ctx, layer.value, layer, logits.shape[0])
+        cam_activation.name = contract.OUTPUT_CAM_ACTIVATION
+        outputs.append(cam_activation)
+    if attention_layers is not None:
+        outputs.append(_stacked(ctx, list(attention_layers.probabilities), attention_layers, logits,
+                                contract.OUTPUT_ATTENTION))
+        model.metadata_props[ATTENTION_KEY] = json.dumps(attention_layers.to_dict())
+    graph.extend(ctx.tape.nodes)
+    graph.outputs.extend(outputs)
+    return layer.describe() if layer is not None else None
 
 
 def _stacked(ctx: GradContext, values: list[ir.Value], layers: AttentionLayers, logits: ir.Value,
