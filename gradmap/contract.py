@@ -448,6 +448,10 @@ _SEARCH = Setting("search", "choice", "full", "XRAI's region search: full re-sco
                   "fast ranks them once.", choices=("full", "fast"))
 _AREA = Setting("area", "float", 1.0, "share of the picture XRAI ranks regions for; the rest is one region.",
                 minimum=0, maximum=1)
+_ORIENTATION = Setting("orientation", "choice", "activation",
+                       "EigenCAM's sign of the principal component, which an SVD leaves arbitrary: activation points it "
+                       "where the activations grow (loadings summing >= 0); svd keeps the sign the SVD routine returns, "
+                       "as pytorch-grad-cam does.", choices=("activation", "svd"))
 #: Settings every method has: they act on its per-pixel values, after the method.
 COMMON_SETTINGS = (
     Setting("modifier", "choice", "auto",
@@ -501,7 +505,12 @@ METHOD_TABLE: tuple[Method, ...] = (
     Method("layer-cam", KIND_CAM, "the feature map weighted per position by its positive gradient (Jiang et al. 2021)",
            _CAM_OUTPUTS, _CAM + "layer_cam_method", web="layerCam"),
     Method("eigen-cam", KIND_CAM, "the feature map's first principal component, class-agnostic (Muhammad & Yeasin 2020)",
-           (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_CAM_ACTIVATION), _CAM + "eigen_cam_method"),
+           (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_CAM_ACTIVATION), _CAM + "eigen_cam_method", web="eigenCam",
+           settings=(_ORIENTATION,)),
+    # Score-CAM takes one forward pass per feature-map channel (resnet18: 512, each a large part of
+    # the ~1 s a resnet18 map takes in onnxruntime-web's WebAssembly): far over the page's ~10 s
+    # budget for a resnet18 map, so the page does not offer it, nor occlusion and RISE (hundreds to
+    # thousands of passes)
     Method("score-cam", KIND_CAM,
            "feature-map channels weighted by the scores of the input masked by each (Wang et al. 2020); forward only",
            (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_CAM_ACTIVATION), _PERTURBATION + "score_cam_method",

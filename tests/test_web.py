@@ -613,6 +613,38 @@ def test_resnet18_maps_equal_gradmap_run(resnet18_site, photo_pngs, tmp_path):
             assert_pictures_match(heatmap, overlay, record["maps"][0]["files"], f"resnet18 {picture.name} {method}")
 
 
+@pytest.mark.export
+def test_forward_only_resnet18_gives_the_eigen_cam_of_gradmap_run(browser, photo_pngs, tmp_path):
+    """A --no-gradient export with its CAM layer: the page offers EigenCAM, the one method it computes
+    from the forward outputs, and its map is gradmap run's; without a CAM layer the site is refused."""
+    pytest.importorskip("torch")
+    pytest.importorskip("torchvision")
+    from gradmap.contract import Preprocessing
+    from gradmap.export import export_module
+    from gradmap.export._torchvision import load_torchvision
+    from gradmap.web import SiteError, build_site
+
+    module, _ = load_torchvision("resnet18", "none", seed=0)
+    model = tmp_path / "resnet18.onnx"
+    export_module(module.eval(), model, preprocessing=Preprocessing(crop=(64, 64), resize=73), cam_layer="auto",
+                  gradient=False)
+    site = _build(model, tmp_path / "site", browser)
+    try:
+        config = json.loads((site.root / "model.json").read_text())
+        assert config["methods"] == ["eigen-cam"] and config["format_version"] == 3
+        picture = photo_pngs[1]
+        result = site.explain(picture, "eigen-cam")
+        record, python = python_run(model, picture, tmp_path / "eigen", "eigen-cam")
+        assert result["method"] == "eigen-cam" and python.max() > 0
+        assert_maps_match(page_map(result), python, f"forward-only resnet18 {picture.name} eigen-cam")
+    finally:
+        site.close()
+    bare = tmp_path / "bare.onnx"
+    export_module(module.eval(), bare, preprocessing=Preprocessing(crop=(64, 64), resize=73), gradient=False)
+    with pytest.raises(SiteError, match="computes none of the methods this model supports"):
+        build_site(bare, tmp_path / "bare_site")
+
+
 SWIFTSHADER = ["--enable-unsafe-webgpu", "--enable-features=Vulkan", "--use-vulkan=swiftshader",
                "--use-webgpu-adapter=swiftshader", "--use-angle=swiftshader"]
 
