@@ -349,8 +349,8 @@ def to_onnx(loaded: KerasModel, opset: int = TF2ONNX_OPSET):
     quiet.setLevel(logging.ERROR)
     try:
         if loaded.kind == "savedmodel":
-            proto, _ = tf2onnx.convert.from_function(_serving_function(loaded), input_signature=spec, opset=opset,
-                                                   optimizers=_optimizers())
+            with _keeping_transposes():  # from_function takes no optimizers argument
+                proto, _ = tf2onnx.convert.from_function(_serving_function(loaded), input_signature=spec, opset=opset)
         else:
             proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset, optimizers=_optimizers())
     except Exception as e:
@@ -384,6 +384,20 @@ def _optimizers():
 
     return OrderedDict((name, KeepTransposes if factory is TransposeOptimizer else factory)
                        for name, factory in optimizer._get_optimizers().items())
+
+
+@contextlib.contextmanager
+def _keeping_transposes():
+    """tf2onnx's default optimizers are :func:`_optimizers` while converting (for its conversions that
+    take no ``optimizers`` argument)."""
+    from tf2onnx import optimizer
+
+    saved = optimizer._optimizers
+    optimizer._optimizers = _optimizers()
+    try:
+        yield
+    finally:
+        optimizer._optimizers = saved
 
 
 def depthwise_rewrite(model, source: str = "keras"):
@@ -800,7 +814,8 @@ def export_keras(
                                "evaluation of the converted graph")
         else:
             reference = KerasReference(loaded.model, cut=graph.cut, channels=loaded.channels,
-                                       forward=_forward_copy(graph), source=loaded.source, trust_model=trust_model)
+                                       forward=_forward_copy(graph) if any(b != "vanilla" for b in backprops) else None,
+                                       source=loaded.source, trust_model=trust_model)
     extra = {"keras_kind": loaded.kind, "keras_weights": str(weights), "keras_seed": int(seed)}
     report = export_graph(graph, output, preprocessing=preprocessing, labels=_labels(labels),
                           source_model=loaded.source, weights=loaded.weights, score=score, backprops=backprops,
