@@ -103,10 +103,10 @@ def build_floor_model(module, size):
     """The floor graph of ``module``: traced as gradmap exports it, its gradient appended with the
     floor's rules and seed, lowered for the cpu target without the passes of FLOOR_SKIPPED_LOWERING."""
     from gradmap.export._trace import trace_to_onnx
-    from gradmap.graph.gradient import append_gradient
+    from gradmap.graph import add_gradient
 
     model = trace_to_onnx(module, size)
-    append_gradient(model, rules=floor_rules(), seed=floor_seed, skip_lowering=FLOOR_SKIPPED_LOWERING)
+    add_gradient(model, target="cpu", rules=floor_rules(), seed=floor_seed, skip_lowering=FLOOR_SKIPPED_LOWERING)
     return model
 
 
