@@ -660,3 +660,43 @@ def test_cam_layer_names_that_cannot_be_taken_are_refused(tmp_path):
         _export(tmp_path, str(path), cam_layer="nothing", **options)
     out, _ = _export(tmp_path, str(path), cam_layer="norm", **options)
     assert _metadata(out).cam_layer.startswith("norm (")
+
+    with pytest.raises(ExportError, match=r"'deep': the layer is two or more models deep \(inside 'base'\)"):
+        _export(tmp_path, str(_nested_model(tmp_path, depth=2)), cam_layer="deep", **options)
+
+
+def _nested_model(tmp_path, depth: int = 1):
+    """Transfer learning, Keras' way: a base model (Conv2D 'inner', then 'deep' in a model inside it at depth
+    2) as one layer of the classifier, after a Rescaling layer."""
+    keras.utils.set_random_seed(9)
+    base_inputs = keras.Input((16, 20, 3))
+    x = keras.layers.Conv2D(6, 3, activation="relu", name="inner")(base_inputs)
+    if depth == 2:
+        deep_inputs = keras.Input((14, 18, 6))
+        x = keras.Model(deep_inputs, keras.layers.Conv2D(6, 3, activation="relu", name="deep")(deep_inputs),
+                        name="outer")(x)
+    x = keras.layers.Conv2D(5, 3, activation="relu", name="last")(x)
+    base = keras.Model(base_inputs, x, name="base")
+    inputs = keras.Input((16, 20, 3))
+    x = keras.layers.GlobalAveragePooling2D()(base(keras.layers.Rescaling(0.5, offset=0.1, name="rescale")(inputs)))
+    path = tmp_path / f"nested{depth}.keras"
+    keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="scores")(x)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("cam_layer", ["auto", "base", "inner", "last"])
+def test_cam_layer_inside_a_base_model(tmp_path, cam_layer):
+    """--cam-layer on a classifier whose feature extractor is a nested Keras model: a layer of the base model
+    by its name, the base model's output by the base's name; the map equals the layer's (NCHW) in Keras."""
+    path = _nested_model(tmp_path)
+    out, _ = _export(tmp_path, str(path), preprocessing_options={"preset_name": "keras-tf"}, cam_layer=cam_layer)
+    assert _metadata(out).cam_layer.startswith(f"{cam_layer} ("), _metadata(out).cam_layer
+    model = keras.saving.load_model(path)
+    base = model.get_layer("base")
+    layer = {"auto": "last", "base": "last"}.get(cam_layer, cam_layer)
+    images = np.random.default_rng(2).uniform(-1, 1, (2, 3, 16, 20)).astype(np.float32)
+    base_input = model.get_layer("rescale")(np.transpose(images, (0, 2, 3, 1)))
+    expected = keras.Model(base.input, base.get_layer(layer).output)(base_input).numpy().transpose(0, 3, 1, 2)
+    activation = _session(out).run([contract.OUTPUT_CAM_ACTIVATION], {contract.INPUT_IMAGE: images,
+                                                                      contract.INPUT_TARGET: np.array([0, 2])})[0]
+    assert activation.shape == expected.shape and _relative(activation, expected) < 1e-5

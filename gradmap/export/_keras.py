@@ -859,6 +859,14 @@ def keras_cam_layer(loaded: KerasModel, graph, name: str) -> str:
         return name  # an ONNX value name: the bare-ONNX entrance takes it
     keras_model = loaded.model
     layers = {layer.name: layer for layer in getattr(keras_model, "layers", [])}
+    nested = None if loaded.kind == "savedmodel" or name in layers else _nested_owner(keras_model, name)
+    if nested is not None:  # a layer of a base model that is one layer of the classifier (transfer learning)
+        owner = layers[nested]
+        inner = {child.name: child for child in owner.layers}.get(name)
+        if inner is None:
+            raise ExportError(f"--cam-layer {name!r}: the layer is two or more models deep (inside {nested!r}); take "
+                              f"--cam-layer auto, a layer of {nested!r}, or an ONNX value name")
+        layers = {name: inner}
     if loaded.kind == "savedmodel" or name not in layers:
         maps = [n for n, layer in layers.items() if _output_rank(layer) == 4 and type(layer).__name__ != "InputLayer"] \
             if loaded.kind != "savedmodel" else []
@@ -878,7 +886,12 @@ def keras_cam_layer(loaded: KerasModel, graph, name: str) -> str:
     nhwc = probe.transpose(0, 2, 3, 1)
     if loaded.channels == 1:
         nhwc = (nhwc * np.asarray(LUMA, np.float32)).sum(axis=-1, keepdims=True)
-    wanted = np.asarray(keras.Model(keras_model.input, layer.output)(nhwc, training=False), np.float64)
+    if nested is None:
+        wanted = _layer_output_model(keras, keras_model, layer, name)(nhwc, training=False)
+    else:  # the base model's input in the classifier, then the layer's output in the base model
+        base_input = _layer_output_model(keras, keras_model, owner, nested, inputs=True)(nhwc, training=False)
+        wanted = keras.Model(owner.input, layer.output)(base_input, training=False)
+    wanted = np.asarray(wanted, np.float64)
     scale = float(np.abs(wanted).max())
     if not scale > 0:
         raise ExportError(f"--cam-layer {name!r}: the layer's output is zero on a probe picture, so it cannot be found "
@@ -906,6 +919,31 @@ def keras_cam_layer(loaded: KerasModel, graph, name: str) -> str:
         return _nchw_side(model_graph, found["nhwc"], nhwc=True)
     raise ExportError(f"--cam-layer {name!r}: no value of the converted graph equals the layer's output (tf2onnx "
                       "merged it into another op, as a Conv2D followed by BatchNormalization is): take the layer after it")
+
+
+def _layer_output_model(keras, model, layer, name: str, inputs: bool = False):
+    """A Keras model from ``model``'s input to ``layer``'s output in it (``inputs``: to its input). A nested
+    model's ``output`` is its own graph's, not connected to the outer input: its call in the outer model
+    is one of its inbound nodes (Keras 3 keeps them in ``_inbound_nodes``; no public accessor)."""
+    outputs = [] if inputs else [layer.output]
+    for node in getattr(layer, "_inbound_nodes", []):
+        outputs += list(getattr(node, "input_tensors" if inputs else "output_tensors", []))
+    for output in outputs:
+        try:
+            return keras.Model(model.input, output)
+        except ValueError:  # not connected to the model's input
+            continue
+    raise ExportError(f"--cam-layer {name!r}: Keras cannot evaluate the layer's {'input' if inputs else 'output'} from "
+                      "the model's input; take --cam-layer auto, another layer, or an ONNX value name")
+
+
+def _nested_owner(model, name: str) -> str | None:
+    """The name of the top-level layer of ``model`` (a nested model) that holds a layer ``name``, if any."""
+    def holds(layer) -> bool:
+        inner = getattr(layer, "layers", None) or []
+        return any(child.name == name or holds(child) for child in inner)
+
+    return next((layer.name for layer in getattr(model, "layers", []) if holds(layer)), None)
 
 
 def _output_rank(layer) -> int | None:
