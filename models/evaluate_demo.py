@@ -162,6 +162,12 @@ def verdicts(results: dict) -> dict[str, list[str]]:
     return missed
 
 
+def row_name(results: dict, name: str) -> str:
+    """The method's name in the tables, with its image count where it ran on a subset."""
+    subset = results.get("method_runs", {}).get(name, {}).get("subset")
+    return f"{name} ({len(subset['indices'])} images)" if subset else name
+
+
 def render(results: dict) -> str:
     training = results.get("training", {})
     r = results
@@ -190,7 +196,7 @@ def render(results: dict) -> str:
     for name, m in r["methods"].items():
         target = f"(target ≥ {POINTING_TARGETS[name]})" if name in POINTING_TARGETS else ""
         verdict = "met" if not misses[name] else "**missed**: " + "; ".join(misses[name])
-        lines.append(f"| {name} | {m['pointing_game']['mean']:.3f} | {m['pointing_game_tolerance']['mean']:.3f} {target} | "
+        lines.append(f"| {row_name(r, name)} | {m['pointing_game']['mean']:.3f} | {m['pointing_game_tolerance']['mean']:.3f} {target} | "
                      f"{m['energy_pointing_game']['mean']:.3f} | "
                      f"{m['deletion_auc']['mean']:.3f} | {m['insertion_auc']['mean']:.3f} | "
                      f"{m['rank_correlation']['mean']:.3f} | {m['rank_correlation_other_image']['mean']:.3f} | {verdict} |")
@@ -219,6 +225,16 @@ def render(results: dict) -> str:
                           f"gradients, on each of the {2 + len(r.get('cascade_models', {}))} models of the "
                           "randomization checks); random pixel order on those images: deletion AUC "
                           f"{deletion:.3f}, insertion AUC {insertion:.3f}, which their deletion target is judged against.")
+    from gradmap import contract
+
+    transformer_only = [m.name for m in contract.METHOD_TABLE
+                        if contract.OUTPUT_ATTENTION in m.outputs and m.name not in r["methods"]]
+    unmeasured = [m.name for m in contract.METHOD_TABLE if m.name not in r["methods"] and m.name not in transformer_only]
+    if transformer_only:
+        lines[-1] += (f" No rows for {', '.join(transformer_only)}: they read a vision transformer's attention "
+                      "(`gradmap export --attention`), and the demo model is a CNN.")
+    if unmeasured:
+        lines[-1] += f" Not measured on the demo set yet: {', '.join(unmeasured)}."
     labels = list(next(iter(r["methods"].values())).get("rank_correlation_cascade", {}))
     if labels:
         lines += ["", "Randomization cascade (Adebayo et al.'s cascading form): ρ between the trained model's maps and "
@@ -233,7 +249,7 @@ def render(results: dict) -> str:
         for name, m in r["methods"].items():
             cells = [f"{m['rank_correlation']['mean']:.3f}"]
             cells += [f"{m['rank_correlation_cascade'][label]['mean']:.3f}" for label in labels]
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['rank_correlation_other_image']['mean']:.3f} |")
+            lines.append(f"| {row_name(r, name)} | " + " | ".join(cells) + f" | {m['rank_correlation_other_image']['mean']:.3f} |")
     return "\n".join(lines)
 
 

@@ -203,3 +203,4 @@ def test_metadata_versions():
         contract.ModelMetadata.from_props(bad)
     with pytest.raises(contract.ContractError, match="upgrade gradmap"):
         contract.ModelMetadata.from_props(dict(props, **{"gradmap.format_version": "4"}))
+
