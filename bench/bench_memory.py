@@ -219,13 +219,13 @@ def main() -> int:
     parser.add_argument("--folder", type=int, default=100, help="photographs in the folder workload (0: skip it)")
     parser.add_argument("--long", type=int, default=1000, help="pictures in the no-growth run (0: skip it)")
     _report.add_flags(parser, RESULTS, note=True)
-    args = parser.parse_args()
-    if args.tables_only:
-        data = _report.read_results(args.out)
-        print(render(data))
-        if not args.no_docs:
-            _report.publish(PAGE, sections(data))
-        return 0
+    args = _report.parse_args(parser)
+    print(render(_report.render_or_measure(args, PAGE, sections, lambda: measure(args))))
+    return 0
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Every workload, measured and written to the results file; returns what was written."""
     threads = str(os.cpu_count() or 1)
     meta = _report.start_run(PAGE, SECTIONS, model=args.model, repeat=args.repeat, threads=int(threads),
                              folder=args.folder, note=args.note)
@@ -299,11 +299,7 @@ def main() -> int:
         per = {name: (folder_sides[name]["wall_s"] - one[name]["wall_s"]) / (args.folder - 1)
                for name in ("gradmap run", "PyTorch recipe")}
     rows = [{"workload": workload, "side": side, **s} for workload, sides in summary.items() for side, s in sides.items()]
-    data = _report.write_results(args.out, meta, rows, per_further_picture_s=per, working_sets=sets, long_run=long)
-    print(render(data))
-    if not args.no_docs:
-        _report.publish(PAGE, sections(data))
-    return 0
+    return _report.write_results(args.out, meta, rows, per_further_picture_s=per, working_sets=sets, long_run=long)
 
 
 if __name__ == "__main__":
