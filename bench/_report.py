@@ -47,6 +47,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs"
 INDEX_PAGE = "benchmarks.md"
+#: README.md as a page name for :func:`write_sections` (pages are named relative to docs/): a script's
+#: one-line summaries there come from its results file like its tables (``readme_sections(data)``).
+README = "../README.md"
 INDEX_SECTION = "runs"
 NOT_RECORDED = "not recorded"
 
@@ -55,7 +58,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 __all__ = [
-    "ROOT", "RESULTS", "DOCS", "NOT_RECORDED", "add_flags", "cpu_from_cpuinfo", "machine", "start_run", "finish_run",
+    "ROOT", "RESULTS", "DOCS", "README", "NOT_RECORDED", "add_flags", "cpu_from_cpuinfo", "machine", "start_run", "finish_run",
     "write_results", "write_json", "merge_update", "read_results", "machine_line", "cpu_text", "load_average", "cores",
     "table", "replace_section", "section_body", "write_section", "write_sections", "publish", "check_sections",
     "result_files", "runs_section",
@@ -343,11 +346,13 @@ def write_sections(page: str, sections: dict[str, str]) -> None:
     path.write_text(text)
 
 
-def publish(page: str, sections: dict[str, str]) -> None:
+def publish(page: str, sections: dict[str, str], readme: dict[str, str] | None = None) -> None:
     """Write ``sections`` into docs/``page`` (none: a script whose results a page cites in its prose)
-    and refresh the run index built from every results file."""
+    and ``readme`` into README.md, and refresh the run index built from every results file."""
     if sections:
         write_sections(page, sections)
+    if readme:
+        write_sections(README, readme)
     write_sections(INDEX_PAGE, {INDEX_SECTION: runs_section()})
     print(f"wrote docs/{page}: {', '.join([*sections, 'the run index'])}", file=sys.stderr)
 

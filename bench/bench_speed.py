@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -400,6 +401,29 @@ def sections(data: dict) -> dict[str, str]:
     return {"speed": render(data["rows"], data["meta"])}
 
 
+def readme_sections(data: dict) -> dict[str, str]:
+    """README's line on the speed of one gradient, from the same results."""
+    rows, meta = data["rows"], data["meta"]
+    floors = floor_ratios()
+    verdicts = [verdict(r, floors.get((r["model"], r["batch"])))[0] for r in rows]
+    over_forward = [r["gradmap_over_forward"] for r in rows]
+    speedups = [min(r["torch_eager_ms"], r.get("captum_ms", r["torch_eager_ms"])) / r["gradmap_ms"] for r in rows]
+    missed = [f"{r['model']} batch {r['batch']}" for r, v in zip(rows, verdicts) if v == "no"]
+    start, end = _report.load_average(meta)
+    counts = (f"{verdicts.count('yes')} of {len(rows)} rows meet the {TARGET:g}x target, "
+              f"{verdicts.count('floor')} are stopped by the floor (1.10x the least an exact standard-op graph costs "
+              "on that provider is over the target)")
+    counts += f", {len(missed)} miss it ({', '.join(missed)})" if missed else ""
+    line = (f"- One gradient of the default export, lowered at load, cost {min(over_forward):.1f} to "
+            f"{max(over_forward):.1f} forward passes on onnxruntime's CPU provider, and was {min(speedups):.2f} to "
+            f"{max(speedups):.2f} times as fast as the faster of PyTorch eager autograd and Captum on the speed "
+            f"table's {len(rows)} rows; {counts} (`bench/bench_speed.py` on {_report.cpu_text(meta)}, "
+            f"{meta.get('date') or 'date ' + _report.NOT_RECORDED}, 1-minute load average "
+            f"{_report._or_not(start)} to {_report._or_not(end)}; `bench/results/speed.json`, "
+            "[speed table](docs/benchmarks.md#speed-of-one-gradient)).")
+    return {"speed-summary": line}
+
+
 def floor_rows(rows: list[dict]) -> list[dict]:
     """bench/floor.py's rows from the rows of a run that timed the floor graph."""
     keep = ("model", "batch", "threads", "rounds", "ort_forward_ms", "gradmap_ms", "floor_ms",
@@ -412,9 +436,40 @@ def floor_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def model_batches(spec: str, batches: list[int]) -> tuple[str, list[int]]:
+    """``NAME`` (the run's --batches) or ``NAME:B1,B2`` (those batches for that model)."""
+    name, _, own = spec.partition(":")
+    if not own:
+        return name, batches
+    try:
+        return name, [int(b) for b in own.split(",")]
+    except ValueError:
+        raise SystemExit(f"--models {spec}: expected NAME or NAME:B1,B2 with whole batch sizes") from None
+
+
+def measure_apart(name: str, batches: list[int], args) -> list[dict]:
+    """One model's rows, measured in a process of its own: its sessions, arenas and torch's memory go
+    when it ends, so a run of large models at batch 8 peaks at one model's memory."""
+    with tempfile.TemporaryDirectory(prefix="gradmap-speed-rows-") as folder:
+        out = Path(folder) / "rows.json"
+        cmd = [sys.executable, __file__, "--rows-to", str(out), "--models", name, "--batches", *map(str, batches),
+               "--threads", str(args.threads), "--repeat", str(args.repeat), "--budget", str(args.budget),
+               "--pause", str(args.pause)]
+        cmd += ["--baseline", str(args.baseline)] if args.baseline else []
+        cmd += ["--compile"] if args.compile else []
+        cmd += ["--no-floor"] if args.no_floor else []
+        proc = subprocess.run(cmd)
+        if proc.returncode != 0:
+            raise SystemExit(f"{name}: its measuring process failed with exit status {proc.returncode}"
+                             + (" (killed: out of memory?)" if proc.returncode in (-9, 137) else ""))
+        return json.loads(out.read_text())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS,
+                        help="model names; NAME:B1,B2 measures that model at those batches instead of --batches")
+    parser.add_argument("--rows-to", type=Path, default=None, help=argparse.SUPPRESS)  # measure_apart's child
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=15, help="rounds (each runs every variant once)")
@@ -434,6 +489,13 @@ def main() -> int:
     args = parser.parse_args()
     if args.update and not args.note:
         parser.error("--update needs a --note saying which rows were re-measured when")
+    if args.rows_to:
+        rows = []
+        for name in args.models:
+            rows += bench_model(name, args.batches, args.threads, args.repeat, args.budget, args.pause,
+                                baseline=args.baseline, compile_torch=args.compile, floor=not args.no_floor)
+        _report.write_json(args.rows_to, rows)
+        return 0
     if args.tables_only:
         data = _report.read_results(args.out)
     else:
@@ -446,11 +508,11 @@ def main() -> int:
             for r in _report.read_results(args.out)["rows"]:
                 previous[(r["model"], r["batch"])] = r["gradmap_over_forward"]
         rows = []
-        for name in args.models:
-            rows += bench_model(name, args.batches, args.threads, args.repeat, args.budget, args.pause,
-                                baseline=args.baseline, compile_torch=args.compile, floor=not args.no_floor)
+        for spec in args.models:
+            name, batches = model_batches(spec, args.batches)
+            rows += measure_apart(name, batches, args)
             # saved after every model, so a run cut short keeps what it measured (not published)
-            _report.write_results(args.out.with_name(f".{args.out.stem}.partial.json"), meta, rows, final=False)
+            _report.write_results(args.out.parent / "partial" / args.out.name, meta, rows, final=False)
         for r in rows:
             r["previous_gradmap_over_forward"] = previous.get((r["model"], r["batch"]))
         if args.update:
@@ -458,7 +520,7 @@ def main() -> int:
             rows = merge_rows(saved["rows"], rows)
             meta = _report.merge_update(meta, saved["meta"], args.models)
         data = _report.write_results(args.out, meta, rows)
-        args.out.with_name(f".{args.out.stem}.partial.json").unlink(missing_ok=True)
+        (args.out.parent / "partial" / args.out.name).unlink(missing_ok=True)
         floors = floor_rows(rows)
         if floors and args.out == RESULTS and not args.update:
             import floor
@@ -470,7 +532,7 @@ def main() -> int:
             if not args.no_docs:
                 _report.write_sections(floor.PAGE, floor.sections(_report.read_results(FLOOR_RESULTS)))
     if not args.no_docs:
-        _report.publish(PAGE, sections(data))
+        _report.publish(PAGE, sections(data), readme_sections(data))
     return 0
 
 

@@ -230,6 +230,10 @@ def test_each_generated_table_is_what_its_script_renders_from_the_results_file(s
                        f"results file: run `python {script.relative_to(ROOT)} --tables-only`")
     for body in sections.values():
         assert "Ran on: " in body, f"{script.relative_to(ROOT)}: a table header without the machine it ran on"
+    if hasattr(module, "readme_sections"):
+        stale = report.check_sections(report.README, update_docs.readme_rendered(module))
+        assert not stale, (f"README.md: {stale} differ from what {script.relative_to(ROOT)} renders from its results "
+                           f"file: run `python {script.relative_to(ROOT)} --tables-only`")
 
 
 def test_the_run_index_is_current(report):
