@@ -288,6 +288,10 @@ def render(rows: list[dict], meta: dict) -> str:
     lines += _report.table(header, body)
     if misses:
         lines += ["", "Rows that miss the target, and what stops them on this CPU:", "", *misses]
+    differences = [r["ig_difference"] for r in rows if "ig_difference" in r]
+    if differences:
+        lines += ["", f"Integrated gradients: gradmap's differ from Captum's by {min(differences):.1g} to "
+                      f"{max(differences):.1g} of Captum's largest value (max |difference| ÷ max |Captum|)."]
     return "\n".join(lines)
 
 
