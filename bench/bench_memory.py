@@ -56,10 +56,11 @@ SPLIT = "gradmap run, model exported with --external-data"
 CPU_TARGET = "gradmap run, model exported with --target cpu"
 
 
-def timed(cmd: list[str], cache: Path | str | None = None) -> tuple[float, float]:
+def timed(cmd: list[str], cache: Path | str | None = None, env: dict | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS in MB) of ``cmd`` under /usr/bin/time -v; ``cache``: its
-    GRADMAP_CACHE_DIR (gradmap's session cache; None: as this process has it)."""
-    env = None if cache is None else {**os.environ, "GRADMAP_CACHE_DIR": str(cache)}
+    GRADMAP_CACHE_DIR (gradmap's session cache; None: as this process has it); ``env``: more
+    variables for it."""
+    env = {**os.environ, **(env or {}), **({} if cache is None else {"GRADMAP_CACHE_DIR": str(cache)})}
     proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
@@ -248,6 +249,8 @@ def main() -> int:
                                                         "this interpreter's)")
     parser.add_argument("--folder", type=int, default=100, help="photographs in the folder workload (0: skip it)")
     parser.add_argument("--long", type=int, default=1000, help="pictures in the no-growth run (0: skip it)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="threads of gradmap's runs and of the recipe's torch (OMP_NUM_THREADS; default: the cores)")
     _report.add_flags(parser, RESULTS, note=True)
     args = parser.parse_args()
     if args.tables_only:
@@ -256,7 +259,7 @@ def main() -> int:
         if not args.no_docs:
             _report.publish(PAGE, sections(data), readme_sections(data))
         return 0
-    threads = str(os.cpu_count() or 1)
+    threads = str(args.threads)
     from gradmap.runtime._lowering import cpu_block
 
     block, block_reason = cpu_block()
@@ -310,7 +313,8 @@ def main() -> int:
         for i in range(args.repeat):
             out = work / f"out{len(summary)}_{i}"
             rows["gradmap run"].append(gradmap_run(source, out, work / f"cache-first-{len(summary)}-{i}"))
-            rows["PyTorch recipe"].append(timed([*recipe, str(source), str(out / recipe_out), "8"]))
+            rows["PyTorch recipe"].append(timed([*recipe, str(source), str(out / recipe_out), "8"],
+                                                env={"OMP_NUM_THREADS": threads}))
             rows[SPLIT].append(gradmap_run(source, work / f"out_split{len(summary)}_{i}",
                                            work / f"cache-split-{len(summary)}-{i}", split))
             if CPU_TARGET in rows:
