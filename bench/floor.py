@@ -107,11 +107,11 @@ def build_floor_model(module, size, block: int | None = None):
     gradmap's runtime lowers the default export for on this CPU; None: the lowering's default)
     without the passes of FLOOR_SKIPPED_LOWERING."""
     from gradmap.export._trace import trace_to_onnx
-    from gradmap.graph.gradient import append_gradient
+    from gradmap.graph import add_gradient
 
     model = trace_to_onnx(module, size)
-    append_gradient(model, rules=floor_rules(), seed=floor_seed, skip_lowering=FLOOR_SKIPPED_LOWERING,
-                    channel_multiple=block)
+    add_gradient(model, target="cpu", rules=floor_rules(), seed=floor_seed, skip_lowering=FLOOR_SKIPPED_LOWERING,
+                 channel_multiple=block)
     return model
 
 

@@ -230,6 +230,87 @@ def test_exact_gelu_and_dense_on_feature_maps_as_in_convnext(tmp_path):
     assert "Erf" in report.op_types
 
 
+def _grouped_model():
+    """Depthwise convolutions written as grouped Conv2D (groups == input channels), as ConvNeXt writes them:
+    one with two filters per group (depth multiplier 2), one strided and dilated inside a nested Sequential."""
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="stem")(inputs)
+    x = keras.layers.Conv2D(8, 3, padding="same", groups=4, activation="relu", name="dw_m2")(x)
+    inner = keras.Sequential([keras.layers.Conv2D(8, 5, strides=2, padding="same", groups=8, name="dw_strided"),
+                              keras.layers.Conv2D(8, 3, dilation_rate=2, groups=8, name="dw_dilated", use_bias=False)],
+                             name="inner")
+    x = keras.layers.GlobalAveragePooling2D()(inner(x))
+    return keras.Model(inputs, keras.layers.Dense(5, name="head")(x))
+
+
+def test_grouped_conv2d_with_a_group_per_channel_exports_as_depthwise(tmp_path):
+    """Keras runs a grouped Conv2D as an XLA-compiled function tf2onnx cannot convert: the export rebuilds the
+    depthwise ones as DepthwiseConv2D (the same weights, reshaped); the gradient equals float64 GradientTape of
+    the grouped model itself."""
+    from gradmap.export._keras import depthwise_rewrite
+
+    keras.utils.set_random_seed(11)
+    model32 = _grouped_model()
+    path = tmp_path / "grouped.keras"
+    model32.save(path)
+    rebuilt, names = depthwise_rewrite(model32, "keras:grouped")
+    assert names == ["dw_m2", "dw_strided", "dw_dilated"]
+    kinds = {layer.name: type(layer).__name__ for layer in rebuilt.layers + rebuilt.get_layer("inner").layers}
+    assert kinds["dw_m2"] == kinds["dw_strided"] == kinds["dw_dilated"] == "DepthwiseConv2D"
+    assert rebuilt.get_layer("head") is model32.get_layer("head"), "the other layers are shared, not copied"
+
+    out, report = _export(tmp_path, str(path), preprocessing_options={"preset_name": "none"})
+    assert any("3 grouped Conv2D layers" in note and "DepthwiseConv2D" in note for note in report.notes), report.notes
+    assert report.gradient_error < 1e-4, report.summary()
+    with _float64_policy():
+        model64 = _grouped_model()
+    model64.set_weights([w.astype(np.float64) for w in model32.get_weights()])
+    images = np.random.default_rng(2).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    target = np.array([1, 4])
+    logits, gradient = _session(out).run([contract.OUTPUT_LOGITS, contract.BACKPROP_OUTPUTS["vanilla"]],
+                                         {contract.INPUT_IMAGE: images, contract.INPUT_TARGET: target})
+    ref_logits, ref_gradient = _tape(model64, images, target)
+    assert _relative(logits, ref_logits) < 1e-5, _relative(logits, ref_logits)
+    assert _relative(gradient, ref_gradient) < 1e-5, _relative(gradient, ref_gradient)
+
+    # several input channels per group: no DepthwiseConv2D equals it; refused by name before conversion
+    inputs = keras.Input((8, 8, 4))
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(6, 3, groups=2, name="pairs")(inputs))
+    with pytest.raises(ExportError, match=r"keras:g: layer 'pairs' is a Conv2D with groups=2 over 4 input channels.*"
+                                          r"XLA-compiled"):
+        depthwise_rewrite(keras.Model(inputs, pooled), "keras:g")
+
+
+def test_a_small_convnext_exports_with_float64_gradient_tape_parity(tmp_path):
+    """keras.applications' own ConvNeXt builder (the blocks of ConvNeXtTiny: a grouped 7x7 Conv2D, LayerNorm,
+    exact GELU, LayerScale), one block per stage, layer scale 1 so that the blocks weigh in the gradient."""
+    from keras.src.applications.convnext import ConvNeXt
+
+    def build():
+        return ConvNeXt(depths=[1, 1, 1, 1], projection_dims=[8, 16, 24, 32], layer_scale_init_value=1.0,
+                        input_shape=(SIZE, SIZE, 3), classes=10, name="convnext_small_test")
+
+    keras.utils.set_random_seed(4)
+    model32 = build()
+    path = tmp_path / "convnext.keras"
+    model32.save(path)
+    out, report = _export(tmp_path, str(path), preprocessing_options={"preset_name": "none"})
+    assert any("4 grouped Conv2D layers" in note for note in report.notes), report.notes
+    assert report.gradient_error < 1e-4 and "Erf" in report.op_types, report.summary()
+    with _float64_policy():
+        model64 = ConvNeXt(depths=[1, 1, 1, 1], projection_dims=[8, 16, 24, 32], layer_scale_init_value=1.0,
+                           input_shape=(SIZE, SIZE, 3), classes=10, name="convnext_small_test",
+                           classifier_activation=None)
+    model64.set_weights([w.astype(np.float64) for w in model32.get_weights()])
+    images = np.random.default_rng(5).uniform(0, 255, (2, 3, SIZE, SIZE)).astype(np.float32)
+    target = np.array([3, 9])
+    logits, gradient = _session(out).run([contract.OUTPUT_LOGITS, contract.BACKPROP_OUTPUTS["vanilla"]],
+                                         {contract.INPUT_IMAGE: images, contract.INPUT_TARGET: target})
+    ref_logits, ref_gradient = _tape(model64, images, target)
+    assert _relative(logits, ref_logits) < 1e-5, _relative(logits, ref_logits)
+    assert _relative(gradient, ref_gradient) < 1e-5, _relative(gradient, ref_gradient)
+
+
 def test_tensorflow_ops_tf2onnx_leaves_are_rewritten_or_named():
     import onnx
     from onnx import helper
@@ -411,6 +492,37 @@ def test_gradmap_verify_checks_a_keras_export_against_gradient_tape_without_torc
     model.save(other)
     wrong = CliRunner().invoke(main, ["verify", str(out), "--reference", f"keras:{other}", *pictures])
     assert wrong.exit_code == 1 and "MISMATCH" in wrong.output, wrong.output
+
+
+def test_forward_only_keras_export_gives_the_full_exports_forward_maps(tmp_path, photo_files):
+    """--no-gradient on a Keras model: logits checked against the float64 Keras model, occlusion and
+    Score-CAM (NHWC feature map) equal to the full export's, gradient methods refused, and gradmap
+    verify checks the logits on pictures."""
+    from gradmap.runtime import SaliencyModel
+    from gradmap.runtime.methods import MethodSpec, UnsupportedMethodError, attribute, check_supported
+
+    path = tmp_path / "small.keras"
+    _small_model().save(path)
+    options = dict(preprocessing_options={"preset_name": "keras-tf"}, cam_layer="auto")
+    (tmp_path / "full").mkdir()
+    full_path, _ = _export(tmp_path / "full", str(path), **options)
+    out, report = _export(tmp_path, str(path), gradient=False, **options)
+    assert report.gradient_error is None and report.logits_error < 1e-5, report.summary()
+    assert "tf.GradientTape" in report.summary()
+    full, forward = SaliencyModel(full_path, provider="cpu"), SaliencyModel(out, provider="cpu")
+    assert forward.metadata.format_version == 3 and not forward.metadata.gradient
+    images = np.random.default_rng(1).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    targets = np.array([-1, 2])
+    for spec in (MethodSpec("occlusion", window=4, stride=2), MethodSpec("score-cam")):
+        expected = attribute(full, spec, images, targets)[2]
+        actual = attribute(forward, spec, images, targets)[2]
+        assert np.abs(expected).max() > 0, spec.name
+        assert _relative(actual, expected) < 1e-5, spec.name
+    with pytest.raises(UnsupportedMethodError, match="--no-gradient"):
+        check_supported(forward, "vanilla")
+    pictures = [a for p in photo_files[:2] for a in ("--images", str(p))]
+    result = CliRunner().invoke(main, ["verify", str(out), "--reference", f"keras:{path}", *pictures])
+    assert result.exit_code == 0 and "all 2 pictures match" in result.output, result.output
 
 
 # -- the TensorFlow recipe (../shared/recipes/tensorflow2-gradienttape-resnet50.md), reproduced -----------------

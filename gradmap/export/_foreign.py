@@ -33,7 +33,8 @@ from onnx import numpy_helper
 
 from gradmap import contract
 from gradmap.contract import ModelMetadata, Preprocessing
-from gradmap.graph import ExportError, ExportReport, add_gradient, finish, op_histogram, write_atomic
+from gradmap.graph import (ExportError, ExportReport, add_forward_outputs, add_gradient, check_forward_only, finish,
+                           op_histogram, write_atomic)
 from gradmap.graph.gradient import NON_DIFFERENTIABLE
 
 __all__ = ["ClassifierGraph", "MIN_OPSET", "export_graph", "imagenet_labels", "prepare_classifier", "read_labels"]
@@ -840,7 +841,8 @@ def export_graph(graph: ClassifierGraph, output: str | os.PathLike | None, *, pr
                  labels: Sequence[str] | None = None, source_model: str = "onnx", weights: str = "from the file",
                  score: str = "logit", backprops: Sequence[str] = ("vanilla",), cam_layer: str | None = None,
                  target: str = "portable", channel_multiple: int | None = None, external_data: bool = False,
-                 verify: bool = True, reference=None, extra: Mapping[str, object] | None = None) -> ExportReport:
+                 verify: bool = True, reference=None, extra: Mapping[str, object] | None = None,
+                 gradient: bool = True) -> ExportReport:
     """Append the gradient to a prepared foreign graph, check it against ``reference`` and write it.
 
     Args:
@@ -852,13 +854,14 @@ def export_graph(graph: ClassifierGraph, output: str | os.PathLike | None, *, pr
             protocol: ``run`` and ``run_float32``); ``None``: the float64 evaluation of the graph itself
             (:mod:`gradmap.export._onnx_reference`).
         extra: more entries for the metadata's ``extra`` (what a source needs to rebuild its reference).
+        gradient: ``False``: a forward-only model, its logits checked against ``reference.logits``.
         The other arguments are ``export_module``'s.
 
     Returns:
         An :class:`ExportReport` whose ``notes`` say what was done to the graph.
     """
     start = time.perf_counter()
-    backprops = tuple(dict.fromkeys(["vanilla", *backprops]))
+    backprops = tuple(dict.fromkeys(["vanilla", *backprops])) if gradient else check_forward_only(backprops, target)
     if tuple(preprocessing.crop) != tuple(graph.input_size):
         raise ExportError(f"the preprocessing crops {preprocessing.crop[0]}x{preprocessing.crop[1]} but the model "
                           f"takes {graph.input_size[0]}x{graph.input_size[1]}")
@@ -878,8 +881,11 @@ def export_graph(graph: ClassifierGraph, output: str | os.PathLike | None, *, pr
     model = graph.model
     cam_name = resolve_cam_layer(graph, cam_layer)
     forward_nodes = sum(1 for _ in model.graph.all_nodes())
-    cam_value = add_gradient(model, score=score, backprops=backprops, cam_layer=cam_name, target=target,
-                             channel_multiple=channel_multiple)
+    if gradient:
+        cam_value = add_gradient(model, score=score, backprops=backprops, cam_layer=cam_name, target=target,
+                                 channel_multiple=channel_multiple)
+    else:
+        cam_value = add_forward_outputs(model, cam_layer=cam_name)
     extra = {"source_input": graph.input_name, "source_output": graph.output_name, "source_layout": graph.layout,
              "source_opset": graph.source_opset, **(extra or {})}
     if graph.cut:
@@ -891,8 +897,13 @@ def export_graph(graph: ClassifierGraph, output: str | os.PathLike | None, *, pr
     report = ExportReport(path=None, source_model=source_model, weights=weights, score=score,
                           forward_nodes=forward_nodes, backward_nodes=len(proto.graph.node) - forward_nodes,
                           target=target, op_types=op_histogram(proto), notes=notes,
-                          reference=getattr(reference, "name", "none"))
-    if verify:
+                          reference=getattr(reference, "name", "none"), gradient=gradient)
+    if verify and not gradient:
+        from gradmap.graph.parity import verify_forward
+
+        report.logits_error = verify_forward(proto, reference, input_size=graph.input_size,
+                                             batch=graph.fixed_batch or 2, attempts=6).logits_error
+    elif verify:
         report.logits_error, report.gradient_error = check_parity(
             proto, reference, graph.input_size, score=score, backprops=backprops, fixed_batch=graph.fixed_batch,
             notes=report.notes)

@@ -27,7 +27,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -91,6 +91,7 @@ class KerasModel:
     preset: str | None  # the application's preprocessing preset; None for saved models
     input_size: tuple[int, int]
     channels: int
+    notes: list[str] = field(default_factory=list)  # what the conversion changed (for the report)
 
 
 def _seeded(keras, seed: int) -> None:
@@ -334,14 +335,24 @@ def to_onnx(loaded: KerasModel, opset: int = TF2ONNX_OPSET):
                           name=e.name) from e
     height, width = loaded.input_size
     spec = (tf.TensorSpec((None, height, width, loaded.channels), tf.float32, name="image"),)
+    model = loaded.model
+    if loaded.kind != "savedmodel":
+        model, rewritten = depthwise_rewrite(model, loaded.source)
+        if rewritten:
+            note = (f"{len(rewritten)} grouped Conv2D layer{'s' if len(rewritten) != 1 else ''} with one group per input "
+                    f"channel (first: {rewritten[0]}) rebuilt as DepthwiseConv2D with the same weights before "
+                    "conversion (Keras runs a grouped Conv2D as an XLA-compiled function tf2onnx cannot convert)")
+            if note not in loaded.notes:
+                loaded.notes.append(note)
     quiet = logging.getLogger("tf2onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
         if loaded.kind == "savedmodel":
-            proto, _ = tf2onnx.convert.from_function(_serving_function(loaded), input_signature=spec, opset=opset)
+            with _keeping_transposes():  # from_function takes no optimizers argument
+                proto, _ = tf2onnx.convert.from_function(_serving_function(loaded), input_signature=spec, opset=opset)
         else:
-            proto, _ = tf2onnx.convert.from_keras(loaded.model, input_signature=spec, opset=opset)
+            proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset, optimizers=_optimizers())
     except Exception as e:
         raise ExportError(f"{loaded.source}: tf2onnx cannot convert it: {type(e).__name__}: "
                           f"{str(e).strip()[:400]}") from e
@@ -349,6 +360,106 @@ def to_onnx(loaded: KerasModel, opset: int = TF2ONNX_OPSET):
         quiet.setLevel(level)
     _rewrite_tensorflow_ops(proto, loaded.source)
     return proto
+
+
+def _optimizers():
+    """tf2onnx's own graph optimizers, except that its transpose optimizer leaves Transposes as Transposes.
+
+    After moving Transposes through the graph, tf2onnx's transpose optimizer replaces each Transpose
+    that only moves axes of size 1 (NHWC <-> NCHW of a 1x1 feature map, or of one channel) with a
+    Reshape whose shape it computes from the shape it has recorded for the Transpose's input. A node
+    the optimizer has just moved a Transpose across can keep its old layout's recorded shape, and the
+    Reshape then scrambles the tensor: ConvNeXt's LayerNormalization after a depthwise convolution on
+    a 1x1 map (a 32x32 input's last stage) read a [N, 1, 1, C] tensor as [N, 1, C, 1] and normalized
+    each channel over itself. Keeping the Transpose (which needs no shape) is exact; on a map with
+    axes of size 1 it moves as little data as the Reshape would."""
+    from collections import OrderedDict
+
+    from tf2onnx import optimizer
+    from tf2onnx.optimizer.transpose_optimizer import TransposeOptimizer
+
+    class KeepTransposes(TransposeOptimizer):
+        def post_optimize_action(self):
+            pass
+
+    return OrderedDict((name, KeepTransposes if factory is TransposeOptimizer else factory)
+                       for name, factory in optimizer._get_optimizers().items())
+
+
+@contextlib.contextmanager
+def _keeping_transposes():
+    """tf2onnx's default optimizers are :func:`_optimizers` while converting (for its conversions that
+    take no ``optimizers`` argument)."""
+    from tf2onnx import optimizer
+
+    saved = optimizer._optimizers
+    optimizer._optimizers = _optimizers()
+    try:
+        yield
+    finally:
+        optimizer._optimizers = saved
+
+
+def depthwise_rewrite(model, source: str = "keras"):
+    """``model`` with each grouped ``Conv2D`` whose groups equal its input channels (a depthwise
+    convolution written as a grouped one, as ConvNeXt's blocks are) rebuilt as the equivalent
+    ``DepthwiseConv2D`` with the same weights, and the rewritten layers' names; ``(model, [])`` when
+    there is none.
+
+    Why: Keras' TensorFlow backend runs any convolution whose kernel does not span all input channels
+    inside ``tf.function(jit_compile=True)`` (grouped convolutions are broken on TensorFlow's CPU
+    kernels); grappler does not inline a function that must be XLA-compiled, so tf2onnx is left with a
+    ``StatefulPartitionedCall`` it cannot convert. A depthwise layer is TensorFlow's
+    ``DepthwiseConv2dNative``, which tf2onnx converts to a grouped ONNX ``Conv``.
+
+    The kernels are the same numbers: a grouped kernel ``[kh, kw, 1, C * M]`` (output channel
+    ``c * M + m`` reads input channel ``c``) is the depthwise kernel ``[kh, kw, C, M]`` in the same
+    memory order. The layers without groups are shared with ``model`` (the same weights), nested
+    Functional and Sequential models are rewritten inside. Other grouped convolutions (several
+    input channels per group) are an ExportError naming the layer.
+    """
+    _, keras = _frameworks()
+    conv2d = keras.layers.Conv2D
+
+    def layers_of(m):
+        for layer in getattr(m, "layers", []):
+            yield layer
+            if isinstance(layer, keras.Model):
+                yield from layers_of(layer)
+
+    grouped = [layer for layer in layers_of(model) if type(layer) is conv2d and int(getattr(layer, "groups", 1)) > 1]
+    if not grouped:
+        return model, []
+    general = [layer for layer in grouped if int(layer.kernel.shape[-2]) != 1]
+    if general:
+        layer = general[0]
+        raise ExportError(
+            f"{source}: layer '{layer.name}' is a Conv2D with groups={layer.groups} over "
+            f"{int(layer.kernel.shape[-2]) * int(layer.groups)} input channels; Keras runs a grouped convolution as "
+            "an XLA-compiled TensorFlow function, which tf2onnx cannot convert, and gradmap rebuilds only the "
+            "depthwise case (groups equal to the input channels) as a DepthwiseConv2D")
+    ids = {id(layer) for layer in grouped}
+    def clone(layer):
+        if id(layer) not in ids:
+            return layer  # shared: the same layer, the same weights
+        kernel, *rest = layer.get_weights()
+        height, width, _, filters = kernel.shape
+        channels = int(layer.groups)
+        depthwise = keras.layers.DepthwiseConv2D(
+            layer.kernel_size, strides=layer.strides, padding=layer.padding, depth_multiplier=filters // channels,
+            data_format=layer.data_format, dilation_rate=layer.dilation_rate, activation=layer.activation,
+            use_bias=layer.use_bias, name=layer.name, dtype=layer.dtype_policy)
+        shape = (None, None, None, channels) if layer.data_format == "channels_last" else (None, channels, None, None)
+        depthwise.build(shape)
+        depthwise.set_weights([kernel.reshape(height, width, channels, filters // channels), *rest])
+        return depthwise
+
+    try:
+        rebuilt = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    except Exception as e:
+        raise ExportError(f"{source}: layer '{grouped[0].name}' is a grouped Conv2D, which tf2onnx cannot convert, and "
+                          f"Keras cannot rebuild the model with a DepthwiseConv2D: {str(e).strip()[:300]}") from e
+    return rebuilt, [layer.name for layer in grouped]
 
 
 def _rewrite_tensorflow_ops(proto, source: str) -> None:
@@ -370,7 +481,8 @@ def _rewrite_tensorflow_ops(proto, source: str) -> None:
         why = ""
         if "StatefulPartitionedCall" in unknown:
             why = (" (a TensorFlow function call tf2onnx cannot inline, such as the XLA-compiled function Keras runs "
-                   "a grouped Conv2D in)")
+                   "a grouped Conv2D in; gradmap rebuilds a Keras model's depthwise ones before conversion, not a "
+                   "SavedModel's)")
         raise ExportError(f"{source}: tf2onnx left TensorFlow ops it cannot convert: "
                           + ", ".join(f"{op} (first: {name})" for op, name in sorted(unknown.items())) + why)
     nodes = []
@@ -576,14 +688,16 @@ class KerasReference:
             gradients.update({b: run.gradients[b] for b in others})
         return ReferenceRun(logits=logits, gradients=gradients)
 
-    def logits(self, images: np.ndarray) -> np.ndarray:
-        tf, _ = _frameworks()
-        nhwc = np.transpose(np.asarray(images, np.float64), (0, 2, 3, 1))
+    def logits(self, images: np.ndarray, *, float32: bool = False) -> np.ndarray:
+        """float64 logits of ``images``; ``float32``: TensorFlow's own float32 run of the model as exported."""
+        dtype = np.float32 if float32 else np.float64
+        model = (self._linear32 if self._linear32 is not None else self._model32) if float32 else self._model64
+        nhwc = np.transpose(np.asarray(images, dtype), (0, 2, 3, 1))
         if self._channels == 1:
             from ._foreign import LUMA
 
-            nhwc = (nhwc * np.asarray(LUMA)).sum(axis=-1, keepdims=True)
-        return np.asarray(self._model64(nhwc, training=False), np.float64).reshape(len(images), -1)
+            nhwc = (nhwc * np.asarray(LUMA, dtype)).sum(axis=-1, keepdims=True)
+        return np.asarray(model(nhwc, training=False), np.float64).reshape(len(images), -1)
 
     def run(self, images: np.ndarray, target_index: np.ndarray, *, score: str, backprops=("vanilla",),
             decisions=None):
@@ -650,6 +764,7 @@ def export_keras(
     input_name: str | None = None,
     output_name: str | None = None,
     layout: str | None = None,
+    gradient: bool = True,
 ) -> ExportReport:
     """Export the Keras model ``spec`` (``NAME`` or ``PATH``, see the module doc; ``gradmap export --help``).
 
@@ -680,6 +795,7 @@ def export_keras(
     graph = prepare_classifier(proto, layout="nhwc", input_size=loaded.input_size, score=score, opset=opset)
     del proto
     graph.notes.insert(0, f"converted from Keras with tf2onnx (opset {TF2ONNX_OPSET})")
+    graph.notes[1:1] = loaded.notes
     if preprocessing is None:
         from .presets import preset, resolve
 
@@ -698,12 +814,14 @@ def export_keras(
                                "evaluation of the converted graph")
         else:
             reference = KerasReference(loaded.model, cut=graph.cut, channels=loaded.channels,
-                                       forward=_forward_copy(graph), source=loaded.source, trust_model=trust_model)
+                                       forward=_forward_copy(graph) if any(b != "vanilla" for b in backprops) else None,
+                                       source=loaded.source, trust_model=trust_model)
     extra = {"keras_kind": loaded.kind, "keras_weights": str(weights), "keras_seed": int(seed)}
     report = export_graph(graph, output, preprocessing=preprocessing, labels=_labels(labels),
                           source_model=loaded.source, weights=loaded.weights, score=score, backprops=backprops,
                           cam_layer=cam_layer, target=target, channel_multiple=channel_multiple,
-                          external_data=external_data, verify=verify, reference=reference, extra=extra)
+                          external_data=external_data, verify=verify, reference=reference, extra=extra,
+                          gradient=gradient)
     report.seconds = time.perf_counter() - start
     return report
 
