@@ -193,10 +193,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--budget", type=float, default=60.0, help="seconds of rounds per model and method at most")
     _report.add_flags(parser, RESULTS, note=True)
-    args = parser.parse_args()
-    if args.tables_only:
-        data = _report.read_results(args.out)
-    else:
+    args = _report.parse_args(parser)
+
+    def measure():
         meta = _report.start_run(PAGE, SECTIONS, versions=("onnxruntime", "torch", "captum", "grad-cam"),
                                  threads=args.threads, note=args.note)
         rows = []
@@ -205,9 +204,9 @@ def main() -> int:
             rows += bench_model(name, args.threads, args.repeat, args.budget, methods)
         if args.score_cam_model:
             rows += bench_model(args.score_cam_model, args.threads, args.repeat, args.budget, ["score-cam"])
-        data = _report.write_results(args.out, meta, rows)
-    if not args.no_docs:
-        _report.publish(PAGE, sections(data))
+        return _report.write_results(args.out, meta, rows)
+
+    _report.render_or_measure(args, PAGE, sections, measure)
     return 0
 
 

@@ -94,7 +94,8 @@ def _preprocessing_overrides(values: dict) -> dict:
 @click.option("--cam-layer", default=None, metavar="NAME|auto",
               help="Add a feature map and its gradient as outputs for Grad-CAM: 'auto' (the last feature map "
                    "before global pooling; on a vision transformer the last block's first LayerNorm, its tokens "
-                   "on the patch grid), a torch module name (e.g. layer4, blocks.11.norm1) or an ONNX value name.")
+                   "on the patch grid), a torch module name (e.g. layer4, blocks.11.norm1), a Keras layer name "
+                   "(keras: models, e.g. conv5_block3_out) or an ONNX value name.")
 @click.option("--attention", is_flag=True, default=False,
               help="Add every self-attention layer's probabilities and their gradient as outputs, for "
                    "the attention methods (vision transformers with global attention: ViT, DeiT, BEiT; "

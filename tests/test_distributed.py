@@ -166,6 +166,17 @@ def test_ray_engine_on_a_keras_export_equals_local(ray_cluster, pictures, tmp_pa
     assert sorted(ours) == sorted(theirs) and len([n for n in ours if n.endswith(".map.npy")]) == N_GOOD
     different = [n for n in ours if ours[n] != theirs[n]]
     assert not different, f"not byte-identical to local gradmap run: {different}"
+    if method == "grad-cam":  # the maps in Parquet: the model's 48x64, not square
+        parquet = tmp_path / "maps.parquet"
+        result = CliRunner().invoke(main, ["run", model, str(pictures), *COMMON[2:], "--method", method, "--engine",
+                                           "ray", "--to-parquet", str(parquet)])
+        assert result.exit_code == 1, result.stderr[-3000:]
+        rows = {row["path"]: row for row in ray_cluster.data.read_parquet(str(parquet)).iter_rows()}
+        for record in local_doc["images"]:
+            if record["error"] is None:
+                saved = np.load(local_out / Path(record["maps"][0]["files"]["map"]).relative_to(local_out))
+                got = np.asarray(rows[record["path"]]["saliency_map"])
+                assert got.shape == (1, 48, 64) and np.array_equal(got[0], saved), record["path"]
 
 
 def test_to_parquet_holds_the_same_maps(ray_cluster, pictures, reference, tmp_path):

@@ -585,3 +585,118 @@ def test_tensorflow_recipe_map_is_reproduced(tmp_path, photos):
     # (1e-6 relative, measured) carried through the min-max scaling
     diff = np.abs(ours.astype(np.float64) - recipe_map).max()
     assert diff < 1e-4, diff
+
+
+# -- Grad-CAM on NHWC feature maps against tf.GradientTape ------------------------------------------------------
+
+def _cam_model():
+    """NHWC feature maps of every kind the converted graph has: a Conv2D's (NCHW in the ONNX graph, beside
+    tf2onnx's Transposes), one whose height and channels are equal (12x16x12: the shape alone does not tell
+    an NHWC map from an NCHW one), and a Dense on a feature map (ConvNeXt's pointwise layers: a MatMul on the
+    NHWC map itself). Not square, so that a height/width swap shows."""
+    inputs = keras.Input((24, 32, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv")(inputs)
+    x = keras.layers.MaxPooling2D(name="pool")(x)
+    x = keras.layers.Conv2D(12, 3, padding="same", activation="relu", name="block")(x)
+    x = keras.layers.Dense(12, name="mix")(x)
+    x = keras.layers.Activation("relu", name="mixed")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(5, activation="softmax", name="scores")(x))
+
+
+@pytest.mark.parametrize("cam_layer,layer", [("auto", "mixed"), ("mixed", "mixed"), ("block", "block"),
+                                             ("mix", "mix"), ("pool", "pool")])
+def test_grad_cam_equals_gradient_tape_on_the_nhwc_layer(tmp_path, cam_layer, layer):
+    """--cam-layer auto and --cam-layer LAYER (a Keras layer name): the file's feature map, its gradient and
+    Grad-CAM from them equal tf.GradientTape's on that NHWC layer of the float64 Keras model."""
+    from gradmap.runtime.cam import grad_cam
+
+    keras.utils.set_random_seed(8)
+    model = _cam_model()
+    path = tmp_path / "cam.keras"
+    model.save(path)
+    out, report = _export(tmp_path, str(path), preprocessing_options={"preset_name": "keras-tf"}, cam_layer=cam_layer)
+    assert _metadata(out).cam_layer.startswith(f"{cam_layer} ("), _metadata(out).cam_layer
+    with _float64_policy():
+        model64 = _cam_model()
+    model64.set_weights([w.astype(np.float64) for w in model.get_weights()])
+    model64.get_layer("scores").activation = keras.activations.linear
+    both = keras.Model(model64.inputs, [model64.get_layer(layer).output, model64.output])
+    images = np.random.default_rng(4).uniform(-1, 1, (2, 3, 24, 32)).astype(np.float32)
+    target = np.array([1, 3])
+    x = tf.constant(images.transpose(0, 2, 3, 1).astype(np.float64))
+    with tf.GradientTape() as tape:
+        feature_map, logits = both(x, training=False)
+        chosen = tf.reduce_sum(tf.gather(logits, target[:, None], axis=1, batch_dims=1))
+    gradient = tape.gradient(chosen, feature_map).numpy()
+    activation = feature_map.numpy()
+    # Grad-CAM on the NHWC map: the channel weights are the gradient's mean over height and width
+    expected_cam = np.maximum((gradient.mean(axis=(1, 2), keepdims=True) * activation).sum(axis=-1), 0)
+    got_activation, got_gradient = _session(out).run(
+        [contract.OUTPUT_CAM_ACTIVATION, contract.OUTPUT_CAM_GRADIENT],
+        {contract.INPUT_IMAGE: images, contract.INPUT_TARGET: target})
+    assert got_activation.shape == activation.transpose(0, 3, 1, 2).shape, (got_activation.shape, activation.shape)
+    assert _relative(got_activation, activation.transpose(0, 3, 1, 2)) < 1e-5
+    assert _relative(got_gradient, gradient.transpose(0, 3, 1, 2)) < 1e-5
+    assert np.count_nonzero(expected_cam) > expected_cam.size // 10, "a Grad-CAM worth comparing"
+    assert _relative(grad_cam(got_activation, got_gradient), expected_cam) < 1e-5
+
+
+def test_cam_layer_names_that_cannot_be_taken_are_refused(tmp_path):
+    keras.utils.set_random_seed(8)
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="norm")(x)  # tf2onnx folds it into the Conv: conv has no value
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    path = tmp_path / "m.keras"
+    keras.Model(inputs, keras.layers.Dense(3, name="scores")(x)).save(path)
+    options = {"preprocessing_options": {"preset_name": "keras-tf"}, "verify": False}
+    with pytest.raises(ExportError, match=r"'conv': no value of the converted graph equals the layer's output"):
+        _export(tmp_path, str(path), cam_layer="conv", **options)
+    with pytest.raises(ExportError, match=r"'scores': the layer's output has shape \(None, 3\)"):
+        _export(tmp_path, str(path), cam_layer="scores", **options)
+    with pytest.raises(ExportError, match=r"'nothing': neither a layer of the Keras model \(its feature maps: conv, "
+                                          r"norm\)"):
+        _export(tmp_path, str(path), cam_layer="nothing", **options)
+    out, _ = _export(tmp_path, str(path), cam_layer="norm", **options)
+    assert _metadata(out).cam_layer.startswith("norm (")
+
+    with pytest.raises(ExportError, match=r"'deep': the layer is two or more models deep \(inside 'base'\)"):
+        _export(tmp_path, str(_nested_model(tmp_path, depth=2)), cam_layer="deep", **options)
+
+
+def _nested_model(tmp_path, depth: int = 1):
+    """Transfer learning, Keras' way: a base model (Conv2D 'inner', then 'deep' in a model inside it at depth
+    2) as one layer of the classifier, after a Rescaling layer."""
+    keras.utils.set_random_seed(9)
+    base_inputs = keras.Input((16, 20, 3))
+    x = keras.layers.Conv2D(6, 3, activation="relu", name="inner")(base_inputs)
+    if depth == 2:
+        deep_inputs = keras.Input((14, 18, 6))
+        x = keras.Model(deep_inputs, keras.layers.Conv2D(6, 3, activation="relu", name="deep")(deep_inputs),
+                        name="outer")(x)
+    x = keras.layers.Conv2D(5, 3, activation="relu", name="last")(x)
+    base = keras.Model(base_inputs, x, name="base")
+    inputs = keras.Input((16, 20, 3))
+    x = keras.layers.GlobalAveragePooling2D()(base(keras.layers.Rescaling(0.5, offset=0.1, name="rescale")(inputs)))
+    path = tmp_path / f"nested{depth}.keras"
+    keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="scores")(x)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("cam_layer", ["auto", "base", "inner", "last"])
+def test_cam_layer_inside_a_base_model(tmp_path, cam_layer):
+    """--cam-layer on a classifier whose feature extractor is a nested Keras model: a layer of the base model
+    by its name, the base model's output by the base's name; the map equals the layer's (NCHW) in Keras."""
+    path = _nested_model(tmp_path)
+    out, _ = _export(tmp_path, str(path), preprocessing_options={"preset_name": "keras-tf"}, cam_layer=cam_layer)
+    assert _metadata(out).cam_layer.startswith(f"{cam_layer} ("), _metadata(out).cam_layer
+    model = keras.saving.load_model(path)
+    base = model.get_layer("base")
+    layer = {"auto": "last", "base": "last"}.get(cam_layer, cam_layer)
+    images = np.random.default_rng(2).uniform(-1, 1, (2, 3, 16, 20)).astype(np.float32)
+    base_input = model.get_layer("rescale")(np.transpose(images, (0, 2, 3, 1)))
+    expected = keras.Model(base.input, base.get_layer(layer).output)(base_input).numpy().transpose(0, 3, 1, 2)
+    activation = _session(out).run([contract.OUTPUT_CAM_ACTIVATION], {contract.INPUT_IMAGE: images,
+                                                                      contract.INPUT_TARGET: np.array([0, 2])})[0]
+    assert activation.shape == expected.shape and _relative(activation, expected) < 1e-5

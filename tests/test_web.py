@@ -685,3 +685,27 @@ def test_portable_resnet18_on_webgpu_and_webassembly(browser, photo_pngs, tmp_pa
             assert_maps_match(page_map(result), python, f"portable resnet18 on {which}")
     finally:
         gpu_browser.close()
+
+
+def test_keras_export_on_webgpu(browser, photo_pngs, tmp_path):
+    """The portable Keras export (NHWC Transposes, max-pooling and ReLU-rule gradients, an NHWC Grad-CAM map)
+    on WebGPU (Chromium's SwiftShader), which the page picks by itself: gradmap run's maps."""
+    model = KERAS_FIXTURES / "cnn.gradmap.onnx"
+    picture = photo_pngs[1]
+    gpu_browser = browser.browser_type.launch(executable_path=CHROMIUM, headless=True, args=SWIFTSHADER)
+    site = _build(model, tmp_path / "site", gpu_browser)
+    try:
+        page = site.open()
+        has_gpu = page.evaluate("async () => !!(navigator.gpu && await navigator.gpu.requestAdapter())")
+        page.close()
+        if not has_gpu:
+            _missing("this Chromium offers no WebGPU adapter, not even SwiftShader")
+        for method in ("vanilla", "guided-backprop", "grad-cam"):
+            result = site.explain(picture, method)
+            record, python = python_run(model, picture, tmp_path / method, method)
+            assert result["backend"] == "webgpu", f"{method}: the page used {result.get('backend')}"
+            assert [p["index"] for p in result["predictions"]] == [p["index"] for p in record["predictions"]]
+            assert_maps_match(page_map(result), python, f"keras on webgpu {method}")
+    finally:
+        site.close()
+        gpu_browser.close()

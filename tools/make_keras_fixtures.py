@@ -2,7 +2,7 @@
 and TensorFlow's own float64 values for it, for the tests that run where TensorFlow is not installed
 (the web page, ``--engine ray``, every method, lowering at load and ``--target cpu``).
 
-The model is what a Keras user would train: NHWC, Conv2D + BatchNormalization + ReLU, max pooling,
+The model is what a Keras user would train: NHWC at 48x64, Conv2D + BatchNormalization + ReLU, max pooling,
 global average pooling and a softmax head, preprocessed as Keras' ``caffe`` mode (BGR, the ImageNet
 mean subtracted at 0-255; format 2 of the model contract). It is exported three ways:
 
@@ -34,7 +34,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "tests" / "fixtures" / "keras"
-SIZE = 64
+SIZE = (48, 64)  # height, width: not square, so that a height/width swap anywhere downstream shows
 CLASSES = 10
 SEED = 0
 #: the files and the ``gradmap export`` options each is written with
@@ -50,7 +50,7 @@ COMMON = ["--preset", "keras-caffe"]
 def build(keras, relu="relu"):
     """The classifier; ``relu`` replaces every ReLU (the float64 references' guided and deconvnet rules).
     Returns the model and the name of the layer whose output is the last feature map."""
-    inputs = keras.Input((SIZE, SIZE, 3))
+    inputs = keras.Input((*SIZE, 3))
     x = keras.layers.Conv2D(8, 3, padding="same")(inputs)
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.Activation(relu)(x)
@@ -116,7 +116,7 @@ def make() -> dict:
 
     # TensorFlow's float64 values: the same weights in float64 models, stopped at the logits
     weights = model.get_weights()
-    image = (rng.uniform(0, 255, (2, 3, SIZE, SIZE)) - np.asarray([103.939, 116.779, 123.68])[:, None, None])
+    image = (rng.uniform(0, 255, (2, 3, *SIZE)) - np.asarray([103.939, 116.779, 123.68])[:, None, None])
     image = image.astype(np.float32)  # BGR, the ImageNet mean subtracted: what caffe mode feeds the model
     target = np.asarray([3, 7])
     x = tf.constant(image.transpose(0, 2, 3, 1).astype(np.float64))
@@ -152,7 +152,8 @@ def make() -> dict:
     manifest = {
         "model": "cnn.keras",
         "framework": f"tensorflow {tf.__version__}, keras {keras.__version__}, tf2onnx {tf2onnx.__version__}",
-        "size": [SIZE, SIZE], "classes": CLASSES, "cam_layer": "features (the last ReLU's output, NHWC)",
+        "size": list(SIZE), "classes": CLASSES,
+        "cam_layer": "features (the last ReLU's output: NHWC 12x16x16, whose width and channels are equal)",
         "reference": "tf.GradientTape on a float64 copy of cnn.keras (stopped before its softmax); guided and "
                      "deconvnet through a tf.custom_gradient ReLU; Grad-CAM = relu(sum_c mean_hw(dS/dA_c) A_c)",
         "exports": summaries,

@@ -840,9 +840,9 @@ def _nchw_side(graph: ir.Graph, value: ir.Value, nhwc: bool = False) -> str:
 def export_graph(graph: ClassifierGraph, output: str | os.PathLike | None, *, preprocessing: Preprocessing,
                  labels: Sequence[str] | None = None, source_model: str = "onnx", weights: str = "from the file",
                  score: str = "logit", backprops: Sequence[str] = ("vanilla",), cam_layer: str | None = None,
-                 target: str = "portable", channel_multiple: int | None = None, external_data: bool = False,
-                 verify: bool = True, reference=None, extra: Mapping[str, object] | None = None,
-                 gradient: bool = True) -> ExportReport:
+                 cam_label: str | None = None, target: str = "portable", channel_multiple: int | None = None,
+                 external_data: bool = False, verify: bool = True, reference=None,
+                 extra: Mapping[str, object] | None = None, gradient: bool = True) -> ExportReport:
     """Append the gradient to a prepared foreign graph, check it against ``reference`` and write it.
 
     Args:
@@ -854,6 +854,7 @@ def export_graph(graph: ClassifierGraph, output: str | os.PathLike | None, *, pr
             protocol: ``run`` and ``run_float32``); ``None``: the float64 evaluation of the graph itself
             (:mod:`gradmap.export._onnx_reference`).
         extra: more entries for the metadata's ``extra`` (what a source needs to rebuild its reference).
+        cam_label: how the metadata names ``cam_layer`` (a source's own layer name for a value it resolved).
         gradient: ``False``: a forward-only model, its logits checked against ``reference.logits``.
         The other arguments are ``export_module``'s.
 
@@ -892,7 +893,7 @@ def export_graph(graph: ClassifierGraph, output: str | os.PathLike | None, *, pr
         extra["cut"] = graph.cut
     metadata = ModelMetadata(source_model=source_model, weights=weights, preprocessing=preprocessing, labels=labels,
                              score=score, backprops=backprops, target=target, extra=extra,
-                             cam_layer=None if cam_value is None else f"{cam_layer} ({cam_value})")
+                             cam_layer=None if cam_value is None else f"{cam_label or cam_layer} ({cam_value})")
     proto = finish(model, metadata)
     report = ExportReport(path=None, source_model=source_model, weights=weights, score=score,
                           forward_nodes=forward_nodes, backward_nodes=len(proto.graph.node) - forward_nodes,

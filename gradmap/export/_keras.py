@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import logging
 import os
 import sys
@@ -358,6 +359,7 @@ def to_onnx(loaded: KerasModel, opset: int = TF2ONNX_OPSET):
                           f"{str(e).strip()[:400]}") from e
     finally:
         quiet.setLevel(level)
+    gc.collect()  # the TensorFlow graphs and tf2onnx's copies of the constants
     _rewrite_tensorflow_ops(proto, loaded.source)
     return proto
 
@@ -382,7 +384,17 @@ def _optimizers():
         def post_optimize_action(self):
             pass
 
-    return OrderedDict((name, KeepTransposes if factory is TransposeOptimizer else factory)
+    def collecting(factory):
+        # tf2onnx deep-copies the whole graph, constants included, before each optimizer and drops the copy
+        # in reference cycles; collecting them before the next copy keeps memory at a few copies (ConvNeXtTiny
+        # at 32x32: a 5.8 GB peak without, far more on the larger models)
+        def make():
+            gc.collect()
+            return factory()
+
+        return make
+
+    return OrderedDict((name, collecting(KeepTransposes if factory is TransposeOptimizer else factory))
                        for name, factory in optimizer._get_optimizers().items())
 
 
@@ -807,6 +819,9 @@ def export_keras(
             preprocessing = resolve(base, graph.input_size, **options)
         except ContractError as e:
             raise ExportError(f"{loaded.source}: {e}") from e
+    cam_label = cam_layer
+    if cam_layer not in (None, "auto"):
+        cam_layer = keras_cam_layer(loaded, graph, cam_layer)
     reference = None
     if verify:
         if loaded.kind == "savedmodel":
@@ -819,11 +834,135 @@ def export_keras(
     extra = {"keras_kind": loaded.kind, "keras_weights": str(weights), "keras_seed": int(seed)}
     report = export_graph(graph, output, preprocessing=preprocessing, labels=_labels(labels),
                           source_model=loaded.source, weights=loaded.weights, score=score, backprops=backprops,
-                          cam_layer=cam_layer, target=target, channel_multiple=channel_multiple,
+                          cam_layer=cam_layer, cam_label=cam_label, target=target, channel_multiple=channel_multiple,
                           external_data=external_data, verify=verify, reference=reference, extra=extra,
                           gradient=gradient)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def keras_cam_layer(loaded: KerasModel, graph, name: str) -> str:
+    """The converted graph's NCHW value for ``--cam-layer NAME``: an ONNX value name as it is, or a Keras
+    layer's output.
+
+    tf2onnx's node names do not identify a layer: they carry a scope Keras made unique again when it traced
+    the model (layer ``max_pooling2d_1`` is in scope ``max_pooling2d_1_2``, beside ``max_pooling2d``'s
+    ``max_pooling2d_1``), and a folded layer (a BatchNormalization merged into its Conv) has none. So the
+    layer's output is found by its values: the graph's 4-D values on the path to the logits are evaluated
+    on a probe picture with onnxruntime and compared with the Keras layer's NHWC output; the first value
+    equal to it in NCHW is taken, else the first equal in NHWC, with an NCHW view spliced in (the maps
+    stay NCHW). An NHWC map whose height, width and channels are equal is told apart by its values too.
+
+    Raises:
+        ExportError: the layer's output is not a feature map [batch, height, width, channels], or no value
+            of the graph equals it (the message lists the layers that can be taken).
+    """
+    import onnxruntime as ort
+    import onnx_ir as ir
+
+    from gradmap.graph.gradient._pass import differentiable_nodes
+
+    from ._foreign import LUMA, _nchw_side
+
+    model_graph = graph.model.graph
+    image, logits = model_graph.inputs[0], model_graph.outputs[0]
+    nodes, _ = differentiable_nodes(model_graph, image, logits)
+    if any(o.name == name for n in nodes for o in n.outputs):
+        return name  # an ONNX value name: the bare-ONNX entrance takes it
+    keras_model = loaded.model
+    layers = {layer.name: layer for layer in getattr(keras_model, "layers", [])}
+    nested = None if loaded.kind == "savedmodel" or name in layers else _nested_owner(keras_model, name)
+    if nested is not None:  # a layer of a base model that is one layer of the classifier (transfer learning)
+        owner = layers[nested]
+        inner = {child.name: child for child in owner.layers}.get(name)
+        if inner is None:
+            raise ExportError(f"--cam-layer {name!r}: the layer is two or more models deep (inside {nested!r}); take "
+                              f"--cam-layer auto, a layer of {nested!r}, or an ONNX value name")
+        layers = {name: inner}
+    if loaded.kind == "savedmodel" or name not in layers:
+        maps = [n for n, layer in layers.items() if _output_rank(layer) == 4 and type(layer).__name__ != "InputLayer"] \
+            if loaded.kind != "savedmodel" else []
+        what = (f"a layer of the Keras model (its feature maps: {', '.join(maps)})" if maps else
+                "a layer of the model (a SavedModel's layers are not known: give an ONNX value name)")
+        raise ExportError(f"--cam-layer {name!r}: neither {what} nor a value on the converted graph's path to the "
+                          "logits")
+    layer = layers[name]
+    if _output_rank(layer) != 4:
+        shape = getattr(layer, "output", None)
+        shape = None if shape is None or isinstance(shape, (list, tuple)) else tuple(shape.shape)
+        raise ExportError(f"--cam-layer {name!r}: the layer's output has shape {shape}; Grad-CAM needs one feature "
+                          "map [batch, height, width, channels]")
+    _, keras = _frameworks()
+    height, width = loaded.input_size
+    probe = np.random.default_rng(0).uniform(-1, 1, (1, 3, height, width)).astype(np.float32)
+    nhwc = probe.transpose(0, 2, 3, 1)
+    if loaded.channels == 1:
+        nhwc = (nhwc * np.asarray(LUMA, np.float32)).sum(axis=-1, keepdims=True)
+    if nested is None:
+        wanted = _layer_output_model(keras, keras_model, layer, name)(nhwc, training=False)
+    else:  # the base model's input in the classifier, then the layer's output in the base model
+        base_input = _layer_output_model(keras, keras_model, owner, nested, inputs=True)(nhwc, training=False)
+        wanted = keras.Model(owner.input, layer.output)(base_input, training=False)
+    wanted = np.asarray(wanted, np.float64)
+    scale = float(np.abs(wanted).max())
+    if not scale > 0:
+        raise ExportError(f"--cam-layer {name!r}: the layer's output is zero on a probe picture, so it cannot be found "
+                          "in the converted graph; give its ONNX value name")
+    candidates = [o for n in nodes for o in n.outputs if o.shape is not None and len(o.shape) == 4 and
+                  o.name and o is not logits]
+    proto = ir.serde.serialize_model(graph.model)
+    del proto.graph.output[:]
+    for value in candidates:
+        proto.graph.output.add().name = value.name
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    results = session.run([v.name for v in candidates], {image.name: probe})
+    found = {"nchw": None, "nhwc": None}
+    for value, result in zip(candidates, results):
+        for layout, view in (("nchw", wanted.transpose(0, 3, 1, 2)), ("nhwc", wanted)):
+            if found[layout] is None and result.shape == view.shape and \
+                    np.abs(result - view).max() <= 1e-4 * scale:
+                found[layout] = value
+    if found["nchw"] is not None:
+        return found["nchw"].name
+    if found["nhwc"] is not None:
+        return _nchw_side(model_graph, found["nhwc"], nhwc=True)
+    raise ExportError(f"--cam-layer {name!r}: no value of the converted graph equals the layer's output (tf2onnx "
+                      "merged it into another op, as a Conv2D followed by BatchNormalization is): take the layer after it")
+
+
+def _layer_output_model(keras, model, layer, name: str, inputs: bool = False):
+    """A Keras model from ``model``'s input to ``layer``'s output in it (``inputs``: to its input). A nested
+    model's ``output`` is its own graph's, not connected to the outer input: its call in the outer model
+    is one of its inbound nodes (Keras 3 keeps them in ``_inbound_nodes``; no public accessor)."""
+    outputs = [] if inputs else [layer.output]
+    for node in getattr(layer, "_inbound_nodes", []):
+        outputs += list(getattr(node, "input_tensors" if inputs else "output_tensors", []))
+    for output in outputs:
+        try:
+            return keras.Model(model.input, output)
+        except ValueError:  # not connected to the model's input
+            continue
+    raise ExportError(f"--cam-layer {name!r}: Keras cannot evaluate the layer's {'input' if inputs else 'output'} from "
+                      "the model's input; take --cam-layer auto, another layer, or an ONNX value name")
+
+
+def _nested_owner(model, name: str) -> str | None:
+    """The name of the top-level layer of ``model`` (a nested model) that holds a layer ``name``, if any."""
+    def holds(layer) -> bool:
+        inner = getattr(layer, "layers", None) or []
+        return any(child.name == name or holds(child) for child in inner)
+
+    return next((layer.name for layer in getattr(model, "layers", []) if holds(layer)), None)
+
+
+def _output_rank(layer) -> int | None:
+    try:
+        return len(layer.output.shape)
+    except (AttributeError, TypeError, ValueError):  # no output yet, or several
+        return None
 
 
 def _forward_copy(graph):
