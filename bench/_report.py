@@ -112,7 +112,10 @@ def render_or_measure(args: argparse.Namespace, page: str, sections, measure, re
     (:func:`publish`). Returns the results."""
     data = read_results(args.out) if getattr(args, "tables_only", False) else measure()
     if not args.no_docs:
-        publish(page, sections(data), readme(data) if readme else None)
+        if readme is None:
+            publish(page, sections(data))
+        else:
+            publish(page, sections(data), readme(data))
     return data
 
 
