@@ -147,14 +147,16 @@ def bench_model(name: str, threads: int, repeat: int, budget_s: float, methods: 
             cls = "ScoreCAM" if method == "score-cam" else CAM_CLASSES[method]
             cam = getattr(pgc, cls)(model=module, target_layers=[getattr(module, layer)])
             cam.batch_size = 64
-            spec = MethodSpec(method, mask_batch=64)
+            # EigenCAM: the sign pytorch-grad-cam keeps (LAPACK's), so that both compute the same map
+            spec = MethodSpec(method, mask_batch=64, **({"orientation": "svd"} if method == "eigen-cam" else {}))
 
             def reference(cam=cam):
                 return cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])
 
             ours = attribute(model, spec, image, targets)[2][:, 0]
             error = float(np.abs(_scaled(ours) - reference()).max())
-            record(method, f"layer {layer}" + (", 64 copies per call" if method == "score-cam" else ""),
+            record(method, f"layer {layer}" + (", 64 copies per call" if method == "score-cam" else "")
+                   + (", --orientation svd" if method == "eigen-cam" else ""),
                    lambda spec=spec: attribute(model, spec, image, targets), reference,
                    f"pytorch-grad-cam {cls}", error)
     return rows

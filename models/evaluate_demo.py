@@ -221,8 +221,8 @@ def render(results: dict) -> str:
         for (per_class, count, deletion, insertion), names in subsets.items():
             methods = ", ".join(names)
             lines[-1] += (f" {methods} ran on {count} of the {r['images']} images, the first {per_class} of each class "
-                          f"(`--per-class {per_class}`: each map takes thousands of forward passes or hundreds of "
-                          f"gradients, on each of the {2 + len(r.get('cascade_models', {}))} models of the "
+                          f"(`--per-class {per_class}`: a subset for time on a shared 2-core machine, as every map "
+                          f"is computed on each of the {2 + len(r.get('cascade_models', {}))} models of the "
                           "randomization checks); random pixel order on those images: deletion AUC "
                           f"{deletion:.3f}, insertion AUC {insertion:.3f}, which their deletion target is judged against.")
     from gradmap import contract

@@ -609,16 +609,39 @@ def _cam_model():
 def test_grad_cam_equals_gradient_tape_on_the_nhwc_layer(tmp_path, cam_layer, layer):
     """--cam-layer auto and --cam-layer LAYER (a Keras layer name): the file's feature map, its gradient and
     Grad-CAM from them equal tf.GradientTape's on that NHWC layer of the float64 Keras model."""
+    _assert_grad_cam_equals_gradient_tape(tmp_path, _cam_model, cam_layer, layer)
+
+
+def _flatten_model():
+    """VGG16's head (include_top=True), the classic Keras Grad-CAM model: the last pooled map flattened into
+    Dense layers (tf2onnx: a Transpose to NHWC, then a Reshape)."""
+    inputs = keras.Input((24, 32, 3))
+    x = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="c1")(inputs)
+    x = keras.layers.MaxPooling2D(name="pool1")(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="c2")(x)
+    x = keras.layers.MaxPooling2D(name="pool2")(x)
+    x = keras.layers.Dense(16, activation="relu", name="fc")(keras.layers.Flatten()(x))
+    return keras.Model(inputs, keras.layers.Dense(5, activation="softmax", name="scores")(x))
+
+
+@pytest.mark.parametrize("cam_layer,layer", [("auto", "pool2"), ("c2", "c2")])
+def test_grad_cam_on_a_map_flattened_into_the_classifier(tmp_path, cam_layer, layer):
+    """--cam-layer auto on a Flatten head takes the flattened NHWC map on its NCHW side (it was the NHWC map
+    read as NCHW: 6x8x8 maps of the wrong axes)."""
+    _assert_grad_cam_equals_gradient_tape(tmp_path, _flatten_model, cam_layer, layer)
+
+
+def _assert_grad_cam_equals_gradient_tape(tmp_path, build, cam_layer, layer):
     from gradmap.runtime.cam import grad_cam
 
     keras.utils.set_random_seed(8)
-    model = _cam_model()
+    model = build()
     path = tmp_path / "cam.keras"
     model.save(path)
     out, report = _export(tmp_path, str(path), preprocessing_options={"preset_name": "keras-tf"}, cam_layer=cam_layer)
     assert _metadata(out).cam_layer.startswith(f"{cam_layer} ("), _metadata(out).cam_layer
     with _float64_policy():
-        model64 = _cam_model()
+        model64 = build()
     model64.set_weights([w.astype(np.float64) for w in model.get_weights()])
     model64.get_layer("scores").activation = keras.activations.linear
     both = keras.Model(model64.inputs, [model64.get_layer(layer).output, model64.output])

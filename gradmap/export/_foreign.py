@@ -766,7 +766,10 @@ def resolve_cam_layer(graph: ClassifierGraph, cam_layer: str | None) -> str | No
     NHWC (tf2onnx: ``Transpose(perm=[0, 2, 3, 1])`` then ``ReduceMean(axes=[1, 2])``; jax2onnx:
     ``ReduceSum(axes=[1, 2])`` then ``Div``): then the Transpose's NCHW input is the map, or an NCHW
     view is spliced in. A NAME that a Transpose turns
-    from NCHW to NHWC or back is taken on its NCHW side.
+    from NCHW to NHWC or back is taken on its NCHW side. A map the gradient pass finds flattened into
+    the classifier (Keras' ``Flatten``, as in VGG16: tf2onnx's ``Transpose(perm=[0, 2, 3, 1])`` then
+    ``Reshape``), and a NAME, are NHWC where their producers say so (:func:`_map_layout`): they are taken
+    on their NCHW side too.
     """
     if cam_layer is None:
         return None
@@ -779,14 +782,48 @@ def resolve_cam_layer(graph: ClassifierGraph, cam_layer: str | None) -> str | No
         value = next((o for n in nodes for o in n.outputs if o.name == cam_layer), None)
         if value is None:
             return cam_layer  # the gradient pass names the problem
-        return _nchw_side(model_graph, value)
+        return _nchw_side(model_graph, value, nhwc=_map_layout(value) == "nhwc")
     try:
-        return find_cam_layer(model_graph, nodes, "auto").name
+        found = find_cam_layer(model_graph, nodes, "auto")
     except ExportError:
         pooled = _pooled_map(nodes)
         if pooled is None:
             raise
         return _nchw_side(model_graph, *pooled)
+    if found.layout == "nchw" and _map_layout(found.value) == "nhwc":
+        return _nchw_side(model_graph, found.value, nhwc=True)
+    return found.name
+
+
+#: ops whose 4-D output has the layout of their first 4-D input
+_LAYOUT_KEEPING = {"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip",
+                   "Softplus", "Erf", "Neg", "Abs", "Sqrt", "Exp", "Identity", "Dropout", "Add", "Sub", "Mul", "Div",
+                   "Max", "Min", "Sum", "Mean", "Pow", "Cast"}
+#: ops that only take (and give) NCHW maps
+_NCHW_OPS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool", "BatchNormalization", "InstanceNormalization",
+             "LRN", "DepthToSpace", "SpaceToDepth"}
+
+
+def _map_layout(value: ir.Value) -> str | None:
+    """``"nhwc"`` or ``"nchw"`` for a 4-D value whose producers tell (a Transpose to NHWC or NCHW, or an
+    op that works on NCHW maps, through elementwise ops), else None."""
+    for _ in range(64):
+        producer = value.producer()
+        if producer is None or value.shape is None or len(value.shape) != 4:
+            return None
+        if producer.op_type == "Transpose":
+            perm = list(producer.attributes.get_ints("perm", []))
+            return {(0, 2, 3, 1): "nhwc", (0, 3, 1, 2): "nchw"}.get(tuple(perm))
+        if producer.op_type in _NCHW_OPS:
+            return "nchw"
+        if producer.op_type not in _LAYOUT_KEEPING:
+            return None
+        inputs = [v for v in producer.inputs if v is not None and v.shape is not None and len(v.shape) == 4
+                  and v.producer() is not None]
+        if not inputs:
+            return None
+        value = inputs[0]
+    return None
 
 
 def _pooled_map(nodes: list[ir.Node]) -> tuple[ir.Value, bool] | None:
