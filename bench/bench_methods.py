@@ -23,7 +23,8 @@ reported beside its steady state. Each side's attribution is checked against Cap
 (max |difference| over max |Captum|), so that the three compute the same thing.
 
 The floor (unless --no-floor): bench/floor.py's floor graph, lowered for the same block, run on the
-batches gradmap's call sends to onnxruntime (recorded from that call), in the same rounds: the least
+batches gradmap's call sends to onnxruntime (recorded from that call; random pictures of those
+sizes, subnormals flushed as floor.py runs it), in the same rounds: the least
 the same gradients cost with any exact standard-op graph, before numpy's share of the method. A row
 that misses the target against Captum says whether that floor stops it.
 """
