@@ -6,16 +6,18 @@ A script measures, then hands its rows to this module::
     import _report                                   # bench/ scripts; tools/ and models/ put bench/ on sys.path
 
     parser = argparse.ArgumentParser(...)
-    _report.add_flags(parser, RESULTS)               # --out, --tables-only, --no-docs
-    args = parser.parse_args()
-    if args.tables_only:
-        data = _report.read_results(args.out)        # re-render what was recorded, measure nothing
-    else:
-        run = _report.start_run(PAGE, SECTIONS)       # CPU, instruction sets, cores, versions, commit, load
-        rows = measure(...)
-        data = _report.write_results(args.out, run, rows, threads=args.threads)
-    if not args.no_docs:
-        _report.publish(PAGE, sections(data))        # docs/PAGE's generated sections, and the run index
+    _report.add_flags(parser, RESULTS)               # --out, --tables-only, --no-docs (--note, --update)
+    args = _report.parse_args(parser)
+
+    def measure():
+        run = _report.start_run(PAGE, SECTIONS)      # CPU, instruction sets, cores, versions, commit, load
+        rows = ...
+        rows, run = _report.updated(args, run, rows) # --update: the other models' rows kept
+        return _report.write_results(args.out, run, rows, threads=args.threads)
+
+    data = _report.render_or_measure(args, PAGE, sections, measure)
+    # --tables-only: the recorded results, measure() not called; then, unless --no-docs,
+    # _report.publish(PAGE, sections(data)): docs/PAGE's generated sections, and the run index
 
 Results live in bench/results/NAME.json as ``{"meta": {...}, "rows": [...]}`` (plus any other
 top-level keys a script needs). ``meta["machine"]`` is what :func:`machine` returns; results
@@ -58,8 +60,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 __all__ = [
-    "ROOT", "RESULTS", "DOCS", "README", "NOT_RECORDED", "add_flags", "cpu_from_cpuinfo", "machine", "start_run", "finish_run",
-    "write_results", "write_json", "merge_update", "read_results", "machine_line", "cpu_text", "load_average", "cores",
+    "ROOT", "RESULTS", "DOCS", "README", "NOT_RECORDED", "add_flags", "parse_args", "render_or_measure",
+    "cpu_from_cpuinfo", "machine", "start_run", "finish_run", "write_results", "write_json", "merge_rows",
+    "merge_update", "updated", "read_results", "machine_line", "cpu_text", "load_average", "cores",
     "table", "replace_section", "section_body", "write_section", "write_sections", "publish", "check_sections",
     "result_files", "runs_section",
 ]
@@ -68,12 +71,15 @@ __all__ = [
 # --- flags ---------------------------------------------------------------------------------------------------------
 
 
-def add_flags(parser: argparse.ArgumentParser, results: Path, *, note: bool = False, tables: bool = True) -> None:
+def add_flags(parser: argparse.ArgumentParser, results: Path, *, note: bool = False, tables: bool = True,
+              update: bool = False) -> None:
     """The flags every script shares: where its results file is, re-rendering the docs tables from it
     without measuring, and measuring without touching the docs. ``--readme-only`` and ``--no-readme``
     are the names these had while the tables lived in README.md. ``tables=False``: the script's
     results are cited in a page's prose, so there is no table to re-render (``--no-docs`` then leaves
-    the run index alone)."""
+    the run index alone). ``update``: ``--update`` re-measures the ``--models`` given and keeps the
+    other models' rows (:func:`updated`; it needs ``note``, and :func:`parse_args` asks for a
+    ``--note``)."""
     parser.add_argument("--out", type=Path, default=results,
                         help=f"the results file (default: {_relative(results)})")
     if tables:
@@ -81,9 +87,36 @@ def add_flags(parser: argparse.ArgumentParser, results: Path, *, note: bool = Fa
                             help="measure nothing: rewrite the docs pages' tables from the results file")
     parser.add_argument("--no-docs", "--no-readme", dest="no_docs", action="store_true",
                         help="write the results file only and leave the docs pages as they are")
-    if note:
+    if note or update:
         parser.add_argument("--note", default="", help="a note on the run, shown in the table's header "
                                                        "(what else ran, which rows were re-measured when)")
+    if update:
+        parser.add_argument("--update", action="store_true",
+                            help="re-measure --models only and keep the other models' rows of --out (say so in --note)")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, refusing ``--update`` without a ``--note``: a table whose rows
+    were measured at different times says so in its header."""
+    args = parser.parse_args(argv)
+    if getattr(args, "update", False) and not args.note:
+        parser.error("--update needs a --note saying which rows were re-measured when")
+    return args
+
+
+def render_or_measure(args: argparse.Namespace, page: str, sections, measure, readme=None) -> dict:
+    """A script's run after its flags: ``--tables-only`` reads the results file as recorded,
+    otherwise ``measure()`` measures, writes the results file and returns what it wrote; then,
+    unless ``--no-docs``, ``sections(data)`` (a dict of section name to body) goes into
+    docs/``page`` with the run index, and ``readme(data)`` (the same, for README.md) into README
+    (:func:`publish`). Returns the results."""
+    data = read_results(args.out) if getattr(args, "tables_only", False) else measure()
+    if not args.no_docs:
+        if readme is None:
+            publish(page, sections(data))
+        else:
+            publish(page, sections(data), readme(data))
+    return data
 
 
 # --- the machine ---------------------------------------------------------------------------------------------------
@@ -224,6 +257,31 @@ def merge_update(meta: dict, saved: dict, remeasured: list[str]) -> dict:
     so that a table's header names every machine its rows came from."""
     earlier = [{k: v for k, v in saved.items() if k != "earlier_runs"}] + list(saved.get("earlier_runs", []))
     return {**meta, "remeasured": list(remeasured), "earlier_runs": earlier}
+
+
+def merge_rows(saved: list[dict], new: list[dict], key: str = "model") -> list[dict]:
+    """``saved`` rows with those of the ``key`` values in ``new`` replaced by ``new``'s, in
+    ``saved``'s order (values not in ``saved`` at the end): ``--update`` re-measures some models of
+    a table."""
+    fresh = {r[key] for r in new}
+    merged, placed = [], set()
+    for r in saved:
+        if r[key] not in fresh:
+            merged.append(r)
+        elif r[key] not in placed:
+            merged += [n for n in new if n[key] == r[key]]
+            placed.add(r[key])
+    return merged + [n for n in new if n[key] not in placed]
+
+
+def updated(args: argparse.Namespace, meta: dict, rows: list[dict]) -> tuple[list[dict], dict]:
+    """With ``--update``: the rows of ``--out`` with those of the re-measured ``--models`` replaced
+    (:func:`merge_rows`) and the metadata saying so (:func:`merge_update`); without: ``rows`` and
+    ``meta`` as given."""
+    if not getattr(args, "update", False):
+        return rows, meta
+    saved = read_results(args.out)
+    return merge_rows(saved["rows"], rows), merge_update(meta, saved["meta"], args.models)
 
 
 def read_results(path: Path) -> dict:

@@ -131,15 +131,13 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     parser.add_argument("--rounds", type=int, default=5)
     _report.add_flags(parser, RESULTS)
-    args = parser.parse_args()
-    if args.tables_only:
-        data = _report.read_results(args.out)
-    else:
+    args = _report.parse_args(parser)
+
+    def run():
         meta = _report.start_run(PAGE, SECTIONS, rounds=args.rounds)
-        rows = [measure(name, args.rounds) for name in args.models]
-        data = _report.write_results(args.out, meta, rows)
-    if not args.no_docs:
-        _report.publish(PAGE, sections(data))
+        return _report.write_results(args.out, meta, [measure(name, args.rounds) for name in args.models])
+
+    _report.render_or_measure(args, PAGE, sections, run)
     return 0
 
 

@@ -459,12 +459,11 @@ def main() -> int:
                         help="largest max |g - g_gradmap| / max |g_gradmap| still counted as the same gradient")
     _report.add_flags(parser, RESULTS)
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = _report.parse_args(parser)
     if args.worker:
         return worker(args.worker)
-    if args.tables_only:
-        data = _report.read_results(args.out)
-    else:
+
+    def measure():
         meta = _report.start_run(PAGE, SECTIONS, threads=args.threads, pause_s=args.pause, repeat=args.repeat,
                                  budget_s=args.budget, warmup=args.warmup, slow_s=args.slow, tolerance=args.tolerance,
                                  target="gradient of sum_n logits[n, t_n], t_n = gradmap's top-1 (target -1) on the "
@@ -481,9 +480,10 @@ def main() -> int:
             meta["total_s"] = round(time.perf_counter() - start, 1)
             # after every model: a crash later keeps what was measured
             data = _report.write_results(args.out, meta, rows, final=i == len(args.models) - 1)
+        return data
+
+    data = _report.render_or_measure(args, PAGE, sections, measure)
     print(render(data["rows"], data["meta"]))
-    if not args.no_docs:
-        _report.publish(PAGE, sections(data))
     return 0
 
 

@@ -147,14 +147,16 @@ def bench_model(name: str, threads: int, repeat: int, budget_s: float, methods: 
             cls = "ScoreCAM" if method == "score-cam" else CAM_CLASSES[method]
             cam = getattr(pgc, cls)(model=module, target_layers=[getattr(module, layer)])
             cam.batch_size = 64
-            spec = MethodSpec(method, mask_batch=64)
+            # EigenCAM: the sign pytorch-grad-cam keeps (LAPACK's), so that both compute the same map
+            spec = MethodSpec(method, mask_batch=64, **({"orientation": "svd"} if method == "eigen-cam" else {}))
 
             def reference(cam=cam):
                 return cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])
 
             ours = attribute(model, spec, image, targets)[2][:, 0]
             error = float(np.abs(_scaled(ours) - reference()).max())
-            record(method, f"layer {layer}" + (", 64 copies per call" if method == "score-cam" else ""),
+            record(method, f"layer {layer}" + (", 64 copies per call" if method == "score-cam" else "")
+                   + (", --orientation svd" if method == "eigen-cam" else ""),
                    lambda spec=spec: attribute(model, spec, image, targets), reference,
                    f"pytorch-grad-cam {cls}", error)
     return rows
@@ -193,10 +195,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--budget", type=float, default=60.0, help="seconds of rounds per model and method at most")
     _report.add_flags(parser, RESULTS, note=True)
-    args = parser.parse_args()
-    if args.tables_only:
-        data = _report.read_results(args.out)
-    else:
+    args = _report.parse_args(parser)
+
+    def measure():
         meta = _report.start_run(PAGE, SECTIONS, versions=("onnxruntime", "torch", "captum", "grad-cam"),
                                  threads=args.threads, note=args.note)
         rows = []
@@ -205,9 +206,9 @@ def main() -> int:
             rows += bench_model(name, args.threads, args.repeat, args.budget, methods)
         if args.score_cam_model:
             rows += bench_model(args.score_cam_model, args.threads, args.repeat, args.budget, ["score-cam"])
-        data = _report.write_results(args.out, meta, rows)
-    if not args.no_docs:
-        _report.publish(PAGE, sections(data))
+        return _report.write_results(args.out, meta, rows)
+
+    _report.render_or_measure(args, PAGE, sections, measure)
     return 0
 
 

@@ -185,11 +185,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     _report.add_flags(parser, RESULTS)
-    args = parser.parse_args()
-    data = _report.read_results(args.out) if args.tables_only else measure(args)
-    print(render(data))
-    if not args.no_docs:
-        _report.publish(PAGE, sections(data))
+    args = _report.parse_args(parser)
+    print(render(_report.render_or_measure(args, PAGE, sections, lambda: measure(args))))
     return 0
 
 

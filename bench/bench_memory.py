@@ -252,13 +252,13 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="threads of gradmap's runs and of the recipe's torch (OMP_NUM_THREADS; default: the cores)")
     _report.add_flags(parser, RESULTS, note=True)
-    args = parser.parse_args()
-    if args.tables_only:
-        data = _report.read_results(args.out)
-        print(render(data))
-        if not args.no_docs:
-            _report.publish(PAGE, sections(data), readme_sections(data))
-        return 0
+    args = _report.parse_args(parser)
+    print(render(_report.render_or_measure(args, PAGE, sections, lambda: measure(args), readme_sections)))
+    return 0
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Every workload, measured and written to the results file; returns what was written."""
     threads = str(args.threads)
     from gradmap.runtime._lowering import cpu_block
 
@@ -343,11 +343,7 @@ def main() -> int:
         per = {name: (folder_sides[name]["wall_s"] - one[name]["wall_s"]) / (args.folder - 1)
                for name in ("gradmap run", "PyTorch recipe")}
     rows = [{"workload": workload, "side": side, **s} for workload, sides in summary.items() for side, s in sides.items()]
-    data = _report.write_results(args.out, meta, rows, per_further_picture_s=per, working_sets=sets, long_run=long)
-    print(render(data))
-    if not args.no_docs:
-        _report.publish(PAGE, sections(data), readme_sections(data))
-    return 0
+    return _report.write_results(args.out, meta, rows, per_further_picture_s=per, working_sets=sets, long_run=long)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ reported beside its steady state. Each side's attribution is checked against Cap
 (max |difference| over max |Captum|), so that the three compute the same thing.
 
 The floor (unless --no-floor): bench/floor.py's floor graph, lowered for the same block, run on the
-batches gradmap's call sends to onnxruntime (recorded from that call), in the same rounds: the least
+batches gradmap's call sends to onnxruntime (recorded from that call; random pictures of those
+sizes, subnormals flushed as floor.py runs it), in the same rounds: the least
 the same gradients cost with any exact standard-op graph, before numpy's share of the method. A row
 that misses the target against Captum says whether that floor stops it.
 """
@@ -330,15 +331,10 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=120.0, help="seconds of rounds per model and method at most")
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
     parser.add_argument("--no-floor", action="store_true", help="leave out the floor graph")
-    parser.add_argument("--update", action="store_true",
-                        help="re-measure --models only and keep the other models' rows of --out (say so in --note)")
-    _report.add_flags(parser, RESULTS, note=True)
-    args = parser.parse_args()
-    if args.update and not args.note:
-        parser.error("--update needs a --note saying which rows were re-measured when")
-    if args.tables_only:
-        data = _report.read_results(args.out)
-    else:
+    _report.add_flags(parser, RESULTS, note=True, update=True)
+    args = _report.parse_args(parser)
+
+    def measure():
         meta = _report.start_run(PAGE, SECTIONS, versions=("onnxruntime", "torch", "captum"), threads=args.threads,
                                  note=args.note, batch_sizes=args.batch_sizes, captum_batches=args.captum_batches)
         rows = []
@@ -346,15 +342,12 @@ def main() -> int:
             rows += bench_model(name, args.threads, args.batch_sizes, args.captum_batches, args.repeat, args.budget,
                                 not args.no_compile, floor=not args.no_floor)
             _report.write_results(args.out.parent / "partial" / args.out.name, meta, rows, final=False)
-        if args.update:
-            from bench_speed import merge_rows
-
-            saved = _report.read_results(args.out)
-            rows, meta = merge_rows(saved["rows"], rows), _report.merge_update(meta, saved["meta"], args.models)
+        rows, meta = _report.updated(args, meta, rows)
         data = _report.write_results(args.out, meta, rows)
         (args.out.parent / "partial" / args.out.name).unlink(missing_ok=True)
-    if not args.no_docs:
-        _report.publish(PAGE, sections(data), readme_sections(data))
+        return data
+
+    _report.render_or_measure(args, PAGE, sections, measure, readme_sections)
     return 0
 
 

@@ -174,19 +174,18 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--budget", type=float, default=300.0, help="seconds of rounds per model and method at most")
     _report.add_flags(parser, RESULTS, note=True)
-    args = parser.parse_args()
-    if args.tables_only:
-        data = _report.read_results(args.out)
-    else:
+    args = _report.parse_args(parser)
+
+    def measure():
         meta = _report.start_run(PAGE, SECTIONS, versions=("onnxruntime", "torch", "saliency", "scikit-image"),
                                  threads=args.threads, note=args.note)
         rows = []
         for name in args.models:
             rows += bench_model(name, args.threads, args.steps, args.batch_sizes, args.repeat, args.budget)
-            data = _report.write_results(args.out, meta, rows, final=False)
-        data = _report.write_results(args.out, meta, rows)
-    if not args.no_docs:
-        _report.publish(PAGE, sections(data))
+            _report.write_results(args.out, meta, rows, final=False)  # a crash later keeps what was measured
+        return _report.write_results(args.out, meta, rows)
+
+    _report.render_or_measure(args, PAGE, sections, measure)
     return 0
 
 

@@ -153,16 +153,14 @@ def main() -> int:
     parser.add_argument("--pictures", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=3)
     _report.add_flags(parser, RESULTS)
-    args = parser.parse_args()
-    if args.tables_only:
-        data = _report.read_results(args.out)
-    else:
+    args = _report.parse_args(parser)
+
+    def run():
         meta = _report.start_run(PAGE, SECTIONS, versions=("onnxruntime", "ray"), pictures=args.pictures,
                                  repeat=args.repeat, model=str(MODEL.relative_to(ROOT)))
-        data = _report.write_results(args.out, meta, measure(args.pictures, args.repeat))
-    print(render(data))
-    if not args.no_docs:
-        _report.publish(PAGE, sections(data))
+        return _report.write_results(args.out, meta, measure(args.pictures, args.repeat))
+
+    print(render(_report.render_or_measure(args, PAGE, sections, run)))
     return 0
 
 

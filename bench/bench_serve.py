@@ -355,13 +355,8 @@ def main() -> None:
     parser.add_argument("--skip-sweep", action="store_true", help="keep the sweep of the existing results file")
     parser.add_argument("--quick", action="store_true", help="3 s per level, 20 s soaks: a smoke run")
     _report.add_flags(parser, RESULTS)
-    args = parser.parse_args()
-    if args.tables_only:
-        data = _report.read_results(args.out)
-    else:
-        data = measure(args)
-    if not args.no_docs:
-        _report.publish(PAGE, sections(data))
+    args = _report.parse_args(parser)
+    _report.render_or_measure(args, PAGE, sections, lambda: measure(args))
 
 
 def measure(args: argparse.Namespace) -> dict:

@@ -129,20 +129,6 @@ def export_default(name: str, folder: Path, threads: int):
     return model
 
 
-def merge_rows(saved: list[dict], new: list[dict]) -> list[dict]:
-    """``saved`` rows with those of the models in ``new`` replaced by ``new``'s, in ``saved``'s order
-    (models not in ``saved`` at the end): ``--update`` re-measures some models of a table."""
-    models = {r["model"] for r in new}
-    merged, placed = [], set()
-    for r in saved:
-        if r["model"] not in models:
-            merged.append(r)
-        elif r["model"] not in placed:
-            merged += [n for n in new if n["model"] == r["model"]]
-            placed.add(r["model"])
-    return merged + [n for n in new if n["model"] not in placed]
-
-
 def cpu_session(model, threads: int, options=None):
     """An onnxruntime CPU session (``model``: bytes or a path) with ``threads`` intra-op threads and
     one inter-op thread; onnxruntime's default options unless ``options`` are given."""
@@ -476,7 +462,7 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=90.0, help="seconds of rounds per model and batch at most")
     parser.add_argument("--pause", type=float, default=0.1,
                         help="seconds between two timed calls (onnxruntime's pool threads spin after a run)")
-    _report.add_flags(parser, RESULTS, note=True)
+    _report.add_flags(parser, RESULTS, note=True, update=True)
     parser.add_argument("--baseline", type=Path, default=None,
                         help="a folder of gradient models exported by an earlier commit (bench/export_baseline.py), "
                              "timed in the same rounds")
@@ -484,11 +470,7 @@ def main() -> int:
                         help="also time PyTorch autograd on torch.compile's module (steady state; compile time recorded)")
     parser.add_argument("--no-floor", action="store_true",
                         help="leave out the floor graph (the table then takes floor ÷ forward from floor.json)")
-    parser.add_argument("--update", action="store_true",
-                        help="re-measure --models only and keep the other models' rows of --out (say so in --note)")
-    args = parser.parse_args()
-    if args.update and not args.note:
-        parser.error("--update needs a --note saying which rows were re-measured when")
+    args = _report.parse_args(parser)
     if args.rows_to:
         rows = []
         for name in args.models:
@@ -496,9 +478,8 @@ def main() -> int:
                                 baseline=args.baseline, compile_torch=args.compile, floor=not args.no_floor)
         _report.write_json(args.rows_to, rows)
         return 0
-    if args.tables_only:
-        data = _report.read_results(args.out)
-    else:
+
+    def measure():
         baseline = json.loads((args.baseline / "baseline.json").read_text()) if args.baseline else None
         meta = _report.start_run(PAGE, SECTIONS, versions=("onnxruntime", "torch", "captum"), threads=args.threads,
                                  baseline=baseline, pause_s=args.pause, gradmap_session_options="runtime",
@@ -515,10 +496,7 @@ def main() -> int:
             _report.write_results(args.out.parent / "partial" / args.out.name, meta, rows, final=False)
         for r in rows:
             r["previous_gradmap_over_forward"] = previous.get((r["model"], r["batch"]))
-        if args.update:
-            saved = _report.read_results(args.out)
-            rows = merge_rows(saved["rows"], rows)
-            meta = _report.merge_update(meta, saved["meta"], args.models)
+        rows, meta = _report.updated(args, meta, rows)
         data = _report.write_results(args.out, meta, rows)
         (args.out.parent / "partial" / args.out.name).unlink(missing_ok=True)
         floors = floor_rows(rows)
@@ -531,8 +509,9 @@ def main() -> int:
             _report.write_json(FLOOR_RESULTS, {"meta": floor_meta, "rows": floors})
             if not args.no_docs:
                 _report.write_sections(floor.PAGE, floor.sections(_report.read_results(FLOOR_RESULTS)))
-    if not args.no_docs:
-        _report.publish(PAGE, sections(data), readme_sections(data))
+        return data
+
+    _report.render_or_measure(args, PAGE, sections, measure, readme_sections)
     return 0
 
 

@@ -143,16 +143,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     _report.add_flags(parser, RESULTS)
-    args = parser.parse_args()
-    if args.tables_only:
-        data = _report.read_results(args.out)
-    else:
+    args = _report.parse_args(parser)
+
+    def measure():
         meta = _report.start_run(PAGE, SECTIONS, versions=("onnxruntime", "torch", "playwright"), repeats=args.repeats,
                                  chromium="Debian chromium (headless)")
-        data = _report.write_results(args.out, meta, run(args.repeats))
-    print(render(data))
-    if not args.no_docs:
-        _report.publish(PAGE, sections(data))
+        return _report.write_results(args.out, meta, run(args.repeats))
+
+    print(render(_report.render_or_measure(args, PAGE, sections, measure)))
     return 0
 
 

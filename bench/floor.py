@@ -107,11 +107,11 @@ def build_floor_model(module, size, block: int | None = None):
     gradmap's runtime lowers the default export for on this CPU; None: the lowering's default)
     without the passes of FLOOR_SKIPPED_LOWERING."""
     from gradmap.export._trace import trace_to_onnx
-    from gradmap.graph.gradient import append_gradient
+    from gradmap.graph import add_gradient
 
     model = trace_to_onnx(module, size)
-    append_gradient(model, rules=floor_rules(), seed=floor_seed, skip_lowering=FLOOR_SKIPPED_LOWERING,
-                    channel_multiple=block)
+    add_gradient(model, target="cpu", rules=floor_rules(), seed=floor_seed, skip_lowering=FLOOR_SKIPPED_LOWERING,
+                 channel_multiple=block)
     return model
 
 
@@ -192,27 +192,18 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=30, help="rounds per model and batch")
     parser.add_argument("--budget", type=float, default=40.0, help="seconds per model and batch, after 3 rounds")
-    _report.add_flags(parser, RESULTS, note=True)
-    parser.add_argument("--update", action="store_true",
-                        help="re-measure --models only and keep the other models' rows of --out (say so in --note)")
-    args = parser.parse_args()
-    if args.update and not args.note:
-        parser.error("--update needs a --note saying which rows were re-measured when")
-    if args.tables_only:
-        data = _report.read_results(args.out)
-    else:
+    _report.add_flags(parser, RESULTS, note=True, update=True)
+    args = _report.parse_args(parser)
+
+    def measure():
         meta = _report.start_run(PAGE, SECTIONS, note=args.note)
         rows = []
         for name in args.models:
             rows += bench_model(name, args.batches, args.threads, args.repeat, args.budget)
-        if args.update:
-            from bench_speed import merge_rows
+        rows, meta = _report.updated(args, meta, rows)
+        return _report.write_results(args.out, meta, rows)
 
-            saved = _report.read_results(args.out)
-            rows, meta = merge_rows(saved["rows"], rows), _report.merge_update(meta, saved["meta"], args.models)
-        data = _report.write_results(args.out, meta, rows)
-    if not args.no_docs:
-        _report.publish(PAGE, sections(data))
+    _report.render_or_measure(args, PAGE, sections, measure)
     return 0
 
 

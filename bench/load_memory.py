@@ -126,14 +126,8 @@ def main() -> int:
     parser.add_argument("--python", default=sys.executable,
                         help="the interpreter of the children (a venv of the slim install, say)")
     _report.add_flags(parser, RESULTS)
-    args = parser.parse_args()
-    if args.tables_only:
-        data = _report.read_results(args.out)
-    else:
-        data = measure(args)
-    print(render(data))
-    if not args.no_docs:
-        _report.publish(PAGE, sections(data))
+    args = _report.parse_args(parser)
+    print(render(_report.render_or_measure(args, PAGE, sections, lambda: measure(args))))
     return 0
 
 

@@ -94,11 +94,17 @@ def _preprocessing_overrides(values: dict) -> dict:
 @click.option("--cam-layer", default=None, metavar="NAME|auto",
               help="Add a feature map and its gradient as outputs for Grad-CAM: 'auto' (the last feature map "
                    "before global pooling; on a vision transformer the last block's first LayerNorm, its tokens "
-                   "on the patch grid), a torch module name (e.g. layer4, blocks.11.norm1) or an ONNX value name.")
+                   "on the patch grid), a torch module name (e.g. layer4, blocks.11.norm1), a Keras layer name "
+                   "(keras: models, e.g. conv5_block3_out) or an ONNX value name.")
 @click.option("--attention", is_flag=True, default=False,
               help="Add every self-attention layer's probabilities and their gradient as outputs, for "
                    "the attention methods (vision transformers with global attention: ViT, DeiT, BEiT; "
                    "torchvision, timm: and hf: models).")
+@click.option(f"{contract.GRADIENT_OPTION}/{contract.NO_GRADIENT_OPTION}", "gradient", default=True, show_default=True,
+              help="--no-gradient writes the forward graph alone with gradmap's metadata (and --cam-layer's "
+                   "feature map, --attention's probabilities), for the methods that need no gradient (occlusion, "
+                   "RISE, Score-CAM, EigenCAM, attention rollout; 'gradmap info' lists them), also for a classifier "
+                   "whose gradient gradmap cannot build. Its parity check compares the logits.")
 @click.option("--target", "engine_target", type=click.Choice(list(contract.TARGETS)), default="portable",
               show_default=True,
               help="The engine the graph is written for: 'portable' is the plain gradient graph every engine "
@@ -134,7 +140,7 @@ def _preprocessing_overrides(values: dict) -> dict:
                    "or 'imagenet-background' (1001 outputs, a background class first).")
 @_preprocessing_options
 def export_command(model_name: str, output: str, weights: str, score: str, seed: int, opset: int,
-                   backprops: tuple[str, ...], cam_layer: str | None, attention: bool, engine_target: str,
+                   backprops: tuple[str, ...], cam_layer: str | None, attention: bool, gradient: bool, engine_target: str,
                    channel_multiple: int | None, external_data: bool, no_verify: bool, trust_model: bool,
                    input_name: str | None, output_name: str | None, layout: str | None,
                    input_size: "int | tuple[int, int] | None", labels: str | None,
@@ -177,7 +183,7 @@ def export_command(model_name: str, output: str, weights: str, score: str, seed:
         report = export_named_model(model_name, output, weights=weights, score=score, seed=seed,
                                     opset=opset, verify=not no_verify, backprops=(contract.DEFAULT_BACKPROP, *backprops),
                                     cam_layer=cam_layer, target=engine_target, channel_multiple=channel_multiple,
-                                    external_data=external_data,
+                                    external_data=external_data, gradient=gradient,
                                     preprocessing_options=_preprocessing_overrides(preprocessing), **source_options)
     except ImportError as e:  # the source's framework, or onnx, is not installed
         if model_name.startswith("keras:"):
@@ -248,11 +254,14 @@ def verify_command(model_path: str, spec: str, weights: str | None, seed: int | 
         raise click.BadParameter(str(e), param_hint="'--provider'") from e
     except ExportError as e:  # ParityError included
         raise click.ClickException(str(e)) from e
+    forward_only = not (checks[0].check.gradient_errors if checks else result.passed.gradient_errors)
     if not pictures:
         check = result.passed
+        gradient = ("no gradient (a forward-only model)" if forward_only else
+                    f"gradient {check.gradient_error:.3g} (limit {check.gradient_limit:.3g})")
         click.echo(f"{model_path} matches {spec} on a random batch (batch {len(result.batches)} of up to 8): "
-                   f"logits {check.logits_error:.3g} (limit {check.logits_limit:.3g}), gradient "
-                   f"{check.gradient_error:.3g} (limit {check.gradient_limit:.3g}), max|Δ| / max|reference|")
+                   f"logits {check.logits_error:.3g} (limit {check.logits_limit:.3g}), {gradient}, "
+                   "max|Δ| / max|reference|")
         return
     click.echo(f"{'picture':<32} {'class':<24} {'logits':>9} {'limit':>9} {'gradient':>9} {'limit':>9}  "
                f"{'replayed':<11} result")
@@ -262,8 +271,9 @@ def verify_command(model_path: str, spec: str, weights: str | None, seed: int | 
         verdict = "ok" if c.passed else ("cannot verify" if c.unverifiable else "MISMATCH")
         name = os.path.basename(item.picture)
         label = f"{item.target_index} {item.label}"
+        gradient = f"{'-':>9} {'-':>9}" if forward_only else f"{c.gradient_error:>9.2e} {c.gradient_limit:>9.2e}"
         click.echo(f"{name[:32]:<32} {label[:24]:<24} {c.logits_error:>9.2e} {c.logits_limit:>9.2e} "
-                   f"{c.gradient_error:>9.2e} {c.gradient_limit:>9.2e}  {c.replayed:<11} {verdict}")
+                   f"{gradient}  {c.replayed:<11} {verdict}")
         if not c.passed:
             failed.append(f"{item.picture}: {c.unverifiable or '; '.join(c.problems)}")
     if failed:
@@ -696,7 +706,9 @@ def info_command(model_path: str, as_json: bool) -> None:
         block, reason = cpu_block()
     except CpuBlockError as e:
         raise click.ClickException(str(e)) from e
-    if meta.target == "portable":
+    if not meta.gradient:
+        lowering = {"where": "none", "block": None, "reason": "a forward-only model: no gradient graph to lower"}
+    elif meta.target == "portable":
         lowering = {"where": "at load" if block is not None else "off", "block": block, "reason": reason}
     else:
         lowering = {"where": "in the file (--target cpu)", "block": None, "reason": ""}
@@ -707,11 +719,12 @@ def info_command(model_path: str, as_json: bool) -> None:
         "format_version": meta.format_version,
         "score": meta.score,
         "target": meta.target,
+        "gradient": meta.gradient,
         "backprops": list(meta.backprops),
         "cam_layer": meta.cam_layer,
         "attention": dict(meta.attention) if meta.attention is not None else None,
         "methods": list(meta.methods),
-        "other_methods": {m.name: list(m.export_options) for m in contract.METHOD_TABLE if m.name not in meta.methods},
+        "other_methods": {m.name: list(meta.export_options(m)) for m in contract.METHOD_TABLE if m.name not in meta.methods},
         "preprocessing": meta.preprocessing.to_dict(),
         "num_classes": meta.num_classes,
         "labels_preview": list(meta.labels[:5]),
@@ -732,9 +745,12 @@ def info_command(model_path: str, as_json: bool) -> None:
     click.echo(f"model:          {model_path}")
     click.echo(f"source:         {meta.source_model} (weights: {meta.weights})")
     click.echo(f"gradmap format: {meta.format_version}; target: {meta.target}; score: {meta.score}; "
-               f"backprop: {', '.join(meta.backprops)}"
+               + (f"backprop: {', '.join(meta.backprops)}" if meta.gradient else
+                  f"no gradient ({contract.NO_GRADIENT_OPTION}: the forward graph alone)")
                + (f"; CAM layer: {meta.cam_layer}" if meta.cam_layer else ""))
-    if lowering["where"] == "at load":
+    if lowering["where"] == "none":
+        click.echo(f"cpu lowering:   none ({lowering['reason']})")
+    elif lowering["where"] == "at load":
         click.echo(f"cpu lowering:   at load, for onnxruntime's CPU provider, channel block {block} ({reason})")
     elif lowering["where"] == "off":
         click.echo(f"cpu lowering:   off ({reason}): the portable graph runs as written")

@@ -4,13 +4,17 @@ An exported gradmap model is an ONNX file. This module names its inputs and outp
 metadata keys it carries, and (de)serializes that metadata. It imports nothing but the standard
 library so that both halves, torch-side and torch-free, can share it.
 
-Graph interface (format versions 1 and 2):
+Graph interface (format versions 1 to 3):
 
     inputs   image     float32 [N, 3, H, W]  normalized tensor, exactly what the source model receives
              target    int64   [N]           class per sample; -1 means that sample's top-1 class
     outputs  logits    float32 [N, K]
              target_index int64 [N]          the resolved target
              gradient  float32 [N, 3, H, W]  d score[n, target_index[n]] / d image[n]
+
+A forward-only model (``gradmap export --no-gradient``, format version 3) has no gradient outputs:
+image and target in, logits and target_index out (and ``cam_activation``, ``attention`` where exported);
+it serves the methods that read the forward pass alone.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ __all__ = [
     "OUTPUT_ATTENTION_GRADIENT",
     "OUTPUTS",
     "OUTPUT_EXPORT_OPTIONS",
+    "GRADIENT_OUTPUTS",
+    "GRADIENT_OPTION",
+    "NO_GRADIENT_OPTION",
     "BACKPROP_OUTPUTS",
     "DEFAULT_BACKPROP",
     "SCORE_KINDS",
@@ -80,6 +87,7 @@ __all__ = [
     "method",
     "methods_for",
     "methods_using",
+    "props_have_gradient",
     "model_outputs",
     "ContractError",
     "Preprocessing",
@@ -89,9 +97,10 @@ __all__ = [
 
 #: The newest model format this gradmap reads and writes. A model is written with the lowest version
 #: that describes it: 2 only where its preprocessing uses a field version 1 lacks (``value_range``,
-#: ``channel_order``, ``antialias``), so that older gradmap still reads every other model, and refuses,
-#: rather than misreads, one whose pictures it would preprocess wrongly.
-FORMAT_VERSION = 2
+#: ``channel_order``, ``antialias``), 3 only for a forward-only model (no gradient outputs, an empty
+#: ``gradmap.backprop``), so that older gradmap still reads every other model, and refuses, rather than
+#: misreads, one whose pictures it would preprocess wrongly or whose gradient it would look for.
+FORMAT_VERSION = 3
 
 INPUT_IMAGE = "image"
 INPUT_TARGET = "target"
@@ -158,6 +167,10 @@ DEFAULT_BACKPROP = "vanilla"
 #: Every output a gradmap model can have, in the order a model lists them.
 OUTPUTS = (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, *BACKPROP_OUTPUTS.values(), OUTPUT_CAM_ACTIVATION, OUTPUT_CAM_GRADIENT,
            OUTPUT_ATTENTION, OUTPUT_ATTENTION_GRADIENT)
+#: The outputs a forward-only model (``gradmap export --no-gradient``) lacks: those of the backward pass.
+GRADIENT_OUTPUTS = (*BACKPROP_OUTPUTS.values(), OUTPUT_CAM_GRADIENT, OUTPUT_ATTENTION_GRADIENT)
+#: The ``gradmap export`` option that writes the backward pass (default), and the one that leaves it out.
+GRADIENT_OPTION, NO_GRADIENT_OPTION = "--gradient", "--no-gradient"
 #: The ``gradmap export`` option that adds each optional output (the others come with every export).
 OUTPUT_EXPORT_OPTIONS = {
     **{output: f"--backprop {rule}" for rule, output in BACKPROP_OUTPUTS.items() if rule != DEFAULT_BACKPROP},
@@ -171,10 +184,13 @@ OUTPUT_EXPORT_OPTIONS = {
 def model_outputs(backprops: "tuple[str, ...] | list[str]", has_cam: bool, has_attention: bool = False
                   ) -> tuple[str, ...]:
     """The outputs of a model exported with these backpropagation rules and, or without, a CAM layer
-    and the attention outputs."""
+    and the attention outputs. No rules (``()``): a forward-only model, without the gradients of the
+    CAM layer and the attention."""
+    gradient = DEFAULT_BACKPROP in backprops
     return (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, *(BACKPROP_OUTPUTS[b] for b in backprops if b in BACKPROP_OUTPUTS),
-            *((OUTPUT_CAM_ACTIVATION, OUTPUT_CAM_GRADIENT) if has_cam else ()),
-            *((OUTPUT_ATTENTION, OUTPUT_ATTENTION_GRADIENT) if has_attention else ()))
+            *((OUTPUT_CAM_ACTIVATION,) if has_cam else ()), *((OUTPUT_CAM_GRADIENT,) if has_cam and gradient else ()),
+            *((OUTPUT_ATTENTION,) if has_attention else ()),
+            *((OUTPUT_ATTENTION_GRADIENT,) if has_attention and gradient else ()))
 
 
 # -- gradmap run's options, shared by the CLI, the runtime and the web page --------------------------
@@ -359,6 +375,11 @@ class Method:
         return tuple(dict.fromkeys(OUTPUT_EXPORT_OPTIONS[o] for o in self.outputs if o in OUTPUT_EXPORT_OPTIONS))
 
     @property
+    def needs_gradient(self) -> bool:
+        """Whether it reads an output of the backward pass (a forward-only model cannot serve it)."""
+        return any(o in GRADIENT_OUTPUTS for o in self.outputs)
+
+    @property
     def all_settings(self) -> tuple[Setting, ...]:
         """Its own settings, then the settings every method has (:data:`COMMON_SETTINGS`)."""
         return (*self.settings, *COMMON_SETTINGS)
@@ -427,6 +448,10 @@ _SEARCH = Setting("search", "choice", "full", "XRAI's region search: full re-sco
                   "fast ranks them once.", choices=("full", "fast"))
 _AREA = Setting("area", "float", 1.0, "share of the picture XRAI ranks regions for; the rest is one region.",
                 minimum=0, maximum=1)
+_ORIENTATION = Setting("orientation", "choice", "activation",
+                       "EigenCAM's sign of the principal component, which an SVD leaves arbitrary: activation points it "
+                       "where the activations grow (loadings summing >= 0); svd keeps the sign the SVD routine returns, "
+                       "as pytorch-grad-cam does.", choices=("activation", "svd"))
 #: Settings every method has: they act on its per-pixel values, after the method.
 COMMON_SETTINGS = (
     Setting("modifier", "choice", "auto",
@@ -480,7 +505,12 @@ METHOD_TABLE: tuple[Method, ...] = (
     Method("layer-cam", KIND_CAM, "the feature map weighted per position by its positive gradient (Jiang et al. 2021)",
            _CAM_OUTPUTS, _CAM + "layer_cam_method", web="layerCam"),
     Method("eigen-cam", KIND_CAM, "the feature map's first principal component, class-agnostic (Muhammad & Yeasin 2020)",
-           (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_CAM_ACTIVATION), _CAM + "eigen_cam_method"),
+           (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_CAM_ACTIVATION), _CAM + "eigen_cam_method", web="eigenCam",
+           settings=(_ORIENTATION,)),
+    # Score-CAM takes one forward pass per feature-map channel (resnet18: 512, each a large part of
+    # the ~1 s a resnet18 map takes in onnxruntime-web's WebAssembly): far over the page's ~10 s
+    # budget for a resnet18 map, so the page does not offer it, nor occlusion and RISE (hundreds to
+    # thousands of passes)
     Method("score-cam", KIND_CAM,
            "feature-map channels weighted by the scores of the input masked by each (Wang et al. 2020); forward only",
            (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_CAM_ACTIVATION), _PERTURBATION + "score_cam_method",
@@ -559,6 +589,15 @@ def methods_for(backprops: "tuple[str, ...] | list[str]", has_cam: bool, has_att
     outputs it has (see :func:`model_outputs`)."""
     available = set(model_outputs(backprops, has_cam, has_attention))
     return tuple(m.name for m in METHOD_TABLE if available.issuperset(m.outputs))
+
+
+def props_have_gradient(props: Mapping[str, str]) -> bool:
+    """Whether a model's ``metadata_props`` describe a model with its backward pass: False only for a
+    forward-only model (an empty ``gradmap.backprop``), read without checking the rest."""
+    try:
+        return json.loads(props.get(_KEY_BACKPROP) or '["vanilla"]') != []
+    except json.JSONDecodeError:
+        return True
 
 
 class ContractError(ValueError):
@@ -731,15 +770,18 @@ class ModelMetadata:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.format_version is None:
-            object.__setattr__(self, "format_version", self.preprocessing.format_version)
         if self.score not in SCORE_KINDS:
             raise ContractError(f"score kind {self.score!r} is not one of {', '.join(SCORE_KINDS)}")
         unknown = [b for b in self.backprops if b not in BACKPROP_OUTPUTS]
-        if unknown or DEFAULT_BACKPROP not in self.backprops:
-            raise ContractError(f"backprop rules must include {DEFAULT_BACKPROP!r} and be among {', '.join(BACKPROP_OUTPUTS)}; "
-                                f"got {list(self.backprops)}")
+        if unknown or (self.backprops and DEFAULT_BACKPROP not in self.backprops):
+            raise ContractError(f"backprop rules must include {DEFAULT_BACKPROP!r} and be among {', '.join(BACKPROP_OUTPUTS)}, "
+                                f"or be none (a forward-only model); got {list(self.backprops)}")
         object.__setattr__(self, "backprops", tuple(self.backprops))
+        if self.format_version is None:
+            object.__setattr__(self, "format_version", self.lowest_format_version)
+        elif not self.backprops and self.format_version < 3:
+            raise ContractError(f"gradmap.backprop is empty (a forward-only model), which format version "
+                                f"{self.format_version} does not allow: forward-only models are version 3")
         if self.target not in TARGETS:
             raise ContractError(f"target {self.target!r} is not one of {', '.join(TARGETS)}")
         if not self.labels:
@@ -749,6 +791,36 @@ class ModelMetadata:
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def gradient(self) -> bool:
+        """Whether the model has its backward pass; False for ``gradmap export --no-gradient``."""
+        return bool(self.backprops)
+
+    @property
+    def lowest_format_version(self) -> int:
+        """The lowest model format that describes this model (see :data:`FORMAT_VERSION`)."""
+        return max(self.preprocessing.format_version, 1 if self.gradient else 3)
+
+    def export_options(self, name: "str | Method") -> tuple[str, ...]:
+        """The ``gradmap export`` options that give a model like this one ``method``: the method's own
+        (:attr:`Method.export_options`), led by ``--gradient`` where it reads the backward pass this
+        forward-only model lacks."""
+        row = name if isinstance(name, Method) else method(name)
+        if row.needs_gradient and not self.gradient:
+            return (GRADIENT_OPTION, *row.export_options)
+        return row.export_options
+
+    def unsupported(self, name: "str | Method") -> str | None:
+        """Why this model does not support ``method``, with the export options that add it; None
+        when it does."""
+        row = name if isinstance(name, Method) else method(name)
+        if row.name in self.methods:
+            return None
+        if row.needs_gradient and not self.gradient:
+            return (f"{row.name} reads the gradient and the model was exported without one ({NO_GRADIENT_OPTION}); "
+                    f"export it with {' '.join(self.export_options(row))}")
+        return f"export it with {' '.join(row.export_options)}"
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -763,7 +835,7 @@ class ModelMetadata:
     def to_props(self) -> dict[str, str]:
         """Serialize to the string key/value pairs of ONNX ``metadata_props``."""
         return {
-            _KEY_FORMAT: str(self.preprocessing.format_version),
+            _KEY_FORMAT: str(self.lowest_format_version),
             _KEY_SOURCE: self.source_model,
             _KEY_WEIGHTS: self.weights,
             _KEY_PREPROCESSING: json.dumps(self.preprocessing.to_dict()),

@@ -95,8 +95,17 @@ def parse_method(text: str) -> tuple[str, dict]:
     return name, settings
 
 
+def per_class_subset(labels, per_class: int) -> list[int]:
+    """The first ``per_class`` images of each class, in the evaluation set's order: a subset with every
+    class equally present, for methods too slow for all 200 images on a small machine."""
+    import numpy as np
+
+    labels = np.asarray(labels)
+    return sorted(int(i) for k in np.unique(labels) for i in np.flatnonzero(labels == k)[:per_class])
+
+
 def run(demo: Path, threads: int, only: list[tuple[str, dict]] | None = None,
-        selection: dict | None = None) -> dict:
+        selection: dict | None = None, per_class: int | None = None) -> dict:
     from gradmap.runtime import SaliencyModel
     from gradmap.runtime.evaluate import evaluate, load_evaluation_data
     from gradmap.runtime.methods import MethodSpec
@@ -106,6 +115,11 @@ def run(demo: Path, threads: int, only: list[tuple[str, dict]] | None = None,
     cascade_paths = {cascade_label(path): path for path in cascade_files(demo)}
     cascade = [(label, SaliencyModel(path, provider="cpu", threads=threads)) for label, path in cascade_paths.items()]
     data = load_evaluation_data(demo / "eval_set.npz", model.metadata.preprocessing, model.metadata.labels)
+    subset = None
+    if per_class is not None:
+        subset = per_class_subset(data.labels, per_class)
+        data.images, data.masks, data.labels = data.images[subset], data.masks[subset], data.labels[subset]
+        data.names = [data.names[i] for i in subset]
     if only is None or any(name == "smoothgrad" for name, _ in only) or selection is None:
         selection = choose_noise(model)
     if only is None:
@@ -121,6 +135,8 @@ def run(demo: Path, threads: int, only: list[tuple[str, dict]] | None = None,
     results["randomized_model"] = "models/demo/shapes_randomized_top.onnx"
     results["cascade_models"] = {label: f"models/demo/cascade/{path.name}" for label, path in cascade_paths.items()}
     results["data"] = "models/demo/eval_set.npz"
+    if subset is not None:
+        results["subset"] = {"per_class": per_class, "indices": subset}
     metrics_file = demo / "metrics.json"
     if metrics_file.exists():
         results["training"] = json.loads(metrics_file.read_text())
@@ -128,10 +144,12 @@ def run(demo: Path, threads: int, only: list[tuple[str, dict]] | None = None,
 
 
 def verdicts(results: dict) -> dict[str, list[str]]:
-    """Per method, the targets it misses (an empty list: all met)."""
-    random_deletion = results["random_order"]["deletion_auc"]["mean"]
+    """Per method, the targets it misses (an empty list: all met); a row measured on a subset is
+    judged against random order on the same images."""
     missed = {}
     for name, m in results["methods"].items():
+        later = results.get("method_runs", {}).get(name, {})
+        random_deletion = (later.get("random_order") or results["random_order"])["deletion_auc"]["mean"]
         misses = []
         pg = m["pointing_game_tolerance"]["mean"]
         if name in POINTING_TARGETS and pg < POINTING_TARGETS[name]:
@@ -142,6 +160,12 @@ def verdicts(results: dict) -> dict[str, list[str]]:
             misses.append(f"deletion AUC {m['deletion_auc']['mean']:.3f} >= random {random_deletion:.3f}")
         missed[name] = misses
     return missed
+
+
+def row_name(results: dict, name: str) -> str:
+    """The method's name in the tables, with its image count where it ran on a subset."""
+    subset = results.get("method_runs", {}).get(name, {}).get("subset")
+    return f"{name} ({len(subset['indices'])} images)" if subset else name
 
 
 def render(results: dict) -> str:
@@ -172,7 +196,7 @@ def render(results: dict) -> str:
     for name, m in r["methods"].items():
         target = f"(target ≥ {POINTING_TARGETS[name]})" if name in POINTING_TARGETS else ""
         verdict = "met" if not misses[name] else "**missed**: " + "; ".join(misses[name])
-        lines.append(f"| {name} | {m['pointing_game']['mean']:.3f} | {m['pointing_game_tolerance']['mean']:.3f} {target} | "
+        lines.append(f"| {row_name(r, name)} | {m['pointing_game']['mean']:.3f} | {m['pointing_game_tolerance']['mean']:.3f} {target} | "
                      f"{m['energy_pointing_game']['mean']:.3f} | "
                      f"{m['deletion_auc']['mean']:.3f} | {m['insertion_auc']['mean']:.3f} | "
                      f"{m['rank_correlation']['mean']:.3f} | {m['rank_correlation_other_image']['mean']:.3f} | {verdict} |")
@@ -188,6 +212,29 @@ def render(results: dict) -> str:
         lines[-1] += (f" The rows of {', '.join(later)} were measured in a later run "
                       f"(`python models/evaluate_demo.py --method NAME`{', ' + ', '.join(dates) if dates else ''}; "
                       "`method_runs` in quality.json records it), the others in the run named above.")
+        subsets: dict[tuple, list[str]] = {}
+        for name, run in later.items():
+            if run.get("subset"):
+                key = (run["subset"]["per_class"], len(run["subset"]["indices"]),
+                       run["random_order"]["deletion_auc"]["mean"], run["random_order"]["insertion_auc"]["mean"])
+                subsets.setdefault(key, []).append(name)
+        for (per_class, count, deletion, insertion), names in subsets.items():
+            methods = ", ".join(names)
+            lines[-1] += (f" {methods} ran on {count} of the {r['images']} images, the first {per_class} of each class "
+                          f"(`--per-class {per_class}`: a subset for time on a shared 2-core machine, as every map "
+                          f"is computed on each of the {2 + len(r.get('cascade_models', {}))} models of the "
+                          "randomization checks); random pixel order on those images: deletion AUC "
+                          f"{deletion:.3f}, insertion AUC {insertion:.3f}, which their deletion target is judged against.")
+    from gradmap import contract
+
+    transformer_only = [m.name for m in contract.METHOD_TABLE
+                        if contract.OUTPUT_ATTENTION in m.outputs and m.name not in r["methods"]]
+    unmeasured = [m.name for m in contract.METHOD_TABLE if m.name not in r["methods"] and m.name not in transformer_only]
+    if transformer_only:
+        lines[-1] += (f" No rows for {', '.join(transformer_only)}: they read a vision transformer's attention "
+                      "(`gradmap export --attention`), and the demo model is a CNN.")
+    if unmeasured:
+        lines[-1] += f" Not measured on the demo set yet: {', '.join(unmeasured)}."
     labels = list(next(iter(r["methods"].values())).get("rank_correlation_cascade", {}))
     if labels:
         lines += ["", "Randomization cascade (Adebayo et al.'s cascading form): ρ between the trained model's maps and "
@@ -202,7 +249,7 @@ def render(results: dict) -> str:
         for name, m in r["methods"].items():
             cells = [f"{m['rank_correlation']['mean']:.3f}"]
             cells += [f"{m['rank_correlation_cascade'][label]['mean']:.3f}" for label in labels]
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['rank_correlation_other_image']['mean']:.3f} |")
+            lines.append(f"| {row_name(r, name)} | " + " | ".join(cells) + f" | {m['rank_correlation_other_image']['mean']:.3f} |")
     return "\n".join(lines)
 
 
@@ -223,8 +270,13 @@ def main() -> int:
     parser.add_argument("--method", action="append", metavar="NAME[:SETTING=VALUE,...]",
                         help="evaluate only this method (repeatable), with these settings, and merge its rows into "
                              "the existing quality.json")
+    parser.add_argument("--per-class", type=int, default=None, metavar="N",
+                        help="with --method: evaluate on the first N images of each class only (the slow "
+                             "perturbation and path methods); the table says so")
     _report.add_flags(parser, RESULTS)
     args = parser.parse_args()
+    if args.per_class is not None and not args.method:
+        parser.error("--per-class: only with --method (the full run covers every image)")
     out = args.out if args.out != RESULTS else args.demo / "quality.json"
     if args.tables_only:
         results = load_results(out)
@@ -233,12 +285,15 @@ def main() -> int:
         results = load_results(out)
         only = [parse_method(text) for text in args.method]
         meta = _report.start_run(PAGE, SECTIONS, versions=("onnxruntime",), threads=args.threads)
-        partial = run(args.demo, args.threads, only, results.get("smoothgrad_noise_selection"))
+        partial = run(args.demo, args.threads, only, results.get("smoothgrad_noise_selection"), args.per_class)
         record = _report.finish_run(meta)
+        results = load_results(out)  # read again: another --method run may have merged its rows meanwhile
         for name, settings in only:
             results["methods"][name] = partial["methods"][name]
-            results.setdefault("method_runs", {})[name] = {"settings": settings, "seconds": partial.get("seconds"),
-                                                           "meta": record}
+            results.setdefault("method_runs", {})[name] = {
+                "settings": settings, "seconds": partial.get("seconds"), "meta": record,
+                **({"subset": partial["subset"], "random_order": partial["random_order"],
+                    "chance_tolerance": partial["chance_tolerance"]} if "subset" in partial else {})}
         results["targets_missed"] = verdicts(results)
         results = _report.write_json(out, results, indent=2)
     else:

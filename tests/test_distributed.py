@@ -139,6 +139,46 @@ def test_ray_engine_writes_the_same_files_and_records(ray_cluster, pictures, ref
     assert not different, f"not byte-identical to single-process gradmap run: {different}"
 
 
+KERAS_FIXTURES = REPO / "tests" / "fixtures" / "keras"
+
+
+@pytest.mark.parametrize("name,method", [("cnn.gradmap.onnx", "guided-grad-cam"), ("cnn.gradmap.onnx", "smoothgrad"),
+                                         ("cnn_cpu.gradmap.onnx", "grad-cam"), ("cnn_plain.gradmap.onnx", "vanilla")],
+                         ids=["portable-guided-grad-cam", "portable-smoothgrad", "cpu-grad-cam", "plain-vanilla"])
+def test_ray_engine_on_a_keras_export_equals_local(ray_cluster, pictures, tmp_path, name, method):
+    """A ``gradmap export keras:PATH`` file (tests/fixtures/keras: tf2onnx's NHWC graph, BGR 0-255 caffe
+    preprocessing, an NHWC Grad-CAM map, guided ReLUs), portable and --target cpu: the Ray engine writes
+    the bytes and records single-process gradmap run writes."""
+    model = str(KERAS_FIXTURES / name)
+    args = (str(pictures), *COMMON, "--method", method, "--samples", "3", "--seed", "4")
+    runs = {}
+    for engine in ("local", "ray"):
+        out = tmp_path / engine
+        result = CliRunner().invoke(main, ["run", model, "--out", str(out), *args, "--engine", engine,
+                                           *(["--workers", "2"] if engine == "ray" else [])])
+        assert result.exit_code == 1, f"{engine}: {result.stderr[-3000:]}"  # the broken files
+        runs[engine] = (out, json.loads(result.stdout), _errors(result.stderr))
+    (local_out, local_doc, local_errors), (ray_out, ray_doc, ray_errors) = runs["local"], runs["ray"]
+    assert ray_errors == local_errors and local_doc["failed"] == len(BROKEN)
+    assert _records(ray_doc, ray_out) == _records(local_doc, local_out), "records differ from local gradmap run"
+    assert all(record["maps"][0]["method"] == method for record in local_doc["images"] if record["error"] is None)
+    ours, theirs = _files(ray_out), _files(local_out)
+    assert sorted(ours) == sorted(theirs) and len([n for n in ours if n.endswith(".map.npy")]) == N_GOOD
+    different = [n for n in ours if ours[n] != theirs[n]]
+    assert not different, f"not byte-identical to local gradmap run: {different}"
+    if method == "grad-cam":  # the maps in Parquet: the model's 48x64, not square
+        parquet = tmp_path / "maps.parquet"
+        result = CliRunner().invoke(main, ["run", model, str(pictures), *COMMON[2:], "--method", method, "--engine",
+                                           "ray", "--to-parquet", str(parquet)])
+        assert result.exit_code == 1, result.stderr[-3000:]
+        rows = {row["path"]: row for row in ray_cluster.data.read_parquet(str(parquet)).iter_rows()}
+        for record in local_doc["images"]:
+            if record["error"] is None:
+                saved = np.load(local_out / Path(record["maps"][0]["files"]["map"]).relative_to(local_out))
+                got = np.asarray(rows[record["path"]]["saliency_map"])
+                assert got.shape == (1, 48, 64) and np.array_equal(got[0], saved), record["path"]
+
+
 def test_to_parquet_holds_the_same_maps(ray_cluster, pictures, reference, tmp_path):
     ref_out, ref_doc, _ = reference
     parquet = tmp_path / "maps.parquet"

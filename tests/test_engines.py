@@ -4,7 +4,8 @@ under Node.js and in headless Chromium, onnxruntime-web WebGPU in headless Chrom
 Each model of the CI subset is exported once (64x64, torchvision's random initialization) and run on
 every engine; the engine's logits and target_index must match float64 torch autograd, and its gradient
 must match torch replaying that engine's own max-pool and ReLU decisions (tests/engines/parity.py)
-within the export tolerance, 1e-4 of max|torch|. The error against onnxruntime CPU's gradient is
+within the export's tolerance policy (gradmap.graph.parity.Tolerance: ten times torch's own float32
+error replaying the same decisions, at least 1e-4 of max|torch|). The error against onnxruntime CPU's gradient is
 recorded beside it (`record_property`). An engine missing here is skipped with the reason; in CI
 (CI=true) it fails instead. tools/engine_matrix.py runs all 21 families at full size.
 """
@@ -15,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.engines, also under plain `pytest`
@@ -86,3 +88,32 @@ def test_engine_gradient_matches_torch(exported, engine, record_property, reques
     if exported.name in ("resnet18", "densenet121", "mobilenet_v3_small"):
         assert check.replayed == "pools+relus" or (check.replayed == "relus" and exported.name == "mobilenet_v3_small"), \
             f"{exported.name}: only {check.replayed} decisions replayed"
+
+
+def test_engine_check_takes_the_tolerance_policy_and_refuses_a_planted_error(tmp_path):
+    """check_engine's limits are the export's policy (ten times torch's own float32 error on the batch,
+    at least the floor), and a gradient 0.3 % off (far beyond float32 rounding and the floor) is refused."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from gradmap import contract
+    from gradmap.graph.parity import TOLERANCE
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+                                 torch.nn.Linear(6 * 7 * 7, 4)).eval()
+    exported = export_for_engines(module, "tiny", tmp_path, (16, 16))
+    image, target = batch_for(exported, seed=2)
+    check = check_engine("ort_cpu", exported, image, target)
+    assert check.ok, check.problems
+    assert check.gradient_limit == max(TOLERANCE.floor, TOLERANCE.factor * check.own_gradient)
+    assert 0 < check.own_gradient < 1e-5 and check.gradient_error <= check.gradient_limit
+
+    proto = onnx.load(str(exported.exposed_path))  # the gradient output, 0.3 % too large
+    producer = next(n for n in proto.graph.node if contract.OUTPUT_GRADIENT in n.output)
+    producer.output[list(producer.output).index(contract.OUTPUT_GRADIENT)] = "gradient_unscaled"
+    proto.graph.initializer.append(numpy_helper.from_array(np.array(1.003, np.float32), "planted_scale"))
+    proto.graph.node.append(helper.make_node("Mul", ["gradient_unscaled", "planted_scale"], [contract.OUTPUT_GRADIENT]))
+    onnx.save(proto, str(exported.exposed_path))
+    wrong = check_engine("ort_cpu", exported, image, target)
+    assert not wrong.ok and any("gradient differs" in p for p in wrong.problems), wrong.problems

@@ -230,6 +230,87 @@ def test_exact_gelu_and_dense_on_feature_maps_as_in_convnext(tmp_path):
     assert "Erf" in report.op_types
 
 
+def _grouped_model():
+    """Depthwise convolutions written as grouped Conv2D (groups == input channels), as ConvNeXt writes them:
+    one with two filters per group (depth multiplier 2), one strided and dilated inside a nested Sequential."""
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="stem")(inputs)
+    x = keras.layers.Conv2D(8, 3, padding="same", groups=4, activation="relu", name="dw_m2")(x)
+    inner = keras.Sequential([keras.layers.Conv2D(8, 5, strides=2, padding="same", groups=8, name="dw_strided"),
+                              keras.layers.Conv2D(8, 3, dilation_rate=2, groups=8, name="dw_dilated", use_bias=False)],
+                             name="inner")
+    x = keras.layers.GlobalAveragePooling2D()(inner(x))
+    return keras.Model(inputs, keras.layers.Dense(5, name="head")(x))
+
+
+def test_grouped_conv2d_with_a_group_per_channel_exports_as_depthwise(tmp_path):
+    """Keras runs a grouped Conv2D as an XLA-compiled function tf2onnx cannot convert: the export rebuilds the
+    depthwise ones as DepthwiseConv2D (the same weights, reshaped); the gradient equals float64 GradientTape of
+    the grouped model itself."""
+    from gradmap.export._keras import depthwise_rewrite
+
+    keras.utils.set_random_seed(11)
+    model32 = _grouped_model()
+    path = tmp_path / "grouped.keras"
+    model32.save(path)
+    rebuilt, names = depthwise_rewrite(model32, "keras:grouped")
+    assert names == ["dw_m2", "dw_strided", "dw_dilated"]
+    kinds = {layer.name: type(layer).__name__ for layer in rebuilt.layers + rebuilt.get_layer("inner").layers}
+    assert kinds["dw_m2"] == kinds["dw_strided"] == kinds["dw_dilated"] == "DepthwiseConv2D"
+    assert rebuilt.get_layer("head") is model32.get_layer("head"), "the other layers are shared, not copied"
+
+    out, report = _export(tmp_path, str(path), preprocessing_options={"preset_name": "none"})
+    assert any("3 grouped Conv2D layers" in note and "DepthwiseConv2D" in note for note in report.notes), report.notes
+    assert report.gradient_error < 1e-4, report.summary()
+    with _float64_policy():
+        model64 = _grouped_model()
+    model64.set_weights([w.astype(np.float64) for w in model32.get_weights()])
+    images = np.random.default_rng(2).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    target = np.array([1, 4])
+    logits, gradient = _session(out).run([contract.OUTPUT_LOGITS, contract.BACKPROP_OUTPUTS["vanilla"]],
+                                         {contract.INPUT_IMAGE: images, contract.INPUT_TARGET: target})
+    ref_logits, ref_gradient = _tape(model64, images, target)
+    assert _relative(logits, ref_logits) < 1e-5, _relative(logits, ref_logits)
+    assert _relative(gradient, ref_gradient) < 1e-5, _relative(gradient, ref_gradient)
+
+    # several input channels per group: no DepthwiseConv2D equals it; refused by name before conversion
+    inputs = keras.Input((8, 8, 4))
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(6, 3, groups=2, name="pairs")(inputs))
+    with pytest.raises(ExportError, match=r"keras:g: layer 'pairs' is a Conv2D with groups=2 over 4 input channels.*"
+                                          r"XLA-compiled"):
+        depthwise_rewrite(keras.Model(inputs, pooled), "keras:g")
+
+
+def test_a_small_convnext_exports_with_float64_gradient_tape_parity(tmp_path):
+    """keras.applications' own ConvNeXt builder (the blocks of ConvNeXtTiny: a grouped 7x7 Conv2D, LayerNorm,
+    exact GELU, LayerScale), one block per stage, layer scale 1 so that the blocks weigh in the gradient."""
+    from keras.src.applications.convnext import ConvNeXt
+
+    def build():
+        return ConvNeXt(depths=[1, 1, 1, 1], projection_dims=[8, 16, 24, 32], layer_scale_init_value=1.0,
+                        input_shape=(SIZE, SIZE, 3), classes=10, name="convnext_small_test")
+
+    keras.utils.set_random_seed(4)
+    model32 = build()
+    path = tmp_path / "convnext.keras"
+    model32.save(path)
+    out, report = _export(tmp_path, str(path), preprocessing_options={"preset_name": "none"})
+    assert any("4 grouped Conv2D layers" in note for note in report.notes), report.notes
+    assert report.gradient_error < 1e-4 and "Erf" in report.op_types, report.summary()
+    with _float64_policy():
+        model64 = ConvNeXt(depths=[1, 1, 1, 1], projection_dims=[8, 16, 24, 32], layer_scale_init_value=1.0,
+                           input_shape=(SIZE, SIZE, 3), classes=10, name="convnext_small_test",
+                           classifier_activation=None)
+    model64.set_weights([w.astype(np.float64) for w in model32.get_weights()])
+    images = np.random.default_rng(5).uniform(0, 255, (2, 3, SIZE, SIZE)).astype(np.float32)
+    target = np.array([3, 9])
+    logits, gradient = _session(out).run([contract.OUTPUT_LOGITS, contract.BACKPROP_OUTPUTS["vanilla"]],
+                                         {contract.INPUT_IMAGE: images, contract.INPUT_TARGET: target})
+    ref_logits, ref_gradient = _tape(model64, images, target)
+    assert _relative(logits, ref_logits) < 1e-5, _relative(logits, ref_logits)
+    assert _relative(gradient, ref_gradient) < 1e-5, _relative(gradient, ref_gradient)
+
+
 def test_tensorflow_ops_tf2onnx_leaves_are_rewritten_or_named():
     import onnx
     from onnx import helper
@@ -413,6 +494,37 @@ def test_gradmap_verify_checks_a_keras_export_against_gradient_tape_without_torc
     assert wrong.exit_code == 1 and "MISMATCH" in wrong.output, wrong.output
 
 
+def test_forward_only_keras_export_gives_the_full_exports_forward_maps(tmp_path, photo_files):
+    """--no-gradient on a Keras model: logits checked against the float64 Keras model, occlusion and
+    Score-CAM (NHWC feature map) equal to the full export's, gradient methods refused, and gradmap
+    verify checks the logits on pictures."""
+    from gradmap.runtime import SaliencyModel
+    from gradmap.runtime.methods import MethodSpec, UnsupportedMethodError, attribute, check_supported
+
+    path = tmp_path / "small.keras"
+    _small_model().save(path)
+    options = dict(preprocessing_options={"preset_name": "keras-tf"}, cam_layer="auto")
+    (tmp_path / "full").mkdir()
+    full_path, _ = _export(tmp_path / "full", str(path), **options)
+    out, report = _export(tmp_path, str(path), gradient=False, **options)
+    assert report.gradient_error is None and report.logits_error < 1e-5, report.summary()
+    assert "tf.GradientTape" in report.summary()
+    full, forward = SaliencyModel(full_path, provider="cpu"), SaliencyModel(out, provider="cpu")
+    assert forward.metadata.format_version == 3 and not forward.metadata.gradient
+    images = np.random.default_rng(1).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    targets = np.array([-1, 2])
+    for spec in (MethodSpec("occlusion", window=4, stride=2), MethodSpec("score-cam")):
+        expected = attribute(full, spec, images, targets)[2]
+        actual = attribute(forward, spec, images, targets)[2]
+        assert np.abs(expected).max() > 0, spec.name
+        assert _relative(actual, expected) < 1e-5, spec.name
+    with pytest.raises(UnsupportedMethodError, match="--no-gradient"):
+        check_supported(forward, "vanilla")
+    pictures = [a for p in photo_files[:2] for a in ("--images", str(p))]
+    result = CliRunner().invoke(main, ["verify", str(out), "--reference", f"keras:{path}", *pictures])
+    assert result.exit_code == 0 and "all 2 pictures match" in result.output, result.output
+
+
 # -- the TensorFlow recipe (../shared/recipes/tensorflow2-gradienttape-resnet50.md), reproduced -----------------
 
 #: The options docs/keras.md gives for the recipe (the test swaps --weights imagenet for the recipe model's
@@ -473,3 +585,141 @@ def test_tensorflow_recipe_map_is_reproduced(tmp_path, photos):
     # (1e-6 relative, measured) carried through the min-max scaling
     diff = np.abs(ours.astype(np.float64) - recipe_map).max()
     assert diff < 1e-4, diff
+
+
+# -- Grad-CAM on NHWC feature maps against tf.GradientTape ------------------------------------------------------
+
+def _cam_model():
+    """NHWC feature maps of every kind the converted graph has: a Conv2D's (NCHW in the ONNX graph, beside
+    tf2onnx's Transposes), one whose height and channels are equal (12x16x12: the shape alone does not tell
+    an NHWC map from an NCHW one), and a Dense on a feature map (ConvNeXt's pointwise layers: a MatMul on the
+    NHWC map itself). Not square, so that a height/width swap shows."""
+    inputs = keras.Input((24, 32, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv")(inputs)
+    x = keras.layers.MaxPooling2D(name="pool")(x)
+    x = keras.layers.Conv2D(12, 3, padding="same", activation="relu", name="block")(x)
+    x = keras.layers.Dense(12, name="mix")(x)
+    x = keras.layers.Activation("relu", name="mixed")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(5, activation="softmax", name="scores")(x))
+
+
+@pytest.mark.parametrize("cam_layer,layer", [("auto", "mixed"), ("mixed", "mixed"), ("block", "block"),
+                                             ("mix", "mix"), ("pool", "pool")])
+def test_grad_cam_equals_gradient_tape_on_the_nhwc_layer(tmp_path, cam_layer, layer):
+    """--cam-layer auto and --cam-layer LAYER (a Keras layer name): the file's feature map, its gradient and
+    Grad-CAM from them equal tf.GradientTape's on that NHWC layer of the float64 Keras model."""
+    _assert_grad_cam_equals_gradient_tape(tmp_path, _cam_model, cam_layer, layer)
+
+
+def _flatten_model():
+    """VGG16's head (include_top=True), the classic Keras Grad-CAM model: the last pooled map flattened into
+    Dense layers (tf2onnx: a Transpose to NHWC, then a Reshape)."""
+    inputs = keras.Input((24, 32, 3))
+    x = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="c1")(inputs)
+    x = keras.layers.MaxPooling2D(name="pool1")(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="c2")(x)
+    x = keras.layers.MaxPooling2D(name="pool2")(x)
+    x = keras.layers.Dense(16, activation="relu", name="fc")(keras.layers.Flatten()(x))
+    return keras.Model(inputs, keras.layers.Dense(5, activation="softmax", name="scores")(x))
+
+
+@pytest.mark.parametrize("cam_layer,layer", [("auto", "pool2"), ("c2", "c2")])
+def test_grad_cam_on_a_map_flattened_into_the_classifier(tmp_path, cam_layer, layer):
+    """--cam-layer auto on a Flatten head takes the flattened NHWC map on its NCHW side (it was the NHWC map
+    read as NCHW: 6x8x8 maps of the wrong axes)."""
+    _assert_grad_cam_equals_gradient_tape(tmp_path, _flatten_model, cam_layer, layer)
+
+
+def _assert_grad_cam_equals_gradient_tape(tmp_path, build, cam_layer, layer):
+    from gradmap.runtime.cam import grad_cam
+
+    keras.utils.set_random_seed(8)
+    model = build()
+    path = tmp_path / "cam.keras"
+    model.save(path)
+    out, report = _export(tmp_path, str(path), preprocessing_options={"preset_name": "keras-tf"}, cam_layer=cam_layer)
+    assert _metadata(out).cam_layer.startswith(f"{cam_layer} ("), _metadata(out).cam_layer
+    with _float64_policy():
+        model64 = build()
+    model64.set_weights([w.astype(np.float64) for w in model.get_weights()])
+    model64.get_layer("scores").activation = keras.activations.linear
+    both = keras.Model(model64.inputs, [model64.get_layer(layer).output, model64.output])
+    images = np.random.default_rng(4).uniform(-1, 1, (2, 3, 24, 32)).astype(np.float32)
+    target = np.array([1, 3])
+    x = tf.constant(images.transpose(0, 2, 3, 1).astype(np.float64))
+    with tf.GradientTape() as tape:
+        feature_map, logits = both(x, training=False)
+        chosen = tf.reduce_sum(tf.gather(logits, target[:, None], axis=1, batch_dims=1))
+    gradient = tape.gradient(chosen, feature_map).numpy()
+    activation = feature_map.numpy()
+    # Grad-CAM on the NHWC map: the channel weights are the gradient's mean over height and width
+    expected_cam = np.maximum((gradient.mean(axis=(1, 2), keepdims=True) * activation).sum(axis=-1), 0)
+    got_activation, got_gradient = _session(out).run(
+        [contract.OUTPUT_CAM_ACTIVATION, contract.OUTPUT_CAM_GRADIENT],
+        {contract.INPUT_IMAGE: images, contract.INPUT_TARGET: target})
+    assert got_activation.shape == activation.transpose(0, 3, 1, 2).shape, (got_activation.shape, activation.shape)
+    assert _relative(got_activation, activation.transpose(0, 3, 1, 2)) < 1e-5
+    assert _relative(got_gradient, gradient.transpose(0, 3, 1, 2)) < 1e-5
+    assert np.count_nonzero(expected_cam) > expected_cam.size // 10, "a Grad-CAM worth comparing"
+    assert _relative(grad_cam(got_activation, got_gradient), expected_cam) < 1e-5
+
+
+def test_cam_layer_names_that_cannot_be_taken_are_refused(tmp_path):
+    keras.utils.set_random_seed(8)
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="norm")(x)  # tf2onnx folds it into the Conv: conv has no value
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    path = tmp_path / "m.keras"
+    keras.Model(inputs, keras.layers.Dense(3, name="scores")(x)).save(path)
+    options = {"preprocessing_options": {"preset_name": "keras-tf"}, "verify": False}
+    with pytest.raises(ExportError, match=r"'conv': no value of the converted graph equals the layer's output"):
+        _export(tmp_path, str(path), cam_layer="conv", **options)
+    with pytest.raises(ExportError, match=r"'scores': the layer's output has shape \(None, 3\)"):
+        _export(tmp_path, str(path), cam_layer="scores", **options)
+    with pytest.raises(ExportError, match=r"'nothing': neither a layer of the Keras model \(its feature maps: conv, "
+                                          r"norm\)"):
+        _export(tmp_path, str(path), cam_layer="nothing", **options)
+    out, _ = _export(tmp_path, str(path), cam_layer="norm", **options)
+    assert _metadata(out).cam_layer.startswith("norm (")
+
+    with pytest.raises(ExportError, match=r"'deep': the layer is two or more models deep \(inside 'base'\)"):
+        _export(tmp_path, str(_nested_model(tmp_path, depth=2)), cam_layer="deep", **options)
+
+
+def _nested_model(tmp_path, depth: int = 1):
+    """Transfer learning, Keras' way: a base model (Conv2D 'inner', then 'deep' in a model inside it at depth
+    2) as one layer of the classifier, after a Rescaling layer."""
+    keras.utils.set_random_seed(9)
+    base_inputs = keras.Input((16, 20, 3))
+    x = keras.layers.Conv2D(6, 3, activation="relu", name="inner")(base_inputs)
+    if depth == 2:
+        deep_inputs = keras.Input((14, 18, 6))
+        x = keras.Model(deep_inputs, keras.layers.Conv2D(6, 3, activation="relu", name="deep")(deep_inputs),
+                        name="outer")(x)
+    x = keras.layers.Conv2D(5, 3, activation="relu", name="last")(x)
+    base = keras.Model(base_inputs, x, name="base")
+    inputs = keras.Input((16, 20, 3))
+    x = keras.layers.GlobalAveragePooling2D()(base(keras.layers.Rescaling(0.5, offset=0.1, name="rescale")(inputs)))
+    path = tmp_path / f"nested{depth}.keras"
+    keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="scores")(x)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("cam_layer", ["auto", "base", "inner", "last"])
+def test_cam_layer_inside_a_base_model(tmp_path, cam_layer):
+    """--cam-layer on a classifier whose feature extractor is a nested Keras model: a layer of the base model
+    by its name, the base model's output by the base's name; the map equals the layer's (NCHW) in Keras."""
+    path = _nested_model(tmp_path)
+    out, _ = _export(tmp_path, str(path), preprocessing_options={"preset_name": "keras-tf"}, cam_layer=cam_layer)
+    assert _metadata(out).cam_layer.startswith(f"{cam_layer} ("), _metadata(out).cam_layer
+    model = keras.saving.load_model(path)
+    base = model.get_layer("base")
+    layer = {"auto": "last", "base": "last"}.get(cam_layer, cam_layer)
+    images = np.random.default_rng(2).uniform(-1, 1, (2, 3, 16, 20)).astype(np.float32)
+    base_input = model.get_layer("rescale")(np.transpose(images, (0, 2, 3, 1)))
+    expected = keras.Model(base.input, base.get_layer(layer).output)(base_input).numpy().transpose(0, 3, 1, 2)
+    activation = _session(out).run([contract.OUTPUT_CAM_ACTIVATION], {contract.INPUT_IMAGE: images,
+                                                                      contract.INPUT_TARGET: np.array([0, 2])})[0]
+    assert activation.shape == expected.shape and _relative(activation, expected) < 1e-5

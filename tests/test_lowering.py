@@ -1,7 +1,8 @@
 """The cpu target's lowering passes (gradmap/graph/lowering): each pass alone rewrites the portable
 graph of a small network that has its pattern, and the rewritten graph gives the portable graph's
 gradients (every guided and deconvnet output too), which the portable graph's own parity with
-torch autograd anchors."""
+torch autograd anchors. Each pass also rewrites regions of a real network's graph (a rule whose
+formula changed under a pass fails here, not silently), and no lowering module imports a rule."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import torch.nn.functional as F  # noqa: E402
 from gradmap import contract  # noqa: E402
 from gradmap.export import ExportError, build_gradient_model, export_module  # noqa: E402
 from gradmap.contract import Preprocessing  # noqa: E402
+from gradmap.export._trace import trace_to_onnx  # noqa: E402
+from gradmap.graph import gradient, lowering  # noqa: E402
 from gradmap.graph.lowering import cpu_backward  # noqa: E402
 
 BACKPROPS = ("vanilla", "guided", "deconvnet")
@@ -77,10 +80,19 @@ def _gradients(model: ir.Model, image: np.ndarray, target: np.ndarray) -> list[n
     return session.run([contract.OUTPUT_LOGITS, *names], {contract.INPUT_IMAGE: image, contract.INPUT_TARGET: target})
 
 
-def _build(module, monkeypatch, target: str, passes=()):
-    monkeypatch.setattr(cpu_backward, "PASSES", tuple(passes))
-    model, _ = build_gradient_model(module, SIZE, target=target, backprops=BACKPROPS, channel_multiple=16)
-    return model
+PASS_NAMES = [p.__name__ for p in cpu_backward.PASSES]
+
+
+def _build(module, passes=(), *, backprops=BACKPROPS, size=SIZE, block=16) -> tuple[ir.Model, dict[str, int]]:
+    """``module``'s cpu-target graph in the export's explicit steps (gradmap.graph.add_gradient's),
+    with the backward passes ``passes`` only, and each of them's count of rewritten regions."""
+    model = trace_to_onnx(module, size)
+    plan = lowering.plan("cpu", block, skip=[name for name in PASS_NAMES if name not in passes])
+    request = gradient.prepare(model, backprops=backprops)
+    plan.lower_forward(model.graph, request.needs_grad, request.keep)
+    appended = gradient.append_gradient(model, request)
+    counts = plan.lower_backward(model.graph, appended)
+    return model, counts
 
 
 def _histogram(model: ir.Model) -> dict[str, int]:
@@ -98,22 +110,16 @@ EXACT = {"fold_batch_norm": False, "conv_adjoint": False, "relu_pool_mask": Fals
 
 
 @pytest.mark.parametrize("name", list(EXACT))
-def test_each_cpu_pass_alone_keeps_the_gradient(module, monkeypatch, name):
+def test_each_cpu_pass_alone_keeps_the_gradient(module, name):
     """The cpu target with this backward pass alone against the cpu target with none (the same
     forward rewrites, the portable rules)."""
-    lowering_pass = getattr(cpu_backward, name)
-    rewrites = []
-
-    def counted(rewriter, regions):
-        rewrites.append(lowering_pass(rewriter, regions))
-        return rewrites[-1]
-
     rng = np.random.default_rng(3)
     image = rng.standard_normal((2, 3, *SIZE), dtype=np.float32)
     target = np.asarray([-1, 4], dtype=np.int64)
-    unlowered = _build(module, monkeypatch, "cpu")
-    lowered = _build(module, monkeypatch, "cpu", [counted])
-    assert rewrites and rewrites[0] > 0, f"{name} rewrote nothing"
+    unlowered, none = _build(module)
+    lowered, counts = _build(module, [name])
+    assert none == {} and list(counts) == [name], (none, counts)
+    assert counts[name] > 0, f"{name} rewrote nothing"
     assert ir.serde.serialize_model(lowered).graph != ir.serde.serialize_model(unlowered).graph, \
         f"{name} left the graph as it was"
     expected = _gradients(unlowered, image, target)
@@ -131,11 +137,10 @@ def test_each_cpu_pass_alone_keeps_the_gradient(module, monkeypatch, name):
             assert error <= 1e-6, f"{name}: {backprop} gradient differs by {error:.3g} (max|Δ| / max|unlowered|)"
 
 
-def test_cpu_target_uses_no_portable_forms_where_it_lowers(module, monkeypatch):
+def test_cpu_target_uses_no_portable_forms_where_it_lowers(module):
     """All passes together: no ConvTranspose where a Conv does (stride 1 and depthwise), the max
     pools routed by Indices, the weights stored once (the adjoint kernels come from the forward's
     initializers)."""
-    monkeypatch.setattr(cpu_backward, "PASSES", cpu_backward.PASSES)
     model, _ = build_gradient_model(module, SIZE, target="cpu", channel_multiple=16)
     counts = _histogram(model)
     assert counts.get("ConvTranspose", 0) == 2, f"only the strided dense convs use ConvTranspose: {counts}"
@@ -184,22 +189,17 @@ def test_portable_target_refuses_channel_padding(module):
         build_gradient_model(module, SIZE, target="gpu")
 
 
-def test_relu_pool_mask_gives_the_mask_after_routing_bit_for_bit(module, monkeypatch):
+def test_relu_pool_mask_gives_the_mask_after_routing_bit_for_bit(module):
     """The ReLU mask at the pool's resolution before the routing equals it at the ReLU's after the
     routing, to the bit: vanilla at both pools, guided at the disjoint one only (its Relu of a
     routed sum is not a sum of Relus where windows overlap), deconvnet never."""
     rng = np.random.default_rng(4)
     image = rng.standard_normal((2, 3, *SIZE), dtype=np.float32)
     target = np.asarray([-1, 2], dtype=np.int64)
-    counts = []
-
-    def counted(rewriter, regions):
-        counts.append(cpu_backward.relu_pool_mask(rewriter, regions))
-        return counts[-1]
-
-    after = _build(module, monkeypatch, "cpu", [cpu_backward.max_pool_indices, cpu_backward.relu_mask])
-    before = _build(module, monkeypatch, "cpu", [counted, cpu_backward.max_pool_indices, cpu_backward.relu_mask])
-    assert counts == [3], f"expected the stem pool (vanilla) and the disjoint pool (vanilla, guided): {counts}"
+    after, _ = _build(module, ["max_pool_indices", "relu_mask"])
+    before, counts = _build(module, ["relu_pool_mask", "max_pool_indices", "relu_mask"])
+    assert counts["relu_pool_mask"] == 3, \
+        f"expected the stem pool (vanilla) and the disjoint pool (vanilla, guided): {counts}"
     masks = [_histogram(m).get("HardSigmoid", 0) for m in (after, before)]
     assert masks[1] == masks[0], "each pooled ReLU keeps one mask, on the pool's output"
     for backprop, a, e in zip(("logits",) + BACKPROPS, _gradients(before, image, target), _gradients(after, image, target)):
@@ -221,20 +221,13 @@ class SharedRelu(torch.nn.Module):
         return self.fc(F.max_pool2d(y, 2).mean((2, 3)) + y.mean((2, 3)))
 
 
-def test_relu_pool_mask_leaves_a_relu_output_read_twice(monkeypatch):
+def test_relu_pool_mask_leaves_a_relu_output_read_twice():
     torch.manual_seed(1)
     shared = SharedRelu().eval()
     for p in shared.parameters():
         p.requires_grad_(False)
-    counts = []
-
-    def counted(rewriter, regions):
-        counts.append(cpu_backward.relu_pool_mask(rewriter, regions))
-        return counts[-1]
-
-    monkeypatch.setattr(cpu_backward, "PASSES", (counted, cpu_backward.max_pool_indices, cpu_backward.relu_mask))
-    model, _ = build_gradient_model(shared, SIZE, target="cpu", channel_multiple=16)
-    assert counts == [0]
+    model, counts = _build(shared, ["relu_pool_mask", "max_pool_indices", "relu_mask"], backprops=("vanilla",))
+    assert counts["relu_pool_mask"] == 0, counts
     image = np.random.default_rng(5).standard_normal((1, 3, *SIZE), dtype=np.float32)
     session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
     (gradient,) = session.run([contract.OUTPUT_GRADIENT], {contract.INPUT_IMAGE: image,
@@ -243,3 +236,88 @@ def test_relu_pool_mask_leaves_a_relu_output_read_twice(monkeypatch):
     shared(x)[0, 3].backward()
     expected = x.grad.numpy()
     assert np.abs(gradient - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def _small_densenet():
+    """torchvision's DenseNet with two layers per block: its BatchNormalization -> ReLU -> Conv
+    layers and concatenations at a fraction of densenet121's tracing time."""
+    from torchvision.models import DenseNet
+
+    return DenseNet(growth_rate=16, block_config=(2, 2, 2, 2), num_init_features=32, num_classes=10)
+
+
+def _torchvision(name):
+    from gradmap.export._torchvision import load_torchvision
+
+    return load_torchvision(name, "none", seed=0)[0]
+
+
+#: Real networks and the cpu backward passes each must rewrite regions of (every pass in one at least).
+REAL = {
+    "resnet18": (lambda: _torchvision("resnet18"),
+                 {"conv_adjoint", "relu_pool_mask", "max_pool_indices", "relu_mask", "spread_per_channel"}),
+    "mobilenet_v3_small": (lambda: _torchvision("mobilenet_v3_small"),
+                           {"conv_adjoint", "relu_mask", "hard_swish_steps", "resize_sum_scale", "spread_per_channel"}),
+    "efficientnet_b0": (lambda: _torchvision("efficientnet_b0"),
+                        {"conv_adjoint", "silu_affine", "resize_sum_scale", "spread_per_channel"}),
+    "densenet": (_small_densenet, {"fold_batch_norm", "conv_adjoint", "relu_pool_mask", "relu_mask", "concat_split"}),
+}
+
+
+def test_every_pass_has_a_real_network():
+    covered = set().union(*(passes for _, passes in REAL.values()))
+    assert covered == set(PASS_NAMES), f"passes without a real network in REAL: {set(PASS_NAMES) - covered}"
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_each_pass_finds_its_pattern_in_a_real_network(name):
+    """The cpu target of a real network (random weights, 64 x 64, every backprop rule): each pass
+    listed for it rewrites at least one region. A pass that matches what a rule emits or publishes
+    fails here when the rule's formula changes under it, instead of leaving the portable form."""
+    make, expected = REAL[name]
+    torch.manual_seed(0)
+    net = make().eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    _, counts = _build(net, PASS_NAMES, size=(64, 64))
+    idle = sorted(p for p in expected if counts[p] == 0)
+    assert not idle, f"{name}: {idle} rewrote nothing ({counts})"
+
+
+def _rule_imports(source: str, package: str) -> list[str]:
+    """The modules under ``gradient._rules`` that ``source`` (a module of ``package``) imports,
+    at its top or inside a function."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            names = [module] + [f"{module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found.extend(n for n in names if "gradient._rules" in n)
+    return found
+
+
+def test_lowering_imports_no_rule():
+    """The passes read what the rules publish (region parts, gradmap.graph.gradient.formulas), not
+    the rules' own modules."""
+    from pathlib import Path
+
+    folder = Path(lowering.__file__).parent
+    imports = {f.name: _rule_imports(f.read_text(), "gradmap.graph.lowering") for f in sorted(folder.glob("*.py"))}
+    assert len(imports) >= 5, sorted(imports)
+    assert not any(imports.values()), {name: found for name, found in imports.items() if found}
+
+
+def test_the_rule_import_check_catches_an_import():
+    package = "gradmap.graph.lowering"
+    assert _rule_imports("from ..gradient._rules.convolution import adjoint_conv", package)
+    assert _rule_imports("def f():\n    from ..gradient._rules import elementwise\n", package)
+    assert _rule_imports("import gradmap.graph.gradient._rules.pooling", package)
+    assert _rule_imports("from gradmap.graph.gradient import _rules", package)
+    assert not _rule_imports("from ..gradient.formulas import HARD_SWISH_ALPHA", package)

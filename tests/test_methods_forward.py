@@ -131,9 +131,16 @@ def test_eigen_cam_is_the_first_principal_component():
     t = np.arange(12.0).reshape(3, 4)
     v = np.array([1.0, -2.0, 0.5])
     a = (v[:, None, None] * t)[None] + 5.0
-    maps = eigen_cam(a, relu=False)[0]
+    maps = eigen_cam(a, relu=False, orientation="svd")[0]
     expected = (t - t.mean()) * np.linalg.norm(v)
     assert np.allclose(maps, expected, atol=1e-4) or np.allclose(maps, -expected, atol=1e-4)
+    # gradmap's default orientation: the direction whose loadings sum >= 0, here -v / |v| (v sums to -0.5)
+    np.testing.assert_allclose(eigen_cam(a, relu=False)[0], -expected, atol=1e-4)
+    # -v sums to +0.5: the map of -v t is +(t - mean t) |v|, where the activations grow
+    np.testing.assert_allclose(eigen_cam(-a + 20, relu=False)[0], expected, atol=1e-4)
+    w = np.array([2.0, 1.0, 0.5])
+    np.testing.assert_allclose(eigen_cam((w[:, None, None] * t)[None], relu=False)[0],
+                               (t - t.mean()) * np.linalg.norm(w), atol=1e-4)
 
 
 @pytest.mark.parametrize("settings, message", [

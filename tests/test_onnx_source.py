@@ -484,6 +484,57 @@ def test_cli_exports_an_onnx_file_and_runs_its_maps(tmp_path):
     assert result.exit_code == 2 and "only for onnx:PATH" in result.output
 
 
+def test_cli_exports_an_onnx_file_forward_only(tmp_path):
+    """--no-gradient: the forward graph and the metadata; occlusion and Score-CAM give the maps of the full
+    export; an op without a gradient rule (CumSum) exports forward-only, checked against the graph's
+    float64 evaluation, and the gradient methods are refused saying why."""
+    from gradmap.runtime import SaliencyModel
+    from gradmap.runtime.methods import MethodSpec, UnsupportedMethodError, attribute, check_supported
+
+    from _onnx_cnn import cnn_file
+
+    source = cnn_file(tmp_path)
+    runner = CliRunner()
+    paths = {}
+    for name, options in (("full", []), ("forward", ["--no-gradient"])):
+        paths[name] = tmp_path / f"{name}.onnx"
+        result = runner.invoke(main, ["export", f"onnx:{source}", "-o", str(paths[name]), "--preset", "torchvision",
+                                      "--crop", "64", "--cam-layer", "auto", *options])
+        assert result.exit_code == 0, result.output
+    assert "output nodes, no gradient (--no-gradient)" in result.output and "parity with float64 evaluation of " \
+        "the ONNX graph: logits" in result.output, result.output
+    full, forward = (SaliencyModel(paths[k], provider="cpu", threads=1) for k in ("full", "forward"))
+    assert forward.metadata.methods == ("eigen-cam", "score-cam", "occlusion", "rise")
+    images = RNG.standard_normal((2, 3, 64, 64)).astype(np.float32)
+    targets = np.array([-1, 2], np.int64)
+    for spec in (MethodSpec("occlusion", window=16, stride=8), MethodSpec("score-cam")):
+        expected = attribute(full, spec, images, targets)[2]
+        actual = attribute(forward, spec, images, targets)[2]
+        assert np.abs(expected).max() > 0
+        assert np.abs(actual - expected).max() <= 1e-5 * np.abs(expected).max(), spec.name
+    with pytest.raises(UnsupportedMethodError, match="grad-cam reads the gradient"):
+        check_supported(forward, "grad-cam")
+    integrated = model('''
+        g (float[N, 3, 64, 64] x) => (float[N, 5] y) {
+            s = CumSum (x, axis)
+            c = Conv <pads = [1, 1, 1, 1]> (s, w)
+            r = Relu (c)
+            p = GlobalAveragePool (r)
+            f = Flatten (p)
+            y = Gemm <transB = 1> (f, fc)
+        }''', axis=np.array(3, np.int64), w=RNG.standard_normal((4, 3, 3, 3)) * 0.1,
+        fc=RNG.standard_normal((5, 4)))
+    path = tmp_path / "cumsum.onnx"
+    path.write_bytes(integrated.SerializeToString())
+    result = runner.invoke(main, ["export", f"onnx:{path}", "-o", str(tmp_path / "c.onnx"), "--preset", "torchvision",
+                                  "--crop", "64"])
+    assert result.exit_code == 1 and "CumSum" in result.output, result.output
+    result = runner.invoke(main, ["export", f"onnx:{path}", "-o", str(tmp_path / "c.onnx"), "--preset", "torchvision",
+                                  "--crop", "64", "--no-gradient"])
+    assert result.exit_code == 0, result.output
+    assert SaliencyModel(tmp_path / "c.onnx", provider="cpu").metadata.methods == ("occlusion", "rise")
+
+
 # -- torch.onnx at old opsets against torch autograd --------------------------------------------------------
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")

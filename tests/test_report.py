@@ -183,3 +183,60 @@ def test_the_module_needs_only_the_standard_library(report):
                  if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
     foreign = {name for name in imported if name not in sys.stdlib_module_names and name != "__future__"}
     assert not foreign, f"bench/_report.py imports {foreign}"
+
+
+def test_tables_only_renders_the_recorded_results_and_measures_nothing(report, tmp_path, monkeypatch):
+    parser = argparse.ArgumentParser()
+    report.add_flags(parser, tmp_path / "r.json")
+    report.write_results(tmp_path / "r.json", {"script": "x"}, [{"model": "a", "ms": 1.0}])
+    published = []
+    monkeypatch.setattr(report, "publish", lambda page, sections: published.append((page, sections)))
+
+    def measure():
+        raise AssertionError("--tables-only measured")
+
+    data = report.render_or_measure(report.parse_args(parser, ["--tables-only"]), "p.md",
+                                    lambda d: {"t": str(d["rows"])}, measure)
+    assert data["rows"] == [{"model": "a", "ms": 1.0}]
+    assert published == [("p.md", {"t": "[{'model': 'a', 'ms': 1.0}]"})]
+    report.render_or_measure(report.parse_args(parser, ["--tables-only", "--no-docs"]), "p.md", dict, measure)
+    assert len(published) == 1, "--no-docs published"
+
+
+def test_a_scripts_readme_sections_are_published_with_its_tables(report, tmp_path, monkeypatch):
+    parser = argparse.ArgumentParser()
+    report.add_flags(parser, tmp_path / "r.json")
+    report.write_results(tmp_path / "r.json", {"script": "x"}, [{"model": "a"}])
+    published = []
+    monkeypatch.setattr(report, "publish", lambda page, sections, readme: published.append((page, sections, readme)))
+    report.render_or_measure(report.parse_args(parser, ["--tables-only"]), "p.md", lambda d: {"t": "table"},
+                             lambda: None, lambda d: {"s": f"{len(d['rows'])} row"})
+    assert published == [("p.md", {"t": "table"}, {"s": "1 row"})]
+
+
+def test_a_measuring_run_returns_what_measure_wrote(report, tmp_path, monkeypatch):
+    parser = argparse.ArgumentParser()
+    report.add_flags(parser, tmp_path / "r.json")
+    args = report.parse_args(parser, ["--no-docs"])
+    monkeypatch.setattr(report, "publish", lambda page, sections: pytest.fail("--no-docs published"))
+    data = report.render_or_measure(args, "p.md", dict,
+                                    lambda: report.write_results(args.out, {"script": "x"}, [{"model": "b"}]))
+    assert data == report.read_results(tmp_path / "r.json") and data["rows"] == [{"model": "b"}]
+
+
+def test_update_replaces_the_remeasured_models_rows_only(report, tmp_path):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", nargs="+")
+    report.add_flags(parser, tmp_path / "r.json", update=True)
+    with pytest.raises(SystemExit):
+        report.parse_args(parser, ["--update", "--models", "b"])  # without a --note
+    saved = [{"model": "a", "batch": 1}, {"model": "b", "batch": 1}, {"model": "b", "batch": 8}, {"model": "c"}]
+    report.write_results(tmp_path / "r.json", {"date": "2026-12-01"}, saved)
+    args = report.parse_args(parser, ["--update", "--models", "b", "d", "--note", "b and d again"])
+    rows, meta = report.updated(args, {"date": "2026-12-08"}, [{"model": "b", "batch": 8, "new": True},
+                                                               {"model": "d"}])
+    assert rows == [{"model": "a", "batch": 1}, {"model": "b", "batch": 8, "new": True}, {"model": "c"},
+                    {"model": "d"}]
+    assert meta["remeasured"] == ["b", "d"] and meta["earlier_runs"][0]["date"] == "2026-12-01"
+    plain = report.parse_args(parser, ["--models", "b"])
+    assert report.updated(plain, {"date": "x"}, [{"model": "b"}]) == ([{"model": "b"}], {"date": "x"})

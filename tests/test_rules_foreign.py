@@ -183,6 +183,30 @@ def test_tf2onnx_nhwc_squeeze_and_dynamic_reshape_match_torch():
     np.testing.assert_allclose(gradient, xt.grad.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_slice_keeping_the_whole_dynamic_batch_axis_matches_torch_and_a_real_batch_slice_is_refused():
+    """Keras' Cropping2D through tf2onnx: a Slice over every axis whose batch entry (start 0, end INT32 max,
+    step 1: TensorFlow's end_mask) keeps the whole axis of unknown size; torch.onnx writes INT64 max there.
+    A Slice that takes part of the batch axis has no rule, and says so."""
+    from _vjp import onnx_vjp
+
+    from gradmap.graph import ExportError
+
+    big32, big64 = np.iinfo(np.int32).max, np.iinfo(np.int64).max
+    x = randn(3, 7, 6, 4)
+    for end in (big32, big64):
+        text = graph("float[N,7,6,4] X", "float[N,5,5,4] Y", "Y = Slice(X, S, E, A)",
+                     [init("S", np.int64([0, 1, 1, 0])), init("E", np.int64([end, -1, big32, big32])),
+                      init("A", np.int64([0, 1, 2, 3]))])
+        assert_vjp_matches_torch(text, lambda X: X[:, 1:-1, 1:, :], {"X": x}, wrt="X", rtol=0, atol=0)
+
+    for starts, ends, steps in (([1], [big32], [1]), ([0], [2], [1]), ([0], [big32], [2])):
+        text = graph("float[N,7,6,4] X", "float[N,7,6,4] Y", "Y = Slice(X, S, E, A, K)",
+                     [init("S", np.int64(starts)), init("E", np.int64(ends)), init("A", np.int64([0])),
+                      init("K", np.int64(steps))])
+        with pytest.raises(ExportError, match=r"Slice of the dynamic axis 0 \(start .*\) has no gradient rule"):
+            onnx_vjp(text, {"X": x}, wrt="X")
+
+
 # -- old-opset ops through prepare_classifier ---------------------------------------------------------------
 
 def _old_model(nodes, opset, initializers=(), shape=(1, 3, 4, 4), ir_version=4):

@@ -768,3 +768,16 @@ def test_a_failed_picture_is_freed_at_once_not_by_the_garbage_collector():
     codes, alive = asyncio.run(go())
     assert codes == [422] * 4, codes
     assert not alive, f"{len(alive)} picture errors still alive after their requests: {alive[:2]}"
+
+
+def test_serve_refuses_a_gradient_method_of_a_forward_only_model_saying_why():
+    from gradmap import contract
+    from gradmap.serve._settings import BadRequest, _method_spec
+
+    pre = contract.Preprocessing(crop=(8, 8), resize=None)
+    meta = contract.ModelMetadata("m", "w", pre, ("a", "b"), backprops=(), target="portable", cam_layer="auto (x)")
+    assert _method_spec("score-cam", {}, "shapes", meta, 100).name == "score-cam"
+    with pytest.raises(BadRequest, match=r"does not support grad-cam .*grad-cam reads the gradient and the model was "
+                                         r"exported without one \(--no-gradient\); export it with --gradient "
+                                         r"--cam-layer auto"):
+        _method_spec("grad-cam", {}, "shapes", meta, 100)

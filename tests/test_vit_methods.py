@@ -473,3 +473,25 @@ def test_export_attention_is_refused_for_sources_without_it(model):
     result = CliRunner().invoke(main, ["export", model, "-o", "x.onnx", "--attention"])
     assert result.exit_code == 2, result.output
     assert "--attention: only for torchvision, timm: and hf: models" in result.output
+
+
+@pytest.mark.parametrize("name", ["timm-vit_tiny", "hf-vit"])
+def test_forward_only_vits_give_the_full_exports_forward_maps(tmp_path_factory, name):
+    """--no-gradient with --cam-layer auto and --attention on a timm and a Transformers ViT: the file holds
+    the token map and the attention probabilities, no gradient; EigenCAM, Score-CAM and attention
+    rollout equal those of the full export."""
+    from gradmap.runtime import SaliencyModel
+    from gradmap.runtime.methods import MethodSpec, attribute
+
+    full_path = _model_file(name, tmp_path_factory)
+    path = tmp_path_factory.mktemp("vit_forward") / f"{name}.onnx"
+    report = _export(MODELS[name][0](), path, cam_layer="auto", attention=True, gradient=False)
+    assert report.gradient_error is None and report.logits_error < TOLERANCE
+    full, forward = (SaliencyModel(p, provider="cpu", threads=1) for p in (full_path, path))
+    assert forward.metadata.methods == ("eigen-cam", "score-cam", "occlusion", "rise", "attention-rollout")
+    assert forward.metadata.attention == full.metadata.attention
+    image, targets = _image(), np.array([-1, 3], np.int64)
+    for spec in (MethodSpec("eigen-cam"), MethodSpec("score-cam"), MethodSpec("attention-rollout")):
+        expected = attribute(full, spec, image, targets)[2]
+        actual = attribute(forward, spec, image, targets)[2]
+        assert rel(actual, expected, f"{name} {spec.name}") <= 1e-5

@@ -455,7 +455,7 @@ def test_page_knows_the_contracts_preprocessing(demo_site):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"format_version": 3}, "format version 3; this page reads up to 2"),
+    ({"format_version": 4}, "format version 4; this page reads up to 3"),
     ({"format_version": "2"}, "format_version must be a positive integer"),
     ({"preprocessing": {"gamma": 2.2}}, "does not implement: gamma"),
     ({"preprocessing": {"value_range": "0-65535"}}, 'value_range "0-65535" is not one of 0-1, 0-255'),
@@ -509,6 +509,41 @@ def test_keras_convention_model_maps_equal_gradmap_run(browser, photo_pngs, tmp_
             record, python = python_run(model, picture, tmp_path / picture.stem)
             assert [p["index"] for p in result["predictions"]] == [p["index"] for p in record["predictions"]]
             assert_maps_match(page_map(result), python, f"keras-caffe convention {picture.name}")
+    finally:
+        site.close()
+
+
+KERAS_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "keras"
+
+
+@pytest.mark.parametrize("name", ["cnn.gradmap.onnx", "cnn_cpu.gradmap.onnx"], ids=["portable", "cpu-target"])
+def test_keras_export_maps_equal_gradmap_run(browser, photo_pngs, tmp_path, name):
+    """A ``gradmap export keras:PATH`` file (tests/fixtures/keras, made by tools/make_keras_fixtures.py: tf2onnx's
+    NHWC graph, Keras' caffe preprocessing, BGR at 0-255, Grad-CAM on an NHWC feature map, guided and
+    deconvnet ReLU rules), portable and --target cpu, explained on the page by every method the page computes
+    for it (the cpu target: three): maps, top-5 and probabilities equal gradmap run's."""
+    from gradmap import contract
+
+    model = KERAS_FIXTURES / name
+    site = _build(model, tmp_path / "site", browser)
+    try:
+        config = json.loads((site.root / "model.json").read_text())
+        assert config["format_version"] == 2 and config["preprocessing"]["channel_order"] == "bgr"
+        methods = [m for m in config["methods"] if contract.method(m).web and m != "smoothgrad"]
+        assert {"vanilla", "gradient-x-input", "guided-backprop", "deconvnet", "grad-cam", "guided-grad-cam",
+                "layer-cam"} <= set(methods), methods
+        # every method on one picture; the main three on another (the cpu target: on one)
+        runs = [(photo_pngs[0], m) for m in methods]
+        runs += [(photo_pngs[1], m) for m in ("vanilla", "guided-backprop", "grad-cam")]
+        if name.startswith("cnn_cpu"):
+            runs = [(photo_pngs[0], m) for m in ("vanilla", "deconvnet", "grad-cam")]
+        for picture, method in runs:
+            result = site.explain(picture, method)
+            record, python = python_run(model, picture, tmp_path / f"{picture.stem}-{method}", method)
+            assert result["backend"] == "wasm" and result["method"] == method
+            assert [p["index"] for p in result["predictions"]] == [p["index"] for p in record["predictions"]]
+            assert abs(result["predictions"][0]["probability"] - record["predictions"][0]["probability"]) < 1e-4
+            assert_maps_match(page_map(result), python, f"keras {name} {picture.name} {method}")
     finally:
         site.close()
 
@@ -578,6 +613,38 @@ def test_resnet18_maps_equal_gradmap_run(resnet18_site, photo_pngs, tmp_path):
             assert_pictures_match(heatmap, overlay, record["maps"][0]["files"], f"resnet18 {picture.name} {method}")
 
 
+@pytest.mark.export
+def test_forward_only_resnet18_gives_the_eigen_cam_of_gradmap_run(browser, photo_pngs, tmp_path):
+    """A --no-gradient export with its CAM layer: the page offers EigenCAM, the one method it computes
+    from the forward outputs, and its map is gradmap run's; without a CAM layer the site is refused."""
+    pytest.importorskip("torch")
+    pytest.importorskip("torchvision")
+    from gradmap.contract import Preprocessing
+    from gradmap.export import export_module
+    from gradmap.export._torchvision import load_torchvision
+    from gradmap.web import SiteError, build_site
+
+    module, _ = load_torchvision("resnet18", "none", seed=0)
+    model = tmp_path / "resnet18.onnx"
+    export_module(module.eval(), model, preprocessing=Preprocessing(crop=(64, 64), resize=73), cam_layer="auto",
+                  gradient=False)
+    site = _build(model, tmp_path / "site", browser)
+    try:
+        config = json.loads((site.root / "model.json").read_text())
+        assert config["methods"] == ["eigen-cam"] and config["format_version"] == 3
+        picture = photo_pngs[1]
+        result = site.explain(picture, "eigen-cam")
+        record, python = python_run(model, picture, tmp_path / "eigen", "eigen-cam")
+        assert result["method"] == "eigen-cam" and python.max() > 0
+        assert_maps_match(page_map(result), python, f"forward-only resnet18 {picture.name} eigen-cam")
+    finally:
+        site.close()
+    bare = tmp_path / "bare.onnx"
+    export_module(module.eval(), bare, preprocessing=Preprocessing(crop=(64, 64), resize=73), gradient=False)
+    with pytest.raises(SiteError, match="computes none of the methods this model supports"):
+        build_site(bare, tmp_path / "bare_site")
+
+
 SWIFTSHADER = ["--enable-unsafe-webgpu", "--enable-features=Vulkan", "--use-vulkan=swiftshader",
                "--use-webgpu-adapter=swiftshader", "--use-angle=swiftshader"]
 
@@ -617,4 +684,28 @@ def test_portable_resnet18_on_webgpu_and_webassembly(browser, photo_pngs, tmp_pa
             assert result["predictions"][0]["index"] == record["predictions"][0]["index"]
             assert_maps_match(page_map(result), python, f"portable resnet18 on {which}")
     finally:
+        gpu_browser.close()
+
+
+def test_keras_export_on_webgpu(browser, photo_pngs, tmp_path):
+    """The portable Keras export (NHWC Transposes, max-pooling and ReLU-rule gradients, an NHWC Grad-CAM map)
+    on WebGPU (Chromium's SwiftShader), which the page picks by itself: gradmap run's maps."""
+    model = KERAS_FIXTURES / "cnn.gradmap.onnx"
+    picture = photo_pngs[1]
+    gpu_browser = browser.browser_type.launch(executable_path=CHROMIUM, headless=True, args=SWIFTSHADER)
+    site = _build(model, tmp_path / "site", gpu_browser)
+    try:
+        page = site.open()
+        has_gpu = page.evaluate("async () => !!(navigator.gpu && await navigator.gpu.requestAdapter())")
+        page.close()
+        if not has_gpu:
+            _missing("this Chromium offers no WebGPU adapter, not even SwiftShader")
+        for method in ("vanilla", "guided-backprop", "grad-cam"):
+            result = site.explain(picture, method)
+            record, python = python_run(model, picture, tmp_path / method, method)
+            assert result["backend"] == "webgpu", f"{method}: the page used {result.get('backend')}"
+            assert [p["index"] for p in result["predictions"]] == [p["index"] for p in record["predictions"]]
+            assert_maps_match(page_map(result), python, f"keras on webgpu {method}")
+    finally:
+        site.close()
         gpu_browser.close()

@@ -1,6 +1,7 @@
 """The engine matrix of issue 19: every family of tests/test_export.py exported by gradmap and run on
 every engine of tests/engines, each engine's gradient compared with float64 torch autograd replaying
-that engine's own max-pool and ReLU decisions (tests/engines/parity.py), tolerance 1e-4.
+that engine's own max-pool and ReLU decisions (tests/engines/parity.py), within the export's tolerance policy
+(gradmap.graph.parity.Tolerance: ten times torch's own float32 error on the batch, at least 1e-4).
 
     python tools/engine_matrix.py                       # all 21 families (slow: an hour or more)
     python tools/engine_matrix.py --families resnet,vit # a subset; other entries of the JSON stay
@@ -90,7 +91,8 @@ def run_family(family: str, model: str, size: int | None, batch: int, work: Path
                       "input_size": list(input_size), "batch": batch, "export_note": exported.export_note,
                       "export_s": round(export_s, 1), "status": check.status, "reason": check.error,
                       "problems": check.problems, "logits_error": check.logits_error,
-                      "gradient_error": check.gradient_error, "vs_ort_cpu": check.vs_ort_cpu,
+                      "gradient_error": check.gradient_error, "gradient_limit": check.gradient_limit,
+                      "own_gradient": check.own_gradient, "vs_ort_cpu": check.vs_ort_cpu,
                       "largest_override": check.largest_override, "replayed": check.replayed,
                       "run_ms": check.run_ms, "runs": repeat, "wall_s": round(time.perf_counter() - start, 1),
                       "notes": check.notes[:5], "versions": versions()}

@@ -14,7 +14,9 @@ Row schema (the one of tools/onnx_coverage.py, with the application's preset)::
     {"source": "keras.applications", "model": "ResNet50", "opset": 18, "input_size": [32, 32],
      "preset": "keras-caffe", "status": "exported" | "refused" | "error" | "timeout",
      "logits_error": 3.3e-07, "gradient_error": 6.3e-07, "reference": "float64 Keras model (tf.GradientTape)",
-     "export_seconds": 41.2, "forward_nodes": 123, "reason": null, "notes": [...]}
+     "export_seconds": 41.2, "forward_nodes": 123, "peak_rss_mb": 2100, "reason": null, "notes": [...]}
+
+``peak_rss_mb`` is the row's process's peak resident memory (absent in rows recorded before it was).
 
 Usage (the keras venv: tensorflow-cpu, keras, tf2onnx; run it niced, it is long):
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -78,30 +81,52 @@ def row(name: str) -> dict:
         out.update(status="exported", logits_error=report.logits_error, gradient_error=report.gradient_error,
                    reference=report.reference, forward_nodes=report.forward_nodes, notes=report.notes)
     out["export_seconds"] = round(time.perf_counter() - start, 1)
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: kB
     return out
+
+
+def _failed(name: str, status: str, seconds: float, reason: str) -> dict:
+    size = MODEL_SIZES.get(name, SIZE)
+    return {"source": "keras.applications", "model": name, "opset": 18, "input_size": [size, size], "preset": None,
+            "status": status, "logits_error": None, "gradient_error": None, "reference": None,
+            "export_seconds": round(seconds, 1), "forward_nodes": None, "peak_rss_mb": None, "reason": reason,
+            "notes": []}
+
+
+def _out_of_memory(pid: int) -> str | None:
+    """What the kernel log says when it killed process ``pid`` for memory (its resident size then), or None
+    (not killed for memory, or the log is not readable)."""
+    try:
+        log = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in log.splitlines():
+        if f"Killed process {pid} " in line:
+            rss = line.split("anon-rss:")[1].split("kB")[0] if "anon-rss:" in line else None
+            at = f" at {int(rss) / 2**20:.1f} GiB resident" if rss and rss.isdigit() else ""
+            return f"killed by the kernel's out-of-memory killer{at} (the machine's memory is shared)"
+    return None
 
 
 def _child(name: str, timeout: float) -> dict:
     """``row(name)`` in a child process, or a ``timeout`` / ``error`` row when it does not finish."""
     command = [sys.executable, __file__, "--row", name]
     start = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        stdout, stderr = child.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        size = MODEL_SIZES.get(name, SIZE)
-        return {"source": "keras.applications", "model": name, "opset": 18, "input_size": [size, size],
-                "preset": None, "status": "timeout", "logits_error": None, "gradient_error": None, "reference": None,
-                "export_seconds": round(time.perf_counter() - start, 1), "forward_nodes": None,
-                "reason": f"did not finish within {timeout:.0f} s", "notes": []}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode == 0 and lines:
+        child.kill()
+        child.communicate()
+        return _failed(name, "timeout", time.perf_counter() - start, f"did not finish within {timeout:.0f} s")
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if child.returncode == 0 and lines:
         return json.loads(lines[-1])
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
-    size = MODEL_SIZES.get(name, SIZE)
-    return {"source": "keras.applications", "model": name, "opset": 18, "input_size": [size, size], "preset": None,
-            "status": "error", "logits_error": None, "gradient_error": None, "reference": None,
-            "export_seconds": round(time.perf_counter() - start, 1), "forward_nodes": None,
-            "reason": f"the child process ended with {done.returncode}: {tail}", "notes": []}
+    reason = _out_of_memory(child.pid) if child.returncode == -9 else None
+    if reason is None:
+        tail = (stderr.strip().splitlines() or ["no output"])[-1][:300]
+        reason = f"the child process ended with {child.returncode}: {tail}"
+    return _failed(name, "error", time.perf_counter() - start, reason)
 
 
 def _fmt(value) -> str:
@@ -115,16 +140,28 @@ def sections(data: dict) -> dict[str, str]:
     lines = [_report.machine_line(data["meta"]), "",
              f"{exported} of {len(rows)} applications export. Errors are max|Δ| / max|reference| against "
              "tf.GradientTape on the float64 Keras model.", ""]
+    measured = [r for r in rows if r["status"] == "exported" and r["gradient_error"] is not None]
+    if measured:
+        worst = max(measured, key=lambda r: r["gradient_error"])
+        worst_logits = max(measured, key=lambda r: r["logits_error"])
+        lines += [f"Largest errors of the exported applications: gradient {worst['gradient_error']:.1e} "
+                  f"({worst['model']}), logits {worst_logits['logits_error']:.1e} ({worst_logits['model']}).", ""]
+    refused = [r for r in rows if r["status"] != "exported"]
+    if refused:
+        lines += [f"Not exported ({len(refused)}): " + "; ".join(f"{r['model']} ({r['status']})" for r in refused)
+                  + ". The reason column says why.", ""]
     missing = [name for name in data.get("applications", []) if name not in {r["model"] for r in rows}]
     if missing:
         lines += [f"Not run yet ({len(missing)} of {len(data['applications'])}; `tools/keras_coverage.py` resumes "
                   f"with them): {', '.join(missing)}.", ""]
-    header = ["model", "size", "preset", "status", "logits", "gradient", "forward nodes", "export s", "reason"]
+    header = ["model", "size", "preset", "status", "logits", "gradient", "forward nodes", "export s", "peak MiB",
+              "reason"]
     cells = []
     for r in rows:
         seconds = "" if r["export_seconds"] is None else format(r["export_seconds"], ".1f")
         cells.append([r["model"], "x".join(str(d) for d in r["input_size"]), r["preset"] or "", r["status"],
                       _fmt(r["logits_error"]), _fmt(r["gradient_error"]), _fmt(r["forward_nodes"]), seconds,
+                      _fmt(r.get("peak_rss_mb")),
                       (r["reason"] or "").replace("|", "/")])
     return {"keras": "\n".join(lines + _report.table(header, cells)) + "\n"}
 

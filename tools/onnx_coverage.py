@@ -27,6 +27,7 @@ Usage (the main venv: torch and torchvision for the torch.onnx rows):
 
     python tools/onnx_coverage.py                 # every missing row, then the table
     python tools/onnx_coverage.py --only fixtures --force
+    python tools/onnx_coverage.py --only torch --models googlenet --force
     python tools/onnx_coverage.py --tables-only
 """
 
@@ -264,6 +265,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["torch", "fixtures", "hand-written"], action="append")
     parser.add_argument("--force", action="store_true", help="redo rows that exist")
+    parser.add_argument("--models", default=None, metavar="A,B",
+                        help="only the rows of these models (e.g. --only torch --models googlenet --force)")
     _report.add_flags(parser, RESULTS)
     args = parser.parse_args()
     if args.tables_only:
@@ -277,6 +280,8 @@ def main() -> None:
         makers = {"fixtures": fixture_rows, "hand-written": hand_written_rows, "torch": torch_rows}
         for kind in args.only or list(makers):
             for key, make in makers[kind]():
+                if args.models and key[1] not in args.models.split(","):
+                    continue
                 done = [i for i, r in enumerate(rows) if (r["source"], r["model"], r["opset"]) == key]
                 if done and not args.force:
                     continue

@@ -14,7 +14,8 @@ import torch
 
 from gradmap.contract import ContractError, ModelMetadata, Preprocessing
 from gradmap.graph.gradient import ATTENTION_KEY
-from gradmap.graph import ExportError, ExportReport, add_gradient, finish, op_histogram, write_atomic
+from gradmap.graph import (ExportError, ExportReport, add_forward_outputs, add_gradient, check_forward_only, finish,
+                           op_histogram, write_atomic)
 
 from gradmap.graph.parity import TOLERANCE, Tolerance
 
@@ -33,14 +34,19 @@ MIN_OPSET = 18
 def build_gradient_model(module: torch.nn.Module, input_size: tuple[int, int], *, score: str = "logit",
                          opset: int = MIN_OPSET, backprops: tuple[str, ...] = ("vanilla",),
                          cam_layer: str | None = None, target: str = "cpu",
-                         channel_multiple: int | None = None, attention: bool = False) -> tuple[ir.Model, int]:
-    """Trace ``module`` and append its input gradient(s). Returns the model and its forward node count."""
+                         channel_multiple: int | None = None, attention: bool = False,
+                         gradient: bool = True) -> tuple[ir.Model, int]:
+    """Trace ``module`` and append its input gradient(s), or with ``gradient=False`` a forward-only
+    model's outputs alone. Returns the model and its forward node count."""
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old: gradmap exports with opset {MIN_OPSET} or newer")
     model = trace_to_onnx(module, input_size, opset=opset)
     forward_nodes = sum(1 for _ in model.graph.all_nodes())
-    resolved = add_gradient(model, score=score, backprops=backprops, cam_layer=cam_layer, target=target,
-                            channel_multiple=channel_multiple, attention=attention)
+    if gradient:
+        resolved = add_gradient(model, score=score, backprops=backprops, cam_layer=cam_layer, target=target,
+                                channel_multiple=channel_multiple, attention=attention)
+    else:
+        resolved = add_forward_outputs(model, cam_layer=cam_layer, attention=attention)
     model.metadata_props["gradmap.cam_value"] = resolved or ""
     return model, forward_nodes
 
@@ -64,6 +70,7 @@ def export_module(
     external_data: bool = False,
     preprocessing_options: Mapping[str, Any] | None = None,
     attention: bool = False,
+    gradient: bool = True,
 ) -> ExportReport:
     """Export any ``torch.nn.Module`` image classifier to a gradmap ONNX model.
 
@@ -95,6 +102,10 @@ def export_module(
             created); the two files then travel together.
         preprocessing_options: ``preset_name`` and field overrides applied to ``preprocessing``
             (:func:`gradmap.export.presets.resolve`; ``gradmap export``'s preprocessing options).
+        gradient: ``False`` writes a forward-only model (``gradmap export --no-gradient``): the
+            forward graph, ``target_index``, ``cam_activation`` and ``attention`` where asked, and
+            the metadata, no backward pass (see :func:`check_forward_only`); the perturbation
+            methods, EigenCAM and attention rollout serve it.
 
     Returns:
         An :class:`ExportReport`.
@@ -113,10 +124,11 @@ def export_module(
     for p in module.parameters():
         p.requires_grad_(False)
     input_size = preprocessing.crop
-    backprops = tuple(dict.fromkeys(["vanilla", *backprops]))
+    backprops = tuple(dict.fromkeys(["vanilla", *backprops])) if gradient else check_forward_only(backprops, target)
     model, forward_nodes = build_gradient_model(module, input_size, score=score, opset=opset, backprops=backprops,
                                                 cam_layer=cam_layer, target=target,
-                                                channel_multiple=channel_multiple, attention=attention)
+                                                channel_multiple=channel_multiple, attention=attention,
+                                                gradient=gradient)
     cam_value = model.metadata_props.pop("gradmap.cam_value") or None
     attention_layers = model.metadata_props.pop(ATTENTION_KEY, None)
     num_classes = model.graph.outputs[0].shape[1]
@@ -132,7 +144,7 @@ def export_module(
     report = ExportReport(
         path=None, source_model=source_model, weights=weights, score=score, forward_nodes=forward_nodes, target=target,
         backward_nodes=len(proto.graph.node) - forward_nodes,
-        op_types=op_histogram(proto),
+        op_types=op_histogram(proto), gradient=gradient,
     )
     if verify:
         report.logits_error, report.gradient_error = verify_parity(
@@ -161,6 +173,7 @@ def export_torchvision(
     external_data: bool = False,
     preprocessing_options: Mapping[str, Any] | None = None,
     attention: bool = False,
+    gradient: bool = True,
 ) -> ExportReport:
     """Export a torchvision classifier by name (see ``gradmap export --help``)."""
     module, weights_desc = load_torchvision(model_name, weights, seed=seed)
@@ -170,4 +183,5 @@ def export_torchvision(
         weights=weights_desc, score=score, opset=opset, verify=verify, tolerance=tolerance,
         backprops=backprops, cam_layer=cam_layer, target=target, channel_multiple=channel_multiple,
         external_data=external_data, preprocessing_options=preprocessing_options, attention=attention,
+        gradient=gradient,
     )

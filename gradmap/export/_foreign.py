@@ -33,7 +33,8 @@ from onnx import numpy_helper
 
 from gradmap import contract
 from gradmap.contract import ModelMetadata, Preprocessing
-from gradmap.graph import ExportError, ExportReport, add_gradient, finish, op_histogram, write_atomic
+from gradmap.graph import (ExportError, ExportReport, add_forward_outputs, add_gradient, check_forward_only, finish,
+                           op_histogram, write_atomic)
 from gradmap.graph.gradient import NON_DIFFERENTIABLE
 
 __all__ = ["ClassifierGraph", "MIN_OPSET", "export_graph", "imagenet_labels", "prepare_classifier", "read_labels"]
@@ -765,7 +766,10 @@ def resolve_cam_layer(graph: ClassifierGraph, cam_layer: str | None) -> str | No
     NHWC (tf2onnx: ``Transpose(perm=[0, 2, 3, 1])`` then ``ReduceMean(axes=[1, 2])``; jax2onnx:
     ``ReduceSum(axes=[1, 2])`` then ``Div``): then the Transpose's NCHW input is the map, or an NCHW
     view is spliced in. A NAME that a Transpose turns
-    from NCHW to NHWC or back is taken on its NCHW side.
+    from NCHW to NHWC or back is taken on its NCHW side. A map the gradient pass finds flattened into
+    the classifier (Keras' ``Flatten``, as in VGG16: tf2onnx's ``Transpose(perm=[0, 2, 3, 1])`` then
+    ``Reshape``), and a NAME, are NHWC where their producers say so (:func:`_map_layout`): they are taken
+    on their NCHW side too.
     """
     if cam_layer is None:
         return None
@@ -778,14 +782,48 @@ def resolve_cam_layer(graph: ClassifierGraph, cam_layer: str | None) -> str | No
         value = next((o for n in nodes for o in n.outputs if o.name == cam_layer), None)
         if value is None:
             return cam_layer  # the gradient pass names the problem
-        return _nchw_side(model_graph, value)
+        return _nchw_side(model_graph, value, nhwc=_map_layout(value) == "nhwc")
     try:
-        return find_cam_layer(model_graph, nodes, "auto").name
+        found = find_cam_layer(model_graph, nodes, "auto")
     except ExportError:
         pooled = _pooled_map(nodes)
         if pooled is None:
             raise
         return _nchw_side(model_graph, *pooled)
+    if found.layout == "nchw" and _map_layout(found.value) == "nhwc":
+        return _nchw_side(model_graph, found.value, nhwc=True)
+    return found.name
+
+
+#: ops whose 4-D output has the layout of their first 4-D input
+_LAYOUT_KEEPING = {"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip",
+                   "Softplus", "Erf", "Neg", "Abs", "Sqrt", "Exp", "Identity", "Dropout", "Add", "Sub", "Mul", "Div",
+                   "Max", "Min", "Sum", "Mean", "Pow", "Cast"}
+#: ops that only take (and give) NCHW maps
+_NCHW_OPS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool", "BatchNormalization", "InstanceNormalization",
+             "LRN", "DepthToSpace", "SpaceToDepth"}
+
+
+def _map_layout(value: ir.Value) -> str | None:
+    """``"nhwc"`` or ``"nchw"`` for a 4-D value whose producers tell (a Transpose to NHWC or NCHW, or an
+    op that works on NCHW maps, through elementwise ops), else None."""
+    for _ in range(64):
+        producer = value.producer()
+        if producer is None or value.shape is None or len(value.shape) != 4:
+            return None
+        if producer.op_type == "Transpose":
+            perm = list(producer.attributes.get_ints("perm", []))
+            return {(0, 2, 3, 1): "nhwc", (0, 3, 1, 2): "nchw"}.get(tuple(perm))
+        if producer.op_type in _NCHW_OPS:
+            return "nchw"
+        if producer.op_type not in _LAYOUT_KEEPING:
+            return None
+        inputs = [v for v in producer.inputs if v is not None and v.shape is not None and len(v.shape) == 4
+                  and v.producer() is not None]
+        if not inputs:
+            return None
+        value = inputs[0]
+    return None
 
 
 def _pooled_map(nodes: list[ir.Node]) -> tuple[ir.Value, bool] | None:
@@ -839,8 +877,9 @@ def _nchw_side(graph: ir.Graph, value: ir.Value, nhwc: bool = False) -> str:
 def export_graph(graph: ClassifierGraph, output: str | os.PathLike | None, *, preprocessing: Preprocessing,
                  labels: Sequence[str] | None = None, source_model: str = "onnx", weights: str = "from the file",
                  score: str = "logit", backprops: Sequence[str] = ("vanilla",), cam_layer: str | None = None,
-                 target: str = "portable", channel_multiple: int | None = None, external_data: bool = False,
-                 verify: bool = True, reference=None, extra: Mapping[str, object] | None = None) -> ExportReport:
+                 cam_label: str | None = None, target: str = "portable", channel_multiple: int | None = None,
+                 external_data: bool = False, verify: bool = True, reference=None,
+                 extra: Mapping[str, object] | None = None, gradient: bool = True) -> ExportReport:
     """Append the gradient to a prepared foreign graph, check it against ``reference`` and write it.
 
     Args:
@@ -852,13 +891,15 @@ def export_graph(graph: ClassifierGraph, output: str | os.PathLike | None, *, pr
             protocol: ``run`` and ``run_float32``); ``None``: the float64 evaluation of the graph itself
             (:mod:`gradmap.export._onnx_reference`).
         extra: more entries for the metadata's ``extra`` (what a source needs to rebuild its reference).
+        cam_label: how the metadata names ``cam_layer`` (a source's own layer name for a value it resolved).
+        gradient: ``False``: a forward-only model, its logits checked against ``reference.logits``.
         The other arguments are ``export_module``'s.
 
     Returns:
         An :class:`ExportReport` whose ``notes`` say what was done to the graph.
     """
     start = time.perf_counter()
-    backprops = tuple(dict.fromkeys(["vanilla", *backprops]))
+    backprops = tuple(dict.fromkeys(["vanilla", *backprops])) if gradient else check_forward_only(backprops, target)
     if tuple(preprocessing.crop) != tuple(graph.input_size):
         raise ExportError(f"the preprocessing crops {preprocessing.crop[0]}x{preprocessing.crop[1]} but the model "
                           f"takes {graph.input_size[0]}x{graph.input_size[1]}")
@@ -878,21 +919,29 @@ def export_graph(graph: ClassifierGraph, output: str | os.PathLike | None, *, pr
     model = graph.model
     cam_name = resolve_cam_layer(graph, cam_layer)
     forward_nodes = sum(1 for _ in model.graph.all_nodes())
-    cam_value = add_gradient(model, score=score, backprops=backprops, cam_layer=cam_name, target=target,
-                             channel_multiple=channel_multiple)
+    if gradient:
+        cam_value = add_gradient(model, score=score, backprops=backprops, cam_layer=cam_name, target=target,
+                                 channel_multiple=channel_multiple)
+    else:
+        cam_value = add_forward_outputs(model, cam_layer=cam_name)
     extra = {"source_input": graph.input_name, "source_output": graph.output_name, "source_layout": graph.layout,
              "source_opset": graph.source_opset, **(extra or {})}
     if graph.cut:
         extra["cut"] = graph.cut
     metadata = ModelMetadata(source_model=source_model, weights=weights, preprocessing=preprocessing, labels=labels,
                              score=score, backprops=backprops, target=target, extra=extra,
-                             cam_layer=None if cam_value is None else f"{cam_layer} ({cam_value})")
+                             cam_layer=None if cam_value is None else f"{cam_label or cam_layer} ({cam_value})")
     proto = finish(model, metadata)
     report = ExportReport(path=None, source_model=source_model, weights=weights, score=score,
                           forward_nodes=forward_nodes, backward_nodes=len(proto.graph.node) - forward_nodes,
                           target=target, op_types=op_histogram(proto), notes=notes,
-                          reference=getattr(reference, "name", "none"))
-    if verify:
+                          reference=getattr(reference, "name", "none"), gradient=gradient)
+    if verify and not gradient:
+        from gradmap.graph.parity import verify_forward
+
+        report.logits_error = verify_forward(proto, reference, input_size=graph.input_size,
+                                             batch=graph.fixed_batch or 2, attempts=6).logits_error
+    elif verify:
         report.logits_error, report.gradient_error = check_parity(
             proto, reference, graph.input_size, score=score, backprops=backprops, fixed_batch=graph.fixed_batch,
             notes=report.notes)

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -91,6 +92,7 @@ class KerasModel:
     preset: str | None  # the application's preprocessing preset; None for saved models
     input_size: tuple[int, int]
     channels: int
+    notes: list[str] = field(default_factory=list)  # what the conversion changed (for the report)
 
 
 def _seeded(keras, seed: int) -> None:
@@ -334,21 +336,142 @@ def to_onnx(loaded: KerasModel, opset: int = TF2ONNX_OPSET):
                           name=e.name) from e
     height, width = loaded.input_size
     spec = (tf.TensorSpec((None, height, width, loaded.channels), tf.float32, name="image"),)
+    model = loaded.model
+    if loaded.kind != "savedmodel":
+        model, rewritten = depthwise_rewrite(model, loaded.source)
+        if rewritten:
+            note = (f"{len(rewritten)} grouped Conv2D layer{'s' if len(rewritten) != 1 else ''} with one group per input "
+                    f"channel (first: {rewritten[0]}) rebuilt as DepthwiseConv2D with the same weights before "
+                    "conversion (Keras runs a grouped Conv2D as an XLA-compiled function tf2onnx cannot convert)")
+            if note not in loaded.notes:
+                loaded.notes.append(note)
     quiet = logging.getLogger("tf2onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
         if loaded.kind == "savedmodel":
-            proto, _ = tf2onnx.convert.from_function(_serving_function(loaded), input_signature=spec, opset=opset)
+            with _keeping_transposes():  # from_function takes no optimizers argument
+                proto, _ = tf2onnx.convert.from_function(_serving_function(loaded), input_signature=spec, opset=opset)
         else:
-            proto, _ = tf2onnx.convert.from_keras(loaded.model, input_signature=spec, opset=opset)
+            proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset, optimizers=_optimizers())
     except Exception as e:
         raise ExportError(f"{loaded.source}: tf2onnx cannot convert it: {type(e).__name__}: "
                           f"{str(e).strip()[:400]}") from e
     finally:
         quiet.setLevel(level)
+    gc.collect()  # the TensorFlow graphs and tf2onnx's copies of the constants
     _rewrite_tensorflow_ops(proto, loaded.source)
     return proto
+
+
+def _optimizers():
+    """tf2onnx's own graph optimizers, except that its transpose optimizer leaves Transposes as Transposes.
+
+    After moving Transposes through the graph, tf2onnx's transpose optimizer replaces each Transpose
+    that only moves axes of size 1 (NHWC <-> NCHW of a 1x1 feature map, or of one channel) with a
+    Reshape whose shape it computes from the shape it has recorded for the Transpose's input. A node
+    the optimizer has just moved a Transpose across can keep its old layout's recorded shape, and the
+    Reshape then scrambles the tensor: ConvNeXt's LayerNormalization after a depthwise convolution on
+    a 1x1 map (a 32x32 input's last stage) read a [N, 1, 1, C] tensor as [N, 1, C, 1] and normalized
+    each channel over itself. Keeping the Transpose (which needs no shape) is exact; on a map with
+    axes of size 1 it moves as little data as the Reshape would."""
+    from collections import OrderedDict
+
+    from tf2onnx import optimizer
+    from tf2onnx.optimizer.transpose_optimizer import TransposeOptimizer
+
+    class KeepTransposes(TransposeOptimizer):
+        def post_optimize_action(self):
+            pass
+
+    def collecting(factory):
+        # tf2onnx deep-copies the whole graph, constants included, before each optimizer and drops the copy
+        # in reference cycles; collecting them before the next copy keeps memory at a few copies (ConvNeXtTiny
+        # at 32x32: a 5.8 GB peak without, far more on the larger models)
+        def make():
+            gc.collect()
+            return factory()
+
+        return make
+
+    return OrderedDict((name, collecting(KeepTransposes if factory is TransposeOptimizer else factory))
+                       for name, factory in optimizer._get_optimizers().items())
+
+
+@contextlib.contextmanager
+def _keeping_transposes():
+    """tf2onnx's default optimizers are :func:`_optimizers` while converting (for its conversions that
+    take no ``optimizers`` argument)."""
+    from tf2onnx import optimizer
+
+    saved = optimizer._optimizers
+    optimizer._optimizers = _optimizers()
+    try:
+        yield
+    finally:
+        optimizer._optimizers = saved
+
+
+def depthwise_rewrite(model, source: str = "keras"):
+    """``model`` with each grouped ``Conv2D`` whose groups equal its input channels (a depthwise
+    convolution written as a grouped one, as ConvNeXt's blocks are) rebuilt as the equivalent
+    ``DepthwiseConv2D`` with the same weights, and the rewritten layers' names; ``(model, [])`` when
+    there is none.
+
+    Why: Keras' TensorFlow backend runs any convolution whose kernel does not span all input channels
+    inside ``tf.function(jit_compile=True)`` (grouped convolutions are broken on TensorFlow's CPU
+    kernels); grappler does not inline a function that must be XLA-compiled, so tf2onnx is left with a
+    ``StatefulPartitionedCall`` it cannot convert. A depthwise layer is TensorFlow's
+    ``DepthwiseConv2dNative``, which tf2onnx converts to a grouped ONNX ``Conv``.
+
+    The kernels are the same numbers: a grouped kernel ``[kh, kw, 1, C * M]`` (output channel
+    ``c * M + m`` reads input channel ``c``) is the depthwise kernel ``[kh, kw, C, M]`` in the same
+    memory order. The layers without groups are shared with ``model`` (the same weights), nested
+    Functional and Sequential models are rewritten inside. Other grouped convolutions (several
+    input channels per group) are an ExportError naming the layer.
+    """
+    _, keras = _frameworks()
+    conv2d = keras.layers.Conv2D
+
+    def layers_of(m):
+        for layer in getattr(m, "layers", []):
+            yield layer
+            if isinstance(layer, keras.Model):
+                yield from layers_of(layer)
+
+    grouped = [layer for layer in layers_of(model) if type(layer) is conv2d and int(getattr(layer, "groups", 1)) > 1]
+    if not grouped:
+        return model, []
+    general = [layer for layer in grouped if int(layer.kernel.shape[-2]) != 1]
+    if general:
+        layer = general[0]
+        raise ExportError(
+            f"{source}: layer '{layer.name}' is a Conv2D with groups={layer.groups} over "
+            f"{int(layer.kernel.shape[-2]) * int(layer.groups)} input channels; Keras runs a grouped convolution as "
+            "an XLA-compiled TensorFlow function, which tf2onnx cannot convert, and gradmap rebuilds only the "
+            "depthwise case (groups equal to the input channels) as a DepthwiseConv2D")
+    ids = {id(layer) for layer in grouped}
+    def clone(layer):
+        if id(layer) not in ids:
+            return layer  # shared: the same layer, the same weights
+        kernel, *rest = layer.get_weights()
+        height, width, _, filters = kernel.shape
+        channels = int(layer.groups)
+        depthwise = keras.layers.DepthwiseConv2D(
+            layer.kernel_size, strides=layer.strides, padding=layer.padding, depth_multiplier=filters // channels,
+            data_format=layer.data_format, dilation_rate=layer.dilation_rate, activation=layer.activation,
+            use_bias=layer.use_bias, name=layer.name, dtype=layer.dtype_policy)
+        shape = (None, None, None, channels) if layer.data_format == "channels_last" else (None, channels, None, None)
+        depthwise.build(shape)
+        depthwise.set_weights([kernel.reshape(height, width, channels, filters // channels), *rest])
+        return depthwise
+
+    try:
+        rebuilt = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    except Exception as e:
+        raise ExportError(f"{source}: layer '{grouped[0].name}' is a grouped Conv2D, which tf2onnx cannot convert, and "
+                          f"Keras cannot rebuild the model with a DepthwiseConv2D: {str(e).strip()[:300]}") from e
+    return rebuilt, [layer.name for layer in grouped]
 
 
 def _rewrite_tensorflow_ops(proto, source: str) -> None:
@@ -370,7 +493,8 @@ def _rewrite_tensorflow_ops(proto, source: str) -> None:
         why = ""
         if "StatefulPartitionedCall" in unknown:
             why = (" (a TensorFlow function call tf2onnx cannot inline, such as the XLA-compiled function Keras runs "
-                   "a grouped Conv2D in)")
+                   "a grouped Conv2D in; gradmap rebuilds a Keras model's depthwise ones before conversion, not a "
+                   "SavedModel's)")
         raise ExportError(f"{source}: tf2onnx left TensorFlow ops it cannot convert: "
                           + ", ".join(f"{op} (first: {name})" for op, name in sorted(unknown.items())) + why)
     nodes = []
@@ -576,14 +700,16 @@ class KerasReference:
             gradients.update({b: run.gradients[b] for b in others})
         return ReferenceRun(logits=logits, gradients=gradients)
 
-    def logits(self, images: np.ndarray) -> np.ndarray:
-        tf, _ = _frameworks()
-        nhwc = np.transpose(np.asarray(images, np.float64), (0, 2, 3, 1))
+    def logits(self, images: np.ndarray, *, float32: bool = False) -> np.ndarray:
+        """float64 logits of ``images``; ``float32``: TensorFlow's own float32 run of the model as exported."""
+        dtype = np.float32 if float32 else np.float64
+        model = (self._linear32 if self._linear32 is not None else self._model32) if float32 else self._model64
+        nhwc = np.transpose(np.asarray(images, dtype), (0, 2, 3, 1))
         if self._channels == 1:
             from ._foreign import LUMA
 
-            nhwc = (nhwc * np.asarray(LUMA)).sum(axis=-1, keepdims=True)
-        return np.asarray(self._model64(nhwc, training=False), np.float64).reshape(len(images), -1)
+            nhwc = (nhwc * np.asarray(LUMA, dtype)).sum(axis=-1, keepdims=True)
+        return np.asarray(model(nhwc, training=False), np.float64).reshape(len(images), -1)
 
     def run(self, images: np.ndarray, target_index: np.ndarray, *, score: str, backprops=("vanilla",),
             decisions=None):
@@ -650,6 +776,7 @@ def export_keras(
     input_name: str | None = None,
     output_name: str | None = None,
     layout: str | None = None,
+    gradient: bool = True,
 ) -> ExportReport:
     """Export the Keras model ``spec`` (``NAME`` or ``PATH``, see the module doc; ``gradmap export --help``).
 
@@ -680,6 +807,7 @@ def export_keras(
     graph = prepare_classifier(proto, layout="nhwc", input_size=loaded.input_size, score=score, opset=opset)
     del proto
     graph.notes.insert(0, f"converted from Keras with tf2onnx (opset {TF2ONNX_OPSET})")
+    graph.notes[1:1] = loaded.notes
     if preprocessing is None:
         from .presets import preset, resolve
 
@@ -691,6 +819,9 @@ def export_keras(
             preprocessing = resolve(base, graph.input_size, **options)
         except ContractError as e:
             raise ExportError(f"{loaded.source}: {e}") from e
+    cam_label = cam_layer
+    if cam_layer not in (None, "auto"):
+        cam_layer = keras_cam_layer(loaded, graph, cam_layer)
     reference = None
     if verify:
         if loaded.kind == "savedmodel":
@@ -698,14 +829,140 @@ def export_keras(
                                "evaluation of the converted graph")
         else:
             reference = KerasReference(loaded.model, cut=graph.cut, channels=loaded.channels,
-                                       forward=_forward_copy(graph), source=loaded.source, trust_model=trust_model)
+                                       forward=_forward_copy(graph) if any(b != "vanilla" for b in backprops) else None,
+                                       source=loaded.source, trust_model=trust_model)
     extra = {"keras_kind": loaded.kind, "keras_weights": str(weights), "keras_seed": int(seed)}
     report = export_graph(graph, output, preprocessing=preprocessing, labels=_labels(labels),
                           source_model=loaded.source, weights=loaded.weights, score=score, backprops=backprops,
-                          cam_layer=cam_layer, target=target, channel_multiple=channel_multiple,
-                          external_data=external_data, verify=verify, reference=reference, extra=extra)
+                          cam_layer=cam_layer, cam_label=cam_label, target=target, channel_multiple=channel_multiple,
+                          external_data=external_data, verify=verify, reference=reference, extra=extra,
+                          gradient=gradient)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def keras_cam_layer(loaded: KerasModel, graph, name: str) -> str:
+    """The converted graph's NCHW value for ``--cam-layer NAME``: an ONNX value name as it is, or a Keras
+    layer's output.
+
+    tf2onnx's node names do not identify a layer: they carry a scope Keras made unique again when it traced
+    the model (layer ``max_pooling2d_1`` is in scope ``max_pooling2d_1_2``, beside ``max_pooling2d``'s
+    ``max_pooling2d_1``), and a folded layer (a BatchNormalization merged into its Conv) has none. So the
+    layer's output is found by its values: the graph's 4-D values on the path to the logits are evaluated
+    on a probe picture with onnxruntime and compared with the Keras layer's NHWC output; the first value
+    equal to it in NCHW is taken, else the first equal in NHWC, with an NCHW view spliced in (the maps
+    stay NCHW). An NHWC map whose height, width and channels are equal is told apart by its values too.
+
+    Raises:
+        ExportError: the layer's output is not a feature map [batch, height, width, channels], or no value
+            of the graph equals it (the message lists the layers that can be taken).
+    """
+    import onnxruntime as ort
+    import onnx_ir as ir
+
+    from gradmap.graph.gradient._pass import differentiable_nodes
+
+    from ._foreign import LUMA, _nchw_side
+
+    model_graph = graph.model.graph
+    image, logits = model_graph.inputs[0], model_graph.outputs[0]
+    nodes, _ = differentiable_nodes(model_graph, image, logits)
+    if any(o.name == name for n in nodes for o in n.outputs):
+        return name  # an ONNX value name: the bare-ONNX entrance takes it
+    keras_model = loaded.model
+    layers = {layer.name: layer for layer in getattr(keras_model, "layers", [])}
+    nested = None if loaded.kind == "savedmodel" or name in layers else _nested_owner(keras_model, name)
+    if nested is not None:  # a layer of a base model that is one layer of the classifier (transfer learning)
+        owner = layers[nested]
+        inner = {child.name: child for child in owner.layers}.get(name)
+        if inner is None:
+            raise ExportError(f"--cam-layer {name!r}: the layer is two or more models deep (inside {nested!r}); take "
+                              f"--cam-layer auto, a layer of {nested!r}, or an ONNX value name")
+        layers = {name: inner}
+    if loaded.kind == "savedmodel" or name not in layers:
+        maps = [n for n, layer in layers.items() if _output_rank(layer) == 4 and type(layer).__name__ != "InputLayer"] \
+            if loaded.kind != "savedmodel" else []
+        what = (f"a layer of the Keras model (its feature maps: {', '.join(maps)})" if maps else
+                "a layer of the model (a SavedModel's layers are not known: give an ONNX value name)")
+        raise ExportError(f"--cam-layer {name!r}: neither {what} nor a value on the converted graph's path to the "
+                          "logits")
+    layer = layers[name]
+    if _output_rank(layer) != 4:
+        shape = getattr(layer, "output", None)
+        shape = None if shape is None or isinstance(shape, (list, tuple)) else tuple(shape.shape)
+        raise ExportError(f"--cam-layer {name!r}: the layer's output has shape {shape}; Grad-CAM needs one feature "
+                          "map [batch, height, width, channels]")
+    _, keras = _frameworks()
+    height, width = loaded.input_size
+    probe = np.random.default_rng(0).uniform(-1, 1, (1, 3, height, width)).astype(np.float32)
+    nhwc = probe.transpose(0, 2, 3, 1)
+    if loaded.channels == 1:
+        nhwc = (nhwc * np.asarray(LUMA, np.float32)).sum(axis=-1, keepdims=True)
+    if nested is None:
+        wanted = _layer_output_model(keras, keras_model, layer, name)(nhwc, training=False)
+    else:  # the base model's input in the classifier, then the layer's output in the base model
+        base_input = _layer_output_model(keras, keras_model, owner, nested, inputs=True)(nhwc, training=False)
+        wanted = keras.Model(owner.input, layer.output)(base_input, training=False)
+    wanted = np.asarray(wanted, np.float64)
+    scale = float(np.abs(wanted).max())
+    if not scale > 0:
+        raise ExportError(f"--cam-layer {name!r}: the layer's output is zero on a probe picture, so it cannot be found "
+                          "in the converted graph; give its ONNX value name")
+    candidates = [o for n in nodes for o in n.outputs if o.shape is not None and len(o.shape) == 4 and
+                  o.name and o is not logits]
+    proto = ir.serde.serialize_model(graph.model)
+    del proto.graph.output[:]
+    for value in candidates:
+        proto.graph.output.add().name = value.name
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    results = session.run([v.name for v in candidates], {image.name: probe})
+    found = {"nchw": None, "nhwc": None}
+    for value, result in zip(candidates, results):
+        for layout, view in (("nchw", wanted.transpose(0, 3, 1, 2)), ("nhwc", wanted)):
+            if found[layout] is None and result.shape == view.shape and \
+                    np.abs(result - view).max() <= 1e-4 * scale:
+                found[layout] = value
+    if found["nchw"] is not None:
+        return found["nchw"].name
+    if found["nhwc"] is not None:
+        return _nchw_side(model_graph, found["nhwc"], nhwc=True)
+    raise ExportError(f"--cam-layer {name!r}: no value of the converted graph equals the layer's output (tf2onnx "
+                      "merged it into another op, as a Conv2D followed by BatchNormalization is): take the layer after it")
+
+
+def _layer_output_model(keras, model, layer, name: str, inputs: bool = False):
+    """A Keras model from ``model``'s input to ``layer``'s output in it (``inputs``: to its input). A nested
+    model's ``output`` is its own graph's, not connected to the outer input: its call in the outer model
+    is one of its inbound nodes (Keras 3 keeps them in ``_inbound_nodes``; no public accessor)."""
+    outputs = [] if inputs else [layer.output]
+    for node in getattr(layer, "_inbound_nodes", []):
+        outputs += list(getattr(node, "input_tensors" if inputs else "output_tensors", []))
+    for output in outputs:
+        try:
+            return keras.Model(model.input, output)
+        except ValueError:  # not connected to the model's input
+            continue
+    raise ExportError(f"--cam-layer {name!r}: Keras cannot evaluate the layer's {'input' if inputs else 'output'} from "
+                      "the model's input; take --cam-layer auto, another layer, or an ONNX value name")
+
+
+def _nested_owner(model, name: str) -> str | None:
+    """The name of the top-level layer of ``model`` (a nested model) that holds a layer ``name``, if any."""
+    def holds(layer) -> bool:
+        inner = getattr(layer, "layers", None) or []
+        return any(child.name == name or holds(child) for child in inner)
+
+    return next((layer.name for layer in getattr(model, "layers", []) if holds(layer)), None)
+
+
+def _output_rank(layer) -> int | None:
+    try:
+        return len(layer.output.shape)
+    except (AttributeError, TypeError, ValueError):  # no output yet, or several
+        return None
 
 
 def _forward_copy(graph):

@@ -102,6 +102,7 @@ def export_onnx(
     external_data: bool = False,
     weights: str = "DEFAULT",
     seed: int = 0,
+    gradient: bool = True,
 ) -> ExportReport:
     """Export the ONNX image classifier at ``path`` (see ``gradmap export --help``).
 
@@ -145,7 +146,7 @@ def export_onnx(
     report = export_graph(graph, output, preprocessing=preprocessing, labels=_labels(labels),
                           source_model=f"onnx:{name}", weights=f"from {name}", score=score, backprops=backprops,
                           cam_layer=cam_layer, target=target, channel_multiple=channel_multiple,
-                          external_data=external_data, verify=verify)
+                          external_data=external_data, verify=verify, gradient=gradient)
     report.seconds = time.perf_counter() - start
     return report
 

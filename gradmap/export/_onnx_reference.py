@@ -283,8 +283,15 @@ class OnnxReference:
             self._gradients[key] = (_evaluator(to_double(proto)), proto)
         return self._gradients[key]
 
-    def logits(self, images: np.ndarray) -> np.ndarray:
-        """float64 logits of float64 ``images``."""
+    def logits(self, images: np.ndarray, *, float32: bool = False) -> np.ndarray:
+        """float64 logits of ``images`` (as float64), or with ``float32`` the same evaluation in float32
+        (numpy's): the forward-only parity check's reference and own rounding."""
+        if float32:
+            if "forward32" not in self._gradients:
+                self._gradients["forward32"] = _evaluator(self._forward32)
+            (logits,) = self._gradients["forward32"].run([contract.OUTPUT_LOGITS],
+                                                         {contract.INPUT_IMAGE: images.astype(np.float32)})
+            return np.asarray(logits, dtype=np.float64)
         (logits,) = self._forward64.run([contract.OUTPUT_LOGITS], {contract.INPUT_IMAGE: images.astype(np.float64)})
         return np.asarray(logits, dtype=np.float64)
 

@@ -32,7 +32,7 @@ import onnx
 import torch
 
 from gradmap.graph.parity import (TOLERANCE, Decisions, ExposedModel, ReferenceRun, Tolerance, expose_decisions,
-                                  relative_error, verify_model)
+                                  relative_error, verify_forward, verify_model)
 
 __all__ = ["DEFAULT_TOLERANCE", "Decisions", "ExposedModel", "Reference", "TorchReference", "expose_decisions",
            "relative_error", "replay_reference", "verify_parity"]
@@ -230,6 +230,13 @@ class TorchReference:
     def run(self, images, target_index, *, score, backprops=("vanilla",), decisions=None) -> ReferenceRun:
         return self._run(self._double, images, target_index, score, backprops, decisions)
 
+    def logits(self, images, *, float32: bool = False) -> np.ndarray:
+        """The module's logits in float64, or ``float32`` (torch's own rounding): the forward-only check."""
+        module = self._single if float32 else self._double
+        with torch.no_grad():
+            x = torch.from_numpy(np.asarray(images, np.float32 if float32 else np.float64))
+            return module(x).reshape(len(images), -1).numpy().astype(np.float64)
+
     def run_float32(self, images, target_index, *, score, backprops=("vanilla",), decisions=None) -> ReferenceRun:
         return self._run(self._single, images, target_index, score, backprops, decisions)
 
@@ -246,6 +253,10 @@ def verify_parity(module: torch.nn.Module, proto: onnx.ModelProto, input_size: t
     Raises :class:`ParityError` with the deviation when no batch passes.
     Returns (logits error, gradient error of the batch that passed) as max|Δ| / max|torch|.
     """
+    if not backprops:  # a forward-only model: its logits
+        result = verify_forward(proto, TorchReference(module), input_size=input_size, batch=batch, seed=seed,
+                                attempts=attempts, tolerance=tolerance)
+        return result.logits_error, None
     result = verify_model(proto, TorchReference(module), input_size=input_size, score=score, backprops=backprops,
                           batch=batch, seed=seed, attempts=attempts, tolerance=tolerance)
     return result.logits_error, result.gradient_error

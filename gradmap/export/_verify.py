@@ -126,6 +126,8 @@ def verify_file(path: str | os.PathLike, spec: str, pictures: Sequence[str] = ()
     options = {"trust_model": True} if trust_model else {}
     reference = load_reference(spec, weights=weights, seed=seed, metadata=metadata, **options)
     backprops = tuple(metadata.backprops)
+    if not metadata.gradient:  # a forward-only model (--no-gradient): its logits
+        return _verify_forward(proto, metadata, reference, pictures, providers, attempts)
     if not pictures:
         result = parity.verify_model(proto, reference, input_size=tuple(metadata.preprocessing.crop),
                                      score=metadata.score, backprops=backprops, attempts=attempts,
@@ -148,5 +150,32 @@ def verify_file(path: str | os.PathLike, spec: str, pictures: Sequence[str] = ()
         check = parity.check_batch(values, reference, images, target, score=metadata.score, backprops=backprops,
                                    decisions=decisions)
         index = int(values[contract.OUTPUT_TARGET_INDEX][0])
+        checks.append(PictureCheck(picture, index, metadata.labels[index], check))
+    return checks, reference
+
+
+def _verify_forward(proto, metadata, reference, pictures: Sequence[str], providers, attempts: int):
+    """:func:`verify_file` for a forward-only model: logits and top classes, no gradient."""
+    from gradmap.graph import parity
+    from gradmap.runtime.errors import ImageLoadError
+    from gradmap.runtime.preprocess import load_picture, preprocess
+
+    if not hasattr(reference, "logits"):
+        raise ExportError(f"the reference {getattr(reference, 'name', '?')} has no logits of its own to compare a "
+                          "forward-only model with")
+    if not pictures:
+        return [], parity.verify_forward(proto, reference, input_size=tuple(metadata.preprocessing.crop),
+                                         attempts=attempts, providers=providers)
+    session = parity._session(proto, providers)
+    checks = []
+    for picture in pictures:
+        try:
+            image, _ = preprocess(load_picture(picture), metadata.preprocessing)
+        except ImageLoadError as e:
+            raise ExportError(f"{picture}: {e}") from e
+        logits, target_index = session.run([contract.OUTPUT_LOGITS, contract.OUTPUT_TARGET_INDEX], {
+            contract.INPUT_IMAGE: image[None], contract.INPUT_TARGET: np.array([-1], np.int64)})
+        check = parity.check_logits(logits, target_index, reference, image[None])
+        index = int(target_index[0])
         checks.append(PictureCheck(picture, index, metadata.labels[index], check))
     return checks, reference

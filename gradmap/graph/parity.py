@@ -43,8 +43,8 @@ from gradmap import contract
 from .errors import ParityError
 
 __all__ = ["TOLERANCE", "BatchCheck", "Decisions", "ExposedModel", "ParityResult", "Reference", "ReferenceRun",
-           "Tolerance", "VANISHING", "check_batch", "expose_decisions", "relative_error", "run_model",
-           "verify_model"]
+           "Tolerance", "VANISHING", "check_batch", "check_logits", "expose_decisions", "relative_error", "run_model",
+           "verify_forward", "verify_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -362,3 +362,63 @@ def verify_model(proto, reference: Reference, *, input_size: tuple[int, int], sc
         f"{f' ({undecided} more were unverifiable)' if undecided else ''}: {'; '.join(best.problems)} on the "
         f"closest batch (max|Δ| / max|reference|; logits/gradient errors of every batch: {every}). "
         f"The model was not written.")
+
+
+def check_logits(logits: np.ndarray, target_index: np.ndarray, reference, images: np.ndarray, *,
+                 tolerance: Tolerance = TOLERANCE) -> BatchCheck:
+    """Compare one float32 run of a forward-only model (its ``logits`` and top classes ``target_index``
+    on ``images``) with ``reference.logits`` under ``tolerance``, as :func:`check_batch` compares logits;
+    the gradient fields stay empty."""
+    ref = np.asarray(reference.logits(images), np.float64)
+    own = relative_error(np.asarray(reference.logits(images, float32=True), np.float64), ref)
+    check = BatchCheck(logits_error=relative_error(logits, ref), gradient_errors={}, own_logits=own,
+                       own_gradient=0.0, logits_limit=tolerance.limit(own), gradient_limit=0.0)
+    owner = getattr(reference, "own", "the reference")
+    if not tolerance.verifiable(own):
+        hint = _vanishing(ref, "logits", owner)
+        check.unverifiable = (f"{owner}'s own float32 logits differ from its float64 ones by {own:.3g}, so a "
+                              f"comparison at {tolerance.factor:g} times that (over {tolerance.cap:g}) could not "
+                              f"tell a wrong graph from rounding{'; ' + hint if hint else ''}")
+        return check
+    if check.logits_error > check.logits_limit:
+        check.problems.append(f"logits differ from {reference.name} by {check.logits_error:.3g} "
+                              f"(limit {check.logits_limit:.3g}; {owner}'s own float32 run: {own:.3g})")
+    top = np.argmax(ref, axis=1)
+    scale = float(np.abs(ref).max())
+    for i in np.flatnonzero(np.asarray(target_index) != top):  # a near-tie rounding may break either way is no miss
+        if ref[i, top[i]] - ref[i, target_index[i]] > check.logits_limit * scale:
+            check.problems.append(f"sample {i}: the model's top class {int(target_index[i])} is not "
+                                  f"{reference.name}'s {int(top[i])}")
+    return check
+
+
+def verify_forward(proto, reference, *, input_size: tuple[int, int], batch: int = 2, seed: int = 0, attempts: int = 8,
+                   tolerance: Tolerance = TOLERANCE, providers: Sequence[str] | None = None) -> ParityResult:
+    """Compare a forward-only gradmap model's logits (and its top classes) with ``reference`` on
+    random batches, under the same policy as :func:`verify_model`: the limit comes from the reference's
+    own float32 error on each batch. ``reference`` has ``logits(images, float32=False)`` (float64
+    logits [N, K] of float32 NCHW ``images``; ``float32=True``: its own float32 run); nothing is
+    differentiated, so a classifier whose gradient gradmap cannot build is checked too.
+
+    Raises:
+        ParityError: the logits miss on every batch, or no batch can be decided.
+    """
+    rng = np.random.default_rng(seed)
+    session = _session(proto, providers)
+    checks: list[BatchCheck] = []
+    for _ in range(attempts):
+        images = rng.standard_normal((batch, 3, *input_size), dtype=np.float32)
+        logits, target_index = session.run([contract.OUTPUT_LOGITS, contract.OUTPUT_TARGET_INDEX], {
+            contract.INPUT_IMAGE: images, contract.INPUT_TARGET: np.full(batch, -1, np.int64)})
+        check = check_logits(logits, target_index, reference, images, tolerance=tolerance)
+        checks.append(check)
+        if check.passed:
+            return ParityResult(check.logits_error, 0.0, checks)
+    decided = [c for c in checks if not c.unverifiable]
+    if not decided:
+        raise ParityError(f"parity check cannot verify the model on any of {len(checks)} random batches: "
+                          f"{checks[0].unverifiable}. The model was not written; --no-verify exports it unchecked.")
+    best = min(decided, key=lambda c: c.logits_error / c.logits_limit)
+    raise ParityError(f"parity check failed on all {len(decided)} random batches it could decide: "
+                      f"{'; '.join(best.problems)} on the closest batch (logits errors of every batch: "
+                      f"{', '.join(f'{c.logits_error:.2g}' for c in decided)}). The model was not written.")

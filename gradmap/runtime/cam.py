@@ -88,22 +88,29 @@ def layer_cam(activation: np.ndarray, gradient: np.ndarray, *, relu: bool = True
     return (np.maximum(cam, 0) if relu else cam).astype(np.float32)
 
 
-def eigen_cam(activation: np.ndarray, gradient: np.ndarray | None = None, *, relu: bool = True) -> np.ndarray:
+def eigen_cam(activation: np.ndarray, gradient: np.ndarray | None = None, *, relu: bool = True,
+              orientation: str = "activation") -> np.ndarray:
     """EigenCAM maps [N, h, w] (Muhammad & Yeasin 2020): each position's activation vector, centred
     per channel over the map, projected on the first principal direction (the first right singular
     vector). The gradient is not used: the map is the same for every class.
 
-    A singular vector's sign is arbitrary; it is chosen as LAPACK's SVD returns it, as
-    pytorch-grad-cam does (``get_2d_projection``), so that the maps agree with it. ``relu`` keeps the
-    positive part, as pytorch-grad-cam's ``BaseCAM`` does for every method.
+    A singular vector's sign is arbitrary, and after the ReLU a flipped sign shows the complement of
+    the map. ``orientation="activation"`` (gradmap's default, and the web page's) points the direction
+    where the activations grow: its loadings sum to >= 0, so positions with more activation along it
+    score higher. ``"svd"`` keeps the sign LAPACK's SVD returns, as pytorch-grad-cam does
+    (``get_2d_projection``), so that the maps agree with it. ``relu`` keeps the positive part, as
+    pytorch-grad-cam's ``BaseCAM`` does for every method.
     """
+    if orientation not in ("activation", "svd"):
+        raise ValueError(f"eigen_cam orientation {orientation!r} is not 'activation' or 'svd'")
     _check(activation)
     maps = []
     for a in activation.astype(np.float64):
         x = np.nan_to_num(a).reshape(a.shape[0], -1).T  # [hw, C]
         x = x - x.mean(axis=0)
         _, _, vt = np.linalg.svd(x, full_matrices=False)
-        maps.append((x @ vt[0]).reshape(a.shape[1:]))
+        direction = -vt[0] if orientation == "activation" and vt[0].sum() < 0 else vt[0]
+        maps.append((x @ direction).reshape(a.shape[1:]))
     cam = np.stack(maps) if maps else np.zeros((0, *activation.shape[2:]))
     return (np.maximum(cam, 0) if relu else cam).astype(np.float32)
 
@@ -177,7 +184,7 @@ def eigen_cam_method(model, spec: MethodSpec, images: np.ndarray, targets: np.nd
                      batch_size: int = 16) -> Attribution:
     """EigenCAM [N, 1, H, W], upsampled (bilinear) to the input size; reads the activation only."""
     outs = model.run_outputs(images, targets, spec.method.outputs)
-    cams = eigen_cam(outs[contract.OUTPUT_CAM_ACTIVATION])
+    cams = eigen_cam(outs[contract.OUTPUT_CAM_ACTIVATION], orientation=spec.orientation)
     return Attribution(upsample(cams, images.shape[2:], order=1)[:, None], outs[contract.OUTPUT_TARGET_INDEX],
                        outs[contract.OUTPUT_LOGITS])
 

@@ -301,9 +301,10 @@ def check_supported(model, method: "str | MethodSpec | contract.Method", where: 
     the input)."""
     row = method if isinstance(method, contract.Method) else contract.method(getattr(method, "name", method))
     supported = model.metadata.methods
-    if row.name not in supported:
+    reason = model.metadata.unsupported(row)
+    if reason is not None:
         raise UnsupportedMethodError(f"{where} does not support {row.name} (it supports {', '.join(supported)}); "
-                                     f"export it with {' '.join(row.export_options)}")
+                                     f"{reason}")
     # settings that depend on the model (a window larger than its input): the implementation's own check
     check = getattr(implementation(row.name), "check", None)
     if isinstance(method, MethodSpec) and check is not None:

@@ -18,13 +18,16 @@ import numpy as np
 import onnxruntime as ort
 
 from gradmap.contract import (
+    GRADIENT_OUTPUTS,
     INPUT_IMAGE,
+    NO_GRADIENT_OPTION,
     INPUT_TARGET,
     OUTPUT_GRADIENT,
     OUTPUT_LOGITS,
     OUTPUT_TARGET_INDEX,
     ContractError,
     ModelMetadata,
+    props_have_gradient,
 )
 from gradmap.runtime._onnx_header import OnnxHeader, ProtobufError, read_external_data, read_onnx_header
 from gradmap.runtime._lowering import Lowered, lowered_model
@@ -38,13 +41,13 @@ __all__ = ["ModelOutputs", "SaliencyModel", "TensorInfo", "check_external_data",
 
 logger = logging.getLogger(__name__)
 
-# (name, onnxruntime type, rank) of every tensor the contract requires.
+# (name, onnxruntime type, rank) of every tensor the contract requires (a forward-only model: no gradient).
 _INPUTS = ((INPUT_IMAGE, "tensor(float)", 4), (INPUT_TARGET, "tensor(int64)", 1))
-_OUTPUTS = (
+_FORWARD_OUTPUTS = (
     (OUTPUT_LOGITS, "tensor(float)", 2),
     (OUTPUT_TARGET_INDEX, "tensor(int64)", 1),
-    (OUTPUT_GRADIENT, "tensor(float)", 4),
 )
+_OUTPUTS = (*_FORWARD_OUTPUTS, (OUTPUT_GRADIENT, "tensor(float)", 4))
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,8 @@ def _check_interface(session: ort.InferenceSession, metadata: ModelMetadata) -> 
     problems = []
     inputs = {t.name: t for t in session.get_inputs()}
     outputs = {t.name: t for t in session.get_outputs()}
-    for kind, have, wanted in (("input", inputs, _INPUTS), ("output", outputs, _OUTPUTS)):
+    for kind, have, wanted in (("input", inputs, _INPUTS),
+                               ("output", outputs, _OUTPUTS if metadata.gradient else _FORWARD_OUTPUTS)):
         for name, type_, rank in wanted:
             tensor = have.get(name)
             if tensor is None:
@@ -240,7 +244,9 @@ class SaliencyModel:
         #: The lowering of a portable model for the CPU provider (None: the file runs as written).
         self.lowering: Lowered | None = None
         session_path, session_data = self.path, data_files
-        if not self.plan.plugin_devices and names == [CPU] and self.header.metadata.get("gradmap.target") == "portable":
+        # a forward-only model has no gradient graph to lower: onnxruntime's own forward optimizations do the rest
+        if not self.plan.plugin_devices and names == [CPU] and self.header.metadata.get("gradmap.target") == "portable" \
+                and props_have_gradient(self.header.metadata):
             self.lowering = lowered_model(self.path, data_files, cpu_block, cache_root(cache_dir))
             if self.lowering.message:
                 logger.warning("%s: %s", self.path, self.lowering.message)
@@ -375,6 +381,10 @@ class SaliencyModel:
         have = {t.name for t in self.session.get_outputs()}
         missing = [name for name in outputs if name not in have]
         if missing:
+            if not self.metadata.gradient and any(name in GRADIENT_OUTPUTS for name in missing):
+                raise ValueError(f"{self.path} has no output {', '.join(missing)} (it has {', '.join(sorted(have))}): "
+                                 f"it was exported without a gradient ({NO_GRADIENT_OPTION}); export it again "
+                                 f"without {NO_GRADIENT_OPTION}")
             raise ValueError(f"{self.path} has no output {', '.join(missing)} (it has {', '.join(sorted(have))}); "
                              "export with --backprop guided|deconvnet or --cam-layer auto for those")
         names = list(outputs)

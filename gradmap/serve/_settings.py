@@ -87,9 +87,10 @@ def _method_spec(method: Any, settings: Mapping[str, Any], model_name: str, meta
         row = contract.method(method)
     except ValueError as e:
         raise BadRequest(str(e)) from None
-    if row.name not in metadata.methods:  # as gradmap run's check_supported says it
+    reason = metadata.unsupported(row)
+    if reason is not None:  # as gradmap run's check_supported says it
         raise BadRequest(f"model {model_name!r} does not support {row.name} (it supports "
-                         f"{', '.join(metadata.methods)}); export it with {' '.join(row.export_options)}")
+                         f"{', '.join(metadata.methods)}); {reason}")
     try:
         spec = MethodSpec.from_request(row.name, dict(settings))
     except ValueError as e:  # contract.MethodSettingError

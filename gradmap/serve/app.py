@@ -176,7 +176,7 @@ class GradmapApp:
             model = SaliencyModel(path, provider=self.config.provider, threads=self.config.threads)
             if self.config.warmup:
                 blank = np.zeros((1, 3, *model.input_size), np.float32)
-                model.run(blank)
+                model.run_outputs(blank, None, model.metadata.outputs)  # a forward-only model has no gradient
                 model.probabilities(blank)  # predict's forward part is cut out now, not on a request
 
             def run(key: BatchKey, items: Sequence[EncodedPicture], model: SaliencyModel = model) -> list[Any]:

@@ -153,6 +153,12 @@ def build_site(model_path: str | os.PathLike[str], out_dir: str | os.PathLike[st
     if read_external_data(str(model_path)):
         raise SiteError(f"{model_path}: the model keeps tensors in external data files; the page fetches one file, "
                         "so save it as a single .onnx (onnx.save with save_as_external_data=False, under 2 GB)")
+    if not any(contract.method(m).web for m in model.metadata.methods):
+        page = [m.name for m in contract.METHOD_TABLE if m.web]
+        raise SiteError(f"{model_path}: the page computes none of the methods this model supports "
+                        f"({', '.join(model.metadata.methods)}); it computes {', '.join(page)}"
+                        + ("" if model.metadata.gradient else
+                           f": export the model without {contract.NO_GRADIENT_OPTION}"))
     missing = [str(e) for e in examples if not Path(e).is_file()]
     if missing:
         raise SiteError(f"example pictures not found: {', '.join(missing)}")

@@ -201,8 +201,9 @@ export function resizeTarget(height, width, pre) {
 }
 
 // ---------------------------------------------------------------- the model format this page reads
-/** The newest gradmap model format (gradmap.contract.FORMAT_VERSION) whose preprocessing this page implements. */
-export const FORMAT_VERSION = 2;
+/** The newest gradmap model format (gradmap.contract.FORMAT_VERSION) whose preprocessing this page implements
+ * (version 3 adds forward-only models, whose methods model.json lists like any other's). */
+export const FORMAT_VERSION = 3;
 
 /** Every preprocessing field this page implements, and the values of those that are choices
  * (gradmap.contract.Preprocessing and its RESIZE_MODES, INTERPOLATIONS, ... tables). */
@@ -560,6 +561,98 @@ export function layerCam(activation, gradient, channels, size) {
     for (let i = 0; i < size; i++) cam[i] += Math.max(gradient[c * size + i], 0) * activation[c * size + i];
   }
   return Float32Array.from(cam, (v) => Math.max(v, 0));
+}
+
+/**
+ * EigenCAM [h, w] with gradmap's default orientation (as cam.eigen_cam(orientation="activation")): the
+ * activation vectors [size, C], centred per channel, projected on their first principal direction,
+ * pointed where the activations grow (loadings summing >= 0), ReLU. The direction is the top
+ * eigenvector of the smaller Gram matrix (X X^T or X^T X), by cyclic Jacobi rotations in float64.
+ */
+export function eigenCam(activation, channels, size) {
+  const x = new Float64Array(size * channels);  // [size, C]
+  for (let c = 0; c < channels; c++) {
+    let mean = 0;
+    for (let i = 0; i < size; i++) {
+      const v = activation[c * size + i];
+      mean += Number.isNaN(v) ? 0 : v;
+    }
+    mean /= size;
+    for (let i = 0; i < size; i++) {
+      const v = activation[c * size + i];
+      x[i * channels + c] = (Number.isNaN(v) ? 0 : v) - mean;
+    }
+  }
+  const byPosition = size <= channels;
+  const n = byPosition ? size : channels;
+  const gram = new Float64Array(n * n);
+  for (let p = 0; p < n; p++) {
+    for (let q = p; q < n; q++) {
+      let s = 0;
+      if (byPosition) for (let c = 0; c < channels; c++) s += x[p * channels + c] * x[q * channels + c];
+      else for (let i = 0; i < size; i++) s += x[i * channels + p] * x[i * channels + q];
+      gram[p * n + q] = s;
+      gram[q * n + p] = s;
+    }
+  }
+  const top = topEigenvector(gram, n);
+  let direction = top;
+  if (byPosition) {  // the right singular vector X^T u / |X^T u|
+    direction = new Float64Array(channels);
+    for (let i = 0; i < size; i++) for (let c = 0; c < channels; c++) direction[c] += x[i * channels + c] * top[i];
+  }
+  let norm = 0, sum = 0;
+  for (const v of direction) { norm += v * v; sum += v; }
+  norm = Math.sqrt(norm);
+  const scale = norm > 0 ? (sum < 0 ? -1 : 1) / norm : 0;
+  const cam = new Float32Array(size);
+  for (let i = 0; i < size; i++) {
+    let s = 0;
+    for (let c = 0; c < channels; c++) s += x[i * channels + c] * direction[c];
+    cam[i] = Math.max(s * scale, 0);
+  }
+  return cam;
+}
+
+/** The eigenvector of the largest eigenvalue of the symmetric n x n matrix `a` (overwritten): cyclic Jacobi. */
+function topEigenvector(a, n) {
+  const v = new Float64Array(n * n);
+  for (let i = 0; i < n; i++) v[i * n + i] = 1;
+  for (let sweep = 0; sweep < 60; sweep++) {
+    let off = 0, total = 0;
+    for (let i = 0; i < n * n; i++) {
+      total += a[i] * a[i];
+      if (i % (n + 1) !== 0) off += a[i] * a[i];
+    }
+    if (!(off > 1e-26 * total)) break;
+    for (let p = 0; p < n - 1; p++) {
+      for (let q = p + 1; q < n; q++) {
+        const apq = a[p * n + q];
+        if (apq === 0) continue;
+        const theta = (a[q * n + q] - a[p * n + p]) / (2 * apq);
+        const t = (theta >= 0 ? 1 : -1) / (Math.abs(theta) + Math.sqrt(theta * theta + 1));
+        const c = 1 / Math.sqrt(t * t + 1), s = t * c;
+        for (let k = 0; k < n; k++) {  // columns p, q of A J
+          const akp = a[k * n + p], akq = a[k * n + q];
+          a[k * n + p] = c * akp - s * akq;
+          a[k * n + q] = s * akp + c * akq;
+        }
+        for (let k = 0; k < n; k++) {  // rows p, q of J^T A
+          const apk = a[p * n + k], aqk = a[q * n + k];
+          a[p * n + k] = c * apk - s * aqk;
+          a[q * n + k] = s * apk + c * aqk;
+        }
+        for (let k = 0; k < n; k++) {
+          const vkp = v[k * n + p], vkq = v[k * n + q];
+          v[k * n + p] = c * vkp - s * vkq;
+          v[k * n + q] = s * vkp + c * vkq;
+        }
+      }
+    }
+  }
+  let best = 0;
+  for (let i = 1; i < n; i++) if (a[i * n + i] > a[best * n + best]) best = i;
+  return Float64Array.from({ length: n }, (_, k) => v[k * n + best]);
 }
 
 /** Nearest upsampling as cam.upsample(order=0): rows floor(i * h / H). */

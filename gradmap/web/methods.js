@@ -111,6 +111,22 @@ export async function layerCam(ctx, method, tensor) {
   return classActivationMap(ctx, method, tensor, G.layerCam);
 }
 
+/**
+ * EigenCAM (runtime.cam.eigen_cam_method) with gradmap's default orientation; the SVD routine's own sign
+ * (`svd`, pytorch-grad-cam's) is LAPACK's choice, which this page cannot reproduce.
+ */
+export async function eigenCam(ctx, method, tensor, settings) {
+  if (settings.orientation !== "activation") {
+    throw new Error(`${method.name}: orientation ${settings.orientation} is not computed by this page (gradmap run does)`);
+  }
+  const [h, w] = ctx.inputSize;
+  const out = await ctx.run(tensor, 1, [-1], method.outputs);
+  const activation = out.outputs[ctx.outputs.cam_activation];
+  const [, channels, ch, cw] = activation.dims;
+  const values = G.zoomBilinear(G.eigenCam(activation.data, channels, ch * cw), ch, cw, h, w, true);
+  return { logits: out.logits, targetIndex: out.targetIndex[0], values };
+}
+
 /** Guided backpropagation times the Grad-CAM map upsampled by nearest neighbour (runtime.cam.guided_grad_cam_method). */
 export async function guidedGradCam(ctx, method, tensor) {
   const [h, w] = ctx.inputSize;

@@ -7,6 +7,10 @@ Relu's output, gradmap.export._parity.expose_decisions), and torch replays those
 float64. A replay only settles near-ties: the test also requires that wherever torch's own decision
 differs, the deciding value is within NEAR_TIE of the layer's largest |input|, so an engine whose
 forward values are wrong cannot hide behind its own decisions.
+
+The limits are the export's own policy (:class:`gradmap.graph.parity.Tolerance`): a factor times
+torch's own float32 error on the batch (replaying the same decisions), at least the floor; a batch on
+which that would exceed the cap cannot tell a wrong engine from rounding and is reported as such.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import numpy as np
 import onnx
 
 from gradmap import contract
-from gradmap.export._parity import DEFAULT_TOLERANCE, ExposedModel, expose_decisions, relative_error, replay_reference
+from gradmap.export._parity import ExposedModel, expose_decisions, relative_error, replay_reference
+from gradmap.graph.parity import TOLERANCE, Tolerance
 
 from . import EngineError, run_engine
 
@@ -42,6 +47,14 @@ class Exported:
     input_size: tuple[int, int]
     export_note: str = ""
     _ort_cpu: dict = field(default_factory=dict)
+    _single: object = None  # a float32 copy of ``module``: torch's own rounding, for the limits
+
+    def float32_module(self):
+        if self._single is None:
+            import copy
+
+            self._single = copy.deepcopy(self.module).float()
+        return self._single
 
 
 @dataclass
@@ -55,6 +68,10 @@ class EngineCheck:
     logits_error: float | None = None
     gradient_error: float | None = None  # against torch replaying this engine's decisions
     vs_ort_cpu: float | None = None  # gradient against onnxruntime CPU's on the same inputs
+    own_logits: float | None = None  # torch's own float32 error on the batch, replaying the same decisions
+    own_gradient: float | None = None
+    logits_limit: float | None = None  # the tolerance's limits from those
+    gradient_limit: float | None = None
     largest_override: float | None = None
     replayed: str | None = None
     run_ms: float | None = None  # the last run in the session (of the copy with decision outputs)
@@ -126,10 +143,10 @@ def _ort_cpu_gradient(exported: Exported, image, target) -> np.ndarray:
 
 
 def check_engine(engine: str, exported: Exported, image: np.ndarray, target: np.ndarray, *,
-                 tolerance: float = DEFAULT_TOLERANCE, repeat: int = 1) -> EngineCheck:
+                 tolerance: Tolerance = TOLERANCE, repeat: int = 1) -> EngineCheck:
     """Run ``exported`` (its copy with the decision outputs) on ``engine`` ``repeat`` times in one
-    session and compare the first run with torch replaying the engine's decisions; ``run_ms`` is the
-    last run's time."""
+    session and compare the first run with torch replaying the engine's decisions, within
+    ``tolerance``'s limits for torch's own float32 error on the batch; ``run_ms`` is the last run's time."""
     check = EngineCheck(engine, exported.name, exported.target)
     feeds = {contract.INPUT_IMAGE: image, contract.INPUT_TARGET: target}
     try:
@@ -141,8 +158,13 @@ def check_engine(engine: str, exported: Exported, image: np.ndarray, target: np.
     check.notes = result.notes
     values = result.outputs
     overrides: list[float] = []
-    reference = replay_reference(exported.module, image, target, "logit", exported.exposed.split(values),
-                                 overrides=overrides)
+    decisions = exported.exposed.split(values)
+    reference = replay_reference(exported.module, image, target, "logit", decisions, overrides=overrides)
+    own = replay_reference(exported.float32_module(), image, target, "logit", decisions)
+    check.own_logits = relative_error(own.logits, reference.logits)
+    check.own_gradient = relative_error(own.gradient, reference.gradient)
+    check.logits_limit = tolerance.limit(check.own_logits)
+    check.gradient_limit = tolerance.limit(check.own_gradient)
     check.replayed = reference.replayed
     check.largest_override = max(overrides, default=0.0)
     check.logits_error = relative_error(values[contract.OUTPUT_LOGITS], reference.logits)
@@ -151,16 +173,21 @@ def check_engine(engine: str, exported: Exported, image: np.ndarray, target: np.
         check.vs_ort_cpu = relative_error(values[contract.OUTPUT_GRADIENT], _ort_cpu_gradient(exported, image, target))
     except EngineError as e:
         check.notes.append(f"onnxruntime CPU for comparison: {e.reason}")
-    if check.logits_error > tolerance:
-        check.problems.append(f"logits differ from torch by {check.logits_error:.3g}")
+    for what, own_error in (("logits", check.own_logits), ("gradient", check.own_gradient)):
+        if not tolerance.verifiable(own_error):
+            check.problems.append(f"unverifiable: torch's own float32 {what} differ from float64 by {own_error:.3g}, "
+                                  f"over {tolerance.cap:g} / {tolerance.factor:g}")
+    if not check.logits_error <= check.logits_limit:
+        check.problems.append(f"logits differ from torch by {check.logits_error:.3g} (limit {check.logits_limit:.3g})")
     if not np.array_equal(values[contract.OUTPUT_TARGET_INDEX], reference.target_index):
         check.problems.append(f"target_index {values[contract.OUTPUT_TARGET_INDEX].tolist()} != torch's "
                               f"{reference.target_index.tolist()}")
     if check.largest_override > NEAR_TIE:
         check.problems.append(f"the engine's forward decisions differ from torch's beyond near-ties "
                               f"(gap {check.largest_override:.3g} of the layer's largest |input|)")
-    if not check.gradient_error <= tolerance:
-        check.problems.append(f"gradient differs from torch replaying the engine's decisions by {check.gradient_error:.3g}")
+    if not check.gradient_error <= check.gradient_limit:
+        check.problems.append(f"gradient differs from torch replaying the engine's decisions by "
+                              f"{check.gradient_error:.3g} (limit {check.gradient_limit:.3g})")
     check.ok = not check.problems
     return check
 

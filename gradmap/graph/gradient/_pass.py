@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -23,13 +25,15 @@ import onnx_ir as ir
 from gradmap import contract
 
 from ..errors import ExportError, UnsupportedOpsError
+from ..lowering import engines  # the engine workarounds every graph gets; they import no rule
 from . import _rules  # noqa: F401 - registers the rules
-from ._context import GradContext
+from ._context import GradContext, Region
 from ._layers import AttentionLayers, CamLayer, find_attention, find_cam_layer, to_feature_map
 from ._registry import NON_DIFFERENTIABLE, RuleTable
 
-__all__ = ["ATTENTION_KEY", "AttentionLayers", "CamLayer", "append_gradient", "append_vjp", "differentiable_nodes",
-           "find_cam_layer", "score_seed"]
+__all__ = ["ATTENTION_KEY", "AppendedGradient", "AttentionLayers", "CamLayer", "GradientRequest", "append_forward_outputs",
+           "append_gradient", "append_vjp", "differentiable_nodes", "find_cam_layer", "forward_path", "prepare",
+           "score_seed"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,66 +75,118 @@ def differentiable_nodes(graph: ir.Graph, source: ir.Value, sink: ir.Value) -> t
     return on_path, needed & depends
 
 
-def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[str, ...] = ("vanilla",),
-                    cam_layer: str | None = None, target: str = "cpu", channel_multiple: int | None = None,
-                    rules: RuleTable | None = None, seed=None, skip_lowering: tuple[str, ...] = (),
-                    attention: bool = False) -> str | None:
-    """Add the ``target`` input and the ``target_index`` and gradient outputs to ``model``.
+@dataclass
+class GradientRequest:
+    """What :func:`append_gradient` is asked to append to one forward graph, checked against it by
+    :func:`prepare` before anything changes the graph.
+
+    ``keep`` holds the forward values whose own gradient becomes an output (the Grad-CAM feature
+    map, the attention probabilities): a forward rewrite (:meth:`gradmap.graph.lowering.Plan.lower_forward`)
+    must leave them as they are. ``needs_grad`` is the set of values on the image-to-logits path,
+    as the forward graph was when prepared."""
+
+    score: str
+    backprops: tuple[str, ...]
+    rules: RuleTable
+    seed: Callable
+    needs_grad: set[ir.Value]
+    layer: CamLayer | None = None
+    attention: AttentionLayers | None = None
+
+    @property
+    def keep(self) -> set[ir.Value]:
+        kept = {self.layer.value} if self.layer is not None else set()
+        return kept | set(self.attention.probabilities if self.attention is not None else ())
+
+
+@dataclass
+class AppendedGradient:
+    """What :func:`append_gradient` leaves for a backward lowering
+    (:meth:`gradmap.graph.lowering.Plan.lower_backward`): the regions of the rules' calls (their
+    anchors), the forward graph's nodes, the forward values whose gradients are outputs, and the
+    resolved Grad-CAM layer (:meth:`CamLayer.describe`; ``None`` without one)."""
+
+    regions: list[Region]
+    forward_nodes: set[ir.Node]
+    keep: set[ir.Value]
+    cam: str | None = None
+
+
+def prepare(model: ir.Model, *, score: str = "logit", backprops: tuple[str, ...] = ("vanilla",),
+            cam_layer: str | None = None, attention: bool = False, rules: RuleTable | None = None,
+            seed: Callable | None = None) -> GradientRequest:
+    """Check a gradient request against the forward graph of ``model``, which it leaves as it is.
 
     ``model`` has one input ``image`` and one output ``logits`` (see :mod:`gradmap.contract`).
-    ``backprops`` lists the ReLU rules to emit, one gradient output each (``vanilla`` is
-    ``gradient``); all share the forward pass. ``cam_layer`` (``auto``, a torch module name or an
-    ONNX value name) adds that feature map and its vanilla gradient as ``cam_activation`` and
-    ``cam_gradient``, as [N, C, h, w] (a ViT's tokens on their patch grid: :mod:`._layers`). ``target`` is the engine the graph is written for (:data:`contract.TARGETS`):
-    ``portable`` keeps the rules' plain vector-Jacobian products, ``cpu`` lowers the graph for
-    onnxruntime's CPU provider (:mod:`gradmap.graph.lowering`) with feature maps padded to
-    ``channel_multiple`` channels (default: its block size; 0: no padding). The model is modified in
-    place; returns the resolved CAM value's name and its reshape, if any. ``attention`` adds every
-    self-attention's probabilities and their vanilla gradients, stacked [N, layers, heads, T, T], as
-    ``attention`` and ``attention_gradient`` (:func:`._layers.find_attention`), and what they hold
-    as JSON in ``model.metadata_props[ATTENTION_KEY]``.
+    ``score`` is the score kind (:data:`contract.SCORE_KINDS`); ``backprops`` lists the ReLU rules
+    to emit, one gradient output each (``vanilla`` is ``gradient``), all sharing the forward pass.
+    ``cam_layer`` (``auto``, a torch module name or an ONNX value name) resolves the feature map
+    whose vanilla gradient becomes ``cam_gradient`` (:func:`find_cam_layer`); ``attention`` finds
+    every self-attention's probabilities (:func:`find_attention`). ``rules`` replaces the rule
+    table (:meth:`RuleTable.replaced`; default: gradmap's own), ``seed`` the function that builds
+    the output gradient (:func:`score_seed`'s signature): both for graphs other than gradmap's own
+    (``bench/floor.py``'s floor).
 
-    For graphs other than gradmap's own (``bench/floor.py``'s floor): ``rules`` replaces the rule
-    table (:meth:`RuleTable.replaced`), ``seed`` the function that builds the output gradient
-    (:func:`score_seed`'s signature), and ``skip_lowering`` names cpu lowering passes not to run.
+    Raises:
+        ExportError: an unknown score kind or backprop rule, or the logits do not depend on the
+            image, or the CAM layer or the attention is not found.
+        UnsupportedOpsError: an op on the image-to-logits path has no rule in the table.
     """
-    from gradmap.graph import lowering  # imported here: the lowering passes import the rules of this package
-    from gradmap.graph.lowering import engines
-
     if score not in contract.SCORE_KINDS:
         raise ExportError(f"unknown score kind {score!r}; choose one of {', '.join(contract.SCORE_KINDS)}")
     unknown = [b for b in backprops if b not in contract.BACKPROP_OUTPUTS]
     if unknown or "vanilla" not in backprops:
         raise ExportError(f"backprop rules must include 'vanilla' and be among "
                           f"{', '.join(contract.BACKPROP_OUTPUTS)}; got {list(backprops)}")
-    plan = lowering.plan(target, channel_multiple, skip=skip_lowering)
     rules = rules or RuleTable.default()
+    graph = model.graph
+    nodes, needs_grad = differentiable_nodes(graph, graph.inputs[0], graph.outputs[0])
+    _check_rules(nodes, rules)
+    layer = find_cam_layer(graph, nodes, cam_layer) if cam_layer else None
+    attention_layers = find_attention(graph, nodes) if attention else None
+    return GradientRequest(score=score, backprops=tuple(backprops), rules=rules, seed=seed or score_seed,
+                           needs_grad=needs_grad, layer=layer, attention=attention_layers)
+
+
+def append_gradient(model: ir.Model, request: GradientRequest | None = None) -> AppendedGradient:
+    """Add the ``target`` input and the ``target_index`` and gradient outputs to ``model``, in place:
+    the rules of ``request`` (:func:`prepare`; default: ``prepare(model)``, the vanilla gradient of
+    the logit) and the engine passes every graph gets (:mod:`gradmap.graph.lowering.engines`),
+    nothing else. The result is the portable graph, which a lowering may rewrite from the returned
+    :class:`AppendedGradient`.
+
+    With ``request.layer``, the feature map and its vanilla gradient become ``cam_activation`` and
+    ``cam_gradient``, as [N, C, h, w] (a ViT's tokens on their patch grid: :mod:`._layers`). With
+    ``request.attention``, every self-attention's probabilities and their vanilla gradients,
+    stacked [N, layers, heads, T, T], become ``attention`` and ``attention_gradient``, and what they
+    hold is written as JSON to ``model.metadata_props[ATTENTION_KEY]``. The forward graph may have
+    been rewritten since :func:`prepare` (a forward lowering), as long as the values of
+    ``request.keep`` are still in it.
+    """
+    request = request or prepare(model)
     graph = model.graph
     image, logits = graph.inputs[0], graph.outputs[0]
     nodes, needs_grad = differentiable_nodes(graph, image, logits)
-    _check_rules(nodes, rules)
-    layer = find_cam_layer(graph, nodes, cam_layer) if cam_layer else None
+    _check_rules(nodes, request.rules)  # a forward rewrite may have added ops
+    layer, attention_layers = request.layer, request.attention
     cam_value = layer.value if layer is not None else None
-    attention_layers = find_attention(graph, nodes) if attention else None
     probabilities = list(attention_layers.probabilities) if attention_layers is not None else []
-    keep = ({cam_value} if cam_value is not None else set()) | set(probabilities)
-    if plan.lower_forward(graph, needs_grad, keep):
-        nodes, needs_grad = differentiable_nodes(graph, image, logits)
+    keep = request.keep
     forward_nodes = set(graph)
     ctx = GradContext(graph, needs_grad)
     target_input = ir.Value(name=contract.INPUT_TARGET, shape=ir.Shape([logits.shape[0]]),
                             type=ir.TensorType(ir.DataType.INT64))
     graph.inputs.append(target_input)
-    seed, target_index = (seed or score_seed)(ctx, logits, target_input, score)
+    seed, target_index = request.seed(ctx, logits, target_input, request.score)
     target_index.name = contract.OUTPUT_TARGET_INDEX
     target_index.shape = ir.Shape([logits.shape[0]])
     target_index.type = ir.TensorType(ir.DataType.INT64)
     outputs = [target_index]
-    for backprop in backprops:
+    for backprop in request.backprops:
         ctx.backprop = backprop
         captured: dict[ir.Value, ir.Value] = {}
         capture = (keep if backprop == "vanilla" else set()) or None
-        gradient = _reverse_walk(ctx, rules, nodes, image, logits, seed, capture=capture, captured=captured)
+        gradient = _reverse_walk(ctx, request.rules, nodes, image, logits, seed, capture=capture, captured=captured)
         gradient.name = contract.BACKPROP_OUTPUTS[backprop]
         outputs.append(gradient)
         if cam_value is not None and backprop == "vanilla":
@@ -156,7 +212,67 @@ def append_gradient(model: ir.Model, score: str = "logit", *, backprops: tuple[s
         graph.outputs.extend(attention_outputs)
         model.metadata_props[ATTENTION_KEY] = json.dumps(attention_layers.to_dict())
     engines.apply(graph, ctx.regions, forward_nodes)
-    plan.lower_backward(graph, ctx.regions, forward_nodes=forward_nodes, keep=keep)
+    return AppendedGradient(regions=ctx.regions, forward_nodes=forward_nodes, keep=keep,
+                            cam=layer.describe() if layer is not None else None)
+
+
+def forward_path(graph: ir.Graph, source: ir.Value, sink: ir.Value) -> list[ir.Node]:
+    """Nodes on a path from ``source`` to ``sink``, in graph order, whatever their values' types (a
+    quantized graph's integer tensors too): the forward graph a forward-only model reads."""
+    depends: set[ir.Value] = {source}
+    nodes = list(graph)
+    for node in nodes:
+        if any(v is not None and v in depends for v in node.inputs):
+            depends.update(node.outputs)
+    if sink not in depends:
+        raise ExportError(f"the output {sink.name!r} does not depend on the input {source.name!r}")
+    needed: set[ir.Value] = {sink}
+    on_path: list[ir.Node] = []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.outputs) and any(v is not None and v in depends for v in node.inputs):
+            on_path.append(node)
+            needed.update(v for v in node.inputs if v is not None and v in depends)
+    on_path.reverse()
+    return on_path
+
+
+def append_forward_outputs(model: ir.Model, *, cam_layer: str | None = None, attention: bool = False) -> str | None:
+    """Add the ``target`` input and the ``target_index`` output to ``model``, and the CAM layer's and
+    the attention's forward outputs, without the backward pass: a forward-only model (``gradmap export
+    --no-gradient``, see :mod:`gradmap.contract`)::
+
+        target_index   = Where(target < 0, ArgMax(logits, axis=1), target)     as append_gradient's
+        cam_activation = the layer's map as [N, C, h, w]                         (``cam_layer``)
+        attention      = every self-attention's probabilities, [N, layers, heads, T, T]  (``attention``)
+
+    No gradient rule is looked up, so a classifier whose ops gradmap cannot differentiate gets one
+    too. The model is modified in place; returns the resolved CAM value's name (None without
+    ``cam_layer``); what the attention output holds goes to ``model.metadata_props[ATTENTION_KEY]``."""
+    graph = model.graph
+    image, logits = graph.inputs[0], graph.outputs[0]
+    nodes = forward_path(graph, image, logits)
+    layer = find_cam_layer(graph, nodes, cam_layer) if cam_layer else None
+    attention_layers = find_attention(graph, nodes) if attention else None
+    ctx = GradContext(graph, set())
+    target_input = ir.Value(name=contract.INPUT_TARGET, shape=ir.Shape([logits.shape[0]]),
+                            type=ir.TensorType(ir.DataType.INT64))
+    graph.inputs.append(target_input)
+    top1 = ctx.op("ArgMax", logits, axis=1, keepdims=0)
+    target_index = ctx.op("Where", ctx.op("Less", target_input, ctx.const(np.int64(0))), top1, target_input)
+    target_index.name = contract.OUTPUT_TARGET_INDEX
+    target_index.shape = ir.Shape([logits.shape[0]])
+    target_index.type = ir.TensorType(ir.DataType.INT64)
+    outputs = [target_index]
+    if layer is not None:
+        cam_activation = to_feature_map(ctx, layer.value, layer, logits.shape[0])
+        cam_activation.name = contract.OUTPUT_CAM_ACTIVATION
+        outputs.append(cam_activation)
+    if attention_layers is not None:
+        outputs.append(_stacked(ctx, list(attention_layers.probabilities), attention_layers, logits,
+                                contract.OUTPUT_ATTENTION))
+        model.metadata_props[ATTENTION_KEY] = json.dumps(attention_layers.to_dict())
+    graph.extend(ctx.tape.nodes)
+    graph.outputs.extend(outputs)
     return layer.describe() if layer is not None else None
 
 
@@ -178,8 +294,6 @@ def append_vjp(model: ir.Model, source: ir.Value, sink: ir.Value, grad_name: str
     ``result_name`` = grad_name^T d sink / d source. Used to test rules one op at a time.
     ``engine_passes``: run the engine workarounds (:mod:`gradmap.graph.lowering.engines`) over the
     result, as every export does; without them the graph is the rules' plain formulas."""
-    from gradmap.graph.lowering import engines
-
     graph = model.graph
     forward_nodes = set(graph)
     nodes, needs_grad = differentiable_nodes(graph, source, sink)

@@ -17,6 +17,13 @@ Before either target's output, the engine passes (:mod:`.engines`) rewrite the f
 portable graph that an engine is known to compute wrongly, one pass per engine bug.
 
 One setting, the block (``channel_multiple``: 16 for AVX-512, 8 for AVX2), reaches every pass.
+An export (:func:`gradmap.graph.add_gradient`) runs the steps in this order:
+
+    lowering = plan(target, channel_multiple)
+    request = gradient.prepare(model, ...)                       # checks; finds the values to keep
+    lowering.lower_forward(model.graph, request.needs_grad, request.keep)
+    appended = gradient.append_gradient(model, request)           # the rules and the engine passes
+    lowering.lower_backward(model.graph, appended)
 """
 
 from __future__ import annotations
@@ -56,17 +63,19 @@ class Plan:
             rewritten += cpu_forward.spread_channel_scales(graph, block=self.block)
         return rewritten
 
-    def lower_backward(self, graph: ir.Graph, regions: list, *, forward_nodes: set[ir.Node],
-                       keep: set[ir.Value]) -> dict[str, int]:
-        """The backward passes over the regions of the finished graph; returns each pass's count."""
+    def lower_backward(self, graph: ir.Graph, appended) -> dict[str, int]:
+        """The backward passes over the regions of the finished graph, in place; ``appended`` is
+        what the gradient pass returned (:class:`gradmap.graph.gradient.AppendedGradient`: the
+        regions, the forward nodes, the values whose gradients are outputs). Returns each pass's
+        count of rewritten regions."""
         if self.target != "cpu":
             return {}
-        rewriter = Rewriter(graph, self.block or BLOCK, forward_nodes, keep)
+        rewriter = Rewriter(graph, self.block or BLOCK, appended.forward_nodes, appended.keep)
         counts = {}
         for lowering_pass in cpu_backward.PASSES:
             if lowering_pass.__name__ in self.skip:
                 continue
-            counts[lowering_pass.__name__] = lowering_pass(rewriter, regions)
+            counts[lowering_pass.__name__] = lowering_pass(rewriter, appended.regions)
         prune(graph)
         logger.debug("cpu lowering: %s", counts)
         return counts

@@ -43,8 +43,7 @@ import onnx_ir as ir
 
 from ..gradient._context import Region
 from ..gradient._match import producer, single_use
-from ..gradient._rules.convolution import adjoint_conv, flipped_transposed
-from ..gradient._rules.normalization import batch_norm_factor
+from ..gradient.formulas import HARD_SWISH_ALPHA, adjoint_conv, batch_norm_factor, flipped_transposed
 from ._rewrite import Rewriter
 
 __all__ = ["PASSES"]
@@ -53,19 +52,24 @@ def _regions(regions: list[Region], *kinds: str):
     return [r for r in regions if r.kind in kinds and r.nodes]
 
 
-def _region_node(region: Region, op_type: str) -> ir.Node | None:
-    return next((n for n in region.nodes if n.op_type == op_type and n.graph is not None), None)
+def _published_node(region: Region, part: str) -> ir.Node | None:
+    """The node that computes the value the region's rule published as ``part``, while it is in
+    the graph."""
+    value = region.parts.get(part)
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.graph is not None else None
 
 
 # -- BatchNormalization -> Relu -> Conv ------------------------------------------------------------
 def _adjoint(region: Region) -> ir.Node | None:
-    """The Conv of a Conv region's rule: the adjoint convolution with the flipped kernel."""
-    return next((n for n in reversed(region.nodes) if n.op_type == "Conv" and n.graph is not None), None)
+    """The Conv of a Conv region's rule: the adjoint convolution with the flipped kernel
+    (``None`` for the patch form)."""
+    return _published_node(region, "adjoint")
 
 
 def _patches(region: Region) -> bool:
     """The Conv rule's form for windows that do not overlap (a 1x1 Conv and DepthToSpace)."""
-    return _region_node(region, "DepthToSpace") is not None
+    return _published_node(region, "patches") is not None
 
 
 def fold_batch_norm(rw: Rewriter, regions: list[Region]) -> int:
@@ -108,9 +112,9 @@ def conv_adjoint(rw: Rewriter, regions: list[Region]) -> int:
     zero-inserted convolution would multiply s^2 times as many zeros."""
     done = 0
     for region in _regions(regions, "Conv"):
-        adjoint = _adjoint(region)
+        adjoint, patches = _adjoint(region), _patches(region)
         node = region.node
-        if adjoint is None or all(s == 1 for s in rw.attr(node, "strides", [1])):
+        if (adjoint is None and not patches) or all(s == 1 for s in rw.attr(node, "strides", [1])):
             continue
         x = node.inputs[0]
         xdims, ydims, wdims = rw.dims(x), rw.dims(node.outputs[0]), rw.dims(node.inputs[1])
@@ -120,13 +124,13 @@ def conv_adjoint(rw: Rewriter, regions: list[Region]) -> int:
         dilations = list(rw.attr(node, "dilations", [1] * spatial))
         pads = list(rw.attr(node, "pads", [0] * (2 * spatial)))
         group = rw.attr(node, "group", 1)
-        flipped = adjoint.inputs[1]
+        flipped = adjoint.inputs[1] if not patches else None
         dy = rw.inputs_of(region)[0]
         rw.node = node
-        if group == xdims[1] == ydims[1] and spatial == 2 and not _patches(region):
+        if group == xdims[1] == ydims[1] and spatial == 2 and not patches:
             g = _zero_insert(rw, dy, ydims, strides)
             inserted = [ydims[2 + i] * strides[i] for i in range(spatial)]
-            dx = adjoint_conv(rw, g, flipped, kernel, group, dilations, pads, list(xdims[2:]), inserted)
+            dx, _ = adjoint_conv(rw, g, flipped, kernel, group, dilations, pads, list(xdims[2:]), inserted)
         else:
             span = [(k - 1) * d for k, d in zip(kernel, dilations)]
             output_padding = [xdims[2 + i] - ((ydims[2 + i] - 1) * strides[i] - pads[i] - pads[spatial + i]
@@ -136,7 +140,7 @@ def conv_adjoint(rw: Rewriter, regions: list[Region]) -> int:
                 continue
             # the forward-layout kernel: W itself after the patch form, else W' flipped back (W, or
             # the BN-scaled W)
-            weight = node.inputs[1] if _patches(region) else flipped_transposed(
+            weight = node.inputs[1] if patches else flipped_transposed(
                 rw, flipped, (wdims[1] * group, wdims[0] // group, *kernel), group)
             dx = rw.op("ConvTranspose", dy, weight, group=group, strides=strides, pads=pads, dilations=dilations,
                        kernel_shape=kernel, output_padding=output_padding)
@@ -299,8 +303,6 @@ def hard_swish_steps(rw: Rewriter, regions: list[Region]) -> int:
     from 0, so Clip(., -1/2, 0) gives -1/2 [x > t] exactly (t = -3, and the float below 3 for
     [x >= 3]). 2 h is a Conv of weight 2 into which onnxruntime folds the Add after it: five
     activation-sized ops in the blocked layout."""
-    from ..gradient._rules.elementwise import HARD_SWISH_ALPHA
-
     done = 0
     for region in _regions(regions, "HardSwish"):
         node = region.node
@@ -350,10 +352,9 @@ def resize_sum_scale(rw: Rewriter, regions: list[Region]) -> int:
         node = region.node
         x = node.inputs[0]
         channels = rw.blocked_channels(x)
-        scale = _region_node(region, "Mul")
-        if channels is None or scale is None:
-            continue
-        pooled, factor = scale.inputs
+        pooled, factor = region.parts.get("pooled"), region.parts.get("factor")
+        if channels is None or pooled is None:
+            continue  # not the nearest rule's block sum
         rw.node = node
         dx = rw.channel_affine(pooled, channels, float(rw.constant_of(factor).reshape(())))
         rw.replace(region, [dx] + [None] * (len(node.inputs) - 1))
@@ -399,8 +400,7 @@ def concat_split(rw: Rewriter, regions: list[Region]) -> int:
     done = 0
     for region in _regions(regions, "Concat"):
         node = region.node
-        slices = [n for n in region.nodes if n.op_type == "Slice" and n.graph is not None]
-        if len(slices) < 2:
+        if sum(g is not None for g in region.grad_inputs) < 2:
             continue
         axis = rw.attr(node, "axis") % rw.rank(node.outputs[0])
         sizes = [rw.dims(x)[axis] for x in node.inputs]

@@ -51,7 +51,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ..gradient._rules.elementwise import HARD_SWISH_ALPHA
+from ..gradient.formulas import HARD_SWISH_ALPHA
 
 #: onnxruntime's CPU block of channels with AVX-512 (8 with AVX2): the default channel multiple.
 BLOCK = 16

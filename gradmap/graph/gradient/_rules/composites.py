@@ -18,7 +18,8 @@ import math
 
 from .._match import constant_is, producer, single_use
 from .._registry import register_composite
-from .elementwise import HARD_SWISH_ALPHA, hard_swish_grad
+from ..formulas import HARD_SWISH_ALPHA
+from .elementwise import hard_swish_grad
 
 _LOG_INV_SQRT_PI = -0.5 * math.log(math.pi)
 

@@ -5,7 +5,8 @@
            constant when they load the model: the file stores W once)
            dX = Conv(Z(dY), W', pads (k-1)d - p), cropped to X's size, where Z inserts s-1 zeros
            after each value along each strided axis (Unsqueeze, Pad, Reshape) and is dY itself
-           for stride 1
+           for stride 1 (W' and Conv from :mod:`..formulas`; the rule publishes the Conv's output
+           as ``adjoint``)
     ConvTranspose: dX = Conv(dY, W, strides, dilations, pads, group)
     Col2Im: dX = im2col(dY) = Reshape(Conv(dY, one-hot kernels, group=C, strides, dilations, pads), [N, C k, L])
 
@@ -13,7 +14,8 @@
     a ViT's patch embedding, ConvNeXt's stem and downsampling, 1x1 strided shortcuts):
            dX = DepthToSpace(Conv(dY, W_p), s), cropped to X, with W_p [s s Cin, Cout, 1, 1] the
            kernel's taps (zero past k) by row (i s + j) Cin + c: each input pixel is one tap of one
-           window, so the gradient is a per-position product, not a convolution over zeros
+           window, so the gradient is a per-position product, not a convolution over zeros (the
+           rule publishes the Conv's output as ``patches``)
 
 A convolution with the flipped kernel is the textbook adjoint and the op every engine runs
 fastest; the adjoint reads the flipped kernel, a value of its own, never the forward's weight in
@@ -26,26 +28,7 @@ import numpy as np
 
 from ...errors import ExportError
 from .._registry import register
-
-_INT64_MIN = int(np.iinfo(np.int64).min)
-
-
-def flipped_transposed(ctx, weight, wdims: tuple, group: int):
-    """W [Cout, Cin/g, *k] -> W' [Cin, Cout/g, *k], the kernel of the adjoint convolution, computed
-    from W in the graph. Applied to W' (with W' dims and the same group) it gives W back."""
-    c_out, c_in_g, kernel = wdims[0], wdims[1], list(wdims[2:])
-    spatial = len(kernel)
-    if group == 1:
-        w = ctx.op("Transpose", weight, perm=[1, 0, *range(2, 2 + spatial)])
-    elif c_in_g == 1 and c_out == group:
-        w = weight  # depthwise: [C, 1, *k] is its own transpose
-    else:
-        w = ctx.op("Reshape", weight, ctx.ints([group, c_out // group, c_in_g, *kernel]))
-        w = ctx.op("Transpose", w, perm=[0, 2, 1, *range(3, 3 + spatial)])
-        w = ctx.op("Reshape", w, ctx.ints([group * c_in_g, c_out // group, *kernel]))
-    axes = list(range(2, 2 + spatial))
-    return ctx.op("Slice", w, ctx.ints([-1] * spatial), ctx.ints([_INT64_MIN] * spatial), ctx.ints(axes),
-                  ctx.ints([-1] * spatial))
+from ..formulas import adjoint_conv, flipped_transposed
 
 
 def zero_insert(ctx, g, channels: int, sizes: list[int], strides: list[int]):
@@ -61,30 +44,15 @@ def zero_insert(ctx, g, channels: int, sizes: list[int], strides: list[int]):
     return ctx.op("Reshape", g, ctx.ints([0, channels, *(n * s for n, s in zip(sizes, strides))]))
 
 
-def adjoint_conv(ctx, g, flipped, kernel, group, dilations, pads, xsizes, gsizes):
-    """Conv of ``g`` (spatial sizes ``gsizes``, dY or its zero insertion) with the flipped kernel,
-    with the begin pads of the adjoint and the end pads that give X's sizes; where a pad would be
-    negative (a forward pad larger than the kernel's span), it is 0 and the rows are cropped."""
-    spatial = len(kernel)
-    span = [(k - 1) * d for k, d in zip(kernel, dilations)]
-    begin = [span[i] - pads[i] for i in range(spatial)]
-    end = [xsizes[i] - gsizes[i] - begin[i] + span[i] for i in range(spatial)]
-    dx = ctx.op("Conv", g, flipped, group=group, dilations=dilations, kernel_shape=kernel,
-                pads=[max(b, 0) for b in begin] + [max(e, 0) for e in end], strides=[1] * spatial)
-    if min(begin + end) < 0:
-        starts = [max(-b, 0) for b in begin]
-        dx = ctx.op("Slice", dx, ctx.ints(starts), ctx.ints([s + n for s, n in zip(starts, xsizes)]),
-                    ctx.ints(list(range(2, 2 + spatial))))
-    return dx
-
-
 def patch_adjoint(ctx, g, w, wdims, stride: int, pads, xsizes, ysizes):
-    """dX of a Conv whose windows do not overlap (see the module doc)."""
+    """dX of a Conv whose windows do not overlap (see the module doc), and the 1x1 Conv of the taps
+    (the value the rule publishes as ``patches``)."""
     c_out, c_in, kh, kw = wdims
     taps = w if (kh, kw) == (stride, stride) else ctx.op(
         "Pad", w, ctx.ints([0, 0, 0, 0, 0, 0, stride - kh, stride - kw]))
     taps = ctx.op("Reshape", ctx.op("Transpose", taps, perm=[2, 3, 1, 0]), ctx.ints([stride * stride * c_in, c_out, 1, 1]))
-    dx = ctx.op("DepthToSpace", ctx.op("Conv", g, taps, kernel_shape=[1, 1]), blocksize=stride, mode="DCR")
+    patches = ctx.op("Conv", g, taps, kernel_shape=[1, 1])
+    dx = ctx.op("DepthToSpace", patches, blocksize=stride, mode="DCR")
     full = [n * stride for n in ysizes]  # dX over the padded input, from its first row
     stops = [min(f, p + x) for f, p, x in zip(full, pads[:2], xsizes)]
     if any(pads[:2]) or stops != full:
@@ -92,7 +60,7 @@ def patch_adjoint(ctx, g, w, wdims, stride: int, pads, xsizes, ysizes):
     missing = [p + x - stop for p, x, stop in zip(pads[:2], xsizes, stops)]
     if any(missing):  # rows past the last window get no gradient
         dx = ctx.op("Pad", dx, ctx.ints([0, 0, 0, 0, 0, 0, *missing]))
-    return dx
+    return dx, patches
 
 
 @register("Conv")
@@ -113,13 +81,17 @@ def conv(ctx, node, dy):
     group = ctx.attr(node, "group", 1)
     if (spatial == 2 and group == 1 and strides[0] == strides[1] > 1 and dilations == [1, 1]
             and max(kernel) <= strides[0]):
-        return [patch_adjoint(ctx, dy[0], w, wdims, strides[0], pads, list(xdims[2:]), list(ydims[2:])), None, None]
+        dx, patches = patch_adjoint(ctx, dy[0], w, wdims, strides[0], pads, list(xdims[2:]), list(ydims[2:]))
+        ctx.publish(patches=patches)
+        return [dx, None, None]
     g, gsizes = dy[0], list(ydims[2:])
     if any(s > 1 for s in strides):
         g = zero_insert(ctx, g, ydims[1], gsizes, strides)
         gsizes = [n * s for n, s in zip(gsizes, strides)]
     flipped = flipped_transposed(ctx, w, wdims, group)
-    return [adjoint_conv(ctx, g, flipped, kernel, group, dilations, pads, list(xdims[2:]), gsizes), None, None]
+    dx, adjoint = adjoint_conv(ctx, g, flipped, kernel, group, dilations, pads, list(xdims[2:]), gsizes)
+    ctx.publish(adjoint=adjoint)
+    return [dx, None, None]
 
 
 @register("Col2Im")

@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import onnx_ir as ir
 
 from .._registry import register
+from ..formulas import HARD_SWISH_ALPHA
 
 _FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
 
@@ -246,9 +246,6 @@ def hard_swish_grad(ctx, x, h, g):
                    ctx.op("Cast", ctx.op("GreaterOrEqual", x, ctx.scalar(3.0)), to=ir.DataType.FLOAT))
     local = ctx.op("Sub", ctx.op("Add", h, h), ctx.op("Mul", steps, ctx.scalar(0.5)))
     return ctx.op("Mul", g, local)
-
-
-HARD_SWISH_ALPHA = float(np.float32(1.0 / 6.0))
 
 
 @register("Clip")

@@ -19,17 +19,7 @@ import numpy as np
 
 from ...errors import ExportError
 from .._registry import register
-
-
-def batch_norm_factor(ctx, node) -> np.ndarray | None:
-    """scale / sqrt(var + eps) of an inference BatchNormalization with constant parameters, else None."""
-    if ctx.attr(node, "training_mode", 0) or len(node.inputs) < 5:
-        return None
-    scale_np, var_np = ctx.constant_of(node.inputs[1]), ctx.constant_of(node.inputs[4])
-    if scale_np is None or var_np is None:
-        return None
-    eps = ctx.attr(node, "epsilon", 1e-5)
-    return scale_np.astype(np.float64) / np.sqrt(var_np.astype(np.float64) + eps)
+from ..formulas import batch_norm_factor
 
 
 @register("BatchNormalization")

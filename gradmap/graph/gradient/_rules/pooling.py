@@ -16,7 +16,8 @@
     ReduceL2:          dX = X * Unsqueeze(dY / Y, axes), 0 where Y = 0 (as torch's norm backward)
     Resize (nearest, integer scales, each output a copy of input floor(i / s)):
                        dX = sum of dY over each s_h x s_w block = AveragePool(dY, s, stride s) * s_h s_w
-                       (GlobalAveragePool from a 1 x 1 input)
+                       (GlobalAveragePool from a 1 x 1 input; the rule publishes ``pooled`` and
+                       the scalar ``factor``)
     Resize (linear, cubic; nearest at other scales): Y = A_h X A_w^T per channel (A from ONNX's
                        reference Resize of the identity); dX = A_h^T dY A_w
     TopK:              dX = ScatterElements(zeros, Indices, dValues, axis)   (distinct indices)
@@ -283,7 +284,9 @@ def _resize_nearest_blocks(ctx, node, dy):
         pooled = ctx.op("GlobalAveragePool", dy[0])
     else:
         pooled = ctx.op("AveragePool", dy[0], kernel_shape=[sh, sw], strides=[sh, sw])
-    return [ctx.op("Mul", pooled, ctx.scalar(float(sh * sw)))] + [None] * (len(node.inputs) - 1)
+    factor = ctx.scalar(float(sh * sw))
+    ctx.publish(pooled=pooled, factor=factor)
+    return [ctx.op("Mul", pooled, factor)] + [None] * (len(node.inputs) - 1)
 
 
 def _resize_matrix(node, axis_in: int, axis_out: int, scale, size) -> np.ndarray:

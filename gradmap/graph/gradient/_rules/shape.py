@@ -5,7 +5,8 @@
     Expand:     dX = sum_to(dY, X)
     Concat:     dX_i = Slice(dY, offset_i, offset_i + size_i, axis)
     Split:      dX = Concat(dY_i or zeros, axis)
-    Slice:      dX = Pad(dY, starts, size - ends); step k > 1: zeros interleaved first
+    Slice:      dX = Pad(dY, starts, size - ends); step k > 1: zeros interleaved first; the whole of a
+                dynamic axis (start 0, step 1, end INT32 max or more) is the identity there
     Gather:     dX = ScatterND(zeros, indices, dY, reduction=add) along axis; a scalar index i: dY in
                 row i and 0 elsewhere (Pad), and the rows of several such Gathers of one tensor are
                 concatenated when they cover its axis (GradContext.part)
@@ -29,6 +30,10 @@ from ...errors import ExportError
 from .._registry import register
 
 _INT64_MAX = np.iinfo(np.int64).max
+#: A Slice end this large on an axis of unknown size (the batch) means "to the end": torch.onnx writes
+#: INT64 max, tf2onnx INT32 max (a TensorFlow strided_slice's end_mask, as Keras' Cropping2D has on the
+#: batch axis); an axis longer than 2**31 - 1 could not hold pictures in memory.
+_TO_THE_END = np.iinfo(np.int32).max
 
 
 @register("Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -88,9 +93,11 @@ def slice_(ctx, node, dy):
         axis = int(axis) % rank
         size = dims[axis]
         if not isinstance(size, int):
-            if start == 0 and end >= _INT64_MAX // 2 and step == 1:
-                continue  # the whole dynamic axis
-            raise ExportError(f"{node.name}: Slice of the dynamic axis {axis} has no gradient rule")
+            if start == 0 and end >= _TO_THE_END and step == 1:
+                continue  # the whole dynamic axis: the identity there
+            raise ExportError(f"{node.name}: Slice of the dynamic axis {axis} (start {int(start)}, end {int(end)}, "
+                              f"step {int(step)}) has no gradient rule; only the whole axis (start 0, step 1, end "
+                              f"at least {_TO_THE_END}) has one")
         if step == 0:
             raise ExportError(f"{node.name}: Slice with step 0 is not valid ONNX")
         begin, stop, _ = slice(int(start), int(end) if end < _INT64_MAX else None, int(step)).indices(size)
