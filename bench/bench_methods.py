@@ -302,7 +302,9 @@ def readme_sections(data: dict) -> dict[str, str]:
     verdicts = [verdict(r)[0] for r in rows]
     speedups = [r["speedup_vs_captum"] for r in rows]
     missed = [f"{r['model']} {r['method']}" for r, v in zip(rows, verdicts) if v == "no"]
-    start, end = _report.load_average(meta)
+    # the load during the rows themselves (an --update run's own start and end cover its rows only)
+    loads = [r[k] for r in rows for k in ("load_average_start", "load_average_end") if r.get(k) is not None]
+    start, end = (min(loads), max(loads)) if loads else _report.load_average(meta)
     counts = (f"{verdicts.count('yes')} of {len(rows)} rows meet the {TARGET:g}x target, "
               f"{verdicts.count('floor')} are stopped by the floor")
     counts += f", {len(missed)} miss it ({', '.join(missed)})" if missed else ""
@@ -310,7 +312,7 @@ def readme_sections(data: dict) -> dict[str, str]:
             f"{min(speedups):.2f} to {max(speedups):.2f} times as fast as Captum at its best internal batch size; "
             f"{counts} (`bench/bench_methods.py` on {_report.cpu_text(meta)}, "
             f"{meta.get('date') or 'date ' + _report.NOT_RECORDED}, 1-minute load average {_report._or_not(start)} to "
-            f"{_report._or_not(end)}; `bench/results/methods.json`, "
+            f"{_report._or_not(end)} during its rows; `bench/results/methods.json`, "
             "[methods table](docs/benchmarks.md#smoothgrad-and-integrated-gradients)).")
     return {"methods-summary": line}
 

@@ -76,3 +76,11 @@ def test_methods_are_held_to_captum_alone_and_their_floor_on_the_same_batches():
     row["floor_ms"] = 500.0
     met, why = bench_methods.verdict(row)
     assert met == "no" and "200 ms above the floor" in why, why
+
+
+def test_a_floor_measured_slower_than_gradmap_is_noise_and_gradmaps_time_stands_for_it():
+    # needs 40 ms; the floor "took" 80 ms in a noisy round, gradmap 43 ms: 1.10 x 43 is over 40
+    met, why = bench_speed.verdict(_row(gradmap_ms=43.0, torch_eager_ms=60.0, captum_ms=61.0, floor_ms=80.0))
+    assert met == "floor" and "(noise)" in why, why
+    # gradmap 36.5 ms would meet it; a noisy floor never turns a met row into a miss
+    assert bench_speed.verdict(_row(gradmap_ms=36.5, torch_eager_ms=60.0, captum_ms=61.0, floor_ms=80.0))[0] == "yes"
