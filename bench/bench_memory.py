@@ -172,7 +172,7 @@ def render(data: dict) -> str:
     for row in data["rows"]:
         workloads.setdefault(row["workload"], {})[row["side"]] = row
     lines = [_report.machine_line(meta), "",
-             f"{meta['model']}, random weights, {meta['threads']} threads, fresh process each, medians of "
+             f"{meta['model']}, random weights, {meta['threads']} thread{'s' if meta['threads'] != 1 else ''}, fresh process each, medians of "
              f"{meta['repeat']} (`{meta.get('command') or 'python bench/bench_memory.py'}`"
              f"{'; ' + meta['note'] if meta.get('note') else ''}); wall "
              "time from process start to the last map written. \"gradmap run\": a model's first run on a machine"

@@ -249,7 +249,7 @@ def render(rows: list[dict], meta: dict) -> str:
         _report.machine_line(meta),
         "",
         f"`{meta.get('command') or 'python bench/bench_methods.py'}`: one photograph (chelsea) per call, top-1 "
-        f"class, medians in ms of interleaved rounds, {meta['threads']} threads, random weights"
+        f"class, medians in ms of interleaved rounds, {meta['threads']} thread{'s' if meta['threads'] != 1 else ''}, random weights"
         f"{'; ' + meta['note'] if meta.get('note') else ''}. SmoothGrad: {SAMPLES} samples, noise {NOISE} of the "
         f"value range; integrated gradients: {STEPS} Gauss-Legendre steps from a black baseline. gradmap: "
         f"`gradmap.runtime.methods.attribute` on {loaded} (what `gradmap run --method` calls); "

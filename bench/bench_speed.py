@@ -327,7 +327,7 @@ def render(rows: list[dict], meta: dict) -> str:
         "",
         f"`{meta.get('command', 'python bench/bench_speed.py --baseline DIR --compile')}`: medians in ms of "
         "interleaved rounds (every "
-        f"variant once per round, {meta['pause_s']:g} s apart), {meta['threads']} threads, random weights"
+        f"variant once per round, {meta['pause_s']:g} s apart), {meta['threads']} thread{'s' if meta['threads'] != 1 else ''}, random weights"
         f"{'; ' + meta['note'] if meta.get('note') else ''}. ORT forward: the plain export, "
         f"onnxruntime's default session options; gradmap: {loaded}, with gradmap's runtime "
         "options; PyTorch eager autograd as in the ResNet-50 recipe; Captum's Saliency"
