@@ -49,6 +49,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs"
 INDEX_PAGE = "benchmarks.md"
+#: README.md as a page name for :func:`write_sections` (pages are named relative to docs/): a script's
+#: one-line summaries there come from its results file like its tables (``readme_sections(data)``).
+README = "../README.md"
 INDEX_SECTION = "runs"
 NOT_RECORDED = "not recorded"
 
@@ -57,9 +60,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 __all__ = [
-    "ROOT", "RESULTS", "DOCS", "NOT_RECORDED", "add_flags", "parse_args", "render_or_measure", "cpu_from_cpuinfo",
-    "machine", "start_run", "finish_run", "write_results", "write_json", "merge_rows", "merge_update", "updated",
-    "read_results", "machine_line", "cpu_text", "load_average", "cores",
+    "ROOT", "RESULTS", "DOCS", "README", "NOT_RECORDED", "add_flags", "parse_args", "render_or_measure",
+    "cpu_from_cpuinfo", "machine", "start_run", "finish_run", "write_results", "write_json", "merge_rows",
+    "merge_update", "updated", "read_results", "machine_line", "cpu_text", "load_average", "cores",
     "table", "replace_section", "section_body", "write_section", "write_sections", "publish", "check_sections",
     "result_files", "runs_section",
 ]
@@ -101,14 +104,18 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     return args
 
 
-def render_or_measure(args: argparse.Namespace, page: str, sections, measure) -> dict:
+def render_or_measure(args: argparse.Namespace, page: str, sections, measure, readme=None) -> dict:
     """A script's run after its flags: ``--tables-only`` reads the results file as recorded,
     otherwise ``measure()`` measures, writes the results file and returns what it wrote; then,
     unless ``--no-docs``, ``sections(data)`` (a dict of section name to body) goes into
-    docs/``page`` with the run index (:func:`publish`). Returns the results."""
+    docs/``page`` with the run index, and ``readme(data)`` (the same, for README.md) into README
+    (:func:`publish`). Returns the results."""
     data = read_results(args.out) if getattr(args, "tables_only", False) else measure()
     if not args.no_docs:
-        publish(page, sections(data))
+        if readme is None:
+            publish(page, sections(data))
+        else:
+            publish(page, sections(data), readme(data))
     return data
 
 
@@ -397,11 +404,13 @@ def write_sections(page: str, sections: dict[str, str]) -> None:
     path.write_text(text)
 
 
-def publish(page: str, sections: dict[str, str]) -> None:
+def publish(page: str, sections: dict[str, str], readme: dict[str, str] | None = None) -> None:
     """Write ``sections`` into docs/``page`` (none: a script whose results a page cites in its prose)
-    and refresh the run index built from every results file."""
+    and ``readme`` into README.md, and refresh the run index built from every results file."""
     if sections:
         write_sections(page, sections)
+    if readme:
+        write_sections(README, readme)
     write_sections(INDEX_PAGE, {INDEX_SECTION: runs_section()})
     print(f"wrote docs/{page}: {', '.join([*sections, 'the run index'])}", file=sys.stderr)
 

@@ -8,17 +8,21 @@ Three measurements, each side a fresh process:
 1. Two workloads: one map of a photograph (the cold start a user waits for: process start to map
    written), and a folder of ``--folder`` photographs (scikit-image's four, repeated) at batch 8,
    gradmap's default batch size. Timed by /usr/bin/time -v, with peak resident set size. gradmap
-   runs the exported model (exported once beforehand, not timed); the recipe
+   runs the default export (``gradmap export MODEL``: the portable graph, which the runtime lowers
+   for this CPU when it loads it; exported once beforehand, not timed), and for the one map also
+   the same model exported ``--target cpu`` (lowered at export); the recipe
    (bench/pytorch_recipe.py) builds the torchvision model in-process and batches the folder the
    same way.
 2. Working set per batch (1 and 8): the peak RSS of a process that loads one model and runs it
    three times on a random batch, and its RSS after loading (imports, weights, session): the plain
    forward export on onnxruntime, gradmap's gradient model through its runtime, and PyTorch eager
    autograd of the same saliency.
-   gradmap's session cache (gradmap/runtime/_session_cache.py) is measured in its three states, each
-   run with its own cache folder: a model's first run on a machine (the cache only marks the model;
-   the figures the targets are checked against), its second run (which saves onnxruntime's
-   optimized graph) and later runs (which read it); the folder workload first and later runs.
+   gradmap's caches (gradmap/runtime/_lowering.py, _session_cache.py) are measured in their three
+   states, each run with its own cache folder: a model's first run on a machine (it lowers the
+   portable file and saves the lowered model; the session cache only marks it; the figures the
+   targets are checked against), its second run (which reads the lowered model and saves
+   onnxruntime's optimized graph) and later runs (which read both); the folder workload first and
+   later runs.
    The working sets and the long run below run with the cache off. A first run is also measured
    on the same model exported with ``--external-data`` (weights in a file beside the model, which
    onnxruntime maps into memory).
@@ -46,15 +50,17 @@ import _report
 ROOT = _report.ROOT
 RESULTS = _report.RESULTS / "memory.json"
 PAGE, SECTIONS = "benchmarks.md", ("memory",)
-SECOND_RUN = "gradmap run, second run (saves the cache entry)"
-LATER_RUNS = "gradmap run, later runs (cache entry read)"
+SECOND_RUN = "gradmap run, second run (reads the lowered model, saves the session cache entry)"
+LATER_RUNS = "gradmap run, later runs (both cache entries read)"
 SPLIT = "gradmap run, model exported with --external-data"
+CPU_TARGET = "gradmap run, model exported with --target cpu"
 
 
-def timed(cmd: list[str], cache: Path | str | None = None) -> tuple[float, float]:
+def timed(cmd: list[str], cache: Path | str | None = None, env: dict | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS in MB) of ``cmd`` under /usr/bin/time -v; ``cache``: its
-    GRADMAP_CACHE_DIR (gradmap's session cache; None: as this process has it)."""
-    env = None if cache is None else {**os.environ, "GRADMAP_CACHE_DIR": str(cache)}
+    GRADMAP_CACHE_DIR (gradmap's session cache; None: as this process has it); ``env``: more
+    variables for it."""
+    env = {**os.environ, **(env or {}), **({} if cache is None else {"GRADMAP_CACHE_DIR": str(cache)})}
     proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
@@ -166,12 +172,18 @@ def render(data: dict) -> str:
     for row in data["rows"]:
         workloads.setdefault(row["workload"], {})[row["side"]] = row
     lines = [_report.machine_line(meta), "",
-             f"{meta['model']}, random weights, {meta['threads']} threads, fresh process each, medians of "
-             f"{meta['repeat']} (`python bench/bench_memory.py`{'; ' + meta['note'] if meta.get('note') else ''}); wall "
-             "time from process start to the last map written. \"gradmap run\": a model's first run on a machine; its "
-             "second run saves onnxruntime's optimized graph in gradmap's session cache, which later runs read; "
-             "\"exported with --external-data\": a first run of the same model with its weights in a file "
-             "beside it:", "",
+             f"{meta['model']}, random weights, {meta['threads']} thread{'s' if meta['threads'] != 1 else ''}, fresh process each, medians of "
+             f"{meta['repeat']} (`{meta.get('command') or 'python bench/bench_memory.py'}`"
+             f"{'; ' + meta['note'] if meta.get('note') else ''}); wall "
+             "time from process start to the last map written. \"gradmap run\": a model's first run on a machine"
+             + (f" with the default export, which the runtime lowers for this CPU ({meta['block']}-channel block) "
+                "and caches; its second run reads the lowered model and saves onnxruntime's optimized graph in "
+                "gradmap's session cache, which later runs read too" if meta.get("block") else
+                "; its second run saves onnxruntime's optimized graph in gradmap's session cache, which later "
+                "runs read")
+             + "; \"exported with --external-data\": a first run of the same model with its weights in a file "
+             "beside it" + ("; \"exported with --target cpu\": a first run of a file lowered at export"
+                            if any(r["side"] == CPU_TARGET for r in data["rows"]) else "") + ":", "",
              "| work | | wall time | peak RSS | gradmap ÷ recipe: time (target ≤ 0.33) | memory (target ≤ 0.50) |",
              "|---|---|---|---|---|---|"]
     for workload, sides in workloads.items():
@@ -186,7 +198,8 @@ def render(data: dict) -> str:
                   f"{meta['folder'] - 1}): gradmap run {1000 * per['gradmap run']:.0f} ms, PyTorch recipe "
                   f"{1000 * per['PyTorch recipe']:.0f} ms ({per['gradmap run'] / per['PyTorch recipe']:.2f})."]
     lines += ["", "Working set: peak RSS of a process that loads the model and runs one random batch three "
-              "times, and in brackets its RSS after loading (imports, weights, session):", "",
+              "times, and in brackets its RSS after loading (imports, weights, session"
+              + ("; gradmap's default export lowered at load, no cache" if meta.get("block") else "") + "):", "",
               "| batch | onnxruntime forward (plain export) | gradmap (logits + gradient) | PyTorch eager autograd |",
               "|---|---|---|---|"]
     for row in data["working_sets"]:
@@ -201,6 +214,24 @@ def render(data: dict) -> str:
                   "| 10 % | 25 % | 50 % | 75 % | 100 % |", "|---|---|---|---|---|",
                   "| " + " | ".join(f"{r[k]:.0f} MB" for k in ("10%", "25%", "50%", "75%", "100%")) + " |"]
     return "\n".join(lines)
+
+
+def readme_sections(data: dict) -> dict[str, str]:
+    """README's line on a first run's time and memory, from the same results."""
+    meta = data["meta"]
+    one = {r["side"]: r for r in data["rows"] if r["workload"] == data["rows"][0]["workload"]}
+    recipe, first = one["PyTorch recipe"], one["gradmap run"]
+    later = one.get(LATER_RUNS)
+    start, end = _report.load_average(meta)
+    line = (f"- A first `gradmap run` of one {meta['model']} map"
+            + (" (the default export, lowered at load and cached)" if meta.get("block") else "")
+            + f" took {first['wall_s'] / recipe['wall_s']:.2f} of the PyTorch recipe's time and "
+            f"{first['peak_rss_mb'] / recipe['peak_rss_mb']:.2f} of its memory"
+            + (f"; a later run, reading gradmap's caches, {later['wall_s'] / recipe['wall_s']:.2f} and "
+               f"{later['peak_rss_mb'] / recipe['peak_rss_mb']:.2f}" if later else "")
+            + f" (`bench/bench_memory.py` on {_report.cpu_text(meta)}, {meta.get('date') or 'date ' + _report.NOT_RECORDED}"
+            f", 1-minute load average {_report._or_not(start)} to {_report._or_not(end)}; `bench/results/memory.json`).")
+    return {"memory-summary": line}
 
 
 def sections(data: dict) -> dict[str, str]:
@@ -218,17 +249,23 @@ def main() -> int:
                                                         "this interpreter's)")
     parser.add_argument("--folder", type=int, default=100, help="photographs in the folder workload (0: skip it)")
     parser.add_argument("--long", type=int, default=1000, help="pictures in the no-growth run (0: skip it)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="threads of gradmap's runs and of the recipe's torch (OMP_NUM_THREADS; default: the cores)")
     _report.add_flags(parser, RESULTS, note=True)
     args = _report.parse_args(parser)
-    print(render(_report.render_or_measure(args, PAGE, sections, lambda: measure(args))))
+    print(render(_report.render_or_measure(args, PAGE, sections, lambda: measure(args), readme_sections)))
     return 0
 
 
 def measure(args: argparse.Namespace) -> dict:
     """Every workload, measured and written to the results file; returns what was written."""
-    threads = str(os.cpu_count() or 1)
-    meta = _report.start_run(PAGE, SECTIONS, model=args.model, repeat=args.repeat, threads=int(threads),
-                             folder=args.folder, note=args.note)
+    threads = str(args.threads)
+    from gradmap.runtime._lowering import cpu_block
+
+    block, block_reason = cpu_block()
+    meta = _report.start_run(PAGE, SECTIONS, versions=("onnxruntime", "torch", "onnx-ir"), model=args.model,
+                             repeat=args.repeat, threads=int(threads), folder=args.folder, note=args.note,
+                             block=block, block_reason=block_reason, gradmap=args.gradmap or "this interpreter")
     work = Path(tempfile.mkdtemp(prefix="gradmap-bench-"))
     import skimage.data
     from PIL import Image
@@ -246,6 +283,9 @@ def measure(args: argparse.Namespace) -> dict:
     split = work / "split" / f"{args.model}.onnx"  # the same weights, written to split/MODEL.onnx.data
     subprocess.run([sys.executable, "-m", "gradmap.cli", "export", args.model, "--weights", "none", "-o", str(split),
                     "--external-data", "--no-verify"], check=True, capture_output=True)
+    cpu_file = work / "cpu" / f"{args.model}.onnx"  # the same weights, lowered at export
+    subprocess.run([sys.executable, "-m", "gradmap.cli", "export", args.model, "--weights", "none", "-o", str(cpu_file),
+                    "--target", "cpu", "--no-verify"], check=True, capture_output=True)
     forward = work / f"{args.model}.forward.onnx"
     subprocess.run([sys.executable, "-c", "import sys, onnx_ir as ir; sys.path.insert(0, sys.argv[3]); "
                     "from gradmap.export._torchvision import input_size_of, load_torchvision; "
@@ -267,15 +307,19 @@ def measure(args: argparse.Namespace) -> dict:
     for i in range(2):
         gradmap_run(picture, work / f"warm{i}", warm)
     for workload, (source, recipe_out) in workloads.items():
-        names = ["gradmap run", SPLIT, SECOND_RUN, LATER_RUNS, "PyTorch recipe"] if not summary else \
+        names = ["gradmap run", SPLIT, CPU_TARGET, SECOND_RUN, LATER_RUNS, "PyTorch recipe"] if not summary else \
             ["gradmap run", SPLIT, LATER_RUNS, "PyTorch recipe"]  # the second run's saving is the one map's
         rows = {name: [] for name in names}
         for i in range(args.repeat):
             out = work / f"out{len(summary)}_{i}"
             rows["gradmap run"].append(gradmap_run(source, out, work / f"cache-first-{len(summary)}-{i}"))
-            rows["PyTorch recipe"].append(timed([*recipe, str(source), str(out / recipe_out), "8"]))
+            rows["PyTorch recipe"].append(timed([*recipe, str(source), str(out / recipe_out), "8"],
+                                                env={"OMP_NUM_THREADS": threads}))
             rows[SPLIT].append(gradmap_run(source, work / f"out_split{len(summary)}_{i}",
                                            work / f"cache-split-{len(summary)}-{i}", split))
+            if CPU_TARGET in rows:
+                rows[CPU_TARGET].append(gradmap_run(source, work / f"out_cpu{len(summary)}_{i}",
+                                                    work / f"cache-cpu-{len(summary)}-{i}", cpu_file))
             if SECOND_RUN in rows:
                 marked = work / f"cache-second-{i}"
                 gradmap_run(picture, work / f"mark{i}", marked)

@@ -8,7 +8,8 @@ random weights, 2 threads for onnxruntime and torch:
 
   SmoothGrad, 25 samples, noise 0.15 of the picture's value range:
     gradmap: ``gradmap.runtime.methods.attribute`` (what ``gradmap run --method smoothgrad`` calls) on the
-      exported model, the samples in batches of ``--batch-sizes`` (best one reported);
+      default export (portable) as the runtime loads it (lowered at load for this CPU's block), the
+      samples in batches of ``--batch-sizes`` (best one reported);
     Captum: ``NoiseTunnel(Saliency(module))`` with ``nt_samples_batch_size`` from ``--captum-batches`` (best);
     torch.compile: the same sums on ``torch.compile(module, dynamic=False)``, the samples in one batch.
   Integrated gradients, 32 steps (Gauss-Legendre, black baseline):
@@ -20,6 +21,12 @@ three sides of each method run in turn, round by round, as in bench_speed.py, an
 medians. torch.compile's first call (compilation of forward and backward for that batch shape) is
 reported beside its steady state. Each side's attribution is checked against Captum's before timing
 (max |difference| over max |Captum|), so that the three compute the same thing.
+
+The floor (unless --no-floor): bench/floor.py's floor graph, lowered for the same block, run on the
+batches gradmap's call sends to onnxruntime (recorded from that call; random pictures of those
+sizes, subnormals flushed as floor.py runs it), in the same rounds: the least
+the same gradients cost with any exact standard-op graph, before numpy's share of the method. A row
+that misses the target against Captum says whether that floor stops it.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ DEFAULT_MODELS = ["resnet50", "mobilenet_v3_large", "efficientnet_b0", "vit_b_16
 RESULTS = _report.RESULTS / "methods.json"
 PAGE, SECTIONS = "benchmarks.md", ("methods-speed",)
 SAMPLES, NOISE, STEPS = 25, 0.15, 32
+#: Target: gradmap at least this many times faster than Captum at its best internal batch size.
+TARGET = 1.5
 
 
 def picture(size: tuple[int, int]) -> tuple[np.ndarray, list, list]:
@@ -67,16 +76,28 @@ def best_of(candidates: dict, calls: int = 1) -> tuple[str, dict[str, float]]:
     return min(times, key=times.get), times
 
 
+class _BatchRecorder:
+    """A loaded SaliencyModel that records the batch sizes it is run on (the floor replays them)."""
+
+    def __init__(self, model):
+        self._model, self.batches = model, []
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def run_outputs(self, images, targets, outputs):
+        self.batches.append(len(images))
+        return self._model.run_outputs(images, targets, outputs)
+
+
 def bench_model(name: str, threads: int, batch_sizes: list[int], captum_batches: list[int], repeat: int,
-                budget_s: float, compile_torch: bool) -> list[dict]:
+                budget_s: float, compile_torch: bool, floor: bool = True) -> list[dict]:
     import torch
     from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 
     from bench_speed import _interleaved_times
-    from gradmap.export._api import export_torchvision
     from gradmap.export._torchvision import input_size_of, load_torchvision
     from gradmap.runtime.methods import MethodSpec, attribute, baseline_image
-    from gradmap.runtime.model import SaliencyModel
 
     torch.set_num_threads(threads)
     module, _ = load_torchvision(name, "none")
@@ -84,11 +105,21 @@ def bench_model(name: str, threads: int, batch_sizes: list[int], captum_batches:
         p.requires_grad_(False)
     size = input_size_of(name)
     image, mean, std = picture(size)
+    from bench_speed import export_default
+
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{name}.onnx"
-        # the same seeded random weights as ``module`` (load_torchvision's seed 0)
-        export_torchvision(name, path, weights="none", verify=False)
-        model = SaliencyModel(path, provider="cpu", threads=threads)
+        # the default export with the same seeded random weights as ``module`` (load_torchvision's seed 0),
+        # lowered at load as the runtime does
+        model = export_default(name, Path(tmp), threads)
+    run_floor = None
+    if floor:
+        import onnx_ir as ir
+
+        from floor import build_floor_model, floor_runner
+
+        run_floor = floor_runner(ir.serde.serialize_model(build_floor_model(module, size, block=model.lowering.block))
+                                 .SerializeToString(), threads)
+        floor_image = np.random.default_rng(1).standard_normal((max(batch_sizes), 3, *size), dtype=np.float32)
     x = torch.from_numpy(image)
     with torch.no_grad():
         top = int(module(x).argmax(1))
@@ -97,7 +128,9 @@ def bench_model(name: str, threads: int, batch_sizes: list[int], captum_batches:
     baseline = baseline_image(image, "black", mean, std)
     rows = []
     for method in ("smoothgrad", "integrated-gradients"):
-        row = {"model": name, "method": method, "threads": threads, "input_size": list(size)}
+        row = {"model": name, "method": method, "threads": threads, "input_size": list(size),
+               "block": model.lowering.block, "lowering": model.lowering.state,
+               "load_average_start": _report._load_1min()}
         spec = (MethodSpec("smoothgrad", samples=SAMPLES, noise=NOISE) if method == "smoothgrad"
                 else MethodSpec("integrated-gradients", steps=STEPS, rule="gauss-legendre", baseline="black"))
 
@@ -125,6 +158,17 @@ def bench_model(name: str, threads: int, batch_sizes: list[int], captum_batches:
         row["gradmap_batch"], row["gradmap_batch_ms"] = int(g_best), g_times
         row["captum_batch"], row["captum_batch_ms"] = int(c_best), c_times
         variants = {"gradmap_ms": gradmap_fn(int(g_best)), "captum_ms": captum_fn(int(c_best))}
+        if run_floor is not None:
+            recorder = _BatchRecorder(model)
+            attribute(recorder, spec, image, targets, batch_size=int(g_best))
+            row["floor_batches"] = sent = list(recorder.batches)
+            target_feed = np.full(max(sent), -1, dtype=np.int64)
+
+            def floor_fn():
+                for b in sent:
+                    run_floor({"image": floor_image[:b], "target": target_feed[:b]})
+
+            variants["floor_ms"] = floor_fn
         if method == "integrated-gradients":
             ours, theirs = variants["gradmap_ms"](), variants["captum_ms"]()
             row["ig_difference"] = float(np.abs(ours - theirs).max() / np.abs(theirs).max())
@@ -162,6 +206,7 @@ def bench_model(name: str, threads: int, batch_sizes: list[int], captum_batches:
         times = _interleaved_times(variants, warmup=1, repeat=repeat, budget_s=budget_s)
         row.update({k: statistics.median(v) for k, v in times.items()})
         row["rounds"] = len(times["gradmap_ms"])
+        row["load_average_end"] = _report._load_1min()
         row["times_ms"] = {k: [round(t, 2) for t in v] for k, v in times.items()}
         row["speedup_vs_captum"] = row["captum_ms"] / row["gradmap_ms"]
         if "torch_compile_ms" in row:
@@ -171,32 +216,105 @@ def bench_model(name: str, threads: int, batch_sizes: list[int], captum_batches:
     return rows
 
 
+def verdict(r: dict) -> tuple[str, str | None]:
+    """("yes" | "floor" | "no", for a miss what stops it): gradmap at most Captum's time ÷ TARGET; a
+    miss is the floor's when 1.10 times the floor graph's time on the same batches is over that too."""
+    from bench_speed import FLOOR_MARGIN
+
+    needed = r["captum_ms"] / TARGET
+    if r["gradmap_ms"] <= needed:
+        return "yes", None
+    head = f"needs ≤ {needed:.0f} ms (Captum {r['captum_ms']:.0f} ms ÷ {TARGET:g}), gradmap {r['gradmap_ms']:.0f} ms"
+    if "floor_ms" not in r:
+        return "no", f"{head}; no floor measured"
+    floor_text = (f"the floor graph on the same {len(r['floor_batches'])} batch(es) takes {r['floor_ms']:.0f} ms in "
+                  f"the same rounds")
+    if FLOOR_MARGIN * r["floor_ms"] > needed:
+        part = ("the floor itself is over the target" if r["floor_ms"] > needed
+                else f"{FLOOR_MARGIN:.2f}× the floor is over the target")
+        return "floor", f"{head}; {floor_text}: {part}"
+    rest = r["gradmap_ms"] - r["floor_ms"]
+    return "no", (f"{head}; {floor_text}, so a graph within {FLOOR_MARGIN:.2f}× its floor would meet it: gradmap "
+                  f"spends {rest:.0f} ms above the floor's gradients (its graph over the floor's, and numpy's share "
+                  "of the method)")
+
+
 def render(rows: list[dict], meta: dict) -> str:
+    has_floor = any("floor_ms" in r for r in rows)
+    compiled_any = any("torch_compile_ms" in r for r in rows)
+    blocks = sorted({r["block"] for r in rows if r.get("block") is not None})
+    loaded = (f"the default export (portable) as the runtime loads it, lowered for this CPU's "
+              f"{'/'.join(map(str, blocks))}-channel block" if blocks else "the exported model")
     lines = [
         _report.machine_line(meta),
         "",
-        f"`python bench/bench_methods.py`: one photograph (chelsea) per call, top-1 class, medians in ms of "
-        f"interleaved rounds, {meta['threads']} threads, random weights"
+        f"`{meta.get('command') or 'python bench/bench_methods.py'}`: one photograph (chelsea) per call, top-1 "
+        f"class, medians in ms of interleaved rounds, {meta['threads']} thread{'s' if meta['threads'] != 1 else ''}, random weights"
         f"{'; ' + meta['note'] if meta.get('note') else ''}. SmoothGrad: {SAMPLES} samples, noise {NOISE} of the "
         f"value range; integrated gradients: {STEPS} Gauss-Legendre steps from a black baseline. gradmap: "
-        "`gradmap.runtime.methods.attribute` on the exported model (what `gradmap run --method` calls), "
-        "Captum: `NoiseTunnel(Saliency)` and `IntegratedGradients`, each with its fastest batch size of the "
-        "candidates (in brackets); torch.compile: the same sums on `torch.compile(module)` in steady state "
-        "(all samples in one batch; its first call, the compilation, in brackets). Target: gradmap at least "
-        "1.5x faster than Captum and faster than torch.compile.",
+        f"`gradmap.runtime.methods.attribute` on {loaded} (what `gradmap run --method` calls); "
+        "Captum: `NoiseTunnel(Saliency)` and `IntegratedGradients`; each with its fastest batch size of the "
+        "candidates (in brackets"
+        + (f"; Captum's: {', '.join(map(str, meta['captum_batches']))}" if meta.get("captum_batches") else "") + ")"
+        + ("; floor: bench/floor.py's floor graph run on the batches gradmap's call sends, in the same rounds"
+           if has_floor else "")
+        + ("; torch.compile: the same sums on `torch.compile(module)` in steady state (all samples in one batch; "
+           "its first call, the compilation, in brackets)" if compiled_any else "")
+        + f". Target: gradmap at least {TARGET:g}× faster than Captum at its best batch size; \"floor\" where "
+        "1.10 × the floor's time on the same batches is not that fast either.",
         "",
-        "| model | method | gradmap | Captum | torch.compile (first call) | speed-up vs Captum | vs torch.compile | met |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    header = ["model", "method", "gradmap", "Captum"]
+    if has_floor:
+        header += ["floor", "gradmap ÷ floor"]
+    if compiled_any:
+        header += ["torch.compile (first call)", "vs torch.compile"]
+    header += ["speed-up vs Captum", f"≥ {TARGET:g}× Captum"]
+    body, misses = [], []
     for r in rows:
-        compiled = (f"{r['torch_compile_ms']:.0f} ({r['torch_compile_first_s']:.0f} s)"
-                    if "torch_compile_ms" in r else "–")
-        vs_compile = f"{r['speedup_vs_torch_compile']:.2f}×" if "speedup_vs_torch_compile" in r else "–"
-        met = r["speedup_vs_captum"] >= 1.5 and r.get("speedup_vs_torch_compile", 2.0) > 1.0
-        lines.append(f"| {r['model']} | {r['method']} | {r['gradmap_ms']:.0f} (batch {r['gradmap_batch']}) | "
-                     f"{r['captum_ms']:.0f} (batch {r['captum_batch']}) | {compiled} | "
-                     f"{r['speedup_vs_captum']:.2f}× | {vs_compile} | {'yes' if met else '**no**'} |")
+        met, why = verdict(r)
+        cells = [r["model"], r["method"], f"{r['gradmap_ms']:.0f} (batch {r['gradmap_batch']})",
+                 f"{r['captum_ms']:.0f} (batch {r['captum_batch']})"]
+        if has_floor:
+            cells += [f"{r['floor_ms']:.0f}" if "floor_ms" in r else "–",
+                      f"{r['gradmap_ms'] / r['floor_ms']:.2f}" if "floor_ms" in r else "–"]
+        if compiled_any:
+            cells += [f"{r['torch_compile_ms']:.0f} ({r['torch_compile_first_s']:.0f} s)" if "torch_compile_ms" in r
+                      else "–",
+                      f"{r['speedup_vs_torch_compile']:.2f}×" if "speedup_vs_torch_compile" in r else "–"]
+        cells += [f"{r['speedup_vs_captum']:.2f}×", {"yes": "yes", "floor": "floor", "no": "**no**"}[met]]
+        body.append(cells)
+        if why:
+            misses.append(f"- {r['model']}, {r['method']} ({met}): {why}.")
+    lines += _report.table(header, body)
+    if misses:
+        lines += ["", "Rows that miss the target, and what stops them on this CPU:", "", *misses]
+    differences = [r["ig_difference"] for r in rows if "ig_difference" in r]
+    if differences:
+        lines += ["", f"Integrated gradients: gradmap's differ from Captum's by {min(differences):.1g} to "
+                      f"{max(differences):.1g} of Captum's largest value (max |difference| ÷ max |Captum|)."]
     return "\n".join(lines)
+
+
+def readme_sections(data: dict) -> dict[str, str]:
+    """README's line on SmoothGrad and integrated gradients, from the same results."""
+    rows, meta = data["rows"], data["meta"]
+    verdicts = [verdict(r)[0] for r in rows]
+    speedups = [r["speedup_vs_captum"] for r in rows]
+    missed = [f"{r['model']} {r['method']}" for r, v in zip(rows, verdicts) if v == "no"]
+    # the load during the rows themselves (an --update run's own start and end cover its rows only)
+    loads = [r[k] for r in rows for k in ("load_average_start", "load_average_end") if r.get(k) is not None]
+    start, end = (min(loads), max(loads)) if loads else _report.load_average(meta)
+    counts = (f"{verdicts.count('yes')} of {len(rows)} rows meet the {TARGET:g}x target, "
+              f"{verdicts.count('floor')} are stopped by the floor")
+    counts += f", {len(missed)} miss it ({', '.join(missed)})" if missed else ""
+    line = (f"- SmoothGrad ({SAMPLES} samples) and integrated gradients ({STEPS} steps) of one picture were "
+            f"{min(speedups):.2f} to {max(speedups):.2f} times as fast as Captum at its best internal batch size; "
+            f"{counts} (`bench/bench_methods.py` on {_report.cpu_text(meta)}, "
+            f"{meta.get('date') or 'date ' + _report.NOT_RECORDED}, 1-minute load average {_report._or_not(start)} to "
+            f"{_report._or_not(end)} during its rows; `bench/results/methods.json`, "
+            "[methods table](docs/benchmarks.md#smoothgrad-and-integrated-gradients)).")
+    return {"methods-summary": line}
 
 
 def sections(data: dict) -> dict[str, str]:
@@ -209,25 +327,29 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 16, 32],
                         help="gradmap's batch sizes to pick the fastest from")
-    parser.add_argument("--captum-batches", nargs="+", type=int, default=[8, 32],
+    parser.add_argument("--captum-batches", nargs="+", type=int, default=[8, 16, 32],
                         help="Captum's internal batch sizes to pick the fastest from")
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--budget", type=float, default=120.0, help="seconds of rounds per model and method at most")
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
+    parser.add_argument("--no-floor", action="store_true", help="leave out the floor graph")
     _report.add_flags(parser, RESULTS, note=True, update=True)
     args = _report.parse_args(parser)
 
     def measure():
         meta = _report.start_run(PAGE, SECTIONS, versions=("onnxruntime", "torch", "captum"), threads=args.threads,
-                                 note=args.note)
+                                 note=args.note, batch_sizes=args.batch_sizes, captum_batches=args.captum_batches)
         rows = []
         for name in args.models:
             rows += bench_model(name, args.threads, args.batch_sizes, args.captum_batches, args.repeat, args.budget,
-                                not args.no_compile)
+                                not args.no_compile, floor=not args.no_floor)
+            _report.write_results(args.out.parent / "partial" / args.out.name, meta, rows, final=False)
         rows, meta = _report.updated(args, meta, rows)
-        return _report.write_results(args.out, meta, rows)
+        data = _report.write_results(args.out, meta, rows)
+        (args.out.parent / "partial" / args.out.name).unlink(missing_ok=True)
+        return data
 
-    _report.render_or_measure(args, PAGE, sections, measure)
+    _report.render_or_measure(args, PAGE, sections, measure, readme_sections)
     return 0
 
 

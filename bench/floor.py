@@ -23,8 +23,10 @@ formulation of them can go below.
 
 Per model and batch, in one process, interleaved rounds (bench_speed's timing: medians, each call
 0.1 s after the previous one): (a) onnxruntime forward of the plain export with default options,
-(b) gradmap's gradient graph and (c) the floor graph, both with gradmap's runtime session options.
+(b) gradmap's default export as its runtime loads it (lowered at load for this CPU's block) and
+(c) the floor graph, lowered for the same block, both with gradmap's runtime session options.
 Random weights and inputs. Writes bench/results/floor.json and the table in docs/benchmarks.md.
+``bench/bench_speed.py`` times the floor in its own rounds too and writes this file from them.
 """
 
 from __future__ import annotations
@@ -99,26 +101,18 @@ def floor_rules():
                                         composite_rule=_composite)
 
 
-def build_floor_model(module, size):
+def build_floor_model(module, size, block: int | None = None):
     """The floor graph of ``module``: traced as gradmap exports it, its gradient appended with the
-    floor's rules and seed, lowered for the cpu target without the passes of FLOOR_SKIPPED_LOWERING."""
+    floor's rules and seed, lowered for the cpu target (for the channel block ``block``, the one
+    gradmap's runtime lowers the default export for on this CPU; None: the lowering's default)
+    without the passes of FLOOR_SKIPPED_LOWERING."""
     from gradmap.export._trace import trace_to_onnx
     from gradmap.graph import add_gradient
 
     model = trace_to_onnx(module, size)
-    add_gradient(model, target="cpu", rules=floor_rules(), seed=floor_seed, skip_lowering=FLOOR_SKIPPED_LOWERING)
+    add_gradient(model, target="cpu", rules=floor_rules(), seed=floor_seed, skip_lowering=FLOOR_SKIPPED_LOWERING,
+                 channel_multiple=block)
     return model
-
-
-def export_three(name: str):
-    """The plain forward export, gradmap's gradient model and the floor model, serialized."""
-    import onnx_ir as ir
-
-    from bench_speed import export_pair
-
-    module, size, forward, gradient = export_pair(name)
-    floor_model = build_floor_model(module, size)
-    return size, forward, gradient, ir.serde.serialize_model(floor_model).SerializeToString()
 
 
 def floor_runner(model: bytes, threads: int):
@@ -150,39 +144,20 @@ def floor_runner(model: bytes, threads: int):
 
 
 def bench_model(name: str, batches: list[int], threads: int, repeat: int, budget_s: float) -> list[dict]:
-    from bench_speed import _interleaved_times, cpu_session
-    from gradmap.runtime.model import session_options
+    """bench/bench_speed.py's rounds with the forward, gradmap's default export as its runtime loads it
+    and the floor graph only."""
+    import bench_speed
 
-    size, forward, gradient, floor = export_three(name)
-    s_forward = cpu_session(forward, threads)
-    s_gradient = cpu_session(gradient, threads, session_options(threads))
-    run_floor = floor_runner(floor, threads)
-    rows = []
-    for batch in batches:
-        image = np.random.default_rng(batch).standard_normal((batch, 3, *size), dtype=np.float32)
-        target = np.full(batch, -1, dtype=np.int64)
-        times = _interleaved_times({
-            "ort_forward_ms": lambda: s_forward.run(None, {"image": image}),
-            "gradmap_ms": lambda: s_gradient.run(None, {"image": image, "target": target}),
-            "floor_ms": lambda: run_floor({"image": image, "target": target}),
-        }, warmup=2, repeat=repeat, budget_s=budget_s)
-        medians = {k: statistics.median(v) for k, v in times.items()}
-        rows.append({"model": name, "batch": batch, "threads": threads, "rounds": len(times["gradmap_ms"]),
-                     **medians,
-                     "gradmap_over_forward": medians["gradmap_ms"] / medians["ort_forward_ms"],
-                     "floor_over_forward": medians["floor_ms"] / medians["ort_forward_ms"],
-                     "gradmap_over_floor": medians["gradmap_ms"] / medians["floor_ms"],
-                     "times_ms": {k: [round(t, 3) for t in v] for k, v in times.items()}})
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "times_ms"}), flush=True)
-    return rows
+    rows = bench_speed.bench_model(name, batches, threads, repeat, budget_s, floor=True, eager=False)
+    return bench_speed.floor_rows(rows)
 
 
 def render(rows: list[dict], meta: dict) -> str:
     lines = [
         _report.machine_line(meta),
         "",
-        f"Measured by `python bench/floor.py` ({meta['date']}, {rows[0]['threads']} threads, "
-        f"medians of interleaved rounds{'; ' + meta['note'] if meta.get('note') else ''}). The floor graph is gradmap's graph with every activation's rule cut "
+        f"Measured by `{meta.get('command') or 'python bench/floor.py'}` ({meta['date']}, {rows[0]['threads']} threads, "
+        f"medians of interleaved rounds{'; ' + meta['note'] if meta.get('note') else ''}). gradmap: the default export as its runtime loads it (lowered at load). The floor graph is gradmap's graph with every activation's rule cut "
         "to one product and every max pool's routing to one nearest Resize (a ReLU that only a max pool "
         "reads: its product at the pool's resolution, before the Resize; wrong gradients, the least "
         "any exact graph of standard ops must do there; see the script's docstring; its subnormal floats "

@@ -203,6 +203,17 @@ def test_tables_only_renders_the_recorded_results_and_measures_nothing(report, t
     assert len(published) == 1, "--no-docs published"
 
 
+def test_a_scripts_readme_sections_are_published_with_its_tables(report, tmp_path, monkeypatch):
+    parser = argparse.ArgumentParser()
+    report.add_flags(parser, tmp_path / "r.json")
+    report.write_results(tmp_path / "r.json", {"script": "x"}, [{"model": "a"}])
+    published = []
+    monkeypatch.setattr(report, "publish", lambda page, sections, readme: published.append((page, sections, readme)))
+    report.render_or_measure(report.parse_args(parser, ["--tables-only"]), "p.md", lambda d: {"t": "table"},
+                             lambda: None, lambda d: {"s": f"{len(d['rows'])} row"})
+    assert published == [("p.md", {"t": "table"}, {"s": "1 row"})]
+
+
 def test_a_measuring_run_returns_what_measure_wrote(report, tmp_path, monkeypatch):
     parser = argparse.ArgumentParser()
     report.add_flags(parser, tmp_path / "r.json")

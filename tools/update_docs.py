@@ -7,7 +7,8 @@
 The command-line reference is each command's ``--help`` as click prints it; the run index
 (docs/benchmarks.md, "What was run where") lists every results file with the machine it ran on.
 With ``--all``, every script under bench/, tools/ and models/ that renders docs tables (it defines
-``sections(data)``) renders them again from its results file, as ``SCRIPT --tables-only`` would.
+``sections(data)``) renders them again from its results file, as ``SCRIPT --tables-only`` would,
+and its README summaries where it has some (``readme_sections(data)``).
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ def rendered(module) -> dict[str, str]:
     return module.sections(load() if load else _report.read_results(module.RESULTS))
 
 
+def readme_rendered(module) -> dict[str, str]:
+    """The README sections a script renders from its recorded results file (``readme_sections``)."""
+    return module.readme_sections(_report.read_results(module.RESULTS))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--all", action="store_true", help="also every script's tables from its results file")
@@ -86,6 +92,8 @@ def main() -> int:
     if args.all or args.check:
         for module in generators():
             pages.setdefault(module.PAGE, {}).update(rendered(module))
+            if hasattr(module, "readme_sections"):
+                pages.setdefault(_report.README, {}).update(readme_rendered(module))
     pages.setdefault(_report.INDEX_PAGE, {})[_report.INDEX_SECTION] = _report.runs_section()
     if args.check:
         stale = [f"docs/{page}: {name}" for page, sections in pages.items()
