@@ -156,7 +156,7 @@ def render(rows: list[dict], meta: dict) -> str:
     lines = [
         _report.machine_line(meta),
         "",
-        f"Measured by `{meta.get('command') or 'python bench/floor.py'}` ({meta['date']}, {rows[0]['threads']} threads, "
+        f"Measured by `{meta.get('command') or 'python bench/floor.py'}` ({meta['date']}, {rows[0]['threads']} thread{'s' if rows[0]['threads'] != 1 else ''}, "
         f"medians of interleaved rounds{'; ' + meta['note'] if meta.get('note') else ''}). gradmap: the default export as its runtime loads it (lowered at load). The floor graph is gradmap's graph with every activation's rule cut "
         "to one product and every max pool's routing to one nearest Resize (a ReLU that only a max pool "
         "reads: its product at the pool's resolution, before the Resize; wrong gradients, the least "
