@@ -133,17 +133,10 @@ def verify_file(path: str | os.PathLike, spec: str, pictures: Sequence[str] = ()
                                      score=metadata.score, backprops=backprops, attempts=attempts,
                                      providers=providers)
         return [], result
-    from gradmap.runtime.errors import ImageLoadError
-    from gradmap.runtime.preprocess import load_picture, preprocess
-
     exposed = parity.expose_decisions(proto)
     session = parity._session(exposed.proto, providers)
     checks = []
-    for picture in pictures:
-        try:
-            image, _ = preprocess(load_picture(picture), metadata.preprocessing)
-        except ImageLoadError as e:
-            raise ExportError(f"{picture}: {e}") from e
+    for picture, image in _preprocessed(pictures, metadata):
         images = image[None]
         target = np.array([-1], dtype=np.int64)
         values, decisions = parity.run_model(session, exposed, images, target, backprops)
@@ -154,11 +147,23 @@ def verify_file(path: str | os.PathLike, spec: str, pictures: Sequence[str] = ()
     return checks, reference
 
 
+def _preprocessed(pictures: Sequence[str], metadata):
+    """Each picture with its model input, preprocessed by the file's metadata; a picture that does not
+    load is an ExportError naming it."""
+    from gradmap.runtime.errors import ImageLoadError
+    from gradmap.runtime.preprocess import load_picture, preprocess
+
+    for picture in pictures:
+        try:
+            image, _ = preprocess(load_picture(picture), metadata.preprocessing)
+        except ImageLoadError as e:
+            raise ExportError(f"{picture}: {e}") from e
+        yield picture, image
+
+
 def _verify_forward(proto, metadata, reference, pictures: Sequence[str], providers, attempts: int):
     """:func:`verify_file` for a forward-only model: logits and top classes, no gradient."""
     from gradmap.graph import parity
-    from gradmap.runtime.errors import ImageLoadError
-    from gradmap.runtime.preprocess import load_picture, preprocess
 
     if not hasattr(reference, "logits"):
         raise ExportError(f"the reference {getattr(reference, 'name', '?')} has no logits of its own to compare a "
@@ -168,11 +173,7 @@ def _verify_forward(proto, metadata, reference, pictures: Sequence[str], provide
                                          attempts=attempts, providers=providers)
     session = parity._session(proto, providers)
     checks = []
-    for picture in pictures:
-        try:
-            image, _ = preprocess(load_picture(picture), metadata.preprocessing)
-        except ImageLoadError as e:
-            raise ExportError(f"{picture}: {e}") from e
+    for picture, image in _preprocessed(pictures, metadata):
         logits, target_index = session.run([contract.OUTPUT_LOGITS, contract.OUTPUT_TARGET_INDEX], {
             contract.INPUT_IMAGE: image[None], contract.INPUT_TARGET: np.array([-1], np.int64)})
         check = parity.check_logits(logits, target_index, reference, image[None])
