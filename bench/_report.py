@@ -363,6 +363,16 @@ def _or_not(value) -> str:
 # --- tables and sections -------------------------------------------------------------------------------------------
 
 
+def target_cell(met: str) -> str:
+    """A table's target column from a verdict: ``yes``, ``floor`` or a bold ``no``."""
+    return {"yes": "yes", "floor": "floor", "no": "**no**"}[met]
+
+
+def misses_lines(misses: list[str]) -> list[str]:
+    """The list under a table of the rows that miss its target and what stops each; none: no lines."""
+    return ["", "Rows that miss the target, and what stops them on this CPU:", "", *misses] if misses else []
+
+
 def table(header: list[str], rows: list[list]) -> list[str]:
     """A Markdown table's lines; the caller formats the cells (and escapes a ``|`` inside one)."""
     def line(cells) -> str:

@@ -219,7 +219,7 @@ def bench_model(name: str, threads: int, batch_sizes: list[int], captum_batches:
 def verdict(r: dict) -> tuple[str, str | None]:
     """("yes" | "floor" | "no", for a miss what stops it): gradmap at most Captum's time ÷ TARGET; a
     miss is the floor's when 1.10 times the floor graph's time on the same batches is over that too."""
-    from bench_speed import FLOOR_MARGIN
+    from bench_speed import FLOOR_MARGIN, floor_stops
 
     needed = r["captum_ms"] / TARGET
     if r["gradmap_ms"] <= needed:
@@ -229,9 +229,8 @@ def verdict(r: dict) -> tuple[str, str | None]:
         return "no", f"{head}; no floor measured"
     floor_text = (f"the floor graph on the same {len(r['floor_batches'])} batch(es) takes {r['floor_ms']:.0f} ms in "
                   f"the same rounds")
-    if FLOOR_MARGIN * r["floor_ms"] > needed:
-        part = ("the floor itself is over the target" if r["floor_ms"] > needed
-                else f"{FLOOR_MARGIN:.2f}× the floor is over the target")
+    part = floor_stops(r["floor_ms"], needed)
+    if part:
         return "floor", f"{head}; {floor_text}: {part}"
     rest = r["gradmap_ms"] - r["floor_ms"]
     return "no", (f"{head}; {floor_text}, so a graph within {FLOOR_MARGIN:.2f}× its floor would meet it: gradmap "
@@ -282,13 +281,12 @@ def render(rows: list[dict], meta: dict) -> str:
             cells += [f"{r['torch_compile_ms']:.0f} ({r['torch_compile_first_s']:.0f} s)" if "torch_compile_ms" in r
                       else "–",
                       f"{r['speedup_vs_torch_compile']:.2f}×" if "speedup_vs_torch_compile" in r else "–"]
-        cells += [f"{r['speedup_vs_captum']:.2f}×", {"yes": "yes", "floor": "floor", "no": "**no**"}[met]]
+        cells += [f"{r['speedup_vs_captum']:.2f}×", _report.target_cell(met)]
         body.append(cells)
         if why:
             misses.append(f"- {r['model']}, {r['method']} ({met}): {why}.")
     lines += _report.table(header, body)
-    if misses:
-        lines += ["", "Rows that miss the target, and what stops them on this CPU:", "", *misses]
+    lines += _report.misses_lines(misses)
     differences = [r["ig_difference"] for r in rows if "ig_difference" in r]
     if differences:
         lines += ["", f"Integrated gradients: gradmap's differ from Captum's by {min(differences):.1g} to "

@@ -291,12 +291,20 @@ def verdict(r: dict, floor_ratio: float | None = None) -> tuple[str, str | None]
         # gradmap's own time is the lower bound the row has
         floor_text += f", more than gradmap's own {r['gradmap_ms']:.1f} ms (noise), which stands for it"
         floor_ms = r["gradmap_ms"]
-    if FLOOR_MARGIN * floor_ms > needed:
-        part = ("the floor itself is over the target" if floor_ms > needed
-                else f"{FLOOR_MARGIN:.2f}× the floor is over the target")
+    part = floor_stops(floor_ms, needed)
+    if part:
         return "floor", f"{head}; {floor_text}: {part}"
     return "no", (f"{head}; {floor_text}, so a graph within {FLOOR_MARGIN:.2f}× its floor would meet it: "
                   f"gradmap is {r['gradmap_ms'] / floor_ms:.2f}× its floor")
+
+
+def floor_stops(floor_ms: float, needed_ms: float) -> str | None:
+    """Why the floor stops a row that needs ``needed_ms`` (FLOOR_MARGIN times the floor graph's
+    ``floor_ms`` is over it), or None when a graph within that margin of its floor would meet it."""
+    if FLOOR_MARGIN * floor_ms <= needed_ms:
+        return None
+    return ("the floor itself is over the target" if floor_ms > needed_ms
+            else f"{FLOOR_MARGIN:.2f}× the floor is over the target")
 
 
 def _quartiles(r: dict, key: str) -> str:
@@ -361,13 +369,12 @@ def render(rows: list[dict], meta: dict) -> str:
         if compiled_any:
             cells.append(f"{r['torch_compile_ms']:.1f} ({r['torch_compile_first_s']:.0f} s)"
                          if "torch_compile_ms" in r else "–")
-        cells += [speedups, {"yes": "yes", "floor": "floor", "no": "**no**"}[met]]
+        cells += [speedups, _report.target_cell(met)]
         body.append(cells)
         if why:
             misses.append(f"- {r['model']}, batch {r['batch']} ({met}): {why}.")
     lines += _report.table(header, body)
-    if misses:
-        lines += ["", "Rows that miss the target, and what stops them on this CPU:", "", *misses]
+    lines += _report.misses_lines(misses)
     if any("baseline_ms" in r for r in rows):
         lines += ["", *render_baseline(rows, meta)]
     return "\n".join(lines)

@@ -260,16 +260,7 @@ def check_batch(values: Mapping[str, np.ndarray], reference: Reference, images: 
                 f"at {tolerance.factor:g} times that (over {tolerance.cap:g}) could not tell a wrong rule from "
                 f"rounding{'; ' + hint if hint else ''}")
             return check
-    if check.logits_error > check.logits_limit:
-        check.problems.append(f"logits differ from {reference.name} by {check.logits_error:.3g} "
-                              f"(limit {check.logits_limit:.3g}; {owner}'s own float32 run: {own_logits:.3g})")
-    top = np.argmax(ref.logits, axis=1)
-    for i in np.flatnonzero((np.asarray(target) < 0) & (target_index != top)):
-        # a top class within the logits' limit of the model's is a tie that rounding may break either way
-        scale = float(np.abs(ref.logits).max())
-        if ref.logits[i, top[i]] - ref.logits[i, target_index[i]] > check.logits_limit * scale:
-            check.problems.append(f"sample {i}: the model's top class {int(target_index[i])} is not "
-                                  f"{reference.name}'s {int(top[i])}")
+    _logits_problems(check, ref.logits, target_index, np.asarray(target) < 0, reference.name, owner)
     for b, error in check.gradient_errors.items():
         if error > check.gradient_limit:
             name = "gradient" if b == "vanilla" else f"{b} gradient"
@@ -380,16 +371,24 @@ def check_logits(logits: np.ndarray, target_index: np.ndarray, reference, images
                               f"comparison at {tolerance.factor:g} times that (over {tolerance.cap:g}) could not "
                               f"tell a wrong graph from rounding{'; ' + hint if hint else ''}")
         return check
-    if check.logits_error > check.logits_limit:
-        check.problems.append(f"logits differ from {reference.name} by {check.logits_error:.3g} "
-                              f"(limit {check.logits_limit:.3g}; {owner}'s own float32 run: {own:.3g})")
-    top = np.argmax(ref, axis=1)
-    scale = float(np.abs(ref).max())
-    for i in np.flatnonzero(np.asarray(target_index) != top):  # a near-tie rounding may break either way is no miss
-        if ref[i, top[i]] - ref[i, target_index[i]] > check.logits_limit * scale:
-            check.problems.append(f"sample {i}: the model's top class {int(target_index[i])} is not "
-                                  f"{reference.name}'s {int(top[i])}")
+    _logits_problems(check, ref, np.asarray(target_index), np.ones(len(ref), bool), reference.name, owner)
     return check
+
+
+def _logits_problems(check: BatchCheck, ref_logits: np.ndarray, target_index: np.ndarray, top_asked: np.ndarray,
+                     name: str, owner: str) -> None:
+    """Add to ``check.problems`` the logits over their limit and, among the samples ``top_asked`` for
+    their top class, each whose ``target_index`` is not the reference's top class. A top class within
+    the logits' limit of the reference's is a tie that rounding may break either way, no miss."""
+    if check.logits_error > check.logits_limit:
+        check.problems.append(f"logits differ from {name} by {check.logits_error:.3g} "
+                              f"(limit {check.logits_limit:.3g}; {owner}'s own float32 run: {check.own_logits:.3g})")
+    top = np.argmax(ref_logits, axis=1)
+    scale = float(np.abs(ref_logits).max())
+    for i in np.flatnonzero(top_asked & (target_index != top)):
+        if ref_logits[i, top[i]] - ref_logits[i, target_index[i]] > check.logits_limit * scale:
+            check.problems.append(f"sample {i}: the model's top class {int(target_index[i])} is not "
+                                  f"{name}'s {int(top[i])}")
 
 
 def verify_forward(proto, reference, *, input_size: tuple[int, int], batch: int = 2, seed: int = 0, attempts: int = 8,
