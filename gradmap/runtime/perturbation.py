@@ -274,7 +274,7 @@ def score_cam(model, images: np.ndarray, targets: np.ndarray, activation: np.nda
     cams = np.zeros((n, ch, cw))
     for i in range(n):
         a = activation[i].astype(np.float64)
-        up = np.einsum("hi,cij,wj->chw", rows, a, cols)
+        up = rows @ a @ cols.T  # [C, H, W]: two small products per channel (a 3-operand einsum loops over all five axes)
         low = up.reshape(channels, -1).min(1)[:, None, None]
         high = up.reshape(channels, -1).max(1)[:, None, None]
         masks = ((up - low) / (high - low + 1e-8)).astype(np.float32)
