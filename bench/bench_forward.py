@@ -1,7 +1,7 @@
 """The CAM family, the forward-only methods and the attention methods per picture: gradmap's runtime
 against the reference implementations.
 
-    python bench/bench_forward.py [--models resnet50 vit_b_16] [--score-cam-model resnet18]
+    python bench/bench_forward.py [--models resnet50 vit_b_16] [--score-cam-models resnet18]
     python bench/bench_forward.py --models vit_b_16 --update --note "..."   # re-measured rows replace
                                                                           # theirs, the others are kept
     python bench/bench_forward.py --tables-only     # the docs table again from bench/results/forward_methods.json
@@ -20,7 +20,7 @@ weights, 2 threads for onnxruntime and torch, the same settings on both sides:
     gradient) against pytorch-grad-cam (forward and backward in torch) on the layer its documentation
     picks: a ResNet's ``layer4``; a ViT's ``encoder.layers[-1].ln_1`` with its ViT
     ``reshape_transform`` (gradmap: ``--cam-layer auto``, which finds the same layer);
-  Score-CAM, 64 copies per call on both sides, timed whole on ``--score-cam-model`` (resnet18: 512
+  Score-CAM, 64 copies per call on both sides, timed whole on ``--score-cam-models`` (resnet18: 512
     channels, 512 masked forward passes) and on models whose CAM layer has at most
     ``--score-cam-max-channels``; on the others (resnet50's 2048, vit_b_16's 768 take minutes per side
     on 2 cores) the table gives the time per masked copy from the forward row;
@@ -425,8 +425,8 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     parser.add_argument("--methods", nargs="+", default=None,
                         help="the methods to run on --models (default: all each model has; 'forward': the floor row)")
-    parser.add_argument("--score-cam-model", default="resnet18",
-                        help="a model whose Score-CAM is timed whole ('' for none)")
+    parser.add_argument("--score-cam-models", "--score-cam-model", nargs="*", default=["resnet18"],
+                        help="models to run Score-CAM alone on (none: no such run)")
     parser.add_argument("--score-cam-max-channels", type=int, default=512,
                         help="Score-CAM on a CAM layer of more channels is not timed whole: the table gives its "
                              "time per masked copy from the forward row")
@@ -454,8 +454,7 @@ def main() -> int:
         partial = args.out.parent / "partial" / args.out.name
         rows = []
         runs = [(name, methods_of(name)) for name in args.models]
-        if args.score_cam_model:
-            runs.append((args.score_cam_model, ["score-cam"]))
+        runs += [(name, ["score-cam"]) for name in args.score_cam_models if name]
         for name, methods in runs:
             if "score-cam" in methods and "forward" not in methods:
                 methods = ["forward", *methods]  # a Score-CAM not timed whole is told by its forward's time
