@@ -409,6 +409,10 @@ def render(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def sections(data: dict) -> dict[str, str]:
+    return {"forward-methods-speed": render(data["rows"], data["meta"])}
+
+
 def merge(saved: list[dict], new: list[dict]) -> list[dict]:
     """``saved`` rows with those re-measured in ``new`` (same model, method and settings) replaced in
     place, the others of ``new`` after them (``--update``)."""
