@@ -321,7 +321,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--method", action="append", metavar="NAME[:SETTING=VALUE,...]",
                         help="evaluate only this method (repeatable), with these settings, and merge its rows into "
-                             "the existing quality.json")
+                             "the existing quality.json (without one: a first run on these methods only)")
     parser.add_argument("--per-class", type=int, default=None, metavar="N",
                         help="with --method: evaluate on the first N images of each class only (the slow "
                              "perturbation and path methods); the table says so")
@@ -335,6 +335,12 @@ def main() -> int:
     sections_run = (spec.section,)
     if args.tables_only:
         results = load_results(out)
+    elif args.method and not out.is_file() and args.per_class is None:
+        # a first run on these methods only; later --method runs add the others
+        meta = _report.start_run(PAGE, sections_run, versions=("onnxruntime",), threads=args.threads)
+        results = run(demo, args.threads, [parse_method(text) for text in args.method], spec=spec)
+        results["targets_missed"] = verdicts(results)
+        results = _report.write_json(out, {"meta": _report.finish_run(meta), **results}, indent=2)
     elif args.method:
         # some methods again (or new ones), their rows merged into the results of the full run
         results = load_results(out)

@@ -112,9 +112,12 @@ def load_data(train_size: int, jobs: int, cache: Path | None):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "demo_vit")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per learning-rate cycle")
+    parser.add_argument("--cycles", type=int, default=2, help="one-cycle schedules, back to back (default 2)")
+    parser.add_argument("--checkpoints", type=Path, default=None,
+                        help="save the weights after each cycle here, and go on from the last one saved")
     parser.add_argument("--train-size", type=int, default=TRAIN_SIZE)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--dim", type=int, default=EMBED_DIM)
     parser.add_argument("--depth", type=int, default=DEPTH)
@@ -159,9 +162,25 @@ def main() -> None:
     if args.state is not None and args.state.exists():
         model.load_state_dict(torch.load(args.state))
     else:
-        train_started = time.perf_counter()
-        make_demo.train(model, x_train, train_labels, **settings, x_test=x_test, y_test=test_labels)
-        settings["seconds"] = round(time.perf_counter() - train_started, 1)
+        # ``cycles`` one-cycle schedules back to back (warm restarts), cycle k on generator seed SEED + k,
+        # each saved to --checkpoints when given, so that a stopped run goes on from its last cycle and
+        # ends with the same weights as an uninterrupted one
+        cycle_seconds = []
+        for cycle in range(args.cycles):
+            checkpoint = None if args.checkpoints is None else args.checkpoints / f"cycle{cycle + 1}.pt"
+            if checkpoint is not None and checkpoint.exists():
+                model.load_state_dict(torch.load(checkpoint))
+                logger.info("cycle %d/%d: weights from %s", cycle + 1, args.cycles, checkpoint)
+                continue
+            train_started = time.perf_counter()
+            make_demo.train(model, x_train, train_labels, **{**settings, "seed": make_demo.SEED + cycle},
+                            x_test=x_test, y_test=test_labels)
+            cycle_seconds.append(round(time.perf_counter() - train_started, 1))
+            if checkpoint is not None:
+                checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(model.state_dict(), checkpoint)
+        settings.update(cycles=args.cycles, seeds=[make_demo.SEED + k for k in range(args.cycles)],
+                        seconds_per_cycle_run_here=cycle_seconds)
         if args.state is not None:
             torch.save(model.state_dict(), args.state)
     model.eval()
