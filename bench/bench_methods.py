@@ -235,7 +235,24 @@ def verdict(r: dict) -> tuple[str, str | None]:
     rest = r["gradmap_ms"] - r["floor_ms"]
     return "no", (f"{head}; {floor_text}, so a graph within {FLOOR_MARGIN:.2f}× its floor would meet it: gradmap "
                   f"spends {rest:.0f} ms above the floor's gradients (its graph over the floor's, and numpy's share "
-                  "of the method)")
+                  f"of the method){per_gradient(r)}")
+
+
+def per_gradient(r: dict) -> str:
+    """Each side's time per gradient it evaluates, at each batch size tried (one call each, before the
+    rounds): whether a side gains from larger batches. gradmap evaluates the picture's and the
+    baseline's gradient besides the samples (SmoothGrad: the picture's), Captum the samples only."""
+    if not r.get("gradmap_batch_ms") or not r.get("captum_batch_ms"):
+        return ""
+    samples = SAMPLES if r["method"] == "smoothgrad" else STEPS
+    ours = samples + (1 if r["method"] == "smoothgrad" else 2)
+
+    def times(candidates: dict, count: int) -> str:
+        return ", ".join(f"{ms / count:.0f} at batch {b}" for b, ms in sorted(candidates.items(), key=lambda kv: int(kv[0])))
+
+    return (f". Per gradient, from one call per batch size before the rounds, in ms (gradmap evaluates {ours} per "
+            f"picture, Captum {samples}): gradmap "
+            f"{times(r['gradmap_batch_ms'], ours)}; Captum {times(r['captum_batch_ms'], samples)}")
 
 
 def render(rows: list[dict], meta: dict) -> str:

@@ -1,6 +1,7 @@
 """Blur IG, Guided IG and XRAI per picture: gradmap's runtime against PAIR's ``saliency`` package on torch.
 
     python bench/bench_path_methods.py [--models resnet50 vit_b_16] [--steps 16]
+    python bench/bench_path_methods.py --models vit_b_16 --update --note "..."   # the other models' rows kept
     python bench/bench_path_methods.py --tables-only   # the docs table again from bench/results/path_methods.json
 
 One photograph (scikit-image's chelsea, the models' own preprocessing), top-1 class, per model with
@@ -39,6 +40,7 @@ DEFAULT_MODELS = ["resnet50", "vit_b_16"]
 RESULTS = _report.RESULTS / "path_methods.json"
 PAGE, SECTIONS = "benchmarks.md", ("path-methods-speed",)
 METHODS = ("blur-ig", "guided-ig", "xrai")
+TARGET = 1.5
 
 
 def _numpy_for_pair():
@@ -106,7 +108,8 @@ def bench_model(name: str, threads: int, steps: int, batch_sizes: list[int], rep
 
     rows = []
     for method in METHODS:
-        row = {"model": name, "method": method, "threads": threads, "input_size": list(size), "steps": steps}
+        row = {"model": name, "method": method, "threads": threads, "input_size": list(size), "steps": steps,
+               "load_average_start": _report._load_1min()}
 
         def gradmap_fn(b, spec=specs[method]):
             return lambda: attribute(model, spec, image, targets, batch_size=b)[2][0]
@@ -128,6 +131,7 @@ def bench_model(name: str, threads: int, steps: int, batch_sizes: list[int], rep
         row["rounds"] = len(times["gradmap_ms"])
         row["times_ms"] = {k: [round(t, 1) for t in v] for k, v in times.items()}
         row["speedup_vs_pair"] = row["pair_ms"] / row["gradmap_ms"]
+        row["load_average_end"] = _report._load_1min()
         print(json.dumps({k: v for k, v in row.items() if k != "times_ms"}), flush=True)
         rows.append(row)
     return rows
@@ -141,22 +145,30 @@ def render(rows: list[dict], meta: dict) -> str:
         f"`python bench/bench_path_methods.py`: one photograph (chelsea) per call, top-1 class, medians in ms "
         f"of interleaved rounds, {meta['threads']} threads, random weights"
         f"{'; ' + meta['note'] if meta.get('note') else ''}. Equal settings on both sides, "
-        f"{' / '.join(map(str, steps))} steps: Blur IG max_sigma 50, grad_step 0.01; Guided IG fraction 0.25, "
+        f"{' / '.join(map(str, steps))} steps{' (per row)' if len(steps) > 1 else ''}: Blur IG max_sigma 50, "
+        "grad_step 0.01; Guided IG fraction 0.25, "
         "max_dist 0.02, black baseline; XRAI with PAIR's defaults (baselines at the input's min and max, equal "
         "weights; `--baselines input-range --rule equal-weights`), full search. gradmap: "
         "`gradmap.runtime.methods.attribute` on the exported model (what `gradmap run --method` calls); "
         "PAIR: `saliency.core` with its PyTorch example's call_model_function (autograd on the torch "
         "module); batch sizes in brackets (each side's fastest when several were tried; PAIR's Guided IG "
         "takes one point at a time). *difference*: max |gradmap - PAIR| / max |PAIR| on this picture. Target: gradmap "
-        "at least 1.5x faster than PAIR.",
+        f"at least {TARGET:g}x faster than PAIR.",
         "",
-        "| model | method | gradmap | PAIR + torch | speed-up | difference | met |",
-        "|---|---|---|---|---|---|---|",
     ]
+    header = ["model", "method"] + (["steps"] if len(steps) > 1 else []) + [
+        "gradmap", "PAIR + torch", "speed-up", "difference", "met"]
+    body, misses = [], []
     for r in rows:
-        lines.append(f"| {r['model']} | {r['method']} | {r['gradmap_ms']:.0f} (batch {r['gradmap_batch']}) | "
-                     f"{r['pair_ms']:.0f} (batch {r['pair_batch']}) | {r['speedup_vs_pair']:.2f}× | "
-                     f"{r['difference']:.1e} | {'yes' if r['speedup_vs_pair'] >= 1.5 else '**no**'} |")
+        met = r["speedup_vs_pair"] >= TARGET
+        body.append([r["model"], r["method"]] + ([r["steps"]] if len(steps) > 1 else []) + [
+            f"{r['gradmap_ms']:.0f} (batch {r['gradmap_batch']})", f"{r['pair_ms']:.0f} (batch {r['pair_batch']})",
+            f"{r['speedup_vs_pair']:.2f}×", f"{r['difference']:.1e}", _report.target_cell("yes" if met else "no")])
+        if not met:
+            misses.append(f"- {r['model']}, {r['method']}: needs ≤ {r['pair_ms'] / TARGET:.0f} ms (PAIR's "
+                          f"{r['pair_ms']:.0f} ms ÷ {TARGET:g}), gradmap {r['gradmap_ms']:.0f} ms.")
+    lines += _report.table(header, body)
+    lines += _report.misses_lines(misses)
     return "\n".join(lines)
 
 
@@ -173,17 +185,21 @@ def main() -> int:
                         help="batch sizes to pick each side's fastest from")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--budget", type=float, default=300.0, help="seconds of rounds per model and method at most")
-    _report.add_flags(parser, RESULTS, note=True)
+    _report.add_flags(parser, RESULTS, note=True, update=True)
     args = _report.parse_args(parser)
 
     def measure():
         meta = _report.start_run(PAGE, SECTIONS, versions=("onnxruntime", "torch", "saliency", "scikit-image"),
                                  threads=args.threads, note=args.note)
+        partial = args.out.parent / "partial" / args.out.name
         rows = []
         for name in args.models:
             rows += bench_model(name, args.threads, args.steps, args.batch_sizes, args.repeat, args.budget)
-            _report.write_results(args.out, meta, rows, final=False)  # a crash later keeps what was measured
-        return _report.write_results(args.out, meta, rows)
+            _report.write_results(partial, meta, rows, final=False)  # a crash later keeps what was measured
+        rows, meta = _report.updated(args, meta, rows)
+        data = _report.write_results(args.out, meta, rows)
+        partial.unlink(missing_ok=True)
+        return data
 
     _report.render_or_measure(args, PAGE, sections, measure)
     return 0

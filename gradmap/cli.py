@@ -863,7 +863,8 @@ def cache_clear_command(stale: bool) -> None:
 @click.option("--max-top", type=click.IntRange(min=1), default=10, show_default=True,
               help="Largest K of a topK target.")
 @click.option("--max-passes", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Largest samples, steps or masks setting (model runs per picture) a request may ask for.")
+              help="Most model runs one picture may take (samples, steps, masks, occlusion windows, Score-CAM "
+                   "channels); a request over it gets a 400 saying what to send instead.")
 @click.option("--max-connections", type=click.IntRange(min=1), default=128, show_default=True,
               help="Open connections per process (503 above).")
 @click.option("--image-formats", default="JPEG,PNG,WEBP", show_default=True,

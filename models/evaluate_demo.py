@@ -140,7 +140,8 @@ def per_class_subset(labels, per_class: int) -> list[int]:
 
 
 def run(demo: Path, threads: int, only: list[tuple[str, dict]] | None = None,
-        selection: dict | None = None, per_class: int | None = None, spec: Demo = CNN) -> dict:
+        selection: dict | None = None, per_class: int | None = None, seed_check: bool = False,
+        spec: Demo = CNN) -> dict:
     from gradmap.runtime import SaliencyModel
     from gradmap.runtime.evaluate import evaluate, load_evaluation_data
     from gradmap.runtime.methods import MethodSpec
@@ -166,7 +167,7 @@ def run(demo: Path, threads: int, only: list[tuple[str, dict]] | None = None,
         specs = [MethodSpec(name, **({"noise": selection["noise"]} if name == "smoothgrad" else {}), **settings)
                  for name, settings in only]
     results = evaluate(model, data, specs, randomized=randomized, cascade=cascade, tolerance=TOLERANCE_PX,
-                       progress=lambda m: print(m, flush=True))
+                       seed_check=seed_check, progress=lambda m: print(m, flush=True))
     results["smoothgrad_noise_selection"] = selection
     results["supported_methods"] = list(model.metadata.methods)
     results["model"] = f"{spec.directory}/{spec.model}"
@@ -293,7 +294,71 @@ def render(results: dict, spec: Demo = CNN) -> str:
             cells = [f"{m['rank_correlation']['mean']:.3f}"]
             cells += [f"{m['rank_correlation_cascade'][label]['mean']:.3f}" for label in labels]
             lines.append(f"| {row_name(r, name)} | " + " | ".join(cells) + f" | {m['rank_correlation_other_image']['mean']:.3f} |")
+    if spec is CNN:  # the reasons are the CNN's (its max-pooled CAM layer, its ReLUs)
+        lines += explain_misses(r)
     return "\n".join(lines)
+
+
+# Why methods miss the randomization target, by the mechanism the demo's figures point to; each
+# paragraph is rendered with the measured figures of the methods of its group that miss, and only then.
+MISS_GROUPS = (
+    (("guided-backprop", "deconvnet"),
+     "Both pass back only positive signals through the ReLUs (deconvnet: positive gradients; guided "
+     "backpropagation: positive gradients through positive activations), so their maps reconstruct the "
+     "picture's edges whatever the top layers hold, as Adebayo et al. (2018) and Nie, Zhang & Patel (2018) "
+     "found: ρ hardly falls down the cascade."),
+    (("integrated-gradients", "gradient-x-input", "blur-ig", "guided-ig", "xrai"),
+     "Each multiplies gradients by how the picture differs from a baseline (x − x0; Blur IG: by how the "
+     "picture changes as its blur is undone; XRAI sums integrated gradients over segments of the picture). "
+     "That factor is the same for every model, so the maps keep the picture's structure when the network "
+     "has learned nothing: ρ stays high down the cascade, well above ρ between two pictures' maps. Adebayo et al. (2018) report the same for gradient ⊙ input and "
+     "integrated gradients. Each implementation matches its reference on the same inputs (Captum; PAIR's "
+     "`saliency` for XRAI, Blur IG and Guided IG), so the miss is the methods', not an error in them."),
+    (("layer-cam", "hirescam"),
+     "The demo network max-pools its CAM layer, so the score's gradient there is non-zero only at each "
+     "channel's maximum, and these maps, which weight the activations position by position instead of "
+     "averaging the gradient over the map as Grad-CAM and XGradCAM do, are the activations at those maxima. "
+     "Where a channel peaks depends on the picture as much as on the block's weights, so a random block's "
+     "maxima still follow the picture's structure: ρ stays above ρ between two pictures' maps with every "
+     "block random. The maps match pytorch-grad-cam's on the same activations and gradients (tests)."),
+    (("rise",),
+     "RISE's map is the sum of its random masks weighted by the class probability, and the check draws the "
+     "same masks (the same seed) for both models. A randomized model's probability hardly changes from mask "
+     "to mask, so its map is the masks' own coverage, uneven by sampling, and the trained model's map "
+     "carries that coverage too where its own signal is weak; ρ between two pictures' maps, which share the "
+     "masks as well, is high for the same reason. RISE matches a re-implementation from the paper on the "
+     "same masks (tests)."),
+)
+
+
+def _cascade_figures(r: dict, name: str) -> str:
+    m = r["methods"][name]
+    chain = [m["rank_correlation"]["mean"]] + [v["mean"] for v in m.get("rank_correlation_cascade", {}).values()]
+    text = f"{row_name(r, name)}: ρ {' → '.join(f'{v:.3f}' for v in chain)}"
+    text += f" (two pictures' maps: {m['rank_correlation_other_image']['mean']:.3f}"
+    if "rank_correlation_other_seed" in m:
+        text += (f"; against the randomized model's map drawn from the next seed: "
+                 f"{m['rank_correlation_other_seed']['mean']:.3f}, the trained model's maps of two seeds: "
+                 f"{m['rank_correlation_seed_to_seed']['mean']:.3f}")
+    return text + ")"
+
+
+def explain_misses(r: dict) -> list[str]:
+    """Paragraphs under the cascade table: for each group of :data:`MISS_GROUPS` with a method that misses
+    the randomization target, its measured figures (ρ down the cascade, top first) and the reason."""
+    missed = [name for name, m in r["methods"].items() if m["rank_correlation"]["mean"] > MAX_RHO]
+    if not missed:
+        return []
+    lines = ["", f"What the randomization misses mean (ρ > {MAX_RHO}; figures: ρ with the classifier and the last "
+                 "block random, then down the cascade):", ""]
+    for names, reason in MISS_GROUPS:
+        here = [name for name in names if name in missed]
+        if here:
+            lines.append("- " + "; ".join(_cascade_figures(r, name) for name in here) + ". " + reason)
+    alone = [name for name in missed if not any(name in names for names, _ in MISS_GROUPS)]
+    if alone:
+        lines.append("- " + "; ".join(_cascade_figures(r, name) for name in alone) + ". Not explained yet.")
+    return lines
 
 
 def sections(data: dict) -> dict[str, str]:
@@ -325,10 +390,16 @@ def main() -> int:
     parser.add_argument("--per-class", type=int, default=None, metavar="N",
                         help="with --method: evaluate on the first N images of each class only (the slow "
                              "perturbation and path methods); the table says so")
+    parser.add_argument("--seed-check", action="store_true",
+                        help="with --method: for methods with a seed (RISE...), also compare the trained model's map "
+                             "with the randomized model's map drawn from the next seed (gradmap.runtime.evaluate's "
+                             "seed_check): two more maps per image")
     _report.add_flags(parser, RESULTS)
     args = parser.parse_args()
     if args.per_class is not None and not args.method:
         parser.error("--per-class: only with --method (the full run covers every image)")
+    if args.seed_check and not args.method:
+        parser.error("--seed-check: only with --method")
     spec = VIT if args.vit else CNN
     demo = args.demo or ROOT / spec.directory
     out = args.out if args.out != RESULTS else demo / "quality.json"
@@ -338,7 +409,8 @@ def main() -> int:
     elif args.method and not out.is_file() and args.per_class is None:
         # a first run on these methods only; later --method runs add the others
         meta = _report.start_run(PAGE, sections_run, versions=("onnxruntime",), threads=args.threads)
-        results = run(demo, args.threads, [parse_method(text) for text in args.method], spec=spec)
+        results = run(demo, args.threads, [parse_method(text) for text in args.method], seed_check=args.seed_check,
+                      spec=spec)
         results["targets_missed"] = verdicts(results)
         results = _report.write_json(out, {"meta": _report.finish_run(meta), **results}, indent=2)
     elif args.method:
@@ -346,7 +418,8 @@ def main() -> int:
         results = load_results(out)
         only = [parse_method(text) for text in args.method]
         meta = _report.start_run(PAGE, sections_run, versions=("onnxruntime",), threads=args.threads)
-        partial = run(demo, args.threads, only, results.get("smoothgrad_noise_selection"), args.per_class, spec)
+        partial = run(demo, args.threads, only, results.get("smoothgrad_noise_selection"), args.per_class,
+                      args.seed_check, spec)
         record = _report.finish_run(meta)
         results = load_results(out)  # read again: another --method run may have merged its rows meanwhile
         for name, settings in only:

@@ -84,3 +84,15 @@ def test_a_floor_measured_slower_than_gradmap_is_noise_and_gradmaps_time_stands_
     assert met == "floor" and "(noise)" in why, why
     # gradmap 36.5 ms would meet it; a noisy floor never turns a met row into a miss
     assert bench_speed.verdict(_row(gradmap_ms=36.5, torch_eager_ms=60.0, captum_ms=61.0, floor_ms=80.0))[0] == "yes"
+
+
+def test_a_methods_miss_shows_each_sides_time_per_gradient_at_each_batch_size():
+    import bench_methods
+
+    row = {"model": "m", "method": "integrated-gradients", "gradmap_ms": 3400.0, "captum_ms": 3200.0,
+           "floor_ms": 1000.0, "floor_batches": [1, 32, 1],
+           "gradmap_batch_ms": {"8": 3400.0, "32": 6800.0}, "captum_batch_ms": {"16": 3200.0, "8": 6400.0}}
+    met, why = bench_methods.verdict(row)
+    assert met == "no"
+    # gradmap evaluates 34 gradients per picture (32 steps, the picture and the baseline), Captum 32
+    assert "gradmap 100 at batch 8, 200 at batch 32; Captum 200 at batch 8, 100 at batch 16" in why

@@ -245,7 +245,8 @@ def test_every_script_that_records_results_uses_the_report_module():
     print_only = {"ab_speed.py", "export_baseline.py", "first_runs.py", "profile_nodes.py", "pytorch_recipe.py",
                   "make_figures.py", "web_screenshot.py", "mkdocs_hooks.py",
                   "make_onnx_fixtures.py", "make_keras_fixtures.py",  # write test fixtures, not results
-                  "gpu_carry.py"}  # downloads what bench/gpu/run.sh needs on a machine without network
+                  "gpu_carry.py",  # downloads what bench/gpu/run.sh needs on a machine without network
+                  "attention_reference.py"}  # the papers' attention rules, imported by a bench and the tests
     scripts = [*ROOT.glob("bench/*.py"), *ROOT.glob("tools/*.py"), ROOT / "models" / "evaluate_demo.py"]
     for script in [s for s in scripts if s.name != "_report.py"]:
         source = script.read_text()

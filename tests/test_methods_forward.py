@@ -143,6 +143,56 @@ def test_eigen_cam_is_the_first_principal_component():
                                (t - t.mean()) * np.linalg.norm(w), atol=1e-4)
 
 
+def test_eigen_cam_runs_its_svds_on_one_blas_thread(monkeypatch):
+    # threads only slow a [h*w, C] SVD down (OpenBLAS's threads wait busily for each other), so
+    # EigenCAM limits BLAS to one thread however many the process allows
+    import threadpoolctl
+
+    svd = np.linalg.svd
+    seen = []
+
+    def recording_svd(*args, **kwargs):
+        seen.append(max(info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"))
+        return svd(*args, **kwargs)
+
+    monkeypatch.setattr(np.linalg, "svd", recording_svd)
+    a = np.random.default_rng(0).random((3, 8, 4, 4))
+    with threadpoolctl.threadpool_limits(limits=4, user_api="blas"):
+        before = max(info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas")
+        eigen_cam(a)
+    assert before == 4, f"the test could not allow 4 BLAS threads ({before})"
+    assert seen == [1, 1, 1], f"EigenCAM's SVDs ran on {seen} BLAS threads, not one each"
+
+
+def test_score_cam_masks_are_the_channels_upsampled_and_scaled():
+    # the masks Score-CAM scores: each channel upsampled (bilinear, corners aligned) and min-max
+    # scaled, written out as the interpolation formula on a 3 x 2 map upsampled to 5 x 4
+    class Recorder:
+        def __init__(self):
+            self.batches = []
+
+        def logits(self, batch):
+            self.batches.append(batch)
+            return np.zeros((len(batch), 2), np.float32)
+
+    a = np.random.default_rng(1).random((1, 2, 3, 2))
+    model = Recorder()
+    images = np.ones((1, 3, 5, 4), np.float32)
+    perturbation.score_cam(model, images, np.zeros(1, np.int64), a, np.zeros(1, np.int64), mask_batch=2)
+    masks = np.concatenate(model.batches)[:, 0]
+    ys, xs = np.arange(5) * (3 - 1) / (5 - 1), np.arange(4) * (2 - 1) / (4 - 1)
+    for c in range(2):
+        up = np.empty((5, 4))
+        for r, y in enumerate(ys):
+            for k, x in enumerate(xs):
+                y0, x0 = min(int(y), 1), min(int(x), 0)
+                fy, fx = y - y0, x - x0
+                up[r, k] = ((1 - fy) * (1 - fx) * a[0, c, y0, x0] + (1 - fy) * fx * a[0, c, y0, x0 + 1]
+                            + fy * (1 - fx) * a[0, c, y0 + 1, x0] + fy * fx * a[0, c, y0 + 1, x0 + 1])
+        expected = (up - up.min()) / (up.max() - up.min() + 1e-8)
+        np.testing.assert_allclose(masks[c], expected, rtol=1e-6, atol=1e-7, err_msg=f"channel {c}")
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"window": 40}, "occlusion window 40 is larger than the model's input 32x32"),
     ({"window": 4, "stride": 5}, "stride 5 is larger than the window 4"),

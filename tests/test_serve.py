@@ -596,11 +596,15 @@ def test_settings_are_gradmap_runs_options_and_the_method_tables_settings():
             ({"target": "top4"}, "at most top3", meta),
             ({"steps": 1, "method": "integrated-gradients"}, "integrated-gradients setting 'steps' must be an "
                                                               "integer >= 2, got 1", meta),
-            ({"samples": 11, "method": "smoothgrad"}, "smoothgrad setting 'samples' is 11; this server allows at "
-                                                      "most 10 (--max-passes)", meta),
+            ({"samples": 11, "method": "smoothgrad"}, "smoothgrad with samples=11 takes 11 model runs per picture; "
+                                                      "this server allows at most 10 (--max-passes): send samples=10 "
+                                                      "or less, or start the server with --max-passes 11 or more", meta),
             ({"samples": 3}, "vanilla has no setting 'samples'; its settings are modifier", meta),
-            ({"method": "rise", "masks": 11}, "rise setting 'masks' is 11; this server allows at most 10 "
-                                               "(--max-passes)", meta),
+            ({"method": "rise", "masks": 11}, "rise with masks=11 takes 11 model runs per picture; this server "
+                                               "allows at most 10 (--max-passes)", meta),
+            ({"method": "xrai", "steps": 6}, "xrai with steps=6 takes 12 model runs per picture (2 baselines x 6 "
+                                              "steps); this server allows at most 10 (--max-passes): send steps=5 "
+                                              "or less", meta),
             ({"method": "grad-cam"}, f"model 'shapes' does not support grad-cam (it supports {', '.join(plain.methods)}"
                                      "); export it with --cam-layer", plain),
             ({"method": ["smoothgrad"]}, "unknown method ['smoothgrad']", meta),
@@ -612,6 +616,61 @@ def test_settings_are_gradmap_runs_options_and_the_method_tables_settings():
         with pytest.raises(BadRequest, match=re.escape(words)) as refused:
             read_settings(params, "shapes", metadata, max_top=3, max_passes=10)
         assert refused.value.status == 400
+
+
+def test_requests_over_max_passes_are_refused_before_any_work(caplog):
+    """--max-passes caps the model runs one picture takes, however a method counts them: RISE at its
+    default 4000 masks, occlusion's windows on the model's input, Score-CAM's CAM-layer channels. The
+    400 names the settings (the request's, or the method's defaults), the runs, the limit, the option
+    that raises it and what the request may send instead; the server warns at startup of every
+    method its defaults put over the limit and lists them in the model's metadata."""
+    import logging
+
+    from gradmap.serve import ServeConfig, create_app
+    from gradmap.serve.config import Limits
+
+    picture = DEMO_PICTURES[0].read_bytes()
+    app = create_app(ServeConfig({"shapes": str(DEMO_MODEL)}, Limits(max_passes=100)))
+
+    async def go():
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gradmap") as client:
+                answers = {query: await client.post(f"/explain/shapes?{query}", content=picture) for query in (
+                    "method=rise", "method=rise&masks=101", "method=occlusion&window=4&stride=4",
+                    "method=occlusion&window=100", "method=score-cam", "method=guided-ig",
+                    "method=rise&masks=100&mask_batch=50", "method=occlusion&window=16&stride=8")}
+                answers["metadata"] = await client.get("/v2/models/shapes")
+                return answers
+
+    with caplog.at_level(logging.WARNING, logger="gradmap.serve.app"):
+        answers = asyncio.run(go())
+    refused = {
+        "method=rise": "rise at its default masks=4000 takes 4000 model runs per picture; this server allows at "
+                       "most 100 (--max-passes): send masks=100 or less, or start the server with --max-passes 4000 "
+                       "or more",
+        "method=rise&masks=101": "rise with masks=101 takes 101 model runs per picture; this server allows at most 100 "
+                                 "(--max-passes): send masks=100 or less, or start the server with --max-passes 101",
+        "method=occlusion&window=4&stride=4": "occlusion with window=4, stride=4 takes 256 model runs per picture (256 "
+                                              "windows on the 64 x 64 input); this server allows at most 100 "
+                                              "(--max-passes): send a larger window or stride, or start the server "
+                                              "with --max-passes 256 or more",
+        # a setting that does not fit the model is the client's error, not the server's (it was a 500)
+        "method=occlusion&window=100": "occlusion window 100 is larger than the model's input 64x64",
+        "method=score-cam": "score-cam takes 128 model runs per picture (one per channel of the CAM layer's 128); "
+                            "this server allows at most 100 (--max-passes): start the server with --max-passes 128",
+        "method=guided-ig": "guided-ig at its default steps=200 takes 200 model runs per picture",
+    }
+    for query, words in refused.items():
+        answer = answers[query]
+        assert answer.status_code == 400 and words in answer.json()["error"], (query, answer.status_code, answer.text)
+    for query in ("method=rise&masks=100&mask_batch=50", "method=occlusion&window=16&stride=8"):
+        assert answers[query].status_code == 200, (query, answers[query].text[:300])
+    listed = answers["metadata"].json()["parameters"]
+    assert listed["max_passes"] == 100
+    assert set(listed["refused_at_default_settings"]) == {"rise", "score-cam", "guided-ig"}, listed
+    assert listed["refused_at_default_settings"]["rise"] == refused["method=rise"]
+    warned = [r.getMessage() for r in caplog.records if "at default settings will be refused" in r.getMessage()]
+    assert len(warned) == 3 and any(refused["method=rise"] in w for w in warned), warned
 
 
 def test_every_method_and_setting_of_the_table_is_accepted():

@@ -3,10 +3,15 @@ ViT recipe, on small timm, Transformers and torchvision ViTs with random weights
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from test_timm import require
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 torch = require("torch")
 timm = require("timm")
@@ -16,6 +21,8 @@ from gradmap import contract  # noqa: E402
 from gradmap.contract import Preprocessing  # noqa: E402
 from gradmap.export import ExportError, export_module  # noqa: E402
 from gradmap.runtime.cam import grad_cam  # noqa: E402
+
+import attention_reference  # noqa: E402  (bench/: the papers' rules, which bench_forward.py times too)
 
 SIZE = 64
 TOLERANCE = 1e-4  # max|Δ| / max|float64 torch|
@@ -292,29 +299,13 @@ def _hf_probabilities(module, image, targets):
 
 
 def _torchvision_probabilities(module, image, targets):
-    """torchvision's nn.MultiheadAttention, written out (in-projection, per-head softmax(q k^T / sqrt(d)),
-    out-projection) so that its probabilities are tensors of the autograd graph; the logits must
-    still be the module's own (checked)."""
+    """torchvision's nn.MultiheadAttention written out (bench/attention_reference.py) so that its
+    probabilities are tensors of the autograd graph; the logits must still be the module's own (checked)."""
     module = module.double()
-    kept = []
-
-    def attention(mha):
-        def forward(query, key, value, need_weights=False):
-            n, tokens, channels = query.shape
-            heads = mha.num_heads
-            q, k, v = (query @ mha.in_proj_weight.T + mha.in_proj_bias).chunk(3, dim=-1)
-            q, k, v = (t.reshape(n, tokens, heads, channels // heads).transpose(1, 2) for t in (q, k, v))
-            probabilities = torch.softmax(q @ k.transpose(-2, -1) / (channels // heads) ** 0.5, dim=-1)
-            kept.append(probabilities)
-            out = (probabilities @ v).transpose(1, 2).reshape(n, tokens, channels)
-            return mha.out_proj(out), None
-        return forward
-
     x = torch.from_numpy(image).double()
     with torch.no_grad():
         expected = module(x)
-    for layer in module.encoder.layers:
-        layer.self_attention.forward = attention(layer.self_attention)
+    kept = attention_reference.write_out_attention(module)
     logits = module(x)
     assert torch.allclose(logits, expected, rtol=0, atol=1e-9 * float(expected.abs().max())), \
         "the written-out attention does not reproduce torchvision's"
@@ -331,28 +322,6 @@ ATTENTION_MODELS = {
     "torchvision-vit_b_16": _torchvision_probabilities,
     "hf-vit": _hf_probabilities,
 }
-
-
-def _rollout_reference(attentions, head_fusion, prefix):
-    """Abnar & Zuidema 2020, as the paper states it: average the heads (or take their max/min),
-    add the identity for the residual connection, renormalize the rows, multiply layer by layer."""
-    fuse = {"mean": lambda a: a.mean(dim=1), "max": lambda a: a.amax(dim=1), "min": lambda a: a.amin(dim=1)}
-    tokens = attentions[0].shape[-1]
-    eye = torch.eye(tokens, dtype=torch.float64)
-    result = eye.expand(attentions[0].shape[0], tokens, tokens)
-    for a in attentions:
-        a = (fuse[head_fusion](a) + eye) / 2
-        result = (a / a.sum(dim=-1, keepdim=True)) @ result
-    return result[:, 0, prefix:]  # the class token's row over the patch tokens
-
-
-def _relevance_reference(attentions, gradients, prefix):
-    """Chefer, Gur & Wolf 2021, eq. 5-6 for self-attention: R += E_h[(∇A ⊙ A)+] R, from R = I."""
-    tokens = attentions[0].shape[-1]
-    relevance = torch.eye(tokens, dtype=torch.float64).expand(attentions[0].shape[0], tokens, tokens)
-    for a, g in zip(attentions, gradients):
-        relevance = relevance + (g * a).clamp(min=0).mean(dim=1) @ relevance
-    return relevance[:, 0, prefix:]
 
 
 @pytest.fixture(scope="module", params=list(ATTENTION_MODELS))
@@ -384,7 +353,7 @@ def test_attention_rollout_matches_the_papers_rule(with_attention, head_fusion):
     name, path, _, out, attentions, _ = with_attention
     layout = SaliencyModel(path, provider="cpu", threads=1).metadata.attention
     ours = token_map(attention_rollout(out[contract.OUTPUT_ATTENTION], head_fusion), layout)
-    expected = _rollout_reference([a.detach() for a in attentions], head_fusion, PREFIX.get(name, 1))
+    expected = attention_reference.rollout([a.detach() for a in attentions], head_fusion, PREFIX.get(name, 1))
     expected = expected.reshape(ours.shape).numpy()
     err = rel(ours, expected, f"{name} rollout")
     assert err <= TOLERANCE, f"{name} attention rollout ({head_fusion}): {err:.3g}"
@@ -399,7 +368,7 @@ def test_attention_relevance_matches_chefer_et_al(with_attention):
     layout = SaliencyModel(path, provider="cpu", threads=1).metadata.attention
     ours = token_map(attention_relevance(out[contract.OUTPUT_ATTENTION], out[contract.OUTPUT_ATTENTION_GRADIENT]),
                      layout)
-    expected = _relevance_reference([a.detach() for a in attentions], gradients, PREFIX.get(name, 1))
+    expected = attention_reference.relevance([a.detach() for a in attentions], gradients, PREFIX.get(name, 1))
     expected = expected.reshape(ours.shape).numpy()
     err = rel(ours, expected, f"{name} relevance")
     assert err <= TOLERANCE, f"{name} attention relevance: {err:.3g}"

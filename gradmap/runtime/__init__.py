@@ -1,6 +1,6 @@
 """gradmap's torch-free runtime: run an exported gradmap model and turn its gradients into pictures.
 
-Imports only numpy, onnxruntime, pillow, scipy and scikit-image (never torch).
+Imports only numpy, onnxruntime, pillow, scipy, scikit-image and threadpoolctl (never torch).
 
     >>> from gradmap.runtime import SaliencyModel, compute_saliency
     >>> model = SaliencyModel("resnet50.gradmap.onnx", provider="cpu")

@@ -104,13 +104,19 @@ def eigen_cam(activation: np.ndarray, gradient: np.ndarray | None = None, *, rel
     if orientation not in ("activation", "svd"):
         raise ValueError(f"eigen_cam orientation {orientation!r} is not 'activation' or 'svd'")
     _check(activation)
+    from threadpoolctl import threadpool_limits  # imported here: only EigenCAM calls LAPACK
+
     maps = []
-    for a in activation.astype(np.float64):
-        x = np.nan_to_num(a).reshape(a.shape[0], -1).T  # [hw, C]
-        x = x - x.mean(axis=0)
-        _, _, vt = np.linalg.svd(x, full_matrices=False)
-        direction = -vt[0] if orientation == "activation" and vt[0].sum() < 0 else vt[0]
-        maps.append((x @ direction).reshape(a.shape[1:]))
+    # one small SVD per picture ([h*w, C]) on one BLAS thread: threads gain nothing at this size, and
+    # OpenBLAS's threads wait busily for each other, so beside onnxruntime's spinning threads or any
+    # other busy process they make each SVD tens to hundreds of times slower
+    with threadpool_limits(limits=1, user_api="blas"):
+        for a in activation.astype(np.float64):
+            x = np.nan_to_num(a).reshape(a.shape[0], -1).T  # [hw, C]
+            x = x - x.mean(axis=0)
+            _, _, vt = np.linalg.svd(x, full_matrices=False)
+            direction = -vt[0] if orientation == "activation" and vt[0].sum() < 0 else vt[0]
+            maps.append((x @ direction).reshape(a.shape[1:]))
     cam = np.stack(maps) if maps else np.zeros((0, *activation.shape[2:]))
     return (np.maximum(cam, 0) if relu else cam).astype(np.float32)
 

@@ -37,7 +37,7 @@ __all__ = [
     "implementation", "GradientFn", "Attribution", "gradient_function", "vanilla", "smoothgrad",
     "integrated_gradients", "gradient_x_input", "modify", "baseline_image", "score_of", "SMOOTHGRAD_VARIANTS",
     "MODIFIERS", "model_gradient_method", "smoothgrad_method", "integrated_gradients_method",
-    "gradient_x_input_method", "path_gradients",
+    "gradient_x_input_method", "path_gradients", "ModelRuns", "RUN_COUNT_SETTINGS", "model_runs",
 ]
 
 GradientFn = Callable[[np.ndarray, np.ndarray], "tuple[np.ndarray, np.ndarray, np.ndarray]"]
@@ -312,6 +312,45 @@ def check_supported(model, method: "str | MethodSpec | contract.Method", where: 
             check(model, method)
         except ValueError as e:
             raise UnsupportedMethodError(f"{where}: {e}") from None
+
+
+@dataclass(frozen=True)
+class ModelRuns:
+    """How many model runs (forward, or forward and backward, passes) one picture of a method takes.
+
+    Attributes:
+        count: the runs; the method adds one or two more (the clean picture, a baseline).
+        settings: the settings that set ``count`` (empty: the model alone sets it, e.g. the CAM
+            layer's channels for Score-CAM).
+        per_unit: runs per unit of the one setting in ``settings`` (XRAI: one path per baseline).
+        detail: how ``count`` follows from them, in words ("" when it is the setting's value).
+    """
+
+    count: int
+    settings: tuple[str, ...] = ()
+    per_unit: int = 1
+    detail: str = ""
+
+
+#: The settings that are a count of model runs per picture (SmoothGrad's samples, a path's steps,
+#: RISE's masks); a method whose runs follow otherwise gives its implementation a ``runs`` attribute.
+RUN_COUNT_SETTINGS = ("samples", "steps", "masks")
+
+
+def model_runs(model, spec: "MethodSpec") -> ModelRuns | None:
+    """The model runs one picture of ``spec`` takes on ``model`` (a
+    :class:`~gradmap.runtime.model.SaliencyModel`, or None when only the settings are known):
+    the implementation's ``runs(model, spec)`` attribute where it has one (occlusion: its windows on
+    the model's input; Score-CAM: the CAM layer's channels; None when the model does not tell), else
+    the value of its run-count setting (:data:`RUN_COUNT_SETTINGS`), else 1. ``gradmap serve
+    --max-passes`` caps it."""
+    runs = getattr(implementation(spec.name), "runs", None)
+    if runs is not None:
+        return runs(model, spec)
+    for name in RUN_COUNT_SETTINGS:
+        if name in spec.settings:
+            return ModelRuns(int(spec.settings[name]), (name,))
+    return ModelRuns(1)
 
 
 @functools.lru_cache(maxsize=None)

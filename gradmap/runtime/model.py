@@ -255,10 +255,6 @@ class SaliencyModel:
         try:
             if self.plan.plugin_devices:  # a plugin provider (WebGPU): no session cache, CPU sessions only
                 self.session, self.cache_state = self.plan.session(self.path, session_options(threads)), "off"
-            elif self.lowering is not None and self.lowering.model_bytes is not None:
-                self.session = ort.InferenceSession(self.lowering.model_bytes, session_options(threads), providers=names)
-                self.lowering.model_bytes = None
-                self.cache_state = "off"
             else:
                 #: What the session cache did: read, written, unwritable or off.
                 self.session, self.cache_state = cached_session(session_path, session_options(threads), names,

@@ -29,6 +29,7 @@ from gradmap.runtime.methods import (
     Attribution,
     GradientFn,
     MethodSpec,
+    ModelRuns,
     _alphas,
     _gradient_output,
     baseline_image,
@@ -413,3 +414,11 @@ def xrai_method(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray
     baselines = _xrai_baselines(images, spec.baselines, pre.mean, pre.std, pre.value_range)
     fn = gradient_function(model, _gradient_output(spec.method), batch_size)
     return xrai(fn, images, targets, baselines, steps=spec.steps, rule=spec.rule, search=spec.search, area=spec.area)
+
+
+def _xrai_runs(model, spec: MethodSpec) -> ModelRuns:
+    paths = 2  # both XRAI_BASELINES choices integrate from two baselines
+    return ModelRuns(paths * spec.steps, ("steps",), per_unit=paths, detail=f"{paths} baselines x {spec.steps} steps")
+
+
+xrai_method.runs = _xrai_runs  # type: ignore[attr-defined]  # methods.model_runs

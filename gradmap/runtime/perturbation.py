@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from gradmap.contract import OUTPUT_CAM_ACTIVATION, OUTPUT_LOGITS, OUTPUT_TARGET_INDEX
-from gradmap.runtime.methods import Attribution, MethodSpec, baseline_image, score_of
+from gradmap.runtime.methods import Attribution, MethodSpec, ModelRuns, baseline_image, score_of
 
 __all__ = ["MEMORY_BUDGET", "progress", "masks_per_run", "occlusion", "rise", "rise_masks", "score_cam",
            "occlusion_windows", "bilinear_matrix", "occlusion_method", "rise_method", "score_cam_method"]
@@ -274,7 +274,7 @@ def score_cam(model, images: np.ndarray, targets: np.ndarray, activation: np.nda
     cams = np.zeros((n, ch, cw))
     for i in range(n):
         a = activation[i].astype(np.float64)
-        up = np.einsum("hi,cij,wj->chw", rows, a, cols)
+        up = rows @ a @ cols.T  # [C, H, W]: two small products per channel (a 3-operand einsum loops over all five axes)
         low = up.reshape(channels, -1).min(1)[:, None, None]
         high = up.reshape(channels, -1).max(1)[:, None, None]
         masks = ((up - low) / (high - low + 1e-8)).astype(np.float32)
@@ -318,8 +318,25 @@ def _check_rise_method(model, spec: MethodSpec) -> None:
     _check_rise(spec.grid, spec.probability, tuple(model.input_size))
 
 
+def _occlusion_runs(model, spec: MethodSpec) -> ModelRuns | None:
+    if model is None:
+        return None
+    h, w = model.input_size
+    count = len(occlusion_windows((h, w), spec.window, spec.stride))
+    return ModelRuns(count, ("window", "stride"), detail=f"{count} windows on the {h} x {w} input")
+
+
+def _score_cam_runs(model, spec: MethodSpec) -> ModelRuns | None:
+    """One run per channel of the CAM layer, when the file gives the channel count."""
+    shape = next((o.shape for o in getattr(model, "outputs", ()) if o.name == OUTPUT_CAM_ACTIVATION), None)
+    if shape is None or len(shape) != 4 or not isinstance(shape[1], int):
+        return None
+    return ModelRuns(shape[1], detail=f"one per channel of the CAM layer's {shape[1]}")
+
+
 occlusion_method.check = _check_occlusion  # type: ignore[attr-defined]  # checked once per run (check_supported)
 rise_method.check = _check_rise_method  # type: ignore[attr-defined]
+occlusion_method.runs = _occlusion_runs  # type: ignore[attr-defined]  # methods.model_runs
 
 
 def score_cam_method(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, *,
@@ -333,3 +350,5 @@ def score_cam_method(model, spec: MethodSpec, images: np.ndarray, targets: np.nd
     return Attribution(upsample(cams, images.shape[2:], order=1)[:, None], out[OUTPUT_TARGET_INDEX],
                        out[OUTPUT_LOGITS])
 
+
+score_cam_method.runs = _score_cam_runs  # type: ignore[attr-defined]  # methods.model_runs

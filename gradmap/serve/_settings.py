@@ -22,7 +22,7 @@ from gradmap import contract
 from gradmap.runtime.colormaps import COLORMAPS
 from gradmap.runtime.errors import TargetError
 from gradmap.runtime.render import OVERLAYS, RenderOptions
-from gradmap.runtime.methods import MethodSpec
+from gradmap.runtime.methods import RUN_COUNT_SETTINGS, MethodSpec, ModelRuns, check_supported, model_runs
 from gradmap.runtime.postprocess import PLACEMENTS, REDUCTIONS
 from gradmap.runtime.saliency import Target, parse_target
 
@@ -72,17 +72,55 @@ class ResponseOptions:
 
 
 # -- the method part: the method table (contract.METHOD_TABLE) describes methods and settings --------
-#: Settings whose value multiplies the work of one picture (model runs per picture): --max-passes caps them.
-_PASSES = ("samples", "steps", "masks")
-if not set(_PASSES) <= set(contract.SETTINGS):  # pragma: no cover - a renamed setting must not slip the cap
-    raise ImportError(f"gradmap serve caps settings the method table lacks: {set(_PASSES) - set(contract.SETTINGS)}")
+if not set(RUN_COUNT_SETTINGS) <= set(contract.SETTINGS):  # pragma: no cover - a renamed setting must not slip the cap
+    raise ImportError(f"gradmap serve caps settings the method table lacks: {set(RUN_COUNT_SETTINGS) - set(contract.SETTINGS)}")
+
+
+def too_many_runs(spec: MethodSpec, runs: ModelRuns, max_passes: int, given: Mapping[str, Any] = ()) -> str | None:
+    """Why one picture of ``spec`` is more model runs than ``--max-passes`` allows, naming the
+    settings (given by the request, or the method's defaults), the limit, the option that raises it
+    and what the request may send instead; None when it fits."""
+    if runs.count <= max_passes:
+        return None
+    name = spec.name
+    values = ", ".join(f"{s}={spec.settings[s]}" for s in runs.settings)
+    if not runs.settings:
+        what = name
+    elif any(s in given for s in runs.settings):
+        what = f"{name} with {values}"
+    else:
+        what = f"{name} at its default {values}"
+    detail = f" ({runs.detail})" if runs.detail else ""
+    fixes = []
+    if len(runs.settings) == 1 and max_passes // runs.per_unit >= 1:
+        fixes.append(f"send {runs.settings[0]}={max_passes // runs.per_unit} or less")
+    elif runs.settings:
+        fixes.append(f"send a larger {' or '.join(runs.settings)}")
+    fixes.append(f"start the server with --max-passes {runs.count} or more")
+    return (f"{what} takes {runs.count} model runs per picture{detail}; this server allows at most {max_passes} "
+            f"(--max-passes): {', or '.join(fixes)}")
+
+
+def over_max_passes(model: Any, max_passes: int) -> dict[str, str]:
+    """The methods of ``model`` whose default settings take more model runs per picture than
+    ``max_passes``, each with the reason a request for it at those settings gets (the server logs
+    them at startup and lists them in its model metadata)."""
+    found = {}
+    for name in model.metadata.methods:
+        spec = MethodSpec(name)
+        runs = model_runs(model, spec)
+        reason = too_many_runs(spec, runs, max_passes) if runs is not None else None
+        if reason is not None:
+            found[name] = reason
+    return found
 
 
 def _method_spec(method: Any, settings: Mapping[str, Any], model_name: str, metadata: contract.ModelMetadata,
-                 max_passes: int) -> MethodSpec:
+                 max_passes: int, model: Any = None) -> MethodSpec:
     """The method with the request's ``settings``, checked by the method table
     (:meth:`MethodSpec.from_request`: a setting the method does not have, a wrong type or a value out
-    of range is refused, naming the setting), against the model and the server's limit on passes."""
+    of range is refused, naming the setting), against the model and the server's limit on model runs
+    per picture (:func:`~gradmap.runtime.methods.model_runs`; with ``model`` None, from the settings alone)."""
     try:
         row = contract.method(method)
     except ValueError as e:
@@ -95,11 +133,15 @@ def _method_spec(method: Any, settings: Mapping[str, Any], model_name: str, meta
         spec = MethodSpec.from_request(row.name, dict(settings))
     except ValueError as e:  # contract.MethodSettingError
         raise BadRequest(str(e)) from None
-    for name in _PASSES:
-        value = spec.settings.get(name)
-        if value is not None and value > max_passes:
-            raise BadRequest(f"{row.name} setting {name!r} is {value}; this server allows at most {max_passes} "
-                             "(--max-passes)")
+    if model is not None:
+        try:  # settings that depend on the model (a window larger than its input), as gradmap run refuses them
+            check_supported(model, spec, f"model {model_name!r}")
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+    runs = model_runs(model, spec)
+    refused = too_many_runs(spec, runs, max_passes, settings) if runs is not None else None
+    if refused is not None:
+        raise BadRequest(refused)
     return spec
 
 
@@ -158,7 +200,8 @@ def _typed(name: str, value: Any, default: Any) -> Any:
 
 
 def read_settings(params: Mapping[str, Any], model_name: str, metadata: contract.ModelMetadata, *,
-                  max_top: int, max_passes: int, kind: str = "explain") -> tuple[BatchKey, ResponseOptions]:
+                  max_top: int, max_passes: int, kind: str = "explain", model: Any = None
+                  ) -> tuple[BatchKey, ResponseOptions]:
     """Check a request's parameters against the model and the server's limits.
 
     Args:
@@ -166,8 +209,11 @@ def read_settings(params: Mapping[str, Any], model_name: str, metadata: contract
             run``'s defaults.
         model_name, metadata: the model the request is for (its methods and labels).
         max_top: the largest K of a ``topK`` target (each rank is one more model run).
-        max_passes: the largest ``samples`` (SmoothGrad) or ``steps`` (integrated gradients).
+        max_passes: the most model runs one picture may take (SmoothGrad's ``samples``, a path's
+            ``steps``, RISE's ``masks``, occlusion's windows, Score-CAM's channels).
         kind: ``explain``, or :data:`PREDICT` (the classes only: it takes no parameters).
+        model: the loaded model, when there is one: its input size and CAM layer count the runs of
+            occlusion and Score-CAM, and settings that do not fit it are refused.
 
     Raises:
         BadRequest: an unknown parameter, a value of the wrong type or out of range, a method the
@@ -183,7 +229,7 @@ def read_settings(params: Mapping[str, Any], model_name: str, metadata: contract
               for name, default in _COMMON.items()}
     settings = {name: params[name] for name in contract.SETTINGS if params.get(name) is not None}
 
-    method = _method_spec(values["method"], settings, model_name, metadata, max_passes)
+    method = _method_spec(values["method"], settings, model_name, metadata, max_passes, model)
     try:
         target = parse_target(values["target"] if not isinstance(values["target"], bool) else str(values["target"]),
                               metadata.labels)

@@ -49,7 +49,7 @@ from gradmap.runtime.render import RenderOptions, figure_caption, render_outputs
 from gradmap.serve._batching import DynamicBatcher, QueueFull
 from gradmap.serve._metrics import CONTENT_TYPE_LATEST, Metrics
 from gradmap.serve._settings import (ARRAY_OUTPUTS, PICTURE_OUTPUTS, PREDICT, BatchKey, BadRequest, ResponseOptions,
-                                     read_settings)
+                                     over_max_passes, read_settings)
 from gradmap.serve.config import MODEL_NAME, ServeConfig
 
 __all__ = ["Served", "create_app"]
@@ -189,6 +189,8 @@ class GradmapApp:
             self.served[name] = Served(name, model, DynamicBatcher(run, name, max_batch=self.limits.max_batch,
                                                                    max_wait=self.limits.max_wait, on_batch=on_batch))
             logger.info("model %s: %s (%s)", name, path, ", ".join(model.metadata.methods))
+            for method, reason in over_max_passes(model, self.limits.max_passes).items():
+                logger.warning("model %s: a %s request at default settings will be refused: %s", name, method, reason)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette):
@@ -330,7 +332,7 @@ class GradmapApp:
         if not isinstance(params, dict):
             raise BadRequest(f"'parameters' must be a JSON object, not {type(params).__name__}")
         return read_settings(params, served.name, served.model.metadata, max_top=self.limits.max_top,
-                             max_passes=self.limits.max_passes, kind=kind)
+                             max_passes=self.limits.max_passes, kind=kind, model=served.model)
 
     def _instances(self, doc: dict) -> list[str]:
         instances = doc.get("instances")
@@ -433,7 +435,9 @@ class GradmapApp:
             "name": served.name, "versions": [], "platform": "gradmap",
             "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}], "outputs": outputs,
             "parameters": {"source_model": meta.source_model, "methods": list(meta.methods),
-                           "input_size": [h, w], "classes": meta.num_classes, "score": meta.score}})
+                           "input_size": [h, w], "classes": meta.num_classes, "score": meta.score,
+                           "max_passes": self.limits.max_passes,
+                           "refused_at_default_settings": over_max_passes(served.model, self.limits.max_passes)}})
 
     async def v2_infer(self, request: Request) -> Response:
         served = self._model(request)

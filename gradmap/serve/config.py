@@ -35,7 +35,9 @@ class Limits:
             with ``Retry-After``.
         max_instances: most pictures in one request.
         max_top: largest K of a ``topK`` target.
-        max_passes: largest SmoothGrad ``samples`` or integrated-gradients ``steps``.
+        max_passes: most model runs one picture may take (``gradmap.runtime.methods.model_runs``:
+            SmoothGrad's ``samples``, a path's ``steps``, RISE's ``masks``, occlusion's windows,
+            Score-CAM's channels); more is refused (400) before any work.
         max_connections: most open connections per process (uvicorn's limit; 503 above).
         image_formats: accepted picture formats (PIL names).
         retry_after: seconds a 503 asks the client to wait.
