@@ -171,6 +171,32 @@ def test_cascade_rho_is_the_check_against_each_model():
     assert "randomization cascade" in report and "itself" in report
 
 
+def test_seed_check_compares_maps_drawn_from_another_seed():
+    """With seed_check, a seeded method is also compared with the randomized model's map drawn from
+    the next seed, and with the trained model's own map from that seed; a method without a seed
+    gets neither."""
+    model_file, randomized_file, npz = _demo_files()
+    from gradmap.runtime import SaliencyModel
+
+    model = SaliencyModel(model_file, provider="cpu", threads=1)
+    randomized = SaliencyModel(randomized_file, provider="cpu", threads=1)
+    data = load_evaluation_data(npz, model.metadata.preprocessing, model.metadata.labels, limit=3)
+    specs = [MethodSpec("rise", masks=40, seed=3), MethodSpec("vanilla")]
+    results = evaluate(model, data, specs, randomized=randomized, steps=4, random_repeats=1, seed_check=True)
+    entry = results["methods"]["rise"]
+    maps = saliency_maps(model, specs[0], data.images, data.labels)[0]
+    seed4 = MethodSpec("rise", masks=40, seed=4)
+    other = saliency_maps(randomized, seed4, data.images, data.labels)[0]
+    again = saliency_maps(model, seed4, data.images, data.labels)[0]
+    assert entry["rank_correlation_other_seed"]["mean"] == pytest.approx(
+        np.mean([rank_correlation(a, b) for a, b in zip(maps, other)]))
+    assert entry["rank_correlation_seed_to_seed"]["mean"] == pytest.approx(
+        np.mean([rank_correlation(a, b) for a, b in zip(maps, again)]))
+    assert entry["rank_correlation_seed_to_seed"]["mean"] < 0.999, "seed 4 draws other masks than seed 3"
+    assert "rank_correlation_other_seed" not in results["methods"]["vanilla"]
+    assert "from the next seed" in format_report(results)
+
+
 def test_cli_evaluate_writes_json_and_flags_failures(tmp_path):
     model_file, randomized_file, npz = _demo_files()
     out = tmp_path / "quality.json"

@@ -22,7 +22,12 @@ given, else of the top-1 class):
                            layout of the maps (e.g. gradients fading toward the borders) gives by itself.
                            With a cascade (``cascade``, ``--cascade``: the same network with more and
                            more layers re-initialized, top down), rho per depth is reported as well,
-                           as Adebayo et al. plot it; the verdict stays the top-randomized model's
+                           as Adebayo et al. plot it; the verdict stays the top-randomized model's.
+                           With ``seed_check`` (methods with a ``seed``: RISE's masks, SmoothGrad's
+                           noise...), rho is also reported against the randomized model's map drawn
+                           from the next seed, and between the trained model's maps of the two seeds:
+                           the same seed gives both models the same draws, and rho then includes what
+                           the draws alone put in both maps (RISE: the masks' uneven coverage)
 
 Maps are max over channels of |attribution| for pixel attributions (gradmap run's default reduction)
 and the map itself for the methods of kind ``cam`` (Grad-CAM, Grad-CAM++) and ``region`` (XRAI).
@@ -258,7 +263,8 @@ def _rho_summary(values: Sequence[float | None]) -> dict:
 
 def evaluate(model, data: EvaluationData, methods: Sequence[MethodSpec], *, randomized=None,
              cascade: Sequence[tuple[str, object]] = (), steps: int = 64, random_repeats: int = 2, seed: int = 0,
-             batch_size: int = 16, tolerance: float = 0.0, progress: Callable[[str], None] | None = None) -> dict:
+             batch_size: int = 16, tolerance: float = 0.0, seed_check: bool = False,
+             progress: Callable[[str], None] | None = None) -> dict:
     """Every metric of the module docstring, per method; see :func:`format_report` for a reading.
 
     Args:
@@ -271,6 +277,10 @@ def evaluate(model, data: EvaluationData, methods: Sequence[MethodSpec], *, rand
             reported in ``rank_correlation_cascade[label]``, beside the check, not judged.
         steps: deletion/insertion steps (pixels per step = pixels / steps).
         random_repeats: random pixel orders averaged for the reference curves.
+        seed_check: for methods with a ``seed`` setting (and a ``randomized`` model), also report
+            ``rank_correlation_other_seed`` (rho between the trained model's map and the randomized
+            model's map drawn from seed + 1) and ``rank_correlation_seed_to_seed`` (rho between the
+            trained model's maps of the two seeds): two more maps per image. Beside the check, not judged.
         tolerance: when > 0, also report ``pointing_game_tolerance``: maxima within this many pixels
             (Euclidean, on the model's input) of the object count as hits; ``chance_tolerance`` is
             then the share of the image within that distance of the object.
@@ -321,6 +331,12 @@ def evaluate(model, data: EvaluationData, methods: Sequence[MethodSpec], *, rand
         maps, _ = saliency_maps(model, spec, data.images, targets, batch_size)
         maps_randomized = saliency_maps(randomized, spec, data.images, targets, batch_size)[0] if randomized else None
         maps_cascade = {label: saliency_maps(m, spec, data.images, targets, batch_size)[0] for label, m in cascade}
+        seeds = None
+        if seed_check and randomized is not None and spec.settings.get("seed") is not None:
+            say(f"{spec.name}: maps from seed {spec.seed + 1}")
+            other = MethodSpec(spec.name, **{**spec.settings, "seed": spec.seed + 1})
+            seeds = (saliency_maps(model, other, data.images, targets, batch_size)[0],
+                     saliency_maps(randomized, other, data.images, targets, batch_size)[0])
         say(f"{spec.name}: deletion and insertion curves")
         rows = {"pointing_game": [], "energy_pointing_game": [], "deletion_auc": [], "insertion_auc": [],
                 "deletion_below_random": [], "rank_correlation": []}
@@ -345,6 +361,11 @@ def evaluate(model, data: EvaluationData, methods: Sequence[MethodSpec], *, rand
             entry["rank_correlation_cascade"] = {
                 label: _rho_summary([_safe_rank_correlation(maps[i], other[i]) for i in range(n)])
                 for label, other in maps_cascade.items()}
+        if seeds is not None:
+            entry["rank_correlation_other_seed"] = _rho_summary(
+                [_safe_rank_correlation(maps[i], seeds[1][i]) for i in range(n)])
+            entry["rank_correlation_seed_to_seed"] = _rho_summary(
+                [_safe_rank_correlation(maps[i], seeds[0][i]) for i in range(n)])
         entry["parameters"] = spec.settings
         deletion_ok = entry["deletion_auc"]["mean"] < results["random_order"]["deletion_auc"]["mean"]
         entry["deletion_beats_random"] = bool(deletion_ok)
@@ -395,6 +416,11 @@ def format_report(results: dict) -> str:
                 value = m.get("rank_correlation_cascade", {}).get(label)
                 row += f"{value['mean'] if value else float('nan'):>{w}.3f}"
             lines.append(row)
+    for name, m in results["methods"].items():
+        if "rank_correlation_other_seed" in m:
+            lines.append(f"{name}: rho {m['rank_correlation_other_seed']['mean']:.3f} against the randomized model's map "
+                         f"from the next seed; the trained model's maps of the two seeds: rho "
+                         f"{m['rank_correlation_seed_to_seed']['mean']:.3f}")
     other = {name: m["rank_correlation_other_image"]["mean"] for name, m in results["methods"].items()
              if "rank_correlation_other_image" in m}
     if other:
