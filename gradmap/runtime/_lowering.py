@@ -208,9 +208,8 @@ def lowered_model(path: str, data_files: list[str], override: int | str | None, 
                            seconds=time.perf_counter() - start)
         prefix, name = _entry_name(path, list(data_files), block, onnx_ir_version)
         entry = root / name
-        files = _data_files(entry)
         if (entry / _MODEL).is_file() and (entry / _SOURCE).is_file():
-            return Lowered("read", block, reason, path=str(entry / _MODEL), data_files=files,
+            return Lowered("read", block, reason, path=str(entry / _MODEL), data_files=_data_files(entry),
                            seconds=time.perf_counter() - start)
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -235,7 +234,7 @@ def lowered_model(path: str, data_files: list[str], override: int | str | None, 
         from gradmap.runtime._session_cache import clear_entries
 
         clear_entries(root, stale_only=True)  # entries of model files that are gone (and sessions of those)
-        return Lowered("written", block, reason, path=str(entry / _MODEL), data_files=files,
+        return Lowered("written", block, reason, path=str(entry / _MODEL), data_files=_data_files(entry),
                        seconds=time.perf_counter() - start)
     except Exception as e:  # noqa: BLE001 - the portable graph is right everywhere: run it as written
         return Lowered("failed", block, reason, seconds=time.perf_counter() - start,
