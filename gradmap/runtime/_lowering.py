@@ -11,9 +11,9 @@ optimized graph of it is cached in turn:
 
 - the first load lowers (resnet50: about a second) and writes the lowered model, its weights in a
   data file beside it (``lowered.onnx.data``): onnx-ir writes them tensor by tensor instead of
-  building the whole model as one protobuf message and its bytes, and onnxruntime reads them from
-  that file; resnet50's lowering peaks about 200 MB lower and saves in about half the time
-  (``bench/bench_lowering.py``);
+  building the whole model as one protobuf message and its bytes (resnet50: two copies of 100 MB of
+  weights fewer at the lowering's peak), and onnxruntime reads them from that file
+  (``bench/bench_lowering.py`` measures the first load);
 - later loads read it, as long as the model file (path, size, times, inode), the block, onnx-ir
   and gradmap's graph code are the same (all part of the entry's key).
 
