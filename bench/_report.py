@@ -435,8 +435,10 @@ def check_sections(page: str, sections: dict[str, str]) -> list[str]:
 
 
 def result_files() -> list[Path]:
-    """Every results file: bench/results/*.json and the demo's quality.json (which the package ships)."""
-    return sorted(RESULTS.glob("*.json")) + [ROOT / "models" / "demo" / "quality.json"]
+    """Every results file: bench/results/*.json, the demo's quality.json (which the package ships) and
+    the demo ViT's."""
+    return sorted(RESULTS.glob("*.json")) + [ROOT / "models" / "demo" / "quality.json",
+                                             ROOT / "models" / "demo_vit" / "quality.json"]
 
 
 def runs_section() -> str:

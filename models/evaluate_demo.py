@@ -3,6 +3,7 @@
 Usage (from the repository root, after ``python models/make_demo.py``; torch-free):
 
     python models/evaluate_demo.py [--demo models/demo] [--no-docs]
+    python models/evaluate_demo.py --vit             # the demo ViT (models/make_demo_vit.py), same pictures
     python models/evaluate_demo.py --tables-only     # the docs tables again from models/demo/quality.json
 
 Equivalent to
@@ -25,6 +26,11 @@ from ``gradmap evaluate``'s defaults, and both are written into quality.json:
 - SmoothGrad's noise level is chosen per model, as Smilkov et al. (2017) advise, on 100 validation
   images drawn apart from the evaluation set (make_demo's "validation" split), by the same pointing
   game, from NOISE_GRID; the evaluation images play no part in the choice.
+
+With ``--vit`` the same measurements run on the demo vision transformer (``models/demo_vit/``:
+``shapes_vit.onnx`` and ``shapes_vit_randomized_top.onnx``; no cascade) on the same 200 pictures
+(``models/demo/eval_set.npz``), with the same targets; its results go to
+``models/demo_vit/quality.json`` and its table to the section ``quality_vit`` of docs/attribution.md.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -39,7 +46,31 @@ import _report  # noqa: E402
 
 ROOT = _report.ROOT
 RESULTS = ROOT / "models" / "demo" / "quality.json"
-PAGE, SECTIONS = "attribution.md", ("quality",)
+PAGE = "attribution.md"
+
+
+@dataclass(frozen=True)
+class Demo:
+    """One demo model: its files (relative to the repository root), its results file and its docs section."""
+    directory: str
+    model: str
+    randomized: str
+    section: str
+    what: str  # the model in the table's header
+    top: str  # what its randomized copy re-initialized
+    data: str = "models/demo/eval_set.npz"
+    cascade_prefix: str | None = None
+
+    @property
+    def results(self) -> Path:
+        return ROOT / self.directory / "quality.json"
+
+
+CNN = Demo("models/demo", "shapes.onnx", "shapes_randomized_top.onnx", "quality", "the demo model",
+           "classifier and last conv block", cascade_prefix="shapes_randomized_blocks")
+VIT = Demo("models/demo_vit", "shapes_vit.onnx", "shapes_vit_randomized_top.onnx", "quality_vit",
+           "the demo ViT (`models/make_demo_vit.py`)", "classifier, final LayerNorm and last transformer block")
+DEMOS = {demo.section: demo for demo in (CNN, VIT)}
 
 # Targets for the demo (docs/attribution.md states them): pointing game per method, and for every
 # method a randomization rank correlation of at most 0.3 and a deletion AUC below random order.
@@ -48,6 +79,9 @@ MAX_RHO = 0.3
 TOLERANCE_PX = 2.0
 NOISE_GRID = (0.05, 0.10, 0.15, 0.20)
 VALIDATION_SIZE = 100
+# Left out of the ViT's full run, for time: the perturbation, region and path methods (minutes per
+# picture on every model of the checks). ``--vit --method NAME --per-class N`` measures them on a subset.
+SLOW_METHODS = ("occlusion", "rise", "score-cam", "xrai", "blur-ig", "guided-ig")
 
 
 def choose_noise(model) -> dict:
@@ -78,10 +112,11 @@ def choose_noise(model) -> dict:
     return {"noise": best, "validation_images": VALIDATION_SIZE, "validation_pointing_game": scores}
 
 
-def cascade_files(demo: Path) -> list[Path]:
+def cascade_files(demo: Path, prefix: str | None = CNN.cascade_prefix) -> list[Path]:
     """make_demo's deeper randomizations, shallowest first: classifier and the last 2, 3, ... blocks."""
-    return sorted((demo / "cascade").glob("shapes_randomized_blocks*.onnx"),
-                  key=lambda path: int(path.stem.removeprefix("shapes_randomized_blocks")))
+    if prefix is None:
+        return []
+    return sorted((demo / "cascade").glob(f"{prefix}*.onnx"), key=lambda path: int(path.stem.removeprefix(prefix)))
 
 
 def cascade_label(path: Path) -> str:
@@ -105,16 +140,18 @@ def per_class_subset(labels, per_class: int) -> list[int]:
 
 
 def run(demo: Path, threads: int, only: list[tuple[str, dict]] | None = None,
-        selection: dict | None = None, per_class: int | None = None, seed_check: bool = False) -> dict:
+        selection: dict | None = None, per_class: int | None = None, seed_check: bool = False,
+        spec: Demo = CNN) -> dict:
     from gradmap.runtime import SaliencyModel
     from gradmap.runtime.evaluate import evaluate, load_evaluation_data
     from gradmap.runtime.methods import MethodSpec
 
-    model = SaliencyModel(demo / "shapes.onnx", provider="cpu", threads=threads)
-    randomized = SaliencyModel(demo / "shapes_randomized_top.onnx", provider="cpu", threads=threads)
-    cascade_paths = {cascade_label(path): path for path in cascade_files(demo)}
+    model = SaliencyModel(demo / spec.model, provider="cpu", threads=threads)
+    randomized = SaliencyModel(demo / spec.randomized, provider="cpu", threads=threads)
+    cascade_paths = {cascade_label(path): path for path in cascade_files(demo, spec.cascade_prefix)}
     cascade = [(label, SaliencyModel(path, provider="cpu", threads=threads)) for label, path in cascade_paths.items()]
-    data = load_evaluation_data(demo / "eval_set.npz", model.metadata.preprocessing, model.metadata.labels)
+    data_file = demo / "eval_set.npz" if spec is CNN else ROOT / spec.data
+    data = load_evaluation_data(data_file, model.metadata.preprocessing, model.metadata.labels)
     subset = None
     if per_class is not None:
         subset = per_class_subset(data.labels, per_class)
@@ -123,18 +160,20 @@ def run(demo: Path, threads: int, only: list[tuple[str, dict]] | None = None,
     if only is None or any(name == "smoothgrad" for name, _ in only) or selection is None:
         selection = choose_noise(model)
     if only is None:
+        names = [name for name in model.metadata.methods if spec is CNN or name not in SLOW_METHODS]
         specs = [MethodSpec(name, noise=selection["noise"]) if name == "smoothgrad" else MethodSpec(name)
-                 for name in model.metadata.methods]
+                 for name in names]
     else:
         specs = [MethodSpec(name, **({"noise": selection["noise"]} if name == "smoothgrad" else {}), **settings)
                  for name, settings in only]
     results = evaluate(model, data, specs, randomized=randomized, cascade=cascade, tolerance=TOLERANCE_PX,
                        seed_check=seed_check, progress=lambda m: print(m, flush=True))
     results["smoothgrad_noise_selection"] = selection
-    results["model"] = "models/demo/shapes.onnx"
-    results["randomized_model"] = "models/demo/shapes_randomized_top.onnx"
-    results["cascade_models"] = {label: f"models/demo/cascade/{path.name}" for label, path in cascade_paths.items()}
-    results["data"] = "models/demo/eval_set.npz"
+    results["supported_methods"] = list(model.metadata.methods)
+    results["model"] = f"{spec.directory}/{spec.model}"
+    results["randomized_model"] = f"{spec.directory}/{spec.randomized}"
+    results["cascade_models"] = {label: f"{spec.directory}/cascade/{path.name}" for label, path in cascade_paths.items()}
+    results["data"] = spec.data
     if subset is not None:
         results["subset"] = {"per_class": per_class, "indices": subset}
     metrics_file = demo / "metrics.json"
@@ -168,7 +207,7 @@ def row_name(results: dict, name: str) -> str:
     return f"{name} ({len(subset['indices'])} images)" if subset else name
 
 
-def render(results: dict) -> str:
+def render(results: dict, spec: Demo = CNN) -> str:
     training = results.get("training", {})
     r = results
     tol = r["settings"]["pointing_tolerance_px"]
@@ -177,7 +216,8 @@ def render(results: dict) -> str:
     lines = [
         _report.machine_line(r.get("meta", {})),
         "",
-        f"`python models/evaluate_demo.py` (= `gradmap evaluate` on the demo model and its {r['images']} held-out "
+        f"`python models/evaluate_demo.py{' --vit' if spec is VIT else ''}` (= `gradmap evaluate` on {spec.what} "
+        f"and its {r['images']} held-out "
         f"images, `--tolerance {tol:g}`; accuracy {r['accuracy']:.3f}"
         + (f", held-out test accuracy {training['test_accuracy']:.3f} on {training['split_sizes']['test']} images"
            if "test_accuracy" in training else "") + "). "
@@ -205,12 +245,14 @@ def render(results: dict) -> str:
                   "method. ρ between two images' maps: the trained model's maps of different eval images (each with the next); "
                   "what a layout shared by every map gives by itself: a randomized model's map as unrelated to the trained one "
                   "as another picture's map scores about this. "
-                  "Figures from models/demo/quality.json."]
+                  + (f"The randomized model: the same network with its {spec.top} re-initialized. " if spec is VIT else "")
+                  + f"Figures from {spec.directory}/quality.json."]
     later = r.get("method_runs", {})
     if later:
         dates = sorted({(run.get("meta") or {}).get("started", "")[:10] for run in later.values()} - {""})
         lines[-1] += (f" The rows of {', '.join(later)} were measured in a later run "
-                      f"(`python models/evaluate_demo.py --method NAME`{', ' + ', '.join(dates) if dates else ''}; "
+                      f"(`python models/evaluate_demo.py{' --vit' if spec is VIT else ''} --method NAME`"
+                      f"{', ' + ', '.join(dates) if dates else ''}; "
                       "`method_runs` in quality.json records it), the others in the run named above.")
         subsets: dict[tuple, list[str]] = {}
         for name, run in later.items():
@@ -229,8 +271,10 @@ def render(results: dict) -> str:
 
     transformer_only = [m.name for m in contract.METHOD_TABLE
                         if contract.OUTPUT_ATTENTION in m.outputs and m.name not in r["methods"]]
-    unmeasured = [m.name for m in contract.METHOD_TABLE if m.name not in r["methods"] and m.name not in transformer_only]
-    if transformer_only:
+    unmeasured = [m.name for m in contract.METHOD_TABLE if m.name not in r["methods"]
+                  and (spec is VIT or m.name not in transformer_only)
+                  and (spec is CNN or m.name in r.get("supported_methods", r["methods"]))]
+    if transformer_only and spec is CNN:
         lines[-1] += (f" No rows for {', '.join(transformer_only)}: they read a vision transformer's attention "
                       "(`gradmap export --attention`), and the demo model is a CNN.")
     if unmeasured:
@@ -250,7 +294,8 @@ def render(results: dict) -> str:
             cells = [f"{m['rank_correlation']['mean']:.3f}"]
             cells += [f"{m['rank_correlation_cascade'][label]['mean']:.3f}" for label in labels]
             lines.append(f"| {row_name(r, name)} | " + " | ".join(cells) + f" | {m['rank_correlation_other_image']['mean']:.3f} |")
-    lines += explain_misses(r)
+    if spec is CNN:  # the reasons are the CNN's (its max-pooled CAM layer, its ReLUs)
+        lines += explain_misses(r)
     return "\n".join(lines)
 
 
@@ -317,10 +362,16 @@ def explain_misses(r: dict) -> list[str]:
 
 
 def sections(data: dict) -> dict[str, str]:
-    return {"quality": render(data)}
+    """``data``: the results of each demo model measured so far, by section (:func:`load_results`)."""
+    return {name: render(results, DEMOS[name]) for name, results in data.items()}
 
 
-def load_results(path: Path = RESULTS) -> dict:
+def load_results(path: Path | None = None) -> dict:
+    """The results file at ``path``; without one, every demo model's results by docs section (the CNN's
+    always, the ViT's once measured), as :func:`sections` takes them."""
+    if path is None:
+        return {demo.section: load_results(demo.results) for demo in DEMOS.values()
+                if demo is CNN or demo.results.is_file()}
     if not path.is_file():
         raise SystemExit(f"{path}: no such file (run python models/evaluate_demo.py first)")
     return json.loads(path.read_text())
@@ -328,11 +379,14 @@ def load_results(path: Path = RESULTS) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--demo", type=Path, default=ROOT / "models" / "demo")
+    parser.add_argument("--demo", type=Path, default=None,
+                        help="the demo model's folder (default models/demo, with --vit models/demo_vit)")
+    parser.add_argument("--vit", action="store_true",
+                        help="the demo vision transformer (models/make_demo_vit.py) instead of the CNN")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--method", action="append", metavar="NAME[:SETTING=VALUE,...]",
                         help="evaluate only this method (repeatable), with these settings, and merge its rows into "
-                             "the existing quality.json")
+                             "the existing quality.json (without one: a first run on these methods only)")
     parser.add_argument("--per-class", type=int, default=None, metavar="N",
                         help="with --method: evaluate on the first N images of each class only (the slow "
                              "perturbation and path methods); the table says so")
@@ -346,16 +400,26 @@ def main() -> int:
         parser.error("--per-class: only with --method (the full run covers every image)")
     if args.seed_check and not args.method:
         parser.error("--seed-check: only with --method")
-    out = args.out if args.out != RESULTS else args.demo / "quality.json"
+    spec = VIT if args.vit else CNN
+    demo = args.demo or ROOT / spec.directory
+    out = args.out if args.out != RESULTS else demo / "quality.json"
+    sections_run = (spec.section,)
     if args.tables_only:
         results = load_results(out)
+    elif args.method and not out.is_file() and args.per_class is None:
+        # a first run on these methods only; later --method runs add the others
+        meta = _report.start_run(PAGE, sections_run, versions=("onnxruntime",), threads=args.threads)
+        results = run(demo, args.threads, [parse_method(text) for text in args.method], seed_check=args.seed_check,
+                      spec=spec)
+        results["targets_missed"] = verdicts(results)
+        results = _report.write_json(out, {"meta": _report.finish_run(meta), **results}, indent=2)
     elif args.method:
         # some methods again (or new ones), their rows merged into the results of the full run
         results = load_results(out)
         only = [parse_method(text) for text in args.method]
-        meta = _report.start_run(PAGE, SECTIONS, versions=("onnxruntime",), threads=args.threads)
-        partial = run(args.demo, args.threads, only, results.get("smoothgrad_noise_selection"), args.per_class,
-                      args.seed_check)
+        meta = _report.start_run(PAGE, sections_run, versions=("onnxruntime",), threads=args.threads)
+        partial = run(demo, args.threads, only, results.get("smoothgrad_noise_selection"), args.per_class,
+                      args.seed_check, spec)
         record = _report.finish_run(meta)
         results = load_results(out)  # read again: another --method run may have merged its rows meanwhile
         for name, settings in only:
@@ -367,15 +431,15 @@ def main() -> int:
         results["targets_missed"] = verdicts(results)
         results = _report.write_json(out, results, indent=2)
     else:
-        meta = _report.start_run(PAGE, SECTIONS, versions=("onnxruntime",), threads=args.threads)
-        results = run(args.demo, args.threads)
+        meta = _report.start_run(PAGE, sections_run, versions=("onnxruntime",), threads=args.threads)
+        results = run(demo, args.threads, spec=spec)
         results["targets_missed"] = verdicts(results)
         results = _report.write_json(out, {"meta": _report.finish_run(meta), **results}, indent=2)
     from gradmap.runtime.evaluate import format_report
 
     print(format_report(results))
     if not args.no_docs:
-        _report.publish(PAGE, sections(results))
+        _report.publish(PAGE, {spec.section: render(results, spec)})
     return 0
 
 

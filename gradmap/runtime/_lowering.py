@@ -11,9 +11,9 @@ optimized graph of it is cached in turn:
 
 - the first load lowers (resnet50: about a second) and writes the lowered model, its weights in a
   data file beside it (``lowered.onnx.data``): onnx-ir writes them tensor by tensor instead of
-  building the whole model as one protobuf message and its bytes, and onnxruntime reads them from
-  that file; resnet50's lowering peaks about 200 MB lower and saves in about half the time
-  (``bench/bench_lowering.py``);
+  building the whole model as one protobuf message and its bytes (resnet50: two copies of 100 MB of
+  weights fewer at the lowering's peak), and onnxruntime reads them from that file
+  (``bench/bench_lowering.py`` measures the first load);
 - later loads read it, as long as the model file (path, size, times, inode), the block, onnx-ir
   and gradmap's graph code are the same (all part of the entry's key).
 
@@ -208,9 +208,8 @@ def lowered_model(path: str, data_files: list[str], override: int | str | None, 
                            seconds=time.perf_counter() - start)
         prefix, name = _entry_name(path, list(data_files), block, onnx_ir_version)
         entry = root / name
-        files = _data_files(entry)
         if (entry / _MODEL).is_file() and (entry / _SOURCE).is_file():
-            return Lowered("read", block, reason, path=str(entry / _MODEL), data_files=files,
+            return Lowered("read", block, reason, path=str(entry / _MODEL), data_files=_data_files(entry),
                            seconds=time.perf_counter() - start)
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -235,7 +234,7 @@ def lowered_model(path: str, data_files: list[str], override: int | str | None, 
         from gradmap.runtime._session_cache import clear_entries
 
         clear_entries(root, stale_only=True)  # entries of model files that are gone (and sessions of those)
-        return Lowered("written", block, reason, path=str(entry / _MODEL), data_files=files,
+        return Lowered("written", block, reason, path=str(entry / _MODEL), data_files=_data_files(entry),
                        seconds=time.perf_counter() - start)
     except Exception as e:  # noqa: BLE001 - the portable graph is right everywhere: run it as written
         return Lowered("failed", block, reason, seconds=time.perf_counter() - start,
