@@ -365,6 +365,20 @@ def test_swins_last_norm1_by_name_matches_pytorch_grad_cams_swin_recipe(tmp_path
 
 
 @pytest.mark.slow
+def test_a_query_key_norm_is_not_taken_for_the_token_map(tmp_path):
+    """timm's qk_norm normalizes queries and keys [N, heads, T, d] over d, nearer the softmax than
+    norm1: auto must pass it by (it once took it for a channels-last map)."""
+    import onnx
+
+    path = tmp_path / "qk.onnx"
+    _export(_timm("vit_tiny_patch16_224", depth=2, qk_norm=True)(), path, cam_layer="auto", verify=False)
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    cam_layer = contract.ModelMetadata.from_props(props).cam_layer
+    assert cam_layer.startswith("auto (blocks.1.norm1: ") and "1 prefix token(s) + 4x4 patch grid" in cam_layer, \
+        cam_layer
+
+
+@pytest.mark.slow
 def test_a_cam_layer_that_is_no_feature_or_token_map_is_refused(tmp_path):
     with pytest.raises(ExportError, match=r"not a \[N, C, H, W\] feature map.*nor a \[N, tokens, C\] token map") as info:
         _export(_two_blocks(), tmp_path / "bad.onnx", cam_layer="head", verify=False)

@@ -10,7 +10,9 @@
 ``auto`` picks the CNN map or, when an attention Softmax comes after it on the path to the logits
 (or there is none), the output of the LayerNorm that feeds the last attention: the last block's
 first LayerNorm (timm ``blocks[-1].norm1``, Transformers ``layernorm_before``), the layer
-pytorch-grad-cam's ViT example uses with its ``reshape_transform``. Doing the reshape in the graph
+pytorch-grad-cam's ViT example uses with its ``reshape_transform``. An RMSNorm module counts as
+the norm (it exports as elementwise ops); a block with no norm before its attention (Swin V2's
+post-norm, LeViT's BatchNorm) gives the residual stream entering it. Doing the reshape in the graph
 gives every CAM method, in the runtime and in the web page, the same [N, C, h, w] map a CNN gives.
 """
 
@@ -158,7 +160,7 @@ def find_cam_layer(graph: ir.Graph, nodes: list[ir.Node], name: str) -> CamLayer
     if name == "auto":
         position = {node: i for i, node in enumerate(nodes)}
         pooled = _pooled_map(nodes)
-        attention = _attention_input(nodes)
+        attention = _attention_input(nodes, image_size)
         if attention is not None and (pooled is None or position[attention.producer()] > position[pooled[1]]):
             return _as_layer(attention, image_size, "auto")
         if pooled is not None:
@@ -228,18 +230,19 @@ def _pooled_map(nodes: list[ir.Node]) -> tuple[ir.Value, ir.Node] | None:
     return None
 
 
-def _attention_input(nodes: list[ir.Node]) -> ir.Value | None:
+def _attention_input(nodes: list[ir.Node], image_size: tuple[int, int]) -> ir.Value | None:
     """The token map that feeds the last attention Softmax on the path: the last block's first
     LayerNorm (or RMSNorm) output, or for a block without a norm before its attention (Swin V2's
     post-norm, LeViT's BatchNorm) the residual stream entering it."""
     on_path = set(nodes)
     for node in reversed(nodes):
         if node.op_type == "Softmax" and node.outputs[0].shape is not None and len(node.outputs[0].shape) in (3, 4):
-            return _norm_before(node, on_path, stream=True)
+            return _norm_before(node, on_path, image_size, stream=True)
     return None
 
 
-def _norm_before(softmax: ir.Node, on_path: set[ir.Node], stream: bool = False) -> ir.Value | None:
+def _norm_before(softmax: ir.Node, on_path: set[ir.Node], image_size: tuple[int, int],
+                 stream: bool = False) -> ir.Value | None:
     """The normalized token map nearest upstream of an attention Softmax (over the last axis of
     rank-4 [N, heads, T, T] or rank-3 scores), breadth first: a LayerNormalization's output, or the
     output of a torch LayerNorm/RMSNorm module (an RMSNorm exports as elementwise ops). Norms that
@@ -256,10 +259,10 @@ def _norm_before(softmax: ir.Node, on_path: set[ir.Node], stream: bool = False) 
                     continue
                 seen.add(producer)
                 out = producer.outputs[0]
-                if _is_normed(out) and _is_token_map(out):
+                if _is_normed(out) and _is_token_map(out, image_size):
                     return out
-                if stream and _is_residual_sum(producer, on_path) and _is_token_map(out):
-                    return _module_output(out)
+                if stream and _is_residual_sum(producer, on_path) and _is_token_map(out, image_size):
+                    return _module_output(out, image_size)
                 following.append(producer)
         frontier = following
     return None
@@ -298,7 +301,7 @@ def _is_residual_sum(node: ir.Node, on_path: set[ir.Node]) -> bool:
 _SHAPE_OPS = ("Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze", "Flatten")
 
 
-def _module_output(value: ir.Value) -> ir.Value:
+def _module_output(value: ir.Value, image_size: tuple[int, int]) -> ir.Value:
     """``value``, or where it is a module's last op before a reshape (timm's Swin V2 block adds its
     residual on [N, L, C] and returns [N, H, W, C]) the reshaped module output, so that the layer
     has a torch module name."""
@@ -308,18 +311,23 @@ def _module_output(value: ir.Value) -> ir.Value:
         if len(consumers) != 1 or consumers[0].op_type not in _SHAPE_OPS:
             return value
         current = consumers[0].outputs[0]
-        if current.shape is None or not _is_token_map(current):
+        if current.shape is None or not _is_token_map(current, image_size):
             return value
     return current
 
 
-def _is_token_map(value: ir.Value) -> bool:
+def _is_token_map(value: ir.Value, image_size: tuple[int, int]) -> bool:
+    """[N, tokens, C], or [N, h, w, C] channels last on a grid of the image's aspect (h dividing its
+    height): a query or key norm over [N, heads, T, d] is none."""
     dims = value.shape
     if dims is None or not _static(dims):
         return False
     if len(dims) == 3:
         return True
-    return len(dims) == 4 and _channels_last_value(value)
+    if len(dims) != 4 or not _channels_last_value(value):
+        return False
+    h, w = int(dims[1]), int(dims[2])
+    return h * image_size[1] == w * image_size[0] and image_size[0] % h == 0
 
 
 def _channels_last_value(value: ir.Value, depth: int = 8) -> bool:
@@ -396,7 +404,7 @@ def find_attention(graph: ir.Graph, nodes: list[ir.Node]) -> AttentionLayers:
     for node in nodes:
         if node.op_type != "Softmax" or node.outputs[0].shape is None or len(node.outputs[0].shape) != 4:
             continue
-        found.append((node.outputs[0], _norm_before(node, on_path)))
+        found.append((node.outputs[0], _norm_before(node, on_path, image_size)))
     if not found:
         raise ExportError("--attention: no self-attention (a Softmax over [N, heads, T, T] scores) on the path to "
                           "the logits: attention rollout and relevance are for vision transformers")
