@@ -289,8 +289,13 @@ def test_cam_layer_auto_needs_a_pooled_feature_map(tmp_path):
             return self.head(self.mix(tokens).mean(dim=1))
 
     module = Tokens()
-    with pytest.raises(ExportError, match="no .N, C, H, W. feature map is pooled or flattened"):
-        export_module(module, tmp_path / "x.onnx", preprocessing=Preprocessing(crop=(16, 16)), cam_layer="auto")
+    with pytest.raises(ExportError, match="no .N, C, H, W. feature map is pooled or flattened") as refused:
+        export_module(module, tmp_path / "x.onnx", preprocessing=Preprocessing(crop=(16, 16)), cam_layer="auto",
+                      source_model="my-tokens")
+    # the refusal names the model and the layers that would do, nearest the logits first
+    assert str(refused.value).startswith("my-tokens: --cam-layer auto:"), refused.value
+    assert str(refused.value).endswith("e.g. --cam-layer mix (4x4 tokens), --cam-layer patches (4x4 feature map)"), \
+        refused.value
     with pytest.raises(ExportError, match="no module or value of that name"):
         export_module(module, tmp_path / "x.onnx", preprocessing=Preprocessing(crop=(16, 16)), cam_layer="layer9")
     assert not (tmp_path / "x.onnx").exists()

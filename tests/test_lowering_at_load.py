@@ -144,6 +144,11 @@ def test_second_load_reads_the_cached_lowering(tmp_path):
     second = SaliencyModel(paths["portable"], provider="cpu", threads=1, cache_dir=cache, cpu_block=8)
     assert (first.lowering.state, second.lowering.state) == ("written", "read")
     assert first.lowering.path == second.lowering.path
+    # the weights are in the entry's data file, and every load names it, so that onnxruntime's optimized
+    # graph of the lowered model is marked by the first load, saved by the second and read by the third
+    assert first.lowering.data_files == second.lowering.data_files == (first.lowering.path + ".data",)
+    third = SaliencyModel(paths["portable"], provider="cpu", threads=1, cache_dir=cache, cpu_block=8)
+    assert [m.cache_state for m in (first, second, third)] == ["marked", "written", "read"]
     for name, value in _outputs(second).items():
         assert np.array_equal(value, _outputs(first)[name]), name
     # another block is another entry; the file rewritten is a new key and the old entry goes

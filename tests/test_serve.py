@@ -744,6 +744,38 @@ for params in ({{"method": "scaled-gradient", "scale": 11}}, {{"method": "vanill
     assert "refused 400 vanilla has no setting 'scale'" in done.stdout
 
 
+def test_a_batch_whose_requests_all_timed_out_stops_between_model_runs(caplog):
+    """A long request (RISE, 4000 masks, allowed by a raised --max-passes) that times out gets its 504,
+    and its batch stops at the next model run instead of holding the model's thread to the end."""
+    import logging
+
+    from gradmap.serve import ServeConfig, create_app
+    from gradmap.serve.config import Limits
+
+    picture = DEMO_PICTURES[0].read_bytes()
+    app = create_app(ServeConfig({"shapes": str(DEMO_MODEL)}, Limits(max_passes=4000, request_timeout=1.0)))
+
+    async def go():
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gradmap") as client:
+                slow = await client.post("/explain/shapes?method=rise&mask_batch=8", content=picture)
+                for _ in range(600):  # the model's thread is free once the batch stopped
+                    if any("stopped" in r.getMessage() for r in caplog.records):
+                        break
+                    await asyncio.sleep(0.1)
+                after = await client.post("/explain/shapes", content=picture)
+                return slow, after
+
+    with caplog.at_level(logging.INFO, logger="gradmap.serve._batching"):
+        slow, after = asyncio.run(go())
+    assert slow.status_code == 504 and "--request-timeout" in slow.json()["error"], slow.text
+    stopped = [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()]
+    assert len(stopped) == 1 and "every request in it was given up" in stopped[0], stopped
+    runs = int(re.search(r"after (\d+) model runs", stopped[0]).group(1))
+    assert runs < 4000 // 8, f"the batch ran {runs} of RISE's 500 runs of 8 masks before it stopped"
+    assert after.status_code == 200, after.text
+
+
 def test_batcher_runs_only_equal_keys_together_and_drops_callers_that_left():
     from gradmap.serve._batching import DynamicBatcher
 

@@ -67,6 +67,69 @@ def _hf_vit():
     return _Classifier(model.eval(), flip_channels=False).eval()
 
 
+def _hf(config_class, **fields):
+    """A small Transformers classifier with random weights, built as gradmap export hf: builds it."""
+    def build():
+        transformers = require("transformers")
+        from gradmap.export._hf import _Classifier
+
+        config = getattr(transformers, config_class)(image_size=SIZE, num_labels=5, **fields)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForImageClassification.from_config(config, attn_implementation="eager")
+        model.config.return_dict = True
+        return _Classifier(model.eval(), flip_channels=False).eval()
+    return build
+
+
+_HF_SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=16)
+
+
+def _swin_reshape_transform(height, width):
+    """pytorch-grad-cam's documented Swin reshape_transform (its tutorial's, for a 7x7 final grid
+    there), on this size's final grid: tokens or [N, h, w, C] -> [N, C, h, w]."""
+    def reshape(tensor):
+        result = tensor.reshape(tensor.size(0), height, width, tensor.size(-1))
+        return result.transpose(2, 3).transpose(1, 2)
+    return reshape
+
+
+class _Tapped(torch.nn.Module):
+    """A module with an Identity on its output's tensor: a Transformers block returns a tuple, and
+    hooks (pytorch-grad-cam's too) need a tensor."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.tap = inner, torch.nn.Identity()
+
+    def forward(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        return (self.tap(out[0]), *out[1:]) if isinstance(out, tuple) else self.tap(out)
+
+
+def _tap(blocks, index):
+    """The tap on ``blocks[index]``'s output (installed once)."""
+    if not isinstance(blocks[index], _Tapped):
+        blocks[index] = _Tapped(blocks[index])
+    return blocks[index].tap
+
+
+def _torchvision_swin(version):
+    """torchvision's SwinTransformer (swin_t's or swin_v2_t's blocks) at a small width, 64x64: a
+    16x16 patch grid merged to 2x2 in the last stage."""
+    def build():
+        from torchvision.models import swin_transformer as swin
+
+        from gradmap.export._torchvision import _fill_zero_weights
+
+        v2 = dict(block=swin.SwinTransformerBlockV2, downsample_layer=swin.PatchMergingV2) if version == 2 else {}
+        torch.manual_seed(0)
+        module = swin.SwinTransformer(patch_size=[4, 4], embed_dim=24, depths=[1, 1, 2, 1], num_heads=[1, 2, 3, 4],
+                                      window_size=[2, 2], num_classes=10, **v2).eval()
+        _fill_zero_weights(module)
+        return module
+    return build
+
+
 def _torchvision_vit():
     import torchvision
 
@@ -90,6 +153,27 @@ MODELS = {
                   lambda m: m.layers[-1].blocks[-1].norm1, _channels_last_to_grid),
     "torchvision-vit_b_16": (_torchvision_vit, lambda m: m.encoder.layers[-1].ln_1, _tokens_to_grid(1)),
     "hf-vit": (_hf_vit, lambda m: m.model.vit.layers[-1].layernorm_before, _tokens_to_grid(1)),
+    # BEiT: relative position bias in every block, mean-pooled patch tokens
+    "timm-beit": (_timm("beit_base_patch16_224", depth=2, embed_dim=64, num_heads=2),
+                  lambda m: m.blocks[-1].norm1, _tokens_to_grid(1)),
+    "hf-beit": (_hf("BeitConfig", use_relative_position_bias=True, **_HF_SMALL),
+                lambda m: m.model.beit.layers[-1].layernorm_before, _tokens_to_grid(1)),
+    "hf-dinov2_registers": (_hf("Dinov2WithRegistersConfig", num_register_tokens=4, **_HF_SMALL),
+                            lambda m: m.model.dinov2_with_registers.encoder.layer[-1].norm1, _tokens_to_grid(5)),
+    # Swin V2 normalizes after its attention (post-norm): auto takes the residual stream entering the
+    # last block, the previous block's output ([N, h, w, C] in timm, tokens in Transformers)
+    "timm-swinv2": (_timm("swinv2_tiny_window8_256", window_size=2, embed_dim=24, depths=(1, 1, 1, 2),
+                          num_heads=(1, 2, 3, 4)),
+                    lambda m: m.layers[-1].blocks[-2], _channels_last_to_grid),
+    "hf-swinv2": (_hf("Swinv2Config", embed_dim=16, depths=[1, 1, 1, 2], num_heads=[1, 1, 2, 2], window_size=2,
+                      patch_size=4),
+                  lambda m: _tap(m.model.swinv2.encoder.layers[-1].blocks, -2), _swin_reshape_transform(2, 2)),
+    # torchvision's Swin pools its final norm's map (permuted to [N, C, h, w]): auto takes it, as a CNN's
+    "torchvision-swin_t": (_torchvision_swin(1), lambda m: m.permute, None),
+    "torchvision-swin_v2_t": (_torchvision_swin(2), lambda m: m.permute, None),
+    "hf-swin": (_hf("SwinConfig", embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=2,
+                    patch_size=4),
+                lambda m: m.model.swin.encoder.layers[-1].blocks[-1].layernorm_before, _swin_reshape_transform(2, 2)),
 }
 
 
@@ -111,8 +195,10 @@ def _run(path, image, target, names):
 
 
 def _hooked(module, layer, reshape, image, targets):
-    """The layer's output and d logit[target] / d output in float64 torch, through ``reshape``."""
+    """The layer's output and d logit[target] / d output in float64 torch, through ``reshape`` (None:
+    the layer's output is [N, C, h, w] already)."""
     module = module.double()
+    reshape = reshape or (lambda tensor: tensor)
     kept = {}
 
     def hook(_, __, output):
@@ -166,6 +252,17 @@ def test_cam_layer_auto_is_the_last_blocks_first_layer_norm_on_its_patch_grid(ex
     err_g = rel(out[contract.OUTPUT_CAM_GRADIENT], gradient, f"{name} cam_gradient")
     assert err_a <= TOLERANCE, f"{name}: cam_activation is not the hooked layer's output: {err_a:.3g}"
     assert err_g <= TOLERANCE, f"{name}: cam_gradient is not the hooked layer's gradient: {err_g:.3g}"
+
+
+@pytest.mark.slow
+def test_the_metadata_names_the_module_auto_took(exported):
+    import onnx
+
+    name, path, module, layer, *_ = exported
+    expected = next(n for n, m in module.named_modules() if m is layer).replace(".inner", "").removesuffix(".tap")
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    cam_layer = contract.ModelMetadata.from_props(props).cam_layer
+    assert cam_layer.startswith(f"auto ({expected}: "), f"{name}: {cam_layer!r} does not name {expected}"
 
 
 @pytest.mark.slow
@@ -233,6 +330,52 @@ def test_cam_layer_by_module_name_on_a_vit(tmp_path):
                                       out[contract.OUTPUT_TARGET_INDEX])
     assert rel(out[contract.OUTPUT_CAM_ACTIVATION], activation, "blocks.0.norm2") <= TOLERANCE
     assert rel(out[contract.OUTPUT_CAM_GRADIENT], gradient, "blocks.0.norm2 gradient") <= TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", [1, 2])
+def test_swins_last_norm1_by_name_matches_pytorch_grad_cams_swin_recipe(tmp_path, version):
+    """The layer pytorch-grad-cam's Swin tutorial hooks (the last block's norm1, channels last) named on
+    torchvision's Swin: gradmap's map is [N, C, 2, 2] on the final grid, as the documented
+    reshape_transform makes it, and Grad-CAM matches."""
+    pgc = require("pytorch_grad_cam")
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    build = _torchvision_swin(version)
+    path = tmp_path / "swin.onnx"
+    report = _export(build(), path, cam_layer="features.7.0.norm1", verify=False)
+    assert report is not None
+    image = _image()
+    out = _run(path, image, np.array([-1, 3], dtype=np.int64), _CAM_NAMES)
+    assert out[contract.OUTPUT_CAM_ACTIVATION].shape[1:] == (192, 2, 2), out[contract.OUTPUT_CAM_ACTIVATION].shape
+    module = build()
+    reshape = _swin_reshape_transform(2, 2)
+    activation, gradient, _ = _hooked(module, module.features[7][0].norm1, reshape, image,
+                                      out[contract.OUTPUT_TARGET_INDEX])
+    assert rel(out[contract.OUTPUT_CAM_ACTIVATION], activation, "norm1") <= TOLERANCE
+    assert rel(out[contract.OUTPUT_CAM_GRADIENT], gradient, "norm1 gradient") <= TOLERANCE
+    cam = pgc.GradCAM(model=module, target_layers=[module.features[7][0].norm1], reshape_transform=reshape)
+    cam.get_target_width_height = lambda input_tensor: (2, 2)
+    expected = cam(input_tensor=torch.from_numpy(image).double(),
+                   targets=[ClassifierOutputTarget(int(t)) for t in out[contract.OUTPUT_TARGET_INDEX]])
+    ours = _scale_cam_image(_scale_cam_image(grad_cam(out[contract.OUTPUT_CAM_ACTIVATION],
+                                                      out[contract.OUTPUT_CAM_GRADIENT])))
+    err = float(np.abs(ours - expected).max())
+    assert err <= 1e-4, f"Swin V{version} Grad-CAM on features.7.0.norm1: {err:.3g}"
+
+
+@pytest.mark.slow
+def test_a_query_key_norm_is_not_taken_for_the_token_map(tmp_path):
+    """timm's qk_norm normalizes queries and keys [N, heads, T, d] over d, nearer the softmax than
+    norm1: auto must pass it by (it once took it for a channels-last map)."""
+    import onnx
+
+    path = tmp_path / "qk.onnx"
+    _export(_timm("vit_tiny_patch16_224", depth=2, qk_norm=True)(), path, cam_layer="auto", verify=False)
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    cam_layer = contract.ModelMetadata.from_props(props).cam_layer
+    assert cam_layer.startswith("auto (blocks.1.norm1: ") and "1 prefix token(s) + 4x4 patch grid" in cam_layer, \
+        cam_layer
 
 
 @pytest.mark.slow

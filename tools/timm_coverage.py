@@ -179,47 +179,62 @@ def run_timm(name: str) -> dict:
 SHALLOW_DEPTH = 2
 
 
-def _export_timm_shallow(name: str, size: tuple[int, int]):
+def timm_shallow(name: str, size: tuple[int, int]):
+    """The family's model built with :data:`SHALLOW_DEPTH` of its blocks (random weights, seed 0)."""
     import timm
     import torch
 
-    from gradmap.export import export_module
-    from gradmap.export._timm import _explicit_attention, timm_preprocessing
+    from gradmap.export._timm import _explicit_attention
 
     torch.manual_seed(0)
     try:
         module = timm.create_model(name, depth=SHALLOW_DEPTH, img_size=size)
     except TypeError:
         module = timm.create_model(name, depth=SHALLOW_DEPTH)
-    module = _explicit_attention(module).eval()
+    return _explicit_attention(module).eval()
+
+
+def _export_timm_shallow(name: str, size: tuple[int, int]):
+    from gradmap.export import export_module
+    from gradmap.export._timm import timm_preprocessing
+
+    module = timm_shallow(name, size)
     return export_module(module, None, preprocessing=timm_preprocessing(module, size), source_model=f"timm:{name}",
                          weights=f"none (random, seed 0, depth {SHALLOW_DEPTH})")
 
 
-def run_hf(model_type: str) -> dict:
+def hf_classifier(model_type: str, size: tuple[int, int]):
+    """The table's Transformers model for ``model_type``: its default config shrunk (:func:`_shrink`),
+    random weights (seed 0), as gradmap's image-to-logits module; returns (module, weights)."""
     import torch
     import transformers
 
-    from gradmap.contract import Preprocessing
-    from gradmap.export import export_module
     from gradmap.export._hf import _Classifier
     from gradmap.export._torchvision import _he_init
 
+    config = _shrink(transformers.AutoConfig.for_model(model_type), size[0])
+    torch.manual_seed(0)
+    # the class itself: the Auto class's from_config trips over configs built by for_model (LeViT's)
+    model_class = transformers.AutoModelForImageClassification._model_mapping[type(config)]
+    if isinstance(model_class, tuple):  # (classifier, classifier with distillation head): LeViT
+        model_class = model_class[0]
+    model = model_class._from_config(config, attn_implementation="eager")
+    classifier = _Classifier(model.eval(), False).eval()
+    weights = "none"
+    with torch.no_grad():
+        logits = classifier(torch.randn(2, 3, *size))
+    if float(logits.abs().max()) < 1e-3:  # the config's init lets activations vanish (MobileViT's at this
+        _he_init(classifier)              # size): like torchvision's GoogLeNet, He init keeps them sane
+        weights = "none, He init"
+    return classifier, weights
+
+
+def run_hf(model_type: str) -> dict:
+    from gradmap.contract import Preprocessing
+    from gradmap.export import export_module
+
     def build(size):
-        config = _shrink(transformers.AutoConfig.for_model(model_type), size[0])
-        torch.manual_seed(0)
-        # the class itself: the Auto class's from_config trips over configs built by for_model (LeViT's)
-        model_class = transformers.AutoModelForImageClassification._model_mapping[type(config)]
-        if isinstance(model_class, tuple):  # (classifier, classifier with distillation head): LeViT
-            model_class = model_class[0]
-        model = model_class._from_config(config, attn_implementation="eager")
-        classifier = _Classifier(model.eval(), False).eval()
-        weights = "none"
-        with torch.no_grad():
-            logits = classifier(torch.randn(2, 3, *size))
-        if float(logits.abs().max()) < 1e-3:  # the config's init lets activations vanish (MobileViT's at this
-            _he_init(classifier)              # size): like torchvision's GoogLeNet, He init keeps them sane
-            weights = "none, He init"
+        classifier, weights = hf_classifier(model_type, size)
         return export_module(classifier, None, preprocessing=Preprocessing(crop=size),
                              source_model=f"hf:{model_type}", weights=weights)
 

@@ -125,10 +125,15 @@ def export_module(
         p.requires_grad_(False)
     input_size = preprocessing.crop
     backprops = tuple(dict.fromkeys(["vanilla", *backprops])) if gradient else check_forward_only(backprops, target)
-    model, forward_nodes = build_gradient_model(module, input_size, score=score, opset=opset, backprops=backprops,
-                                                cam_layer=cam_layer, target=target,
-                                                channel_multiple=channel_multiple, attention=attention,
-                                                gradient=gradient)
+    try:
+        model, forward_nodes = build_gradient_model(module, input_size, score=score, opset=opset,
+                                                    backprops=backprops, cam_layer=cam_layer, target=target,
+                                                    channel_multiple=channel_multiple, attention=attention,
+                                                    gradient=gradient)
+    except ExportError as e:
+        if source_model == "custom" or not str(e).startswith("--cam-layer"):
+            raise
+        raise ExportError(f"{source_model}: {e}") from e
     cam_value = model.metadata_props.pop("gradmap.cam_value") or None
     attention_layers = model.metadata_props.pop(ATTENTION_KEY, None)
     num_classes = model.graph.outputs[0].shape[1]

@@ -11,9 +11,9 @@ optimized graph of it is cached in turn:
 
 - the first load lowers (resnet50: about a second) and writes the lowered model, its weights in a
   data file beside it (``lowered.onnx.data``): onnx-ir writes them tensor by tensor instead of
-  building the whole model as one protobuf message and its bytes, and onnxruntime reads them from
-  that file; resnet50's lowering peaks about 200 MB lower and saves in about half the time
-  (``bench/bench_lowering.py``);
+  building the whole model as one protobuf message and its bytes (resnet50: two copies of 100 MB of
+  weights fewer at the lowering's peak), and onnxruntime reads them from that file
+  (``bench/bench_lowering.py`` measures the first load);
 - later loads read it, as long as the model file (path, size, times, inode), the block, onnx-ir
   and gradmap's graph code are the same (all part of the entry's key).
 
@@ -162,7 +162,13 @@ def _entry_name(path: str, data_files: list[str], block: int, onnx_ir_version: s
 
 
 def _lower(path: str, block: int, out: Path) -> None:
-    """Load and lower the model, and save it in the folder ``out`` with its weights in a data file."""
+    """Load and lower the model, save it in the folder ``out`` with its weights in a data file, and
+    hand the memory the lowering used back to the system before onnxruntime loads the result."""
+    _lower_and_save(path, block, out)
+    _return_freed_memory()
+
+
+def _lower_and_save(path: str, block: int, out: Path) -> None:
     import onnx_ir as ir
 
     from gradmap.graph.lowering.at_load import lower_for_cpu
@@ -170,6 +176,25 @@ def _lower(path: str, block: int, out: Path) -> None:
     model = ir.load(path)
     lower_for_cpu(model, block)
     ir.save(model, out / _MODEL, external_data=f"{_MODEL}.data", size_threshold_bytes=1024)
+
+
+def _return_freed_memory() -> None:
+    """Collect the lowering's objects and have glibc return its freed heap to the system
+    (``malloc_trim``): the in-memory model's many small objects leave free but unreturned pages that
+    onnxruntime's session does not reuse, so a first load would otherwise peak about 100 MB higher
+    (resnet50, ``bench/bench_lowering.py``). Nothing happens where the C library has no malloc_trim."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    if platform.system() != "Linux":
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # musl and others: no malloc_trim
+        pass
 
 
 def _data_files(folder: Path) -> tuple[str, ...]:
@@ -208,9 +233,8 @@ def lowered_model(path: str, data_files: list[str], override: int | str | None, 
                            seconds=time.perf_counter() - start)
         prefix, name = _entry_name(path, list(data_files), block, onnx_ir_version)
         entry = root / name
-        files = _data_files(entry)
         if (entry / _MODEL).is_file() and (entry / _SOURCE).is_file():
-            return Lowered("read", block, reason, path=str(entry / _MODEL), data_files=files,
+            return Lowered("read", block, reason, path=str(entry / _MODEL), data_files=_data_files(entry),
                            seconds=time.perf_counter() - start)
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -235,7 +259,7 @@ def lowered_model(path: str, data_files: list[str], override: int | str | None, 
         from gradmap.runtime._session_cache import clear_entries
 
         clear_entries(root, stale_only=True)  # entries of model files that are gone (and sessions of those)
-        return Lowered("written", block, reason, path=str(entry / _MODEL), data_files=files,
+        return Lowered("written", block, reason, path=str(entry / _MODEL), data_files=_data_files(entry),
                        seconds=time.perf_counter() - start)
     except Exception as e:  # noqa: BLE001 - the portable graph is right everywhere: run it as written
         return Lowered("failed", block, reason, seconds=time.perf_counter() - start,

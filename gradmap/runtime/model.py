@@ -7,12 +7,13 @@ that contract when it loads (metadata and graph interface) so that a wrong file 
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import re
 import shutil
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -37,7 +38,20 @@ from gradmap.runtime.errors import GradmapModelError
 from gradmap.runtime.providers import CPU, CUDA, PROVIDER_ALIASES, ProviderPlan, plan_providers
 from gradmap.runtime.postprocess import softmax
 
-__all__ = ["ModelOutputs", "SaliencyModel", "TensorInfo", "check_external_data", "resolve_providers", "PROVIDER_ALIASES"]
+__all__ = ["ModelOutputs", "SaliencyModel", "TensorInfo", "check_external_data", "resolve_providers", "PROVIDER_ALIASES",
+           "before_run"]
+
+#: ``fn()``, called in this context before each onnxruntime run of :meth:`SaliencyModel.run_outputs`
+#: and :meth:`SaliencyModel.logits`; what it raises stops the work between two runs (``gradmap serve``
+#: stops a batch once every request in it has been given up). None (default): nothing is called.
+before_run: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("gradmap_before_run",
+                                                                                        default=None)
+
+
+def _before_run() -> None:
+    check = before_run.get()
+    if check is not None:
+        check()
 
 logger = logging.getLogger(__name__)
 
@@ -385,6 +399,7 @@ class SaliencyModel:
                              "export with --backprop guided|deconvnet or --cam-layer auto for those")
         names = list(outputs)
         if self.fixed_batch is None:
+            _before_run()
             return dict(zip(names, self.session.run(names, {INPUT_IMAGE: images, INPUT_TARGET: targets})))
         parts = []
         step = self.fixed_batch
@@ -394,6 +409,7 @@ class SaliencyModel:
             if real < step:  # the graph only takes full batches: pad, then drop the padding
                 chunk = np.concatenate([chunk, np.zeros((step - real, *chunk.shape[1:]), np.float32)])
                 chunk_targets = np.concatenate([chunk_targets, np.full(step - real, -1, np.int64)])
+            _before_run()
             values = self.session.run(names, {INPUT_IMAGE: chunk, INPUT_TARGET: chunk_targets})
             parts.append([v[:real] for v in values])
         return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(names)}
@@ -418,6 +434,7 @@ class SaliencyModel:
         if self._forward is self.session:
             return self.run_outputs(images, None, (OUTPUT_LOGITS,))[OUTPUT_LOGITS]
         if self.fixed_batch is None:
+            _before_run()
             return self._forward.run([OUTPUT_LOGITS], {INPUT_IMAGE: images})[0]
         parts, step = [], self.fixed_batch
         for start in range(0, len(images), step):
@@ -425,6 +442,7 @@ class SaliencyModel:
             real = len(chunk)
             if real < step:  # the graph only takes full batches: pad, then drop the padding
                 chunk = np.concatenate([chunk, np.zeros((step - real, *chunk.shape[1:]), np.float32)])
+            _before_run()
             parts.append(self._forward.run([OUTPUT_LOGITS], {INPUT_IMAGE: chunk})[0][:real])
         return np.concatenate(parts) if parts else np.zeros((0, self.metadata.num_classes), np.float32)
 

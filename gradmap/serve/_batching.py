@@ -8,7 +8,9 @@ arriving meanwhile wait for the next batch, so a busy model batches by itself ev
 ``max_wait=0``. ``max_batch=1`` turns batching off.
 
 A request whose caller gave up (timeout, client gone) while it waited is dropped before its batch
-runs; one that is in a running batch finishes and its result is thrown away.
+runs. Once every request of a running batch has been given up, :data:`batch_abandoned` (the event
+``run`` sees in its thread) is set: a ``run`` that checks it between its steps stops early by raising
+:class:`BatchAbandoned`, and the model's thread is free for the next batch.
 
 Failures travel as values, never raised through the futures: an exception set on a future and
 raised by the waiting coroutine makes a reference cycle (future, exception, traceback, the frame
@@ -18,16 +20,26 @@ holding the future) that keeps the request's bytes alive until the cyclic garbag
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import threading
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
-__all__ = ["DynamicBatcher", "QueueFull"]
+__all__ = ["DynamicBatcher", "QueueFull", "BatchAbandoned", "batch_abandoned"]
 
 logger = logging.getLogger(__name__)
+
+#: In the thread running a batch: an event set once every request of the batch has been given up.
+batch_abandoned: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("gradmap_batch_abandoned",
+                                                                                         default=None)
+
+
+class BatchAbandoned(Exception):
+    """Raised by a batch's ``run`` that stopped early: every request in the batch had been given up."""
 
 
 class QueueFull(Exception):
@@ -126,6 +138,30 @@ class DynamicBatcher:
     def _live(self, key: Hashable) -> int:
         return sum(not w.future.done() for w in self._queues.get(key, ()))
 
+    @staticmethod
+    def _watch(batch: list[_Waiting]) -> threading.Event:
+        """An event set (from the event loop) once every request of ``batch`` has been given up."""
+        abandoned = threading.Event()
+        left = [len(batch)]
+
+        def given_up(future: asyncio.Future) -> None:
+            if future.cancelled():
+                left[0] -= 1
+                if left[0] == 0:
+                    abandoned.set()
+
+        for waiting in batch:
+            waiting.future.add_done_callback(given_up)
+        return abandoned
+
+    def _run(self, key: Hashable, items: list[Any], abandoned: threading.Event) -> Sequence[Any]:
+        """``run`` in the model's thread, with :data:`batch_abandoned` set to the batch's event."""
+        token = batch_abandoned.set(abandoned)
+        try:
+            return self.run(key, items)
+        finally:
+            batch_abandoned.reset(token)
+
     async def _dispatch(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -146,10 +182,17 @@ class DynamicBatcher:
                 continue
             self.running = len(batch)
             started = time.monotonic()
+            abandoned = self._watch(batch)
             try:
-                results = await loop.run_in_executor(self._executor, self.run, key, [w.item for w in batch])
+                results = await loop.run_in_executor(self._executor, self._run, key, [w.item for w in batch],
+                                                     abandoned)
                 if len(results) != len(batch):
                     raise RuntimeError(f"a batch of {len(batch)} gave {len(results)} results")
+            except BatchAbandoned as e:  # nobody waits for these results
+                logger.info("model %s: a batch of %d stopped after %.1f s: %s", self.name, len(batch),
+                            time.monotonic() - started, e)
+                e.__traceback__ = None
+                results = [e] * len(batch)
             except asyncio.CancelledError:
                 for waiting in batch:
                     if not waiting.future.done():

@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterator, Sequence
@@ -43,10 +44,11 @@ from gradmap.runtime import (EncodedPicture, GradmapModelError, ImageLoadError, 
                              SaliencyModel, iter_saliency, open_picture, preprocess)
 from gradmap.runtime.errors import NonFiniteGradientError, detached
 from gradmap.runtime.io import png_bytes
+from gradmap.runtime.model import before_run
 from gradmap.runtime.jobs import TOP_PREDICTIONS
 from gradmap.runtime.postprocess import top_k
 from gradmap.runtime.render import RenderOptions, figure_caption, render_outputs
-from gradmap.serve._batching import DynamicBatcher, QueueFull
+from gradmap.serve._batching import BatchAbandoned, DynamicBatcher, QueueFull, batch_abandoned
 from gradmap.serve._metrics import CONTENT_TYPE_LATEST, Metrics
 from gradmap.serve._settings import (ARRAY_OUTPUTS, PICTURE_OUTPUTS, PREDICT, BatchKey, BadRequest, ResponseOptions,
                                      over_max_passes, read_settings)
@@ -90,6 +92,20 @@ def _predict_batch(model: SaliencyModel, pictures: Sequence[EncodedPicture]) -> 
         probabilities = iter(model.probabilities(np.stack(tensors)))
         results = [r if r is not None else next(probabilities) for r in results]
     return results
+
+
+def _stop_when_abandoned(abandoned: threading.Event | None) -> Callable[[], None]:
+    """The check before each onnxruntime run of a batch: stop once nobody waits for its results (a
+    RISE or occlusion request that timed out must not hold the model for minutes)."""
+    runs = [0]
+
+    def check() -> None:
+        if abandoned is not None and abandoned.is_set():
+            raise BatchAbandoned(f"every request in it was given up (timed out or disconnected), after "
+                                 f"{runs[0]} model runs")
+        runs[0] += 1
+
+    return check
 
 
 def _explain_batch(model: SaliencyModel, key: BatchKey, pictures: Sequence[EncodedPicture]) -> list[Any]:
@@ -180,7 +196,11 @@ class GradmapApp:
                 model.probabilities(blank)  # predict's forward part is cut out now, not on a request
 
             def run(key: BatchKey, items: Sequence[EncodedPicture], model: SaliencyModel = model) -> list[Any]:
-                return _predict_batch(model, items) if key.kind == PREDICT else _explain_batch(model, key, items)
+                token = before_run.set(_stop_when_abandoned(batch_abandoned.get()))
+                try:
+                    return _predict_batch(model, items) if key.kind == PREDICT else _explain_batch(model, key, items)
+                finally:
+                    before_run.reset(token)
 
             def on_batch(key: BatchKey, size: int, seconds: float, name: str = name) -> None:
                 self.metrics.batch_size.labels(name).observe(size)

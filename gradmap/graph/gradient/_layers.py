@@ -10,13 +10,17 @@
 ``auto`` picks the CNN map or, when an attention Softmax comes after it on the path to the logits
 (or there is none), the output of the LayerNorm that feeds the last attention: the last block's
 first LayerNorm (timm ``blocks[-1].norm1``, Transformers ``layernorm_before``), the layer
-pytorch-grad-cam's ViT example uses with its ``reshape_transform``. Doing the reshape in the graph
+pytorch-grad-cam's ViT example uses with its ``reshape_transform``. An RMSNorm module counts as
+the norm (it exports as elementwise ops); a block with no norm before its attention (Swin V2's
+post-norm, LeViT's BatchNorm) gives the residual stream entering it. Doing the reshape in the graph
 gives every CAM method, in the runtime and in the web page, the same [N, C, h, w] map a CNN gives.
 """
 
 from __future__ import annotations
 
+import ast
 import math
+import re
 from dataclasses import dataclass
 
 import onnx_ir as ir
@@ -24,8 +28,8 @@ import onnx_ir as ir
 from ..errors import ExportError
 from ._context import GradContext
 
-__all__ = ["AttentionLayers", "CamLayer", "MAX_PREFIX_TOKENS", "find_attention", "find_cam_layer", "token_grid",
-           "to_feature_map"]
+__all__ = ["AttentionLayers", "CamLayer", "MAX_PREFIX_TOKENS", "find_attention", "find_cam_layer", "module_of",
+           "token_grid", "to_feature_map"]
 
 _GLOBAL_POOLS = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax")
 #: The most tokens before the patch grid that a token map may have (class, distillation and
@@ -52,13 +56,45 @@ class CamLayer:
     def name(self) -> str:
         return self.value.name
 
+    @property
+    def module(self) -> str | None:
+        """The torch module whose output the value is (:func:`module_of`), for a traced torch model."""
+        return module_of(self.value)
+
     def describe(self) -> str:
-        """The value's name, with the reshape for a token or channels-last map."""
+        """The torch module (where there is one) and the value's name, with the reshape for a token
+        or channels-last map: ``blocks.5.norm1: layer_norm_10, 1 prefix token(s) + 4x4 patch grid``."""
+        name = f"{self.module}: {self.name}" if self.module else self.name
         if self.layout == "tokens":
-            return f"{self.name}, {self.prefix} prefix token(s) + {self.grid[0]}x{self.grid[1]} patch grid"
+            return f"{name}, {self.prefix} prefix token(s) + {self.grid[0]}x{self.grid[1]} patch grid"
         if self.layout == "nhwc":
-            return f"{self.name}, channels last"
-        return self.name
+            return f"{name}, channels last"
+        return name
+
+
+def _name_scopes(node: ir.Node | None) -> list[str]:
+    """The torch module names a traced node sits in, outermost first (torch.onnx's
+    ``pkg.torch.onnx.name_scopes``: ``['', 'blocks', 'blocks.5', 'blocks.5.norm1', 'layer_norm_10']``)."""
+    text = node.metadata_props.get("pkg.torch.onnx.name_scopes") if node is not None else None
+    if not text:
+        return []
+    try:
+        scopes = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return []
+    return [s for s in scopes if isinstance(s, str)]
+
+
+def module_of(value: ir.Value) -> str | None:
+    """The innermost torch module whose output ``value`` is, from the exporter's name scopes, or None
+    (no scopes, or the value is an intermediate of that module's forward, which its own code uses)."""
+    scopes = _name_scopes(value.producer())
+    if len(scopes) < 2 or not scopes[-2]:
+        return None
+    module = scopes[-2]  # the last scope is the op itself
+    if any(module in _name_scopes(consumer) for consumer in value.consumers()):
+        return None
+    return module
 
 
 def _static(dims) -> bool:
@@ -102,7 +138,7 @@ def _as_layer(value: ir.Value, image_size: tuple[int, int], what: str) -> CamLay
         prefix, grid = fit
         return CamLayer(value, "tokens", prefix, grid)
     if dims is not None and len(dims) == 4 and _static(dims):
-        if producer is not None and producer.op_type in _CHANNELS_LAST_PRODUCERS and _channels_last(producer):
+        if _channels_last_value(value):
             h, w = int(dims[1]), int(dims[2])
             if h * image_size[1] == w * image_size[0]:
                 return CamLayer(value, "nhwc", grid=(h, w))
@@ -124,13 +160,14 @@ def find_cam_layer(graph: ir.Graph, nodes: list[ir.Node], name: str) -> CamLayer
     if name == "auto":
         position = {node: i for i, node in enumerate(nodes)}
         pooled = _pooled_map(nodes)
-        attention = _attention_input(nodes)
+        attention = _attention_input(nodes, image_size)
         if attention is not None and (pooled is None or position[attention.producer()] > position[pooled[1]]):
             return _as_layer(attention, image_size, "auto")
         if pooled is not None:
             return CamLayer(pooled[0])
         raise ExportError("--cam-layer auto: no [N, C, H, W] feature map is pooled or flattened on the way to the "
-                          "logits and no attention layer reads a token map: name a layer instead")
+                          "logits and no attention layer reads a token map: name a layer instead"
+                          + _suggestions(nodes, image_size))
     for value in (v for n in nodes for v in n.outputs):
         if value.name == name:
             return _as_layer(value, image_size, repr(name))
@@ -142,6 +179,28 @@ def find_cam_layer(graph: ir.Graph, nodes: list[ir.Node], name: str) -> CamLayer
     if found is None:
         raise ExportError(f"--cam-layer {name!r}: no module or value of that name on the path to the logits")
     return _as_layer(found, image_size, repr(name))
+
+
+def _suggestions(nodes: list[ir.Node], image_size: tuple[int, int], count: int = 3) -> str:
+    """``", e.g. --cam-layer A (4x4 tokens), ..."``: the last module outputs on the path that are
+    feature or token maps of more than one cell, nearest the logits first; empty if none."""
+    found: list[str] = []
+    for node in reversed(nodes):
+        for value in node.outputs:
+            module = module_of(value)
+            if module is None or any(module == f.split(" ")[0] for f in found):
+                continue
+            try:
+                layer = _as_layer(value, image_size, module)
+            except ExportError:
+                continue
+            grid = layer.grid or tuple(int(d) for d in list(value.shape)[2:4])
+            if grid[0] * grid[1] > 1:
+                kind = {"tokens": "tokens", "nhwc": "channels last", "nchw": "feature map"}[layer.layout]
+                found.append(f"{module} ({grid[0]}x{grid[1]} {kind})")
+        if len(found) >= count:
+            break
+    return (", e.g. " + ", ".join(f"--cam-layer {f}" for f in found)) if found else ""
 
 
 def _pooled_map(nodes: list[ir.Node]) -> tuple[ir.Value, ir.Node] | None:
@@ -171,20 +230,25 @@ def _pooled_map(nodes: list[ir.Node]) -> tuple[ir.Value, ir.Node] | None:
     return None
 
 
-def _attention_input(nodes: list[ir.Node]) -> ir.Value | None:
-    """The output of the LayerNorm that feeds the last attention Softmax on the path: the last
-    block's first LayerNorm."""
+def _attention_input(nodes: list[ir.Node], image_size: tuple[int, int]) -> ir.Value | None:
+    """The token map that feeds the last attention Softmax on the path: the last block's first
+    LayerNorm (or RMSNorm) output, or for a block without a norm before its attention (Swin V2's
+    post-norm, LeViT's BatchNorm) the residual stream entering it."""
     on_path = set(nodes)
     for node in reversed(nodes):
         if node.op_type == "Softmax" and node.outputs[0].shape is not None and len(node.outputs[0].shape) in (3, 4):
-            return _norm_before(node, on_path)
+            return _norm_before(node, on_path, image_size, stream=True)
     return None
 
 
-def _norm_before(softmax: ir.Node, on_path: set[ir.Node]) -> ir.Value | None:
-    """The output of the LayerNorm nearest upstream of an attention Softmax (over the last axis of
-    rank-4 [N, heads, T, T] or rank-3 scores), breadth first. LayerNorms that are no token map (a
-    query/key norm over the head dimension) are passed by."""
+def _norm_before(softmax: ir.Node, on_path: set[ir.Node], image_size: tuple[int, int],
+                 stream: bool = False) -> ir.Value | None:
+    """The normalized token map nearest upstream of an attention Softmax (over the last axis of
+    rank-4 [N, heads, T, T] or rank-3 scores), breadth first: a LayerNormalization's output, or the
+    output of a torch LayerNorm/RMSNorm module (an RMSNorm exports as elementwise ops). Norms that
+    are no token map (a query/key norm over the head dimension) are passed by. With ``stream``, a
+    residual sum met first (no norm between it and the attention: a post-norm block) is returned
+    instead, as the module output it is (:func:`_module_output`)."""
     frontier, seen = [softmax], {softmax}
     while frontier:
         following = []
@@ -194,20 +258,96 @@ def _norm_before(softmax: ir.Node, on_path: set[ir.Node]) -> ir.Value | None:
                 if producer is None or producer in seen or producer not in on_path:
                     continue
                 seen.add(producer)
-                if producer.op_type == "LayerNormalization" and _is_token_map(producer.outputs[0]):
-                    return producer.outputs[0]
+                out = producer.outputs[0]
+                if _is_normed(out) and _is_token_map(out, image_size):
+                    return out
+                if stream and _is_residual_sum(producer, on_path) and _is_token_map(out, image_size):
+                    return _module_output(out, image_size)
                 following.append(producer)
         frontier = following
     return None
 
 
-def _is_token_map(value: ir.Value) -> bool:
+_NORM_MODULES = re.compile(r"LayerNorm|RmsNorm|RMSNorm")
+
+
+def _is_normed(value: ir.Value) -> bool:
+    """A LayerNormalization's output, or the output of a torch module whose class is a LayerNorm or
+    an RMSNorm (from the exporter's ``pkg.torch.onnx.class_hierarchy``)."""
+    producer = value.producer()
+    if producer is not None and producer.op_type == "LayerNormalization":
+        return True
+    if module_of(value) is None:
+        return False
+    text = producer.metadata_props.get("pkg.torch.onnx.class_hierarchy", "")
+    try:
+        classes = ast.literal_eval(text) if text else []
+    except (ValueError, SyntaxError):
+        return False
+    return len(classes) >= 2 and bool(_NORM_MODULES.search(str(classes[-2]).rsplit(".", 1)[-1]))
+
+
+def _is_residual_sum(node: ir.Node, on_path: set[ir.Node]) -> bool:
+    """An Add of two values of one shape, both computed from the image: a residual connection (a
+    bias or a position embedding is a constant, not computed from the image)."""
+    if node.op_type != "Add" or len(node.inputs) != 2 or any(v is None for v in node.inputs):
+        return False
+    a, b = node.inputs
+    if a.producer() not in on_path or b.producer() not in on_path or a.shape is None or b.shape is None:
+        return False
+    return [str(d) for d in a.shape] == [str(d) for d in b.shape]
+
+
+_SHAPE_OPS = ("Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze", "Flatten")
+
+
+def _module_output(value: ir.Value, image_size: tuple[int, int]) -> ir.Value:
+    """``value``, or where it is a module's last op before a reshape (timm's Swin V2 block adds its
+    residual on [N, L, C] and returns [N, H, W, C]) the reshaped module output, so that the layer
+    has a torch module name."""
+    current = value
+    while module_of(current) is None:
+        consumers = list(current.consumers())
+        if len(consumers) != 1 or consumers[0].op_type not in _SHAPE_OPS:
+            return value
+        current = consumers[0].outputs[0]
+        if current.shape is None or not _is_token_map(current, image_size):
+            return value
+    return current
+
+
+def _is_token_map(value: ir.Value, image_size: tuple[int, int]) -> bool:
+    """[N, tokens, C], or [N, h, w, C] channels last on a grid of the image's aspect (h dividing its
+    height): a query or key norm over [N, heads, T, d] is none."""
     dims = value.shape
     if dims is None or not _static(dims):
         return False
     if len(dims) == 3:
         return True
-    return len(dims) == 4 and _channels_last(value.producer())
+    if len(dims) != 4 or not _channels_last_value(value):
+        return False
+    h, w = int(dims[1]), int(dims[2])
+    return h * image_size[1] == w * image_size[0] and image_size[0] % h == 0
+
+
+def _channels_last_value(value: ir.Value, depth: int = 8) -> bool:
+    """Whether a rank-4 value is [N, H, W, C]: a LayerNorm over its last axis made it, a Reshape of
+    [N, tokens, C] tokens that keeps C last, or a residual sum or another elementwise op of such a
+    map."""
+    producer = value.producer()
+    if producer is None or depth == 0:
+        return False
+    if producer.op_type in _CHANNELS_LAST_PRODUCERS:
+        return _channels_last(producer)
+    if producer.op_type == "Reshape":
+        x = producer.inputs[0]
+        return (x is not None and x.shape is not None and len(x.shape) == 3 and value.shape is not None
+                and len(value.shape) == 4 and x.shape[2] == value.shape[3] and isinstance(x.shape[2], int))
+    if producer.op_type in ("Add", "Mul", "Identity"):
+        return any(v is not None and v.shape is not None and len(v.shape) == 4 and v.producer() is not None
+                   and [str(d) for d in v.shape] == [str(d) for d in value.shape]
+                   and _channels_last_value(v, depth - 1) for v in producer.inputs)
+    return False
 
 
 def to_feature_map(ctx: GradContext, value: ir.Value, layer: CamLayer, batch) -> ir.Value:
@@ -264,7 +404,7 @@ def find_attention(graph: ir.Graph, nodes: list[ir.Node]) -> AttentionLayers:
     for node in nodes:
         if node.op_type != "Softmax" or node.outputs[0].shape is None or len(node.outputs[0].shape) != 4:
             continue
-        found.append((node.outputs[0], _norm_before(node, on_path)))
+        found.append((node.outputs[0], _norm_before(node, on_path, image_size)))
     if not found:
         raise ExportError("--attention: no self-attention (a Softmax over [N, heads, T, T] scores) on the path to "
                           "the logits: attention rollout and relevance are for vision transformers")
