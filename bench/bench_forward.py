@@ -432,7 +432,7 @@ def render(rows: list[dict], meta: dict) -> str:
     lines += _report.misses_lines(misses)
     for r in not_run:
         text = (f"Score-CAM on {r['model']} ({r['settings']}, {r['channels']} channels, so {r['channels']} masked "
-                "forward passes per picture) was not timed whole in this run")
+                "forward passes per picture) was not timed whole")
         per = r.get("per_copy_ms")
         if per:
             text += (f": one masked copy takes {per['gradmap']:.0f} ms in gradmap's forward and "
