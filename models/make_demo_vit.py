@@ -3,18 +3,21 @@ clutter (``make_demo.py``'s data, same classes, same held-out evaluation set), s
 that read a transformer's attention or its token map (attention rollout, attention relevance, the
 CAM family on the token grid) get map-quality rows on the same pictures as the demo CNN.
 
-Usage (from the repository root, CPU only, two threads):
+Usage (from the repository root, CPU only, one torch thread; the committed model trained for
+about 40 min on a 2-core machine shared with other work, load average 9 to 12):
 
-    python models/make_demo_vit.py [--out models/demo_vit] [--threads 2]
+    python models/make_demo_vit.py [--out models/demo_vit] [--checkpoints DIR]
 
-The network is timm's ``VisionTransformer``: 8 x 8 patches of the 64 x 64 picture (an 8 x 8 grid)
-and a class token, pre-norm blocks, the class token's output through a LayerNorm and a linear
-layer. The data come from ``make_demo.make_split`` (each image from its own seed, ``(SEED, split,
+The network is timm's ``VisionTransformer``: one token per 8 x 8 patch of the 64 x 64 picture (an
+8 x 8 grid) from a convolutional stem, and a class token, pre-norm blocks, the class token's output
+through a LayerNorm and a linear layer (``build_model``). The data come from ``make_demo.make_split`` (each image from its own seed, ``(SEED, split,
 index)``), with more training pictures than the CNN's (a ViT has no convolution's prior that a
 shape is a shape wherever it is, and learns it from more examples), the same test split and the
 same 200 evaluation pictures (``models/demo/eval_set.npz``, not copied here). Training is
 ``make_demo.train`` (AdamW, one-cycle learning rate, random horizontal flips) on a seeded generator
-and a fixed number of torch threads (the weights depend on it; the data do not).
+and a fixed number of torch threads (the weights depend on it; the data do not), in ``--cycles``
+one-cycle schedules back to back; ``--checkpoints DIR`` keeps each cycle's weights, and a run
+stopped between cycles goes on from the last one with the same result.
 
 Writes to ``--out``:
     shapes_vit.onnx                 trained network, exported with its input gradient, the token

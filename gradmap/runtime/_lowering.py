@@ -41,7 +41,7 @@ from pathlib import Path
 
 from gradmap import __version__
 
-__all__ = ["CPU_BLOCK_ENV", "CpuBlockError", "Lowered", "cpu_block", "detected_block", "lowered_model"]
+__all__ = ["CPU_BLOCK_ENV", "CpuBlockError", "Lowered", "cpu_block", "detected_block", "lowered_model", "trim_heap"]
 
 logger = logging.getLogger(__name__)
 
@@ -183,13 +183,22 @@ def _return_freed_memory() -> None:
     (``malloc_trim``): the in-memory model's many small objects leave free but unreturned pages that
     onnxruntime's session does not reuse, so a first load would otherwise peak about 100 MB higher
     (resnet50, ``bench/bench_lowering.py``). Nothing happens where the C library has no malloc_trim."""
-    import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Have glibc return the freed parts of its heap to the system (``malloc_trim(0)``; a few ms).
+    :class:`~gradmap.runtime.model.SaliencyModel` calls it once its session is created: onnxruntime
+    frees the model's parsed form and its intermediate graphs then, and a lowered resnet50's first
+    run otherwise peaks about 40 MB higher. Nothing happens where the C library has no malloc_trim."""
     if platform.system() != "Linux":
         return
+    import ctypes
+    import ctypes.util
+
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.malloc_trim(0)

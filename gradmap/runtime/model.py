@@ -31,7 +31,7 @@ from gradmap.contract import (
     props_have_gradient,
 )
 from gradmap.runtime._onnx_header import OnnxHeader, ProtobufError, read_external_data, read_onnx_header
-from gradmap.runtime._lowering import Lowered, lowered_model
+from gradmap.runtime._lowering import Lowered, lowered_model, trim_heap
 from gradmap.runtime._onnx_prune import prune_to_outputs
 from gradmap.runtime._session_cache import cache_root, cached_session
 from gradmap.runtime.errors import GradmapModelError
@@ -278,6 +278,7 @@ class SaliencyModel:
         finally:
             if self.lowering is not None and self.lowering.state == "memory" and self.lowering.path is not None:
                 shutil.rmtree(os.path.dirname(self.lowering.path), ignore_errors=True)
+        trim_heap()  # what creating the session freed, before the first run's activations
         first = self.plan.first
         if first != CPU and first not in self.session.get_providers():
             if not (isinstance(provider, str) and provider.strip().lower() == "auto"):
