@@ -87,6 +87,9 @@ def test_rise_of_a_constant_score_is_the_mean_mask_over_p(batch):
         def logits(self, images):
             return self.run_outputs(images, None, ())[self.OUTPUT_LOGITS]
 
+        def checked_targets(self, n, targets):
+            return np.asarray(targets, np.int64)
+
     images = batch[0][:1]
     result = perturbation.rise(Constant(), images, np.array([1]), np.zeros_like(images), masks=3000, grid=4,
                                probability=0.3, seed=0)
@@ -319,6 +322,28 @@ def test_the_forward_part_is_cut_out_of_the_file(demo_model):
         prune_to_outputs(data, ("attention",))
     with pytest.raises(ProtobufError):
         prune_to_outputs(b"\xff\xff\xff", ("logits",))
+
+
+@pytest.mark.parametrize("method", ["occlusion", "rise"])
+def test_perturbation_methods_never_run_the_whole_graph(demo_model, method, monkeypatch):
+    """Occlusion and RISE find each picture's top-1 class from the forward part too: a full export's
+    gradient is never computed for them; given targets are kept and checked."""
+    from gradmap.runtime import SaliencyModel
+    from gradmap.runtime.methods import MethodSpec, attribute
+
+    model = SaliencyModel(demo_model[0], provider="cpu", threads=1)
+    images = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    spec = MethodSpec(method, **({"window": 32, "stride": 32} if method == "occlusion" else {"masks": 8}))
+    expected = model.run(images).target_index
+    whole = model.session.run
+    calls = []
+    monkeypatch.setattr(model.session, "run", lambda *a, **k: calls.append(a) or whole(*a, **k))
+    _, found, _, _ = attribute(model, spec, images, None)
+    assert calls == [] and model._forward is not model.session
+    np.testing.assert_array_equal(found, expected)
+    assert list(attribute(model, spec, images, np.array([3, -1]))[1]) == [3, expected[1]]
+    with pytest.raises(ValueError, match="class indices below"):
+        attribute(model, spec, images, np.array([99, 0]))
 
 
 def test_a_graph_with_subgraphs_is_not_cut():

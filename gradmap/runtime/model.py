@@ -384,11 +384,7 @@ class SaliencyModel:
         if images.ndim != 4 or images.shape[1:] != (3, *self.input_size):
             raise ValueError(f"images must have shape [N, 3, {self.input_size[0]}, {self.input_size[1]}], "
                              f"got {list(images.shape)}")
-        targets = np.full(n, -1, dtype=np.int64) if targets is None else np.asarray(targets, dtype=np.int64)
-        if targets.shape != (n,):
-            raise ValueError(f"targets must have shape [{n}], got {list(targets.shape)}")
-        if np.any(targets >= self.metadata.num_classes) or np.any(targets < -1):
-            raise ValueError(f"targets must be -1 or class indices below {self.metadata.num_classes}")
+        targets = self.checked_targets(n, targets)
         have = {t.name for t in self.session.get_outputs()}
         missing = [name for name in outputs if name not in have]
         if missing:
@@ -414,6 +410,19 @@ class SaliencyModel:
             values = self.session.run(names, {INPUT_IMAGE: chunk, INPUT_TARGET: chunk_targets})
             parts.append([v[:real] for v in values])
         return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(names)}
+
+    def checked_targets(self, n: int, targets: Sequence[int] | np.ndarray | None) -> np.ndarray:
+        """``targets`` for ``n`` images as int64 [n] (None: all -1, each image's top-1 class).
+
+        Raises:
+            ValueError: a shape other than [n], or a class index out of range.
+        """
+        targets = np.full(n, -1, dtype=np.int64) if targets is None else np.asarray(targets, dtype=np.int64)
+        if targets.shape != (n,):
+            raise ValueError(f"targets must have shape [{n}], got {list(targets.shape)}")
+        if np.any(targets >= self.metadata.num_classes) or np.any(targets < -1):
+            raise ValueError(f"targets must be -1 or class indices below {self.metadata.num_classes}")
+        return targets
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """Logits [N, K] of a batch of preprocessed images, from the forward part of the graph alone.

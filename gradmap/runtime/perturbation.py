@@ -91,8 +91,13 @@ def _scores(model, batches: Iterator[np.ndarray], target: int, score: str, bar: 
 
 
 def _forward(model, images: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    out = model.run_outputs(images, targets, (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX))
-    return out[OUTPUT_LOGITS], out[OUTPUT_TARGET_INDEX]
+    """The logits and each image's target (its top-1 class where the target is -1), from the forward
+    part of the graph alone: onnxruntime runs a whole graph whatever outputs are asked for, and a
+    full export's gradient would cost a second pass per picture (vit_b_16: about 4 of occlusion's
+    24 s, ``bench/bench_forward.py``'s run of 006b6b7)."""
+    targets = model.checked_targets(len(images), targets)
+    logits = model.logits(images)
+    return logits, np.where(targets < 0, logits.argmax(1), targets).astype(np.int64)
 
 
 # -- occlusion -----------------------------------------------------------------------------------
@@ -124,10 +129,10 @@ def occlusion(model, images: np.ndarray, targets: np.ndarray, baselines: np.ndar
         raise ValueError(f"baselines {baselines.shape} must match images {images.shape}")
     n, _, h, w = images.shape
     windows = occlusion_windows((h, w), window, stride)
+    # the clean score from the same forward graph as the occluded ones (the whole graph's forward nodes
+    # may be fused differently by onnxruntime, a float32 rounding that would not cancel)
     logits, target_index = _forward(model, images, targets)
-    # the clean score from the same forward graph as the occluded ones: onnxruntime may fuse the
-    # forward nodes of the whole graph differently, a float32 rounding that would not cancel
-    clean = score_of(model.logits(images), target_index, score)
+    clean = score_of(logits, target_index, score)
     per_run = masks_per_run(mask_batch, images.shape[1:], len(windows))
     bar = _Progress("occluded copies", n * len(windows))
     values = np.zeros((n, 1, h, w))
