@@ -163,9 +163,15 @@ def _entry_name(path: str, data_files: list[str], block: int, onnx_ir_version: s
 
 def _lower(path: str, block: int, out: Path) -> None:
     """Load and lower the model, save it in the folder ``out`` with its weights in a data file, and
-    hand the memory the lowering used back to the system before onnxruntime loads the result."""
+    hand the memory the lowering used back to the system before onnxruntime loads the result: the
+    in-memory model's many small objects leave free but unreturned pages that onnxruntime's session
+    does not reuse, so a first load would otherwise peak about 100 MB higher (resnet50,
+    ``bench/bench_lowering.py``)."""
+    import gc
+
     _lower_and_save(path, block, out)
-    _return_freed_memory()
+    gc.collect()  # the model is gone once _lower_and_save returns
+    trim_heap()
 
 
 def _lower_and_save(path: str, block: int, out: Path) -> None:
@@ -176,17 +182,6 @@ def _lower_and_save(path: str, block: int, out: Path) -> None:
     model = ir.load(path)
     lower_for_cpu(model, block)
     ir.save(model, out / _MODEL, external_data=f"{_MODEL}.data", size_threshold_bytes=1024)
-
-
-def _return_freed_memory() -> None:
-    """Collect the lowering's objects and have glibc return its freed heap to the system
-    (``malloc_trim``): the in-memory model's many small objects leave free but unreturned pages that
-    onnxruntime's session does not reuse, so a first load would otherwise peak about 100 MB higher
-    (resnet50, ``bench/bench_lowering.py``). Nothing happens where the C library has no malloc_trim."""
-    import gc
-
-    gc.collect()
-    trim_heap()
 
 
 def trim_heap() -> None:
