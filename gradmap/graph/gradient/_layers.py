@@ -19,6 +19,7 @@ gives every CAM method, in the runtime and in the web page, the same [N, C, h, w
 from __future__ import annotations
 
 import ast
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ import onnx_ir as ir
 
 from ..errors import ExportError
 from ._context import GradContext
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["AttentionLayers", "CamLayer", "MAX_PREFIX_TOKENS", "find_attention", "find_cam_layer", "module_of",
            "token_grid", "to_feature_map"]
@@ -57,19 +60,29 @@ class CamLayer:
         return self.value.name
 
     @property
+    def cells(self) -> int | None:
+        """h * w of the map the layer becomes (None where the shape is not static)."""
+        if self.grid is not None:
+            return self.grid[0] * self.grid[1]
+        dims = list(self.value.shape) if self.value.shape is not None else []
+        spatial = dims[1:3] if self.layout == "nhwc" else dims[2:4]
+        return spatial[0] * spatial[1] if len(spatial) == 2 and all(isinstance(d, int) for d in spatial) else None
+
+    @property
     def module(self) -> str | None:
         """The torch module whose output the value is (:func:`module_of`), for a traced torch model."""
         return module_of(self.value)
 
     def describe(self) -> str:
         """The torch module (where there is one) and the value's name, with the reshape for a token
-        or channels-last map: ``blocks.5.norm1: layer_norm_10, 1 prefix token(s) + 4x4 patch grid``."""
+        or channels-last map: ``blocks.5.norm1: layer_norm_10, 1 prefix token(s) + 4x4 patch grid``; a
+        map of one cell says so."""
         name = f"{self.module}: {self.name}" if self.module else self.name
         if self.layout == "tokens":
-            return f"{name}, {self.prefix} prefix token(s) + {self.grid[0]}x{self.grid[1]} patch grid"
-        if self.layout == "nhwc":
-            return f"{name}, channels last"
-        return name
+            name = f"{name}, {self.prefix} prefix token(s) + {self.grid[0]}x{self.grid[1]} patch grid"
+        elif self.layout == "nhwc":
+            name = f"{name}, channels last"
+        return name + (", one cell at this input size: its CAM maps are constant" if self.cells == 1 else "")
 
 
 def _name_scopes(node: ir.Node | None) -> list[str]:
@@ -155,8 +168,19 @@ def _channels_last(layer_norm: ir.Node) -> bool:
 
 def find_cam_layer(graph: ir.Graph, nodes: list[ir.Node], name: str) -> CamLayer:
     """The CAM layer: ``auto`` (see the module docstring), a torch module name (its last output,
-    from the exporter's ``pkg.torch.onnx.name_scopes``) or an ONNX value name."""
+    from the exporter's ``pkg.torch.onnx.name_scopes``) or an ONNX value name. A layer of one cell at
+    this input size (a 1x1 map: every CAM map of it is constant) is taken, with a warning that says so
+    and names larger layers."""
     image_size = _image_size(graph)
+    layer = _find(nodes, name, image_size)
+    if layer.cells == 1:
+        logger.warning("--cam-layer %s: %s is a map of one cell at this %dx%d input, so every CAM map of it is "
+                       "constant: export at a larger input size or name an earlier layer%s", name, layer.module or layer.name,
+                       *image_size, _suggestions(nodes, image_size))
+    return layer
+
+
+def _find(nodes: list[ir.Node], name: str, image_size: tuple[int, int]) -> CamLayer:
     if name == "auto":
         position = {node: i for i, node in enumerate(nodes)}
         pooled = _pooled_map(nodes)
@@ -164,7 +188,10 @@ def find_cam_layer(graph: ir.Graph, nodes: list[ir.Node], name: str) -> CamLayer
         if attention is not None and (pooled is None or position[attention.producer()] > position[pooled[1]]):
             return _as_layer(attention, image_size, "auto")
         if pooled is not None:
-            return CamLayer(pooled[0])
+            return _pooled_layer(pooled[0], image_size)
+        tokens = _pooled_tokens(nodes, image_size)
+        if tokens is not None:
+            return _as_layer(tokens, image_size, "auto")
         raise ExportError("--cam-layer auto: no [N, C, H, W] feature map is pooled or flattened on the way to the "
                           "logits and no attention layer reads a token map: name a layer instead"
                           + _suggestions(nodes, image_size))
@@ -183,12 +210,15 @@ def find_cam_layer(graph: ir.Graph, nodes: list[ir.Node], name: str) -> CamLayer
 
 def _suggestions(nodes: list[ir.Node], image_size: tuple[int, int], count: int = 3) -> str:
     """``", e.g. --cam-layer A (4x4 tokens), ..."``: the last module outputs on the path that are
-    feature or token maps of more than one cell, nearest the logits first; empty if none."""
+    feature or token maps of more than one cell, nearest the logits first, less modules called more
+    than once (their name gives one of their outputs only); empty if none."""
     found: list[str] = []
+    modules = [module_of(v) for node in nodes for v in node.outputs]
+    twice = {m for m in modules if m is not None and modules.count(m) > 1}  # one module called twice: ambiguous
     for node in reversed(nodes):
         for value in node.outputs:
             module = module_of(value)
-            if module is None or any(module == f.split(" ")[0] for f in found):
+            if module is None or module in twice or any(module == f.split(" ")[0] for f in found):
                 continue
             try:
                 layer = _as_layer(value, image_size, module)
@@ -204,20 +234,24 @@ def _suggestions(nodes: list[ir.Node], image_size: tuple[int, int], count: int =
 
 
 def _pooled_map(nodes: list[ir.Node]) -> tuple[ir.Value, ir.Node] | None:
-    """(map, node) of the last global spatial pooling of an [N, C, H, W] map on the path, or else of
-    the last such map flattened into the classifier (VGG)."""
+    """(map, node) of the last global spatial pooling of an [N, C, H, W] map on the path (a
+    ReduceMean or ReduceMax over the last axis of the map flattened to [N, C, H*W] counts: Transformers'
+    SwiftFormer), or else of the last such map flattened into the classifier (VGG). A map of one cell
+    (1x1) counts where the network brought it to one cell by a strided convolution or pooling (a small
+    input's last stage: EfficientViT-MSRA at 64x64), not where it is a pooled vector already."""
     for node in reversed(nodes):
         if node.op_type not in _GLOBAL_POOLS:
             continue
-        x = node.inputs[0]
+        x = _flattened_map(node) or node.inputs[0]
         dims = x.shape
-        if dims is None or len(dims) != 4 or not all(isinstance(d, int) and d > 1 for d in list(dims)[2:]):
+        if dims is None or len(dims) != 4 or not all(isinstance(d, int) and d >= 1 for d in list(dims)[2:]):
             continue
-        if node.op_type.startswith("Reduce"):
+        if x is node.inputs[0] and node.op_type.startswith("Reduce"):
             axes = GradContext.constant_of(node.inputs[1]) if len(node.inputs) > 1 else None
             if axes is None or sorted(int(a) % 4 for a in axes.reshape(-1)) != [2, 3]:
                 continue
-        return x, node
+        if all(d > 1 for d in list(dims)[2:]) or (list(dims)[2:] == [1, 1] and _strided_to_one_cell(x)):
+            return x, node
     for node in reversed(nodes):
         if node.op_type not in ("Reshape", "Flatten"):
             continue
@@ -230,15 +264,127 @@ def _pooled_map(nodes: list[ir.Node]) -> tuple[ir.Value, ir.Node] | None:
     return None
 
 
+def _flattened_map(node: ir.Node) -> ir.Value | None:
+    """The [N, C, H, W] map that a ReduceMean or ReduceMax over the last axis of [N, C, H*W] pools
+    (``x.flatten(2).mean(-1)``), or None."""
+    if node.op_type not in ("ReduceMean", "ReduceMax") or len(node.inputs) < 2:
+        return None
+    flat = node.inputs[0]
+    producer = flat.producer()
+    axes = GradContext.constant_of(node.inputs[1])
+    if (producer is None or producer.op_type not in ("Reshape", "Flatten") or axes is None or flat.shape is None
+            or len(flat.shape) != 3 or [int(a) % 3 for a in axes.reshape(-1)] != [2]):
+        return None
+    x = producer.inputs[0]
+    if x is None or x.shape is None or len(x.shape) != 4 or not _static(x.shape):
+        return None
+    return x if (flat.shape[1] == x.shape[1] and flat.shape[2] == x.shape[2] * x.shape[3]) else None
+
+
+_STRIDED = ("Conv", "MaxPool", "AveragePool", "LpPool")
+
+
+def _strided_to_one_cell(value: ir.Value) -> bool:
+    """Whether a 1x1 [N, C, 1, 1] map got its one cell from a strided convolution or pooling of a
+    larger map among its producers (a feature map at a small input), rather than from a global pooling
+    (a pooled vector, pooled again)."""
+    frontier, seen = [value], {value}
+    while frontier:
+        following = []
+        for current in frontier:
+            producer = current.producer()
+            if producer is None:
+                continue
+            one_cell = current.shape is not None and len(current.shape) == 4 and list(current.shape)[2:] == [1, 1]
+            for x in producer.inputs:
+                if x is None or x in seen or x.producer() is None:
+                    continue
+                if (one_cell and producer.op_type in _STRIDED and x.shape is not None and len(x.shape) == 4
+                        and any(isinstance(d, int) and d > 1 for d in list(x.shape)[2:])):
+                    return True
+                seen.add(x)
+                following.append(x)
+        frontier = following
+    return False
+
+
+def _pooled_layer(value: ir.Value, image_size: tuple[int, int]) -> CamLayer:
+    """The pooled [N, C, H, W] map as a CAM layer; where it is no module's output but a Transpose of a
+    module's channels-last [N, H, W, C] map (timm's NesT: ``norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1,
+    2)``), that module's map, channels last: the layer a user names and hooks."""
+    producer = value.producer()
+    if (module_of(value) is None and producer is not None and producer.op_type == "Transpose"
+            and list(producer.attributes.get_ints("perm", [])) == [0, 3, 1, 2]):
+        source = producer.inputs[0]
+        if module_of(source) is not None and _is_token_map(source, image_size):
+            return CamLayer(source, "nhwc", grid=(int(source.shape[1]), int(source.shape[2])))
+    return CamLayer(value)
+
+
+def _pooled_tokens(nodes: list[ir.Node], image_size: tuple[int, int]) -> ir.Value | None:
+    """The [N, tokens, C] token map the classifier averages (ReduceMean over its token axis, or over
+    the token axis of its [N, C, tokens] transpose, unsqueezed to [N, C, 1, tokens] as torch's
+    AdaptiveAvgPool1d exports): for a transformer whose last attention reads no token map auto can
+    take (Transformers' Hiera: its last block pools the queries of the stage before, in that stage's
+    unrolled token order). None where there is none, or no attention Softmax comes before it (tokens
+    that no attention mixes are a CNN's map flattened, which auto leaves to --cam-layer NAME)."""
+    softmax = [i for i, node in enumerate(nodes) if node.op_type == "Softmax"]
+    for index in range(len(nodes) - 1, softmax[0] if softmax else len(nodes), -1):
+        node = nodes[index]
+        if node.op_type not in ("ReduceMean", "ReduceMax") or len(node.inputs) < 2:
+            continue
+        axes = GradContext.constant_of(node.inputs[1])
+        x = node.inputs[0]
+        if axes is None or x is None or x.shape is None:
+            continue
+        axes = sorted(int(a) % len(x.shape) for a in axes.reshape(-1))
+        tokens = None
+        if len(x.shape) == 3 and axes == [1]:
+            tokens = x
+        else:
+            source = x
+            if len(x.shape) == 4 and axes in ([3], [2, 3]) and x.shape[2] == 1 and x.producer() is not None \
+                    and x.producer().op_type == "Unsqueeze":
+                source = x.producer().inputs[0]
+            transpose = source.producer() if len(source.shape or []) == 3 and axes[-1] == len(x.shape) - 1 else None
+            if (transpose is not None and transpose.op_type == "Transpose"
+                    and list(transpose.attributes.get_ints("perm", [])) == [0, 2, 1]):
+                tokens = transpose.inputs[0]
+        if tokens is not None and _is_token_map(tokens, image_size) and token_grid(int(tokens.shape[1]), image_size):
+            return _module_output(tokens, image_size)
+    return None
+
+
 def _attention_input(nodes: list[ir.Node], image_size: tuple[int, int]) -> ir.Value | None:
     """The token map that feeds the last attention Softmax on the path: the last block's first
     LayerNorm (or RMSNorm) output, or for a block without a norm before its attention (Swin V2's
-    post-norm, LeViT's BatchNorm) the residual stream entering it."""
+    post-norm, LeViT's BatchNorm) the residual stream entering it. None where there is none, or where
+    the last attention pools its queries (:func:`_pools_queries`)."""
     on_path = set(nodes)
     for node in reversed(nodes):
-        if node.op_type == "Softmax" and node.outputs[0].shape is not None and len(node.outputs[0].shape) in (3, 4):
-            return _norm_before(node, on_path, image_size, stream=True)
+        probabilities = node.outputs[0]
+        if node.op_type == "Softmax" and probabilities.shape is not None and len(probabilities.shape) in (3, 4, 5):
+            found = _norm_before(node, on_path, image_size, stream=True)
+            return None if found is not None and _pools_queries(probabilities, found, image_size) else found
     return None
+
+
+def _pools_queries(probabilities: ir.Value, tokens: ir.Value, image_size: tuple[int, int]) -> bool:
+    """Whether the attention of ``probabilities`` ([..., queries, keys]; [N, heads, windows, queries,
+    keys] for Hiera's mask-unit attention) pools its queries below the patch tokens of the map that
+    feeds it: a stage's first block (Hiera), whose input is the previous stage's map, on another grid
+    (and in Hiera in another token order), so not the map the classifier's tokens are on. Class
+    attention (CaiT, XCiT: the class token's queries alone) pools nothing."""
+    dims = list(probabilities.shape)
+    queries, keys = dims[-2], dims[-1]
+    windows = dims[2] if len(dims) == 5 else 1
+    shape = list(tokens.shape)
+    count = shape[1] if len(shape) == 3 else (shape[1] * shape[2] if len(shape) == 4 else None)
+    if not all(isinstance(d, int) for d in (queries, keys, windows, count)):
+        return False
+    fit = token_grid(count, image_size) if len(shape) == 3 else (0, None)
+    prefix = fit[0] if fit is not None else 0
+    return queries < keys and prefix < windows * queries < count
 
 
 def _norm_before(softmax: ir.Node, on_path: set[ir.Node], image_size: tuple[int, int],
