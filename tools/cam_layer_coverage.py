@@ -5,6 +5,7 @@ bench/results/cam_layer_auto.json and the "CAM layer (auto)" table of docs/cover
     python tools/cam_layer_coverage.py                   # every model, resuming rows already recorded
     python tools/cam_layer_coverage.py --only timm:beit --only hf:swin --only torchvision:swin_t
     python tools/cam_layer_coverage.py --tables-only     # the docs table again from the results file
+    python tools/cam_layer_coverage.py --layers-only     # which rows a change to auto's rules moves
 
 The models are the coverage tables' own (the same builders and input sizes): torchvision's ViT,
 Swin, Swin V2 and MaxViT at their 224x224 with random weights (``gradmap export NAME --weights
@@ -153,6 +154,55 @@ def _rel(actual, expected) -> float:
         raise AssertionError(f"shape {list(actual.shape)} != torch's {list(expected.shape)}")
     scale = float(np.abs(expected).max())
     return float(np.abs(actual - expected).max() / scale) if scale > 0 else float("inf")
+
+
+def resolve(module, size) -> dict:
+    """``--cam-layer auto`` on ``module`` traced at ``size``, unchecked: the row's layer fields, or the
+    refusal."""
+    from gradmap.export._trace import trace_to_onnx
+    from gradmap.graph import ExportError
+    from gradmap.graph.gradient import prepare
+
+    module = module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    try:
+        layer = prepare(trace_to_onnx(module, tuple(size), opset=18), cam_layer="auto").layer
+    except ExportError as e:
+        return {"status": "refused", "reason": str(e)}
+    return {"layer": layer.module, "value": layer.name, "layout": layer.layout,
+            "grid": list(layer.grid) if layer.grid else list(layer.value.shape)[2:4]}
+
+
+def _moved(row: dict, recorded: dict) -> list[str]:
+    """How ``row`` (:func:`resolve`) differs from the recorded row: the fields that changed."""
+    if row.get("status") == "refused" or recorded.get("status") == "refused":
+        same = row.get("status") == recorded.get("status") and row.get("reason") == recorded.get("reason")
+        return [] if same else [f"status {recorded.get('status')} -> {row.get('status', 'found')}"]
+    return [f"{key} {recorded.get(key)} -> {row[key]}" for key in ("layer", "value", "layout", "grid")
+            if recorded.get(key) != row[key]]
+
+
+def layers_only(entries: list[dict], done: dict) -> int:
+    """Resolve auto on each model and compare with its recorded row (nothing written); the count of
+    rows that moved, each printed with what changed (re-measure those with --only)."""
+    moved = 0
+    for entry in entries:
+        key = f"{entry['source']}:{entry['family']}"
+        try:
+            row = resolve(build(entry), entry["input"])
+        except Exception as e:  # noqa: BLE001 - a row of the report
+            row = {"status": "error", "reason": timm_coverage._first_line(e)}
+        finally:
+            gc.collect()
+        recorded = done.get((entry["source"], entry["family"]))
+        changes = ["not traced: " + row["reason"]] if row.get("status") == "error" else (
+            ["not recorded"] if recorded is None else _moved(row, recorded))
+        moved += bool(changes)
+        name = row.get("layer") or row.get("value") or row.get("status")
+        print(f"{key}: {'; '.join(changes) if changes else 'same'} ({name})", flush=True)
+    print(f"{moved} of {len(entries)} rows moved")
+    return moved
 
 
 def probe(module, size) -> dict:
@@ -340,6 +390,10 @@ def main() -> None:
     parser.add_argument("--per-model", type=int, default=300, help="CPU seconds for one model")
     parser.add_argument("--fresh", action="store_true", help="ignore earlier results")
     parser.add_argument("--memory-gb", type=int, default=8, help="data memory limit of the run (shared machines)")
+    parser.add_argument("--layers-only", action="store_true",
+                        help="resolve --cam-layer auto on each model (every one, or --only's) and compare with the "
+                             "recorded row, without checking the map or writing anything: the rows a change to "
+                             "auto's rules moves (exit status 1 if any), to re-measure with --only")
     _report.add_flags(parser, RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -358,12 +412,14 @@ def main() -> None:
     if args.only:
         entries = [e for e in entries if f"{e['source']}:{e['family']}" in args.only
                    or f"{e['source']}:{e['model']}" in args.only]
-    else:
+    elif not args.layers_only:
         entries = [e for e in entries if (e["source"], e["family"]) not in done]
     entries = [e for e in entries if f"{e['source']}:{e['family']}" not in args.skip]
     torch.set_num_threads(1)
     # a model that needs more memory fails with MemoryError instead of waking the OOM killer
     resource.setrlimit(resource.RLIMIT_DATA, (args.memory_gb << 30, resource.RLIM_INFINITY))
+    if args.layers_only:
+        sys.exit(1 if layers_only(entries, done) else 0)
     signal.signal(signal.SIGPROF, timm_coverage._alarm)
     remeasured = []
     for entry in entries:

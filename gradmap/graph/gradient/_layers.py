@@ -175,8 +175,8 @@ def find_cam_layer(graph: ir.Graph, nodes: list[ir.Node], name: str) -> CamLayer
     layer = _find(nodes, name, image_size)
     if layer.cells == 1:
         logger.warning("--cam-layer %s: %s is a map of one cell at this %dx%d input, so every CAM map of it is "
-                       "constant: export at a larger input size or name an earlier layer%s", name, layer.module or layer.name,
-                       *image_size, _suggestions(nodes, image_size))
+                       "constant: export at a larger input size or name an earlier layer%s", name,
+                       layer.module or layer.name, *image_size, _suggestions(nodes, image_size))
     return layer
 
 
