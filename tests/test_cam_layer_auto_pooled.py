@@ -30,14 +30,16 @@ def _cam_layer(path) -> str:
     return contract.ModelMetadata.from_props(props).cam_layer
 
 
-def _timm(name, **kwargs):
+def _timm(name, img_size=SIZE, **kwargs):
     """A timm model as gradmap export timm:NAME --weights none builds it: attention unfused,
-    zero-initialized layers (a head) drawn from N(0, 0.02)."""
+    zero-initialized layers (a head) drawn from N(0, 0.02); ``img_size=None``: built for its default
+    size (then exported at 64x64, as ``--crop 64`` does)."""
     from gradmap.export._timm import _explicit_attention
     from gradmap.export._torchvision import _fill_zero_weights
 
     torch.manual_seed(0)
-    module = _explicit_attention(timm.create_model(name, pretrained=False, num_classes=10, img_size=SIZE, **kwargs))
+    size = {"img_size": img_size} if img_size is not None else {}
+    module = _explicit_attention(timm.create_model(name, pretrained=False, num_classes=10, **size, **kwargs))
     _fill_zero_weights(module)
     return module.eval()
 
@@ -90,13 +92,15 @@ def test_a_final_map_of_one_cell_is_the_map_the_classifier_pools_with_a_warning(
     pytorch-grad-cam user hooks: model.stages[-1]) and warns that every CAM map of it is constant, naming
     larger layers; it used to pass the final pooling by and take a squeeze-excitation block's input in
     stage 1, the output of a ReLU module called twice."""
-    build = lambda: _timm("efficientvit_m0")  # noqa: E731
+    build = lambda: _timm("efficientvit_m0", img_size=None)  # noqa: E731  (as gradmap export ... --crop 64)
     path = tmp_path / "efficientvit.onnx"
     with caplog.at_level(logging.WARNING, logger="gradmap.graph.gradient._layers"):
         _export(build(), path, cam_layer="auto", verify=False)
     warned = [r.getMessage() for r in caplog.records if "one cell" in r.getMessage()]
     assert warned and "64x64 input" in warned[0] and "--cam-layer stages.2." in warned[0], warned
     assert "patchmerge.act" not in warned[0], f"a module called twice is no layer to suggest: {warned[0]}"
+    # the maps before the stride that made the one cell, not the last blocks' attention windows (padded)
+    assert "--cam-layer stages.2.blocks" not in warned[0], warned[0]
     cam_layer = _cam_layer(path)
     assert cam_layer.startswith("auto (stages.2.blocks.2.ffn1: ") and "one cell" in cam_layer, cam_layer
     out, _ = _checked(build, path, lambda m: m.stages[-1], None)

@@ -174,9 +174,12 @@ def find_cam_layer(graph: ir.Graph, nodes: list[ir.Node], name: str) -> CamLayer
     image_size = _image_size(graph)
     layer = _find(nodes, name, image_size)
     if layer.cells == 1:
+        # suggest maps from before the stride that made the one cell, not a later block's internals
+        reducer = _one_cell_reducer(layer.value) if layer.layout == "nchw" else None
+        before = nodes.index(reducer) if reducer in nodes else len(nodes)
         logger.warning("--cam-layer %s: %s is a map of one cell at this %dx%d input, so every CAM map of it is "
                        "constant: export at a larger input size or name an earlier layer%s", name,
-                       layer.module or layer.name, *image_size, _suggestions(nodes, image_size))
+                       layer.module or layer.name, *image_size, _suggestions(nodes, image_size, before=before))
     return layer
 
 
@@ -208,14 +211,15 @@ def _find(nodes: list[ir.Node], name: str, image_size: tuple[int, int]) -> CamLa
     return _as_layer(found, image_size, repr(name))
 
 
-def _suggestions(nodes: list[ir.Node], image_size: tuple[int, int], count: int = 3) -> str:
+def _suggestions(nodes: list[ir.Node], image_size: tuple[int, int], count: int = 3, before: int | None = None) -> str:
     """``", e.g. --cam-layer A (4x4 tokens), ..."``: the last module outputs on the path that are
     feature or token maps of more than one cell, nearest the logits first, less modules called more
-    than once (their name gives one of their outputs only); empty if none."""
+    than once (their name gives one of their outputs only); ``before``: among ``nodes[:before]`` only.
+    Empty if none."""
     found: list[str] = []
     modules = [module_of(v) for node in nodes for v in node.outputs]
     twice = {m for m in modules if m is not None and modules.count(m) > 1}  # one module called twice: ambiguous
-    for node in reversed(nodes):
+    for node in reversed(nodes[:before]):
         for value in node.outputs:
             module = module_of(value)
             if module is None or module in twice or any(module == f.split(" ")[0] for f in found):
@@ -250,7 +254,7 @@ def _pooled_map(nodes: list[ir.Node]) -> tuple[ir.Value, ir.Node] | None:
             axes = GradContext.constant_of(node.inputs[1]) if len(node.inputs) > 1 else None
             if axes is None or sorted(int(a) % 4 for a in axes.reshape(-1)) != [2, 3]:
                 continue
-        if all(d > 1 for d in list(dims)[2:]) or (list(dims)[2:] == [1, 1] and _strided_to_one_cell(x)):
+        if all(d > 1 for d in list(dims)[2:]) or (list(dims)[2:] == [1, 1] and _one_cell_reducer(x) is not None):
             return x, node
     for node in reversed(nodes):
         if node.op_type not in ("Reshape", "Flatten"):
@@ -284,10 +288,10 @@ def _flattened_map(node: ir.Node) -> ir.Value | None:
 _STRIDED = ("Conv", "MaxPool", "AveragePool", "LpPool")
 
 
-def _strided_to_one_cell(value: ir.Value) -> bool:
-    """Whether a 1x1 [N, C, 1, 1] map got its one cell from a strided convolution or pooling of a
-    larger map among its producers (a feature map at a small input), rather than from a global pooling
-    (a pooled vector, pooled again)."""
+def _one_cell_reducer(value: ir.Value) -> ir.Node | None:
+    """The strided convolution or pooling among the producers of a 1x1 [N, C, 1, 1] map that brought a
+    larger map to one cell (a feature map at a small input), or None where none did (a global pooling
+    did: a pooled vector, pooled again)."""
     frontier, seen = [value], {value}
     while frontier:
         following = []
@@ -301,11 +305,11 @@ def _strided_to_one_cell(value: ir.Value) -> bool:
                     continue
                 if (one_cell and producer.op_type in _STRIDED and x.shape is not None and len(x.shape) == 4
                         and any(isinstance(d, int) and d > 1 for d in list(x.shape)[2:])):
-                    return True
+                    return producer
                 seen.add(x)
                 following.append(x)
         frontier = following
-    return False
+    return None
 
 
 def _pooled_layer(value: ir.Value, image_size: tuple[int, int]) -> CamLayer:
