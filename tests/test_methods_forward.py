@@ -393,3 +393,36 @@ def test_gradmap_evaluate_runs_the_new_methods(demo_model, tmp_path):
     assert set(methods) == {"layer-cam", "rise", "occlusion"}
     for name, m in methods.items():
         assert 0 <= m["deletion_auc"]["mean"] <= 1 and 0 <= m["insertion_auc"]["mean"] <= 1, name
+
+
+@pytest.mark.parametrize("method", ["attention-rollout", "score-cam"])
+def test_forward_reading_methods_never_run_the_whole_graph(method, monkeypatch):
+    """Attention rollout and Score-CAM read forward values (the attention probabilities, the CAM
+    layer's activations): on a full export (the demo ViT: gradient, CAM layer and attention) they run
+    the forward part alone, with the same maps and targets as the whole graph gives."""
+    from pathlib import Path
+
+    from gradmap.runtime import SaliencyModel
+    from gradmap.runtime.methods import MethodSpec, attribute
+
+    path = Path(__file__).resolve().parents[1] / "models" / "demo_vit" / "shapes_vit.onnx"
+    model = SaliencyModel(path, provider="cpu", threads=1)
+    images = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    spec = MethodSpec(method)
+    reference = SaliencyModel(path, provider="cpu", threads=1)
+    reference.forward_outputs = lambda images, targets, outputs: reference.run_outputs(  # the whole graph
+        images, targets, (contract.OUTPUT_LOGITS, contract.OUTPUT_TARGET_INDEX, *outputs))
+    expected_maps, expected_targets, expected_logits, _ = attribute(reference, spec, images, np.array([2, -1, -1]))
+    whole = model.session.run
+    calls = []
+    monkeypatch.setattr(model.session, "run", lambda *a, **k: calls.append(a) or whole(*a, **k))
+    maps, targets, logits, _ = attribute(model, spec, images, np.array([2, -1, -1]))
+    assert calls == [], "the whole graph ran"
+    np.testing.assert_array_equal(targets, expected_targets)
+    assert targets[0] == 2
+    np.testing.assert_allclose(logits, expected_logits, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(maps, expected_maps, rtol=0, atol=1e-5 * np.abs(expected_maps).max())
+    with pytest.raises(ValueError, match="class indices below"):
+        attribute(model, spec, images, np.array([99, 0, 0]))
+    with pytest.raises(ValueError, match="not an output of the forward pass"):
+        model.forward_outputs(images, None, (contract.OUTPUT_GRADIENT,))

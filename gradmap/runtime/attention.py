@@ -77,7 +77,10 @@ def token_map(relevance: np.ndarray, layout: Mapping[str, Any]) -> np.ndarray:
 def _attention_map(model, spec: MethodSpec, images: np.ndarray, targets: np.ndarray, relevance) -> Attribution:
     from gradmap.runtime.cam import upsample
 
-    outs = model.run_outputs(images, targets, spec.method.outputs)
+    if spec.method.needs_gradient:
+        outs = model.run_outputs(images, targets, spec.method.outputs)
+    else:  # rollout reads the forward pass alone: a full export's gradient is not computed for it
+        outs = model.forward_outputs(images, targets, spec.method.outputs)
     maps = token_map(relevance(outs), model.metadata.attention)
     return Attribution(upsample(maps, images.shape[2:], order=1)[:, None], outs[contract.OUTPUT_TARGET_INDEX],
                        outs[contract.OUTPUT_LOGITS])

@@ -299,6 +299,7 @@ class SaliencyModel:
         #: A fixed batch size baked into the graph, or None when the batch dimension is free.
         self.fixed_batch: int | None = image_batch if isinstance(image_batch, int) and image_batch > 0 else None
         self._forward: ort.InferenceSession | None = None  # the forward part, cut out on first use
+        self._forward_parts: dict[tuple[str, ...], ort.InferenceSession] = {}  # forward_outputs' cuts, by outputs
         logger.debug("loaded %s with providers %s", self.path, self.session.get_providers())
 
     def _read_header(self) -> OnnxHeader:
@@ -443,9 +444,52 @@ class SaliencyModel:
             self._forward = self._forward_session()
         if self._forward is self.session:
             return self.run_outputs(images, None, (OUTPUT_LOGITS,))[OUTPUT_LOGITS]
+        return self._run_forward(self._forward, images, (OUTPUT_LOGITS,))[OUTPUT_LOGITS]
+
+    def forward_outputs(self, images: np.ndarray, targets: Sequence[int] | np.ndarray | None,
+                        outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """The logits, the resolved target_index and the named forward ``outputs`` (``cam_activation``,
+        ``attention``: values of the forward pass, no gradient) from the forward part of the graph.
+
+        As :meth:`logits`, for the methods that read the forward pass alone (Score-CAM's activations,
+        attention rollout): on a full export onnxruntime would compute the gradient too. The part is
+        cut out once per set of outputs; target_index is resolved as the graph does (-1: the top-1
+        class, the first of equal logits). A graph that cannot be cut runs whole (:meth:`run_outputs`).
+
+        Raises:
+            ValueError: as :meth:`run_outputs`, and for a gradient output (not a forward value).
+        """
+        gradients = [name for name in outputs if name in GRADIENT_OUTPUTS]
+        if gradients:
+            raise ValueError(f"{', '.join(gradients)}: not an output of the forward pass")
+        wanted = tuple(dict.fromkeys((OUTPUT_LOGITS, *(n for n in outputs if n != OUTPUT_TARGET_INDEX))))
+        names = (*wanted, OUTPUT_TARGET_INDEX)
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        if images.ndim != 4 or images.shape[1:] != (3, *self.input_size):
+            return self.run_outputs(images, targets, names)  # raises the shape error
+        targets = self.checked_targets(images.shape[0], targets)
+        have = {t.name for t in self.session.get_outputs()}
+        if any(name not in have for name in wanted):
+            return self.run_outputs(images, targets, names)  # raises, naming the export option
+        session = self._forward_parts.get(wanted)
+        if session is None:
+            session = self._forward if wanted == (OUTPUT_LOGITS,) and self._forward is not None \
+                else self._forward_session(wanted)
+            self._forward_parts[wanted] = session
+        if session is self.session:
+            return self.run_outputs(images, targets, names)
+        values = self._run_forward(session, images, wanted)
+        values[OUTPUT_TARGET_INDEX] = np.where(targets < 0, values[OUTPUT_LOGITS].argmax(axis=1), targets)
+        return values
+
+    def _run_forward(self, session: ort.InferenceSession, images: np.ndarray,
+                     names: Sequence[str]) -> dict[str, np.ndarray]:
+        """``names`` from a forward part's ``session`` (image input only), full batches where the graph
+        has a fixed batch size (padded, then cut)."""
+        names = list(names)
         if self.fixed_batch is None:
             _before_run()
-            return self._forward.run([OUTPUT_LOGITS], {INPUT_IMAGE: images})[0]
+            return dict(zip(names, session.run(names, {INPUT_IMAGE: images})))
         parts, step = [], self.fixed_batch
         for start in range(0, len(images), step):
             chunk = images[start:start + step]
@@ -453,23 +497,26 @@ class SaliencyModel:
             if real < step:  # the graph only takes full batches: pad, then drop the padding
                 chunk = np.concatenate([chunk, np.zeros((step - real, *chunk.shape[1:]), np.float32)])
             _before_run()
-            parts.append(self._forward.run([OUTPUT_LOGITS], {INPUT_IMAGE: chunk})[0][:real])
-        return np.concatenate(parts) if parts else np.zeros((0, self.metadata.num_classes), np.float32)
+            parts.append([v[:real] for v in session.run(names, {INPUT_IMAGE: chunk})])
+        if not parts:  # no image: empty outputs of the graph's shapes (a free dimension as 0)
+            shapes = {t.name: [d if isinstance(d, int) else 0 for d in t.shape[1:]] for t in session.get_outputs()}
+            return {name: np.zeros((0, *shapes[name]), np.float32) for name in names}
+        return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(names)}
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Softmax probabilities [N, K] of a batch of preprocessed images, from the forward part alone
         (see :meth:`logits`)."""
         return softmax(self.logits(images), axis=1)
 
-    def _forward_session(self) -> ort.InferenceSession:
+    def _forward_session(self, outputs: tuple[str, ...] = (OUTPUT_LOGITS,)) -> ort.InferenceSession:
         try:
             with open(self.path, "rb") as f:
-                forward = prune_to_outputs(f.read(), (OUTPUT_LOGITS,))
+                forward = prune_to_outputs(f.read(), outputs)
             options = session_options(self.session.get_session_options().intra_op_num_threads)
             if self._data_files:  # weights in other files: found beside the model, as when loading the file
                 options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                                  os.path.dirname(os.path.abspath(self.path)))
             return self.plan.session(forward, options)
         except Exception as e:  # a graph that cannot be cut (subgraphs), or onnxruntime refusing the cut: the full model is exact too
-            logger.debug("running the full model for logits alone (%s)", e)
+            logger.debug("running the full model for %s alone (%s)", ", ".join(outputs), e)
             return self.session

@@ -349,7 +349,8 @@ def score_cam_method(model, spec: MethodSpec, images: np.ndarray, targets: np.nd
     """Score-CAM [N, 1, H, W], upsampled (bilinear) to the input size."""
     from gradmap.runtime.cam import upsample
 
-    out = model.run_outputs(images, targets, (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_CAM_ACTIVATION))
+    # the activations from the forward part: a full export's gradient is not computed for Score-CAM
+    out = model.forward_outputs(images, targets, (OUTPUT_LOGITS, OUTPUT_TARGET_INDEX, OUTPUT_CAM_ACTIVATION))
     cams = score_cam(model, images, targets, out[OUTPUT_CAM_ACTIVATION], out[OUTPUT_TARGET_INDEX],
                      mask_batch=spec.mask_batch, score=model.metadata.score)
     return Attribution(upsample(cams, images.shape[2:], order=1)[:, None], out[OUTPUT_TARGET_INDEX],
