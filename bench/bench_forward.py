@@ -23,7 +23,9 @@ weights, 2 threads for onnxruntime and torch, the same settings on both sides:
   Score-CAM, 64 copies per call on both sides, timed whole on ``--score-cam-models`` (resnet18: 512
     channels, 512 masked forward passes) and on models whose CAM layer has at most
     ``--score-cam-max-channels``; on the others (resnet50's 2048, vit_b_16's 768 take minutes per side
-    on 2 cores) the table gives the time per masked copy from the forward row;
+    on 2 cores) the table gives the time per masked copy from the forward row; its floor,
+    onnxruntime's forward on pytorch-grad-cam's calls (the picture, then the masked copies 64 at a
+    time), is timed in the same rounds, as occlusion's and RISE's are;
   attention rollout (head mean; on the full export and on the forward-only one) and attention
     relevance on a ViT: gradmap (``gradmap export --attention``) against the papers' rules in torch
     (bench/attention_reference.py, the tests' reference) on the ViT with its attention written out.
@@ -56,6 +58,8 @@ ATTENTION_METHODS = ("attention-rollout", "attention-relevance")
 CAM_LAYERS = {"resnet50": "layer4", "resnet18": "layer4", "vit_b_16": "auto"}
 #: masked copies per call of the forward row: the floor of occlusion, RISE and Score-CAM
 FORWARD_BATCH = 16
+#: masked copies per forward call of Score-CAM on both sides (pytorch-grad-cam's batch_size, gradmap's mask_batch)
+SCORE_CAM_BATCH = 64
 TARGET = 1.5
 
 
@@ -102,7 +106,7 @@ def _scaled(maps: np.ndarray) -> np.ndarray:
     return maps / (maps.max(axis=(-2, -1), keepdims=True) + 1e-7)
 
 
-def reference_cam(module, method: str, batch: int = 64):
+def reference_cam(module, method: str, batch: int = SCORE_CAM_BATCH):
     """pytorch-grad-cam's class for ``method`` on ``module``'s documented layer (:func:`reference_cam_layer`)."""
     import pytorch_grad_cam as pgc
 
@@ -117,7 +121,7 @@ def cam_spec(method: str):
     from gradmap.runtime.methods import MethodSpec
 
     # EigenCAM: the sign pytorch-grad-cam keeps (LAPACK's), so that both compute the same map
-    return MethodSpec(method, mask_batch=64, **({"orientation": "svd"} if method == "eigen-cam" else {}))
+    return MethodSpec(method, mask_batch=SCORE_CAM_BATCH, **({"orientation": "svd"} if method == "eigen-cam" else {}))
 
 
 def reference_attention(module, method: str, size: tuple[int, int]):
@@ -312,10 +316,19 @@ def bench_model(name: str, threads: int, repeat: int, budget_s: float, methods: 
 
             ours = attribute(model, spec, image, targets)[2][:, 0]
             error = float(np.abs(_scaled(ours) - reference()).max())
-            record(method, where + (", 64 copies per call" if method == "score-cam" else "")
+            floor_fn = None
+            if method == "score-cam":
+                activation = model.forward_outputs(image, targets, ("cam_activation",))["cam_activation"][0]
+                masked = image * perturbation.score_cam_masks(activation, model.input_size)[:, None]
+
+                def floor_fn(masked=masked):  # pytorch-grad-cam's forward calls: the picture, then the copies 64 at a time
+                    model.logits(image)
+                    for start in range(0, len(masked), SCORE_CAM_BATCH):
+                        model.logits(masked[start:start + SCORE_CAM_BATCH])
+            record(method, where + (f", {SCORE_CAM_BATCH} copies per call" if method == "score-cam" else "")
                    + (", --orientation svd" if method == "eigen-cam" else ""),
                    lambda spec=spec: attribute(model, spec, image, targets), reference,
-                   f"pytorch-grad-cam {cam.__class__.__name__}", error,
+                   f"pytorch-grad-cam {cam.__class__.__name__}", error, floor_fn=floor_fn,
                    kind="forward-only" if method == "score-cam" else "cam")
 
     attention = [m for m in methods if m.startswith("attention-")]

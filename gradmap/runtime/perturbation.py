@@ -265,6 +265,19 @@ def _align_corners_matrix(cells: int, size: int) -> np.ndarray:
     return matrix
 
 
+def score_cam_masks(activation: np.ndarray, size: tuple[int, int], rows: np.ndarray | None = None,
+                    cols: np.ndarray | None = None) -> np.ndarray:
+    """Score-CAM's masks float32 [C, H, W] of one picture's activation [C, h, w]: each channel upsampled
+    (bilinear, corners aligned) to ``size`` and scaled to [0, 1]."""
+    channels, ch, cw = activation.shape
+    rows = _align_corners_matrix(ch, size[0]) if rows is None else rows
+    cols = _align_corners_matrix(cw, size[1]) if cols is None else cols
+    up = rows @ activation.astype(np.float64) @ cols.T  # [C, H, W]: two small products per channel (a 3-operand einsum loops over all five axes)
+    low = up.reshape(channels, -1).min(1)[:, None, None]
+    high = up.reshape(channels, -1).max(1)[:, None, None]
+    return ((up - low) / (high - low + 1e-8)).astype(np.float32)
+
+
 def score_cam(model, images: np.ndarray, targets: np.ndarray, activation: np.ndarray, target_index: np.ndarray, *,
               mask_batch: int = 0, score: str = "logit") -> np.ndarray:
     """Score-CAM maps [N, h, w] on the feature-map grid from the CAM layer's ``activation`` [N, C, h, w]."""
@@ -279,10 +292,7 @@ def score_cam(model, images: np.ndarray, targets: np.ndarray, activation: np.nda
     cams = np.zeros((n, ch, cw))
     for i in range(n):
         a = activation[i].astype(np.float64)
-        up = rows @ a @ cols.T  # [C, H, W]: two small products per channel (a 3-operand einsum loops over all five axes)
-        low = up.reshape(channels, -1).min(1)[:, None, None]
-        high = up.reshape(channels, -1).max(1)[:, None, None]
-        masks = ((up - low) / (high - low + 1e-8)).astype(np.float32)
+        masks = score_cam_masks(a, (h, w), rows, cols)
 
         def batches(i=i, masks=masks):
             for start in range(0, channels, per_run):
