@@ -101,13 +101,9 @@ def cnn_stem(path: Path = DEMO / "shapes.onnx"):
     biases), ReLUs and max poolings (make_demo.build_model), then a 2 x 2 max pooling of the
     128 x 16 x 16 map to the ViT's 8 x 8 grid. Checked against the CNN's file: this stem, the CNN's
     global max pooling and its classifier give the file's logits (``check_cnn_stem``)."""
-    import onnx
-    import torch
     import torch.nn as nn
-    from onnx import numpy_helper
 
-    weights = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy())
-               for t in onnx.load(str(path)).graph.initializer}
+    weights = _cnn_weights(path)
 
     def conv(index: int, cin: int, cout: int) -> nn.Conv2d:
         layer = nn.Conv2d(cin, cout, 3, padding=1, padding_mode="circular")
@@ -120,10 +116,18 @@ def cnn_stem(path: Path = DEMO / "shapes.onnx"):
 
     stem = nn.Sequential(conv(0, 3, 16), nn.ReLU(), nn.MaxPool2d(2), conv(2, 16, 32), nn.ReLU(), nn.MaxPool2d(2),
                          conv(4, 32, 64), nn.ReLU(), conv(5, 64, 128), nn.ReLU(), nn.MaxPool2d(2))
-    stem.classifier_weights = (weights["classifier.weight"], weights["classifier.bias"])
     for parameter in stem.parameters():
         parameter.requires_grad_(False)
     return stem.eval()
+
+
+def _cnn_weights(path: Path) -> dict:
+    """The CNN file's initializers as torch tensors, by name."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    return {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in onnx.load(str(path)).graph.initializer}
 
 
 def check_cnn_stem(stem, path: Path = DEMO / "shapes.onnx", images=None) -> float:
@@ -134,7 +138,8 @@ def check_cnn_stem(stem, path: Path = DEMO / "shapes.onnx", images=None) -> floa
     from gradmap.runtime import SaliencyModel
 
     expected = SaliencyModel(path, provider="cpu", threads=1).logits(images.numpy())
-    weight, bias = stem.classifier_weights
+    weights = _cnn_weights(path)
+    weight, bias = weights["classifier.weight"], weights["classifier.bias"]
     with torch.no_grad():
         logits = stem(images).amax((2, 3)) @ weight.T + bias
     return float(np.abs(logits.numpy() - expected).max())

@@ -298,8 +298,7 @@ class SaliencyModel:
         image_batch = next(t for t in self.session.get_inputs() if t.name == INPUT_IMAGE).shape[0]
         #: A fixed batch size baked into the graph, or None when the batch dimension is free.
         self.fixed_batch: int | None = image_batch if isinstance(image_batch, int) and image_batch > 0 else None
-        self._forward: ort.InferenceSession | None = None  # the forward part, cut out on first use
-        self._forward_parts: dict[tuple[str, ...], ort.InferenceSession] = {}  # forward_outputs' cuts, by outputs
+        self._forward_parts: dict[tuple[str, ...], ort.InferenceSession] = {}  # forward parts, cut out on first use
         logger.debug("loaded %s with providers %s", self.path, self.session.get_providers())
 
     def _read_header(self) -> OnnxHeader:
@@ -440,11 +439,15 @@ class SaliencyModel:
         if images.ndim != 4 or images.shape[1:] != (3, *self.input_size):
             raise ValueError(f"images must have shape [N, 3, {self.input_size[0]}, {self.input_size[1]}], "
                              f"got {list(images.shape)}")
-        if self._forward is None:
-            self._forward = self._forward_session()
-        if self._forward is self.session:
+        session = self._forward_part((OUTPUT_LOGITS,))
+        if session is self.session:
             return self.run_outputs(images, None, (OUTPUT_LOGITS,))[OUTPUT_LOGITS]
-        return self._run_forward(self._forward, images, (OUTPUT_LOGITS,))[OUTPUT_LOGITS]
+        return self._run_forward(session, images, (OUTPUT_LOGITS,))[OUTPUT_LOGITS]
+
+    @property
+    def _forward(self) -> ort.InferenceSession | None:
+        """The forward part :meth:`logits` runs (None until its first use)."""
+        return self._forward_parts.get((OUTPUT_LOGITS,))
 
     def forward_outputs(self, images: np.ndarray, targets: Sequence[int] | np.ndarray | None,
                         outputs: Sequence[str]) -> dict[str, np.ndarray]:
@@ -471,11 +474,7 @@ class SaliencyModel:
         have = {t.name for t in self.session.get_outputs()}
         if any(name not in have for name in wanted):
             return self.run_outputs(images, targets, names)  # raises, naming the export option
-        session = self._forward_parts.get(wanted)
-        if session is None:
-            session = self._forward if wanted == (OUTPUT_LOGITS,) and self._forward is not None \
-                else self._forward_session(wanted)
-            self._forward_parts[wanted] = session
+        session = self._forward_part(wanted)
         if session is self.session:
             return self.run_outputs(images, targets, names)
         values = self._run_forward(session, images, wanted)
@@ -508,7 +507,14 @@ class SaliencyModel:
         (see :meth:`logits`)."""
         return softmax(self.logits(images), axis=1)
 
-    def _forward_session(self, outputs: tuple[str, ...] = (OUTPUT_LOGITS,)) -> ort.InferenceSession:
+    def _forward_part(self, outputs: tuple[str, ...]) -> ort.InferenceSession:
+        """The session of the graph cut to ``outputs`` (made once per set of outputs), or the whole
+        model's where the graph cannot be cut."""
+        if outputs not in self._forward_parts:
+            self._forward_parts[outputs] = self._forward_session(outputs)
+        return self._forward_parts[outputs]
+
+    def _forward_session(self, outputs: tuple[str, ...]) -> ort.InferenceSession:
         try:
             with open(self.path, "rb") as f:
                 forward = prune_to_outputs(f.read(), outputs)

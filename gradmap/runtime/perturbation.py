@@ -272,7 +272,7 @@ def score_cam_masks(activation: np.ndarray, size: tuple[int, int], rows: np.ndar
     channels, ch, cw = activation.shape
     rows = _align_corners_matrix(ch, size[0]) if rows is None else rows
     cols = _align_corners_matrix(cw, size[1]) if cols is None else cols
-    up = rows @ activation.astype(np.float64) @ cols.T  # [C, H, W]: two small products per channel (a 3-operand einsum loops over all five axes)
+    up = rows @ activation.astype(np.float64, copy=False) @ cols.T  # [C, H, W]: two small products per channel (a 3-operand einsum loops over all five axes)
     low = up.reshape(channels, -1).min(1)[:, None, None]
     high = up.reshape(channels, -1).max(1)[:, None, None]
     return ((up - low) / (high - low + 1e-8)).astype(np.float32)
@@ -292,7 +292,7 @@ def score_cam(model, images: np.ndarray, targets: np.ndarray, activation: np.nda
     cams = np.zeros((n, ch, cw))
     for i in range(n):
         a = activation[i].astype(np.float64)
-        masks = score_cam_masks(a, (h, w), rows, cols)
+        masks = score_cam_masks(a, (h, w), rows, cols)  # a: float64 already, not copied again
 
         def batches(i=i, masks=masks):
             for start in range(0, channels, per_run):
