@@ -156,22 +156,33 @@ def _rel(actual, expected) -> float:
     return float(np.abs(actual - expected).max() / scale) if scale > 0 else float("inf")
 
 
-def resolve(module, size) -> dict:
-    """``--cam-layer auto`` on ``module`` traced at ``size``, unchecked: the row's layer fields, or the
-    refusal."""
+def _auto_layer(module, size):
+    """(ONNX model, CamLayer): ``module`` traced at ``size`` with its parameters frozen, and the layer
+    ``--cam-layer auto`` resolves on it. Raises ExportError where auto refuses."""
     from gradmap.export._trace import trace_to_onnx
-    from gradmap.graph import ExportError
     from gradmap.graph.gradient import prepare
 
     module = module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
-    try:
-        layer = prepare(trace_to_onnx(module, tuple(size), opset=18), cam_layer="auto").layer
-    except ExportError as e:
-        return {"status": "refused", "reason": str(e)}
+    model = trace_to_onnx(module, tuple(size), opset=18)
+    return model, prepare(model, cam_layer="auto").layer
+
+
+def _layer_fields(layer) -> dict:
     return {"layer": layer.module, "value": layer.name, "layout": layer.layout,
             "grid": list(layer.grid) if layer.grid else list(layer.value.shape)[2:4]}
+
+
+def resolve(module, size) -> dict:
+    """``--cam-layer auto`` on ``module`` traced at ``size``, unchecked: the row's layer fields, or the
+    refusal."""
+    from gradmap.graph import ExportError
+
+    try:
+        return _layer_fields(_auto_layer(module, size)[1])
+    except ExportError as e:
+        return {"status": "refused", "reason": str(e)}
 
 
 def _moved(row: dict, recorded: dict) -> list[str]:
@@ -213,23 +224,19 @@ def probe(module, size) -> dict:
     import torch
 
     from gradmap import contract
-    from gradmap.export._trace import trace_to_onnx
     from gradmap.graph import ExportError
     from gradmap.graph._model import add_gradient
-    from gradmap.graph.gradient import prepare
     from gradmap.runtime.cam import grad_cam
 
     module = module.eval()
-    reference = copy.deepcopy(module).double()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    model = trace_to_onnx(module, tuple(size), opset=18)
+    reference = copy.deepcopy(module).double()  # before _auto_layer freezes the module's parameters
     try:
-        layer = prepare(model, cam_layer="auto").layer
+        model, layer = _auto_layer(module, size)
     except ExportError as e:
         return {"status": "refused", "reason": str(e)}
-    row = {"status": "found", "layer": layer.module, "value": layer.name, "layout": layer.layout,
-           "prefix": layer.prefix, "grid": list(layer.grid) if layer.grid else list(layer.value.shape)[2:4]}
+    fields = _layer_fields(layer)
+    row = {"status": "found", "layer": fields["layer"], "value": fields["value"], "layout": fields["layout"],
+           "prefix": layer.prefix, "grid": fields["grid"]}
     add_gradient(model, cam_layer=layer.name, target="portable")
     session = onnxruntime.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
     image = _pictures(size)
