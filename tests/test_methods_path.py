@@ -203,6 +203,48 @@ def test_guided_ig_without_deviation_is_integrated_gradients(demo):
     assert rel(ours.values, expected) <= 1e-5
 
 
+def test_path_methods_ask_for_no_more_than_their_path(demo):
+    """Guided IG takes one gradient per step and the picture's forward alone (its gradient is never on
+    the path; the baseline's score comes from the first step, at the baseline); Blur IG takes the
+    blurred end's forward before its gradients. The maps, scores and gaps equal those of the gradient
+    function alone."""
+    model, fn, images, target_index = demo
+    calls = []
+
+    def counted_fn(x, t):
+        calls.append(("gradient", len(x)))
+        return fn(x, t)
+
+    def counted_logits(x):
+        calls.append(("forward", len(x)))
+        return model.logits(x)
+
+    pre = model.metadata.preprocessing
+    baselines = baseline_image(images, "black", pre.mean, pre.std)
+    requested = np.array([-1, int(target_index[1])])
+    alone = paths.guided_ig(fn, images, requested, baselines, steps=6)
+    ours = paths.guided_ig(counted_fn, images, requested, baselines, steps=6, logits_fn=counted_logits)
+    assert calls == [("forward", 2)] + [("gradient", 2)] * 6
+    np.testing.assert_array_equal(ours.target_index, target_index)
+    assert rel(ours.values, alone.values) <= 1e-5
+    np.testing.assert_allclose(ours.completeness_gap, alone.completeness_gap, atol=1e-4)
+    with pytest.raises(ValueError, match="targets must be 2 class indices below"):
+        paths.guided_ig(fn, images, np.array([0, 99]), baselines, steps=6, logits_fn=model.logits)
+    # a picture equal to its baseline takes no gradient and keeps its own logits
+    calls.clear()
+    same = paths.guided_ig(counted_fn, images, requested, np.stack([baselines[0], images[1]]), steps=3,
+                           logits_fn=counted_logits)
+    assert calls == [("forward", 2)] + [("gradient", 1)] * 3
+    assert same.completeness_gap[1] == 0 and not same.values[1].any()
+
+    calls.clear()
+    alone = paths.blur_ig(fn, images, requested, steps=5, max_sigma=3, batch_size=4)
+    ours = paths.blur_ig(counted_fn, images, requested, steps=5, max_sigma=3, batch_size=4, logits_fn=counted_logits)
+    assert calls == [("forward", 2), ("gradient", 2), ("gradient", 4), ("gradient", 4)]
+    assert rel(ours.values, alone.values) <= 1e-6
+    np.testing.assert_allclose(ours.completeness_gap, alone.completeness_gap, atol=1e-4)
+
+
 def test_xrai_regions_by_hand():
     """Three regions on a 10 x 10 attribution: the densest first, then what each adds, the rest last."""
     attr = np.zeros((10, 10))

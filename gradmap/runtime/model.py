@@ -515,10 +515,24 @@ class SaliencyModel:
         return self._forward_parts[outputs]
 
     def _forward_session(self, outputs: tuple[str, ...]) -> ort.InferenceSession:
+        """The session of the graph cut to ``outputs``; the logits' part without spinning threads.
+
+        Each onnxruntime session has its own intra-op threads, and after a run they spin, waiting for
+        more work, for tens of milliseconds (2^20 pauses). The logits' part runs between the gradient
+        graph's runs and host work (the end points of Blur IG and Guided IG, evaluation curves,
+        perturbation masks), so on 2 cores each switch ran on one core while the other session's
+        thread spun: resnet50's forward of one picture took 75-79 ms right after a gradient and 39 ms
+        alone, and a gradient 126-140 ms right after that forward and 89-105 ms alone. Without
+        spinning in the logits' part a gradient right after it takes its own time. The parts that
+        serve one method alone (Score-CAM's activations, attention rollout) keep spinning: it saves
+        10-30 % of a small forward (vit_b_16 on one picture: 191 against 211-223 ms;
+        ``session.intra_op.allow_spinning``)."""
         try:
             with open(self.path, "rb") as f:
                 forward = prune_to_outputs(f.read(), outputs)
             options = session_options(self.session.get_session_options().intra_op_num_threads)
+            if outputs == (OUTPUT_LOGITS,):
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             if self._data_files:  # weights in other files: found beside the model, as when loading the file
                 options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                                  os.path.dirname(os.path.abspath(self.path)))

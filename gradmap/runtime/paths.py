@@ -108,22 +108,34 @@ def blur_ig(fn: GradientFn, images: np.ndarray, targets: np.ndarray, *, steps: i
         raise ValueError(f"Blur IG's grad_step must be > 0, got {grad_step}")
     n = len(images)
     sigmas = [i * max_sigma / steps for i in range(steps + 1)]
-    # the path's first point (sigma 0) is the picture: its gradient call also resolves the targets
-    logits, target_index, first = fn(images, targets)
-    total = (sigmas[1] - sigmas[0]) * (_blur(images, grad_step) - images) / grad_step * first
+    blurred = _blur(images, max_sigma).astype(np.float32)
+    # the blurred end's forward before any gradient: the gradient session's threads spin for a while
+    # after each of its runs, and a forward run then shares the cores with them (SaliencyModel._forward_session)
+    blurred_logits = logits_fn(blurred) if logits_fn is not None else None
     chunk = max(1, batch_size // max(n, 1))
-    for start in range(1, steps, chunk):
-        idx = range(start, min(start + chunk, steps))
-        points = np.stack([_blur(images, sigmas[i]) for i in idx], axis=1)               # [N, k, 3, H, W]
+    chunks = [range(start, min(start + chunk, steps)) for start in range(1, steps, chunk)]
+
+    def path_points(idx):  # the blurred pictures at sigma_i and the path's direction there, [N, k, 3, H, W]
+        points = np.stack([_blur(images, sigmas[i]) for i in idx], axis=1)
         direction = np.stack([(_blur(images, sigmas[i] + grad_step) - points[:, j]) / grad_step
                               for j, i in enumerate(idx)], axis=1)
+        return points, direction
+
+    # the first chunk's blurs before the first gradient too (matrix products on both cores)
+    ahead = path_points(chunks[0]) if chunks else None
+    first_direction = (_blur(images, grad_step) - images) / grad_step
+    # the path's first point (sigma 0) is the picture: its gradient call also resolves the targets
+    logits, target_index, first = fn(images, targets)
+    total = (sigmas[1] - sigmas[0]) * first_direction * first
+    for k, idx in enumerate(chunks):
+        points, direction = ahead if k == 0 else path_points(idx)
         _, _, grads = fn(points.reshape(-1, *images.shape[1:]).astype(np.float32), np.repeat(target_index, len(idx)))
         grads = grads.reshape(n, len(idx), *images.shape[1:]).astype(np.float64)
         widths = np.array([sigmas[i + 1] - sigmas[i] for i in idx])[None, :, None, None, None]
         total += (widths * direction * grads).sum(1)
     values = -total
-    blurred = _blur(images, max_sigma).astype(np.float32)
-    blurred_logits = logits_fn(blurred) if logits_fn is not None else fn(blurred, target_index)[0]
+    if blurred_logits is None:
+        blurred_logits = fn(blurred, target_index)[0]
     gap = np.abs(values.reshape(n, -1).sum(1) - (score_of(logits, target_index, score)
                                                  - score_of(blurred_logits, target_index, score)))
     return Attribution(values.astype(np.float32), target_index, logits, completeness_gap=gap)
@@ -139,7 +151,12 @@ def _lower_quantile(values: np.ndarray, q: float) -> float:
 
 
 def _guided_step(x, x_input, x_baseline, grad_actual, step, steps, fraction, max_dist, l1_total, attr):
-    """One step of Guided IG on one picture (float64, flat), updating ``x`` and ``attr`` in place."""
+    """One step of Guided IG on one picture (float64, flat), updating ``x`` and ``attr`` in place.
+
+    PAIR's arithmetic on whole arrays with masks (no gathers and scatters), and the step's
+    attribution added once, (x after - x before) * gradient, instead of once per pass of the loop:
+    the gradient is the same throughout a step."""
+    x_start = x.copy()
     grad = grad_actual.copy()
     total = x_input - x_baseline
     alpha = (step + 1.0) / steps
@@ -148,28 +165,34 @@ def _guided_step(x, x_input, x_baseline, grad_actual, step, steps, fraction, max
     x_max = x_baseline + total * alpha_max
     l1_target = l1_total * (1 - (step + 1) / steps)
     moving = total != 0
+    x_alpha = np.empty_like(x)
+    work = np.empty_like(x)
     gamma = np.inf
     while gamma > 1.0:
-        x_old = x.copy()
-        x_alpha = np.full(x.shape, alpha_max)
-        x_alpha[moving] = (x[moving] - x_baseline[moving]) / total[moving]
-        behind = x_alpha < alpha_min
-        x[behind] = x_min[behind]
-        l1_current = np.abs(x - x_input).sum()
+        x_alpha.fill(alpha_max)  # a feature that does not move counts as ahead
+        np.subtract(x, x_baseline, out=work)
+        np.divide(work, total, out=x_alpha, where=moving)
+        np.copyto(x, x_min, where=x_alpha < alpha_min)  # features behind the line catch up
+        np.subtract(x, x_input, out=work)
+        l1_current = np.abs(work, out=work).sum()
         if math.isclose(l1_target, l1_current, rel_tol=1e-9, abs_tol=1e-9):
-            attr += (x - x_old) * grad_actual
-            return
-        grad[x == x_max] = np.inf
+            break
+        np.copyto(grad, np.inf, where=x == x_max)  # features at the front do not move further
         magnitude = np.abs(grad)
         threshold = _lower_quantile(magnitude, fraction)
         selected = (magnitude <= threshold) & (grad != np.inf)
-        l1_s = (np.abs(x - x_max) * selected).sum()
+        np.subtract(x, x_max, out=work)
+        np.abs(work, out=work)
+        work *= selected
+        l1_s = work.sum()
         gamma = (l1_current - l1_target) / l1_s if l1_s > 0 else np.inf
         if gamma > 1.0:
-            x[selected] = x_max[selected]
+            np.copyto(x, x_max, where=selected)
         else:
-            x[selected] = (x + (x_max - x) * gamma)[selected]  # gamma of the way to x_max
-        attr += (x - x_old) * grad_actual
+            np.copyto(x, x + (x_max - x) * gamma, where=selected)  # gamma of the way to x_max
+    np.subtract(x, x_start, out=work)
+    work *= grad_actual
+    attr += work
 
 
 def guided_ig(fn: GradientFn, images: np.ndarray, targets: np.ndarray, baselines: np.ndarray, *, steps: int = 200,
@@ -182,7 +205,9 @@ def guided_ig(fn: GradientFn, images: np.ndarray, targets: np.ndarray, baselines
         fraction: the share of features (those with the smallest |gradient|) moved at a time.
         max_dist: how far (as a fraction of the path) a feature may run ahead of the straight line;
             0 gives integrated gradients on the straight line, 1 an unbounded path.
-        logits_fn: logits from the forward pass alone, for the baseline's score; ``fn`` by default.
+        logits_fn: logits from the forward pass alone, for the picture's score and top-1 class (its
+            gradient is never on the path; the baseline's score comes from the path's first step);
+            ``fn`` by default.
 
     The completeness gap reported is |sum attribution - (F(x) - F(x0))|, F the model's score (``score``).
     """
@@ -194,19 +219,29 @@ def guided_ig(fn: GradientFn, images: np.ndarray, targets: np.ndarray, baselines
         raise ValueError(f"Guided IG's fraction must be in (0, 1], got {fraction}")
     if not 0 <= max_dist <= 1:
         raise ValueError(f"Guided IG's max_dist must be in [0, 1], got {max_dist}")
-    logits, target_index, _ = fn(images, targets)
-    base_logits = logits_fn(baselines) if logits_fn is not None else fn(baselines, target_index)[0]
     n = len(images)
+    if logits_fn is not None:  # the picture's forward alone: its gradient is never on the path
+        logits = logits_fn(images)
+        targets = np.asarray(targets, np.int64)
+        if targets.shape != (n,) or np.any(targets < -1) or np.any(targets >= logits.shape[1]):
+            raise ValueError(f"targets must be {n} class indices below {logits.shape[1]} or -1 (the top-1 class), "
+                             f"got {targets.tolist()}")
+        target_index = np.where(targets < 0, logits.argmax(1), targets)  # the graph's rule: the first of equal logits
+    else:
+        logits, target_index, _ = fn(images, targets)
     x_input = images.reshape(n, -1).astype(np.float64)
     x_baseline = baselines.reshape(n, -1).astype(np.float64)
     x = x_baseline.copy()
     attr = np.zeros_like(x_input)
     l1_total = np.abs(x_input - x_baseline).sum(1)
     live = [i for i in range(n) if l1_total[i] != 0]  # a picture equal to its baseline has attribution 0
+    base_logits = logits.copy()  # a picture equal to its baseline: its own logits
     for step in range(steps):
         if not live:
             break
-        _, _, grads = fn(x[live].reshape(len(live), *images.shape[1:]).astype(np.float32), target_index[live])
+        step_logits, _, grads = fn(x[live].reshape(len(live), *images.shape[1:]).astype(np.float32), target_index[live])
+        if step == 0:  # the path starts at the baseline itself
+            base_logits[live] = step_logits
         grads = grads.reshape(len(live), -1).astype(np.float64)
         for j, i in enumerate(live):
             _guided_step(x[i], x_input[i], x_baseline[i], grads[j], step, steps, fraction, max_dist, l1_total[i],
