@@ -168,17 +168,19 @@ def verdict(r: dict) -> tuple[str, str | None]:
         return "no", head
     if "pair_calls" in r:
         sizes = sorted(set(r["pair_calls"]))
-        floor_text = (f"onnxruntime's input gradients on PAIR's own {len(r['pair_calls'])} calls "
+        calls = len(r["pair_calls"])
+        floor_text = (f"onnxruntime's input gradients on PAIR's own {calls} call{'s' if calls > 1 else ''} "
                       f"({r['gradients']} pictures, {' or '.join(map(str, sizes))} a call) take {r['floor_ms']:.0f} ms "
                       "in the same rounds")
     else:  # rows measured before the floor followed PAIR's calls
         floor_text = (f"onnxruntime's input gradients of the {r['gradients']} pictures PAIR's method takes, in "
                       f"batches of {r['gradmap_batch']}, take {r['floor_ms']:.0f} ms in the same rounds")
     part = floor_stops(r["floor_ms"], needed)
+    above = r["gradmap_ms"] - r["floor_ms"]
     if part:
-        return "floor", f"{head}; {floor_text}: {part}"
+        return "floor", f"{head}; {floor_text}: {part} (gradmap spends {above:.0f} ms above the floor)"
     return "no", (f"{head}; {floor_text}, so a run within {FLOOR_MARGIN:.2f}× of it would meet it: gradmap spends "
-                  f"{r['gradmap_ms'] - r['floor_ms']:.0f} ms above it")
+                  f"{above:.0f} ms above it")
 
 
 def render(rows: list[dict], meta: dict) -> str:
